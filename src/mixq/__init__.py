@@ -1,0 +1,34 @@
+"""mixq: mixed-precision quantization of PyTorch models, every method behind one interface.
+
+    import mixq
+    task = mixq.tasks.get("mnist-cnn")
+    res = mixq.run(task, method="uniform", candidates=["w4a8", "w8a8"],
+                   budget={"avg_weight_bits": 5})
+    res.plan.save("plan.json"); print(res.metrics)
+"""
+
+from mixq import cost, formats, tasks
+from mixq.api import Result, run
+from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
+from mixq.tasks import Task
+from mixq.wrap import applied, apply, calibrate, sites, unwrap, wrap
+
+__all__ = [
+    "LayerSpec",
+    "Plan",
+    "QSpec",
+    "Result",
+    "Task",
+    "applied",
+    "apply",
+    "calibrate",
+    "cost",
+    "formats",
+    "parse_candidate",
+    "run",
+    "sites",
+    "tasks",
+    "unwrap",
+    "wrap",
+]
+__version__ = "0.1.0"

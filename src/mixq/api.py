@@ -1,0 +1,186 @@
+"""The one-call API: ``mixq.run(task, method, candidates, budget, ...)`` -> Result."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq import cost, tasks
+from mixq.methods import METHODS
+from mixq.methods.common import Context
+from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
+from mixq.wrap import apply, calibrate, sites, wrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """The outcome of a run: the plan, the quantized model, its measured metrics."""
+
+    plan: Plan
+    model: nn.Module
+    metrics: dict[str, Any]
+    sensitivity: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise if any parameter or buffer of ``model`` holds NaN or Inf, naming it."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{name} holds {bad} NaN or Inf values; quantization needs finite weights")
+
+
+def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
+    """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    cfg_cls, _ = METHODS[method]
+    args = dict(method_args or {})
+    valid = [f.name for f in dataclasses.fields(cfg_cls)]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown method_args {unknown} for method {method!r}; valid: {', '.join(valid) or 'none'}"
+        )
+    return cfg_cls(**args)
+
+
+def prepare(task: tasks.Task, candidates: list[LayerSpec]) -> tuple[nn.Module, list[cost.LayerInfo]]:
+    """Copy, check, wrap and calibrate the task's model; probe its layers."""
+    model = copy.deepcopy(task.model).eval()
+    check_finite(model)
+    qmodel = wrap(model)
+    if not sites(qmodel):
+        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to quantize")
+    if not task.calib:
+        raise ValueError("calibration data is empty: pass at least one batch")
+    if any(c.act is not None for c in candidates):
+        calibrate(qmodel, task.calib, task.forward)
+    infos = cost.probe(qmodel, task.calib[0], task.forward)
+    return qmodel, infos
+
+
+def run(
+    task: tasks.Task | str,
+    method: str = "uniform",
+    candidates: list[str | LayerSpec] | None = None,
+    budget: dict[str, float] | None = None,
+    method_args: dict[str, Any] | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> Result:
+    """Quantize a task's model with one method under a budget and measure the result.
+
+    Args:
+        task: a Task or the name of a built-in task (see ``mixq.tasks.TASKS``).
+        method: a name in ``mixq.methods.METHODS``.
+        candidates: candidate names per layer, e.g. ``["w2a8", "w4a8", "w8a8"]``.
+        budget: upper bounds, keys in ``mixq.cost.BUDGET_KEYS``; empty means unconstrained.
+        method_args: the method's own settings (fields of its Config).
+        seed: random seed.
+        out: a run directory to write plan.json, metrics.json, layers.csv and report.md to.
+
+    Returns:
+        A Result with ``.plan``, ``.model`` (the quantized model) and ``.metrics``.
+    """
+    if isinstance(task, str):
+        task = tasks.get(task)
+    cfg = method_config(method, method_args)
+    if not candidates:
+        raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
+    specs = [as_layer_spec(c) for c in candidates]
+    budget = cost.check_budget(dict(budget or {}))
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    qmodel, infos = prepare(task, specs)
+    mc = cost.model_costs(qmodel, infos)
+    ctx = Context(
+        task=task,
+        qmodel=qmodel,
+        layers=[i.name for i in infos],
+        candidates=specs,
+        costs=cost.cost_table(infos, specs),
+        model_costs=mc,
+        budget=budget,
+        limits=cost.budget_limits(mc, budget),
+        seed=seed,
+        out=Path(out) if out is not None else None,
+    )
+    if ctx.out is not None:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+    output = METHODS[method][1](ctx, cfg)
+    seconds = time.perf_counter() - t0
+    plan = output.plan
+    plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": seed})
+    apply(qmodel, plan)
+    t1 = time.perf_counter()
+    qmodel.eval()
+    value = float(task.metric(qmodel, task.val))
+    metrics: dict[str, Any] = {
+        "task": task.name,
+        "method": method,
+        "method_args": dataclasses.asdict(cfg),
+        "candidates": [c.name for c in specs],
+        "budget": budget,
+        "seed": seed,
+        "metric_name": task.metric_name,
+        "metric": value,
+        "fp_metric": task.fp_metric(),
+        **cost.metrics_of(mc, [plan.layers.get(n, FLOAT) for n in ctx.layers]),
+        "seconds": seconds,
+        "eval_seconds": time.perf_counter() - t1,
+        "layers": len(ctx.layers),
+    }
+    for k, v in budget.items():
+        metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
+    result = Result(plan, qmodel, metrics, output.sensitivity, output.history)
+    if ctx.out is not None:
+        write_run(ctx.out, result, infos)
+    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name, value,
+             metrics["avg_weight_bits"])  # fmt: skip
+    return result
+
+
+def write_run(out: Path, result: Result, infos: list[cost.LayerInfo]) -> None:
+    """Write plan.json, metrics.json, layers.csv and report.md to a run directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.plan.save(out / "plan.json")
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str) + "\n")
+    rows = ["layer,kind,weight_shape,params,macs,spec,weight_bits"]
+    lines = []
+    for info in infos:
+        spec = result.plan.layers.get(info.name, FLOAT)
+        wb = cost.weight_bits(info, spec.weight)
+        shape = "x".join(map(str, info.weight_shape))
+        rows.append(f"{info.name},{info.kind},{shape},{info.numel},{info.macs:.0f},{spec.name},{wb:.0f}")
+        lines.append(f"| `{info.name}` | {info.kind} | {shape} | {spec.name} | {wb / info.numel:.3f} |")
+    (out / "layers.csv").write_text("\n".join(rows) + "\n")
+    (out / "report.md").write_text(render_report(result.metrics, lines))
+
+
+def render_report(m: dict[str, Any], layer_lines: list[str]) -> str:
+    """Render a readable Markdown report of one run."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+    keys = ["task", "method", "candidates", "budget", "metric_name", "metric", "fp_metric",
+            "avg_weight_bits", "size_bytes", "size_ratio", "bops", "seconds", "eval_seconds"]  # fmt: skip
+    out = [f"# mixq run: {m['task']} / {m['method']}", "", "| key | value |", "|---|---|"]
+    out += [f"| {k} | {fmt(m[k])} |" for k in keys if k in m]
+    out += ["", "## Per-layer plan", "", "| layer | kind | weight shape | spec | bits/weight |",
+            "|---|---|---|---|---|", *layer_lines, ""]  # fmt: skip
+    return "\n".join(out)

@@ -1,0 +1,181 @@
+"""Command-line interface: ``mixq run | demo | eval | list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out")
+DEMO_CANDIDATES = ["w2+asym+mse-a8", "w4a8", "w8a8"]
+DEMO_BUDGETS = [2.5, 4.5, 8.5]
+
+
+def _key_values(items: list[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} must look like KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a TOML recipe, rejecting unknown keys."""
+    try:
+        recipe = tomllib.loads(Path(path).read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown keys {unknown}; valid: {', '.join(RECIPE_KEYS)}")
+    return recipe
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'method':<16} {'budget':<24} {'avg_w_bits':>10} {'size_bytes':>12} {'metric':>9} {'seconds':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<16} {r['budget']:<24} {r['avg_weight_bits']:>10.3f} "
+            f"{r['size_bytes']:>12.0f} {r['metric']:>9.4f} {r['seconds']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import mixq
+
+    recipe: dict[str, Any] = load_recipe(args.recipe) if args.recipe else {}
+    if args.task:
+        recipe["task"] = args.task
+    if args.method:
+        recipe["method"] = args.method
+    if args.candidates:
+        recipe["candidates"] = [c for c in args.candidates.split(",") if c]
+    if args.budget:
+        recipe["budget"] = _key_values(args.budget, "--budget")
+    if args.method_arg:
+        recipe["method_args"] = _key_values(args.method_arg, "--method-arg")
+    if args.seed is not None:
+        recipe["seed"] = args.seed
+    if args.out:
+        recipe["out"] = args.out
+    if "task" not in recipe:
+        raise ValueError("name a task with --task or in the recipe")
+    out = Path(recipe.get("out", "runs/latest"))
+    res = mixq.run(recipe["task"], method=recipe.get("method", "uniform"),
+                   candidates=recipe.get("candidates"), budget=recipe.get("budget"),
+                   method_args=recipe.get("method_args"), seed=int(recipe.get("seed", 0)),
+                   out=out)  # fmt: skip
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    m = res.metrics
+    print(_table([{**m, "budget": json.dumps(m["budget"])}]))
+    print(f"wrote {out}/plan.json, metrics.json, layers.csv, report.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import mixq
+    from mixq.methods import METHODS
+
+    out = Path(args.out)
+    task = mixq.tasks.get("mnist-cnn")
+    t0 = time.perf_counter()
+    fp = task.fp_metric()
+    rows = [{"method": "fp32", "budget": "-", "avg_weight_bits": 32.0,
+             "size_bytes": 4.0 * sum(p.numel() for p in task.model.parameters()),
+             "metric": fp, "seconds": time.perf_counter() - t0}]  # fmt: skip
+    for method in METHODS:
+        for b in DEMO_BUDGETS:
+            budget = {"avg_weight_bits": b}
+            res = mixq.run(task, method=method, candidates=DEMO_CANDIDATES, budget=budget,
+                           out=out / f"{method}-avg{b:g}")  # fmt: skip
+            rows.append({**res.metrics, "budget": f"avg_weight_bits<={b:g}"})
+    table = _table(rows)
+    print(f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
+          f" candidates {', '.join(DEMO_CANDIDATES)}")  # fmt: skip
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (out / "summary.txt").write_text(table + "\n")
+    print(f"wrote {out}/ (one run directory per method and budget, summary.json, summary.txt)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import mixq
+    from mixq import cost
+    from mixq.api import prepare
+    from mixq.plan import FLOAT, Plan
+
+    task = mixq.tasks.get(args.task)
+    plan = Plan.load(args.plan)
+    qmodel, infos = prepare(task, list(plan.layers.values()))
+    plan.check_layers([i.name for i in infos])
+    mixq.apply(qmodel, plan)
+    m = {"metric": task.metric(qmodel, task.val), "fp_metric": task.fp_metric(),
+         **cost.metrics_of(cost.model_costs(qmodel, infos),
+                           [plan.layers.get(i.name, FLOAT) for i in infos])}  # fmt: skip
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mixq import cost, formats, plan, tasks
+    from mixq.methods import METHODS
+
+    print("tasks:   ", ", ".join(tasks.TASKS))
+    print("methods: ", ", ".join(METHODS))
+    print("formats: ", ", ".join(formats.FORMAT_NAMES))
+    print("budgets: ", ", ".join(cost.BUDGET_KEYS))
+    print("candidates:", plan.GRAMMAR)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser."""
+    p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="quantize a task's model with one method under a budget")
+    r.add_argument("--recipe", help="a TOML recipe (command-line options override it)")
+    r.add_argument("--task")
+    r.add_argument("--method")
+    r.add_argument("--candidates", help="comma-separated candidate names, e.g. w2,w4,w8")
+    r.add_argument("--budget", action="append", help="KEY=VALUE, e.g. avg_weight_bits=3")
+    r.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's Config")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--out", help="run directory (default runs/latest)")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("demo", help="every method on the real MNIST CNN at a few budgets")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("eval", help="evaluate a saved plan on a task")
+    e.add_argument("--task", required=True)
+    e.add_argument("--plan", required=True)
+    e.set_defaults(fn=cmd_eval)
+    ls = sub.add_parser("list", help="list tasks, methods, formats, budgets, candidate grammar")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"mixq: error: {e}", file=sys.stderr)
+        return 2

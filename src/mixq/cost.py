@@ -1,0 +1,284 @@
+"""Cost model: parameters, MACs, storage size with every scale and zero point, BOPs, budgets.
+
+Conventions (the same for every method, peer tool and export):
+
+* weight storage bits of a layer = numel * element bits + scales + zero points, where a
+  per-tensor or per-channel scale is float32 (32 bits), a per-group scale float16 (16 bits), an
+  MX block scale E8M0 (8 bits), and an asymmetric zero point has the element's bits. A float
+  layer stores float32 weights (32 bits each).
+* ``avg_weight_bits`` = sum of weight storage bits / sum of weights, over the quantizable layers.
+* ``size_bytes`` = the whole model: quantizable weights as above, plus float32 biases, plus the
+  activation scale (32 bits) and zero point of each quantized input, plus every other parameter
+  of the model in float32. ``size_ratio`` = size_bytes / the float32 model's size.
+* ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
+  32 for float (methods.md §6.3). MACs come from a probe forward on one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq import formats
+from mixq.formats import Mx
+from mixq.nn import QConv2d, QLinear
+from mixq.plan import LayerSpec, QSpec
+from mixq.wrap import sites
+
+FLOAT_BITS = 32
+BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
+COST_KEYS = ("weight_bits", "size_bits", "bops")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Static facts about one quantizable layer."""
+
+    name: str
+    kind: str  # "linear" | "conv"
+    weight_shape: tuple[int, ...]
+    bias: int  # number of bias elements
+    macs: float  # per sample
+
+    @property
+    def numel(self) -> int:
+        """Number of weights."""
+        return math.prod(self.weight_shape)
+
+    @property
+    def out_channels(self) -> int:
+        """Rows sharing a per-channel scale."""
+        return self.weight_shape[0]
+
+    @property
+    def row_len(self) -> int:
+        """Weights per output channel (the reduction length)."""
+        return self.numel // self.weight_shape[0]
+
+
+def probe(
+    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> list[LayerInfo]:
+    """Run one batch through a wrapped model and record each layer's shape and MACs per sample."""
+    run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    qlayers = sites(model)
+    outs: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str) -> Callable:
+        def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            outs[name] = (out.numel(), out.shape[0])
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in qlayers.items()]
+    try:
+        with torch.no_grad():
+            run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    infos = []
+    for name, m in qlayers.items():
+        shape = tuple(m.weight.shape)
+        numel_out, batch_size = outs.get(name, (0, 1))
+        if isinstance(m, QLinear):
+            per_out = m.in_features
+            # numel_out counts every token; the batch is the first dimension of the model input.
+            macs = numel_out * per_out
+        else:
+            assert isinstance(m, QConv2d)
+            macs = numel_out * math.prod(shape[1:])
+        infos.append(
+            LayerInfo(
+                name=name,
+                kind="linear" if isinstance(m, QLinear) else "conv",
+                weight_shape=shape,
+                bias=0 if m.bias is None else m.bias.numel(),
+                macs=macs / max(1, batch_size),
+            )
+        )
+    return infos
+
+
+def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
+    """Storage bits of a layer's weights under ``spec``, scales and zero points included.
+
+    >>> from mixq.plan import parse_candidate
+    >>> info = LayerInfo("fc", "linear", (4, 256), 4, 1024.0)
+    >>> weight_bits(info, parse_candidate("w4").weight)    # 1024*4 + 4 fp32 scales
+    4224.0
+    >>> weight_bits(info, parse_candidate("w4g128+asym").weight)  # + 8 fp16 scales, 8 4-bit zps
+    4256.0
+    """
+    if spec is None:
+        return float(info.numel * FLOAT_BITS)
+    fmt, n = spec.fmt, info.numel
+    elem = formats.elem_bits(fmt)
+    if isinstance(fmt, Mx):
+        blocks = info.out_channels * math.ceil(info.row_len / fmt.block)
+        return float(n * elem + blocks * 8)
+    if spec.granularity == "tensor":
+        scales, scale_bits = 1, 32
+    elif spec.granularity == "channel":
+        scales, scale_bits = info.out_channels, 32
+    else:
+        assert spec.group_size is not None
+        scales, scale_bits = info.out_channels * math.ceil(info.row_len / spec.group_size), 16
+    zero_bits = 0 if spec.symmetric else elem
+    return float(n * elem + scales * (scale_bits + zero_bits))
+
+
+def act_param_bits(spec: QSpec | None) -> float:
+    """Storage bits of an input-activation quantizer's parameters (scale and zero point)."""
+    if spec is None or isinstance(spec.fmt, Mx):
+        return 0.0
+    return 32.0 + (0 if spec.symmetric else formats.elem_bits(spec.fmt))
+
+
+def spec_bits(spec: QSpec | None) -> int:
+    """Element bits used in BOPs (32 for float)."""
+    return FLOAT_BITS if spec is None else formats.elem_bits(spec.fmt)
+
+
+def layer_costs(info: LayerInfo, spec: LayerSpec) -> dict[str, float]:
+    """Return the weight bits, the size bits and the BOPs of one layer at ``spec``."""
+    wb = weight_bits(info, spec.weight)
+    return {
+        "weight_bits": wb,
+        "size_bits": wb + info.bias * FLOAT_BITS + act_param_bits(spec.act),
+        "bops": info.macs * spec_bits(spec.weight) * spec_bits(spec.act),
+    }
+
+
+def cost_table(infos: Sequence[LayerInfo], candidates: Sequence[LayerSpec]) -> dict[str, torch.Tensor]:
+    """Return each cost in COST_KEYS as a float64 tensor [L, C] (layers x candidates)."""
+    table = {k: torch.zeros(len(infos), len(candidates), dtype=torch.float64) for k in COST_KEYS}
+    for i, info in enumerate(infos):
+        for j, c in enumerate(candidates):
+            for k, v in layer_costs(info, c).items():
+                table[k][i, j] = v
+    return table
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Fixed facts of a model needed to turn budgets into per-layer constraints."""
+
+    infos: tuple[LayerInfo, ...]
+    other_params: int  # parameters outside the quantizable layers' weights and biases
+
+    @property
+    def n_weights(self) -> int:
+        """Weights in the quantizable layers."""
+        return sum(i.numel for i in self.infos)
+
+    @property
+    def fp32_bytes(self) -> float:
+        """Size of the float32 model in bytes."""
+        return 4.0 * (self.other_params + sum(i.numel + i.bias for i in self.infos))
+
+
+def model_costs(model: nn.Module, infos: Sequence[LayerInfo]) -> ModelCosts:
+    """Count the parameters outside the quantizable layers of a wrapped model."""
+    inside = {id(p) for m in sites(model).values() for p in (m.weight, m.bias) if p is not None}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return ModelCosts(tuple(infos), other)
+
+
+def metrics_of(mc: ModelCosts, specs: Sequence[LayerSpec]) -> dict[str, float]:
+    """Return avg_weight_bits, size_bytes, size_ratio and bops of per-layer ``specs``."""
+    tot = {k: 0.0 for k in COST_KEYS}
+    for info, spec in zip(mc.infos, specs, strict=True):
+        for k, v in layer_costs(info, spec).items():
+            tot[k] += v
+    size_bytes = tot["size_bits"] / 8 + 4.0 * mc.other_params
+    return {
+        "avg_weight_bits": tot["weight_bits"] / mc.n_weights,
+        "size_bytes": size_bytes,
+        "size_ratio": size_bytes / mc.fp32_bytes,
+        "bops": tot["bops"],
+    }
+
+
+def check_budget(budget: dict[str, float]) -> dict[str, float]:
+    """Validate a budget dict: known keys, finite positive values."""
+    if not isinstance(budget, dict):
+        raise ValueError(f"budget must be a dict such as {{'avg_weight_bits': 4}}, got {budget!r}")
+    out = {}
+    for k, v in budget.items():
+        if k not in BUDGET_KEYS:
+            raise ValueError(f"unknown budget {k!r}; valid: {', '.join(BUDGET_KEYS)}")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"budget {k}={v!r} is not a number") from None
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"budget {k}={v} must be a finite positive number")
+        out[k] = v
+    return out
+
+
+def budget_limits(mc: ModelCosts, budget: dict[str, float]) -> dict[str, float]:
+    """Turn user budgets into upper bounds on sums of per-layer costs (keys of COST_KEYS)."""
+    limits: dict[str, float] = {}
+
+    def tighten(key: str, value: float) -> None:
+        limits[key] = min(limits.get(key, math.inf), value)
+
+    for k, v in check_budget(budget).items():
+        if k == "avg_weight_bits":
+            tighten("weight_bits", v * mc.n_weights)
+        elif k == "size_bytes":
+            tighten("size_bits", 8 * (v - 4.0 * mc.other_params))
+        elif k == "size_ratio":
+            tighten("size_bits", 8 * (v * mc.fp32_bytes - 4.0 * mc.other_params))
+        else:
+            tighten("bops", v)
+    return limits
+
+
+def from_limit(mc: ModelCosts, key: str, total: float) -> float:
+    """Express a sum of per-layer costs ``total`` in the units of budget ``key``."""
+    if key == "avg_weight_bits":
+        return total / mc.n_weights
+    if key == "size_bytes":
+        return total / 8 + 4.0 * mc.other_params
+    if key == "size_ratio":
+        return (total / 8 + 4.0 * mc.other_params) / mc.fp32_bytes
+    return total
+
+
+BUDGET_COST = {"avg_weight_bits": "weight_bits", "size_bytes": "size_bits",
+               "size_ratio": "size_bits", "bops": "bops"}  # fmt: skip
+
+
+class InfeasibleBudgetError(ValueError):
+    """No assignment of the candidates meets the budget."""
+
+
+def check_feasible(
+    mc: ModelCosts, table: dict[str, torch.Tensor], budget: dict[str, float], uniform: bool = False
+) -> None:
+    """Raise InfeasibleBudgetError naming the smallest feasible budget when ``budget`` is too tight.
+
+    Args:
+        mc: the model's fixed costs.
+        table: per-layer costs [L, C] from :func:`cost_table`.
+        budget: the user's budget.
+        uniform: every layer takes the same candidate (the uniform method).
+    """
+    for k, v in check_budget(budget).items():
+        cost = table[BUDGET_COST[k]]
+        smallest = float(cost.sum(0).min()) if uniform else float(cost.min(1).values.sum())
+        smallest_user = from_limit(mc, k, smallest)
+        if smallest_user > v * (1 + 1e-9):
+            raise InfeasibleBudgetError(
+                f"budget {k}={v:g} is infeasible with these candidates; the smallest feasible "
+                f"{k} is {smallest_user:.6g}"
+                + (" (every layer at the same candidate)" if uniform else "")
+            )

@@ -1,0 +1,81 @@
+"""What every method receives (a Context) and returns (a MethodOutput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq import cost
+from mixq.plan import LayerSpec, Plan
+from mixq.tasks import Task
+from mixq.wrap import applied
+
+
+@dataclass
+class Context:
+    """The shared state of one run: wrapped model, candidates, cost tables and budget.
+
+    Attributes:
+        task: the task (its model is not the one quantized: ``qmodel`` is a wrapped copy).
+        qmodel: the wrapped, calibrated copy of the model; methods set plans on it.
+        layers: exact names of the quantizable layers (the L axis).
+        candidates: the candidate specs (the C axis).
+        costs: per-layer costs [L, C] by name (cost.COST_KEYS).
+        model_costs: fixed costs for budget conversions.
+        budget: the user's budget; limits: the same as bounds on sums of ``costs``.
+        seed: random seed; out: the run directory or None.
+    """
+
+    task: Task
+    qmodel: nn.Module
+    layers: list[str]
+    candidates: list[LayerSpec]
+    costs: dict[str, torch.Tensor]
+    model_costs: cost.ModelCosts
+    budget: dict[str, float]
+    limits: dict[str, float]
+    seed: int = 0
+    out: Path | None = None
+
+    def check_feasible(self, uniform: bool = False) -> None:
+        """Raise if no (uniform) choice of candidates meets the budget."""
+        cost.check_feasible(self.model_costs, self.costs, self.budget, uniform=uniform)
+
+    def within_limits(self, choices: list[int]) -> bool:
+        """Whether per-layer candidate indices ``choices`` meet every budget."""
+        rows = torch.arange(len(self.layers))
+        return all(
+            float(self.costs[k][rows, torch.tensor(choices)].sum()) <= v * (1 + 1e-9)
+            for k, v in self.limits.items()
+        )
+
+    def plan_of(self, choices: list[int]) -> Plan:
+        """Build the plan of per-layer candidate indices."""
+        return Plan({n: self.candidates[j] for n, j in zip(self.layers, choices, strict=True)})
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns: a plan, and optionally a sensitivity table and a history."""
+
+    plan: Plan
+    sensitivity: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def uniform_plan(ctx: Context, j: int) -> Plan:
+    """The plan with candidate ``j`` on every layer."""
+    return ctx.plan_of([j] * len(ctx.layers))
+
+
+def calib_loss(ctx: Context, plan: Plan) -> float:
+    """Mean task loss over the calibration batches with ``plan`` applied."""
+    total = 0.0
+    with applied(ctx.qmodel, plan), torch.inference_mode():
+        for b in ctx.task.calib:
+            total += float(ctx.task.loss(ctx.qmodel, b))
+    return total / len(ctx.task.calib)

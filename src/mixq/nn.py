@@ -1,0 +1,182 @@
+"""Quantization sites and the quantized layers that hold them.
+
+A :class:`Quantizer` is a site that applies one :class:`~mixq.plan.QSpec` (or nothing) to a
+tensor. :class:`QLinear` and :class:`QConv2d` share their parameters with the float module they
+replace and hold two sites: ``weight_quant`` and ``input_quant``. With no spec on either site
+they compute exactly what the float module computes.
+
+Activation sites record statistics of their float input while observing (running min/max and a
+fixed-size sample); every activation spec derives its range from those statistics, so specs can
+be switched without calibrating again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixq import formats
+from mixq.formats import Mx
+from mixq.plan import QSpec
+from mixq.quant import fake
+
+SAMPLE_SIZE = 1 << 16  # activation values kept per site for percentile and MSE ranges
+SAMPLE_PER_BATCH = 1 << 13
+
+
+class Quantizer(nn.Module):
+    """A quantization site for a weight or an input activation.
+
+    Args:
+        kind: "weight" or "act".
+        channel_axis: for activations, the channel axis (MX blocks run along it).
+    """
+
+    def __init__(self, kind: str, channel_axis: int = -1) -> None:
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"unknown site kind {kind!r}; valid: 'weight', 'act'")
+        self.kind = kind
+        self.channel_axis = channel_axis
+        self.spec: QSpec | None = None
+        self.observing = False
+        self.stats_min: torch.Tensor | None = None
+        self.stats_max: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None
+        self._gen = torch.Generator().manual_seed(0)
+        self._cache: tuple | None = None
+
+    def set_spec(self, spec: QSpec | None) -> None:
+        """Set the spec (None: pass through) and drop cached values."""
+        if spec is not None and not isinstance(spec, QSpec):
+            raise TypeError(f"expected a QSpec or None, got {type(spec).__name__}")
+        if spec != self.spec:
+            self.spec = spec
+            self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, spec={self.spec}"
+
+    # -- activation statistics -------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Forget recorded statistics."""
+        self.stats_min = self.stats_max = self.sample = None
+        self._gen.manual_seed(0)
+        self._cache = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Record the running range and a random sample of ``x``'s values."""
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() == 0:
+            return
+        if not torch.isfinite(flat).all():
+            raise ValueError(f"non-finite values reach an activation site ({self.kind})")
+        lo, hi = flat.min(), flat.max()
+        self.stats_min = lo if self.stats_min is None else torch.minimum(self.stats_min, lo)
+        self.stats_max = hi if self.stats_max is None else torch.maximum(self.stats_max, hi)
+        n = min(flat.numel(), SAMPLE_PER_BATCH)
+        pick = flat[torch.randint(flat.numel(), (n,), generator=self._gen)]
+        self.sample = pick if self.sample is None else torch.cat([self.sample, pick])
+        if self.sample.numel() > SAMPLE_SIZE:
+            keep = torch.randperm(self.sample.numel(), generator=self._gen)[:SAMPLE_SIZE]
+            self.sample = self.sample[keep]
+        self._cache = None
+
+    def _act_params(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stats_min is None or self.sample is None:
+            raise RuntimeError(
+                "an activation site has no calibration statistics; run "
+                "mixq.calibrate(qmodel, batches) before applying activation specs"
+            )
+        row = self.sample.reshape(1, -1)
+        if spec.clip == "minmax":
+            return fake.scale_zero(self.stats_min.reshape(1), self.stats_max.reshape(1), spec)
+        return fake.calibrate_rows(row, spec)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+        spec = self.spec
+        if spec is None:
+            return x
+        if self.kind == "weight":
+            return self._weight(x, spec)
+        if isinstance(spec.fmt, Mx):
+            xq = formats.mx_quantize(x, spec.fmt, axis=self.channel_axis)
+            return fake.straight_through(x, xq, torch.ones_like(x, dtype=torch.bool))
+        if self._cache is None:
+            self._cache = self._act_params(spec)
+        scale, zero = self._cache
+        rows = x.reshape(1, -1)
+        xq = fake.quantize_rows(rows.detach(), scale, zero, spec).reshape(x.shape)
+        if torch.is_grad_enabled() and x.requires_grad:
+            inside = fake.clip_mask(rows, scale[:, None], zero[:, None], spec).reshape(x.shape)
+            return fake.straight_through(x, xq, inside)
+        return xq
+
+    def _weight(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+        key = (w._version, w.data_ptr(), w.shape)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, fake.quantize_weight(w, spec))
+        wq = self._cache[1]
+        if torch.is_grad_enabled() and w.requires_grad:
+            return fake.straight_through(w, wq, self._weight_mask(w, spec))
+        return wq
+
+    def _weight_mask(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+        if isinstance(spec.fmt, Mx):
+            return torch.ones_like(w, dtype=torch.bool)
+        rows = fake.to_rows(w.detach().float(), spec)
+        scale, zero = fake.calibrate_rows(rows.data, spec)
+        inside = fake.clip_mask(rows.data, scale[:, None], zero[:, None], spec)
+        return fake.from_rows(rows, inside.to(w.dtype)).bool()
+
+
+class QLinear(nn.Module):
+    """A Linear layer with a weight site and an input-activation site; shares ``m``'s parameters."""
+
+    def __init__(self, m: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = m.in_features, m.out_features
+        self.weight = m.weight
+        self.bias = m.bias
+        self.weight_quant = Quantizer("weight")
+        self.input_quant = Quantizer("act", channel_axis=-1)
+        object.__setattr__(self, "float_module", m)  # not a submodule: unwrap puts it back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class QConv2d(nn.Module):
+    """A Conv2d (grouped and depthwise too) with weight and input sites; shares ``m``'s parameters."""
+
+    def __init__(self, m: nn.Conv2d) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = m.in_channels, m.out_channels
+        self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
+        self.dilation, self.groups, self.padding_mode = m.dilation, m.groups, m.padding_mode
+        self.weight = m.weight
+        self.bias = m.bias
+        self.weight_quant = Quantizer("weight")
+        self.input_quant = Quantizer("act", channel_axis=1)
+        object.__setattr__(self, "float_module", m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m: nn.Conv2d = self.float_module
+        return m._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups}"
+        )
+
+
+QModule = QLinear | QConv2d

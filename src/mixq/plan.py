@@ -1,0 +1,317 @@
+"""Quantization specs, per-layer specs, plans, and the one parser of short candidate names.
+
+A candidate name is parsed here and nowhere else. Grammar (``N`` an integer)::
+
+    candidate := wpart [ "-" ] [ apart ]  |  apart
+    wpart     := "w" FMT [ "g" N ] { "+" MOD }      weight spec
+    apart     := "a" FMT { "+" MOD }                input-activation spec
+    FMT       := N (= intN) | a format name (int4, uint8, fp8_e4m3fn, mxfp4_e2m1, ...)
+    MOD       := "sym" | "asym" | "minmax" | "mse" | "pNN.N" (percentile) | "tensor" | "channel"
+
+Examples: ``w4a8``, ``w2``, ``w4g128``, ``w2+asym+mse-a8``, ``wfp8_e4m3fn-afp8_e4m3fn``,
+``wmxfp4_e2m1``. Defaults: weights symmetric, per output channel, min/max range; activations
+asymmetric, per tensor, min/max range over the calibration data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixq import formats
+from mixq.formats import Format, Fp, Int, Mx
+
+GRANULARITIES = ("tensor", "channel", "group", "block")
+CLIPS = ("minmax", "mse", "percentile")
+SCHEMA = 1
+GRAMMAR = (
+    "candidate := w<FMT>[g<N>][+MOD...][-][a<FMT>[+MOD...]]; FMT is a bit count (2..8, "
+    f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
+    "minmax, mse, p<percentile> (e.g. p99.9), tensor, channel. Examples: w4a8, w2, w4g128, "
+    "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1"
+)
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized.
+
+    Attributes:
+        fmt: element format.
+        granularity: "tensor", "channel" (weights: output channel), "group" (weights: groups of
+            ``group_size`` along the input dimension) or "block" (MX formats, implied).
+        group_size: elements per group for "group".
+        symmetric: symmetric range around zero; False adds a zero point (integer formats only).
+        clip: range calibration: "minmax", "mse" (search of the clipping range minimizing the
+            squared error) or "percentile".
+        percentile: the percentile of |x| used by clip="percentile".
+    """
+
+    fmt: Format
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    clip: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}"
+            )
+        if self.clip not in CLIPS:
+            raise ValueError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
+        if isinstance(self.fmt, Mx) != (self.granularity == "block"):
+            raise ValueError(
+                f"granularity 'block' goes with MX formats and only with them (got {self.fmt} "
+                f"with {self.granularity!r})"
+            )
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError("granularity 'group' needs group_size, and only it takes one")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if not self.symmetric and not isinstance(self.fmt, Int):
+            raise ValueError(f"asymmetric ranges need an integer format, got {self.fmt}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def bits(self) -> int:
+        """Storage bits of one element."""
+        return formats.elem_bits(self.fmt)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form."""
+        d: dict[str, Any] = {"fmt": str(self.fmt), "granularity": self.granularity}
+        if self.group_size is not None:
+            d["group_size"] = self.group_size
+        d["symmetric"] = self.symmetric
+        d["clip"] = self.clip
+        if self.clip == "percentile":
+            d["percentile"] = self.percentile
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QSpec:
+        """Build from the JSON form, rejecting unknown keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a quantization spec must be a JSON object, got {d!r}")
+        valid = {"fmt", "granularity", "group_size", "symmetric", "clip", "percentile"}
+        unknown = set(d) - valid
+        if unknown:
+            raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(valid)}")
+        if "fmt" not in d:
+            raise ValueError(f"spec {d!r} has no 'fmt'")
+        return cls(
+            fmt=formats.parse(d["fmt"]),
+            granularity=d.get("granularity", "channel"),
+            group_size=d.get("group_size"),
+            symmetric=bool(d.get("symmetric", True)),
+            clip=d.get("clip", "minmax"),
+            percentile=float(d.get("percentile", 99.99)),
+        )
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The weight and input-activation specs of one layer; None means float."""
+
+    weight: QSpec | None = None
+    act: QSpec | None = None
+
+    @property
+    def name(self) -> str:
+        """Return the canonical short candidate name (``parse_candidate(s.name) == s``)."""
+        w = _part_name("w", self.weight, WEIGHT_DEFAULTS) if self.weight else ""
+        a = _part_name("a", self.act, ACT_DEFAULTS) if self.act else ""
+        if not w and not a:
+            return "float"
+        sep = "" if (not w or not a or re.fullmatch(r"w\d+(g\d+)?", w)) else "-"
+        return w + sep + a
+
+    def __str__(self) -> str:
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form."""
+        return {
+            "weight": self.weight.to_dict() if self.weight else None,
+            "act": self.act.to_dict() if self.act else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerSpec:
+        """Build from the JSON form, rejecting unknown keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a layer spec must be a JSON object, got {d!r}")
+        unknown = set(d) - {"weight", "act"}
+        if unknown:
+            raise ValueError(f"unknown layer-spec keys {sorted(unknown)}; valid: ['act', 'weight']")
+        w, a = d.get("weight"), d.get("act")
+        return cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
+
+
+WEIGHT_DEFAULTS = {"granularity": "channel", "symmetric": True, "clip": "minmax"}
+ACT_DEFAULTS = {"granularity": "tensor", "symmetric": False, "clip": "minmax"}
+FLOAT = LayerSpec()
+
+
+def _fmt_token(fmt: Format) -> str:
+    if isinstance(fmt, Int) and fmt.signed:
+        return str(fmt.bits)
+    return str(fmt)
+
+
+def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
+    s = prefix + _fmt_token(spec.fmt)
+    if spec.granularity == "group":
+        s += f"g{spec.group_size}"
+    mods = []
+    if isinstance(spec.fmt, Int) and spec.symmetric != defaults["symmetric"]:
+        mods.append("sym" if spec.symmetric else "asym")
+    if spec.granularity in ("tensor", "channel") and spec.granularity != defaults["granularity"]:
+        mods.append(spec.granularity)
+    if spec.clip == "percentile":
+        mods.append(f"p{spec.percentile:g}")
+    elif spec.clip != defaults["clip"]:
+        mods.append(spec.clip)
+    return s + "".join("+" + m for m in mods)
+
+
+_NAMES = sorted(formats.FORMAT_NAMES, key=len, reverse=True)
+_FMT = "(?:" + "|".join(re.escape(n) for n in _NAMES) + r"|\d+)"
+_MODS = r"(?:\+[a-z0-9.]+)*"
+_CANDIDATE = re.compile(
+    rf"(?:w(?P<wf>{_FMT})(?:g(?P<g>\d+))?(?P<wm>{_MODS}))?-?(?:a(?P<af>{_FMT})(?P<am>{_MODS}))?"
+)
+
+
+def _parse_fmt(token: str, text: str) -> Format:
+    if token.isdigit():
+        bits = int(token)
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits out of range in candidate {text!r}: {bits}; valid: 2..8")
+        return Int(bits)
+    return formats.parse(token)
+
+
+def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, text: str) -> QSpec:
+    fmt = _parse_fmt(fmt_token, text)
+    kw: dict[str, Any] = dict(defaults)
+    if isinstance(fmt, Mx):
+        kw["granularity"] = "block"
+    elif not isinstance(fmt, Int):
+        kw["symmetric"] = True
+    if group is not None:
+        kw["granularity"], kw["group_size"] = "group", int(group)
+    for mod in filter(None, mods.split("+")):
+        if mod in ("sym", "asym"):
+            kw["symmetric"] = mod == "sym"
+        elif mod in ("minmax", "mse"):
+            kw["clip"] = mod
+        elif mod in ("tensor", "channel"):
+            kw["granularity"] = mod
+        elif re.fullmatch(r"p\d+(\.\d+)?", mod):
+            kw["clip"], kw["percentile"] = "percentile", float(mod[1:])
+        else:
+            raise ValueError(f"unknown modifier {mod!r} in candidate {text!r}; grammar: {GRAMMAR}")
+    try:
+        return QSpec(fmt=fmt, **kw)
+    except ValueError as e:
+        raise ValueError(f"candidate {text!r}: {e}") from None
+
+
+def parse_candidate(text: str) -> LayerSpec:
+    """Parse a short candidate name such as ``w4a8`` or ``wfp8_e4m3fn-afp8_e4m3fn``.
+
+    >>> parse_candidate("w4a8").name
+    'w4a8'
+    >>> parse_candidate("w2+asym+mse-a8").weight.symmetric
+    False
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a candidate name must be a string, got {text!r}")
+    if text == "float":
+        return FLOAT
+    m = _CANDIDATE.fullmatch(text.strip())
+    if not text.strip() or m is None or (m["wf"] is None and m["af"] is None):
+        raise ValueError(f"cannot parse candidate {text!r}; grammar: {GRAMMAR}")
+    w = _parse_part(m["wf"], m["g"], m["wm"], WEIGHT_DEFAULTS, text) if m["wf"] else None
+    a = _parse_part(m["af"], None, m["am"], ACT_DEFAULTS, text) if m["af"] else None
+    if a is not None and a.granularity not in ("tensor", "block"):
+        raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
+    return LayerSpec(w, a)
+
+
+def as_layer_spec(c: str | LayerSpec) -> LayerSpec:
+    """Return ``c`` as a LayerSpec, parsing it if it is a name."""
+    return c if isinstance(c, LayerSpec) else parse_candidate(c)
+
+
+@dataclass
+class Plan:
+    """The precision of every layer: exact module name -> LayerSpec; absent layers stay float."""
+
+    layers: dict[str, LayerSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form."""
+        return {
+            "schema": SCHEMA,
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, layer_names: list[str] | None = None) -> Plan:
+        """Build from the JSON form; reject unknown keys and layers not in ``layer_names``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a plan must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"schema", "layers", "meta"}
+        if unknown:
+            raise ValueError(f"unknown plan keys {sorted(unknown)}; valid: layers, meta, schema")
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported plan schema {d.get('schema')!r}; this mixq reads {SCHEMA}")
+        layers = d.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError("a plan needs a 'layers' object mapping layer names to specs")
+        plan = cls({k: LayerSpec.from_dict(v) for k, v in layers.items()}, dict(d.get("meta", {})))
+        if layer_names is not None:
+            plan.check_layers(layer_names)
+        return plan
+
+    def check_layers(self, layer_names: list[str]) -> None:
+        """Raise if the plan names a layer that the model does not have."""
+        missing = [k for k in self.layers if k not in set(layer_names)]
+        if missing:
+            raise ValueError(
+                f"plan names layers the model does not have: {missing[:5]}; the model's "
+                f"quantizable layers are: {layer_names[:20]}{' ...' if len(layer_names) > 20 else ''}"
+            )
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, layer_names: list[str] | None = None) -> Plan:
+        """Read a plan written by :meth:`save`; a corrupt file raises a ValueError naming it."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d, layer_names)
+        except ValueError as e:
+            raise ValueError(f"plan file {path}: {e}") from None
+
+    def summary(self) -> dict[str, int]:
+        """Count layers per candidate name."""
+        out: dict[str, int] = {}
+        for spec in self.layers.values():
+            out[spec.name] = out.get(spec.name, 0) + 1
+        return out

@@ -1,0 +1,191 @@
+"""Fake quantization: scales, zero points, range search and rounding, as pure functions.
+
+Every quantized tensor is handled as a 2-D matrix of rows that share one scale: a row per
+tensor, per output channel or per group (see :func:`to_rows`). Integer grids follow the usual
+affine scheme (methods.md §6.1):
+
+* symmetric signed:   s = max|x| / (2^(b-1) - 1),  q = clamp(round(x/s), -2^(b-1), 2^(b-1) - 1)
+* symmetric unsigned: s = max(x) / (2^b - 1),      q = clamp(round(x/s), 0, 2^b - 1)
+* asymmetric:         s = (hi - lo) / (2^b - 1),   z = clamp(round(-lo/s), 0, 2^b - 1),
+                      q = clamp(round(x/s) + z, 0, 2^b - 1),  x^ = s (q - z)
+
+with [lo, hi] widened to contain 0. Floating-point element formats use s = max|x| / max_fmt and
+round ``x/s`` to the format (ties to even, saturating). Rounding is half-to-even everywhere.
+Group scales are stored as float16 (as deployed), channel and tensor scales as float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixq import formats
+from mixq.formats import Fp, Int, Mx
+from mixq.plan import QSpec
+
+MSE_STEPS = 100  # candidate clipping ranges: hi * (1 - i / MSE_STEPS), i = 0 .. 0.8 * MSE_STEPS
+MSE_MIN_RATIO = 0.2
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A tensor viewed as rows sharing one scale each, with what is needed to undo the view."""
+
+    data: torch.Tensor  # [rows, k]
+    shape: torch.Size
+    pad: int  # zeros appended to each output channel's flattened input for groups
+
+
+def to_rows(w: torch.Tensor, spec: QSpec) -> Rows:
+    """View a weight ``w`` [out, ...] as rows sharing a scale: 1, ``out``, or ``out * groups``."""
+    if spec.granularity == "tensor":
+        return Rows(w.reshape(1, -1), w.shape, 0)
+    flat = w.reshape(w.shape[0], -1)
+    if spec.granularity in ("channel", "block"):
+        return Rows(flat, w.shape, 0)
+    g = spec.group_size
+    assert g is not None
+    k = flat.shape[1]
+    pad = (-k) % g
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return Rows(flat.reshape(-1, g), w.shape, pad)
+
+
+def from_rows(rows: Rows, data: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`to_rows` on ``data`` (same layout as ``rows.data``)."""
+    if rows.pad:
+        data = data.reshape(rows.shape[0], -1)[:, : -rows.pad]
+    return data.reshape(rows.shape)
+
+
+def int_grid(fmt: Int, symmetric: bool) -> tuple[int, int]:
+    """Return (qmin, qmax) of the integer codes: signed symmetric, unsigned, or asymmetric."""
+    if not symmetric:
+        return 0, 2**fmt.bits - 1
+    return int(formats.min_value(fmt)), int(formats.max_value(fmt))
+
+
+def scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute the scale and zero point (float tensors, one per row) of the range [lo, hi]."""
+    fmt = spec.fmt
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if isinstance(fmt, Int) and not spec.symmetric:
+        qmax = 2**fmt.bits - 1
+        scale = (hi - lo) / qmax
+    else:
+        amax = torch.maximum(-lo, hi)
+        if isinstance(fmt, Int) and not fmt.signed:
+            amax = hi
+        scale = amax / formats.max_value(fmt)
+    if spec.granularity == "group":
+        scale = scale.to(torch.float16).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if isinstance(fmt, Int) and not spec.symmetric:
+        zero = torch.clamp(torch.round(-lo / scale), 0, 2**fmt.bits - 1)
+    else:
+        zero = torch.zeros_like(scale)
+    return scale, zero
+
+
+def quantize_rows(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
+) -> torch.Tensor:
+    """Fake-quantize rows ``x`` [R, k] with per-row ``scale`` and ``zero`` [R] (no gradient)."""
+    s, z = scale[:, None], zero[:, None]
+    fmt = spec.fmt
+    if isinstance(fmt, Int):
+        qmin, qmax = int_grid(fmt, spec.symmetric)
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        return (q - z) * s
+    assert isinstance(fmt, Fp)
+    return formats.round_to_format(x / s, fmt) * s
+
+
+def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the per-row min and max of ``x`` [R, k]."""
+    return x.amin(dim=1), x.amax(dim=1)
+
+
+def search_range(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink [lo, hi] per row to the factor that minimizes sum |x - Q(x)|^p.
+
+    Candidates are ``f * [lo, hi]`` for f = 1, 0.99, ..., 0.2 (the BRECQ/LAPQ-style linear
+    search, methods.md §6.2), evaluated for all rows at once.
+    """
+    best_err = torch.full_like(lo, math.inf)
+    best_lo, best_hi = lo.clone(), hi.clone()
+    steps = int(MSE_STEPS * (1 - MSE_MIN_RATIO)) + 1
+    for i in range(steps):
+        f = 1.0 - i / MSE_STEPS
+        s, z = scale_zero(lo * f, hi * f, spec)
+        err = (quantize_rows(x, s, z, spec) - x).abs().pow(p).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * f, best_lo)
+        best_hi = torch.where(better, hi * f, best_hi)
+    return best_lo, best_hi
+
+
+def percentile_range(x: torch.Tensor, pct: float, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip each row at the ``pct``-th percentile (of x for asymmetric ranges, of |x| otherwise)."""
+    k = x.shape[1]
+    hi_rank = max(1, min(k, math.ceil(pct / 100.0 * k)))
+    if spec.symmetric:
+        amax = x.abs().kthvalue(hi_rank, dim=1).values
+        return -amax, amax
+    lo_rank = max(1, min(k, k + 1 - hi_rank))
+    return x.kthvalue(lo_rank, dim=1).values, x.kthvalue(hi_rank, dim=1).values
+
+
+def calibrate_rows(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the scale and zero point of each row of ``x`` [R, k] by ``spec.clip``."""
+    if spec.clip == "percentile":
+        lo, hi = percentile_range(x, spec.percentile, spec)
+    else:
+        lo, hi = row_range(x)
+        if spec.clip == "mse":
+            lo, hi = search_range(x, lo, hi, spec)
+    return scale_zero(lo, hi, spec)
+
+
+def quantize_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Return the fake-quantized weight [out, ...] under ``spec`` (no gradient).
+
+    >>> from mixq.plan import parse_candidate
+    >>> w = torch.tensor([[0.5, -1.0, 0.25, 1.0]])
+    >>> quantize_weight(w, parse_candidate("w2").weight).tolist()
+    [[1.0, -1.0, 0.0, 1.0]]
+    """
+    with torch.no_grad():
+        if isinstance(spec.fmt, Mx):
+            return formats.mx_quantize(w.reshape(w.shape[0], -1), spec.fmt, axis=-1).reshape(w.shape)
+        rows = to_rows(w.detach().float(), spec)
+        scale, zero = calibrate_rows(rows.data, spec)
+        return from_rows(rows, quantize_rows(rows.data, scale, zero, spec)).to(w.dtype)
+
+
+def clip_mask(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Return where ``x`` lies inside the representable range (the straight-through region)."""
+    fmt = spec.fmt
+    if isinstance(fmt, Int):
+        qmin, qmax = int_grid(fmt, spec.symmetric)
+        lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
+    else:
+        m = formats.max_value(fmt)
+        lo, hi = -m * scale, m * scale
+    return (x >= lo) & (x <= hi)
+
+
+def straight_through(x: torch.Tensor, xq: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Return ``xq`` in the forward pass, with gradient 1 where ``inside`` and 0 elsewhere."""
+    if not x.requires_grad:
+        return xq
+    return xq.detach() + (x - x.detach()) * inside

@@ -1,0 +1,26 @@
+"""Solvers that pick one candidate per layer under cost budgets.
+
+The objective and constraints are defined once in `mixq.search.problem`:
+``f(x) = Σ_l scores[l, x_l] + Σ_{l<m} ½ (pairs[l, x_l, m, x_m] + pairs[m, x_m, l, x_l])``
+subject to ``Σ_l costs[k][l, x_l] ≤ budgets[k]``.
+
+- `ilp`: exact MILP with HiGHS (`scipy.optimize.milp`), pairs linearized.
+- `greedy`: fast, ignores pairs, always feasible.
+- `brute_force`: enumerates every choice; the test oracle.
+- `pareto_sweep`: `ilp` over a list of values of one budget, non-dominated results.
+"""
+
+from mixq.search.brute import brute_force
+from mixq.search.greedy import greedy
+from mixq.search.ilp import ilp, pareto_sweep
+from mixq.search.problem import InfeasibleBudget, Problem, Solution
+
+__all__ = [
+    "InfeasibleBudget",
+    "Problem",
+    "Solution",
+    "brute_force",
+    "greedy",
+    "ilp",
+    "pareto_sweep",
+]

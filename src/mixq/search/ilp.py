@@ -1,0 +1,202 @@
+"""Exact bit allocation with `scipy.optimize.milp` (HiGHS), pairwise terms linearized.
+
+Serves HAWQ-V3's ILP (methods.md §9.2: one-hot over any candidate set, diagonal objective) and
+CLADO's IQP (methods.md §3.2: pairwise terms, solved here as an exact MILP on the unprojected
+interactions instead of CVXPY + Gurobi on the PSD projection). The program is described in
+`mixq.search.formulation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from scipy.optimize import milp
+
+from mixq.search.formulation import build
+from mixq.search.greedy import greedy
+from mixq.search.local import polish
+from mixq.search.problem import (
+    InfeasibleBudget,
+    Problem,
+    Solution,
+    budget_tolerance,
+    check_budgets,
+    combination_infeasible,
+)
+
+__all__ = ["ilp", "pareto_sweep"]
+
+logger = logging.getLogger(__name__)
+
+_TOLERANCE_RETRIES = 3
+
+
+def _gap(objective: float, bound: float | None) -> float:
+    """Return HiGHS's relative gap ``(f − bound) / |f|`` of an incumbent, inf if unknown."""
+    if bound is None or not math.isfinite(bound):
+        return math.inf
+    diff = max(0.0, objective - bound)
+    if diff == 0.0:
+        return 0.0
+    return diff / abs(objective) if objective != 0.0 else math.inf
+
+
+def ilp(
+    problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None
+) -> Solution:
+    """Minimize ``f(x)`` under the budgets exactly, with HiGHS through `scipy.optimize.milp`.
+
+    Solves ``min_x Σ_l s[l, x_l] + Σ_{l<m} Q[l, x_l, m, x_m]`` subject to
+    ``Σ_l costs[k][l, x_l] ≤ B_k`` (``Q = ½ (P + Pᵀ)``, see `mixq.search.problem`) as the MILP
+    of `mixq.search.formulation`, with a relative MIP gap tolerance of 0 (HiGHS still stops
+    at its default absolute gap of 1e-6). The solver's ``x`` is rounded and the budgets are
+    re-checked exactly; a budget exceeded within solver tolerance is shrunk by the excess and
+    the program solved again.
+
+    `scipy.optimize.milp` takes no starting point, so ``warm_start`` is only an incumbent.
+    When the solver stops without proving optimality (time limit), the best of its incumbent
+    (if any), ``warm_start`` and `greedy`'s solution is improved by `mixq.search.local.polish`
+    (one- and two-layer exchanges on the full objective) and returned; ``gap`` is then
+    re-measured against HiGHS's dual bound. A proven optimum is returned as is (or
+    ``warm_start`` if it is better within the solver's absolute gap).
+
+    Args:
+        problem: The problem.
+        time_limit: Seconds HiGHS may spend; None for no limit.
+        warm_start: A choice per layer to fall back to; ignored (with a warning) when it
+            violates a budget.
+
+    Returns:
+        A `Solution` with status ``"optimal"``, ``"time_limit"`` (best incumbent; ``gap`` from
+        HiGHS's ``mip_gap`` or its dual bound, ``inf`` when no bound is known) or
+        ``"feasible"``.
+
+    Raises:
+        InfeasibleBudget: No choice satisfies the budgets (checked one by one before solving,
+            together by the solver).
+        ValueError: ``time_limit`` not positive, or ``warm_start`` of the wrong length, out of
+            range or forbidden.
+    """
+    start = time.perf_counter()
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be positive seconds or None, got {time_limit!r}")
+    check_budgets(problem)
+    incumbent = None
+    if warm_start is not None:
+        incumbent = problem.check_choices(warm_start)
+        if not problem.is_feasible(incumbent):
+            logger.warning("warm start violates budgets %s; ignored", problem.violations(incumbent))
+            incumbent = None
+
+    shrink: dict[str, float] = {}
+    for _ in range(_TOLERANCE_RETRIES):
+        form = build(problem, shrink=shrink)
+        options: dict[str, float] = {"mip_rel_gap": 0.0}
+        if time_limit is not None:
+            options["time_limit"] = max(1e-3, time_limit - (time.perf_counter() - start))
+        res = milp(
+            form.c,
+            integrality=form.integrality,
+            bounds=form.bounds,
+            constraints=form.constraints,
+            options=options,
+        )
+        logger.info(
+            "milp: %d vars, %d rows, %d pair blocks -> status %d (%s)",
+            form.c.size,
+            form.constraints.A.shape[0],
+            form.num_pair_blocks,
+            res.status,
+            res.message,
+        )
+        if res.status == 2:
+            raise combination_infeasible(problem)
+        found = form.decode(res.x) if res.x is not None else None
+        excess = problem.violations(found) if found is not None else {}
+        if not excess:
+            break
+        logger.warning("solver tolerance exceeded budgets %s; shrinking and re-solving", excess)
+        for name, amount in excess.items():
+            b = float(problem.budgets[name])
+            shrink[name] = shrink.get(name, 0.0) + amount + budget_tolerance(b)
+    else:
+        raise RuntimeError(f"milp kept exceeding budgets {excess} after {_TOLERANCE_RETRIES} tries")
+
+    if res.status == 0:
+        status = "optimal"
+    elif res.status == 1:
+        status = "time_limit"
+    elif res.status == 4 and found is not None:
+        status = "feasible"
+    else:
+        raise RuntimeError(f"milp failed with status {res.status}: {res.message}")
+
+    if status == "optimal":
+        choices = found
+        if incumbent is not None and problem.objective(incumbent) < problem.objective(found):
+            choices = incumbent  # equal up to the solver's absolute gap
+        return problem.solution(choices, status, 0.0, time.perf_counter() - start)
+
+    # Not proven optimal: polish the best of every incumbent on the full objective.
+    pool = [c for c in (found, incumbent, greedy(problem).choices) if c is not None]
+    best = min(pool, key=problem.objective)
+    polished = polish(problem, best)
+    value = problem.objective(polished)
+    gap = getattr(res, "mip_gap", None)
+    if polished != found or gap is None or not math.isfinite(gap):
+        gap = _gap(value, getattr(res, "mip_dual_bound", None))
+    logger.info("%s: incumbent %.6g, polished %.6g", status, problem.objective(best), value)
+    return problem.solution(polished, status, max(0.0, float(gap)), time.perf_counter() - start)
+
+
+def pareto_sweep(
+    problem: Problem, budget_name: str, values: list[float], time_limit: float | None = None
+) -> list[Solution]:
+    """Solve `ilp` for each value of one budget and return the non-dominated solutions.
+
+    Values are solved in increasing order with the other budgets fixed, each warm-started
+    from the previous solution (always feasible for a larger budget). Values below the
+    smallest feasible budget are skipped with a warning. A solution is kept when no other
+    has ``objective ≤`` and ``costs[budget_name] ≤`` with one of them strict (duplicates are
+    kept once).
+
+    Args:
+        problem: The problem; its value for ``budget_name``, if any, is replaced.
+        budget_name: A cost table of ``problem``.
+        values: Budget values to solve for.
+        time_limit: Passed to `ilp` for every value.
+
+    Returns:
+        Non-dominated solutions in increasing ``costs[budget_name]`` (decreasing objective).
+
+    Raises:
+        ValueError: Unknown ``budget_name`` or no values.
+        InfeasibleBudget: Every value is infeasible.
+    """
+    if budget_name not in problem.costs:
+        raise ValueError(f"unknown budget {budget_name!r}; cost tables: {sorted(problem.costs)}")
+    if not values:
+        raise ValueError("pareto_sweep needs at least one budget value")
+    solutions: list[Solution] = []
+    previous: list[int] | None = None
+    error: InfeasibleBudget | None = None
+    for value in sorted({float(v) for v in values}):
+        budgets = {**problem.budgets, budget_name: value}
+        sub = Problem(problem.scores, problem.costs, budgets, problem.pairs)
+        try:
+            solution = ilp(sub, time_limit=time_limit, warm_start=previous)
+        except InfeasibleBudget as exc:
+            logger.warning("pareto_sweep: %s = %g skipped: %s", budget_name, value, exc)
+            error = exc
+            continue
+        solutions.append(solution)
+        previous = solution.choices
+    if error is not None and not solutions:
+        raise error
+    front: list[Solution] = []
+    for solution in sorted(solutions, key=lambda s: (s.costs[budget_name], s.objective)):
+        if not front or solution.objective < front[-1].objective:
+            front.append(solution)
+    return front

@@ -1,0 +1,130 @@
+"""Swap float layers for quantized ones once, then configure them with plans many times."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq.nn import QConv2d, QLinear, QModule
+from mixq.plan import LayerSpec, Plan
+
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QLinear, nn.Conv2d: QConv2d}
+
+
+def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, child)
+
+
+def wrap(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
+    """Replace every nn.Linear and nn.Conv2d in ``model`` (in place) by its quantized version.
+
+    The quantized layers share the float layers' parameters and start with no spec, so the
+    wrapped model computes exactly what the float model computes.
+
+    Args:
+        model: the float model; modified in place and returned.
+        skip: exact module names to leave as they are.
+
+    Returns:
+        The same model object, wrapped.
+    """
+    skip = set(skip)
+    if any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
+        raise ValueError("model is already wrapped; call mixq.unwrap(model) first")
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) in QUANT_MODULES and name and name not in skip
+    ]
+    if not targets and type(model) in QUANT_MODULES:
+        raise ValueError("wrap a model that contains the layer, not a bare layer")
+    for name, m in targets:
+        _set_child(model, name, QUANT_MODULES[type(m)](m))
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the float layers back (in place); parameters are shared, so nothing is copied."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (QLinear, QConv2d)):
+            _set_child(model, name, m.float_module)
+    return model
+
+
+def sites(model: nn.Module) -> dict[str, QModule]:
+    """Return the quantized layers of a wrapped model by exact module name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))}
+
+
+def current_plan(model: nn.Module) -> Plan:
+    """Return the specs currently set on the model's sites as a Plan (float layers left out)."""
+    layers = {}
+    for name, m in sites(model).items():
+        spec = LayerSpec(m.weight_quant.spec, m.input_quant.spec)
+        if spec.weight is not None or spec.act is not None:
+            layers[name] = spec
+    return Plan(layers)
+
+
+def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
+    """Set every site of a wrapped model from ``plan``; layers the plan omits become float."""
+    layers = plan.layers if isinstance(plan, Plan) else plan
+    qlayers = sites(model)
+    if not qlayers:
+        raise ValueError("model has no quantized layers; call mixq.wrap(model) first")
+    Plan(dict(layers)).check_layers(list(qlayers))
+    for name, m in qlayers.items():
+        spec = layers.get(name)
+        m.weight_quant.set_spec(spec.weight if spec else None)
+        m.input_quant.set_spec(spec.act if spec else None)
+    return model
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> Iterator[nn.Module]:
+    """Apply ``plan`` inside a ``with`` block and restore the previous specs on exit, always."""
+    before = current_plan(model)
+    try:
+        yield apply(model, plan)
+    finally:
+        apply(model, before)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
+    """Record activation statistics of every site's float input over ``batches``.
+
+    Specs are switched off while observing, so the statistics are those of the float model.
+
+    Returns:
+        The number of batches seen; zero batches raise a ValueError.
+    """
+    qlayers = sites(model)
+    if not qlayers:
+        raise ValueError("model has no quantized layers; call mixq.wrap(model) first")
+    run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
+    seen = 0
+    with applied(model, {}):
+        for m in qlayers.values():
+            m.input_quant.reset_stats()
+            m.input_quant.observing = True
+        try:
+            with torch.no_grad():  # not inference_mode: statistics are reused under autograd
+                for batch in batches:
+                    run(model, batch)
+                    seen += 1
+        finally:
+            for m in qlayers.values():
+                m.input_quant.observing = False
+    if seen == 0:
+        raise ValueError("calibration data is empty: pass at least one batch")
+    return seen
