@@ -136,7 +136,7 @@ def ensure_ckpt_dir(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ignore = folder / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# written by bench/train_zoo.py: epoch checkpoints are not committed\n*\n")
+        ignore.write_text("# bench/train_zoo.py's epoch checkpoints: never committed\n*\n")
 
 
 def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict:
@@ -172,7 +172,8 @@ def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["config"] != cfg:
-            diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if ckpt["config"].get(k) != v}
+            old = ckpt["config"]
+            diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
             raise SystemExit(f"{ckpt_path} was made with other settings (checkpoint, now): {diff}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -210,7 +211,7 @@ def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
         train_s = time.perf_counter() - t0
         test_acc = accuracy(model, x_test, y_test)

@@ -1,10 +1,10 @@
 """mixq: mixed-precision quantization of PyTorch models, every method behind one interface.
 
-    import mixq
-    task = mixq.tasks.get("mnist-cnn")
-    res = mixq.run(task, method="uniform", candidates=["w4a8", "w8a8"],
-                   budget={"avg_weight_bits": 5})
-    res.plan.save("plan.json"); print(res.metrics)
+import mixq
+task = mixq.tasks.get("mnist-cnn")
+res = mixq.run(task, method="uniform", candidates=["w4a8", "w8a8"],
+               budget={"avg_weight_bits": 5})
+res.plan.save("plan.json"); print(res.metrics)
 """
 
 from mixq import cost, formats, tasks

@@ -67,8 +67,9 @@ def prepare(task: tasks.Task, candidates: list[LayerSpec]) -> tuple[nn.Module, l
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to quantize")
     if not task.calib:
         raise ValueError("calibration data is empty: pass at least one batch")
-    if any(c.act is not None for c in candidates):
-        calibrate(qmodel, task.calib, task.forward)
+    gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
+    if gram or any(c.act is not None for c in candidates):
+        calibrate(qmodel, task.calib, task.forward, gram=gram)
     infos = cost.probe(qmodel, task.calib[0], task.forward)
     return qmodel, infos
 

@@ -7,9 +7,10 @@ import json
 import logging
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out")
 DEMO_CANDIDATES = ["w2+asym+mse-a8", "w4a8", "w8a8"]

@@ -279,6 +279,5 @@ def check_feasible(
         if smallest_user > v * (1 + 1e-9):
             raise InfeasibleBudgetError(
                 f"budget {k}={v:g} is infeasible with these candidates; the smallest feasible "
-                f"{k} is {smallest_user:.6g}"
-                + (" (every layer at the same candidate)" if uniform else "")
+                f"{k} is {smallest_user:.6g}" + (" (every layer at the same candidate)" if uniform else "")
             )

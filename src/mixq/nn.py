@@ -46,6 +46,8 @@ class Quantizer(nn.Module):
         self.sample: torch.Tensor | None = None
         self._gen = torch.Generator().manual_seed(0)
         self._cache: tuple | None = None
+        self.gram: torch.Tensor | None = None  # weights: the layer's input Gram matrix [G, k, k]
+        self.collect_gram = False
 
     def set_spec(self, spec: QSpec | None) -> None:
         """Set the spec (None: pass through) and drop cached values."""
@@ -117,10 +119,18 @@ class Quantizer(nn.Module):
             return fake.straight_through(x, xq, inside)
         return xq
 
+    @torch.no_grad()
+    def add_gram(self, cols: torch.Tensor) -> None:
+        """Accumulate the Gram matrix of a layer's input columns ``cols`` [G, N, k]."""
+        g = torch.bmm(cols.transpose(1, 2), cols.double())
+        self.gram = g if self.gram is None else self.gram + g
+        self._cache = None
+
     def _weight(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
         key = (w._version, w.data_ptr(), w.shape)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, fake.quantize_weight(w, spec))
+            gram = self.gram.float() if self.gram is not None else None
+            self._cache = (key, fake.quantize_weight(w, spec, gram))
         wq = self._cache[1]
         if torch.is_grad_enabled() and w.requires_grad:
             return fake.straight_through(w, wq, self._weight_mask(w, spec))
@@ -130,7 +140,9 @@ class Quantizer(nn.Module):
         if isinstance(spec.fmt, Mx):
             return torch.ones_like(w, dtype=torch.bool)
         rows = fake.to_rows(w.detach().float(), spec)
-        scale, zero = fake.calibrate_rows(rows.data, spec)
+        gram = self.gram.float() if self.gram is not None else None
+        error = fake.output_error(gram, spec, w.shape[0]) if gram is not None else None
+        scale, zero = fake.calibrate_rows(rows.data, spec, error)
         inside = fake.clip_mask(rows.data, scale[:, None], zero[:, None], spec)
         return fake.from_rows(rows, inside.to(w.dtype)).bool()
 
@@ -148,6 +160,8 @@ class QLinear(nn.Module):
         object.__setattr__(self, "float_module", m)  # not a submodule: unwrap puts it back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_quant.collect_gram:
+            self.weight_quant.add_gram(x.detach().reshape(1, -1, self.in_features).double())
         return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -170,7 +184,22 @@ class QConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: nn.Conv2d = self.float_module
+        if self.weight_quant.collect_gram:
+            self.weight_quant.add_gram(self.input_columns(x.detach()))
         return m._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def input_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the im2col input patches per group, [G, N * positions, C_in/G * kh * kw]."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            x = F.pad(x, self.float_module._reversed_padding_repeated_twice, mode="constant"
+                      if self.padding_mode == "zeros" else self.padding_mode)  # fmt: skip
+            padding = 0
+        else:
+            padding = self.padding
+        cols = F.unfold(x.double(), self.kernel_size, self.dilation, padding, self.stride)
+        n, k, positions = cols.shape
+        cols = cols.reshape(n, self.groups, k // self.groups, positions)
+        return cols.permute(1, 0, 3, 2).reshape(self.groups, n * positions, k // self.groups)
 
     def extra_repr(self) -> str:
         return (

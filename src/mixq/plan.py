@@ -6,7 +6,8 @@ A candidate name is parsed here and nowhere else. Grammar (``N`` an integer)::
     wpart     := "w" FMT [ "g" N ] { "+" MOD }      weight spec
     apart     := "a" FMT { "+" MOD }                input-activation spec
     FMT       := N (= intN) | a format name (int4, uint8, fp8_e4m3fn, mxfp4_e2m1, ...)
-    MOD       := "sym" | "asym" | "minmax" | "mse" | "pNN.N" (percentile) | "tensor" | "channel"
+    MOD       := "sym" | "asym" | "minmax" | "mse" | "omse" | "pNN.N" (percentile) | "tensor"
+                 | "channel"
 
 Examples: ``w4a8``, ``w2``, ``w4g128``, ``w2+asym+mse-a8``, ``wfp8_e4m3fn-afp8_e4m3fn``,
 ``wmxfp4_e2m1``. Defaults: weights symmetric, per output channel, min/max range; activations
@@ -22,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from mixq import formats
-from mixq.formats import Format, Fp, Int, Mx
+from mixq.formats import Format, Int, Mx
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
-CLIPS = ("minmax", "mse", "percentile")
+CLIPS = ("minmax", "mse", "omse", "percentile")
 SCHEMA = 1
 GRAMMAR = (
     "candidate := w<FMT>[g<N>][+MOD...][-][a<FMT>[+MOD...]]; FMT is a bit count (2..8, "
     f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
-    "minmax, mse, p<percentile> (e.g. p99.9), tensor, channel. Examples: w4a8, w2, w4g128, "
+    "minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel. Examples: w4a8, w2, w4g128, "
     "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1"
 )
 
@@ -46,7 +47,8 @@ class QSpec:
         group_size: elements per group for "group".
         symmetric: symmetric range around zero; False adds a zero point (integer formats only).
         clip: range calibration: "minmax", "mse" (search of the clipping range minimizing the
-            squared error) or "percentile".
+            squared weight error), "omse" (weights only: minimizing the squared error of the
+            layer's output on the calibration inputs) or "percentile".
         percentile: the percentile of |x| used by clip="percentile".
     """
 
@@ -59,9 +61,7 @@ class QSpec:
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}"
-            )
+            raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if self.clip not in CLIPS:
             raise ValueError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
         if isinstance(self.fmt, Mx) != (self.granularity == "block"):
@@ -210,7 +210,7 @@ def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, te
     for mod in filter(None, mods.split("+")):
         if mod in ("sym", "asym"):
             kw["symmetric"] = mod == "sym"
-        elif mod in ("minmax", "mse"):
+        elif mod in ("minmax", "mse", "omse"):
             kw["clip"] = mod
         elif mod in ("tensor", "channel"):
             kw["granularity"] = mod
@@ -243,6 +243,8 @@ def parse_candidate(text: str) -> LayerSpec:
     a = _parse_part(m["af"], None, m["am"], ACT_DEFAULTS, text) if m["af"] else None
     if a is not None and a.granularity not in ("tensor", "block"):
         raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
+    if a is not None and a.clip == "omse":
+        raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
     return LayerSpec(w, a)
 
 

@@ -100,10 +100,12 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    gram: bool = False,
 ) -> int:
     """Record activation statistics of every site's float input over ``batches``.
 
     Specs are switched off while observing, so the statistics are those of the float model.
+    With ``gram``, each layer also accumulates its input Gram matrix (for clip "omse").
 
     Returns:
         The number of batches seen; zero batches raise a ValueError.
@@ -117,6 +119,8 @@ def calibrate(
         for m in qlayers.values():
             m.input_quant.reset_stats()
             m.input_quant.observing = True
+            m.weight_quant.gram = None
+            m.weight_quant.collect_gram = gram
         try:
             with torch.no_grad():  # not inference_mode: statistics are reused under autograd
                 for batch in batches:
@@ -125,6 +129,7 @@ def calibrate(
         finally:
             for m in qlayers.values():
                 m.input_quant.observing = False
+                m.weight_quant.collect_gram = False
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one batch")
     return seen

@@ -17,6 +17,7 @@ Group scales are stored as float16 (as deployed), channel and tensor scales as f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from mixq.plan import QSpec
 
 MSE_STEPS = 100  # candidate clipping ranges: hi * (1 - i / MSE_STEPS), i = 0 .. 0.8 * MSE_STEPS
 MSE_MIN_RATIO = 0.2
+REFINE_ROUNDS, REFINE_STEPS = 2, 60  # asymmetric ranges: per-end factors 0.71 .. 1.30
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,7 @@ def int_grid(fmt: Int, symmetric: bool) -> tuple[int, int]:
     return int(formats.min_value(fmt)), int(formats.max_value(fmt))
 
 
-def scale_zero(
-    lo: torch.Tensor, hi: torch.Tensor, spec: QSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the scale and zero point (float tensors, one per row) of the range [lo, hi]."""
     fmt = spec.fmt
     lo = torch.minimum(lo, torch.zeros_like(lo))
@@ -93,9 +93,7 @@ def scale_zero(
     return scale, zero
 
 
-def quantize_rows(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
-) -> torch.Tensor:
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Fake-quantize rows ``x`` [R, k] with per-row ``scale`` and ``zero`` [R] (no gradient)."""
     s, z = scale[:, None], zero[:, None]
     fmt = spec.fmt
@@ -113,24 +111,47 @@ def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def search_range(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = 2.0
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    spec: QSpec,
+    error: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink [lo, hi] per row to the factor that minimizes sum |x - Q(x)|^p.
+    """Search the clipping range [lo, hi] of each row that minimizes the quantization error.
 
-    Candidates are ``f * [lo, hi]`` for f = 1, 0.99, ..., 0.2 (the BRECQ/LAPQ-style linear
-    search, methods.md §6.2), evaluated for all rows at once.
+    First a joint shrink ``f * [lo, hi]`` for f = 1, 0.99, ..., 0.2 (the linear search of BRECQ
+    and LAPQ, methods.md §6.2); then, for asymmetric ranges, coordinate descent on each end
+    alone (factors 0.71 .. 1.30 of the current end, two rounds), since the best range of a
+    skewed row is rarely a scaled copy of its min/max. All rows are searched at once. The error
+    of a row is ``error(Q(x) - x)`` (default: its squared error).
     """
+    error = error or (lambda d: d.pow(2).sum(dim=1))
+
+    def evaluate(lo_: torch.Tensor, hi_: torch.Tensor) -> torch.Tensor:
+        s, z = scale_zero(lo_, hi_, spec)
+        return error(quantize_rows(x, s, z, spec) - x)
+
     best_err = torch.full_like(lo, math.inf)
     best_lo, best_hi = lo.clone(), hi.clone()
-    steps = int(MSE_STEPS * (1 - MSE_MIN_RATIO)) + 1
-    for i in range(steps):
-        f = 1.0 - i / MSE_STEPS
-        s, z = scale_zero(lo * f, hi * f, spec)
-        err = (quantize_rows(x, s, z, spec) - x).abs().pow(p).sum(dim=1)
+
+    def consider(lo_: torch.Tensor, hi_: torch.Tensor) -> None:
+        nonlocal best_err, best_lo, best_hi
+        err = evaluate(lo_, hi_)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo * f, best_lo)
-        best_hi = torch.where(better, hi * f, best_hi)
+        best_lo = torch.where(better, lo_, best_lo)
+        best_hi = torch.where(better, hi_, best_hi)
+
+    for i in range(int(MSE_STEPS * (1 - MSE_MIN_RATIO)) + 1):
+        f = 1.0 - i / MSE_STEPS
+        consider(lo * f, hi * f)
+    if not spec.symmetric:
+        for _ in range(REFINE_ROUNDS):
+            for end in ("lo", "hi"):
+                base_lo, base_hi = best_lo.clone(), best_hi.clone()
+                for i in range(1, REFINE_STEPS + 1):
+                    f = 0.7 + i / MSE_STEPS
+                    consider(base_lo * f, base_hi) if end == "lo" else consider(base_lo, base_hi * f)
     return best_lo, best_hi
 
 
@@ -145,19 +166,63 @@ def percentile_range(x: torch.Tensor, pct: float, spec: QSpec) -> tuple[torch.Te
     return x.kthvalue(lo_rank, dim=1).values, x.kthvalue(hi_rank, dim=1).values
 
 
-def calibrate_rows(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def output_error(
+    gram: torch.Tensor, spec: QSpec, out_channels: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return the error of weight-error rows measured on the layer's output.
+
+    For a layer y = W x with calibration inputs X, the output error of output channel c is
+    ``||X d_c||^2 = d_c^T H d_c`` with ``H = X^T X`` (``gram`` [G, k, k], one per conv group).
+    Per-group rows use H's diagonal blocks (cross-group terms are left out).
+    """
+    groups, k = gram.shape[0], gram.shape[1]
+    per = out_channels // groups
+
+    def channel_error(d: torch.Tensor) -> torch.Tensor:  # d [out, k] -> [out]
+        dg = d.reshape(groups, per, k)
+        return (torch.bmm(dg, gram) * dg).sum(-1).reshape(out_channels)
+
+    if spec.granularity == "tensor":
+        return lambda d: channel_error(d.reshape(out_channels, k)).sum().reshape(1)
+    if spec.granularity == "channel":
+        return channel_error
+    g = spec.group_size
+    assert g is not None
+    n_groups = -(-k // g)
+    pad = n_groups * g - k
+    blocks = torch.nn.functional.pad(gram, (0, pad, 0, pad))
+    blocks = blocks.reshape(groups, n_groups, g, n_groups, g).diagonal(dim1=1, dim2=3)
+    blocks = blocks.permute(0, 3, 1, 2)  # [G, n_groups, g, g]
+
+    def group_error(d: torch.Tensor) -> torch.Tensor:  # d [out * n_groups, g]
+        dg = d.reshape(groups, per, n_groups, g)
+        return torch.einsum("aoni,anij,aonj->aon", dg, blocks, dg).reshape(-1)
+
+    return group_error
+
+
+def calibrate_rows(
+    x: torch.Tensor, spec: QSpec, error: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the scale and zero point of each row of ``x`` [R, k] by ``spec.clip``."""
     if spec.clip == "percentile":
         lo, hi = percentile_range(x, spec.percentile, spec)
     else:
         lo, hi = row_range(x)
-        if spec.clip == "mse":
-            lo, hi = search_range(x, lo, hi, spec)
+        if spec.clip in ("mse", "omse"):
+            if spec.clip == "omse" and error is None:
+                raise RuntimeError(
+                    "clip 'omse' needs the layer's calibration inputs; run "
+                    "mixq.calibrate(qmodel, batches, gram=True) first"
+                )
+            lo, hi = search_range(x, lo, hi, spec, error if spec.clip == "omse" else None)
     return scale_zero(lo, hi, spec)
 
 
-def quantize_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Return the fake-quantized weight [out, ...] under ``spec`` (no gradient).
+
+    ``gram`` (the layer's input Gram matrix [G, k, k]) is needed by clip "omse" only.
 
     >>> from mixq.plan import parse_candidate
     >>> w = torch.tensor([[0.5, -1.0, 0.25, 1.0]])
@@ -168,7 +233,8 @@ def quantize_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
         if isinstance(spec.fmt, Mx):
             return formats.mx_quantize(w.reshape(w.shape[0], -1), spec.fmt, axis=-1).reshape(w.shape)
         rows = to_rows(w.detach().float(), spec)
-        scale, zero = calibrate_rows(rows.data, spec)
+        error = output_error(gram, spec, w.shape[0]) if gram is not None else None
+        scale, zero = calibrate_rows(rows.data, spec, error)
         return from_rows(rows, quantize_rows(rows.data, scale, zero, spec)).to(w.dtype)
 
 

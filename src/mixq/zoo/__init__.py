@@ -24,9 +24,9 @@ ZOO_DIR = Path(__file__).resolve().parent
 NUM_CLASSES = 10
 
 
-def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    """Return ``[Conv2d (no bias, 'same' padding), BatchNorm2d]`` as fresh module instances."""
-    conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False)
+def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    """Return ``[Conv2d (k x k, no bias, 'same' padding), BatchNorm2d]`` as fresh instances."""
+    conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)
     return [conv, nn.BatchNorm2d(c_out)]
 
 
@@ -73,9 +73,11 @@ class ResNet20(nn.Module):
     head          1x1         --       10        global avg pool + Linear(64, 10)
     ============  ==========  =======  ========  ==================
 
-    19 conv layers + 1 linear = 20 weighted layers; the two downsampling blocks use option-B
-    projection shortcuts (1x1 conv stride 2 + BN), which add 2 convs outside the count.
-    272,762 parameters, about 31.6M multiply-accumulates per image.
+    19 conv layers + 1 linear = 20 weighted layers. Shortcuts: identity inside a stage; the two
+    downsampling blocks use option-B projections (1x1 conv stride 2 + BN), chosen over option-A
+    zero padding so that every shortcut is an ordinary conv+BN that quantizers and BN folding
+    handle like any other layer (21 convs in all). 272,186 parameters, 31.0M multiply-accumulates
+    (conv + linear) per image.
 
     Args:
         num_classes: Number of output logits.
@@ -141,18 +143,23 @@ class MobileNetV2(nn.Module):
     ============  =====  ====  ===  ===  ======
     layer         t      c     n    s    output
     ============  =====  ====  ===  ===  ======
-    conv3x3       --     32    1    1    28x28
+    conv3x3       --     16    1    1    28x28
     bottleneck    1      16    1    1    28x28
     bottleneck    6      24    2    2    14x14
     bottleneck    6      32    3    2    7x7
     bottleneck    6      64    2    1    7x7
-    bottleneck    6      96    2    1    7x7
-    conv1x1       --     512   1    1    7x7
+    bottleneck    6      96    1    1    7x7
+    conv1x1       --     384   1    1    7x7
     avgpool, fc   --     10    --   --   1x1
     ============  =====  ====  ===  ===  ======
 
-    With ``width=1.0``: 321,002 parameters, about 13.5M multiply-accumulates per image. All
-    channel counts except the input and the logits scale with ``width`` (rounded to multiples of 8).
+    Every conv is followed by BN; ReLU6 after the stem, the expand and depthwise convs and the last
+    1x1 conv; none after a block's projection. Nine inverted-residual blocks (five with a residual
+    add), 28 convs (nine depthwise), one linear layer. With ``width=1.0`` (the zoo's model):
+    237,738 parameters, 14.8M multiply-accumulates per image. All channel counts except the input
+    and the logits scale with ``width`` (rounded to multiples of 8): 0.5 gives 69,722 parameters
+    and 4.5M MACs, 1.4 gives 454,730 and 28.5M. This is smaller than the ImageNet table (no
+    160/320 stages, stem 16, last conv 384) so that it trains on two CPU cores.
 
     Args:
         num_classes: Number of output logits.
@@ -224,15 +231,13 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) 
     def hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         if isinstance(m, nn.Conv2d):
-            total += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            kh, kw = m.kernel_size
+            total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
         else:
             total += m.in_features * m.out_features
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in layers]
     was_training = model.training
     model.eval()
     try:
@@ -293,16 +298,3 @@ def load(name: str, folder: Path | None = None) -> nn.Module:
     model.load_state_dict(load_file(path), strict=True)
     log.debug("loaded %s from %s", name, path)
     return model.eval()
-
-
-__all__ = [
-    "MODELS",
-    "BasicBlock",
-    "InvertedResidual",
-    "MobileNetV2",
-    "ResNet20",
-    "build",
-    "count_macs",
-    "load",
-    "weights_path",
-]

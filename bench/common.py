@@ -1,0 +1,51 @@
+"""Shared bits of the benchmark scripts: provenance of every result file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "numpy", "scipy", "transformers", "onnx", "onnxruntime")
+
+
+def provenance() -> dict[str, Any]:
+    """Return the command, git commit, package versions and machine of this run."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", True
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": commit,
+        "src_dirty": dirty,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "versions": versions,
+    }
+
+
+def write(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` with provenance to bench/results/NAME.json and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2) + "\n")
+    return path
