@@ -35,10 +35,7 @@ def literal_objective(problem: Problem, choices: list[int]) -> float:
 
 
 def literal_costs(problem: Problem, choices: list[int]) -> dict[str, float]:
-    return {
-        name: sum(float(t[i, c]) for i, c in enumerate(choices))
-        for name, t in problem.costs.items()
-    }
+    return {name: sum(float(t[i, c]) for i, c in enumerate(choices)) for name, t in problem.costs.items()}
 
 
 def literal_feasible(problem: Problem, choices: list[int]) -> bool:
@@ -48,9 +45,7 @@ def literal_feasible(problem: Problem, choices: list[int]) -> bool:
         for i, c in enumerate(choices)
     )
     totals = literal_costs(problem, choices)
-    return allowed and all(
-        totals[k] <= b + 1e-9 * max(1.0, abs(b)) for k, b in problem.budgets.items()
-    )
+    return allowed and all(totals[k] <= b + 1e-9 * max(1.0, abs(b)) for k, b in problem.budgets.items())
 
 
 def literal_optimum(problem: Problem) -> float | None:
@@ -269,9 +264,7 @@ def test_pareto_sweep_is_feasible_non_dominated_and_optimal() -> None:
         assert not (a.objective <= b.objective and a.costs[name] <= b.costs[name])
         assert not (b.objective <= a.objective and b.costs[name] <= a.costs[name])
     for value in values[1:]:  # the front answers every swept budget optimally
-        sub = Problem(
-            problem.scores, problem.costs, {**problem.budgets, name: value}, problem.pairs
-        )
+        sub = Problem(problem.scores, problem.costs, {**problem.budgets, name: value}, problem.pairs)
         try:
             best = brute_force(sub).objective
         except InfeasibleBudget:
@@ -294,7 +287,7 @@ def test_brute_force_refuses_large_problems() -> None:
     ("kwargs", "error", "match"),
     [
         ({"budgets": {"latency": 1.0}}, ValueError, "no cost table"),
-        ({"costs": {"size": torch.ones(3, 2)}}, ValueError, "shape"),
+        ({"costs": {"size": torch.ones(2, 3)}}, ValueError, "shape"),
         ({"scores": torch.ones(3)}, ValueError, "shape"),
         ({"pairs": torch.zeros(3, 2, 2, 3)}, ValueError, "pairs has shape"),
         ({"scores": torch.tensor([[0.0, math.nan]] * 3)}, ValueError, "NaN"),
@@ -326,3 +319,11 @@ def test_forbidden_pairs_and_diagonal_blocks_may_be_non_finite() -> None:
     pairs[1, 0, 1, 1] = INF  # diagonal block
     problem = Problem(scores, {}, {}, pairs)
     assert ilp(problem).choices == [0, 0]
+
+
+def test_choice_within_solver_tolerance_but_over_budget_is_cut_off() -> None:
+    # [0, 1] scores best and exceeds the budget by 0.25 bit in 1e7: inside HiGHS's tolerance.
+    scores = torch.tensor([[1.0, 0.5], [1.0, 0.0]])
+    size = torch.tensor([[0.0, 1e7], [0.0, 1e7 + 0.5]], dtype=torch.float64)
+    problem = Problem(scores, {"size": size}, {"size": 1e7 + 0.25})
+    assert ilp(problem).choices == brute_force(problem).choices == [1, 0]

@@ -99,11 +99,17 @@ def run(
     """
     if isinstance(task, str):
         task = tasks.get(task)
+    if not isinstance(task, tasks.Task):
+        raise ValueError(f"task must be a mixq.Task or one of {', '.join(tasks.TASKS)}; got {task!r}")
+    if method_args is not None and not isinstance(method_args, dict):
+        raise ValueError(f"method_args must be a dict of the method's settings, got {method_args!r}")
     cfg = method_config(method, method_args)
+    if isinstance(candidates, str):
+        candidates = [c for c in candidates.split(",") if c]
     if not candidates:
         raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
     specs = [as_layer_spec(c) for c in candidates]
-    budget = cost.check_budget(dict(budget or {}))
+    budget = cost.check_budget(budget if budget is not None else {})
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     qmodel, infos = prepare(task, specs)
@@ -147,9 +153,12 @@ def run(
     }
     for k, v in budget.items():
         metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
+    metrics["history"] = output.history
     result = Result(plan, qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
         write_run(ctx.out, result, infos)
+        if output.sensitivity is not None:
+            output.sensitivity.save(ctx.out / "sensitivity.safetensors")
     log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name, value,
              metrics["avg_weight_bits"])  # fmt: skip
     return result

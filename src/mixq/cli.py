@@ -13,7 +13,7 @@ from typing import Any
 import tomllib
 
 RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out")
-DEMO_CANDIDATES = ["w2+asym+mse-a8", "w4a8", "w8a8"]
+DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
 
 

@@ -67,15 +67,23 @@ def probe(
     """Run one batch through a wrapped model and record each layer's shape and MACs per sample."""
     run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
     qlayers = sites(model)
-    outs: dict[str, tuple[int, int]] = {}
+    outs: dict[str, tuple[int, int]] = {}  # name -> (output elements over all calls, first dim)
+    batch_sizes: list[int] = []
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            outs[name] = (out.numel(), out.shape[0])
+            numel, first = outs.get(name, (0, out.shape[0]))
+            outs[name] = (numel + out.numel(), first)  # a layer called twice does twice the work
 
         return fn
 
+    def model_input(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]
+        if t and not batch_sizes:
+            batch_sizes.append(t[0].shape[0])
+
     handles = [m.register_forward_hook(hook(n)) for n, m in qlayers.items()]
+    handles.append(model.register_forward_pre_hook(model_input, with_kwargs=True))
     try:
         with torch.no_grad():
             run(model, batch)
@@ -85,11 +93,12 @@ def probe(
     infos = []
     for name, m in qlayers.items():
         shape = tuple(m.weight.shape)
-        numel_out, batch_size = outs.get(name, (0, 1))
+        numel_out, first_dim = outs.get(name, (0, 1))
+        # The batch is the first dimension of the model's input (a layer may see [B * T, ...]).
+        batch_size = batch_sizes[0] if batch_sizes else first_dim
         if isinstance(m, QLinear):
             per_out = m.in_features
-            # numel_out counts every token; the batch is the first dimension of the model input.
-            macs = numel_out * per_out
+            macs = numel_out * per_out  # numel_out counts every token
         else:
             assert isinstance(m, QConv2d)
             macs = numel_out * math.prod(shape[1:])
@@ -280,4 +289,15 @@ def check_feasible(
             raise InfeasibleBudgetError(
                 f"budget {k}={v:g} is infeasible with these candidates; the smallest feasible "
                 f"{k} is {smallest_user:.6g}" + (" (every layer at the same candidate)" if uniform else "")
+            )
+    if uniform and len(budget) > 1:  # each budget alone is feasible; all of them at once?
+        limits = budget_limits(mc, budget)
+        n_cands = next(iter(table.values())).shape[1]
+        if not any(
+            all(float(table[k][:, j].sum()) <= v * (1 + 1e-9) for k, v in limits.items())
+            for j in range(n_cands)
+        ):
+            raise InfeasibleBudgetError(
+                f"budgets {', '.join(f'{k}={v:g}' for k, v in budget.items())} are infeasible together: "
+                "no single candidate meets all of them (every layer at the same candidate)"
             )

@@ -127,10 +127,19 @@ class Quantizer(nn.Module):
         self._cache = None
 
     def _weight(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
-        key = (w._version, w.data_ptr(), w.shape)
-        if self._cache is None or self._cache[0] != key:
+        # The cache is keyed by the weight's values: `w.data.mul_()` and `load_state_dict` do not
+        # always bump `w._version`. A value made under inference_mode is not reused outside it
+        # (autograd cannot save inference tensors for backward).
+        c = self._cache
+        if (
+            c is None
+            or c[0].shape != w.shape
+            or c[0].dtype != w.dtype
+            or not torch.equal(c[0], w.detach())
+            or (c[1].is_inference() and not torch.is_inference_mode_enabled())
+        ):
             gram = self.gram.float() if self.gram is not None else None
-            self._cache = (key, fake.quantize_weight(w, spec, gram))
+            self._cache = (w.detach().clone(), fake.quantize_weight(w, spec, gram))
         wq = self._cache[1]
         if torch.is_grad_enabled() and w.requires_grad:
             return fake.straight_through(w, wq, self._weight_mask(w, spec))

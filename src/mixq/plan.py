@@ -31,7 +31,8 @@ SCHEMA = 1
 GRAMMAR = (
     "candidate := w<FMT>[g<N>][+MOD...][-][a<FMT>[+MOD...]]; FMT is a bit count (2..8, "
     f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
-    "minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel. Examples: w4a8, w2, w4g128, "
+    "minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel; an MX name may end in _b<block> "
+    "(e.g. mxfp4_e2m1_b16). Examples: w4a8, w2, w4g128, "
     "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1"
 )
 
@@ -105,11 +106,16 @@ class QSpec:
             raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(valid)}")
         if "fmt" not in d:
             raise ValueError(f"spec {d!r} has no 'fmt'")
+        types = {"fmt": (str,), "granularity": (str,), "group_size": (int, type(None)),
+                 "symmetric": (bool,), "clip": (str,), "percentile": (int, float)}  # fmt: skip
+        for k, v in d.items():
+            if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
+                raise ValueError(f"spec key {k!r} has a value of the wrong type: {v!r}")
         return cls(
             fmt=formats.parse(d["fmt"]),
             granularity=d.get("granularity", "channel"),
             group_size=d.get("group_size"),
-            symmetric=bool(d.get("symmetric", True)),
+            symmetric=d.get("symmetric", True),
             clip=d.get("clip", "minmax"),
             percentile=float(d.get("percentile", 99.99)),
         )
@@ -175,14 +181,15 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
     if spec.granularity in ("tensor", "channel") and spec.granularity != defaults["granularity"]:
         mods.append(spec.granularity)
     if spec.clip == "percentile":
-        mods.append(f"p{spec.percentile:g}")
+        p = f"{spec.percentile:g}"
+        mods.append("p" + (p if float(p) == spec.percentile else repr(spec.percentile)))
     elif spec.clip != defaults["clip"]:
         mods.append(spec.clip)
     return s + "".join("+" + m for m in mods)
 
 
 _NAMES = sorted(formats.FORMAT_NAMES, key=len, reverse=True)
-_FMT = "(?:" + "|".join(re.escape(n) for n in _NAMES) + r"|\d+)"
+_FMT = "(?:(?:" + "|".join(re.escape(n) for n in _NAMES) + r")(?:_b\d+)?|\d+)"  # MX: _b<block>
 _MODS = r"(?:\+[a-z0-9.]+)*"
 _CANDIDATE = re.compile(
     rf"(?:w(?P<wf>{_FMT})(?:g(?P<g>\d+))?(?P<wm>{_MODS}))?-?(?:a(?P<af>{_FMT})(?P<am>{_MODS}))?"
@@ -195,7 +202,10 @@ def _parse_fmt(token: str, text: str) -> Format:
         if not 2 <= bits <= 8:
             raise ValueError(f"bits out of range in candidate {text!r}: {bits}; valid: 2..8")
         return Int(bits)
-    return formats.parse(token)
+    try:
+        return formats.parse(token)
+    except ValueError as e:
+        raise ValueError(f"candidate {text!r}: {e}") from None
 
 
 def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, text: str) -> QSpec:
@@ -203,7 +213,7 @@ def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, te
     kw: dict[str, Any] = dict(defaults)
     if isinstance(fmt, Mx):
         kw["granularity"] = "block"
-    elif not isinstance(fmt, Int):
+    if not isinstance(fmt, Int):  # MX activations too: only integer grids take a zero point
         kw["symmetric"] = True
     if group is not None:
         kw["granularity"], kw["group_size"] = "group", int(group)
@@ -237,14 +247,19 @@ def parse_candidate(text: str) -> LayerSpec:
     if text == "float":
         return FLOAT
     m = _CANDIDATE.fullmatch(text.strip())
-    if not text.strip() or m is None or (m["wf"] is None and m["af"] is None):
+    if m is None or not text.strip().startswith(("w", "a")) or (m["wf"] is None and m["af"] is None):
         raise ValueError(f"cannot parse candidate {text!r}; grammar: {GRAMMAR}")
-    w = _parse_part(m["wf"], m["g"], m["wm"], WEIGHT_DEFAULTS, text) if m["wf"] else None
-    a = _parse_part(m["af"], None, m["am"], ACT_DEFAULTS, text) if m["af"] else None
-    if a is not None and a.granularity not in ("tensor", "block"):
-        raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
-    if a is not None and a.clip == "omse":
-        raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
+    try:
+        w = _parse_part(m["wf"], m["g"], m["wm"], WEIGHT_DEFAULTS, text) if m["wf"] else None
+        a = _parse_part(m["af"], None, m["am"], ACT_DEFAULTS, text) if m["af"] else None
+        if a is not None and a.granularity not in ("tensor", "block"):
+            raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
+        if a is not None and a.clip == "omse":
+            raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
+    except ValueError as e:
+        if GRAMMAR in str(e):
+            raise
+        raise ValueError(f"{e}; grammar: {GRAMMAR}") from None
     return LayerSpec(w, a)
 
 
@@ -281,7 +296,10 @@ class Plan:
         layers = d.get("layers")
         if not isinstance(layers, dict):
             raise ValueError("a plan needs a 'layers' object mapping layer names to specs")
-        plan = cls({k: LayerSpec.from_dict(v) for k, v in layers.items()}, dict(d.get("meta", {})))
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"a plan's 'meta' must be a JSON object, got {meta!r}")
+        plan = cls({k: LayerSpec.from_dict(v) for k, v in layers.items()}, dict(meta))
         if layer_names is not None:
             plan.check_layers(layer_names)
         return plan

@@ -132,6 +132,29 @@ def mnist_cnn(calib_size: int = 512, val_size: int = 10_000, batch_size: int = 1
     )  # fmt: skip
 
 
+def fashion(name: str, calib_size: int = 512, val_size: int = 10_000, batch_size: int = 1000) -> Task:
+    """Build a Fashion-MNIST task from the project's own trained model, batch norm folded."""
+    from mixq import zoo
+    from mixq.fold import fold_batchnorm
+
+    model = zoo.load(name).eval()
+    folded = fold_batchnorm(model)
+    xtr, ytr = datasets.fashion_mnist("train")
+    xte, yte = datasets.fashion_mnist("test")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(xtr), generator=g)[:calib_size]
+    return Task(
+        model=model,
+        calib=_batches(xtr[idx], ytr[idx], 256),
+        val=_batches(xte[:val_size], yte[:val_size], batch_size),
+        name=name,
+        metric_name="top1 (%)",
+        info={"model": f"mixq zoo {name} (bench/train_zoo.py)", "data": "Fashion-MNIST (Debian)",
+              "bn_folded": len(folded), "calib_images": calib_size,
+              "val_images": min(val_size, len(xte))},
+    )  # fmt: skip
+
+
 # -- MiniLM -------------------------------------------------------------------------------------
 
 
@@ -204,9 +227,20 @@ def minilm(val_size: int = 1024, calib_size: int = 256, batch_size: int = 64, ma
 
 
 def _teacher_task(model: nn.Module, shape: tuple[int, ...], name: str, n: int = 512) -> Task:
+    """Label random inputs by the model itself, after making its logits confident and balanced.
+
+    The last layer is rescaled and its bias set so that every class is predicted about equally
+    often and the cross-entropy of the float model is small: quantization error then shows in
+    both the loss and the accuracy.
+    """
     g = torch.Generator().manual_seed(1)
     x = torch.randn((2 * n, *shape), generator=g)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
+        logits = model(x)
+        scale = 4.0 / (logits - last.bias).std(0).clamp_min(1e-6)
+        last.weight.mul_(scale[:, None])
+        last.bias.copy_(-(logits - last.bias).mean(0) * scale)
         y = model(x).argmax(-1)
     return Task(model=model.eval(), calib=_batches(x[:n], y[:n], 128),
                 val=_batches(x[n:], y[n:], 256), name=name, metric_name="top1 (%)")  # fmt: skip
@@ -245,6 +279,8 @@ def synthetic_cnn() -> Task:
 TASKS: dict[str, Callable[[], Task]] = {
     "mnist-cnn": mnist_cnn,
     "minilm": minilm,
+    "fashion-resnet20": lambda: fashion("fashion-resnet20"),
+    "fashion-mobilenetv2": lambda: fashion("fashion-mobilenetv2"),
     "synthetic-mlp": synthetic_mlp,
     "synthetic-cnn": synthetic_cnn,
 }

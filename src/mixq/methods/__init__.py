@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from mixq.methods import uniform
+from mixq.methods import sensitivity_ilp, uniform
 
 METHODS = {
     "uniform": (uniform.Config, uniform.search),
+    "sensitivity-ilp": (sensitivity_ilp.Config, sensitivity_ilp.search_measured),
+    "hawq": (sensitivity_ilp.Config, sensitivity_ilp.search_hawq),
 }

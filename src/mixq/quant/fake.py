@@ -226,8 +226,8 @@ def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = No
 
     >>> from mixq.plan import parse_candidate
     >>> w = torch.tensor([[0.5, -1.0, 0.25, 1.0]])
-    >>> quantize_weight(w, parse_candidate("w2").weight).tolist()
-    [[1.0, -1.0, 0.0, 1.0]]
+    >>> quantize_weight(w, parse_candidate("w2").weight).tolist()  # 0.5 ties to even: 0
+    [[0.0, -1.0, 0.0, 1.0]]
     """
     with torch.no_grad():
         if isinstance(spec.fmt, Mx):

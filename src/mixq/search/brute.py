@@ -55,9 +55,7 @@ def brute_force(problem: Problem, max_choices: int = 1 << 20) -> Solution:
     strides = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]])  # last layer fastest
     score_rows = [problem.score_array[layer, cands[layer]] for layer in range(L)]
     budgets = {k: float(b) for k, b in problem.budgets.items() if np.isfinite(b)}
-    cost_rows = {
-        k: [problem.cost_arrays[k][layer, cands[layer]] for layer in range(L)] for k in budgets
-    }
+    cost_rows = {k: [problem.cost_arrays[k][layer, cands[layer]] for layer in range(L)] for k in budgets}
     q = problem.interactions
     blocks = {}  # (l, m) with l < m → Q[l, cands_l, m, cands_m]  # [n_l, n_m]
     if q is not None:

@@ -19,20 +19,29 @@ relaxation is at least as tight. A block can only be skipped whole: every ``y`` 
 block is needed for the equalities to hold.
 
 Budget rows are shifted by each layer's cheapest cost and scaled to coefficients in [0, 1], so
-the solver's absolute feasibility tolerance is relative to the per-layer cost spread.
+the solver's absolute feasibility tolerance is relative to the per-layer cost spread. HiGHS may
+still accept a choice that exceeds a budget by less than that tolerance; `solve` re-checks every
+answer exactly and cuts such a choice off with a no-good row ``Σ_l x[l, choice_l] ≤ L − 1``
+(which removes that one choice and nothing else) before solving again.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint
+from scipy.optimize import Bounds, LinearConstraint, OptimizeResult, milp
 
-from mixq.search.problem import Problem
+from mixq.search.problem import Problem, combination_infeasible
 
-__all__ = ["Formulation", "build"]
+__all__ = ["Formulation", "build", "solve"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_CUTS = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,20 +70,17 @@ class Formulation:
         return [int(c) for c in scores.argmax(axis=1)]
 
 
-def build(
-    problem: Problem, use_pairs: bool = True, shrink: dict[str, float] | None = None
-) -> Formulation:
+def build(problem: Problem, use_pairs: bool = True, exclude: list[list[int]] | None = None) -> Formulation:
     """Build the MILP of ``problem``.
 
     Args:
         problem: The problem; budgets must already be checked feasible one by one.
         use_pairs: Include the pairwise terms (False gives the multiple-choice knapsack).
-        shrink: Amount to subtract from each named budget (used to absorb solver tolerance).
+        exclude: Choices cut off by no-good rows ``Σ_l x[l, choice_l] ≤ L − 1``.
 
     Returns:
         The `Formulation`.
     """
-    shrink = shrink or {}
     allowed = problem.allowed  # [L, C]
     L, C = allowed.shape
     x_index = np.full((L, C), -1, dtype=np.int64)
@@ -97,7 +103,7 @@ def build(
         scale = float(shifted[allowed].max())
         if scale == 0.0:
             continue  # every choice costs the same; feasibility was checked before
-        rhs = (budget - shrink.get(name, 0.0) - float(cost.min(axis=1).sum())) / scale
+        rhs = (budget - float(cost.min(axis=1).sum())) / scale
         coef = shifted[x_layer, x_cand] / scale
         keep = coef != 0.0
         rows.append(np.full(int(keep.sum()), n_rows))
@@ -141,6 +147,15 @@ def build(
         upper.append(np.zeros(n_pair_rows))
         n_rows += n_pair_rows
 
+    # No-good rows: the solver accepted these within its tolerance, but they exceed a budget.
+    for choice in exclude or []:
+        rows.append(np.full(L, n_rows))
+        cols.append(x_index[np.arange(L), choice])
+        vals.append(np.ones(L))
+        lower.append(np.array([-np.inf]))
+        upper.append(np.array([L - 1.0]))
+        n_rows += 1
+
     n_vars = n_x + n_y
     matrix = sp.csr_array(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
@@ -155,3 +170,60 @@ def build(
         x_index=x_index,
         num_pair_blocks=num_blocks,
     )
+
+
+def solve(
+    problem: Problem, use_pairs: bool = True, time_limit: float | None = None
+) -> tuple[OptimizeResult, list[int] | None]:
+    """Solve the MILP with HiGHS and return its result and its exactly feasible choice.
+
+    Every answer is re-checked against the budgets in float64; one that exceeds a budget
+    (within solver tolerance) is cut off and the program solved again, up to 10 times.
+
+    Args:
+        problem: The problem; budgets must already be checked feasible one by one.
+        use_pairs: Include the pairwise terms.
+        time_limit: Seconds for all solves together; None for no limit.
+
+    Returns:
+        The last `OptimizeResult` and the decoded choice, or None when the solver found no
+        feasible choice (time limit, or every answer exceeded a budget).
+
+    Raises:
+        InfeasibleBudget: The budgets cannot hold together.
+    """
+    start = time.perf_counter()
+    cuts: list[list[int]] = []
+    while True:
+        form = build(problem, use_pairs=use_pairs, exclude=cuts)
+        options: dict[str, float] = {"mip_rel_gap": 0.0}
+        if time_limit is not None:
+            options["time_limit"] = max(1e-3, time_limit - (time.perf_counter() - start))
+        res = milp(
+            form.c,
+            integrality=form.integrality,
+            bounds=form.bounds,
+            constraints=form.constraints,
+            options=options,
+        )
+        logger.info(
+            "milp: %d vars, %d rows, %d pair blocks, %d cuts -> status %d (%s)",
+            form.c.size,
+            form.constraints.A.shape[0],
+            form.num_pair_blocks,
+            len(cuts),
+            res.status,
+            res.message,
+        )
+        if res.status == 2:
+            raise combination_infeasible(problem)
+        if res.x is None:
+            return res, None
+        found = form.decode(res.x)
+        excess = problem.violations(found)
+        if not excess:
+            return res, found
+        logger.warning("milp answer exceeds budgets %s within solver tolerance; cut off", excess)
+        cuts.append(found)
+        if len(cuts) >= _MAX_CUTS:
+            return res, None

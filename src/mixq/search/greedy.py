@@ -6,15 +6,13 @@ import logging
 import time
 
 import numpy as np
-from scipy.optimize import milp
 
-from mixq.search.formulation import build
+from mixq.search.formulation import solve
 from mixq.search.problem import (
     Problem,
     Solution,
     budget_tolerance,
     check_budgets,
-    combination_infeasible,
 )
 
 __all__ = ["greedy"]
@@ -71,9 +69,7 @@ def greedy(problem: Problem) -> Solution:
     x = tie.argmin(axis=1)
 
     def excess(totals: np.ndarray) -> np.ndarray:
-        return (np.maximum(0.0, totals - budgets[:, None, None] - tol[:, None, None]) / span).sum(
-            axis=0
-        )
+        return (np.maximum(0.0, totals - budgets[:, None, None] - tol[:, None, None]) / span).sum(axis=0)
 
     # Step 2: descend until every budget holds.
     while True:
@@ -82,15 +78,15 @@ def greedy(problem: Problem) -> Solution:
         e_now = float(excess(totals[:, None, None]).item()) if names else 0.0
         if e_now <= 0.0:
             break
-        moved = totals[:, None, None] + costs - current[:, :, None]  # [K, L, C]
-        gain = e_now - excess(moved)  # [L, C]
-        valid = allowed & (gain > 0.0)
+        moved = totals[:, None, None] + (costs - current[:, :, None])  # [K, L, C]
+        gain = e_now - excess(moved)  # [L, C]; the threshold keeps rounding from cycling
+        valid = allowed & (gain > 1e-12)
         if not valid.any():
             logger.info("greedy descent stalled with several budgets; using the pair-free MILP")
             x = np.asarray(_pair_free_feasible(problem))
             break
-        ratio = np.where(valid, (scores - scores[layers, x][:, None]) / np.where(valid, gain, 1), 0)
-        ratio = np.where(valid, ratio, np.inf)
+        delta_score = scores - scores[layers, x][:, None]
+        ratio = np.where(valid, delta_score / np.where(valid, gain, 1.0), np.inf)
         layer, cand = np.unravel_index(int(ratio.argmin()), ratio.shape)
         x[layer] = cand
 
@@ -113,19 +109,12 @@ def greedy(problem: Problem) -> Solution:
         layer, cand = np.unravel_index(int(priority.argmax()), priority.shape)
         x[layer] = cand
 
-    return problem.solution(
-        [int(c) for c in x], "greedy", float("nan"), time.perf_counter() - start
-    )
+    return problem.solution([int(c) for c in x], "greedy", float("nan"), time.perf_counter() - start)
 
 
 def _pair_free_feasible(problem: Problem) -> list[int]:
-    """Return the optimum of the pair-free MILP, raising `InfeasibleBudget` if there is none."""
-    form = build(problem, use_pairs=False)
-    res = milp(
-        form.c, integrality=form.integrality, bounds=form.bounds, constraints=form.constraints
-    )
-    if res.status == 2:
-        raise combination_infeasible(problem)
-    if res.x is None:
-        raise RuntimeError(f"pair-free MILP failed: {res.message}")
-    return form.decode(res.x)
+    """Return the optimum of the pair-free MILP (`solve` raises `InfeasibleBudget` if none)."""
+    res, found = solve(problem, use_pairs=False)
+    if found is None:
+        raise RuntimeError(f"pair-free MILP found no feasible choice: {res.message}")
+    return found

@@ -12,25 +12,19 @@ import logging
 import math
 import time
 
-from scipy.optimize import milp
-
-from mixq.search.formulation import build
+from mixq.search.formulation import solve
 from mixq.search.greedy import greedy
 from mixq.search.local import polish
 from mixq.search.problem import (
     InfeasibleBudget,
     Problem,
     Solution,
-    budget_tolerance,
     check_budgets,
-    combination_infeasible,
 )
 
 __all__ = ["ilp", "pareto_sweep"]
 
 logger = logging.getLogger(__name__)
-
-_TOLERANCE_RETRIES = 3
 
 
 def _gap(objective: float, bound: float | None) -> float:
@@ -43,17 +37,14 @@ def _gap(objective: float, bound: float | None) -> float:
     return diff / abs(objective) if objective != 0.0 else math.inf
 
 
-def ilp(
-    problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None
-) -> Solution:
+def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None) -> Solution:
     """Minimize ``f(x)`` under the budgets exactly, with HiGHS through `scipy.optimize.milp`.
 
     Solves ``min_x Σ_l s[l, x_l] + Σ_{l<m} Q[l, x_l, m, x_m]`` subject to
     ``Σ_l costs[k][l, x_l] ≤ B_k`` (``Q = ½ (P + Pᵀ)``, see `mixq.search.problem`) as the MILP
     of `mixq.search.formulation`, with a relative MIP gap tolerance of 0 (HiGHS still stops
     at its default absolute gap of 1e-6). The solver's ``x`` is rounded and the budgets are
-    re-checked exactly; a budget exceeded within solver tolerance is shrunk by the excess and
-    the program solved again.
+    re-checked exactly (`mixq.search.formulation.solve`).
 
     `scipy.optimize.milp` takes no starting point, so ``warm_start`` is only an incumbent.
     When the solver stops without proving optimality (time limit), the best of its incumbent
@@ -90,45 +81,12 @@ def ilp(
             logger.warning("warm start violates budgets %s; ignored", problem.violations(incumbent))
             incumbent = None
 
-    shrink: dict[str, float] = {}
-    for _ in range(_TOLERANCE_RETRIES):
-        form = build(problem, shrink=shrink)
-        options: dict[str, float] = {"mip_rel_gap": 0.0}
-        if time_limit is not None:
-            options["time_limit"] = max(1e-3, time_limit - (time.perf_counter() - start))
-        res = milp(
-            form.c,
-            integrality=form.integrality,
-            bounds=form.bounds,
-            constraints=form.constraints,
-            options=options,
-        )
-        logger.info(
-            "milp: %d vars, %d rows, %d pair blocks -> status %d (%s)",
-            form.c.size,
-            form.constraints.A.shape[0],
-            form.num_pair_blocks,
-            res.status,
-            res.message,
-        )
-        if res.status == 2:
-            raise combination_infeasible(problem)
-        found = form.decode(res.x) if res.x is not None else None
-        excess = problem.violations(found) if found is not None else {}
-        if not excess:
-            break
-        logger.warning("solver tolerance exceeded budgets %s; shrinking and re-solving", excess)
-        for name, amount in excess.items():
-            b = float(problem.budgets[name])
-            shrink[name] = shrink.get(name, 0.0) + amount + budget_tolerance(b)
-    else:
-        raise RuntimeError(f"milp kept exceeding budgets {excess} after {_TOLERANCE_RETRIES} tries")
-
-    if res.status == 0:
+    res, found = solve(problem, time_limit=time_limit)
+    if res.status == 0 and found is not None:
         status = "optimal"
     elif res.status == 1:
         status = "time_limit"
-    elif res.status == 4 and found is not None:
+    elif res.status in (0, 4):  # every answer exceeded a budget, or HiGHS stopped otherwise
         status = "feasible"
     else:
         raise RuntimeError(f"milp failed with status {res.status}: {res.message}")
@@ -139,7 +97,7 @@ def ilp(
             choices = incumbent  # equal up to the solver's absolute gap
         return problem.solution(choices, status, 0.0, time.perf_counter() - start)
 
-    # Not proven optimal: polish the best of every incumbent on the full objective.
+    # Not proven optimal: polish the best incumbent on the full objective.
     pool = [c for c in (found, incumbent, greedy(problem).choices) if c is not None]
     best = min(pool, key=problem.objective)
     polished = polish(problem, best)

@@ -39,9 +39,7 @@ def polish(problem: Problem, choices: list[int], max_moves: int = 10_000) -> lis
     if q is None:
         q = np.zeros((L, C, L, C))
     names = [k for k, b in problem.budgets.items() if np.isfinite(b)]
-    limits = np.array(
-        [float(problem.budgets[k]) + budget_tolerance(problem.budgets[k]) for k in names]
-    )
+    limits = np.array([float(problem.budgets[k]) + budget_tolerance(problem.budgets[k]) for k in names])
     costs = np.zeros((len(names), L, C))  # [K, L, C]
     for i, name in enumerate(names):
         costs[i] = np.where(allowed, problem.cost_arrays[name], 0.0)

@@ -123,16 +123,12 @@ class Problem:
         for name, table in self.costs.items():
             a = _as_array(f"costs[{name!r}]", table)
             if a.shape != s.shape:
-                raise ValueError(
-                    f"costs[{name!r}] has shape {a.shape}, expected {s.shape} like scores"
-                )
+                raise ValueError(f"costs[{name!r}] has shape {a.shape}, expected {s.shape} like scores")
             if np.isnan(a).any() or np.isneginf(a).any():
                 raise ValueError(f"costs[{name!r}] contains NaN or -inf")
         for name, value in self.budgets.items():
             if name not in self.costs:
-                raise ValueError(
-                    f"budget {name!r} has no cost table; cost tables: {sorted(self.costs)}"
-                )
+                raise ValueError(f"budget {name!r} has no cost table; cost tables: {sorted(self.costs)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"budget {name!r} must be a number, got {value!r}")
             if math.isnan(value):
@@ -140,9 +136,7 @@ class Problem:
         allowed = self.allowed
         empty = np.flatnonzero(~allowed.any(axis=1))
         if empty.size:
-            raise ValueError(
-                f"layers {empty.tolist()} have no allowed candidate (every score or cost +inf)"
-            )
+            raise ValueError(f"layers {empty.tolist()} have no allowed candidate (every score or cost +inf)")
         if self.pairs is not None:
             p = _as_array("pairs", self.pairs)
             L, C = s.shape
@@ -279,9 +273,7 @@ def check_budgets(problem: Problem) -> None:
     """
     minimums = problem.min_costs()
     violated = [
-        name
-        for name, b in problem.budgets.items()
-        if minimums[name] > b + budget_tolerance(float(b))
+        name for name, b in problem.budgets.items() if minimums[name] > b + budget_tolerance(float(b))
     ]
     if violated:
         parts = [
@@ -300,8 +292,7 @@ def combination_infeasible(problem: Problem) -> InfeasibleBudget:
         for name, b in problem.budgets.items()
     ]
     return InfeasibleBudget(
-        "budgets " + ", ".join(parts) + " are each feasible alone, but their combination is "
-        "infeasible",
+        "budgets " + ", ".join(parts) + " are each feasible alone, but their combination is infeasible",
         minimums,
         [],
     )

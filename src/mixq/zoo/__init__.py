@@ -47,9 +47,7 @@ class BasicBlock(nn.Module):
         self.relu1 = nn.ReLU()
         self.conv2, self.bn2 = conv_bn(c_out, c_out, 3)
         self.shortcut = (
-            nn.Sequential(*conv_bn(c_in, c_out, 1, stride))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
+            nn.Sequential(*conv_bn(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else nn.Identity()
         )
         self.relu2 = nn.ReLU()
 
@@ -217,14 +215,10 @@ def init_weights(model: nn.Module) -> None:
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> int:
-    """Count multiply-accumulates of the Conv2d and Linear layers for one forward pass.
+    """Return the multiply-accumulates per image of the Conv2d and Linear layers of ``model``.
 
-    Args:
-        model: The model; run once in eval mode on zeros of ``input_shape``.
-        input_shape: Input shape including a batch dimension of 1.
-
-    Returns:
-        MACs per image (BN, activations, pooling and additions are not counted).
+    The model runs once, in eval mode, on zeros of ``input_shape`` (batch 1); BN, activations,
+    pooling and additions are not counted.
     """
     total = 0
 
@@ -257,11 +251,7 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def build(name: str) -> nn.Module:
-    """Build the untrained model registered as ``name``.
-
-    Raises:
-        ValueError: If ``name`` is not in :data:`MODELS`.
-    """
+    """Build the untrained model registered as ``name``; ValueError if it is not in MODELS."""
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(sorted(MODELS))}")
     return MODELS[name]()
@@ -288,7 +278,7 @@ def load(name: str, folder: Path | None = None) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    model = build(name)
+    model = build(name)  # ValueError for an unknown name
     path = weights_path(name, folder)
     if not path.exists():
         raise FileNotFoundError(

@@ -1,0 +1,16 @@
+"""Layer sensitivity: how much each layer suffers from each candidate precision.
+
+* :func:`measured`: the loss change of quantizing one layer alone (forward passes, through an
+  executor and a result store).
+* :func:`hawq`: HAWQ-V2/V3's ``tr(H_l)/n_l · ‖Q(W_l) − W_l‖²`` with :func:`hutchinson_trace`.
+* :func:`proxy`: the data-free ``‖Q(W_l) − W_l‖²``.
+
+All return a :class:`Sensitivity` table [L, C] that saves to safetensors.
+"""
+
+from mixq.sensitivity.hessian import hawq, hutchinson_trace
+from mixq.sensitivity.perturb import measured
+from mixq.sensitivity.proxies import proxy
+from mixq.sensitivity.table import Sensitivity
+
+__all__ = ["Sensitivity", "hawq", "hutchinson_trace", "measured", "proxy"]

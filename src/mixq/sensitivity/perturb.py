@@ -1,0 +1,130 @@
+"""Measured sensitivity: the loss change of quantizing one layer alone (CLADO's singles).
+
+``single[l, c] = L_D(layer l at candidate c, every other layer float) − L_D(float)``, the mean
+task loss over the batches ``D`` (methods.md §3.2; CLADO's forward-only single terms). Each
+(layer, candidate) loss is one job, and so is the float loss, run through an executor and
+kept in a result store, so an interrupted measurement resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq.executor import Executor, InProcessExecutor, Job
+from mixq.plan import LayerSpec, as_layer_spec, parse_candidate
+from mixq.sensitivity.proxies import check_layers
+from mixq.sensitivity.table import Sensitivity
+from mixq.store import Store, fingerprint_data, fingerprint_model
+from mixq.tasks import Task
+from mixq.wrap import applied, sites
+
+log = logging.getLogger(__name__)
+
+FP_KEY = "measured/fp"
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What every loss job shares: the wrapped model, the loss and the batches."""
+
+    qmodel: nn.Module
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    batches: Sequence[Any]
+
+
+def job_key(layer: str, candidate: str) -> str:
+    """Return the store key of the loss of ``layer`` quantized at ``candidate``."""
+    return f"measured/{layer}/{candidate}"
+
+
+def loss_job(ctx: LossContext, layer: str | None, candidate: str | None) -> float:
+    """Return the mean loss over ``ctx.batches`` with only ``layer`` at ``candidate`` (None: float).
+
+    A module-level function of simple arguments, so that any executor can run it.
+    """
+    plan = {} if layer is None else {layer: parse_candidate(candidate)}
+    total = 0.0
+    with applied(ctx.qmodel, plan), torch.inference_mode():
+        for batch in ctx.batches:
+            total += float(ctx.loss(ctx.qmodel, batch))
+    return total / len(ctx.batches)
+
+
+def state_fingerprint(qmodel: nn.Module) -> str:
+    """Fingerprint the weights and the calibration state of the sites (ranges, samples, Grams).
+
+    Activation specs take their ranges from the recorded statistics, which are no parameters,
+    so they enter the fingerprint here.
+    """
+    state = [
+        {"name": n, "min": q.stats_min, "max": q.stats_max, "sample": q.sample, "gram": w.gram}
+        for n, m in sites(qmodel).items()
+        for q, w in [(m.input_quant, m.weight_quant)]
+    ]
+    h = hashlib.sha256(fingerprint_model(qmodel).encode())
+    h.update(fingerprint_data(state).encode())
+    return h.hexdigest()
+
+
+def measured(
+    qmodel: nn.Module,
+    task: Task,
+    layers: list[str],
+    candidates: list[str | LayerSpec],
+    batches: Sequence[Any] | None = None,
+    executor: Executor | None = None,
+    store: Store | None = None,
+    progress: bool = True,
+) -> Sensitivity:
+    """Measure the loss change of quantizing each layer alone at each candidate.
+
+    ``single[l, c] = L(l at c) − L(fp)`` with ``L`` the mean of ``task.loss`` over ``batches``
+    under ``torch.inference_mode``; every other layer is float, and the model's specs are
+    restored after each job. ``L(fp)`` is computed once, as a job of its own.
+
+    Args:
+        qmodel: a wrapped (and, for activation candidates, calibrated) model.
+        task: gives ``loss(model, batch)``.
+        layers: exact names of the layers to measure.
+        candidates: candidate names or specs.
+        batches: the data; the task's calibration batches by default.
+        executor: runs the jobs; an :class:`~mixq.executor.InProcessExecutor` by default.
+        store: finished jobs, keyed by the fingerprints of the model (weights and calibration
+            state) and of the batches; stored jobs are not recomputed. The loss function is
+            not part of the key: use one store per loss.
+        progress: show a progress bar on a terminal.
+
+    Returns:
+        A Sensitivity of kind "measured"; ``meta["fp_loss"]`` is ``L(fp)``.
+    """
+    check_layers(qmodel, layers)
+    names = [as_layer_spec(c).name for c in candidates]
+    if not names:
+        raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
+    batches = list(task.calib if batches is None else batches)
+    if not batches:
+        raise ValueError("measured sensitivity needs at least one batch")
+    jobs = [Job(FP_KEY, loss_job, (None, None))]
+    jobs += [Job(job_key(n, c), loss_job, (n, c)) for n in layers for c in names]
+    scope = None
+    meta: dict[str, Any] = {"batches": len(batches)}
+    if store is not None:
+        meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(batches)
+        scope = store.scope(meta["model_fp"], meta["data_fp"])
+    runner = executor if executor is not None else InProcessExecutor(desc="sensitivity")
+    ctx = LossContext(qmodel, task.loss, batches)
+    results = runner.map(jobs, ctx, store=scope, progress=progress)
+    fp = float(results[FP_KEY])
+    single = torch.tensor(
+        [[float(results[job_key(n, c)]) - fp for c in names] for n in layers], dtype=torch.float64
+    )  # [L, C]
+    meta["fp_loss"] = fp
+    log.info("measured %d layers x %d candidates; fp loss %.6g", len(layers), len(names), fp)
+    return Sensitivity(list(layers), names, single, kind="measured", meta=meta)
