@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[hf,onnx,report,progress,test]'
 	$(PIP) install --no-deps $(ASSETS)
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || \
+	  echo "warning: could not install dataset-fashion-mnist (Fashion-MNIST tasks need it)"
 	touch $(STAMP)
 
 demo: $(STAMP)

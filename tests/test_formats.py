@@ -456,7 +456,13 @@ def test_property_mx_idempotent_and_scaled_grid(name, values):
     x = torch.tensor(values, dtype=torch.float32)
     y = mx_quantize(x, f)
     assert same_bits(mx_quantize(y, f), y)
-    assert torch.equal(mx_scales(y, f), mx_scales(x, f))
+    if isinstance(f.elem, Int):
+        # MXINT8: k = -128 (value -2 * 2^e) can round a block's max up into the next binade,
+        # so re-quantizing may raise that block's scale by one while keeping every value.
+        d = mx_scales(y, f) - mx_scales(x, f)
+        assert ((d == 0) | (d == 1)).all()
+    else:
+        assert torch.equal(mx_scales(y, f), mx_scales(x, f))
     se = mx_scales(x, f).repeat_interleave(f.block)[: len(values)].double()
     elems = y.double() / torch.exp2(se)
     elem_grid = grid(f.elem).double() / (64 if isinstance(f.elem, Int) else 1)
