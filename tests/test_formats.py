@@ -467,3 +467,13 @@ def test_property_mx_idempotent_and_scaled_grid(name, values):
     elems = y.double() / torch.exp2(se)
     elem_grid = grid(f.elem).double() / (64 if isinstance(f.elem, Int) else 1)
     assert torch.isin(elems, elem_grid).all()
+
+
+def test_mxint8_saturates_at_the_largest_scale():
+    # Near -float32 max the shared exponent is 127; k = -128 would give -2^128 = -inf.
+    f = parse("mxint8")
+    x = torch.tensor([-3.3895313892515355e38, 1.0])
+    y = mx_quantize(x, f)
+    assert torch.isfinite(y).all()
+    assert y[0].item() == -127 / 64 * 2.0**127
+    assert torch.equal(mx_quantize(y, f), y)

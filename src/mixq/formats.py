@@ -348,6 +348,8 @@ def mx_quantize(x: torch.Tensor, fmt: Mx, axis: int = -1) -> torch.Tensor:
     y = blocks.double() / scale
     if isinstance(fmt.elem, Int):  # MXINT8: int8 with an implied 2^-6 scale
         q = _round64(y * 64, fmt.elem) / 64
+        # k = -128 at the largest scale would be -2^128, beyond float32: saturate to k = -127.
+        q = torch.where(se[..., None] == 127, q.clamp(min=-127 / 64), q)
     else:
         q = _round64(y, fmt.elem)
     # q * scale is a float32 value: at most 4 significant bits, exponent within float32 range.
