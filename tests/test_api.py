@@ -22,15 +22,6 @@ MLP_WEIGHTS = 16 * 64 + 64 * 64 + 64 * 8
 MLP_ROWS = 64 + 64 + 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: on busy cores tiny multi-threaded ops stall for ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mlp():
     return mixq.tasks.get("synthetic-mlp")

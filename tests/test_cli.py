@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from mixq import cli, formats, tasks
 from mixq.methods import METHODS
@@ -13,15 +12,6 @@ from mixq.plan import Plan
 
 KEYS = ("metric", "avg_weight_bits", "size_bytes", "bops", "seconds")
 ARGS = "--task synthetic-mlp --method uniform --candidates w4,w8 --budget avg_weight_bits=6".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: on busy cores tiny multi-threaded ops stall for ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def check_run_dir(d):

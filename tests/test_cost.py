@@ -15,15 +15,6 @@ from mixq.cost import InfeasibleBudgetError, LayerInfo
 from mixq.plan import FLOAT, LayerSpec, parse_candidate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: on busy cores tiny multi-threaded ops stall for ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Small(nn.Module):
     """conv 3->8 (3x3, 10x10 -> 8x8), depthwise 3x3 (no bias), BatchNorm, 2 tokens of 256, LayerNorm,
     Linear 256->4 on the tokens."""

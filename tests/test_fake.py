@@ -18,15 +18,6 @@ from mixq.plan import QSpec, parse_candidate
 from mixq.quant import fake
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: on busy cores tiny multi-threaded ops stall for ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def wspec(name: str) -> QSpec:
     return parse_candidate(name).weight
 

@@ -12,7 +12,6 @@ TINY_ARGS = {"hawq": {"hutchinson_samples": 8}}
 
 @pytest.fixture(scope="module")
 def task() -> mixq.Task:
-    torch.set_num_threads(1)
     return mixq.tasks.get("synthetic-mlp")
 
 

