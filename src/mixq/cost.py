@@ -33,6 +33,8 @@ from mixq.wrap import sites
 FLOAT_BITS = 32
 BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
 COST_KEYS = ("weight_bits", "size_bits", "bops")
+BUDGET_COST = {"avg_weight_bits": "weight_bits", "size_bytes": "size_bits",
+               "size_ratio": "size_bits", "bops": "bops"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -232,22 +234,23 @@ def check_budget(budget: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def to_limit(mc: ModelCosts, key: str, value: float) -> float:
+    """Express budget ``key`` = ``value`` as a bound on a sum of per-layer costs (BUDGET_COST)."""
+    if key == "avg_weight_bits":
+        return value * mc.n_weights
+    if key == "size_bytes":
+        return 8 * (value - 4.0 * mc.other_params)
+    if key == "size_ratio":
+        return 8 * (value * mc.fp32_bytes - 4.0 * mc.other_params)
+    return value
+
+
 def budget_limits(mc: ModelCosts, budget: dict[str, float]) -> dict[str, float]:
     """Turn user budgets into upper bounds on sums of per-layer costs (keys of COST_KEYS)."""
     limits: dict[str, float] = {}
-
-    def tighten(key: str, value: float) -> None:
-        limits[key] = min(limits.get(key, math.inf), value)
-
     for k, v in check_budget(budget).items():
-        if k == "avg_weight_bits":
-            tighten("weight_bits", v * mc.n_weights)
-        elif k == "size_bytes":
-            tighten("size_bits", 8 * (v - 4.0 * mc.other_params))
-        elif k == "size_ratio":
-            tighten("size_bits", 8 * (v * mc.fp32_bytes - 4.0 * mc.other_params))
-        else:
-            tighten("bops", v)
+        cost_key = BUDGET_COST[k]
+        limits[cost_key] = min(limits.get(cost_key, math.inf), to_limit(mc, k, v))
     return limits
 
 
@@ -260,10 +263,6 @@ def from_limit(mc: ModelCosts, key: str, total: float) -> float:
     if key == "size_ratio":
         return (total / 8 + 4.0 * mc.other_params) / mc.fp32_bytes
     return total
-
-
-BUDGET_COST = {"avg_weight_bits": "weight_bits", "size_bytes": "size_bits",
-               "size_ratio": "size_bits", "bops": "bops"}  # fmt: skip
 
 
 class InfeasibleBudgetError(ValueError):
