@@ -12,14 +12,14 @@ its job finishes, so a run killed part way loses at most the job it was computin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from mixq.progress import progress as _progress
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,6 @@ class Executor(Protocol):
     def map(
         self, jobs: Sequence[Job], context: Any, store: JobStore | None = None, progress: bool = True
     ) -> dict[str, Any]: ...
-
-
-def _progress(items: list[Job], enabled: bool, desc: str) -> Iterable[Job]:
-    """Wrap ``items`` in a tqdm bar on a terminal with tqdm installed; otherwise return them."""
-    if not (enabled and items and sys.stderr.isatty() and importlib.util.find_spec("tqdm")):
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="job", leave=False)
 
 
 class InProcessExecutor:
@@ -102,7 +93,7 @@ class InProcessExecutor:
         todo = [j for j in jobs if j.key not in results]
         log.info("%d jobs: %d stored, %d to run", len(jobs), len(jobs) - len(todo), len(todo))
         t0 = time.perf_counter()
-        for job in _progress(todo, progress, self.desc):
+        for job in _progress(todo, self.desc, unit="job", show=progress and bool(todo)):
             value = job.fn(context, *job.args)
             if store is not None:
                 store.put(job.key, value)
