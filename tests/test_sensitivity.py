@@ -79,6 +79,29 @@ def test_hawq_is_average_trace_times_weight_error(tiny):
     assert s.kind == "hawq" and s.candidates == ["w2", "w4"]
 
 
+def test_hawq_traces_are_stored_and_reused(tiny, tmp_path, monkeypatch):
+    from mixq.sensitivity import hessian
+    from mixq.store import Store
+
+    task, q = tiny
+    calls = []
+    real = hessian.hutchinson_trace
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hessian, "hutchinson_trace", counting)
+    with Store(tmp_path / "s.sqlite") as store:
+        first = hawq(q, task, ["0", "2"], ["w2", "w4"], n_samples=4, seed=1, store=store)
+        again = hawq(q, task, ["0", "2"], ["w2", "w8"], n_samples=4, seed=1, store=store)
+        other_seed = hawq(q, task, ["0", "2"], ["w2"], n_samples=4, seed=2, store=store)
+    assert len(calls) == 2  # the second call reused the stored traces; a new seed did not
+    assert again.meta["trace"] == first.meta["trace"]
+    torch.testing.assert_close(again.single[:, 0], first.single[:, 0])
+    assert other_seed.meta["trace"] != first.meta["trace"]
+
+
 def test_measured_equals_direct_loss(tiny):
     task, q = tiny
     s = measured(q, task, ["0", "2"], ["w2", "w4"], progress=False)
@@ -95,6 +118,23 @@ def test_measured_equals_direct_loss(tiny):
     assert s.score("2", "w2") == pytest.approx(mean_loss(ref) - fp, rel=1e-5, abs=1e-7)
     assert s.meta["fp_loss"] == pytest.approx(fp, rel=1e-6)
     assert s.single.shape == (2, 2) and s.kind == "measured"
+
+
+def test_measured_kl_equals_direct_divergence(tiny):
+    task, q = tiny
+    s = measured(q, task, ["0", "2"], ["w2", "w4", "w8"], progress=False, objective="kl")
+    ref = copy.deepcopy(task.model)
+    with torch.no_grad():
+        fp_logp = [F.log_softmax(ref(x).double(), -1) for x, _ in task.calib]
+        ref[0].weight.copy_(fake.quantize_weight(ref[0].weight, parse_candidate("w2").weight))
+        kl = [F.kl_div(F.log_softmax(ref(x).double(), -1), lp, log_target=True, reduction="batchmean")
+              for (x, _), lp in zip(task.calib, fp_logp, strict=True)]  # fmt: skip
+    assert s.score("0", "w2") == pytest.approx(float(sum(kl)) / len(kl), rel=1e-6)
+    assert s.meta["fp_loss"] == pytest.approx(0.0, abs=1e-12) and s.meta["objective"] == "kl"
+    assert (s.single >= 0).all()
+    assert (s.single[:, 0] > s.single[:, 2]).all()  # 2-bit moves the outputs more than 8-bit
+    with pytest.raises(ValueError, match="unknown sensitivity objective 'nll'.*loss, kl"):
+        measured(q, task, ["0"], ["w2"], progress=False, objective="nll")
 
 
 def test_measured_with_activation_candidates():

@@ -3,9 +3,12 @@
 Both score every (layer, candidate) independently and pick one candidate per layer by
 minimizing the summed score under the budgets with an exact integer program (scipy's HiGHS):
 
-* ``sensitivity-ilp``: score = the measured loss change of quantizing that layer alone on the
+* ``sensitivity-ilp``: score = the measured change of quantizing that layer alone on the
   calibration batches (forward passes only; jobs persisted in ``store.sqlite`` of the run
-  directory, so an interrupted run resumes).
+  directory, so an interrupted run resumes). For classifiers the change is measured as the
+  KL divergence of the output distribution from the float model's (``objective="auto"``):
+  the cross-entropy of a model that fits its calibration data moves by less than its noise,
+  and often downwards, so Δloss scores made the plan ignore the budget.
 * ``hawq``: score = tr(H_l)/n_l · ‖Q(W_l) − W_l‖² with a Hutchinson estimate of the Hessian
   trace (HAWQ-V2, Dong et al., 2020; HAWQ-V3's ILP, Yao et al., 2021). Deviation: HAWQ-V3
   also fine-tunes afterwards; here the plan is applied as post-training quantization, on the
@@ -19,8 +22,17 @@ from dataclasses import dataclass
 from mixq import search, sensitivity
 from mixq.methods.common import Context, MethodOutput
 from mixq.store import Store
+from mixq.tasks import Task, cross_entropy
 
 SOLVERS = ("ilp", "greedy")
+OBJECTIVES = ("auto", "loss", "kl")
+
+
+def resolve_objective(task: Task, objective: str) -> str:
+    """"auto" is "kl" for classifiers (cross-entropy loss) and "loss" otherwise."""
+    if objective != "auto":
+        return objective
+    return "kl" if task.loss is cross_entropy else "loss"
 
 
 @dataclass(frozen=True)
@@ -32,16 +44,22 @@ class Config:
         solver: "ilp" (exact) or "greedy" (fast fallback).
         time_limit: seconds for the ILP (None: until proven optimal).
         hutchinson_samples: Rademacher vectors per batch (hawq only).
+        objective: what the measured sensitivity measures (sensitivity-ilp only): "loss" (the
+            task's loss), "kl" (a classifier's output KL divergence from the float model) or
+            "auto" ("kl" when the task's loss is cross-entropy, else "loss").
     """
 
     batches: int = 0
     solver: str = "ilp"
     time_limit: float | None = None
     hutchinson_samples: int = 64
+    objective: str = "auto"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         if self.batches < 0 or self.hutchinson_samples < 1:
             raise ValueError("batches must be >= 0 and hutchinson_samples >= 1")
 
@@ -70,7 +88,8 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
         sens = sensitivity.measured(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
-                                    batches=_batches(ctx, cfg), store=store)  # fmt: skip
+                                    batches=_batches(ctx, cfg), store=store,
+                                    objective=resolve_objective(ctx.task, cfg.objective))  # fmt: skip
     finally:
         if store is not None:
             store.close()
@@ -81,8 +100,13 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
 def search_hawq(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``hawq`` method."""
     ctx.check_feasible()
-    sens = sensitivity.hawq(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
-                            batches=_batches(ctx, cfg), n_samples=cfg.hutchinson_samples,
-                            seed=ctx.seed)  # fmt: skip
+    store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
+    try:
+        sens = sensitivity.hawq(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
+                                batches=_batches(ctx, cfg), n_samples=cfg.hutchinson_samples,
+                                seed=ctx.seed, store=store)  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
     choices, info = solve(ctx, sens, cfg)
     return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])

@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from mixq.plan import LayerSpec, as_layer_spec
+from mixq.progress import Bar
+from mixq.sensitivity.perturb import state_fingerprint
 from mixq.sensitivity.proxies import check_layers, weight_error
 from mixq.sensitivity.table import Sensitivity
+from mixq.store import Store, fingerprint_data
 from mixq.tasks import Task
 from mixq.wrap import applied
 
@@ -72,7 +75,8 @@ def hutchinson_trace(
     try:
         for w in weights:
             w.requires_grad_(True)
-        with applied(qmodel, {}), torch.enable_grad():
+        bar = Bar(len(batches) * len(layers), "hutchinson trace", unit="layer")
+        with applied(qmodel, {}), torch.enable_grad(), bar:
             for batch in batches:
                 loss = task.loss(qmodel, batch)
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
@@ -84,6 +88,7 @@ def hutchinson_trace(
                             g, w, grad_outputs=v, retain_graph=True, is_grads_batched=True
                         )
                         sums[i] += float((hv.double() * v.double()).sum())
+                    bar.update()
     finally:
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
@@ -101,6 +106,7 @@ def hawq(
     batches: Sequence[Any] | None = None,
     n_samples: int = 64,
     seed: int = 0,
+    store: Store | None = None,
 ) -> Sensitivity:
     """Score layers and candidates by the HAWQ-V2/V3 second-order estimate.
 
@@ -116,6 +122,9 @@ def hawq(
         batches: the data; the task's calibration batches by default.
         n_samples: Rademacher vectors per batch.
         seed: seed of the vectors.
+        store: finished traces, keyed by the fingerprints of the model and of the batches
+            and by ``n_samples`` and ``seed``; stored traces are not recomputed (the traces do
+            not depend on the candidates, so a budget sweep computes them once).
 
     Returns:
         A Sensitivity of kind "hawq"; ``meta["trace"]`` holds the traces and
@@ -123,7 +132,17 @@ def hawq(
     """
     qlayers = check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
-    traces = hutchinson_trace(qmodel, task, layers, batches, n_samples, seed)
+    batches = list(task.calib if batches is None else batches)
+    key = f"hutchinson:{n_samples}:{seed}:" + ",".join(layers)
+    scope = None
+    if store is not None:
+        scope = store.scope(state_fingerprint(qmodel), fingerprint_data(batches))
+    if scope is not None and key in scope.keys():
+        traces = {n: float(v) for n, v in scope.get(key).items()}
+    else:
+        traces = hutchinson_trace(qmodel, task, layers, batches, n_samples, seed)
+        if scope is not None:
+            scope.put(key, {n: float(v) for n, v in traces.items()})
     avg = {n: traces[n] / qlayers[n].weight.numel() for n in layers}
     single = torch.tensor(
         [[avg[n] * weight_error(qlayers[n], s) for s in specs] for n in layers], dtype=torch.float64

@@ -39,6 +39,43 @@ class LossContext:
     batches: Sequence[Any]
 
 
+OBJECTIVES = ("loss", "kl")
+
+
+@dataclass(frozen=True)
+class OutputKL:
+    """``KL(softmax(fp) ‖ softmax(q))`` of a classifier's outputs on ``(batch, fp_logits)`` items.
+
+    Never negative, zero for the float model, and sensitive to changes the task loss misses:
+    on a model that fits its calibration data, quantization noise can lower the cross-entropy
+    by chance (a negative "sensitivity"), while it always moves the output distribution.
+    """
+
+    forward: Callable[[nn.Module, Any], torch.Tensor]
+
+    def __call__(self, model: nn.Module, item: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        batch, ref = item
+        logq = torch.log_softmax(self.forward(model, batch).double(), -1)
+        logp = torch.log_softmax(ref.double(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def objective_data(
+    qmodel: nn.Module, task: Task, batches: Sequence[Any], objective: str
+) -> tuple[Callable[[nn.Module, Any], torch.Tensor], list[Any]]:
+    """The loss function and data items of an objective: "loss" (the task's) or "kl".
+
+    For "kl" the float model's outputs are computed once per batch and travel with the batch.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown sensitivity objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if objective == "loss":
+        return task.loss, list(batches)
+    with applied(qmodel, {}), torch.inference_mode():
+        refs = [task.forward(qmodel, b).clone() for b in batches]
+    return OutputKL(task.forward), list(zip(batches, refs, strict=True))
+
+
 def job_key(layer: str, candidate: str) -> str:
     """Return the store key of the loss of ``layer`` quantized at ``candidate``."""
     return f"measured/{layer}/{candidate}"
@@ -82,6 +119,7 @@ def measured(
     executor: Executor | None = None,
     store: Store | None = None,
     progress: bool = True,
+    objective: str = "loss",
 ) -> Sensitivity:
     """Measure the loss change of quantizing each layer alone at each candidate.
 
@@ -100,6 +138,9 @@ def measured(
             state) and of the batches; stored jobs are not recomputed. The loss function is
             not part of the key: use one store per loss.
         progress: show a progress bar on a terminal.
+        objective: "loss" (the task's loss) or "kl" (KL divergence of a classifier's output
+            distribution from the float model's: :class:`OutputKL`). The float outputs enter
+            the data fingerprint, so each objective has its own stored jobs.
 
     Returns:
         A Sensitivity of kind "measured"; ``meta["fp_loss"]`` is ``L(fp)``.
@@ -113,13 +154,14 @@ def measured(
         raise ValueError("measured sensitivity needs at least one batch")
     jobs = [Job(FP_KEY, loss_job, (None, None))]
     jobs += [Job(job_key(n, c), loss_job, (n, c)) for n in layers for c in names]
+    loss_fn, batches = objective_data(qmodel, task, batches, objective)
     scope = None
-    meta: dict[str, Any] = {"batches": len(batches)}
+    meta: dict[str, Any] = {"batches": len(batches), "objective": objective}
     if store is not None:
         meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(batches)
         scope = store.scope(meta["model_fp"], meta["data_fp"])
     runner = executor if executor is not None else InProcessExecutor(desc="sensitivity")
-    ctx = LossContext(qmodel, task.loss, batches)
+    ctx = LossContext(qmodel, loss_fn, batches)
     results = runner.map(jobs, ctx, store=scope, progress=progress)
     fp = float(results[FP_KEY])
     single = torch.tensor(

@@ -1,0 +1,250 @@
+"""The exhaustive optimum: every plan of a small model evaluated on the whole validation set.
+
+With L quantizable layers and C candidates there are C^L plans (4^5 = 1,024 on mnist-cnn).
+Each is evaluated exactly, on the same quantizers every method uses, by walking the plans
+depth first in execution order: the state just before layer k (every value computed so far
+that later nodes still need) is computed once per choice of layers 0..k-1 and reused by all
+C^(L-k) plans that share that prefix. Quantized weights are computed once per (layer,
+candidate). The model is traced with torch.fx (quantized layers are leaves), so any graph
+works, residual ones included; the walk needs classification batches ``(inputs, labels)``.
+
+The table of all plans is cached under bench/results/ keyed by task and candidates, so the
+search and CLADO benchmarks share one enumeration.
+
+    .venv/bin/python bench/exhaustive.py --task mnist-cnn --candidates w2+asym+omse,w3+asym+omse,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mixq  # noqa: E402
+from common import RESULTS, provenance  # noqa: E402
+from mixq import cost  # noqa: E402
+from mixq.api import prepare  # noqa: E402
+from mixq.nn import QConv2d, QLinear  # noqa: E402
+from mixq.plan import as_layer_spec  # noqa: E402
+
+MAX_PLANS = 1 << 16
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QLinear, QConv2d)) or super().is_leaf_module(m, qualname)
+
+
+def _layer_forward(m: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """The quantized layer's forward with a precomputed quantized weight."""
+    if isinstance(m, QConv2d):
+        return m.float_module._conv_forward(m.input_quant(x), wq, m.bias)
+    return F.linear(m.input_quant(x), wq, m.bias)
+
+
+class Walker:
+    """Evaluate every plan of a wrapped model on classification batches, sharing prefixes.
+
+    Args:
+        qmodel: the wrapped, calibrated model (mixq.api.prepare).
+        layers: the quantizable layer names (the L axis of the result).
+        candidates: the candidate specs (the C axis).
+    """
+
+    def __init__(self, qmodel: nn.Module, layers: list[str], candidates: list) -> None:
+        self.qmodel = qmodel.eval()
+        self.gm = fx.GraphModule(qmodel, _Tracer().trace(qmodel))
+        self.nodes = list(self.gm.graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        by_target = {n.target: n for n in self.nodes if n.op == "call_module"}
+        missing = [name for name in layers if name not in by_target]
+        if missing:
+            raise ValueError(f"layers {missing} are not called in the traced graph")
+        # Execution order of the layers, and where each layer sits in the user's order.
+        self.order = sorted(range(len(layers)), key=lambda i: index[by_target[layers[i]]])
+        self.pos = [index[by_target[layers[i]]] for i in self.order] + [len(self.nodes)]
+        self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
+        self.candidates = candidates
+        self.layers = layers
+        self.mods = [self.gm.get_submodule(layers[i]) for i in self.order]
+        self.wq: list[list[torch.Tensor]] = []
+        with torch.inference_mode():
+            for m in self.mods:
+                row = []
+                for c in candidates:
+                    m.weight_quant.set_spec(c.weight)
+                    row.append(m.weight_quant(m.weight).clone())
+                m.weight_quant.set_spec(None)
+                self.wq.append(row)
+
+    def _run(self, env: dict, start: int, stop: int, k: int | None, j: int | None) -> Any:
+        """Run nodes [start, stop); node ``start`` is layer ``k`` at candidate ``j`` if k is given."""
+        out = None
+        for i in range(start, stop):
+            n = self.nodes[i]
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                out = args[0]
+                continue
+            if n.op == "get_attr":
+                val = functools.reduce(getattr, n.target.split("."), self.gm)
+            elif n.op == "call_module" and k is not None and i == start:
+                m = self.mods[k]
+                m.input_quant.set_spec(self.candidates[j].act)
+                val = _layer_forward(m, args[0], self.wq[k][j])
+            elif n.op == "call_module":
+                val = self.gm.get_submodule(n.target)(*args, **kwargs)
+            elif n.op == "call_function":
+                val = n.target(*args, **kwargs)
+            else:  # call_method
+                val = getattr(args[0], n.target)(*args[1:], **kwargs)
+            env[n] = val
+        return out
+
+    def _live(self, env: dict, upto: int) -> dict:
+        """The values still needed by nodes at index >= ``upto``."""
+        return {n: v for n, v in env.items() if self.last_use[n] >= upto}
+
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """Correct predictions on one batch for every plan, shape [C] * L in the user's layer order."""
+        n_layers, n_cands = len(self.mods), len(self.candidates)
+        counts = np.zeros([n_cands] * n_layers, dtype=np.int64)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        env0: dict = {placeholders[0]: x}
+        self._run(env0, 0, self.pos[0], None, None)
+        env0 = self._live(env0, self.pos[0])
+
+        def walk(k: int, env: dict, prefix: tuple[int, ...]) -> None:
+            for j in range(n_cands):
+                e = dict(env)
+                out = self._run(e, self.pos[k], self.pos[k + 1], k, j)
+                if k + 1 == n_layers:
+                    idx = [0] * n_layers
+                    for kk, jj in enumerate((*prefix, j)):
+                        idx[self.order[kk]] = jj
+                    counts[tuple(idx)] = int((out.argmax(-1) == y).sum())
+                else:
+                    walk(k + 1, self._live(e, self.pos[k + 1]), (*prefix, j))
+
+        with torch.inference_mode():
+            walk(0, env0, ())
+        return counts
+
+
+def _key(task: str, candidates: list[str], val_images: int) -> str:
+    h = hashlib.sha1(json.dumps([task, candidates, val_images]).encode()).hexdigest()[:10]
+    return f"exhaustive_{task}_{h}"
+
+
+def enumerate_plans(task_name: str, candidates: list[str], use_cache: bool = True) -> dict[str, Any]:
+    """Evaluate every plan of ``task_name``'s model over ``candidates`` (cached under bench/results).
+
+    Returns:
+        A dict with "layers", "candidates", "metric" (top-1 % per plan, in
+        ``itertools.product(range(C), repeat=L)`` order over the task's layer order),
+        "avg_weight_bits" per plan, "size_bytes" per plan and timing.
+    """
+    task = mixq.tasks.get(task_name)
+    val_images = sum(len(b[1]) for b in task.val)
+    path = RESULTS / f"{_key(task_name, candidates, val_images)}.json"
+    if use_cache and path.exists():
+        return json.loads(path.read_text())
+    specs = [as_layer_spec(c) for c in candidates]
+    t0 = time.perf_counter()
+    qmodel, infos = prepare(task, specs)
+    layers = [i.name for i in infos]
+    n_plans = len(specs) ** len(layers)
+    if n_plans > MAX_PLANS:
+        raise ValueError(f"{n_plans} plans are too many to enumerate (at most {MAX_PLANS})")
+    walker = Walker(qmodel, layers, specs)
+    counts = np.zeros([len(specs)] * len(layers), dtype=np.int64)
+    for x, y in task.val:
+        counts += walker.correct(x, y)
+    seconds = time.perf_counter() - t0
+    mc = cost.model_costs(qmodel, infos)
+    table = cost.cost_table(infos, specs)
+    plans = list(itertools.product(range(len(specs)), repeat=len(layers)))
+    rows = torch.arange(len(layers))
+    bits, size = [], []
+    for p in plans:
+        pick = torch.tensor(p)
+        bits.append(cost.from_limit(mc, "avg_weight_bits", float(table["weight_bits"][rows, pick].sum())))
+        size.append(cost.from_limit(mc, "size_bytes", float(table["size_bits"][rows, pick].sum())))
+    metric = (100.0 * counts.reshape(-1) / val_images).tolist()
+    out = {
+        "provenance": provenance(),
+        "task": task_name,
+        "layers": layers,
+        "candidates": candidates,
+        "val_images": val_images,
+        "plans": len(plans),
+        "seconds": seconds,
+        "metric": metric,
+        "avg_weight_bits": bits,
+        "size_bytes": size,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def best_by_budget(
+    task_name: str, candidates: list[str], budgets: list[float], key: str = "avg_weight_bits"
+) -> dict[float, dict[str, Any]]:
+    """The best plan within each budget on ``key`` ("avg_weight_bits" or "size_bytes")."""
+    table = enumerate_plans(task_name, candidates)
+    n_layers, n_cands = len(table["layers"]), len(candidates)
+    plans = list(itertools.product(range(n_cands), repeat=n_layers))
+    out = {}
+    for b in budgets:
+        ok = [i for i, v in enumerate(table[key]) if v <= b * (1 + 1e-9)]
+        if not ok:
+            out[b] = {"metric": math.nan, "choices": None, key: None, "feasible_plans": 0}
+            continue
+        # Ties in accuracy go to the plan with more bits (then the lower index): deterministic.
+        i = max(ok, key=lambda i: (table["metric"][i], table["avg_weight_bits"][i], -i))
+        out[b] = {
+            "metric": table["metric"][i],
+            "choices": list(plans[i]),
+            "plan": {layer: candidates[j] for layer, j in zip(table["layers"], plans[i], strict=True)},
+            "avg_weight_bits": table["avg_weight_bits"][i],
+            "size_bytes": table["size_bytes"][i],
+            "feasible_plans": len(ok),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="mnist-cnn")
+    ap.add_argument("--candidates", required=True, help="comma-separated candidate names")
+    ap.add_argument("--budgets", default="2.5,3,3.5,4", help="average weight bits")
+    ap.add_argument("--no-cache", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cands = args.candidates.split(",")
+    table = enumerate_plans(args.task, cands, use_cache=not args.no_cache)
+    print(f"{table['plans']} plans in {table['seconds']:.1f} s")
+    for b, r in best_by_budget(args.task, cands, [float(v) for v in args.budgets.split(",")]).items():
+        print(f"budget {b}: best {r['metric']:.2f} at {r['avg_weight_bits']} bits: {r['choices']}")
+
+
+if __name__ == "__main__":
+    main()
