@@ -11,7 +11,8 @@ Conventions (the same for every method, peer tool and export):
   activation scale (32 bits) and zero point of each quantized input, plus every other parameter
   of the model in float32. ``size_ratio`` = size_bytes / the float32 model's size.
 * ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
-  32 for float (methods.md §6.3). MACs come from a probe forward on one batch.
+  32 for float (methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
+  activation counts window plus window-position bits (:func:`spec_bits`), not just its 4 bits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from mixq import formats
-from mixq.formats import Mx
+from mixq.formats import Mx, Sparq
 from mixq.nn import QConv2d, QLinear
 from mixq.plan import LayerSpec, QSpec
 from mixq.wrap import sites
@@ -133,6 +134,8 @@ def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
     if isinstance(fmt, Mx):
         blocks = info.out_channels * math.ceil(info.row_len / fmt.block)
         return float(n * elem + blocks * 8)
+    if spec.points is not None:
+        return multipoint_bits(info, spec)
     if spec.granularity == "tensor":
         scales, scale_bits = 1, 32
     elif spec.granularity == "channel":
@@ -144,6 +147,39 @@ def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
     return float(n * elem + scales * (scale_bits + zero_bits))
 
 
+def multipoint_bits(info: LayerInfo, spec: QSpec) -> float:
+    """Storage bits of multipoint weights (QSpec.points): every point's codes and every step.
+
+    Channel j with n_j points stores n_j * row_len codes of ``elem`` bits and n_j float32 steps;
+    with granularity "tensor" the first point of every channel shares one float32 step.
+
+    >>> from mixq.plan import QSpec
+    >>> from mixq.formats import Int
+    >>> info = LayerInfo("fc", "linear", (4, 256), 4, 1024.0)
+    >>> multipoint_bits(info, QSpec(Int(4), points=(1, 1, 2, 1)))  # 5 * 256 * 4 + 5 * 32
+    5280.0
+    """
+    if len(spec.points) != info.out_channels:
+        raise ValueError(f"layer {info.name} has {info.out_channels} output channels but the spec gives "
+                         f"points for {len(spec.points)}")  # fmt: skip
+    total = sum(spec.points)
+    steps = total if spec.granularity == "channel" else 1 + total - info.out_channels
+    return float(total * info.row_len * formats.elem_bits(spec.fmt) + steps * FLOAT_BITS)
+
+
+def multipoint_bops(info: LayerInfo, spec: LayerSpec) -> float:
+    """BOPs of a multipoint layer: a low-bit dot product per point, a float32 merge per extra point.
+
+    Each of the n_j points of channel j costs ``row_len`` MACs at (weight bits x activation bits);
+    each extra point adds one float32 multiply-add per output value (32 x 32 bits) to merge it.
+    """
+    assert spec.weight is not None and spec.weight.points is not None
+    c, total = info.out_channels, sum(spec.weight.points)
+    outputs = info.macs / info.row_len  # output values per sample
+    low = info.macs * (total / c) * spec_bits(spec.weight) * spec_bits(spec.act)
+    return low + outputs * (total - c) / c * FLOAT_BITS * FLOAT_BITS
+
+
 def act_param_bits(spec: QSpec | None) -> float:
     """Storage bits of an input-activation quantizer's parameters (scale and zero point)."""
     if spec is None or isinstance(spec.fmt, Mx):
@@ -151,8 +187,14 @@ def act_param_bits(spec: QSpec | None) -> float:
     return 32.0 + (0 if spec.symmetric else formats.elem_bits(spec.fmt))
 
 
-def spec_bits(spec: QSpec | None) -> int:
-    """Element bits used in BOPs (32 for float)."""
+def spec_bits(spec: QSpec | None) -> float:
+    """Element bits used in BOPs (32 for float).
+
+    A SPARQ activation counts its 4 window bits plus the window-position bits (and vSPARQ's
+    mode bit per pair), ``formats.bits``: 7 for sparq4_5opt, 7.5 for sparq4_5opt_v.
+    """
+    if spec is not None and isinstance(spec.fmt, Sparq):
+        return formats.bits(spec.fmt)
     return FLOAT_BITS if spec is None else formats.elem_bits(spec.fmt)
 
 
@@ -162,7 +204,8 @@ def layer_costs(info: LayerInfo, spec: LayerSpec) -> dict[str, float]:
     return {
         "weight_bits": wb,
         "size_bits": wb + info.bias * FLOAT_BITS + act_param_bits(spec.act),
-        "bops": info.macs * spec_bits(spec.weight) * spec_bits(spec.act),
+        "bops": multipoint_bops(info, spec) if spec.weight is not None and spec.weight.points is not None
+        else info.macs * spec_bits(spec.weight) * spec_bits(spec.act),
     }
 
 

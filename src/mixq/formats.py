@@ -22,16 +22,20 @@ exact, and the result (a float32 value) is cast back exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "ACT_FORMAT_NAMES",
     "FORMAT_NAMES",
     "Format",
     "Fp",
     "Int",
     "Mx",
+    "SPARQ_OPTIONS",
+    "Sparq",
     "bits",
     "elem_bits",
     "grid",
@@ -116,7 +120,35 @@ class Mx:
         return base if self.block == _MX_BLOCK else f"{base}_b{self.block}"
 
 
-Format = Int | Fp | Mx
+SPARQ_OPTIONS = ("5opt", "3opt", "2opt")  # 4-bit window placements (mixq.quant.sparq)
+
+
+@dataclass(frozen=True)
+class Sparq:
+    """SPARQ activation format (activations only): a 4-bit window of an unsigned 8-bit code.
+
+    The window is placed by the code's leading one among `option`'s placements, rounded half to
+    even (`rounding`) or truncated (RAW); with `pairs` (vSPARQ) a code whose partner channel is
+    zero keeps all 8 bits. Named ``sparq4_<option>[_raw][_v]``, e.g. ``sparq4_5opt_v``.
+    Numerics: :mod:`mixq.quant.sparq`.
+    """
+
+    option: str = "5opt"
+    rounding: bool = True
+    pairs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.option not in SPARQ_OPTIONS:
+            valid = ", ".join(SPARQ_OPTIONS)
+            raise ValueError(f"unknown SPARQ window option {self.option!r}; valid: {valid}")
+        if not isinstance(self.rounding, bool) or not isinstance(self.pairs, bool):
+            raise ValueError(f"Sparq rounding and pairs must be bools, got {self.rounding!r}, {self.pairs!r}")
+
+    def __str__(self) -> str:
+        return f"sparq4_{self.option}{'' if self.rounding else '_raw'}{'_v' if self.pairs else ''}"
+
+
+Format = Int | Fp | Mx | Sparq
 
 _FORMATS: tuple[Format, ...] = (
     *(Int(b) for b in range(2, 9)),
@@ -127,6 +159,11 @@ _FORMATS: tuple[Format, ...] = (
 )
 _BY_NAME: dict[str, Format] = {str(f): f for f in _FORMATS}
 FORMAT_NAMES: tuple[str, ...] = tuple(_BY_NAME)
+# Formats for activations only (kept out of FORMAT_NAMES, which weights accept too).
+_ACT_BY_NAME: dict[str, Format] = {
+    str(f): f for f in (Sparq(o, r, p) for o in SPARQ_OPTIONS for r in (True, False) for p in (False, True))
+}
+ACT_FORMAT_NAMES: tuple[str, ...] = tuple(_ACT_BY_NAME)
 
 
 def parse(name: str) -> Format:
@@ -146,6 +183,8 @@ def parse(name: str) -> Format:
         raise TypeError(f"format name must be a str, got {type(name).__name__}: {name!r}")
     if name in _BY_NAME:
         return _BY_NAME[name]
+    if name in _ACT_BY_NAME:
+        return _ACT_BY_NAME[name]
     base, sep, block = name.rpartition("_b")
     fmt = _BY_NAME.get(base)
     if (
@@ -159,7 +198,8 @@ def parse(name: str) -> Format:
         return Mx(fmt.elem, int(block))
     raise ValueError(
         f"unknown format {name!r}; valid names: {', '.join(FORMAT_NAMES)} "
-        "(an MX name may end in _b<block> for a block size other than 32, e.g. mxfp4_e2m1_b16)"
+        "(an MX name may end in _b<block> for a block size other than 32, e.g. mxfp4_e2m1_b16); "
+        f"activations only: {', '.join(ACT_FORMAT_NAMES)}"
     )
 
 
@@ -175,15 +215,26 @@ def elem_bits(fmt: Format) -> int:
         return 1 + fmt.exp + fmt.man
     if isinstance(fmt, Mx):
         return elem_bits(fmt.elem)
+    if isinstance(fmt, Sparq):  # the window: what enters the 4b x 8b multiplier
+        return 4
     raise TypeError(f"expected a Format, got {fmt!r}")
 
 
 def bits(fmt: Format) -> float:
     """Return bits per element, counting an `Mx` block's 8-bit shared scale (``8 / block``).
 
+    A `Sparq` activation counts its 4 window bits, ``ceil(log2(options))`` bits of window
+    position, and with vSPARQ one mode bit per pair (a full 8-bit code, its channel and the flag
+    fit in the pair's two windows and positions).
+
     >>> bits(parse("int4")), bits(parse("mxfp4_e2m1")), bits(parse("mxint8"))
     (4.0, 4.25, 8.25)
+    >>> bits(parse("sparq4_5opt")), bits(parse("sparq4_3opt_v")), bits(parse("sparq4_2opt_raw"))
+    (7.0, 6.5, 5.0)
     """
+    if isinstance(fmt, Sparq):  # + the window position, + one mode bit per vSPARQ pair
+        position = math.ceil(math.log2(int(fmt.option[0])))  # 5opt: 3, 3opt: 2, 2opt: 1
+        return 4.0 + position + (0.5 if fmt.pairs else 0.0)
     extra = 8 / fmt.block if isinstance(fmt, Mx) else 0.0
     return float(elem_bits(fmt)) + extra
 

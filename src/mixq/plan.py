@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mixq import formats
-from mixq.formats import Format, Int, Mx
+from mixq.formats import Format, Int, Mx, Sparq
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
 CLIPS = ("minmax", "mse", "omse", "percentile")
@@ -33,7 +33,8 @@ GRAMMAR = (
     f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
     "minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel; an MX name may end in _b<block> "
     "(e.g. mxfp4_e2m1_b16). Examples: w4a8, w2, w4g128, "
-    "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1"
+    "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1; activations only: "
+    f"{', '.join(formats.ACT_FORMAT_NAMES)} (e.g. w8-asparq4_5opt_v)"
 )
 
 
@@ -51,6 +52,10 @@ class QSpec:
             squared weight error), "omse" (weights only: minimizing the squared error of the
             layer's output on the calibration inputs) or "percentile".
         percentile: the percentile of |x| used by clip="percentile".
+        points: multipoint weights (mixq.quant.multipoint): points per output channel, each a
+            signed symmetric ``fmt`` vector with its own float32 step; None for ordinary
+            quantization. Then granularity "channel" or "tensor" is the first point's scale and
+            clip "minmax" (a = max|r|) or "mse" (least-squares a) how each point is searched.
     """
 
     fmt: Format
@@ -59,6 +64,7 @@ class QSpec:
     symmetric: bool = True
     clip: str = "minmax"
     percentile: float = 99.99
+    points: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -78,6 +84,8 @@ class QSpec:
             raise ValueError(f"asymmetric ranges need an integer format, got {self.fmt}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.points is not None:
+            _check_points(self)
 
     @property
     def bits(self) -> int:
@@ -93,6 +101,8 @@ class QSpec:
         d["clip"] = self.clip
         if self.clip == "percentile":
             d["percentile"] = self.percentile
+        if self.points is not None:
+            d["points"] = list(self.points)
         return d
 
     @classmethod
@@ -100,14 +110,15 @@ class QSpec:
         """Build from the JSON form, rejecting unknown keys."""
         if not isinstance(d, dict):
             raise ValueError(f"a quantization spec must be a JSON object, got {d!r}")
-        valid = {"fmt", "granularity", "group_size", "symmetric", "clip", "percentile"}
+        valid = {"fmt", "granularity", "group_size", "symmetric", "clip", "percentile", "points"}
         unknown = set(d) - valid
         if unknown:
             raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(valid)}")
         if "fmt" not in d:
             raise ValueError(f"spec {d!r} has no 'fmt'")
         types = {"fmt": (str,), "granularity": (str,), "group_size": (int, type(None)),
-                 "symmetric": (bool,), "clip": (str,), "percentile": (int, float)}  # fmt: skip
+                 "symmetric": (bool,), "clip": (str,), "percentile": (int, float),
+                 "points": (list,)}  # fmt: skip
         for k, v in d.items():
             if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
                 raise ValueError(f"spec key {k!r} has a value of the wrong type: {v!r}")
@@ -118,6 +129,29 @@ class QSpec:
             symmetric=d.get("symmetric", True),
             clip=d.get("clip", "minmax"),
             percentile=float(d.get("percentile", 99.99)),
+            points=tuple(d["points"]) if "points" in d else None,
+        )
+
+
+MAX_POINTS = 16
+
+
+def _check_points(spec: QSpec) -> None:
+    """Validate a multipoint spec (QSpec.points), naming the bad value and the valid choices."""
+    pts = spec.points
+    if not isinstance(pts, tuple):
+        object.__setattr__(spec, "points", pts := tuple(pts) if isinstance(pts, list) else pts)
+    if not isinstance(pts, tuple) or not pts:
+        raise ValueError(f"points must be a non-empty list of points per output channel, got {pts!r}")
+    bad = [n for n in pts if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_POINTS]
+    if bad:
+        raise ValueError(f"points per channel must be integers in 1..{MAX_POINTS}, got {bad[:5]}")
+    if not (isinstance(spec.fmt, Int) and spec.fmt.signed and spec.symmetric):
+        raise ValueError(f"multipoint points need a signed symmetric integer format, got {spec.fmt}")
+    if spec.granularity not in ("channel", "tensor") or spec.clip not in ("minmax", "mse"):
+        raise ValueError(
+            f"multipoint points take granularity 'channel' or 'tensor' and clip 'minmax' or 'mse', "
+            f"got {spec.granularity!r} and {spec.clip!r}"
         )
 
 
@@ -157,7 +191,10 @@ class LayerSpec:
         if unknown:
             raise ValueError(f"unknown layer-spec keys {sorted(unknown)}; valid: ['act', 'weight']")
         w, a = d.get("weight"), d.get("act")
-        return cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
+        spec = cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
+        if spec.weight is not None and isinstance(spec.weight.fmt, Sparq):
+            raise ValueError(f"{spec.weight.fmt} is an activation format; a weight spec cannot use it")
+        return spec
 
 
 WEIGHT_DEFAULTS = {"granularity": "channel", "symmetric": True, "clip": "minmax"}
@@ -185,10 +222,12 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
         mods.append("p" + (p if float(p) == spec.percentile else repr(spec.percentile)))
     elif spec.clip != defaults["clip"]:
         mods.append(spec.clip)
+    if spec.points is not None:  # display only: the counts live in the plan JSON
+        mods.append(f"mp{sum(spec.points) / len(spec.points):.2f}")
     return s + "".join("+" + m for m in mods)
 
 
-_NAMES = sorted(formats.FORMAT_NAMES, key=len, reverse=True)
+_NAMES = sorted((*formats.FORMAT_NAMES, *formats.ACT_FORMAT_NAMES), key=len, reverse=True)
 _FMT = "(?:(?:" + "|".join(re.escape(n) for n in _NAMES) + r")(?:_b\d+)?|\d+)"  # MX: _b<block>
 _MODS = r"(?:\+[a-z0-9.]+)*"
 _CANDIDATE = re.compile(
@@ -256,6 +295,8 @@ def parse_candidate(text: str) -> LayerSpec:
             raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
         if a is not None and a.clip == "omse":
             raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
+        if w is not None and isinstance(w.fmt, Sparq):
+            raise ValueError(f"candidate {text!r}: {w.fmt} is an activation format (use a{w.fmt})")
     except ValueError as e:
         if GRAMMAR in str(e):
             raise
