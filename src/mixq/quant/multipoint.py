@@ -1,0 +1,426 @@
+"""Multipoint quantization: each output channel as a sum of several low-bit vectors.
+
+Liu, Ye, Zhou and Liu, "Post-training Quantization with Multiple Points: Mixed Precision
+without Mixed Precision", AAAI 2021 (arXiv 2002.09049). One output channel ``w`` (a row of a
+Linear weight, one flattened conv filter) is approximated as
+
+    w ≈ w̃ = Σ_{i=1..n} a_i ŵ_i,   ŵ_i ∈ G_b^d,   G_b = {k / K : k = −K, …, K},   K = 2^(b−1) − 1,
+
+a symmetric grid of 2^b − 1 levels (the "restricted" signed b-bit grid). mixq stores a point as
+integer codes ``q_i = K ŵ_i`` ∈ [−K, K] and a step ``s_i = a_i / K`` (float32), so
+``w̃ = Σ_i s_i q_i``. The points are built greedily on the residual ``r`` (r ← w; then
+(a_i, ŵ_i) = argmin ‖r − a ŵ‖²; r ← r − a_i ŵ_i). For a fixed ``a`` the best ``ŵ`` rounds
+``r / a`` to the grid; ``a`` is searched over ``NUM_CANDIDATES`` values ``‖r‖∞ · k / M``,
+k = 1..M, then refined by least squares (``a = ⟨r, ŵ⟩ / ‖ŵ‖²``, re-round), keeping the best.
+
+Error bound (the invariant tested): with ``a = ‖r‖∞`` (``a_search="absmax"``), ``r / a`` lies in
+[−1, 1], so nothing is clipped and rounding to a grid of step 1/K leaves at most ``a / (2K)`` per
+coordinate: ``‖r'‖∞ ≤ ‖r‖∞ / (2K) = ‖r‖∞ / (2^b − 2)``, hence after n points
+``‖w − w̃‖∞ ≤ ‖w‖∞ · (2^b − 2)^(−n)`` (b ≥ 2). Since 0 is on the grid each coordinate error is also
+at most |r_j|, and the largest coordinate is hit exactly, so the ℓ2 error falls strictly with
+every point while r ≠ 0. The greedy search includes ``a = ‖r‖∞`` among its candidates and keeps
+the smallest ℓ2 error, so each greedy step does at least as well in ℓ2 as the ``absmax`` step
+from the same residual (not necessarily after several steps: greedy is myopic).
+
+Paper symbols: ``w`` weight vector, ``ŵ_i`` low-bit vectors, ``a_i`` coefficients, ``n`` points.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixq.plan import QSpec
+
+A_SEARCH = ("greedy", "absmax")
+FIRST = ("channel", "tensor")
+KEYS = ("gain", "error")
+MAX_POINTS = 16
+NUM_CANDIDATES = 256  # values of a in (0, ‖r‖∞] searched per point (methods.md §1.3 [DESIGN])
+NUM_WIDE = 32  # values of a above ‖r‖∞ (a deviation from methods.md §1.3: they can help)
+REFINE = 2  # least-squares refinements of a
+CHUNK = 1 << 22  # elements of one [rows, candidates, d] block of the search
+
+
+def levels(bits: int) -> int:
+    """Return K = 2^(b−1) − 1, the largest code of the symmetric b-bit grid.
+
+    >>> levels(4)
+    7
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"multipoint bits must be an integer in 2..8, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def round_codes(r: torch.Tensor, step: torch.Tensor, k: int) -> torch.Tensor:
+    """Round rows ``r`` [R, d] to codes in [−k, k] with per-row ``step`` [R] (0 steps give 0 codes)."""
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.clamp(torch.round(r / safe[:, None]), -k, k)
+    return torch.where(step[:, None] > 0, q, torch.zeros_like(q))
+
+
+def _sq_error(r: torch.Tensor, step: torch.Tensor, k: int) -> torch.Tensor:
+    return (r - round_codes(r, step, k) * step[:, None]).pow(2).sum(1)
+
+
+def search_step(r: torch.Tensor, bits: int, a_search: str = "greedy") -> torch.Tensor:
+    """Return the step ``a / K`` of the next point of every row of the residual ``r`` [R, d].
+
+    ``absmax``: a = ‖r‖∞. ``greedy``: the a among ‖r‖∞·k/M (k = 1..M) and ``NUM_WIDE`` values
+    between ‖r‖∞ and 2K‖r‖∞ with the smallest ‖r − a ŵ(a)‖², then ``REFINE`` least-squares
+    refinements; all rows at once, in blocks.
+    Rows of zeros get step 0 (no point).
+    """
+    _check_choice("a_search", a_search, A_SEARCH)
+    k = levels(bits)
+    top = r.abs().amax(1) / k  # [R]
+    if a_search == "absmax" or r.numel() == 0:
+        return top
+    rows, d = r.shape
+    # a = ‖r‖∞·k/M (k = 1..M, the last one absmax), and a = ‖r‖∞·K/t for t in [0.5, K): larger
+    # a that leave the outer codes unused can fit better (codes (1, -2, 1) with K = 3, say).
+    low = torch.arange(1, NUM_CANDIDATES + 1, dtype=r.dtype) / NUM_CANDIDATES
+    t = k - torch.arange(1, NUM_WIDE + 1, dtype=r.dtype) * (k - 0.5) / NUM_WIDE
+    frac = torch.cat([low, k / t])  # [M + M_wide]
+    best_err = torch.full((rows,), math.inf, dtype=r.dtype)
+    best = top.clone()
+    per_block = max(1, CHUNK // max(1, rows * d))
+    for c0 in range(0, len(frac), per_block):
+        steps = top[:, None] * frac[c0 : c0 + per_block]  # [R, m]
+        safe = torch.where(steps > 0, steps, torch.ones_like(steps))
+        q = torch.clamp(torch.round(r[:, None, :] / safe[..., None]), -k, k)
+        err = (r[:, None, :] - q * steps[..., None]).pow(2).sum(-1)  # [R, m]
+        e, idx = err.min(1)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = torch.where(better, steps.gather(1, idx[:, None]).squeeze(1), best)
+    for _ in range(REFINE):
+        q = round_codes(r, best, k)
+        qq = q.pow(2).sum(1)
+        ls = (r * q).sum(1) / torch.where(qq > 0, qq, torch.ones_like(qq))
+        cand = torch.where((qq > 0) & (ls > 0), ls, best)
+        e = _sq_error(r, cand, k)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = torch.where(better, cand, best)
+    return torch.where(top > 0, best, torch.zeros_like(best))
+
+
+def next_point(r: torch.Tensor, bits: int, a_search: str = "greedy") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (steps [R], codes [R, d]) of the next greedy point of every row of ``r``."""
+    step = search_step(r, bits, a_search)
+    return step, round_codes(r, step, levels(bits))
+
+
+def first_point(
+    w: torch.Tensor, bits: int, a_search: str = "greedy", first: str = "channel"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first point: per channel (greedy or absmax), or one layer-wide step (``first="tensor"``).
+
+    The layer-wide step is ``max|W| / K`` (the per-layer baseline quantizer, methods.md §1.4).
+    """
+    _check_choice("first", first, FIRST)
+    if first == "channel":
+        return next_point(w, bits, a_search)
+    k = levels(bits)
+    step = (w.abs().amax() / k).expand(w.shape[0]).clone() if w.numel() else w.new_zeros(w.shape[0])
+    return step, round_codes(w, step, k)
+
+
+@dataclass(frozen=True)
+class Points:
+    """The multipoint form of a layer: ``w̃[j] = Σ_{i < counts[j]} steps[j, i] · codes[j, i]``.
+
+    Attributes:
+        bits: bits of every code.
+        steps: [C, n] float steps ``a_i / K`` (0 for points a channel does not have).
+        codes: [C, n, d] integer codes in [−K, K] (int8).
+        counts: [C] points per channel.
+    """
+
+    bits: int
+    steps: torch.Tensor
+    codes: torch.Tensor
+    counts: torch.Tensor
+
+    def reconstruct(self) -> torch.Tensor:
+        """Return w̃ [C, d] = Σ_i steps_i · codes_i."""
+        return (self.steps[..., None] * self.codes.to(self.steps.dtype)).sum(1)
+
+
+def decompose(
+    w: torch.Tensor, bits: int, counts: torch.Tensor | list[int], a_search: str = "greedy",
+    first: str = "channel",
+) -> Points:  # fmt: skip
+    """Build ``counts[j]`` greedy points for every row ``j`` of ``w`` [C, d] (rows in parallel)."""
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    if counts.shape != (w.shape[0],):
+        raise ValueError(
+            f"counts must give one number per output channel ({w.shape[0]}), got shape {tuple(counts.shape)}"
+        )
+    if counts.numel() and (int(counts.min()) < 1 or int(counts.max()) > MAX_POINTS):
+        raise ValueError(f"points per channel must be in 1..{MAX_POINTS}, got {counts.min()}..{counts.max()}")
+    n = int(counts.max()) if counts.numel() else 1
+    steps = w.new_zeros(w.shape[0], n)
+    codes = torch.zeros(w.shape[0], n, w.shape[1], dtype=torch.int8)
+    s, q = first_point(w, bits, a_search, first)
+    steps[:, 0], codes[:, 0] = s, q.to(torch.int8)
+    r = w - s[:, None] * q
+    for i in range(1, n):
+        rows = (counts > i).nonzero().squeeze(1)
+        s, q = next_point(r[rows], bits, a_search)
+        steps[rows, i], codes[rows, i] = s, q.to(torch.int8)
+        r[rows] -= s[:, None] * q
+    return Points(bits, steps, codes, counts)
+
+
+def approximate(w: torch.Tensor, bits: int, points: int, a_search: str = "greedy") -> torch.Tensor:
+    """Return w̃, the ``points``-point approximation of ``w`` (one output channel per row of dim 0).
+
+    Args:
+        w: weight [C, ...]; each ``w[j]`` is flattened into one vector.
+        bits: bits of the symmetric grid (2..8, 2^b − 1 levels).
+        points: points per channel (1..MAX_POINTS).
+        a_search: "greedy" (ℓ2-optimal a per point) or "absmax" (a = ‖r‖∞, the bound's choice).
+
+    >>> w = torch.tensor([[0.9, -0.3, 0.05]], dtype=torch.float64)
+    >>> approximate(w, 2, 1, "absmax").tolist()       # codes round(w / 0.9) = 1, 0, 0
+    [[0.9, 0.0, 0.0]]
+    >>> approximate(w, 2, 2, "absmax").tolist()       # + 0.3 * (0, -1, 0)
+    [[0.9, -0.3, 0.0]]
+    """
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= MAX_POINTS:
+        raise ValueError(f"points must be an integer in 1..{MAX_POINTS}, got {points!r}")
+    if w.dim() < 1 or w.shape[0] == 0:
+        raise ValueError(f"w needs at least one output channel, got shape {tuple(w.shape)}")
+    if not w.is_floating_point() or not torch.isfinite(w).all():
+        raise ValueError("w must be a finite floating-point tensor")
+    flat = w.detach().reshape(w.shape[0], -1)
+    pts = decompose(flat, bits, [points] * w.shape[0], a_search)
+    return pts.reconstruct().reshape(w.shape).to(w.dtype)
+
+
+def channel_error(
+    gram: torch.Tensor | None, out_channels: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return ``err(d, rows)``: the output error ``d_j H_g d_jᵀ`` of weight errors ``d`` [R, k].
+
+    ``rows`` [R] are the channels' indices (they pick the conv group g of each). ``gram``
+    [G, k, k] is the layer's input Gram matrix H = XᵀX from calibration (so the error is
+    ‖X d_jᵀ‖², the squared error of channel j's output over the calibration inputs); None
+    falls back to the weight error ‖d_j‖².
+    """
+    if gram is None:
+        return lambda d, rows: d.double().pow(2).sum(1)
+    per = out_channels // gram.shape[0]
+
+    def err(d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        dd = d.double()
+        if len(rows) * gram.shape[1] ** 2 <= CHUNK:  # few rows or small k (depthwise): gather H
+            return torch.einsum("ri,rij,rj->r", dd, gram[rows // per], dd)
+        return _grouped(dd, rows)
+
+    def _grouped(dd: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = dd.new_zeros(dd.shape[0])
+        g_of = rows // per
+        for g in torch.unique(g_of).tolist():
+            sel = (g_of == g).nonzero().squeeze(1)
+            x = dd[sel]
+            out[sel] = ((x @ gram[g]) * x).sum(1)
+        return out
+
+    return err
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The outcome of :func:`allocate` on one layer.
+
+    Attributes:
+        points: the multipoint form.
+        first_errors: [C] output error of each channel with one point.
+        errors: [C] output error of each channel at the end.
+        extra: points added beyond one per channel.
+        stop: why allocation stopped: "budget", "tau" or "exhausted" (no channel can improve).
+    """
+
+    points: Points
+    first_errors: torch.Tensor
+    errors: torch.Tensor
+    extra: int
+    stop: str
+
+
+def allocate(
+    w: torch.Tensor,
+    bits: int,
+    gram: torch.Tensor | None = None,
+    ratio: float | None = 0.05,
+    tau: float | None = None,
+    n_max: int = 4,
+    a_search: str = "greedy",
+    first: str = "channel",
+    key: str = "gain",
+) -> Allocation:
+    """Give every channel of ``w`` [C, d] one point, then add points where the output error falls most.
+
+    Extra points go one at a time to the channel with the largest ``key``: "gain" (the output
+    error removed by its next point, computed exactly) or "error" (its current output error);
+    ties go to the lower channel index. Allocation stops when ``floor(ratio · C)`` extra points
+    are placed (``ratio=None``: no such cap), when ``max_j e_j ≤ tau · mean_j e_j^(1)`` (e^(1):
+    errors with one point), or when no channel below ``n_max`` points can improve. The output
+    error of channel j is ``d_j H d_jᵀ`` with ``H`` = ``gram`` (methods.md §1.4); without a
+    Gram, the weight error.
+    Deterministic: no randomness, fixed tie-breaking.
+    """
+    _check_choice("key", key, KEYS)
+    if ratio is not None and not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 0):
+        raise ValueError(f"ratio must be None or a finite number >= 0, got {ratio!r}")
+    if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be None or a finite number >= 0, got {tau!r}")
+    if isinstance(n_max, bool) or not isinstance(n_max, int) or not 1 <= n_max <= MAX_POINTS:
+        raise ValueError(f"n_max must be an integer in 1..{MAX_POINTS}, got {n_max!r}")
+    c, d = w.shape
+    if gram is not None and (gram.dim() != 3 or gram.shape[1:] != (d, d) or c % gram.shape[0]):
+        raise ValueError(f"gram must be [G, {d}, {d}] with G dividing {c}, got {tuple(gram.shape)}")
+    err = channel_error(gram, c)
+    all_rows = torch.arange(c)
+    steps = w.new_zeros(c, n_max)
+    codes = torch.zeros(c, n_max, d, dtype=torch.int8)
+    counts = torch.ones(c, dtype=torch.long)
+    s, q = first_point(w, bits, a_search, first)
+    steps[:, 0], codes[:, 0] = s, q.to(torch.int8)
+    r = w - s[:, None] * q
+    e = err(r, all_rows)
+    first_errors = e.clone()
+    budget = None if ratio is None else math.floor(ratio * c + 1e-9)
+    target = None if tau is None else tau * float(first_errors.mean())
+    heap: list[tuple[float, int]] = []
+    cand: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+
+    def push(rows: torch.Tensor) -> None:
+        ns, nq = next_point(r[rows], bits, a_search)
+        nr = r[rows] - ns[:, None] * nq
+        ne = err(nr, rows)
+        for t, j in enumerate(rows.tolist()):
+            gain = float(e[j] - ne[t])
+            if gain > 0:
+                cand[j] = (ns[t], nq[t], nr[t], float(ne[t]))
+                heapq.heappush(heap, (-(gain if key == "gain" else float(e[j])), j))
+
+    extra, stop = 0, "exhausted"
+    if n_max > 1 and (budget is None or budget > 0):
+        push(all_rows)
+    while True:
+        if target is not None and float(e.max()) <= target:
+            stop = "tau"
+            break
+        if budget is not None and extra >= budget:
+            stop = "budget"
+            break
+        if not heap:
+            break
+        _, j = heapq.heappop(heap)
+        ns, nq, nr, ne = cand.pop(j)
+        i = int(counts[j])
+        steps[j, i], codes[j, i] = ns, nq.to(torch.int8)
+        r[j], e[j] = nr, ne
+        counts[j] = i + 1
+        extra += 1
+        if i + 1 < n_max:
+            push(torch.tensor([j]))
+    n = int(counts.max())
+    pts = Points(bits, steps[:, :n].clone(), codes[:, :n].clone(), counts)
+    return Allocation(pts, first_errors, e, extra, stop)
+
+
+def spec_points(w: torch.Tensor, spec: QSpec) -> Points:
+    """Return the multipoint form of weight ``w`` [C, ...] under a spec with ``points``.
+
+    The spec fixes everything: ``fmt`` the bits, ``points`` the count per output channel,
+    ``granularity`` the first point's scale ("channel", or "tensor": one per layer) and ``clip``
+    the search of a ("mse": greedy least squares; "minmax": a = ‖r‖∞).
+    """
+    if spec.points is None:
+        raise ValueError("spec has no multipoint points; use mixq.quant.fake.quantize_weight")
+    if len(spec.points) != w.shape[0]:
+        raise ValueError(f"spec gives points for {len(spec.points)} output channels, the weight has "
+                         f"{w.shape[0]} (shape {tuple(w.shape)})")  # fmt: skip
+    with torch.no_grad():
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        flat = w.detach().to(dtype).reshape(w.shape[0], -1)
+        a_search = "greedy" if spec.clip == "mse" else "absmax"
+        return decompose(flat, spec.bits, list(spec.points), a_search, spec.granularity)
+
+
+def quantize_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Return the multipoint weight w̃ (shape and dtype of ``w``) of a spec with ``points``."""
+    return spec_points(w, spec).reconstruct().reshape(w.shape).to(w.dtype)
+
+
+class ChannelSplit(nn.Module):
+    """A multipoint layer in deployable form: a low-bit layer with n_j copies of channel j, then a merge.
+
+    ``expand`` is a plain Linear or Conv2d (same kernel, stride, padding, dilation and groups as
+    the original) whose weights are the integer codes and which has no bias; ``merge`` is a
+    Linear or 1x1 Conv2d that sums each channel's copies with their steps and adds the bias:
+    ``y_j = b_j + Σ_i s_{j,i} (q_{j,i} · x) = b_j + w̃_j · x``. For grouped convolutions every group
+    is padded to the same number of copies with zero codes and zero steps (groups stay intact).
+    Both parts are standard modules, so the layer exports like any other.
+    """
+
+    def __init__(self, expand: nn.Module, merge: nn.Module) -> None:
+        super().__init__()
+        self.expand = expand
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.expand(x))
+
+
+def split_layer(layer: nn.Module, pts: Points) -> ChannelSplit:
+    """Build the :class:`ChannelSplit` of ``layer`` (an nn.Linear or nn.Conv2d) with points ``pts``."""
+    w = layer.weight
+    c = w.shape[0]
+    if pts.codes.shape[0] != c or pts.codes.shape[2] != w[0].numel():
+        raise ValueError(
+            f"points of shape {tuple(pts.codes.shape)} do not fit a weight of shape {tuple(w.shape)}"
+        )
+    groups = getattr(layer, "groups", 1)
+    per = c // groups
+    owners = [[(j, i) for j in range(g * per, (g + 1) * per) for i in range(int(pts.counts[j]))]
+              for g in range(groups)]  # fmt: skip
+    width = max(len(o) for o in owners)  # copies per group after padding
+    codes = torch.zeros(groups * width, w[0].numel(), dtype=w.dtype)
+    merge = torch.zeros(c, groups * width, dtype=w.dtype)
+    for g, own in enumerate(owners):
+        for t, (j, i) in enumerate(own):
+            codes[g * width + t] = pts.codes[j, i].to(w.dtype)
+            merge[j, g * width + t] = pts.steps[j, i].to(w.dtype)
+    bias = layer.bias.detach().clone() if layer.bias is not None else None
+    if isinstance(layer, nn.Conv2d) or hasattr(layer, "kernel_size"):
+        expand: nn.Module = nn.Conv2d(w.shape[1] * groups, groups * width, layer.kernel_size, layer.stride,
+                                      layer.padding, layer.dilation, groups, bias=False,
+                                      padding_mode=layer.padding_mode)  # fmt: skip
+        expand.weight.data = codes.reshape(groups * width, *w.shape[1:])
+        mrg: nn.Module = nn.Conv2d(groups * width, c, 1, bias=bias is not None)
+        mrg.weight.data = merge[:, :, None, None]
+    else:
+        expand = nn.Linear(w.shape[1], groups * width, bias=False)
+        expand.weight.data = codes
+        mrg = nn.Linear(groups * width, c, bias=bias is not None)
+        mrg.weight.data = merge
+    if bias is not None:
+        mrg.bias.data = bias
+    return ChannelSplit(expand, mrg)
