@@ -62,6 +62,8 @@ class Task:
         forward: ``forward(model, batch)`` runs the model on a batch's inputs.
         name: the task's name in reports.
         metric_name: what ``metric`` measures.
+        train: training batches for quantization-aware training (empty: methods that train use
+            ``calib``).
     """
 
     model: nn.Module
@@ -74,6 +76,7 @@ class Task:
     metric_name: str = "metric"
     info: dict[str, Any] = field(default_factory=dict)
     _fp_metric: float | None = field(default=None, repr=False)
+    train: Sequence[Batch] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -89,6 +92,9 @@ class Task:
             self.model.eval()
             self._fp_metric = float(self.metric(self.model, self.val))
         return self._fp_metric
+
+
+TRAIN_BATCH = 128  # training batch size of the image tasks (bench/train_zoo.py's)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,6 +138,7 @@ def _image_task(
     xte, yte = load("test")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(xtr), generator=g)[:calib_size]
+    order = torch.randperm(len(xtr), generator=g)  # QAT batches: all training images, shuffled once
     return Task(
         model=model,
         calib=_batches(xtr[idx], ytr[idx], 256),
@@ -139,6 +146,7 @@ def _image_task(
         name=name,
         metric_name="top1 (%)",
         info=info,
+        train=_batches(xtr[order], ytr[order], TRAIN_BATCH),
     )
 
 

@@ -1,0 +1,137 @@
+"""DDQ against uniform QAT with a learned step (LSQ-style) and PTQ methods, at the size of 4-bit weights.
+
+For each task and activation width A (8 and 4): the budget is the average weight bits of the
+uniform 4-bit model (per-channel scales included). Runs, all through ``mixq.run``:
+
+* ``uniform``: PTQ, every layer w4aA (min/max ranges);
+* ``sensitivity-ilp``: PTQ, measured per-layer loss changes + exact ILP over w2/w4/w8;
+* ``ddq``: QAT, bits learned over w2/w3/w4/w6/w8 (half of the steps), ILP projection onto the
+  budget, then fine-tuning of the chosen integer grids;
+* ``lsq``: QAT, ``ddq`` with ``learn_bits=False``: every layer w4aA with learned ranges, the same
+  number of steps, optimizer and learning rates.
+
+The QAT runs are short (``--steps`` batches of 128 training images from the pretrained weights);
+the evaluation is on the first ``--val`` test images. Tasks can run in parallel processes
+(``--out`` a part name each) and be merged into ``ddq.json`` with ``--merge``:
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-mobilenetv2 --out ddq-mbv2 &
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-resnet20 --out ddq-resnet20 &
+    .venv/bin/python bench/ddq.py --merge ddq-mbv2,ddq-resnet20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mixq  # noqa: E402
+from common import RESULTS, write  # noqa: E402
+
+QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
+
+
+def row(name: str, res: mixq.Result) -> dict:
+    """The record of one run."""
+    m = res.metrics
+    out = {
+        "run": name,
+        "method": m["method"],
+        "metric": m["metric"],
+        "avg_weight_bits": m["avg_weight_bits"],
+        "size_bytes": m["size_bytes"],
+        "bops": m["bops"],
+        "seconds": m["seconds"],
+        "eval_seconds": m["eval_seconds"],
+        "method_args": m["method_args"],
+        "plan": {n: s.name for n, s in res.plan.layers.items()},
+    }
+    for k, v in m.items():
+        if k.startswith("within_"):
+            out[k] = v
+    train = [h for h in res.history if "phase" in h]
+    if train:
+        out["training"] = [
+            {k: h[k] for k in ("phase", "steps", "images", "seconds", "first_loss", "last_loss")}
+            for h in train
+        ]
+        out["train_images"] = sum(h["images"] for h in train)
+        out["train_seconds"] = sum(h["seconds"] for h in train)
+        if "learned_bits" in train[0]:
+            out["learned_bits"] = train[0]["learned_bits"]
+    return out
+
+
+def merge(parts: list[str]) -> Path:
+    """Combine part files (one per task, run in parallel) into bench/results/ddq.json."""
+    tasks, commands = {}, []
+    for part in parts:
+        d = json.loads((RESULTS / f"{part}.json").read_text())
+        tasks.update(d["tasks"])
+        commands.append(d["provenance"])
+    return write("ddq", {"qat_args": QAT_ARGS, "parts": commands, "tasks": tasks})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tasks", default="fashion-mobilenetv2,fashion-resnet20")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--acts", default="8,4")
+    ap.add_argument("--val", type=int, default=10_000, help="test images evaluated (the first ones)")
+    ap.add_argument("--out", default="ddq", help="result name under bench/results/")
+    ap.add_argument("--sensitivity", type=int, default=1, help="also run sensitivity-ilp (PTQ): 1 or 0")
+    ap.add_argument("--merge", default="", help="comma-separated part names to merge into ddq.json")
+    args = ap.parse_args()
+    if args.merge:
+        print(f"wrote {merge(args.merge.split(','))}")
+        return
+    torch.set_num_threads(1)
+    results: dict = {}
+    for task_name in args.tasks.split(","):
+        t0 = time.perf_counter()
+        task = mixq.tasks.fashion(task_name, val_size=args.val)
+        fp = task.fp_metric()
+        rows = []
+        for a in [int(v) for v in args.acts.split(",")]:
+            w4 = mixq.run(task, "uniform", candidates=[f"w4a{a}"])
+            budget = {"avg_weight_bits": w4.metrics["avg_weight_bits"]}
+            rows.append({**row(f"uniform w4a{a} (PTQ)", w4), "acts": a})
+            print(f"{task_name} a{a} uniform {w4.metrics['metric']:.2f}", flush=True)
+            cands = [f"w{b}a{a}" for b in (2, 3, 4, 6, 8)]
+            runs = [
+                ("lsq", "ddq", [f"w4a{a}"], {"steps": args.steps, "learn_bits": False, **QAT_ARGS}),
+                ("ddq", "ddq", cands, {"steps": args.steps, **QAT_ARGS}),
+            ]
+            if args.sensitivity:
+                runs.append(
+                    ("sensitivity-ilp", "sensitivity-ilp", [f"w{b}a{a}" for b in (2, 4, 8)], {"batches": 1})
+                )
+            for name, method, cs, margs in runs:
+                res = mixq.run(task, method, candidates=cs, budget=budget, method_args=margs)
+                rows.append({**row(name, res), "acts": a})
+                print(
+                    f"{task_name} a{a} {name} {res.metrics['metric']:.2f} "
+                    f"bits={res.metrics['avg_weight_bits']:.3f} t={res.metrics['seconds']:.0f}s",
+                    flush=True,
+                )
+                results[task_name] = {
+                    "metric_name": task.metric_name,
+                    "fp32": fp,
+                    "info": task.info,
+                    "qat_steps": args.steps,
+                    "qat_batch": mixq.tasks.TRAIN_BATCH,
+                    "rows": rows,
+                    "wall_seconds": time.perf_counter() - t0,
+                }
+                write(args.out, {"qat_args": QAT_ARGS, "tasks": results})  # partial results kept
+    print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")
+
+
+if __name__ == "__main__":
+    main()

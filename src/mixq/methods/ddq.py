@@ -1,0 +1,426 @@
+"""DDQ: bit-widths, ranges and steps learned in quantization-aware training.
+
+Zhang et al., "Differentiable Dynamic Quantization with Mixed Precision and Adaptive
+Resolution", ICML 2021 (arXiv 2106.02295); methods.md §2. The quantizer is in
+:mod:`mixq.quant.ddq`. The method runs in two phases over one training budget
+(``steps`` or ``epochs`` of ``mixq.train``):
+
+1. **Search** (``search_frac`` of the steps): every weight site becomes a DDQ quantizer with
+   2^B levels (B = the largest candidate weight bits) and monotone bit gates; activations get
+   their own DDQ quantizer when the candidates differ in activation bits, otherwise mixq's
+   integer grid with a learned range. The loss is the task loss plus the resource regularizer
+   ``λ · Σ_k ρ(C_k(b) / limit_k − 1)`` (ρ a hinge or squared hinge) on every budgeted cost
+   (weight bits, size, BOPs), with ``C_k(b)`` the per-layer cost tables as functions of the
+   learned bits. Bits start at the budget's uniform bit-width (``init_bits="budget"``) or at B.
+2. **Read-out and projection**: each layer's learned bits (the clamped gate parameter β) are
+   turned into one candidate per layer by the exact ILP (``mixq.search.ilp``) minimizing
+   ``Σ_l (β_l − bits_l)²`` under the budgets, so the plan meets the budget exactly even when
+   training ended slightly above it.
+3. **Deployment fine-tune** (the remaining steps): each layer's weights and input use mixq's
+   integer grid at the chosen bits with a learned range (the ``uniform`` levels collapse to
+   it; ``learned`` levels are dropped for it). At the end the learned weight grid is baked
+   into the weights and each activation site's statistics are set to the learned range, so
+   ``mixq.run``'s evaluation of the plan on ``ctx.qmodel`` computes what was trained (weights
+   equal to a float rounding error).
+
+With ``learn_bits=False`` the search is skipped: the largest uniform candidate within the
+budget is trained for all the steps (uniform QAT with a learned step, LSQ-style: the baseline).
+
+Deviations [DESIGN]: monotone gates ``g_i = H(β − i + ½)`` with a triangular surrogate for
+H'; deployment on mixq's integer grids (restricted symmetric weights, affine activations) after
+a fine-tune instead of DDQ's merged grid; training batches are ``task.train`` (or the
+calibration batches when a task has none); batch norm is expected folded (frozen otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixq import search
+from mixq.methods.common import Context, MethodOutput
+from mixq.plan import LayerSpec
+from mixq.quant.ddq import LEVEL_MODES, DDQQuantizer, LearnedInt, check_int_spec, init_range
+from mixq.train import BN_MODES, Hook, TrainConfig, train
+from mixq.wrap import apply, sites
+
+log = logging.getLogger(__name__)
+
+PENALTIES = ("hinge", "square")
+INIT_BITS = ("budget", "max")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of DDQ.
+
+    Attributes:
+        steps: training steps in all (0: use ``epochs``).
+        epochs: passes over the training batches when ``steps`` is 0.
+        search_frac: fraction of the steps that learn the bit-widths (the rest fine-tunes).
+        learn_bits: False trains the uniform plan only (LSQ-style uniform QAT).
+        levels: "uniform" (learned range and step) or "learned" (every level learned).
+        init_bits: start the bits at the budget's uniform width ("budget") or at the largest ("max").
+        lam: weight λ of the resource regularizer.
+        penalty: "hinge" or "square" (squared hinge).
+        alpha: gradient-correction weight α (0: off).
+        lr: learning rate of the model's weights and biases.
+        lr_range: learning rate of the quantizers' ranges and levels.
+        lr_bits: learning rate of the bit-width parameters β.
+        bn: batch norm during training: "freeze" or "train".
+        time_limit: seconds for the ILP projection (None: until optimal).
+    """
+
+    steps: int = 0
+    epochs: float = 1.0
+    search_frac: float = 0.5
+    learn_bits: bool = True
+    levels: str = "uniform"
+    init_bits: str = "budget"
+    lam: float = 1.0
+    penalty: str = "hinge"
+    alpha: float = 0.0
+    lr: float = 1e-5
+    lr_range: float = 1e-3
+    lr_bits: float = 0.05
+    bn: str = "freeze"
+    time_limit: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (
+            ("levels", self.levels, LEVEL_MODES),
+            ("penalty", self.penalty, PENALTIES),
+            ("init_bits", self.init_bits, INIT_BITS),
+            ("bn", self.bn, BN_MODES),
+        ):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if not 0.0 <= self.search_frac < 1.0:
+            raise ValueError(
+                f"search_frac must be in [0, 1) (the last steps fine-tune), got {self.search_frac}"
+            )
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            raise ValueError(f"need steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
+        if min(self.lam, self.alpha, self.lr, self.lr_range, self.lr_bits) < 0:
+            raise ValueError("lam, alpha and the learning rates must be >= 0")
+
+
+# -- candidates and costs ------------------------------------------------------------------------
+
+
+def check_candidates(candidates: list[LayerSpec]) -> None:
+    """Raise a ValueError unless every candidate is an integer spec DDQ can train and deploy."""
+    for c in candidates:
+        if c.weight is None:
+            raise ValueError(f"ddq needs a weight format in every candidate, got {c.name!r}")
+        check_int_spec(c.weight, "weight")
+        if c.act is not None:
+            check_int_spec(c.act, "act")
+    if len({c.act is None for c in candidates}) > 1:
+        raise ValueError("ddq needs every candidate to quantize activations, or none of them")
+
+
+def bits_of(candidates: list[LayerSpec]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return the weight bits [C] and the activation bits [C] (None without activations)."""
+    wb = torch.tensor([float(c.weight.bits) for c in candidates], dtype=torch.float64)
+    if candidates[0].act is None:
+        return wb, None
+    return wb, torch.tensor([float(c.act.bits) for c in candidates], dtype=torch.float64)
+
+
+def soft_costs(ctx: Context, wbits: torch.Tensor, abits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Return each budgeted cost as a differentiable function of per-layer bits [L].
+
+    Weight and size bits are ``numel · b_w`` plus each layer's fixed part (scales, biases, read
+    from the cost table); BOPs are ``MACs · b_w · b_a`` (b_a = 32 without activation specs).
+    """
+    cw, ca = bits_of(ctx.candidates)
+    numel = torch.tensor([float(i.numel) for i in ctx.model_costs.infos], dtype=torch.float64)
+    macs = torch.tensor([float(i.macs) for i in ctx.model_costs.infos], dtype=torch.float64)
+    ab = abits if abits is not None else (torch.full_like(wbits, float(ca[0])) if ca is not None else 32.0)
+    out = {}
+    for k in ctx.limits:
+        if k == "bops":
+            out[k] = (macs * wbits * ab).sum()
+        else:
+            fixed = ctx.costs[k][:, 0] - numel * cw[0]
+            out[k] = (numel * wbits + fixed).sum()
+    return out
+
+
+def budget_bits(ctx: Context) -> float:
+    """Return the largest uniform weight bit-width (real-valued) whose costs meet every budget."""
+    cw, _ = bits_of(ctx.candidates)
+    hi = float(cw.max())
+    lo = float(cw.min())
+    if all(
+        float(v) <= ctx.limits[k]
+        for k, v in soft_costs(ctx, torch.full((len(ctx.layers),), hi, dtype=torch.float64), None).items()
+    ):
+        return hi
+    for _ in range(40):  # bisection: the costs grow with the bits
+        mid = 0.5 * (lo + hi)
+        bits = torch.full((len(ctx.layers),), mid, dtype=torch.float64)
+        ok = all(float(v) <= ctx.limits[k] for k, v in soft_costs(ctx, bits, None).items())
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return lo
+
+
+def project(
+    ctx: Context, wbits: torch.Tensor, abits: torch.Tensor | None, time_limit: float | None
+) -> tuple[list[int], dict]:
+    """Pick one candidate per layer closest to the learned bits, within the budget (exact ILP)."""
+    cw, ca = bits_of(ctx.candidates)
+    scores = (wbits[:, None] - cw[None, :]) ** 2
+    if abits is not None and ca is not None:
+        scores = scores + (abits[:, None] - ca[None, :]) ** 2
+    if not ctx.limits:
+        choices = scores.argmin(1).tolist()
+        return choices, {
+            "solver": "argmin",
+            "objective": float(scores.gather(1, torch.tensor(choices)[:, None]).sum()),
+        }
+    problem = search.Problem(
+        scores=scores, costs={k: ctx.costs[k] for k in ctx.limits}, budgets=dict(ctx.limits)
+    )
+    sol = search.ilp(problem, time_limit=time_limit)
+    return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
+
+
+# -- installing quantizers on the wrapped model ---------------------------------------------------
+
+
+def _rows(spec_granularity: str, weight: torch.Tensor) -> int:
+    return weight.shape[0] if spec_granularity == "channel" else 1
+
+
+def deploy_quantizers(ctx: Context, choices: list[int]) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Build the deployable (weight, input) quantizers of each layer at its chosen candidate."""
+    qlayers = sites(ctx.qmodel)
+    out = {}
+    for name, j in zip(ctx.layers, choices, strict=True):
+        m, spec = qlayers[name], ctx.candidates[j]
+        rows = _rows(spec.weight.granularity, m.weight)
+        lo, hi = init_range(m.weight, spec.weight, rows)
+        wq = LearnedInt(spec.weight, "weight", lo, hi)
+        aq: nn.Module = nn.Identity()
+        if spec.act is not None:
+            alo, ahi = init_range(m.input_quant.sample, spec.act, 1)
+            aq = LearnedInt(spec.act, "act", alo, ahi)
+        out[name] = (wq, aq)
+    return out
+
+
+def search_quantizers(ctx: Context, cfg: Config, start_bits: float) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Build the DDQ (weight, input) quantizers of the search phase."""
+    cw, ca = bits_of(ctx.candidates)
+    qlayers = sites(ctx.qmodel)
+    top = int(cw.argmax())
+    out = {}
+    for name in ctx.layers:
+        m = qlayers[name]
+        wspec = ctx.candidates[top].weight
+        rows = _rows(wspec.granularity, m.weight)
+        amax = m.weight.detach().float().reshape(rows, -1).abs().amax(1)
+        wq = DDQQuantizer(rows, int(cw.max()), int(cw.min()), -amax, amax, cfg.levels, cfg.alpha)
+        with torch.no_grad():
+            wq.beta.fill_(start_bits)
+        aq: nn.Module = nn.Identity()
+        if ca is not None:
+            aspec = ctx.candidates[int(ca.argmax())].act
+            alo, ahi = init_range(m.input_quant.sample, aspec, 1)
+            if int(ca.max()) == int(ca.min()):
+                aq = LearnedInt(aspec, "act", alo, ahi)
+            else:
+                aq = DDQQuantizer(1, int(ca.max()), int(ca.min()), alo, ahi, cfg.levels, cfg.alpha)
+        out[name] = (wq, aq)
+    return out
+
+
+class Installed:
+    """Put quantizers in the place of the sites of a wrapped model; ``restore`` puts the sites back."""
+
+    def __init__(self, model: nn.Module, quantizers: dict[str, tuple[nn.Module, nn.Module]]) -> None:
+        self.layers = {n: m for n, m in sites(model).items() if n in quantizers}
+        self.saved = {n: (m.weight_quant, m.input_quant) for n, m in self.layers.items()}
+        self.quantizers = quantizers
+        for n, m in self.layers.items():
+            m.weight_quant, m.input_quant = quantizers[n]
+
+    def restore(self) -> None:
+        """Put the original sites back."""
+        for n, m in self.layers.items():
+            m.weight_quant, m.input_quant = self.saved[n]
+
+
+def param_groups(
+    model: nn.Module, quantizers: dict[str, tuple[nn.Module, nn.Module]], cfg: Config
+) -> list[dict]:
+    """Optimizer groups: the model's own parameters, the quantizers' ranges/levels, the bits β."""
+    qparams = {id(p) for pair in quantizers.values() for q in pair for p in q.parameters()}
+    own = [p for p in model.parameters() if id(p) not in qparams and p.requires_grad]
+    ranges, betas = [], []
+    for pair in quantizers.values():
+        for q in pair:
+            for pname, p in q.named_parameters():
+                (betas if pname == "beta" else ranges).append(p)
+    return [
+        {"params": own, "lr": cfg.lr},
+        {"params": ranges, "lr": cfg.lr_range},
+        {"params": betas, "lr": cfg.lr_bits},
+    ]
+
+
+def finish(ctx: Context, installed: Installed) -> None:
+    """Bake the learned weight grids into the weights, set activation ranges, restore the sites."""
+    qlayers = sites(ctx.qmodel)
+    installed.restore()
+    for name, (wq, aq) in installed.quantizers.items():
+        m = qlayers[name]
+        wq.bake(m.weight)
+        if isinstance(aq, LearnedInt):
+            lo, hi = aq.lo.detach().reshape(()), aq.hi.detach().reshape(())
+            m.input_quant.stats_min, m.input_quant.stats_max = lo.clone(), hi.clone()
+        m.weight_quant.set_spec(None)
+        m.input_quant.set_spec(None)
+
+
+def learned_bits(
+    quantizers: dict[str, tuple[nn.Module, nn.Module]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return the clamped β of each layer's weight quantizer [L] and input quantizer (or None)."""
+    w, a = [], []
+    for wq, aq in quantizers.values():
+        w.append(float(wq.beta.detach().clamp(wq.min_bits, wq.max_bits)))
+        if isinstance(aq, DDQQuantizer):
+            a.append(float(aq.beta.detach().clamp(aq.min_bits, aq.max_bits)))
+    wt = torch.tensor(w, dtype=torch.float64)
+    return wt, (torch.tensor(a, dtype=torch.float64) if a else None)
+
+
+def regularizer(ctx: Context, cfg: Config, quantizers: dict[str, tuple[nn.Module, nn.Module]]):  # noqa: ANN201
+    """Return the training hook: clamp β, then ``λ Σ_k ρ(C_k(b) / limit_k − 1)``."""
+    pairs = [quantizers[n] for n in ctx.layers]
+
+    def hook(step: int, model: nn.Module) -> torch.Tensor | None:
+        with torch.no_grad():
+            for pair in pairs:
+                for q in pair:
+                    if isinstance(q, DDQQuantizer):
+                        q.beta.clamp_(q.min_bits - 0.49, q.max_bits + 0.49)
+        if not ctx.limits or cfg.lam == 0:
+            return None
+        wb = torch.stack([p[0].soft_bits() for p in pairs]).double()
+        ab = (
+            torch.stack([p[1].soft_bits() for p in pairs]).double()
+            if isinstance(pairs[0][1], DDQQuantizer)
+            else None
+        )
+        total = torch.zeros((), dtype=torch.float64)
+        for k, c in soft_costs(ctx, wb, ab).items():
+            r = torch.relu(c / ctx.limits[k] - 1.0)
+            total = total + (r if cfg.penalty == "hinge" else r * r)
+        return (cfg.lam * total).float()
+
+    return hook
+
+
+# -- the method -----------------------------------------------------------------------------------
+
+
+def _phase(
+    ctx: Context, cfg: Config, quantizers: dict, steps: int, hook: Hook | None, name: str
+) -> tuple[Installed, dict]:
+    installed = Installed(ctx.qmodel, quantizers)
+    tcfg = TrainConfig(steps=steps, bn=cfg.bn, seed=ctx.seed, log_every=max(1, steps // 20))
+    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    ckpt = ctx.out / "train" / name if ctx.out is not None else None
+    try:
+        res = train(
+            ctx.qmodel,
+            ctx.task.loss,
+            batches,
+            param_groups(ctx.qmodel, quantizers, cfg),
+            tcfg,
+            hook=hook,
+            checkpoint_dir=ckpt,
+            desc=f"ddq {name}",
+        )
+    except BaseException:
+        installed.restore()
+        raise
+    losses = [h["loss"] for h in res.history]
+    info = {
+        "phase": name,
+        "steps": res.steps,
+        "resumed_from": res.resumed_from,
+        "seconds": res.seconds,
+        "images": res.steps * _batch_size(batches),
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+    }
+    return installed, info
+
+
+def _batch_size(batches: list) -> int:
+    b = batches[0]
+    x = b[0] if isinstance(b, (tuple, list)) else b
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else 1
+
+
+def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
+    """The ``ddq`` method (see the module docstring)."""
+    check_candidates(ctx.candidates)
+    ctx.check_feasible(uniform=not cfg.learn_bits)
+    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(batches)))
+    apply(ctx.qmodel, {})
+    history: list[dict] = []
+    cw, _ = bits_of(ctx.candidates)
+    if cfg.learn_bits:
+        if total < 2:
+            raise ValueError(f"ddq needs at least 2 training steps (search and fine-tune), got {total}")
+        n_search = max(1, min(total - 1, int(round(cfg.search_frac * total))))
+        start = float(cw.max()) if cfg.init_bits == "max" else budget_bits(ctx)
+        quantizers = search_quantizers(ctx, cfg, start)
+        t0 = time.perf_counter()
+        installed, info = _phase(ctx, cfg, quantizers, n_search, regularizer(ctx, cfg, quantizers), "search")
+        installed.restore()
+        wb, ab = learned_bits(quantizers)
+        choices, proj = project(ctx, wb, ab, cfg.time_limit)
+        info.update(
+            proj,
+            start_bits=start,
+            learned_bits={n: float(b) for n, b in zip(ctx.layers, wb, strict=True)},
+            seconds_with_projection=time.perf_counter() - t0,
+        )
+        if ab is not None:
+            info["learned_act_bits"] = {n: float(b) for n, b in zip(ctx.layers, ab, strict=True)}
+        history.append(info)
+        n_tune = total - n_search
+    else:
+        feasible = [j for j in range(len(ctx.candidates)) if ctx.within_limits([j] * len(ctx.layers))]
+        best = max(feasible, key=lambda j: float(ctx.costs["weight_bits"][:, j].sum()))
+        choices = [best] * len(ctx.layers)
+        n_tune = total
+    plan = ctx.plan_of(choices)
+    quantizers = deploy_quantizers(ctx, choices)  # n_tune >= 1: the deployed grids are always trained
+    installed, info = _phase(ctx, cfg, quantizers, n_tune, None, "finetune")
+    history.append(info)
+    finish(ctx, installed)
+    plan.meta.update(
+        {
+            "ddq": {
+                "steps": total,
+                "learn_bits": cfg.learn_bits,
+                "evaluated": "integer grids at the plan's bits, learned ranges baked in",
+            }
+        }
+    )
+    log.info("ddq: plan %s", {n: s.name for n, s in plan.layers.items()})
+    return MethodOutput(plan=plan, history=history)
