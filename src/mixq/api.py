@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mixq import cost, tasks
+from mixq import ptq as ptq_steps
 from mixq.methods import METHODS
 from mixq.methods.common import Context
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
@@ -82,6 +83,8 @@ def run(
     method_args: dict[str, Any] | None = None,
     seed: int = 0,
     out: str | Path | None = None,
+    ptq: list[str] | None = None,
+    ptq_args: dict[str, dict[str, Any]] | None = None,
 ) -> Result:
     """Quantize a task's model with one method under a budget and measure the result.
 
@@ -92,6 +95,10 @@ def run(
         budget: upper bounds, keys in ``mixq.cost.BUDGET_KEYS``; empty means unconstrained.
         method_args: the method's own settings (fields of its Config).
         seed: random seed.
+        ptq: PTQ steps from ``mixq.ptq.STEPS`` applied in order, e.g. ``["cle",
+            "bias_correction", "adaround"]``: float-model steps (cle) before calibration and the
+            method's search, plan steps after the plan is applied; recorded in ``metrics["ptq"]``.
+        ptq_args: per-step settings, e.g. ``{"adaround": {"iters": 2000}}``.
         out: a run directory to write plan.json, metrics.json, layers.csv and report.md to.
 
     Returns:
@@ -110,12 +117,18 @@ def run(
         raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
     specs = [as_layer_spec(c) for c in candidates]
     budget = cost.check_budget(budget if budget is not None else {})
+    steps = ptq_steps.resolve(ptq, ptq_args)
     torch.manual_seed(seed)
+    work, ptq_records = task, []
+    if any(s.stage == "float" for s in steps):  # before calibration and search: see mixq.ptq
+        model = copy.deepcopy(task.model).eval()
+        ptq_records = ptq_steps.apply_ptq("float", model, task, steps, seed)
+        work = dataclasses.replace(task, model=model, _fp_metric=None)
     t0 = time.perf_counter()
-    qmodel, infos = prepare(task, specs)
+    qmodel, infos = prepare(work, specs)
     mc = cost.model_costs(qmodel, infos)
     ctx = Context(
-        task=task,
+        task=work,
         qmodel=qmodel,
         layers=[i.name for i in infos],
         candidates=specs,
@@ -133,6 +146,7 @@ def run(
     plan = output.plan
     plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": seed})
     apply(qmodel, plan)
+    ptq_records += ptq_steps.apply_ptq("plan", qmodel, work, steps, seed)
     t1 = time.perf_counter()
     qmodel.eval()
     value = float(task.metric(qmodel, task.val))
@@ -154,6 +168,7 @@ def run(
     for k, v in budget.items():
         metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
     metrics["history"] = output.history
+    metrics["ptq"] = ptq_records
     result = Result(plan, qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
         write_run(ctx.out, result, infos)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq import formats
-from mixq.formats import Mx
+from mixq.formats import Mx, Sparq
 from mixq.plan import QSpec
-from mixq.quant import fake
+from mixq.quant import fake, multipoint, sparq
 
 SAMPLE_SIZE = 1 << 16  # activation values kept per site for percentile and MSE ranges
 SAMPLE_PER_BATCH = 1 << 13
@@ -48,11 +48,15 @@ class Quantizer(nn.Module):
         self._cache: tuple | None = None
         self.gram: torch.Tensor | None = None  # weights: the layer's input Gram matrix [G, k, k]
         self.collect_gram = False
+        # weights: (spec, float weight, quantized weight) set by a PTQ step such as AdaRound
+        self.fixed: tuple[QSpec, torch.Tensor, torch.Tensor] | None = None
 
     def set_spec(self, spec: QSpec | None) -> None:
         """Set the spec (None: pass through) and drop cached values."""
         if spec is not None and not isinstance(spec, QSpec):
             raise TypeError(f"expected a QSpec or None, got {type(spec).__name__}")
+        if spec is not None and self.kind == "weight" and isinstance(spec.fmt, Sparq):
+            raise ValueError(f"{spec.fmt} is an activation format; a weight site cannot use it")
         if spec != self.spec:
             self.spec = spec
             self._cache = None
@@ -109,6 +113,8 @@ class Quantizer(nn.Module):
         if isinstance(spec.fmt, Mx):
             xq = formats.mx_quantize(x, spec.fmt, axis=self.channel_axis)
             return fake.straight_through(x, xq, torch.ones_like(x, dtype=torch.bool))
+        if isinstance(spec.fmt, Sparq):
+            return self._sparq(x, spec)
         if self._cache is None:
             self._cache = self._act_params(spec)
         scale, zero = self._cache
@@ -119,6 +125,39 @@ class Quantizer(nn.Module):
             return fake.straight_through(x, xq, inside)
         return xq
 
+    def sparq_params(self) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
+        """Return (scale, zero point, 8-bit base spec) of a site with a SPARQ activation spec.
+
+        The base spec is unsigned 8-bit for a non-negative site and, for a site whose calibrated
+        minimum is negative (outside SPARQ), the plain 8-bit asymmetric code (see `sparq_fallback`).
+        """
+        spec = self.spec
+        if spec is None or not isinstance(spec.fmt, Sparq):
+            raise ValueError(f"site has no SPARQ activation spec (spec: {spec})")
+        if self._cache is None:
+            if self.stats_min is None:
+                self._act_params(spec)  # raises the missing-calibration error
+            base = sparq.base_spec(spec, signed=bool(self.stats_min < 0))
+            self._cache = (*self._act_params(base), base)
+        return self._cache
+
+    @property
+    def sparq_fallback(self) -> bool:
+        """Whether this SPARQ site is signed and falls back to the plain 8-bit asymmetric code."""
+        return not self.sparq_params()[2].symmetric
+
+    def _sparq(self, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+        scale, zero, base = self.sparq_params()
+        rows = x.reshape(1, -1)
+        if base.symmetric:
+            xq = sparq.fake_quantize(x.detach(), scale[0], spec.fmt, self.channel_axis)
+        else:
+            xq = fake.quantize_rows(rows.detach(), scale, zero, base).reshape(x.shape)
+        if torch.is_grad_enabled() and x.requires_grad:
+            inside = fake.clip_mask(rows, scale[:, None], zero[:, None], base).reshape(x.shape)
+            return fake.straight_through(x, xq, inside)
+        return xq
+
     @torch.no_grad()
     def add_gram(self, cols: torch.Tensor) -> None:
         """Accumulate the Gram matrix of a layer's input columns ``cols`` [G, N, k]."""
@@ -126,7 +165,24 @@ class Quantizer(nn.Module):
         self.gram = g if self.gram is None else self.gram + g
         self._cache = None
 
+    def fix_weight(self, spec: QSpec, w: torch.Tensor, wq: torch.Tensor) -> None:
+        """Use ``wq`` as the quantized weight while the spec is ``spec`` and the weight equals ``w``.
+
+        PTQ steps that choose the rounding (AdaRound) store their result here, so it survives later
+        forwards and plan switches; another spec or changed weights fall back to plain rounding.
+        """
+        if wq.shape != w.shape:
+            raise ValueError(
+                f"fixed weight shape {tuple(wq.shape)} differs from the weight's {tuple(w.shape)}"
+            )
+        self.fixed = (spec, w.detach().clone(), wq.detach().clone())
+
     def _weight(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+        f = self.fixed
+        if f is not None and f[0] == spec and f[1].shape == w.shape and torch.equal(f[1], w.detach()):
+            if torch.is_grad_enabled() and w.requires_grad:
+                return fake.straight_through(w, f[2], self._weight_mask(w, spec))
+            return f[2]
         # The cache is keyed by the weight's values: `w.data.mul_()` and `load_state_dict` do not
         # always bump `w._version`. A value made under inference_mode is not reused outside it
         # (autograd cannot save inference tensors for backward).
@@ -139,14 +195,18 @@ class Quantizer(nn.Module):
             or (c[1].is_inference() and not torch.is_inference_mode_enabled())
         ):
             gram = self.gram.float() if self.gram is not None else None
-            self._cache = (w.detach().clone(), fake.quantize_weight(w, spec, gram))
+            wq_new = (multipoint.quantize_weight(w, spec) if spec.points is not None
+                      else fake.quantize_weight(w, spec, gram))  # fmt: skip
+            self._cache = (w.detach().clone(), wq_new)
         wq = self._cache[1]
         if torch.is_grad_enabled() and w.requires_grad:
-            return fake.straight_through(w, wq, self._weight_mask(w, spec))
+            if len(self._cache) == 2:  # the mask's range search runs once per weight value
+                self._cache = (*self._cache, self._weight_mask(w, spec))
+            return fake.straight_through(w, wq, self._cache[2])
         return wq
 
     def _weight_mask(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
-        if isinstance(spec.fmt, Mx):
+        if isinstance(spec.fmt, Mx) or spec.points is not None:  # multipoint: nothing is clipped
             return torch.ones_like(w, dtype=torch.bool)
         rows = fake.to_rows(w.detach().float(), spec)
         gram = self.gram.float() if self.gram is not None else None

@@ -1,0 +1,117 @@
+"""Post-training quantization steps that refine any plan: ``mixq.run(..., ptq=[...])``.
+
+Each step has a stage:
+
+* ``"float"``: transforms the float model before calibration and before the method chooses
+  its plan (``cle``), so ranges and sensitivities are measured on the weights that end up
+  quantized.
+* ``"plan"``: refines the quantized layers of the chosen plan, after it is applied
+  (``bias_correction``, ``adaround``).
+
+Steps run in the order listed; every float step must come before every plan step. Each step is
+deterministic for a seed and reports a record (its stage, seconds and what it did).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mixq.ptq import adaround, bias_correction, cle
+from mixq.tasks import Task
+
+STAGES = ("float", "plan")
+
+
+def _cle(model: nn.Module, task: Task, cfg: cle.Config, seed: int) -> dict:
+    del task, seed  # data-free and deterministic
+    return cle.equalize(model, cfg)
+
+
+STEPS: dict[str, tuple[str, type, Callable[..., dict]]] = {
+    "cle": ("float", cle.Config, _cle),
+    "bias_correction": ("plan", bias_correction.Config, bias_correction.correct),
+    "adaround": ("plan", adaround.Config, adaround.adaround),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One resolved PTQ step: its name, stage and settings."""
+
+    name: str
+    stage: str
+    cfg: Any
+
+
+def resolve(ptq: list[str] | str | None, ptq_args: dict[str, dict[str, Any]] | None = None) -> list[Step]:
+    """Validate step names (and their settings) and return them in order.
+
+    Args:
+        ptq: step names from ``STEPS``, or a comma-separated string of them.
+        ptq_args: per-step settings, e.g. ``{"adaround": {"iters": 2000}}``.
+
+    Raises:
+        ValueError: an unknown, repeated or misplaced step, or unknown settings.
+    """
+    if ptq is None:
+        ptq = []
+    if isinstance(ptq, str):
+        ptq = [p for p in ptq.split(",") if p]
+    if not isinstance(ptq, (list, tuple)) or not all(isinstance(p, str) for p in ptq):
+        raise ValueError(f"ptq must be a list of step names from {', '.join(STEPS)}; got {ptq!r}")
+    for p in ptq:
+        if p not in STEPS:
+            raise ValueError(f"unknown PTQ step {p!r}; valid: {', '.join(STEPS)}")
+    if len(set(ptq)) != len(ptq):
+        raise ValueError(f"a PTQ step is listed twice in {list(ptq)}")
+    stages = [STEPS[p][0] for p in ptq]
+    if stages != sorted(stages, key=STAGES.index):
+        floats = ", ".join(p for p in ptq if STEPS[p][0] == "float")
+        raise ValueError(f"float-model steps ({floats}) must come before plan steps in {list(ptq)}")
+    if not isinstance(ptq_args, (dict, type(None))):
+        raise ValueError(f"ptq_args must map step names to settings, got {ptq_args!r}")
+    args = dict(ptq_args or {})
+    extra = sorted(set(args) - set(ptq))
+    if extra:
+        raise ValueError(f"ptq_args for steps not in ptq: {extra}; steps: {', '.join(ptq) or 'none'}")
+    steps = []
+    for p in ptq:
+        stage, cfg_cls, _ = STEPS[p]
+        kw = args.get(p) or {}
+        if not isinstance(kw, dict):
+            raise ValueError(f"ptq_args[{p!r}] must be a dict of settings, got {kw!r}")
+        valid = [f.name for f in dataclasses.fields(cfg_cls)]
+        unknown = sorted(set(kw) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown} for PTQ step {p!r}; valid: {', '.join(valid)}")
+        steps.append(Step(p, stage, cfg_cls(**kw)))
+    return steps
+
+
+def apply_ptq(stage: str, model: nn.Module, task: Task, steps: list[Step], seed: int = 0) -> list[dict]:
+    """Run the steps of one stage on ``model`` in place, in order, and return their records.
+
+    Args:
+        stage: "float" (``model`` is the float model) or "plan" (the wrapped model, plan applied).
+        model: the model to transform.
+        task: the calibration batches, forward function and (plan stage) the float reference model.
+        steps: from :func:`resolve`.
+        seed: random seed of the steps that sample.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown PTQ stage {stage!r}; valid: {', '.join(STAGES)}")
+    records = []
+    for step in steps:
+        if step.stage != stage:
+            continue
+        t0 = time.perf_counter()
+        info = STEPS[step.name][2](model, task, step.cfg, seed)
+        records.append({"step": step.name, "stage": stage, "seconds": time.perf_counter() - t0,
+                        "config": dataclasses.asdict(step.cfg), **info})  # fmt: skip
+    return records

@@ -1,0 +1,267 @@
+"""Cross-layer equalization (CLE), a data-free rescaling of consecutive layers.
+
+Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction",
+ICCV 2019, §4.1. For a layer A whose output channel ``i`` feeds input channel ``i`` of the next
+layer B through positively homogeneous operations only (ReLU, max or average pooling, flatten,
+identity), ``f(x / s) = f(x) / s`` for ``s > 0``, so dividing A's row ``i`` and bias by ``s_i``
+and multiplying B's input channel ``i`` by ``s_i`` leaves the network's function unchanged. With
+``r1_i`` the range (max |w|) of A's output channel ``i`` and ``r2_i`` that of B's input channel
+``i``, the choice ``s_i = sqrt(r1_i / r2_i)`` makes both ranges ``sqrt(r1_i r2_i)``, which the
+paper shows maximizes the summed relative precision of the pair. Chains of layers are
+equalized by sweeping over the pairs until the scales stop changing.
+
+Depthwise-separable pairs are included: a depthwise layer's input channel ``i`` is its output
+channel ``i``. A convolution feeding a linear layer through a flatten scales each channel's
+block of ``H*W`` input features.
+
+ReLU6 (MobileNet) is not positively homogeneous. Options (``Config.relu6``): ``"clamp"``
+(default, a mixq choice) replaces it by a per-channel clamp to ``[0, 6 / s_i]``, which keeps the
+function exactly; ``"relu"`` replaces it by ReLU as the paper does for MobileNetV2 (changes the
+function where activations exceed 6); ``"skip"`` leaves such pairs alone.
+
+Deviations: the paper's bias absorption (§4.1.2) is not implemented. Batch norm between the
+layers must be folded first (``mixq.fold.fold_batchnorm``): a BN is not homogeneous.
+
+CLE is a float-model transform: mixq applies it before calibration and before the method
+chooses its plan, so ranges and sensitivities are measured on the weights that are quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from mixq.progress import progress
+
+log = logging.getLogger(__name__)
+
+LAYERS = (nn.Conv2d, nn.Linear)
+HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+HOMOGENEOUS_FUNCS = (F.relu, torch.relu)
+RELU6_MODES = ("clamp", "relu", "skip")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of cross-layer equalization.
+
+    Attributes:
+        relu6: how pairs joined by a ReLU6 are handled: "clamp", "relu" or "skip".
+        max_sweeps: passes over all pairs at most.
+        tol: stop when every scale of a sweep is within ``1 +- tol``.
+    """
+
+    relu6: str = "clamp"
+    max_sweeps: int = 100
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.relu6 not in RELU6_MODES:
+            raise ValueError(f"unknown relu6 {self.relu6!r}; valid: {', '.join(RELU6_MODES)}")
+        if self.max_sweeps < 1 or not self.tol > 0:
+            raise ValueError(f"max_sweeps must be >= 1 and tol > 0, got {self.max_sweeps}, {self.tol}")
+
+
+class ChannelClamp(nn.Module):
+    """``clamp(x, 0, upper[c])`` per channel: ReLU6 after its channels were rescaled by CLE.
+
+    Args:
+        upper: the upper bound per channel [C].
+        axis: the channel axis (1 for convolution outputs, -1 for linear outputs).
+    """
+
+    def __init__(self, upper: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone())
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return torch.minimum(x.clamp_min(0), self.upper.reshape(shape))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}, axis={self.axis}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two consecutive layers: ``first``'s output channels are ``second``'s input channels.
+
+    Attributes:
+        first, second: module names.
+        repeat: input features of ``second`` per channel of ``first`` (``H*W`` after a flatten).
+        relu6: names of the ReLU6 modules between them.
+    """
+
+    first: str
+    second: str
+    repeat: int = 1
+    relu6: tuple[str, ...] = ()
+
+
+def _is_relu6(m: nn.Module) -> bool:
+    return isinstance(m, nn.ReLU6) or (
+        isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0
+    )
+
+
+def _follow(model: nn.Module, gm: fx.GraphModule, node: fx.Node) -> Pair | None:
+    """Follow the single-user chain from layer ``node`` to the next layer, if homogeneous."""
+    first = model.get_submodule(str(node.target))
+    cur, flatten, relu6 = node, False, []
+    while True:
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+        if nxt.args[:1] != (cur,):
+            return None
+        if nxt.op == "call_module":
+            m = model.get_submodule(str(nxt.target))
+            if isinstance(m, LAYERS):
+                break
+            if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+                flatten = True
+            elif _is_relu6(m) or isinstance(m, ChannelClamp):
+                relu6.append(str(nxt.target))
+            elif not isinstance(m, HOMOGENEOUS):
+                return None
+        elif nxt.op == "call_function" and nxt.target is torch.flatten:
+            if (nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("start_dim", 0)) != 1:
+                return None
+            flatten = True
+        elif not (nxt.op == "call_function" and nxt.target in HOMOGENEOUS_FUNCS):
+            return None
+        cur = nxt
+    second = model.get_submodule(str(nxt.target))
+    channels = first.weight.shape[0]
+    if isinstance(second, nn.Conv2d):
+        if flatten or not isinstance(first, nn.Conv2d) or second.in_channels != channels:
+            return None
+        repeat = 1
+    else:
+        if isinstance(first, nn.Conv2d) and not flatten:
+            return None
+        if second.in_features % channels:
+            return None
+        repeat = second.in_features // channels
+    return Pair(str(node.target), str(nxt.target), repeat, tuple(relu6))
+
+
+def find_pairs(model: nn.Module) -> list[Pair]:
+    """Find consecutive layer pairs on the model's FX graph (none if it cannot be traced)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: no pairs, logged
+        log.info("CLE: the model cannot be traced (%s); no pairs", type(e).__name__)
+        return []
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), LAYERS):
+            pair = _follow(model, gm, node)
+            if pair is not None:
+                pairs.append(pair)
+    return pairs
+
+
+def output_ranges(w: torch.Tensor) -> torch.Tensor:
+    """Return max |w| per output channel of a weight [out, ...].
+
+    >>> output_ranges(torch.tensor([[1.0, -3.0], [0.5, 0.25]])).tolist()
+    [3.0, 0.5]
+    """
+    return w.detach().abs().reshape(w.shape[0], -1).amax(1)
+
+
+def input_ranges(layer: nn.Conv2d | nn.Linear, repeat: int = 1) -> torch.Tensor:
+    """Return max |w| per input channel of ``layer`` (``repeat`` consecutive features per channel).
+
+    A grouped convolution's input channel ``i`` is channel ``i % (C_in/G)`` of group ``i // (C_in/G)``.
+    """
+    w = layer.weight.detach().abs()
+    if isinstance(layer, nn.Conv2d):
+        g = layer.groups
+        per_in = w.shape[1]
+        return w.reshape(g, w.shape[0] // g, per_in, -1).amax(dim=(1, 3)).reshape(g * per_in)
+    return w.reshape(w.shape[0], -1, repeat).amax(dim=(0, 2))
+
+
+@torch.no_grad()
+def scale_input(layer: nn.Conv2d | nn.Linear, s: torch.Tensor, repeat: int = 1) -> None:
+    """Multiply input channel ``i`` of ``layer`` by ``s[i]`` in place."""
+    w = layer.weight
+    if isinstance(layer, nn.Conv2d):
+        g = layer.groups
+        per_in = w.shape[1]
+        view = w.view(g, w.shape[0] // g, per_in, -1)
+        view.mul_(s.reshape(g, 1, per_in, 1).to(w.dtype))
+    else:
+        w.view(w.shape[0], -1, repeat).mul_(s.reshape(1, -1, 1).to(w.dtype))
+
+
+@torch.no_grad()
+def equalize_pair(model: nn.Module, pair: Pair) -> torch.Tensor:
+    """Equalize one pair in place and return the scales ``s`` applied (``first`` divided by ``s``)."""
+    a = model.get_submodule(pair.first)
+    b = model.get_submodule(pair.second)
+    r1 = output_ranges(a.weight).double()
+    r2 = input_ranges(b, pair.repeat).double()
+    ok = (r1 > 0) & (r2 > 0)
+    s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
+    shape = (-1,) + (1,) * (a.weight.dim() - 1)
+    a.weight.div_(s.reshape(shape).to(a.weight.dtype))
+    if a.bias is not None:
+        a.bias.div_(s.to(a.bias.dtype))
+    scale_input(b, s, pair.repeat)
+    for name in pair.relu6:
+        clamp = model.get_submodule(name)
+        clamp.upper.div_(s.to(clamp.upper.dtype))
+    return s
+
+
+def _set(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, child)
+
+
+def _prepare_relu6(model: nn.Module, pairs: list[Pair], mode: str) -> list[Pair]:
+    """Replace the ReLU6 modules of ``pairs`` per ``mode``; drop the pairs ``"skip"`` excludes."""
+    if mode == "skip":
+        return [p for p in pairs if not p.relu6]
+    for p in pairs:
+        channels = model.get_submodule(p.first).weight.shape[0]
+        axis = 1 if isinstance(model.get_submodule(p.first), nn.Conv2d) else -1
+        for name in p.relu6:
+            m = model.get_submodule(name)
+            if isinstance(m, ChannelClamp):
+                continue
+            new = ChannelClamp(torch.full((channels,), 6.0), axis) if mode == "clamp" else nn.ReLU()
+            _set(model, name, new)
+    if mode == "relu":
+        pairs = [Pair(p.first, p.second, p.repeat) for p in pairs]
+    return pairs
+
+
+def equalize(model: nn.Module, cfg: Config = Config()) -> dict:
+    """Equalize every consecutive pair of ``model`` in place (a float model, batch norm folded).
+
+    Returns:
+        A record: the pairs equalized, the sweeps run, and the last sweep's largest |log s|.
+    """
+    if model.training:
+        raise ValueError("equalize a model in eval mode (call model.eval() first)")
+    pairs = _prepare_relu6(model, find_pairs(model), cfg.relu6)
+    sweeps, change = 0, 0.0
+    for sweep in progress(range(1, cfg.max_sweeps + 1), "cle", unit="sweep"):
+        sweeps, change = sweep, 0.0
+        for p in pairs:
+            s = equalize_pair(model, p)
+            change = max(change, float(s.log().abs().max()))
+        if change <= cfg.tol:
+            break
+    return {"pairs": [[p.first, p.second] for p in pairs], "sweeps": sweeps if pairs else 0,
+            "max_log_scale": change}  # fmt: skip
