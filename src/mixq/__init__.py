@@ -7,7 +7,7 @@ res = mixq.run(task, method="uniform", candidates=["w4a8", "w8a8"],
 res.plan.save("plan.json"); print(res.metrics)
 """
 
-from mixq import cost, formats, sensitivity, tasks
+from mixq import cost, export, formats, sensitivity, tasks
 from mixq.api import Result, run
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.tasks import Task
@@ -23,6 +23,7 @@ __all__ = [
     "apply",
     "calibrate",
     "cost",
+    "export",
     "formats",
     "sensitivity",
     "parse_candidate",

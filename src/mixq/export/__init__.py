@@ -1,0 +1,130 @@
+"""Export a quantized model: packed safetensors checkpoints and ONNX QDQ models.
+
+```python
+res = mixq.run("mnist-cnn", candidates=["w4a8", "w8a8"], budget={"avg_weight_bits": 6})
+mixq.export.save(res, "model.safetensors")                 # bit-packed codes + scales + plan
+model = mixq.export.load("model.safetensors")              # outputs equal res.model's, bit for bit
+mixq.export.save(res, "model.onnx", format="onnx")         # QuantizeLinear/DequantizeLinear
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mixq.export.packed import deploy_model, load_safetensors, read_safetensors, save_safetensors
+
+FORMATS = ("safetensors", "onnx")
+
+__all__ = ["FORMATS", "deploy_model", "load", "read_safetensors", "rebuild", "save"]
+
+
+def _task_of(result: Any, task: Any) -> Any:
+    from mixq import tasks
+
+    if task is not None:
+        return tasks.get(task) if isinstance(task, str) else task
+    name = result.plan.meta.get("task")
+    if name not in tasks.TASKS:
+        raise ValueError(
+            f"ONNX export needs example inputs: pass task= (the run's task {name!r} is not "
+            f"built-in; built-in: {', '.join(tasks.TASKS)})"
+        )
+    return tasks.get(name)
+
+
+def save(result: Any, path: str | Path, format: str = "safetensors", task: Any = None) -> Path:
+    """Write a run's quantized model to ``path``.
+
+    Args:
+        result: a :class:`mixq.Result` (``result.model`` the wrapped model with its plan applied).
+        path: the file to write.
+        format: "safetensors" (packed codes, scales and the plan) or "onnx" (QDQ graph).
+        task: ONNX only: the Task (or its name) whose calibration batch gives example inputs;
+            by default the run's own task, rebuilt by name.
+
+    Returns:
+        The path written.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    if format == "safetensors":
+        return save_safetensors(result.model, result.plan, path)
+    from mixq.export import qdq
+
+    return qdq.save_onnx(result.model, _task_of(result, task), path)
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the deployed model from a packed safetensors export.
+
+    Args:
+        path: a file written by ``save(..., format="safetensors")``.
+        model: the float model the export came from (its architecture is reused, its weights
+            replaced); by default the built-in task named in the file is rebuilt.
+
+    Returns:
+        A model whose outputs equal the fake-quantized model's bit for bit.
+    """
+    return load_safetensors(path, model)
+
+
+def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
+    """Rebuild the quantized model of a run directory (plan.json, metrics.json) and its task.
+
+    The run's built-in task is prepared again (copied, wrapped and calibrated on the same
+    batches, which is deterministic) and its plan applied. With ``check``, the rebuilt model's
+    metric must equal the one in metrics.json, or a ValueError says that the run cannot be
+    rebuilt from its plan alone.
+
+    Returns:
+        ``(result, task)``: a :class:`mixq.Result` holding the plan and the rebuilt model.
+    """
+    import json
+
+    from mixq import tasks
+    from mixq.api import Result, prepare
+    from mixq.plan import Plan
+    from mixq.wrap import apply
+
+    run_dir = Path(run_dir)
+    for f in ("plan.json", "metrics.json"):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory: no {f}")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run_dir / 'metrics.json'} is not valid JSON: {e}") from None
+    name = metrics.get("task") if isinstance(metrics, dict) else None
+    if name not in tasks.TASKS:
+        raise ValueError(
+            f"run {run_dir} is of task {name!r}, not a built-in one; export it from Python with "
+            f"mixq.export.save(result, path); built-in tasks: {', '.join(tasks.TASKS)}"
+        )
+    task = tasks.get(name)
+    plan = Plan.load(run_dir / "plan.json")
+    specs = list(plan.layers.values()) + _candidates(metrics)
+    qmodel, infos = prepare(task, specs)
+    plan.check_layers([i.name for i in infos])
+    apply(qmodel, plan)
+    qmodel.eval()
+    value = float(task.metric(qmodel, task.val))
+    if check and value != metrics.get("metric"):
+        raise ValueError(
+            f"the model rebuilt from {run_dir / 'plan.json'} scores {value!r}, the run "
+            f"recorded {metrics.get('metric')!r}: this run cannot be rebuilt from its plan"
+        )
+    return Result(plan, qmodel, {**metrics, "metric": value}), task
+
+
+def _candidates(metrics: dict[str, Any]) -> list[Any]:
+    """The run's candidate specs (they decide what calibration collects, as in the run)."""
+    from mixq.plan import as_layer_spec
+
+    cands = metrics.get("candidates") or []
+    if not isinstance(cands, list):
+        raise ValueError(f"metrics.json 'candidates' must be a list of names, got {cands!r}")
+    return [as_layer_spec(c) for c in cands]

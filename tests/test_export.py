@@ -1,0 +1,293 @@
+"""Export: packed safetensors round trips bit-exactly; ONNX Runtime runs the QDQ graph as simulated."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import mixq
+from mixq import cli, export, formats, tasks
+from mixq.export import packing
+from mixq.export.codes import decode_weight, encode_weight
+from mixq.plan import Plan, parse_candidate
+from mixq.quant import fake
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+# Every weight format the cost model counts, at every granularity it takes.
+WEIGHT_FORMATS = [f"w{n}" for n in formats.FORMAT_NAMES if not n.startswith("mx")] + [
+    f"w{n}" for n in formats.FORMAT_NAMES if n.startswith("mx")
+]
+INT_NAMES = [n for n in formats.FORMAT_NAMES if "int" in n and not n.startswith("mx")]
+VARIANTS = (
+    WEIGHT_FORMATS
+    + [f"w{n}+asym" for n in INT_NAMES if n.startswith("int")]
+    + [f"w{n}+tensor" for n in ("int4", "int8", "fp8_e4m3fn")]
+    + [f"w{n}g8" for n in ("int2", "int3", "int4", "int6", "uint4", "fp4_e2m1", "fp8_e5m2")]
+    + ["w4g8+asym", "w3+asym+mse", "w4+p99.9", "wmxfp4_e2m1_b16"]
+)
+ACT_VARIANTS = ["w4a8", "w4a4+sym", "w8-auint6", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2",
+                "wmxfp6_e3m2-amxint8", "wmxfp4_e2m1-amxfp8_e4m3"]  # fmt: skip
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of float32 tensors (tells -0.0 from 0.0 and compares NaN payloads)."""
+    return a.shape == b.shape and torch.equal(a.float().view(torch.int32), b.float().view(torch.int32))
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+
+def naive_pack(codes: list[int], bits: int) -> bytes:
+    """Oracle: one big little-endian integer, code i at bit offset bits * i."""
+    value = sum(c << (bits * i) for i, c in enumerate(codes))
+    return value.to_bytes(math.ceil(len(codes) * bits / 8), "little")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64, 1001])
+def test_pack_matches_bit_string_oracle_and_round_trips(bits: int, n: int) -> None:
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g)
+    packed = packing.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+    assert bytes(packed.tolist()) == naive_pack(codes.tolist(), bits)
+    assert torch.equal(packing.unpack_bits(packed, bits, n), codes)
+
+
+def test_pack_rejects_bad_codes_and_sizes() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        packing.pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match="1..8"):
+        packing.pack_bits(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match="take 2 bytes"):
+        packing.unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_fp8_codes_equal_torch_float8_bits(name: str) -> None:
+    fmt = formats.parse(name)
+    values = torch.cat([formats.grid(fmt), torch.tensor([-0.0])])
+    dtype = torch.float8_e4m3fn if name == "fp8_e4m3fn" else torch.float8_e5m2
+    oracle = values.to(dtype).view(torch.uint8).to(torch.int64)
+    codes = packing.encode_fp(values, fmt)
+    assert torch.equal(codes, oracle)
+    assert same_bits(packing.decode_fp(codes, fmt), values)
+
+
+@pytest.mark.parametrize(
+    ("name", "np_dtype"),
+    [
+        ("fp6_e2m3", ml_dtypes.float6_e2m3fn),
+        ("fp6_e3m2", ml_dtypes.float6_e3m2fn),
+        ("fp4_e2m1", ml_dtypes.float4_e2m1fn),
+    ],
+)
+def test_fp6_fp4_codes_equal_ml_dtypes_bits(name: str, np_dtype: type) -> None:
+    fmt = formats.parse(name)
+    values = torch.cat([formats.grid(fmt), torch.tensor([-0.0])])
+    oracle = values.numpy().astype(np_dtype).view(np.uint8).astype(np.int64)
+    codes = packing.encode_fp(values, fmt)
+    assert codes.tolist() == oracle.tolist()
+    assert same_bits(packing.decode_fp(codes, fmt), values)
+
+
+def test_encode_fp_rejects_off_grid_values() -> None:
+    with pytest.raises(ValueError, match="round them to the format"):
+        packing.encode_fp(torch.tensor([0.3]), formats.parse("fp4_e2m1"))
+
+
+# -- codes: every weight format ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cand", VARIANTS)
+def test_codes_rebuild_the_fake_quantized_weight_bit_exactly(cand: str) -> None:
+    spec = parse_candidate(cand).weight
+    g = torch.Generator().manual_seed(len(cand))
+    w = torch.randn(6, 5, 3, 3, generator=g) * torch.logspace(-3, 1, 6)[:, None, None, None]
+    w[0, 0, 0, 0] = 0.0
+    enc = encode_weight(w, spec)
+    assert int(enc.codes.min()) >= 0 and int(enc.codes.max()) < 1 << spec.bits
+    assert same_bits(decode_weight(enc), fake.quantize_weight(w, spec))
+
+
+# -- safetensors save/load ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn() -> tuple[tasks.Task, torch.nn.Module]:
+    """The synthetic CNN (plain, depthwise and grouped convs, a linear layer), wrapped and calibrated."""
+    task = tasks.get("synthetic-cnn")
+    qmodel = mixq.wrap(copy.deepcopy(task.model).eval())
+    mixq.calibrate(qmodel, task.calib[:2], gram=True)
+    return task, qmodel
+
+
+def result_for(task: tasks.Task, qmodel: torch.nn.Module, cand: str) -> mixq.Result:
+    spec = parse_candidate(cand)
+    plan = Plan({n: spec for n in mixq.sites(qmodel)}, {"task": task.name})
+    mixq.apply(qmodel, plan)
+    return mixq.Result(plan, qmodel, {})
+
+
+@pytest.mark.parametrize("cand", [*VARIANTS, *ACT_VARIANTS, "w2+asym+omse-a8"])
+def test_safetensors_round_trip_is_bit_exact(cnn, cand: str, tmp_path) -> None:
+    task, qmodel = cnn
+    res = result_for(task, qmodel, cand)
+    path = export.save(res, tmp_path / "m.safetensors")
+    loaded = export.load(path, model=task.model)
+    x = torch.cat([b[0] for b in task.val])[:64]
+    with torch.no_grad():
+        assert same_bits(loaded(x), res.model(x))
+
+
+@pytest.mark.parametrize("cand", ["w4a8", "w3+asym-a8", "w2g8+asym", "wfp6_e2m3-a8", "wmxfp4_e2m1"])
+def test_payload_size_equals_cost_model(cand: str, tmp_path) -> None:
+    res = mixq.run("synthetic-mlp", candidates=[cand])
+    path = export.save(res, tmp_path / "m.safetensors")
+    raw = path.read_bytes()
+    payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
+    assert payload >= res.metrics["size_bytes"]  # packing pads each tensor to whole bytes only
+
+
+def test_load_rebuilds_the_task_model_by_name(tmp_path) -> None:
+    res = mixq.run("synthetic-mlp", candidates=["w3+asym-a8"])
+    loaded = export.load(export.save(res, tmp_path / "m.safetensors"))
+    x = tasks.get("synthetic-mlp").val[0][0]
+    with torch.no_grad():
+        assert same_bits(loaded(x), res.model(x))
+
+
+def test_bad_files_and_arguments_raise_clear_errors(cnn, tmp_path) -> None:
+    task, qmodel = cnn
+    res = result_for(task, qmodel, "w4a8")
+    path = export.save(res, tmp_path / "m.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        export.load(broken, model=task.model)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        export.load(garbage, model=task.model)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a mixq export"):
+        export.load(plain, model=task.model)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        export.load(path, model=tasks.get("synthetic-mlp").model)
+    with pytest.raises(ValueError, match="valid: safetensors, onnx"):
+        export.save(res, tmp_path / "m.bin", format="bin")
+    custom = mixq.Result(Plan(res.plan.layers, {"task": "custom"}), qmodel, {})
+    with pytest.raises(ValueError, match="pass model="):
+        export.load(export.save(custom, tmp_path / "c.safetensors"))
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+
+
+def ort_run(path, x: torch.Tensor, optimize: bool, optimized_path=None) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {"input": x.numpy()})[0]
+
+
+ONNX_CASES = {  # candidate -> element type of the weight initializer
+    "w8a8": "INT8",
+    "w4a8": "INT4",
+    "w3+asym-a6": "UINT4",
+    "w2a4+sym": "INT4",
+    "w6+tensor-a8": "INT8",
+    "wuint4-auint8": "UINT4",
+    "wfp8_e4m3fn-afp8_e4m3fn": "FLOAT8E4M3FN",
+    "wfp8_e5m2-afp8_e5m2": "FLOAT8E5M2",
+    "wmxfp4_e2m1-a8": "FLOAT",
+    "w4g8-a8": "FLOAT",
+    "wfp6_e3m2-a8": "FLOAT",
+}
+
+
+@pytest.mark.parametrize("cand", list(ONNX_CASES))
+def test_onnx_runtime_matches_the_simulation(cnn, cand: str, tmp_path) -> None:
+    task, qmodel = cnn
+    res = result_for(task, qmodel, cand)
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
+    assert inits["conv1.weight.codes" if ONNX_CASES[cand] != "FLOAT" else "conv1.weight"] == ONNX_CASES[cand]
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not any(
+        n.domain == "mixq" for n in model.graph.node
+    )
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        sim = res.model(x).numpy()
+    out = ort_run(path, x, optimize=False)
+    diff, scale = np.abs(out - sim), np.abs(sim).max()
+    # Float summation order differs; a value on a rounding boundary of a later quantizer may then
+    # land one step away, which moves a few outputs a little: the bulk agrees to float precision.
+    assert (diff <= 1e-5 * scale).mean() >= 0.99
+    assert diff.max() <= 0.02 * scale
+    assert (out.argmax(1) == sim.argmax(1)).all()
+
+
+def test_onnx_rejects_inputs_it_cannot_express(cnn, tmp_path) -> None:
+    task, qmodel = cnn
+    res = result_for(task, qmodel, "w4-amxint8")
+    with pytest.raises(ValueError, match="no ONNX QDQ form; supported input formats"):
+        export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+
+
+def test_mnist_int8_runs_in_integer_kernels_with_the_simulated_accuracy(tmp_path) -> None:
+    """The real MNIST CNN at w7a8 on 500 real test images: ONNX Runtime fuses QLinearConv."""
+    task = tasks.mnist_cnn(calib_size=256, val_size=500, batch_size=500)
+    qmodel = mixq.wrap(copy.deepcopy(task.model).eval())
+    mixq.calibrate(qmodel, task.calib)
+    res = result_for(task, qmodel, "w7a8")
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    x, y = task.val[0][0], task.val[0][1].numpy()
+    with torch.no_grad():
+        sim = res.model(x).numpy()
+    fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3
+    reference = ort_run(path, x, optimize=False)
+    assert np.abs(reference - sim).max() < 0.1  # logits of magnitude about 20
+    assert np.abs(fused - sim).max() < 0.5  # + int32 bias and requantization in the fused kernels
+    assert (fused.argmax(1) == sim.argmax(1)).all() and (reference.argmax(1) == sim.argmax(1)).all()
+    assert (fused.argmax(1) == y).mean() == (sim.argmax(1) == y).mean()
+
+
+# -- CLI: export a run directory ------------------------------------------------------------------
+
+
+def test_cli_exports_a_run_directory(tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w4a8", "--out", str(run_dir)]) == 0
+    assert cli.main(["export", str(run_dir)]) == 0
+    assert cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    res = mixq.run("synthetic-mlp", candidates=["w4a8"])
+    x = tasks.get("synthetic-mlp").val[0][0]
+    loaded = export.load(run_dir / "model.safetensors")
+    with torch.no_grad():
+        assert same_bits(loaded(x), res.model(x))
+    out = ort_run(tmp_path / "m.onnx", x, optimize=False)
+    assert (out.argmax(1) == res.model(x).detach().numpy().argmax(1)).all()
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "nowhere")]) == 2
+    assert "no plan.json" in capsys.readouterr().err
