@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || \
 	  echo "warning: could not install dataset-fashion-mnist (Fashion-MNIST tasks need it)"
+	dpkg -s chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "warning: could not install chromium (tests/test_report.py checks the HTML report in it)"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +33,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
+
+# Every method on every benchmark task over a budget sweep; resumes an interrupted run.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache

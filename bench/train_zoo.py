@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.datasets import FASHION_MEAN, FASHION_STD, fashion_mnist
+from mixq.progress import progress
 from mixq.zoo import MODELS, build, count_macs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,9 +189,6 @@ def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]
     elif args.resume:
         print(f"[{name}] no checkpoint at {ckpt_path}; starting from scratch", flush=True)
 
-    use_tqdm = sys.stdout.isatty()
-    if use_tqdm:
-        from tqdm import tqdm
     x_test = data["x_test"].contiguous(memory_format=memory_format)
     y_test = data["y_test"]
     for epoch in range(start_epoch, args.epochs):
@@ -198,9 +196,7 @@ def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]
         model.train()
         order = torch.randperm(n, generator=gen)
         loss_sum, correct = 0.0, 0
-        batches = range(steps_per_epoch)
-        if use_tqdm:
-            batches = tqdm(batches, desc=f"{name} {epoch + 1}/{args.epochs}", leave=False)
+        batches = progress(range(steps_per_epoch), f"{name} epoch {epoch + 1}/{args.epochs}", unit="step")
         for b in batches:
             idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             xb = augment(x_train[idx], gen).contiguous(memory_format=memory_format)

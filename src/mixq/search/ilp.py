@@ -12,6 +12,7 @@ import logging
 import math
 import time
 
+from mixq.progress import progress
 from mixq.search.formulation import solve
 from mixq.search.greedy import greedy
 from mixq.search.local import polish
@@ -140,7 +141,7 @@ def pareto_sweep(
     solutions: list[Solution] = []
     previous: list[int] | None = None
     error: InfeasibleBudget | None = None
-    for value in sorted({float(v) for v in values}):
+    for value in progress(sorted({float(v) for v in values}), f"pareto sweep ({budget_name})", unit="budget"):
         budgets = {**problem.budgets, budget_name: value}
         sub = Problem(problem.scores, problem.costs, budgets, problem.pairs)
         try:
