@@ -9,8 +9,9 @@ All return a :class:`Sensitivity` table [L, C] that saves to safetensors.
 """
 
 from mixq.sensitivity.hessian import hawq, hutchinson_trace
+from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.perturb import measured
 from mixq.sensitivity.proxies import proxy
 from mixq.sensitivity.table import Sensitivity
 
-__all__ = ["Sensitivity", "hawq", "hutchinson_trace", "measured", "proxy"]
+__all__ = ["Sensitivity", "hawq", "hutchinson_trace", "measured", "pairwise", "proxy"]

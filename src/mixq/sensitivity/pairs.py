@@ -1,0 +1,485 @@
+"""Pairwise measured sensitivity: CLADO's cross-layer loss changes, with prefix reuse.
+
+For layers ``l ≠ m`` and candidates ``s, s'`` (methods.md §3.2, CLADO's forward-only terms)::
+
+    single[l, s]        = L(l at s) − L(fp)
+    pairs[l, s, m, s']  = L(l at s, m at s') − L(l at s) − L(m at s') + L(fp)      (= Ω_lm(s, s'))
+
+with ``L`` the mean task loss over the batches and every other layer float. ``pairs`` is stored
+symmetrically (``pairs[l, s, m, s'] = pairs[m, s', l, s]``); its diagonal blocks are zero.
+
+Speed. There are ``C·L`` singles and ``C²·L(L−1)/2`` pairs; every one is exact, none copies the
+model. Three things make them cheap:
+
+* Candidates are prepared once: each (layer, candidate)'s quantized weight and a calibrated copy
+  of its input quantizer; a layer is switched by pointing its sites' ``forward`` at them.
+* Prefix reuse. Everything a model computes before its first quantized layer starts (in
+  execution order) does not depend on the quantization, so the output of every submodule that
+  *finished* before that point is replayed from a cache instead of computed. This holds for any
+  graph (residual blocks, transformers), not only chains: one traced float pass finds, for each
+  layer, the largest submodules called once that end before it starts (its "frontier").
+* For the pair (l at s, m at s') with l first, the outputs computed with l at s are recorded
+  once per (l, s, batch) in the pass that measures the single ``L(l at s)``, and every
+  candidate s' of every later layer m replays them: each pair costs only the work from m on.
+
+Exactness is checked, not assumed: a few singles and pairs are compared with plain forward
+passes first; on any difference (a model with hidden state, or one that mutates a module's
+input in place) the reuse is switched off with a warning.
+
+Every row (l, s), i.e. ``L(l at s)`` and the pair losses with every later layer, is one job of
+an executor kept in a result store, so an interrupted measurement resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq.executor import Executor, InProcessExecutor, Job
+from mixq.plan import LayerSpec, as_layer_spec
+from mixq.sensitivity.perturb import state_fingerprint
+from mixq.sensitivity.proxies import check_layers
+from mixq.sensitivity.table import Sensitivity
+from mixq.store import Store, fingerprint_data
+from mixq.tasks import Task
+from mixq.wrap import applied, sites
+
+log = logging.getLogger(__name__)
+
+FP_KEY = "pairs/fp"
+VERIFY_RTOL = 1e-5
+
+
+# -- tracing: execution order and frontiers ------------------------------------------------------
+
+
+def _replayable(out: Any) -> bool:
+    """Whether an output is made only of tensors, None and plain tuples, lists and dicts."""
+    if out is None or isinstance(out, torch.Tensor):
+        return True
+    if type(out) in (tuple, list):
+        return all(_replayable(o) for o in out)
+    if type(out) is dict:
+        return all(_replayable(o) for o in out.values())
+    return False
+
+
+def _clone(out: Any) -> Any:
+    """Copy the tensors of a replayable output (a replay must not be mutated in place)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if type(out) in (tuple, list):
+        return type(out)(_clone(o) for o in out)
+    if type(out) is dict:
+        return {k: _clone(v) for k, v in out.items()}
+    return out
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Execution order of one forward pass: when each module starts and ends.
+
+    Attributes:
+        start: first pre-forward event index of each called module.
+        end: last post-forward event index of each called module.
+        once: modules called exactly once whose output can be replayed.
+        children: direct children of each module, by full name.
+    """
+
+    start: dict[str, int]
+    end: dict[str, int]
+    once: frozenset[str]
+    children: dict[str, list[str]]
+
+    def frontier(self, t: int) -> list[str]:
+        """Return the largest replayable modules that end before event ``t``."""
+        out: list[str] = []
+        todo = list(self.children[""])
+        while todo:
+            name = todo.pop(0)
+            if name not in self.start or self.start[name] >= t:
+                continue
+            if name in self.once and self.end[name] < t:
+                out.append(name)
+            else:
+                todo[:0] = self.children[name]
+        return out
+
+
+def trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
+    """Trace the module calls of ``run()`` (one forward pass of ``model``)."""
+    counter = [0]
+    start: dict[str, int] = {}
+    end: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    ok: dict[str, bool] = {}
+
+    def pre(name: str, mod: nn.Module, args: Any) -> None:
+        counter[0] += 1
+        start.setdefault(name, counter[0])
+        calls[name] = calls.get(name, 0) + 1
+
+    def post(name: str, mod: nn.Module, args: Any, out: Any) -> None:
+        counter[0] += 1
+        end[name] = counter[0]
+        ok[name] = ok.get(name, True) and _replayable(out)
+
+    handles = []
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(partial(pre, name)))
+        handles.append(mod.register_forward_hook(partial(post, name)))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    children = {name: [f"{name}.{c}" if name else c for c, _ in mod.named_children()]
+                for name, mod in model.named_modules()}  # fmt: skip
+    once = frozenset(n for n, c in calls.items() if c == 1 and n and ok.get(n, False) and n in end)
+    return Trace(start, end, once, children)
+
+
+# -- switching modules: constant outputs and quantized layers ---------------------------------
+
+
+def _constant(value: Any, *args: Any, **kwargs: Any) -> Any:
+    return value
+
+
+def _replay(value: Any, *args: Any, **kwargs: Any) -> Any:
+    return _clone(value)
+
+
+@contextmanager
+def _forwards(model: nn.Module, replace: dict[str, Callable[..., Any]]) -> Iterator[None]:
+    """Point the ``forward`` of named submodules at other callables inside a ``with`` block.
+
+    The modules stay in place (their attributes stay readable); their forward is restored on
+    exit, always.
+    """
+    saved = []
+    try:
+        for name, fn in replace.items():
+            mod = model.get_submodule(name)
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = fn
+        yield
+    finally:
+        for mod, before in reversed(saved):
+            if before is None:
+                del mod.forward
+            else:
+                mod.forward = before
+
+
+@dataclass
+class PairContext:
+    """What every pair job shares: the model, the loss, the batches and the caches.
+
+    Attributes:
+        qmodel: the wrapped model, every site float.
+        loss: ``loss(model, batch)``.
+        batches: the sensitivity batches.
+        order: the layers in execution order.
+        switches: per (layer, candidate name), the site forwards that quantize the layer.
+        tr: the traced execution order (None: no prefix reuse).
+        float_cache: per batch, the float outputs of the modules on the float frontiers.
+    """
+
+    qmodel: nn.Module
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    batches: Sequence[Any]
+    order: list[str]
+    switches: dict[tuple[str, str], dict[str, Callable[..., Any]]]
+    tr: Trace | None = None
+    float_cache: dict[int, dict[str, Any]] = field(default_factory=dict)
+    fronts: dict[int, list[str]] = field(default_factory=dict)
+
+    def begin(self, layer: str) -> int:
+        """Return the event at which ``layer`` first starts."""
+        assert self.tr is not None
+        return self.tr.start[layer]
+
+    def frontier(self, t: int) -> list[str]:
+        """Return (and cache) the trace's frontier before event ``t``."""
+        assert self.tr is not None
+        if t not in self.fronts:
+            self.fronts[t] = self.tr.frontier(t)
+        return self.fronts[t]
+
+    def evaluate(
+        self, batch: int, quant: dict[str, str], replay: dict[str, Any], record: set[str] | None = None
+    ) -> tuple[float, dict[str, Any]]:
+        """Return the loss on one batch with ``quant`` layers quantized and ``replay`` outputs replayed.
+
+        ``record`` names modules whose outputs are returned (copied), recorded in this pass.
+        """
+        replace: dict[str, Callable[..., Any]] = {n: partial(_replay, v) for n, v in replay.items()}
+        for layer, cand in quant.items():
+            replace.update(self.switches[(layer, cand)])
+        seen: dict[str, Any] = {}
+        handles = []
+        for name in record or ():
+            mod = self.qmodel.get_submodule(name)
+            handles.append(mod.register_forward_hook(partial(_keep, seen, name)))
+        try:
+            with _forwards(self.qmodel, replace), torch.inference_mode():
+                value = float(self.loss(self.qmodel, self.batches[batch]))
+        finally:
+            for h in handles:
+                h.remove()
+        return value, seen
+
+    def float_outputs(self, batch: int) -> dict[str, Any]:
+        """Return (and cache) the float outputs of every module on some layer's frontier."""
+        if batch not in self.float_cache:
+            assert self.tr is not None
+            need = {n for layer in self.order for n in self.frontier(self.begin(layer))}
+            _, self.float_cache[batch] = self.evaluate(batch, {}, {}, need)
+        return self.float_cache[batch]
+
+
+def _keep(seen: dict[str, Any], name: str, mod: nn.Module, args: Any, out: Any) -> None:
+    seen[name] = _clone(out)
+
+
+def _prefix(
+    ctx: PairContext, batch: int, t: int, upper: dict[str, Any] | None, t_upper: int
+) -> dict[str, Any]:
+    """Return the replays of the frontier before event ``t``: float ones, else from ``upper``.
+
+    ``upper`` holds outputs recorded with a layer starting at ``t_upper`` quantized.
+    """
+    assert ctx.tr is not None
+    floats = ctx.float_outputs(batch)
+    out = {}
+    for name in ctx.frontier(t):
+        out[name] = floats[name] if ctx.tr.end[name] < t_upper or upper is None else upper[name]
+    return out
+
+
+def row_job(
+    ctx: PairContext, layer: str, cand: str, names: list[str], with_pairs: bool = True
+) -> dict[str, Any]:
+    """Return ``L(layer at cand)`` and ``L(layer at cand, m at c)`` for every later layer m, c.
+
+    Args:
+        ctx: the shared context.
+        layer: the first layer (in execution order) of the pairs.
+        cand: its candidate name.
+        names: the candidate names.
+        with_pairs: measure the pairs too (False: the single only).
+
+    Returns:
+        ``{"single": loss, "pairs": [[loss per candidate] per later layer], "seconds": ...}``,
+        losses averaged over the batches; ``pair_seconds`` is the time of the pair passes alone.
+    """
+    later = ctx.order[ctx.order.index(layer) + 1 :] if with_pairs else []
+    single = 0.0
+    pairs = [[0.0] * len(names) for _ in later]
+    t0 = time.perf_counter()
+    pair_seconds = 0.0
+    for b in range(len(ctx.batches)):
+        if ctx.tr is None:
+            value, _ = ctx.evaluate(b, {layer: cand}, {})
+            single += value
+            t1 = time.perf_counter()
+            for i, m in enumerate(later):
+                for j, c in enumerate(names):
+                    pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, {})[0]
+            pair_seconds += time.perf_counter() - t1
+            continue
+        t_l = ctx.begin(layer)
+        need = {n for m in later for n in ctx.frontier(ctx.begin(m)) if ctx.tr.end[n] >= t_l}
+        value, rec = ctx.evaluate(b, {layer: cand}, _prefix(ctx, b, t_l, None, t_l), need)
+        single += value
+        t1 = time.perf_counter()
+        for i, m in enumerate(later):
+            replay = _prefix(ctx, b, ctx.begin(m), rec, t_l)
+            for j, c in enumerate(names):
+                pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, replay)[0]
+        pair_seconds += time.perf_counter() - t1
+    n = len(ctx.batches)
+    return {
+        "single": single / n,
+        "pairs": [[v / n for v in row] for row in pairs],
+        "seconds": time.perf_counter() - t0,
+        "pair_seconds": pair_seconds,
+        "pair_evals": len(later) * len(names) * n,
+    }
+
+
+def fp_job(ctx: PairContext) -> float:
+    """Return the float loss averaged over the batches."""
+    return sum(ctx.evaluate(b, {}, {})[0] for b in range(len(ctx.batches))) / len(ctx.batches)
+
+
+# -- preparation ---------------------------------------------------------------------------------
+
+
+def switches(qmodel: nn.Module, layer: str, spec: LayerSpec) -> dict[str, Callable[..., Any]]:
+    """Return the site forwards that put ``layer`` at ``spec``: a fixed quantized weight, a copy of
+    its input quantizer set to the spec (same calibration statistics)."""
+    site = sites(qmodel)[layer]
+    out: dict[str, Callable[..., Any]] = {}
+    if spec.weight is not None:
+        with applied(qmodel, {layer: LayerSpec(weight=spec.weight)}), torch.inference_mode():
+            wq = site.weight_quant(site.weight).clone()
+        out[f"{layer}.weight_quant"] = partial(_constant, wq)
+    if spec.act is not None:
+        aq = copy.deepcopy(site.input_quant)
+        aq.set_spec(spec.act)
+        out[f"{layer}.input_quant"] = aq.forward
+    return out
+
+
+def _verify(ctx: PairContext, names: list[str]) -> bool:
+    """Compare a few reused losses with plain passes on the first batch; True when all match."""
+    order, tr = ctx.order, ctx.tr
+    assert tr is not None
+    checks = [(order[-1], names[0], None, None), (order[0], names[-1], order[-1], names[0])]
+    if len(order) > 2:
+        checks.append((order[len(order) // 2 - 1], names[0], order[len(order) // 2], names[-1]))
+    for first, s, m, c in checks:
+        quant = {first: s} if m is None else {first: s, m: c}
+        plain = ctx.evaluate(0, quant, {})[0]
+        t_l = ctx.begin(first)
+        rec_need = set() if m is None else {n for n in ctx.frontier(ctx.begin(m)) if tr.end[n] >= t_l}
+        fast, rec = ctx.evaluate(0, {first: s}, _prefix(ctx, 0, t_l, None, t_l), rec_need)
+        if m is not None:
+            fast = ctx.evaluate(0, quant, _prefix(ctx, 0, ctx.begin(m), rec, t_l))[0]
+        if abs(fast - plain) > VERIFY_RTOL * max(1.0, abs(plain)):
+            log.warning("prefix reuse changed a loss (%r: %.9g vs %.9g); reuse switched off", quant,
+                        fast, plain)  # fmt: skip
+            return False
+    return True
+
+
+def _fmt_key(layers: list[str], names: list[str]) -> str:
+    return hashlib.sha256(json.dumps([layers, names]).encode()).hexdigest()[:16]
+
+
+def pairwise(
+    qmodel: nn.Module,
+    task: Task,
+    layers: list[str],
+    candidates: list[str | LayerSpec],
+    batches: Sequence[Any] | None = None,
+    executor: Executor | None = None,
+    store: Store | None = None,
+    reuse: bool = True,
+    progress: bool = True,
+    with_pairs: bool = True,
+) -> Sensitivity:
+    """Measure single and pairwise loss changes of every layer and candidate (CLADO).
+
+    Args:
+        qmodel: a wrapped (and, for activation candidates, calibrated) model.
+        task: gives ``loss(model, batch)``.
+        layers: exact names of the layers.
+        candidates: candidate names or specs.
+        batches: the sensitivity batches; the task's calibration batches by default.
+        executor: runs the (layer, candidate) row jobs; in-process by default.
+        store: finished jobs keyed by the model state and the batches (one store per loss).
+        reuse: replay unchanged prefixes (checked against plain passes first).
+        progress: show a progress bar on a terminal.
+        with_pairs: False measures the singles only (``pairs`` is then None).
+
+    Returns:
+        A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
+        [L, C, L, C]; ``meta`` holds the float loss and timings.
+    """
+    check_layers(qmodel, layers)
+    specs = [as_layer_spec(c) for c in candidates]
+    names = [s.name for s in specs]
+    if not names:
+        raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
+    if len(set(names)) != len(names) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers and candidates must be unique; got {layers} and {names}")
+    batches = list(task.calib if batches is None else batches)
+    if not batches:
+        raise ValueError("pairwise sensitivity needs at least one batch")
+    meta: dict[str, Any] = {"batches": len(batches)}
+    with applied(qmodel, {}):
+        qmodel.eval()
+        sw = {(n, s.name): switches(qmodel, n, s) for n in layers for s in specs}
+        tr = trace(qmodel, lambda: _run_float(qmodel, task.loss, batches[0]))
+        missing = [n for n in layers if n not in tr.start]
+        if missing:
+            raise ValueError(f"layers {missing[:5]} are never called by the task's loss; pass used layers")
+        order = sorted(layers, key=lambda n: tr.start[n])
+        ctx = PairContext(qmodel, task.loss, batches, order, sw, tr if reuse else None)
+        if reuse and not _verify(ctx, names):
+            ctx.tr = None
+            ctx.float_cache.clear()
+        meta["reuse"] = ctx.tr is not None
+        key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
+        jobs = [Job(FP_KEY, fp_job)]
+        jobs += [Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs)) for n in order for c in names]
+        scope = None
+        if store is not None:
+            meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(batches)
+            scope = store.scope(meta["model_fp"], meta["data_fp"])
+        runner = executor if executor is not None else InProcessExecutor(desc="pairwise sensitivity")
+        t0 = time.perf_counter()
+        results = runner.map(jobs, ctx, store=scope, progress=progress)
+        meta["seconds"] = time.perf_counter() - t0
+    fp = float(results[FP_KEY])
+    rows = {(n, c): results[f"{key}/{n}/{c}"] for n in order for c in names}
+    single, pairs = assemble(layers, order, names, rows, fp)
+    if not with_pairs:
+        pairs = None
+    meta.update(fp_loss=fp, **timings(rows.values()))
+    log.info("pairwise: %d layers x %d candidates in %.1f s", len(layers), len(names), meta["seconds"])
+    kind = "pairwise" if with_pairs else "measured"
+    return Sensitivity(list(layers), names, single, kind=kind, pairs=pairs, meta=meta)
+
+
+def _run_float(qmodel: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> None:
+    with torch.inference_mode():
+        loss(qmodel, batch)
+
+
+def timings(rows: Any) -> dict[str, float]:
+    """Sum the timings of row jobs: total, pair passes only, and the number of pair passes."""
+    rows = list(rows)
+    return {
+        "job_seconds": sum(r["seconds"] for r in rows),
+        "pair_seconds": sum(r["pair_seconds"] for r in rows),
+        "pair_evals": int(sum(r["pair_evals"] for r in rows)),
+        "row_evals": len(rows),
+    }
+
+
+def assemble(
+    layers: list[str], order: list[str], names: list[str], rows: dict[tuple[str, str], dict], fp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn row-job losses into ``single`` [L, C] and symmetric ``pairs`` [L, C, L, C] (Ω)."""
+    L, C = len(layers), len(names)
+    pos = {n: i for i, n in enumerate(layers)}
+    loss1 = torch.zeros(L, C, dtype=torch.float64)
+    for (n, c), r in rows.items():
+        loss1[pos[n], names.index(c)] = r["single"]
+    single = loss1 - fp  # [L, C]
+    pairs = torch.zeros(L, C, L, C, dtype=torch.float64)
+    for k, n in enumerate(order):
+        for j, c in enumerate(names):
+            for i, m in enumerate(order[k + 1 :]):
+                if not rows[(n, c)]["pairs"]:
+                    break
+                lm = torch.tensor(rows[(n, c)]["pairs"][i], dtype=torch.float64)  # [C]
+                omega = lm - loss1[pos[n], j] - loss1[pos[m]] + fp
+                pairs[pos[n], j, pos[m]] = omega
+                pairs[pos[m], :, pos[n], j] = omega
+    return single, pairs

@@ -1,0 +1,231 @@
+"""Test CLADO: measured pairwise terms against direct losses, the IQP against brute force."""
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixq
+from mixq import search, tasks
+from mixq.api import prepare
+from mixq.cli import main as cli_main
+from mixq.executor import InProcessExecutor
+from mixq.methods import METHODS, clado
+from mixq.methods.common import Context
+from mixq.plan import as_layer_spec
+from mixq.sensitivity import measured, pairwise
+from mixq.store import Store
+from mixq.wrap import applied, wrap
+
+CANDS = ["w2", "w4+asym-a8"]
+
+
+def direct_loss(q, task, plan, batches):
+    """The oracle: the mean loss with ``plan`` applied the ordinary way."""
+    with applied(q, {n: as_layer_spec(c) for n, c in plan.items()}), torch.inference_mode():
+        return sum(float(task.loss(q, b)) for b in batches) / len(batches)
+
+
+class Residual(nn.Module):
+    """A residual CNN with in-place ops on module outputs (replays must be copies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1))
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = self.block(x)
+        y += x
+        return self.head(self.relu(y).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def residual():
+    torch.manual_seed(0)
+    task = tasks._teacher_task(Residual(), (3, 6, 6), "residual", n=96)
+    q, infos = prepare(task, [as_layer_spec(c) for c in CANDS])
+    return task, q, [i.name for i in infos]
+
+
+def test_pairs_match_direct_losses_and_are_symmetric(residual):
+    task, q, layers = residual
+    batches = task.calib[:1]
+    s = pairwise(q, task, layers, CANDS, batches=batches, progress=False)
+    assert s.meta["reuse"] is True and s.pairs is not None
+    torch.testing.assert_close(s.pairs, s.pairs.permute(2, 3, 0, 1), rtol=0, atol=0)
+    fp = direct_loss(q, task, {}, batches)
+    one = {(n, c): direct_loss(q, task, {n: c}, batches) for n in layers for c in CANDS}
+    for i, j in itertools.combinations(range(len(layers)), 2):
+        for a, b in itertools.product(range(len(CANDS)), repeat=2):
+            (n, c), (m, d) = (layers[i], CANDS[a]), (layers[j], CANDS[b])
+            omega = direct_loss(q, task, {n: c, m: d}, batches) - one[(n, c)] - one[(m, d)] + fp
+            assert float(s.pairs[i, a, j, b]) == pytest.approx(omega, abs=1e-6)
+    single = measured(q, task, layers, CANDS, batches=batches, progress=False).single
+    torch.testing.assert_close(s.single, single, rtol=0, atol=1e-6)
+    assert s.pairs.abs().max() > 1e-4  # a real network interacts
+
+
+def test_prefix_reuse_is_exact_and_restores_model(residual):
+    task, q, layers = residual
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    fast = pairwise(q, task, layers, CANDS, batches=task.calib[:2], progress=False)
+    slow = pairwise(q, task, layers, CANDS, batches=task.calib[:2], reuse=False, progress=False)
+    assert fast.meta["reuse"] and not slow.meta["reuse"]
+    torch.testing.assert_close(fast.pairs, slow.pairs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.single, slow.single, rtol=0, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert all("forward" not in m.__dict__ for m in q.modules())
+    assert fast.meta["fp_loss"] == pytest.approx(direct_loss(q, task, {}, task.calib[:2]), abs=1e-7)
+
+
+class Separable(nn.Module):
+    """Two branches on disjoint inputs whose outputs add up: the loss below is additive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x[:, :4]) + self.b(x[:, 4:])
+
+
+def test_zero_interaction_on_separable_model():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    task = tasks.Task(model=Separable(), calib=[(x, x)], val=[(x, x)],
+                      loss=lambda m, b: m(b[0]).sum(1).mean())  # fmt: skip
+    q = wrap(copy.deepcopy(task.model)).eval()
+    s = pairwise(q, task, ["a", "b"], ["w2", "w3"], progress=False)
+    assert s.single.abs().min() > 1e-3
+    assert s.pairs.abs().max() < 1e-5
+    squared = tasks.Task(model=task.model, calib=task.calib, val=task.val,
+                         loss=lambda m, b: (m(b[0]) ** 2).sum(1).mean())  # fmt: skip
+    assert pairwise(q, squared, ["a", "b"], ["w2", "w3"], progress=False).pairs.abs().max() > 1e-3
+
+
+def test_matrix_form_matches_problem_objective():
+    rng = np.random.default_rng(0)
+    L, C = 4, 3
+    single = rng.normal(size=(L, C))
+    raw = rng.normal(size=(L, C, L, C))
+    pairs = raw + raw.transpose(2, 3, 0, 1)
+    g = clado.interaction_matrix(single, pairs)
+    scores, p = clado.objective_terms(g, L, C)
+    prob = search.Problem(scores, {}, {}, p)
+    for x in itertools.product(range(C), repeat=L):
+        onehot = np.zeros(L * C)
+        onehot[np.arange(L) * C + np.array(x)] = 1
+        direct = single[np.arange(L), x].sum() + sum(
+            pairs[i, x[i], j, x[j]] for i, j in itertools.combinations(range(L), 2))  # fmt: skip
+        assert 0.5 * onehot @ g @ onehot == pytest.approx(direct)
+        assert prob.objective(list(x)) == pytest.approx(direct)
+    gp = clado.psd_projection(g)
+    assert np.linalg.eigvalsh(gp).min() > -1e-10
+    np.testing.assert_allclose(clado.psd_projection(gp), gp, atol=1e-10)
+    psd = raw.reshape(L * C, L * C) @ raw.reshape(L * C, L * C).T
+    np.testing.assert_allclose(clado.psd_projection(psd), psd, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def mlp_ctx():
+    task = tasks.get("synthetic-mlp")
+    specs = [as_layer_spec(c) for c in ["w2", "w4", "w8"]]
+    q, infos = prepare(task, specs)
+    mc = mixq.cost.model_costs(q, infos)
+    ctx = Context(task=task, qmodel=q, layers=[i.name for i in infos], candidates=specs,
+                  costs=mixq.cost.cost_table(infos, specs), model_costs=mc, budget={}, limits={})  # fmt: skip
+    return ctx, clado.measure(ctx, clado.Config(batches=1))
+
+
+@pytest.mark.parametrize("psd", [False, True])
+def test_iqp_equals_brute_force_and_sweep_warm_start(mlp_ctx, psd):
+    ctx, sens = mlp_ctx
+    base = clado.problem(ctx, sens, "clado", psd)
+    wb = ctx.costs["weight_bits"]
+    limits = [float(wb[:, 0].sum()) * f for f in (1.0, 1.4, 1.8, 2.5)]
+    prob = search.Problem(base.scores, {"weight_bits": wb}, {}, base.pairs)
+    sols = clado.sweep(prob, "weight_bits", limits, clado.Config(time_limit=None))
+    for limit, sol in zip(limits, sols, strict=True):
+        sub = search.Problem(base.scores, {"weight_bits": wb}, {"weight_bits": limit}, base.pairs)
+        assert sol.status == "optimal" and sol.gap == 0.0
+        assert sol.objective == pytest.approx(search.brute_force(sub).objective, abs=1e-12)
+        assert sub.is_feasible(sol.choices)
+
+
+@pytest.mark.parametrize("method", ["clado", "clado-naive"])
+def test_unconstrained_budget_gives_highest_precision(method):
+    for psd in (False, True):
+        res = mixq.run("synthetic-mlp", method=method, candidates=["w2", "w4", "w8"], budget={},
+                       method_args={"batches": 1, "psd": psd})  # fmt: skip
+        assert {s.name for s in res.plan.layers.values()} == {"w8"}
+        assert res.history[0]["status"] == "optimal"
+
+
+def test_tight_budget_stays_feasible():
+    cands = ["w2", "w4", "w8"]
+    task = tasks.get("synthetic-mlp")
+    uniform2 = mixq.run(task, method="uniform", candidates=["w2"]).metrics["avg_weight_bits"]
+    res = mixq.run(task, method="clado", candidates=cands, budget={"avg_weight_bits": uniform2 + 0.05},
+                   method_args={"batches": 1})  # fmt: skip
+    assert res.metrics["within_avg_weight_bits"]
+    assert res.metrics["avg_weight_bits"] <= uniform2 + 0.05
+    with pytest.raises(ValueError, match="smallest feasible"):
+        mixq.run(task, method="clado", candidates=cands, budget={"avg_weight_bits": 1.0})
+
+
+class Failing(InProcessExecutor):
+    """Runs the first ``n`` jobs, then stops as if the process were killed."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def map(self, jobs, context, store=None, progress=True):
+        super().map(jobs[: self.n], context, store=store, progress=False)
+        raise KeyboardInterrupt
+
+
+class Counting(InProcessExecutor):
+    def map(self, jobs, context, store=None, progress=True):
+        stored = set(store.keys()) if store is not None else set()
+        self.ran = [j.key for j in jobs if j.key not in stored]
+        return super().map(jobs, context, store=store, progress=False)
+
+
+def test_interrupted_run_resumes(residual, tmp_path):
+    task, q, layers = residual
+    with Store(tmp_path / "s.sqlite") as store, pytest.raises(KeyboardInterrupt):
+        pairwise(q, task, layers, CANDS, batches=task.calib[:1], store=store, executor=Failing(3))
+    counting = Counting()
+    with Store(tmp_path / "s.sqlite") as store:
+        resumed = pairwise(q, task, layers, CANDS, batches=task.calib[:1], store=store, executor=counting)
+    total = 1 + len(layers) * len(CANDS)
+    assert len(counting.ran) == total - 3
+    fresh = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False)
+    torch.testing.assert_close(resumed.pairs, fresh.pairs, rtol=0, atol=1e-9)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="valid: kl, task"):
+        clado.Config(loss="mse")
+    with pytest.raises(ValueError, match="valid: ilp, greedy"):
+        clado.Config(solver="cvxpy")
+    with pytest.raises(ValueError, match="logits"):
+        clado._logits({"out": torch.zeros(2)})
+    assert set(METHODS) >= {"clado", "clado-naive"}
+
+
+def test_cli_runs_clado(tmp_path, capsys):
+    code = cli_main(["run", "--task", "synthetic-cnn", "--method", "clado", "--candidates", "w2,w8",
+                     "--budget", "avg_weight_bits=5", "--method-arg", "batches=1",
+                     "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "store.sqlite").exists()
+    assert "clado" in capsys.readouterr().out
