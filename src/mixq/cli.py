@@ -12,7 +12,7 @@ from typing import Any
 
 import tomllib
 
-RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out")
+RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args")
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
 
@@ -71,13 +71,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe["seed"] = args.seed
     if args.out:
         recipe["out"] = args.out
+    if args.ptq is not None:
+        recipe["ptq"] = [p for p in args.ptq.split(",") if p]
+    if args.ptq_arg:
+        recipe["ptq_args"] = {}
+        for key, value in _key_values(args.ptq_arg, "--ptq-arg").items():
+            step, dot, name = key.partition(".")
+            if not dot or not name:
+                raise ValueError(f"--ptq-arg {key!r} must look like STEP.KEY=VALUE, e.g. adaround.iters=2000")
+            recipe["ptq_args"].setdefault(step, {})[name] = value
     if "task" not in recipe:
         raise ValueError("name a task with --task or in the recipe")
     out = Path(recipe.get("out", "runs/latest"))
     res = mixq.run(recipe["task"], method=recipe.get("method", "uniform"),
                    candidates=recipe.get("candidates"), budget=recipe.get("budget"),
                    method_args=recipe.get("method_args"), seed=int(recipe.get("seed", 0)),
-                   out=out)  # fmt: skip
+                   out=out, ptq=recipe.get("ptq"), ptq_args=recipe.get("ptq_args"))  # fmt: skip
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     m = res.metrics
     print(_table([{**m, "budget": json.dumps(m["budget"])}]))
@@ -132,14 +141,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mixq import cost, formats, plan, tasks
+    from mixq import cost, formats, plan, ptq, tasks
     from mixq.methods import METHODS
 
     print("tasks:   ", ", ".join(tasks.TASKS))
     print("methods: ", ", ".join(METHODS))
     print("formats: ", ", ".join(formats.FORMAT_NAMES))
     print("budgets: ", ", ".join(cost.BUDGET_KEYS))
+    print("ptq:     ", ", ".join(ptq.STEPS))
     print("candidates:", plan.GRAMMAR)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mixq import export
+
+    result, task = export.rebuild(args.run_dir)
+    ext = "safetensors" if args.format == "safetensors" else "onnx"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{ext}"
+    path = export.save(result, out, format=args.format, task=task)
+    print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
+          f"{task.metric_name} {result.metrics['metric']:.4f} as recorded by the run)")  # fmt: skip
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mixq.report import render
+
+    path = render(args.run_dirs, args.out)
+    print(f"wrote {path} ({len(args.run_dirs)} runs; PNG plots beside it)")
     return 0
 
 
@@ -157,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's Config")
     r.add_argument("--seed", type=int)
     r.add_argument("--out", help="run directory (default runs/latest)")
+    r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
+    r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="every method on the real MNIST CNN at a few budgets")
     d.add_argument("--out", default="runs/demo")
@@ -167,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
     ls = sub.add_parser("list", help="list tasks, methods, formats, budgets, candidate grammar")
     ls.set_defaults(fn=cmd_list)
+    rp = sub.add_parser("report", help="render run directories as an HTML report with PNG plots")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by `mixq run --out`")
+    rp.add_argument("--out", default="runs/report", help="folder for report.html and the plots")
+    rp.set_defaults(fn=cmd_report)
+    x = sub.add_parser("export", help="export a run's quantized model: packed safetensors or ONNX QDQ")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
+    x.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
+    x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
+    x.set_defaults(fn=cmd_export)
     return p
 
 
