@@ -128,3 +128,16 @@ def test_python_m_mixq_list():
     r = subprocess.run([sys.executable, "-m", "mixq", "list"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "synthetic-mlp" in r.stdout and "uniform" in r.stdout and "mxfp4_e2m1" in r.stdout
+
+
+def test_demo_covers_every_method_with_valid_settings():
+    from mixq.api import method_config
+    from mixq.cli import DEMO_CANDIDATES, DEMO_METHODS, DEMO_QAT_CANDIDATES
+    from mixq.methods import METHODS
+    from mixq.plan import parse_candidate
+
+    assert set(DEMO_METHODS) == set(METHODS)
+    for method, args in DEMO_METHODS.items():
+        method_config(method, args)  # raises on an unknown setting
+    for c in DEMO_CANDIDATES + DEMO_QAT_CANDIDATES:
+        parse_candidate(c)

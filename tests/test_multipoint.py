@@ -427,9 +427,14 @@ def test_one_absmax_point_is_the_uniform_baseline_with_activations():
         torch.testing.assert_close(one.model(x), uni.model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_no_eligible_layer():
-    with pytest.raises(ValueError, match="signed symmetric integer"):
-        mixq.run(tasks.get("synthetic-mlp"), "multipoint", ["w4+asym"])
+def test_no_eligible_layer_keeps_the_base_plan(caplog):
+    task = tasks.get("synthetic-mlp")
+    res = mixq.run(task, "multipoint", ["w4+asym"])
+    uni = mixq.run(task, "uniform", ["w4+asym"])
+    assert res.plan.to_dict()["layers"] == uni.plan.to_dict()["layers"]
+    assert res.metrics["metric"] == uni.metrics["metric"]
+    assert res.history[-1] == {"multipoint": "no eligible layer; base plan kept"}
+    assert "signed symmetric integer" in caplog.text
 
 
 def test_cli_runs_multipoint(tmp_path):

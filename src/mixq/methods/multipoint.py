@@ -28,6 +28,7 @@ meets the budget. Activation specs of the base plan are kept as they are.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ from mixq.quant import multipoint as mp
 from mixq.wrap import applied, sites
 
 VARIANTS = {"channel": "channel", "layer": "tensor"}  # variant -> granularity of the first point
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,14 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
     base, history = base_plan(ctx, cfg)
     qlayers = sites(ctx.qmodel)
     targets = [n for n in ctx.layers if eligible(base.layers.get(n))]
-    if not targets:
-        raise ValueError(
-            "no layer of the base plan has a signed symmetric integer weight spec per channel or per "
-            "tensor; give multipoint candidates such as ['w4'] or ['w3', 'w4a8']"
+    if not targets:  # e.g. the budget forced asymmetric or float-format weights everywhere
+        log.warning(
+            "multipoint: no layer of the base plan has a signed symmetric integer weight spec per "
+            "channel or per tensor (candidates such as 'w4' or 'w3a8'); the base plan is kept"
         )
+        history.append({"multipoint": "no eligible layer; base plan kept"})
+        meta = {"multipoint": {"layers": 0, "base": cfg.base_plan or cfg.base_method}}
+        return MethodOutput(plan=Plan(dict(base.layers), meta), history=history)
     if any(qlayers[n].weight_quant.gram is None for n in targets):
         collect_gram(ctx, targets, cfg.gram_batches)
     first = VARIANTS[cfg.variant]
