@@ -227,3 +227,35 @@ def test_mnist_w2_needs_better_ranges(mnist):
     # measured on these 1000 images: about 37.5% and 98.3% (fp32 98.9%)
     assert plain < 70.0
     assert best > 95.0 and best - plain > 25.0
+
+
+def test_prepare_cache_returns_identical_independent_copies():
+    from mixq.api import prepare
+    from mixq.plan import parse_candidate
+    from mixq.sensitivity.perturb import state_fingerprint
+
+    task = mixq.tasks.get("synthetic-cnn")
+    specs = [parse_candidate("w2+asym+omse-a8")]
+    fresh, infos = prepare(task, specs, cache=False)
+    a, infos_a = prepare(task, specs)
+    b, _ = prepare(task, specs)  # from the cache
+    assert a is not b and infos_a == infos
+    assert state_fingerprint(a) == state_fingerprint(b) == state_fingerprint(fresh)
+    for m in mixq.sites(b).values():  # the copy keeps each site's weight shared with its float module
+        assert m.weight is m.float_module.weight
+    x = task.calib[0][0]
+    mixq.apply(b, mixq.Plan({n: specs[0] for n in mixq.sites(b)}))
+    mixq.apply(fresh, mixq.Plan({n: specs[0] for n in mixq.sites(fresh)}))
+    with torch.no_grad():
+        assert torch.equal(b(x), fresh(x))
+        next(iter(mixq.sites(b).values())).weight.mul_(2)  # changing a copy leaves the cache alone
+    c, _ = prepare(task, specs)
+    assert state_fingerprint(c) == state_fingerprint(fresh)
+    with torch.no_grad():
+        task.model.conv1.weight.add_(1.0)  # a changed model is prepared again
+    try:
+        d, _ = prepare(task, specs)
+        assert state_fingerprint(d) != state_fingerprint(fresh)
+    finally:
+        with torch.no_grad():
+            task.model.conv1.weight.sub_(1.0)

@@ -20,6 +20,7 @@ from mixq import ptq as ptq_steps
 from mixq.methods import METHODS
 from mixq.methods.common import Context
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
+from mixq.store import fingerprint_data, fingerprint_model
 from mixq.wrap import apply, calibrate, sites, wrap
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,40 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     return cfg_cls(**args)
 
 
-def prepare(task: tasks.Task, candidates: list[LayerSpec]) -> tuple[nn.Module, list[cost.LayerInfo]]:
-    """Copy, check, wrap and calibrate the task's model; probe its layers."""
+_PREPARED: dict[tuple, tuple[nn.Module, list[cost.LayerInfo]]] = {}  # the last prepared model
+
+
+def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
+    """What a prepared model depends on: weights, architecture, calibration data, forward, needs."""
+    return (fingerprint_model(task.model), repr(task.model), fingerprint_data(task.calib),
+            task.forward, gram, act)  # fmt: skip
+
+
+def prepare(
+    task: tasks.Task, candidates: list[LayerSpec], cache: bool = True
+) -> tuple[nn.Module, list[cost.LayerInfo]]:
+    """Copy, check, wrap and calibrate the task's model; probe its layers.
+
+    Calibration (activation statistics, and the layers' input Gram matrices for ``omse``
+    ranges) is the slow part on a large model, and a budget sweep or a comparison of methods
+    prepares the same model again and again. With ``cache`` the last prepared model is kept,
+    keyed by the fingerprints of the weights, the architecture and the calibration batches,
+    and a fresh deep copy of it is returned when they match: the result is identical.
+    """
+    gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
+    act = any(c.act is not None for c in candidates)
+    key = _prepare_key(task, gram, act) if cache and task.calib else None
+    if key is not None and key in _PREPARED:
+        qmodel, infos = _PREPARED[key]
+        return copy.deepcopy(qmodel), list(infos)
+    qmodel, infos = _prepare(task, gram, act)
+    if key is not None:
+        _PREPARED.clear()
+        _PREPARED[key] = (copy.deepcopy(qmodel), list(infos))
+    return qmodel, infos
+
+
+def _prepare(task: tasks.Task, gram: bool, act: bool) -> tuple[nn.Module, list[cost.LayerInfo]]:
     model = copy.deepcopy(task.model).eval()
     check_finite(model)
     qmodel = wrap(model)
@@ -68,8 +101,7 @@ def prepare(task: tasks.Task, candidates: list[LayerSpec]) -> tuple[nn.Module, l
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to quantize")
     if not task.calib:
         raise ValueError("calibration data is empty: pass at least one batch")
-    gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
-    if gram or any(c.act is not None for c in candidates):
+    if gram or act:
         calibrate(qmodel, task.calib, task.forward, gram=gram)
     infos = cost.probe(qmodel, task.calib[0], task.forward)
     return qmodel, infos
