@@ -40,6 +40,7 @@ from common import RESULTS, write  # noqa: E402
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]
 UNIFORM_QAT = {"int4": "w4a4", "int8": "w8a8", "fp4": FP[0], "fp6": FP[1], "fp8": FP[2]}
+RUNS = ("fliqs", "qat", "ptq")
 QAT_ARGS = {"lr": 1e-4, "rl_lr": 0.1, "entropy": 0.02, "beta": -0.5, "warmup": 0.25, "fix_frac": 0.1}
 
 
@@ -101,15 +102,17 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
                               "wall_seconds": time.perf_counter() - t0}  # fmt: skip
         write(args.out, {"qat_args": QAT_ARGS, "tasks": results})
 
+    runs = args.runs.split(",")
     for factor, target in zip(args.targets.split(","), targets, strict=True):
-        for space in ("joint", "int", "fp"):
+        for space in ("joint", "int", "fp") if "fliqs" in runs else ():
             res = mixq.run(task, "fliqs", candidates=INT + FP, budget={"bops": target},
                            method_args={**steps, **QAT_ARGS, "space": space}, seed=args.seed)  # fmt: skip
             record(f"fliqs-{space} x{factor}", f"fliqs-{space}", res, target)
-    for label, cand in UNIFORM_QAT.items():
+    for label in args.qat.split(",") if "qat" in runs else ():
+        cand = UNIFORM_QAT[label]
         res = mixq.run(task, "fliqs", candidates=[cand], method_args={**steps, **QAT_ARGS}, seed=args.seed)
         record(f"qat {label}", "qat-uniform", res, None)
-    for factor, target in zip(args.targets.split(","), targets, strict=True):
+    for factor, target in zip(args.targets.split(","), targets, strict=True) if "ptq" in runs else ():
         res = mixq.run(task, "uniform", candidates=INT + FP, budget={"bops": target})
         record(f"ptq uniform x{factor}", "ptq-uniform", res, target)
         res = mixq.run(task, "sensitivity-ilp", candidates=INT + FP, budget={"bops": target},
@@ -159,7 +162,12 @@ def merge(parts: list[str]) -> Path:
     tasks, commands = {}, []
     for part in parts:
         d = json.loads((RESULTS / f"{part}.json").read_text())
-        tasks.update(d["tasks"])
+        for name, t in d["tasks"].items():  # parts of one task (run in parallel) add their rows
+            if name in tasks:
+                have = {r["run"] for r in tasks[name]["rows"]}
+                tasks[name]["rows"] += [r for r in t["rows"] if r["run"] not in have]
+            else:
+                tasks[name] = t
         commands.append(d["provenance"])
     png = RESULTS / "fliqs_pareto.png"
     pareto_plot(tasks, png)
@@ -173,9 +181,14 @@ def main() -> None:
     ap.add_argument("--targets", default="1.5,2.5", help="BOPs targets as multiples of uniform w4a4's")
     ap.add_argument("--val", type=int, default=2000, help="test images evaluated (the first ones)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="fliqs,qat,ptq", help="groups of runs: fliqs, qat (uniform), ptq")
+    ap.add_argument("--qat", default=",".join(UNIFORM_QAT), help="uniform QAT formats: int4,int8,fp4,fp6,fp8")
     ap.add_argument("--out", default="fliqs", help="result name under bench/results/")
     ap.add_argument("--merge", default="", help="comma-separated part names to merge into fliqs.json")
     args = ap.parse_args()
+    bad = sorted(set(args.qat.split(",")) - set(UNIFORM_QAT)) + sorted(set(args.runs.split(",")) - set(RUNS))
+    if bad:
+        raise ValueError(f"unknown --qat/--runs values {bad}; valid: {', '.join([*UNIFORM_QAT, *RUNS])}")
     if args.merge:
         print(f"wrote {merge(args.merge.split(','))}")
         return

@@ -205,6 +205,19 @@ def test_controller_is_frozen_during_warmup(task: mixq.Task) -> None:
     assert h["final_entropy"] == pytest.approx(math.log(6))
 
 
+def test_explicit_cost_needs_a_budget_on_it(task: mixq.Task) -> None:
+    with pytest.raises(ValueError, match="cost 'bops' needs a budget on it"):
+        mixq.run(task, "fliqs", candidates=INT, budget={"avg_weight_bits": 6}, method_args={"cost": "bops"})
+
+
+def test_float_is_a_candidate_of_every_space(task: mixq.Task) -> None:
+    budget = {"bops": bops_budget(task, 3.0)}
+    res = mixq.run(task, "fliqs", candidates=["w4a4", "float"], budget=budget,
+                   method_args={"steps": 8, "space": "int"})  # fmt: skip
+    assert res.metrics["within_bops"]
+    assert res.history[0]["arms"] == ["w4a4", "float"]
+
+
 def test_single_candidate_is_uniform_qat(task: mixq.Task) -> None:
     res = mixq.run(task, "fliqs", candidates=["wfp8_e4m3fn-afp8_e4m3fn"], method_args={"steps": 6})
     assert res.plan.summary() == {"wfp8_e4m3fn-afp8_e4m3fn": 4}

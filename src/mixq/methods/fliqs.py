@@ -158,8 +158,16 @@ def space_arms(candidates: list[LayerSpec], space: str) -> list[int]:
 
 
 def cost_key(ctx: Context, choice: str) -> str | None:
-    """Return the cost table the reward uses (None: no budget, no cost term)."""
+    """Return the cost table the reward uses (None: no budget, no cost term).
+
+    The target C₀ is the budget on that cost, so an explicit ``choice`` needs a budget on it.
+    """
     if choice != "auto":
+        if choice not in ctx.limits:
+            raise ValueError(
+                f"cost {choice!r} needs a budget on it (bops: 'bops'; size_bits: 'size_bytes' or "
+                f"'size_ratio'; weight_bits: 'avg_weight_bits'); the budget is {ctx.budget}"
+            )
         return choice
     return next((k for k in ("bops", "size_bits", "weight_bits") if k in ctx.limits), None)
 
