@@ -456,3 +456,10 @@ def test_minilm_wrap_exact_and_w8_close(minilm):
     assert 0.99 < cos < 1.0
     mixq.apply(qm, Plan({n: LayerSpec() for n in qs}))
     assert mean_cosine(qm, minilm.val) == pytest.approx(1.0, abs=1e-6)
+    # The task's loss backpropagates (Hessian traces need it): targets are no inference tensors.
+    from mixq.tasks import cosine_loss
+
+    layer = qs["encoder.layer.0.attention.self.query"]
+    mixq.apply(qm, Plan({n: parse_candidate("w4") for n in qs}))
+    grad = torch.autograd.grad(cosine_loss(qm, minilm.calib[0]), layer.weight)[0]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

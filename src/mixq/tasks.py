@@ -209,8 +209,8 @@ def minilm(val_size: int = 1024, calib_size: int = 256, batch_size: int = 64, ma
             enc = tok(texts[i : i + batch_size], padding=True, truncation=True,
                       max_length=max_len, return_tensors="pt")  # fmt: skip
             b = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-            with torch.inference_mode():
-                b["target"] = embed(model, b).clone()
+            with torch.no_grad():  # not inference_mode: Hessian traces backpropagate through the loss
+                b["target"] = embed(model, b)
             out.append(b)
         return out
 
