@@ -2,6 +2,8 @@
 plans on sites, calibration, the weight cache. Real models: the MNIST CNN and MiniLM."""
 
 import copy
+import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -463,3 +465,9 @@ def test_minilm_wrap_exact_and_w8_close(minilm):
     mixq.apply(qm, Plan({n: parse_candidate("w4") for n in qs}))
     grad = torch.autograd.grad(cosine_loss(qm, minilm.calib[0]), layer.weight)[0]
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # ... twice: Hutchinson's Hessian-vector products run through the attention kernels.
+    from mixq.sensitivity import hutchinson_trace
+
+    small = dataclasses.replace(minilm, calib=[{k: v[:4] for k, v in minilm.calib[0].items()}])
+    trace = hutchinson_trace(qm, small, ["encoder.layer.0.attention.self.query"], n_samples=2)
+    assert math.isfinite(trace["encoder.layer.0.attention.self.query"])

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.progress import Bar
@@ -76,7 +77,9 @@ def hutchinson_trace(
         for w in weights:
             w.requires_grad_(True)
         bar = Bar(len(batches) * len(layers), "hutchinson trace", unit="layer")
-        with applied(qmodel, {}), torch.enable_grad(), bar:
+        # Double back-propagation needs the math attention kernel: the fused CPU kernels of
+        # scaled_dot_product_attention have no second derivative (transformers use them).
+        with applied(qmodel, {}), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), bar:
             for batch in batches:
                 loss = task.loss(qmodel, batch)
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
