@@ -17,6 +17,9 @@ the evaluation is on the first ``--val`` test images. Tasks can run in parallel 
     OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-mobilenetv2 --out ddq-mbv2 &
     OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-resnet20 --out ddq-resnet20 &
     .venv/bin/python bench/ddq.py --merge ddq-mbv2,ddq-resnet20
+
+``--runs`` picks the QAT runs (``--runs "" --sensitivity 1`` adds only the PTQ rows); parts that
+cover the same task are merged row by row.
 """
 
 from __future__ import annotations
@@ -70,10 +73,18 @@ def row(name: str, res: mixq.Result) -> dict:
 
 def merge(parts: list[str]) -> Path:
     """Combine part files (one per task, run in parallel) into bench/results/ddq.json."""
-    tasks, commands = {}, []
+    tasks: dict = {}
+    commands = []
     for part in parts:
         d = json.loads((RESULTS / f"{part}.json").read_text())
-        tasks.update(d["tasks"])
+        for name, entry in d["tasks"].items():
+            if name not in tasks:
+                tasks[name] = entry
+                continue
+            # a later part adds runs to the same task (e.g. --runs sensitivity-ilp)
+            seen = {(r["run"], r["acts"]) for r in tasks[name]["rows"]}
+            tasks[name]["rows"] += [r for r in entry["rows"] if (r["run"], r["acts"]) not in seen]
+            tasks[name]["wall_seconds"] += entry["wall_seconds"]
         commands.append(d["provenance"])
     return write("ddq", {"qat_args": QAT_ARGS, "parts": commands, "tasks": tasks})
 
@@ -86,6 +97,7 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=10_000, help="test images evaluated (the first ones)")
     ap.add_argument("--out", default="ddq", help="result name under bench/results/")
     ap.add_argument("--sensitivity", type=int, default=1, help="also run sensitivity-ilp (PTQ): 1 or 0")
+    ap.add_argument("--runs", default="lsq,ddq", help="QAT runs besides uniform PTQ (lsq,ddq; none: '')")
     ap.add_argument("--merge", default="", help="comma-separated part names to merge into ddq.json")
     args = ap.parse_args()
     if args.merge:
@@ -108,6 +120,7 @@ def main() -> None:
                 ("lsq", "ddq", [f"w4a{a}"], {"steps": args.steps, "learn_bits": False, **QAT_ARGS}),
                 ("ddq", "ddq", cands, {"steps": args.steps, **QAT_ARGS}),
             ]
+            runs = [r for r in runs if r[0] in args.runs.split(",")]
             if args.sensitivity:
                 runs.append(
                     ("sensitivity-ilp", "sensitivity-ilp", [f"w{b}a{a}" for b in (2, 4, 8)], {"batches": 1})

@@ -104,7 +104,7 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
 
     runs = args.runs.split(",")
     for factor, target in zip(args.targets.split(","), targets, strict=True):
-        for space in ("joint", "int", "fp") if "fliqs" in runs else ():
+        for space in args.spaces.split(",") if "fliqs" in runs else ():
             res = mixq.run(task, "fliqs", candidates=INT + FP, budget={"bops": target},
                            method_args={**steps, **QAT_ARGS, "space": space}, seed=args.seed)  # fmt: skip
             record(f"fliqs-{space} x{factor}", f"fliqs-{space}", res, target)
@@ -182,13 +182,16 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=2000, help="test images evaluated (the first ones)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="fliqs,qat,ptq", help="groups of runs: fliqs, qat (uniform), ptq")
+    ap.add_argument("--spaces", default="joint,int,fp", help="FLIQS search spaces: joint,int,fp")
     ap.add_argument("--qat", default=",".join(UNIFORM_QAT), help="uniform QAT formats: int4,int8,fp4,fp6,fp8")
     ap.add_argument("--out", default="fliqs", help="result name under bench/results/")
     ap.add_argument("--merge", default="", help="comma-separated part names to merge into fliqs.json")
     args = ap.parse_args()
-    bad = sorted(set(args.qat.split(",")) - set(UNIFORM_QAT)) + sorted(set(args.runs.split(",")) - set(RUNS))
+    bad = (sorted(set(args.qat.split(",")) - set(UNIFORM_QAT)) + sorted(set(args.runs.split(",")) - set(RUNS))
+           + sorted(set(args.spaces.split(",")) - {"joint", "int", "fp"}))  # fmt: skip
     if bad:
-        raise ValueError(f"unknown --qat/--runs values {bad}; valid: {', '.join([*UNIFORM_QAT, *RUNS])}")
+        raise ValueError(f"unknown --qat/--runs/--spaces values {bad}; valid: "
+                         f"{', '.join([*UNIFORM_QAT, *RUNS, 'joint', 'int', 'fp'])}")  # fmt: skip
     if args.merge:
         print(f"wrote {merge(args.merge.split(','))}")
         return

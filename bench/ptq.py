@@ -80,8 +80,11 @@ def main() -> None:
             for q in args.sequences.split(",")]  # fmt: skip
     grid += [tuple(x.split(":")) for x in args.extra.split(",") if x]
     ptq_args = {"adaround": {"iters": args.adaround_iters, "batch_size": args.adaround_batch}}
-    rows = []
-    print(f"{args.task}: fp32 {fp:.4f}", flush=True)
+    rows = earlier_rows(args.entry or args.task, task, ptq_args)
+    done = {(r["candidate"], r["sequence"]) for r in rows}
+    grid = [g for g in dict.fromkeys(grid) if (candidate(g[0], g[1]), g[2]) not in done]
+    print(f"{args.task}: fp32 {fp:.4f}; {len(rows)} earlier rows kept, {len(grid)} to run", flush=True)
+    total = len(rows) + len(grid)
     for setting, recipe, seq in grid:
         steps = SEQUENCES[seq]
         cand = candidate(setting, recipe)
@@ -97,16 +100,38 @@ def main() -> None:
                      "method_seconds": m["seconds"], "eval_seconds": m["eval_seconds"]})  # fmt: skip
         times = " ".join(f"{r['step']}={r['seconds']:.1f}s" for r in step_rows)
         print(f"{args.task:20s} {cand:22s} {seq:12s} {m['metric']:.4f} {times}", flush=True)
-        save(args.entry or args.task, task, fp, rows, ptq_args, t0, complete=len(rows) == len(grid))
+        save(args.entry or args.task, task, fp, rows, ptq_args, t0, complete=len(rows) == total)
+
+
+def val_items(task: mixq.Task) -> int:
+    """The number of validation examples the task evaluates."""
+    return sum(len(b[1]) if isinstance(b, tuple) else len(b["input_ids"]) for b in task.val)
+
+
+def earlier_rows(name: str, task: mixq.Task, ptq_args: dict) -> list[dict]:
+    """Rows of the task's entry in ptq.json made with the same validation set and AdaRound settings.
+
+    A later invocation adds the rows it is missing instead of recomputing the grid; rows made
+    with other settings are dropped (the entry is rewritten with the current settings).
+    """
+    path = RESULTS / "ptq.json"
+    old = json.loads(path.read_text()).get("tasks", {}).get(name) if path.exists() else None
+    if not old or old.get("val_items") != val_items(task) or old.get("adaround") != ptq_args["adaround"]:
+        return []
+    for r in old["rows"]:  # which invocation made each row
+        r.setdefault("command", old["provenance"]["command"])
+    return list(old["rows"])
 
 
 def save(
     name: str, task: mixq.Task, fp: float, rows: list, ptq_args: dict, t0: float, complete: bool
 ) -> None:
     """Add or replace the task's entry in bench/results/ptq.json (after every row)."""
-    entry = {"provenance": provenance(), "complete": complete, "metric_name": task.metric_name, "fp32": fp,
-             "info": task.info, "adaround": ptq_args["adaround"],
-             "val_items": sum(len(b[1]) if isinstance(b, tuple) else len(b["input_ids"]) for b in task.val),
+    prov = provenance()
+    for r in rows:
+        r.setdefault("command", prov["command"])
+    entry = {"provenance": prov, "complete": complete, "metric_name": task.metric_name, "fp32": fp,
+             "info": task.info, "adaround": ptq_args["adaround"], "val_items": val_items(task),
              "rows": rows, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     path = RESULTS / "ptq.json"
     RESULTS.mkdir(parents=True, exist_ok=True)

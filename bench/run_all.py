@@ -2,9 +2,10 @@
 
 For each task of :data:`SWEEPS` and each method of :data:`METHODS`, ``mixq.run`` quantizes the
 task's real model at every average-weight-bit budget of the sweep, on the same candidates and
-quantizers, and measures the metric on the full validation set. A new method joins the
-benchmark by adding its name to :data:`METHODS` (and, if its defaults are too slow on two
-cores, its settings to :data:`METHOD_ARGS`).
+quantizers (the QAT methods on :data:`QAT_CANDIDATES`), and measures the metric on the first
+:data:`VAL` validation examples. A new method joins the benchmark by adding its name to
+:data:`METHODS` (and, if its defaults are too slow on two cores, its settings to
+:data:`METHOD_ARGS`).
 
 * Results: ``bench/results/run_all.json`` (one row per task, method and budget, with the
   provenance of every session that produced rows: command, git commit, package versions) and
@@ -65,6 +66,12 @@ METHODS = [
     "uniform",
     "sensitivity-ilp",
     "hawq",
+    "clado",
+    "clado-naive",
+    "multipoint",
+    "sparq",
+    "ddq",
+    "fliqs",
 ]
 
 # Settings of a method on a task where its defaults do not fit two CPU cores: (method, task) -> args.
@@ -77,6 +84,28 @@ METHOD_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("hawq", "fashion-mobilenetv2"): {"batches": 1, "hutchinson_samples": 8},
     ("sensitivity-ilp", "minilm"): {"batches": 1},
     ("hawq", "minilm"): {"batches": 1, "hutchinson_samples": 4},
+    ("clado", "fashion-resnet20"): {"batches": 1},
+    ("clado", "fashion-mobilenetv2"): {"batches": 1},
+    ("clado", "minilm"): {"batches": 1},
+    ("clado-naive", "fashion-resnet20"): {"batches": 1},
+    ("clado-naive", "fashion-mobilenetv2"): {"batches": 1},
+    ("clado-naive", "minilm"): {"batches": 1},
+    # QAT: short runs from the pretrained weights (batches of 128 training images; minilm trains
+    # on its calibration sentences).
+    **{(m, t): {"steps": 40} for m in ("ddq", "fliqs")
+       for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")},  # fmt: skip
+}
+
+# Validation examples evaluated per task (the first ones of its usual set): the Fashion-MNIST
+# models and MiniLM on subsets so the whole sweep fits two CPU cores; recorded with every row.
+VAL: dict[str, int] = {"mnist-cnn": 10_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000,
+                       "minilm": 256}  # fmt: skip
+
+# Candidates of the QAT methods where the sweep's differ: the output-error range search (omse) is
+# a post-training calibration; QAT learns its ranges from min/max starting points.
+QAT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "cnn": ("w2+asym-a8", "w3+asym-a8", "w4+asym-a8", "w8+asym-a8"),
+    "minilm": ("w2g128+asym", "w3g128+asym", "w4g128+asym", "w8+asym"),
 }
 
 
@@ -125,9 +154,26 @@ def run_dir(runs: Path, task: str, method: str, budget: float) -> Path:
     return runs / task / method / f"avg{budget:g}"
 
 
+def candidates_of(task: str, method: str) -> list[str]:
+    """Return the candidates ``method`` searches on ``task``."""
+    if method in ("ddq", "fliqs"):
+        return list(QAT_CANDIDATES["minilm" if task == "minilm" else "cnn"])
+    return list(SWEEPS[task].candidates)
+
+
+def build_task(name: str) -> mixq.Task:
+    """Build a benchmark task evaluated on its first ``VAL[name]`` validation examples."""
+    if name == "mnist-cnn":
+        return mixq.tasks.mnist_cnn(val_size=VAL[name])
+    if name == "minilm":
+        return mixq.tasks.minilm(val_size=VAL[name])
+    return mixq.tasks.fashion(name, val_size=VAL[name])
+
+
 def settings(task: str, method: str) -> dict[str, Any]:
     """Return what must match for a stored row to count as finished."""
-    return {"candidates": list(SWEEPS[task].candidates), "method_args": METHOD_ARGS.get((method, task), {})}
+    return {"candidates": candidates_of(task, method), "method_args": METHOD_ARGS.get((method, task), {}),
+            "val": VAL[task]}  # fmt: skip
 
 
 def pick(items: list[str], valid: list[str], what: str) -> list[str]:
@@ -195,7 +241,7 @@ def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Pa
     res = mixq.run(
         task,
         method=method,
-        candidates=list(SWEEPS[task.name].candidates),
+        candidates=candidates_of(task.name, method),
         budget={"avg_weight_bits": budget},
         method_args=METHOD_ARGS.get((method, task.name)),
         out=out,
@@ -231,7 +277,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
     with Bar(len(todo), "bench", unit="run") as bar:
         for task_name, method, budget in todo:
             if current is None or current.name != task_name:
-                current = mixq.tasks.get(task_name)
+                current = build_task(task_name)
                 results["tasks"][task_name] = {
                     "metric_name": current.metric_name,
                     "fp_metric": current.fp_metric(),
@@ -348,7 +394,8 @@ def task_summary(task: str, rows: list[dict[str, Any]], info: dict[str, Any]) ->
     out = [
         f"## {task}",
         "",
-        f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}.",
+        f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}"
+        f" (ddq, fliqs: {', '.join(f'`{c}`' for c in candidates_of(task, 'ddq'))}).",
         "",
     ]
     if info.get("info"):
@@ -401,10 +448,11 @@ def write_summary(results: dict[str, Any], unlisted: list[str]) -> Path:
         "",
         f"Written by `bench/run_all.py` (`make bench`) from `{NAME}.json`, which holds every number "
         "below with the command, git commit, package versions and wall times of each session. "
-        "Cells: the task's metric on its full validation set (achieved average weight bits, scales "
-        "included). Wall s: quantization (calibration, sensitivity, search) plus evaluation. Store "
-        "jobs: sensitivity jobs found in the run's result store before and after the run (equal "
-        "numbers: the sensitivity was reused from the previous budget, nothing recomputed).",
+        "Cells: the task's metric on its first `VAL` validation examples (see each task; achieved "
+        "average weight bits, scales included). Wall s: quantization (calibration, sensitivity, "
+        "search) plus evaluation. Store jobs: sensitivity jobs found in the run's result store "
+        "before and after the run (equal numbers: the sensitivity was reused from the previous "
+        "budget, nothing recomputed).",
         "",
     ]
     out += [

@@ -219,6 +219,16 @@ def test_allocation_budget_cap_and_determinism():
     torch.testing.assert_close(mp.quantize_weight(w, spec), a.points.reconstruct(), rtol=1e-9, atol=1e-12)
 
 
+def test_capped_allocation_is_a_prefix_of_the_uncapped_one():
+    """Stopping after k extra points gives the first k of the uncapped allocation (what the budget cut uses)."""
+    w, _, gram = layer_problem(seed=6, c=20)
+    full = mp.allocate(w, 3, gram, ratio=None, n_max=4)
+    assert len(full.order) == full.extra > 20
+    for k in (0, 1, 7, 20, full.extra):
+        capped = mp.allocate(w, 3, gram, ratio=k / 20 if k <= 20 else None, n_max=4)
+        assert full.counts_at(k) == tuple(int(n) for n in capped.points.counts)
+
+
 def test_error_key_gives_points_to_the_largest_error():
     w, x, gram = layer_problem(seed=3)
     alloc = mp.allocate(w, 3, gram, ratio=1 / w.shape[0], key="error")
@@ -383,7 +393,8 @@ def test_variants_and_base_methods(tmp_path):
         n: s.weight.bits for n, s in ilp.plan.layers.items()}  # fmt: skip
     ilp.plan.save(tmp_path / "base.json")
     from_file = mixq.run(
-        task, "multipoint", ["w2"], method_args={"ratio": 0.25, "base_plan": str(tmp_path / "base.json")}
+        task, "multipoint", ["w2"], budget=budget,
+        method_args={"ratio": 0.25, "base_plan": str(tmp_path / "base.json")},
     )
     assert from_file.plan.layers == on_ilp.plan.layers
     layer = mixq.run(
@@ -391,6 +402,30 @@ def test_variants_and_base_methods(tmp_path):
     )
     w = layer.plan.layers["0"].weight
     assert w.granularity == "tensor" and w.clip == "minmax"
+
+
+def test_points_fill_only_the_budget_the_base_plan_leaves():
+    task = tasks.get("synthetic-mlp")
+    uni = mixq.run(task, "uniform", ["w3"])
+    free = mixq.run(task, "multipoint", ["w3"], method_args={"ratio": 0.5})
+    limit = (uni.metrics["avg_weight_bits"] + free.metrics["avg_weight_bits"]) / 2
+    cut = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit}, method_args={"ratio": 0.5})
+    assert uni.metrics["avg_weight_bits"] < cut.metrics["avg_weight_bits"] <= limit
+    assert cut.metrics["within_avg_weight_bits"]
+    frac = cut.plan.meta["multipoint"]["budget_ratio"]
+    assert 0 < frac < 0.5
+    # the cut is the largest common fraction: one more point per layer's share breaks the budget
+    for name, spec in cut.plan.layers.items():
+        extra = sum(spec.weight.points) - len(spec.weight.points)
+        assert extra == min(math.floor(frac * len(spec.weight.points) + 1e-9),
+                            sum(free.plan.layers[name].weight.points) - len(spec.weight.points))  # fmt: skip
+    # ratio=None: the points spend what the budget leaves, and stay within it
+    fill = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit}, method_args={"ratio": None})
+    assert uni.metrics["avg_weight_bits"] < fill.metrics["avg_weight_bits"] <= limit
+    # a budget the base plan alone meets exactly leaves no room for points
+    tight = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": uni.metrics["avg_weight_bits"]})
+    assert tight.metrics["avg_weight_bits"] == uni.metrics["avg_weight_bits"]
+    assert tight.plan.meta["multipoint"]["extra_points"] == 0
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,15 @@ Variants: ``variant="channel"`` (every point has its own per-channel step) and `
 (the first point of every channel uses one layer-wide step, the per-layer baseline; extra points
 carry per-channel steps: a [DESIGN] reading of the paper's per-layer setting).
 
+Budget: the base plan meets the budget by itself, and the points only fill what it leaves. If the
+allocation at ``ratio`` would break the budget (size, average bits or BOPs: every point and
+step counted), every layer's allocation is cut back to the largest common fraction of its
+output channels that fits (the greedy allocation capped earlier is a prefix of the uncapped
+one, so this is exact). ``ratio=None`` with a budget therefore spends the budget the base plan
+leaves, e.g. candidates ``["w3"]`` and ``avg_weight_bits=3.3``: w3 everywhere plus points.
+
 Deviations [DESIGN]: layers are processed independently on the float model's inputs (not
-sequentially on the quantized prefix); the budget applies to the base plan, while ``ratio`` sets
-the overhead; the run's metrics count every point, so ``within_*`` says whether the total still
-meets the budget. Activation specs of the base plan are kept as they are.
+sequentially on the quantized prefix). Activation specs of the base plan are kept as they are.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from mixq import cost
 from mixq.formats import Int
 from mixq.methods.common import Context, MethodOutput
 from mixq.plan import LayerSpec, Plan, QSpec
@@ -156,34 +163,89 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
     if any(qlayers[n].weight_quant.gram is None for n in targets):
         collect_gram(ctx, targets, cfg.gram_batches)
     first = VARIANTS[cfg.variant]
-    layers = dict(base.layers)
-    total = channels = 0
+    clip = "mse" if cfg.a_search == "greedy" else "minmax"
+    allocs: dict[str, mp.Allocation] = {}
     for name in progress(targets, "multipoint", unit="layer"):
         m, spec = qlayers[name], base.layers[name]
         assert spec.weight is not None
         w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-        gram = m.weight_quant.gram
-        alloc = mp.allocate(
-            w, spec.weight.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, cfg.a_search, first, cfg.key
+        allocs[name] = mp.allocate(w, spec.weight.bits, m.weight_quant.gram, cfg.ratio, cfg.tau, cfg.n_max,
+                                   cfg.a_search, first, cfg.key)  # fmt: skip
+
+    def plan_at(fraction: float) -> dict[str, LayerSpec]:
+        """The plan with each layer's allocation stopped at ``fraction`` of its output channels."""
+        layers = dict(base.layers)
+        for name, alloc in allocs.items():
+            spec = base.layers[name]
+            assert spec.weight is not None
+            k = min(alloc.extra, math.floor(fraction * len(alloc.points.counts) + 1e-9))
+            wspec = QSpec(spec.weight.fmt, granularity=first, clip=clip, points=alloc.counts_at(k))
+            layers[name] = LayerSpec(wspec, spec.act)
+        return layers
+
+    full = max(a.extra / len(a.points.counts) for a in allocs.values())
+    fraction, layers = fit_budget(ctx, plan_at, full)
+    if layers is None:
+        log.warning(
+            "multipoint: even one point per channel (variant %r) exceeds the budget %s; the base plan "
+            "is kept", cfg.variant, ctx.budget,
         )
-        counts = tuple(int(n) for n in alloc.points.counts)
-        clip = "mse" if cfg.a_search == "greedy" else "minmax"
-        wspec = QSpec(spec.weight.fmt, granularity=first, clip=clip, points=counts)
-        layers[name] = LayerSpec(wspec, spec.act)
+        history.append({"multipoint": "one point per channel exceeds the budget; base plan kept"})
+        meta = {"multipoint": {"layers": 0, "base": cfg.base_plan or cfg.base_method}}
+        return MethodOutput(plan=Plan(dict(base.layers), meta), history=history)
+    total = channels = 0
+    for name, alloc in allocs.items():
+        counts = layers[name].weight.points  # type: ignore[union-attr]
+        k = sum(counts) - len(counts)
         e1, e = float(alloc.first_errors.sum()), float(alloc.errors.sum())
         total, channels = total + sum(counts), channels + len(counts)
-        history.append({"layer": name, "bits": spec.weight.bits, "channels": len(counts),
-                        "extra_points": alloc.extra, "avg_points": sum(counts) / len(counts),
-                        "max_points": max(counts), "stop": alloc.stop, "output_error_one_point": e1,
-                        "output_error": e, "relative_output_error": e / e1 if e1 > 0 else 0.0})  # fmt: skip
+        history.append({"layer": name, "bits": base.layers[name].weight.bits,  # type: ignore[union-attr]
+                        "channels": len(counts), "extra_points": k, "avg_points": sum(counts) / len(counts),
+                        "max_points": max(counts), "stop": alloc.stop if k == alloc.extra else "total budget",
+                        "output_error_one_point": e1,  # after the cut for the budget: not measured
+                        "output_error": e if k == alloc.extra else None,
+                        "relative_output_error": (e / e1 if e1 > 0 else 0.0) if k == alloc.extra else None})
     meta = {"multipoint": {"ratio": cfg.ratio, "tau": cfg.tau, "n_max": cfg.n_max, "a_search": cfg.a_search,
                            "variant": cfg.variant, "key": cfg.key,
                            "base": cfg.base_plan if cfg.base_plan is not None else cfg.base_method,
                            "layers": len(targets), "avg_points": total / channels,
                            "extra_points": total - channels, "step_dtype": "float32",
+                           "budget_ratio": fraction if fraction < full else None,
                            "gram_batches": cfg.gram_batches,
                            "error_inputs": "float model, calibration Gram matrices"}}  # fmt: skip
     return MethodOutput(plan=Plan(layers, meta), history=history)
+
+
+def fit_budget(
+    ctx: Context, plan_at: Callable[[float], dict[str, LayerSpec]], full: float
+) -> tuple[float, dict[str, LayerSpec] | None]:
+    """Return the largest extra-point fraction (<= ``full``) whose plan meets every budget, and the plan.
+
+    The cost of a plan grows with the fraction (every extra point adds its codes, step and BOPs),
+    so a bisection finds it; ``(0.0, None)`` when even one point per channel breaks the budget.
+    """
+
+    def fits(layers: dict[str, LayerSpec]) -> bool:
+        specs = [layers[n] for n in ctx.layers]
+        tot: dict[str, float] = {}
+        for info, spec in zip(ctx.model_costs.infos, specs, strict=True):
+            for k, v in cost.layer_costs(info, spec).items():
+                tot[k] = tot.get(k, 0.0) + v
+        return all(tot[k] <= v * (1 + 1e-9) for k, v in ctx.limits.items())
+
+    layers = plan_at(full)
+    if not ctx.limits or fits(layers):
+        return full, layers
+    if not fits(lo_plan := plan_at(0.0)):
+        return 0.0, None
+    lo, hi = 0.0, full
+    for _ in range(40):  # fractions below 1e-12 of a layer's channels change nothing
+        mid = (lo + hi) / 2
+        if fits(mid_plan := plan_at(mid)):
+            lo, lo_plan = mid, mid_plan
+        else:
+            hi = mid
+    return lo, lo_plan
 
 
 def deploy(qmodel: nn.Module) -> nn.Module:

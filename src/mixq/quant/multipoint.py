@@ -253,6 +253,9 @@ class Allocation:
         errors: [C] output error of each channel at the end.
         extra: points added beyond one per channel.
         stop: why allocation stopped: "budget", "tau" or "exhausted" (no channel can improve).
+        order: the channel of each extra point, in the order they were added. The greedy choices
+            do not depend on when allocation stops, so the allocation capped at k extra points
+            is this one's first k: see :meth:`counts_at`.
     """
 
     points: Points
@@ -260,6 +263,15 @@ class Allocation:
     errors: torch.Tensor
     extra: int
     stop: str
+    order: tuple[int, ...] = ()
+
+    def counts_at(self, extra: int) -> tuple[int, ...]:
+        """Points per channel of the same allocation stopped after ``extra`` extra points."""
+        counts = torch.ones(len(self.points.counts), dtype=torch.long)
+        if extra > 0:
+            added = torch.tensor(self.order[:extra], dtype=torch.long)
+            counts += torch.bincount(added, minlength=len(counts))
+        return tuple(int(n) for n in counts)
 
 
 def allocate(
@@ -319,7 +331,7 @@ def allocate(
                 cand[j] = (ns[t], nq[t], nr[t], float(ne[t]))
                 heapq.heappush(heap, (-(gain if key == "gain" else float(e[j])), j))
 
-    extra, stop = 0, "exhausted"
+    extra, stop, order = 0, "exhausted", []
     if n_max > 1 and (budget is None or budget > 0):
         push(all_rows)
     while True:
@@ -338,11 +350,12 @@ def allocate(
         r[j], e[j] = nr, ne
         counts[j] = i + 1
         extra += 1
+        order.append(j)
         if i + 1 < n_max:
             push(torch.tensor([j]))
     n = int(counts.max())
     pts = Points(bits, steps[:, :n].clone(), codes[:, :n].clone(), counts)
-    return Allocation(pts, first_errors, e, extra, stop)
+    return Allocation(pts, first_errors, e, extra, stop, tuple(order))
 
 
 def spec_points(w: torch.Tensor, spec: QSpec) -> Points:
