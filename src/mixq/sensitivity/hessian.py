@@ -5,6 +5,16 @@ estimated with Hutchinson's method: for Rademacher vectors ``v`` (entries ±1, s
 ``E[vᵀ H_l v] = tr(H_l)``, and ``H_l v`` is a Hessian-vector product by double
 back-propagation, ``∂(∂L/∂W_l · v)/∂W_l``. The sensitivity of layer ``l`` at candidate ``c``
 is then ``Ω_l(c) = tr(H_l)/n_l · ‖Q_c(W_l) − W_l‖²₂`` with ``n_l`` the number of weights.
+
+Two estimators (``mode``):
+
+* ``"block"``: one Hessian-vector product per layer and vector, ``v_lᵀ H_l v_l`` with ``v_l``
+  on that layer alone: no cross-layer terms, the lowest variance, L backward passes per vector;
+* ``"joint"``: one vector ``v`` over all the layers' weights at once and one Hessian-vector
+  product ``Hv`` per vector, read per layer as ``v_lᵀ (Hv)_l = v_lᵀ H_l v_l + Σ_{m≠l} v_lᵀ H_lm v_m``.
+  The cross terms have zero mean (independent ±1 entries), so the estimate is unbiased too, at
+  an L-fold lower cost (HAWQ-V2's block traces are computed this way); their variance adds to
+  the estimate's, so it needs more vectors for the same spread.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 _CHUNK = 64  # Hessian-vector products batched per backward pass
+MODES = ("block", "joint")
 
 
 def _rademacher(shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -44,6 +55,7 @@ def hutchinson_trace(
     batches: Sequence[Any] | None = None,
     n_samples: int = 64,
     seed: int = 0,
+    mode: str = "block",
 ) -> dict[str, float]:
     """Estimate ``tr(H_l)`` of the float model's loss for each layer's weight.
 
@@ -59,10 +71,13 @@ def hutchinson_trace(
         batches: the data; the task's calibration batches by default.
         n_samples: Rademacher vectors per batch.
         seed: seed of the vectors.
+        mode: "block" (a vector per layer) or "joint" (one vector over all layers; see the module).
 
     Returns:
         ``{layer: trace}`` (not normalized by the layer's size).
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown Hutchinson mode {mode!r}; valid: {', '.join(MODES)}")
     qlayers = check_layers(qmodel, layers)
     batches = list(task.calib if batches is None else batches)
     if not batches:
@@ -76,13 +91,25 @@ def hutchinson_trace(
     try:
         for w in weights:
             w.requires_grad_(True)
-        bar = Bar(len(batches) * len(layers), "hutchinson trace", unit="layer")
+        steps = len(layers) if mode == "block" else -(-n_samples // _CHUNK)
+        bar = Bar(len(batches) * steps, "hutchinson trace", unit="layer" if mode == "block" else "chunk")
         # Double back-propagation needs the math attention kernel: the fused CPU kernels of
         # scaled_dot_product_attention have no second derivative (transformers use them).
         with applied(qmodel, {}), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), bar:
             for batch in batches:
                 loss = task.loss(qmodel, batch)
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
+                if mode == "joint":
+                    for start in range(0, n_samples, _CHUNK):
+                        m = min(_CHUNK, n_samples - start)
+                        vs = [_rademacher((m, *w.shape), w, gen) for w in weights]
+                        hvs = torch.autograd.grad(  # H v for m whole-model vectors at once
+                            grads, weights, grad_outputs=vs, retain_graph=True, is_grads_batched=True
+                        )
+                        for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
+                            sums[i] += float((hv.double() * v.double()).sum())
+                        bar.update()
+                    continue
                 for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
                     for start in range(0, n_samples, _CHUNK):
                         shape = (min(_CHUNK, n_samples - start), *w.shape)
@@ -110,6 +137,7 @@ def hawq(
     n_samples: int = 64,
     seed: int = 0,
     store: Store | None = None,
+    mode: str = "block",
 ) -> Sensitivity:
     """Score layers and candidates by the HAWQ-V2/V3 second-order estimate.
 
@@ -126,8 +154,9 @@ def hawq(
         n_samples: Rademacher vectors per batch.
         seed: seed of the vectors.
         store: finished traces, keyed by the fingerprints of the model and of the batches
-            and by ``n_samples`` and ``seed``; stored traces are not recomputed (the traces do
-            not depend on the candidates, so a budget sweep computes them once).
+            and by ``n_samples``, ``seed`` and ``mode``; stored traces are not recomputed (the
+            traces do not depend on the candidates, so a budget sweep computes them once).
+        mode: the Hutchinson estimator, "block" or "joint" (:func:`hutchinson_trace`).
 
     Returns:
         A Sensitivity of kind "hawq"; ``meta["trace"]`` holds the traces and
@@ -136,19 +165,20 @@ def hawq(
     qlayers = check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     batches = list(task.calib if batches is None else batches)
-    key = f"hutchinson:{n_samples}:{seed}:" + ",".join(layers)
+    prefix = "hutchinson" if mode == "block" else f"hutchinson-{mode}"  # block keys predate modes
+    key = f"{prefix}:{n_samples}:{seed}:" + ",".join(layers)
     scope = None
     if store is not None:
         scope = store.scope(state_fingerprint(qmodel), fingerprint_data(batches))
     if scope is not None and key in scope.keys():
         traces = {n: float(v) for n, v in scope.get(key).items()}
     else:
-        traces = hutchinson_trace(qmodel, task, layers, batches, n_samples, seed)
+        traces = hutchinson_trace(qmodel, task, layers, batches, n_samples, seed, mode)
         if scope is not None:
             scope.put(key, {n: float(v) for n, v in traces.items()})
     avg = {n: traces[n] / qlayers[n].weight.numel() for n in layers}
     single = torch.tensor(
         [[avg[n] * weight_error(qlayers[n], s) for s in specs] for n in layers], dtype=torch.float64
     )  # [L, C]
-    meta = {"trace": traces, "avg_trace": avg, "n_samples": n_samples, "seed": seed}
+    meta = {"trace": traces, "avg_trace": avg, "n_samples": n_samples, "seed": seed, "mode": mode}
     return Sensitivity(list(layers), [s.name for s in specs], single, kind="hawq", meta=meta)
