@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import ml_dtypes
@@ -244,6 +245,13 @@ def test_onnx_runtime_matches_the_simulation(cnn, cand: str, tmp_path) -> None:
     assert (diff <= 1e-5 * scale).mean() >= 0.99
     assert diff.max() <= 0.02 * scale
     assert (out.argmax(1) == sim.argmax(1)).all()
+    if ONNX_CASES[cand] == "FLOAT":  # float weights stay float under ORT's full optimization too
+        fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+        fused_ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+        assert not {"QLinearConv", "QGemm"} & fused_ops
+        diff = np.abs(fused - sim)
+        assert (diff <= 1e-5 * scale).mean() >= 0.99 and diff.max() <= 0.02 * scale
+        assert (fused.argmax(1) == sim.argmax(1)).all()
 
 
 def test_onnx_rejects_inputs_it_cannot_express(cnn, tmp_path) -> None:
@@ -266,6 +274,9 @@ def test_mnist_int8_runs_in_integer_kernels_with_the_simulated_accuracy(tmp_path
     fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 3
+    # the first conv (one input channel) runs as a depthwise conv on the repeated input codes
+    groups = {n.name: a.i for n in onnx.load(str(path)).graph.node for a in n.attribute if a.name == "group"}
+    assert groups["/model/conv_layers/conv_layers.0/Conv"] == 32 and "Expand" in ops
     reference = ort_run(path, x, optimize=False)
     assert np.abs(reference - sim).max() < 0.1  # logits of magnitude about 20
     assert np.abs(fused - sim).max() < 0.5  # + int32 bias and requantization in the fused kernels
@@ -291,3 +302,188 @@ def test_cli_exports_a_run_directory(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert cli.main(["export", str(tmp_path / "nowhere")]) == 2
     assert "no plan.json" in capsys.readouterr().err
+
+
+# -- run directories hold their model: PTQ and QAT weights come back exactly ------------------------
+
+
+def check_run_dir(run_dir, res: mixq.Result, task: tasks.Task, capsys) -> None:
+    """The run's model.safetensors reloads bit-exactly; `mixq export` and `mixq eval` use it."""
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        sim = res.model(x)
+        assert same_bits(export.load(run_dir / "model.safetensors")(x), sim)
+    assert cli.main(["export", str(run_dir)]) == 0  # checks the loaded model's metric against the run's
+    assert cli.main(["export", str(run_dir), "--out", str(run_dir / "copy.safetensors")]) == 0
+    with torch.no_grad():
+        assert same_bits(export.load(run_dir / "copy.safetensors")(x), sim)
+    assert cli.main(["export", str(run_dir), "--format", "onnx"]) == 0
+    out = ort_run(run_dir / "model.onnx", x, optimize=False)
+    assert np.abs(out - sim.numpy()).max() <= 0.02 * np.abs(sim.numpy()).max()
+    assert (out.argmax(1) == sim.numpy().argmax(1)).all()
+    capsys.readouterr()
+    assert cli.main(["eval", str(run_dir)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model"] == "model.safetensors" and shown["metric"] == res.metrics["metric"]
+    assert cli.main(["eval", str(run_dir), "--task", task.name]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def plan_only_outputs(run_dir, x: torch.Tensor) -> torch.Tensor:
+    """What the run's plan alone rebuilds (its stored model set aside)."""
+    (run_dir / "model.safetensors").rename(run_dir / "aside.safetensors")
+    try:
+        with pytest.raises(ValueError, match="cannot be rebuilt from its plan"):
+            export.rebuild(run_dir)
+        res, _ = export.rebuild(run_dir, check=False)
+        with torch.no_grad():
+            return res.model(x)
+    finally:
+        (run_dir / "aside.safetensors").rename(run_dir / "model.safetensors")
+
+
+def test_run_dir_with_bias_correction_and_adaround_exports_exactly(tmp_path, capsys) -> None:
+    task = tasks.get("synthetic-mlp")
+    run_dir = tmp_path / "run"
+    res = mixq.run(task, candidates=["w3-a8"], ptq=["bias_correction", "adaround"],
+                   ptq_args={"adaround": {"iters": 20, "batch_size": 32}}, out=run_dir)  # fmt: skip
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        assert not torch.equal(plan_only_outputs(run_dir, x), res.model(x))  # the file is needed
+    check_run_dir(run_dir, res, task, capsys)
+
+
+def test_run_dir_after_qat_exports_exactly(tmp_path, capsys) -> None:
+    task = tasks.get("synthetic-mlp")
+    run_dir = tmp_path / "run"
+    res = mixq.run(task, "ddq", candidates=["w2a8", "w4a8", "w8a8"], budget={"avg_weight_bits": 4.8},
+                   method_args={"steps": 6}, out=run_dir)  # fmt: skip
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        assert not torch.equal(plan_only_outputs(run_dir, x), res.model(x))
+    check_run_dir(run_dir, res, task, capsys)
+
+
+class Relu6Net(torch.nn.Module):
+    """conv -> ReLU6 -> depthwise -> ReLU6 -> 1x1 conv -> ReLU6 -> mean -> linear (MobileNetV2's links)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.r1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.dw, self.r2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6()
+        self.c2, self.r3 = nn.Conv2d(8, 12, 1), nn.ReLU6()
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.r3(self.c2(self.r2(self.dw(self.r1(self.c1(x)))))).mean((2, 3)))
+
+
+def test_cle_channel_clamps_export_to_onnx_and_safetensors(tmp_path) -> None:
+    from mixq.ptq.cle import ChannelClamp
+
+    torch.manual_seed(0)
+    model = Relu6Net().eval()
+    with torch.no_grad():  # channel ranges far apart: CLE rescales them, the ReLU6 become clamps
+        for layer in (model.c1, model.dw, model.c2):
+            n = layer.weight.shape[0]
+            layer.weight.mul_(torch.logspace(-1, 1, n)[torch.randperm(n)].reshape(-1, 1, 1, 1))
+    task = tasks._teacher_task(model, (3, 8, 8), "relu6-cnn")
+    res = mixq.run(task, candidates=["w7a8"], ptq=["cle"])
+    clamps = [m for m in res.model.modules() if isinstance(m, ChannelClamp)]
+    assert len(clamps) == 2 and not torch.equal(clamps[0].upper, torch.full_like(clamps[0].upper, 6.0))
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        sim = res.model(x)
+    loaded = export.load(export.save(res, tmp_path / "m.safetensors"), model=task.model)  # ReLU6 model
+    assert sum(isinstance(m, ChannelClamp) for m in loaded.modules()) == 2
+    with torch.no_grad():
+        assert same_bits(loaded(x), sim)
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    consts = [onnx.numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
+              for a in n.attribute]  # fmt: skip
+    uppers = [inits.get(i) for n in graph.node if n.op_type == "Min" for i in n.input]
+    uppers += [c for c in consts if c.size == 8]
+    assert any(u is not None and np.array_equal(u.reshape(-1), clamps[0].upper.numpy()) for u in uppers)
+    scale = np.abs(sim.numpy()).max()
+    out = ort_run(path, x, optimize=False)  # the QDQ semantics: the simulation up to summation order
+    assert np.abs(out - sim.numpy()).max() <= 1e-5 * scale
+    assert (out.argmax(1) == sim.numpy().argmax(1)).all()
+    # The next input's quantizer is repeated above each clamp (exact), so ORT runs the convs that
+    # feed clamps as QLinearConv; its int32 biases and requantization then move outputs a little.
+    fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node].count("QLinearConv") == 2
+    assert np.abs(fused - sim.numpy()).max() <= 0.1 * scale
+    assert (fused.argmax(1) == sim.numpy().argmax(1)).mean() >= 0.98
+
+
+# -- multipoint weights and SPARQ inputs ------------------------------------------------------------
+
+
+def multipoint_plan(qmodel: torch.nn.Module, bits: int, act: str | None) -> Plan:
+    """Every layer multipoint: 1, 2, 3, 1, 2, 3, ... points per output channel."""
+    from mixq.formats import Int
+    from mixq.plan import LayerSpec, QSpec
+
+    aspec = parse_candidate(f"w8{act}").act if act else None
+    points = {n: tuple(i % 3 + 1 for i in range(m.weight.shape[0])) for n, m in mixq.sites(qmodel).items()}
+    return Plan({n: LayerSpec(QSpec(Int(bits), points=p), aspec) for n, p in points.items()},
+                {"task": "synthetic-cnn"})  # fmt: skip
+
+
+MP_SPARQ_CASES = ["mp3-a8", "mp4", "mp2-asparq4_3opt", "w8-asparq4_5opt_v", "w4-asparq4_2opt_raw",
+                  "w6-asparq4_3opt_raw_v"]  # fmt: skip
+
+
+def mp_sparq_result(task: tasks.Task, qmodel: torch.nn.Module, case: str) -> mixq.Result:
+    if case.startswith("mp"):
+        bits, _, act = case[2:].partition("-")
+        plan = multipoint_plan(qmodel, int(bits), act or None)
+        mixq.apply(qmodel, plan)
+        return mixq.Result(plan, qmodel, {})
+    return result_for(task, qmodel, case)
+
+
+@pytest.mark.parametrize("case", MP_SPARQ_CASES)
+def test_multipoint_and_sparq_round_trip_and_run_in_onnx_runtime(cnn, case: str, tmp_path) -> None:
+    task, qmodel = cnn
+    res = mp_sparq_result(task, qmodel, case)
+    x = torch.cat([b[0] for b in task.val])
+    with torch.no_grad():
+        sim = res.model(x)
+    loaded = export.load(export.save(res, tmp_path / "m.safetensors"), model=task.model)
+    with torch.no_grad():
+        assert same_bits(loaded(x), sim)
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    if case.startswith("mp"):
+        assert ops.count("DequantizeLinear") >= 3 + (2 if "-a" in case else 0)  # conv1: three points
+    if "sparq" in case:
+        assert "Gather" in ops and ("Where" in ops) == case.endswith("_v")
+    reference = ort_run(path, x, optimize=False)
+    # ORT's own QDQ rewrites (int32 biases, MatMulNBits) change numerics: full optimization
+    # otherwise, e.g. the fused float convolutions, must give the same values.
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    optimized = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]  # fmt: skip
+    scale = np.abs(sim.numpy()).max()
+    for out in (reference, optimized):  # float summation order may move a code on a rounding boundary
+        diff = np.abs(out - sim.numpy())
+        assert (diff <= 1e-5 * scale).mean() >= 0.99 and diff.max() <= 0.25 * scale
+        assert (out.argmax(1) == sim.numpy().argmax(1)).mean() >= 0.99
+
+
+def test_multipoint_payload_equals_cost_model(tmp_path) -> None:
+    res = mixq.run("synthetic-mlp", "multipoint", ["w3"], method_args={"ratio": 0.5})
+    assert any(s.weight.points is not None and max(s.weight.points) > 1 for s in res.plan.layers.values())
+    raw = export.save(res, tmp_path / "m.safetensors").read_bytes()
+    payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
+    loaded = export.load(tmp_path / "m.safetensors")
+    x = tasks.get("synthetic-mlp").val[0][0]
+    with torch.no_grad():
+        assert same_bits(loaded(x), res.model(x))

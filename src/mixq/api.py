@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mixq import cost, tasks
+from mixq import executor as executors
 from mixq import ptq as ptq_steps
 from mixq.methods import METHODS
 from mixq.methods.common import Context
@@ -117,6 +118,8 @@ def run(
     out: str | Path | None = None,
     ptq: list[str] | None = None,
     ptq_args: dict[str, dict[str, Any]] | None = None,
+    executor: str | Any | None = None,
+    executor_args: dict[str, Any] | None = None,
 ) -> Result:
     """Quantize a task's model with one method under a budget and measure the result.
 
@@ -132,6 +135,10 @@ def run(
             method's search, plan steps after the plan is applied; recorded in ``metrics["ptq"]``.
         ptq_args: per-step settings, e.g. ``{"adaround": {"iters": 2000}}``.
         out: a run directory to write plan.json, metrics.json, layers.csv and report.md to.
+        executor: runs the methods' sensitivity jobs: "inprocess" (the default), "ray"
+            (``pip install mixq[ray]``), or an executor object (``mixq.executor``).
+        executor_args: settings of a named executor, e.g. ``{"address": "HOST:PORT",
+            "workers": 8}`` for "ray"; an executor built here is closed when the run ends.
 
     Returns:
         A Result with ``.plan``, ``.model`` (the quantized model) and ``.metrics``.
@@ -150,6 +157,9 @@ def run(
     specs = [as_layer_spec(c) for c in candidates]
     budget = cost.check_budget(budget if budget is not None else {})
     steps = ptq_steps.resolve(ptq, ptq_args)
+    if executor_args and not isinstance(executor, str):
+        raise ValueError(f"executor_args need a named executor ({', '.join(executors.EXECUTORS)})")
+    runner = executors.make(executor, **(executor_args or {})) if isinstance(executor, str) else executor
     torch.manual_seed(seed)
     work, ptq_records = task, []
     if any(s.stage == "float" for s in steps):  # before calibration and search: see mixq.ptq
@@ -170,10 +180,15 @@ def run(
         limits=cost.budget_limits(mc, budget),
         seed=seed,
         out=Path(out) if out is not None else None,
+        executor=runner,
     )
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)
-    output = METHODS[method][1](ctx, cfg)
+    try:
+        output = METHODS[method][1](ctx, cfg)
+    finally:
+        if isinstance(executor, str):
+            executors.close(runner)
     seconds = time.perf_counter() - t0
     plan = output.plan
     plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": seed})
@@ -226,6 +241,25 @@ def write_run(out: Path, result: Result, infos: list[cost.LayerInfo]) -> None:
         lines.append(f"| `{info.name}` | {info.kind} | {shape} | {spec.name} | {wb / info.numel:.3f} |")
     (out / "layers.csv").write_text("\n".join(rows) + "\n")
     (out / "report.md").write_text(render_report(result.metrics, lines))
+    write_model(out, result)
+
+
+def write_model(out: Path, result: Result) -> Path | None:
+    """Write the quantized model to ``out/model.safetensors`` (a packed export), or say why not.
+
+    It makes the run directory self-sufficient: ``mixq export`` and ``mixq eval`` load it, so
+    weights changed by PTQ steps or QAT come back exactly. A plan with no packed form (the
+    export raises ValueError) leaves no file, and a warning.
+    """
+    from mixq.export import RUN_MODEL, save_safetensors
+
+    path = out / RUN_MODEL
+    path.unlink(missing_ok=True)  # never leave another run's model behind
+    try:
+        return save_safetensors(result.model, result.plan, path)
+    except ValueError as e:
+        log.warning("run directory %s holds no %s: %s", out, RUN_MODEL, e)
+        return None
 
 
 def render_report(m: dict[str, Any], layer_lines: list[str]) -> str:

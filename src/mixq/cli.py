@@ -12,7 +12,8 @@ from typing import Any
 
 import tomllib
 
-RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args")
+RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args",
+               "executor", "executor_args")
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
 # Every method of the demo with settings that keep `make demo` to minutes on 2 cores; QAT
@@ -95,13 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not dot or not name:
                 raise ValueError(f"--ptq-arg {key!r} must look like STEP.KEY=VALUE, e.g. adaround.iters=2000")
             recipe["ptq_args"].setdefault(step, {})[name] = value
+    if args.executor:
+        recipe["executor"] = args.executor
+    if args.address or args.workers is not None:
+        if recipe.get("executor") != "ray":
+            raise ValueError("--address and --workers need --executor ray")
+        recipe.setdefault("executor_args", {}).update(
+            {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None})
     if "task" not in recipe:
         raise ValueError("name a task with --task or in the recipe")
     out = Path(recipe.get("out", "runs/latest"))
     res = mixq.run(recipe["task"], method=recipe.get("method", "uniform"),
                    candidates=recipe.get("candidates"), budget=recipe.get("budget"),
                    method_args=recipe.get("method_args"), seed=int(recipe.get("seed", 0)),
-                   out=out, ptq=recipe.get("ptq"), ptq_args=recipe.get("ptq_args"))  # fmt: skip
+                   out=out, ptq=recipe.get("ptq"), ptq_args=recipe.get("ptq_args"),
+                   executor=recipe.get("executor"), executor_args=recipe.get("executor_args"))  # fmt: skip
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     m = res.metrics
     print(_table([{**m, "budget": json.dumps(m["budget"])}]))
@@ -148,6 +157,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mixq.api import prepare
     from mixq.plan import FLOAT, Plan
 
+    if args.run_dir is not None:
+        if args.task or args.plan:
+            raise ValueError("give either a RUN_DIR or --task and --plan, not both")
+        return _eval_run(args.run_dir)
+    if not args.task or not args.plan:
+        raise ValueError("give a RUN_DIR, or --task and --plan")
     task = mixq.tasks.get(args.task)
     plan = Plan.load(args.plan)
     qmodel, infos = prepare(task, list(plan.layers.values()))
@@ -157,6 +172,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
          **cost.metrics_of(cost.model_costs(qmodel, infos),
                            [plan.layers.get(i.name, FLOAT) for i in infos])}  # fmt: skip
     print(json.dumps(m, indent=2))
+    return 0
+
+
+def _eval_run(run_dir: str) -> int:
+    """Evaluate a run directory's model: its model.safetensors (else its plan, rebuilt)."""
+    from mixq import export
+
+    result, task = export.rebuild(run_dir, check=False)
+    source = export.RUN_MODEL if (Path(run_dir) / export.RUN_MODEL).is_file() else "plan.json"
+    m = result.metrics
+    print(json.dumps({"metric": m["metric"], "recorded_metric": m.get("recorded_metric"),
+                      "fp_metric": m.get("fp_metric"), "model": source,
+                      **{k: m[k] for k in ("avg_weight_bits", "size_bytes", "bops") if k in m}},
+                     indent=2))  # fmt: skip
     return 0
 
 
@@ -179,7 +208,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     result, task = export.rebuild(args.run_dir)
     ext = "safetensors" if args.format == "safetensors" else "onnx"
     out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{ext}"
-    path = export.save(result, out, format=args.format, task=task)
+    stored = Path(args.run_dir) / export.RUN_MODEL
+    if out.exists() and stored.is_file() and out.resolve() == stored.resolve():
+        path = out  # the run's own packed model, just checked against its metric
+    else:
+        path = export.save(result, out, format=args.format, task=task)
     print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
           f"{task.metric_name} {result.metrics['metric']:.4f} as recorded by the run)")  # fmt: skip
     return 0
@@ -209,13 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/latest)")
     r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
+    r.add_argument("--executor", choices=("inprocess", "ray"),
+                   help="where sensitivity jobs run (ray: pip install mixq[ray])")
+    r.add_argument("--address", help="with --executor ray: a running Ray cluster (HOST:PORT or auto)")
+    r.add_argument("--workers", type=int, help="with --executor ray: CPUs of the local Ray cluster")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="every method on the real MNIST CNN at a few budgets")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
-    e = sub.add_parser("eval", help="evaluate a saved plan on a task")
-    e.add_argument("--task", required=True)
-    e.add_argument("--plan", required=True)
+    e = sub.add_parser("eval", help="evaluate a run directory's model, or a saved plan on a task")
+    e.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
+    e.add_argument("--task")
+    e.add_argument("--plan")
     e.set_defaults(fn=cmd_eval)
     ls = sub.add_parser("list", help="list tasks, methods, formats, budgets, candidate grammar")
     ls.set_defaults(fn=cmd_list)

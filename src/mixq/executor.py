@@ -103,3 +103,41 @@ class InProcessExecutor:
         if todo:
             log.info("%d jobs ran in %.2f s", len(todo), time.perf_counter() - t0)
         return {k: results[k] for k in keys}
+
+
+EXECUTORS = ("inprocess", "ray")
+
+
+def make(name: str, **kwargs: Any) -> Executor:
+    """Build an executor by name: "inprocess" or "ray" (the ``ray`` extra: ``pip install mixq[ray]``).
+
+    Args:
+        name: one of :data:`EXECUTORS`.
+        kwargs: the executor's settings, e.g. ``address``, ``workers``, ``chunk_size`` for "ray"
+            (see :class:`mixq.ray_executor.RayExecutor`); ``desc`` for "inprocess".
+
+    >>> make("inprocess").desc
+    'jobs'
+    """
+    import inspect
+
+    if name == "inprocess":
+        cls: Any = InProcessExecutor
+    elif name == "ray":
+        from mixq.ray_executor import RayExecutor
+
+        cls = RayExecutor
+    else:
+        raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+    valid = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for executor {name!r}; valid: {', '.join(valid)}")
+    return cls(**kwargs)
+
+
+def close(executor: Any) -> None:
+    """Release what an executor holds (a Ray cluster it started); a no-op for others."""
+    fn = getattr(executor, "close", None)
+    if callable(fn):
+        fn()

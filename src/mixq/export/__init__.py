@@ -18,8 +18,9 @@ from torch import nn
 from mixq.export.packed import deploy_model, load_safetensors, read_safetensors, save_safetensors
 
 FORMATS = ("safetensors", "onnx")
+RUN_MODEL = "model.safetensors"  # the quantized model a run directory holds (mixq.api.write_run)
 
-__all__ = ["FORMATS", "deploy_model", "load", "read_safetensors", "rebuild", "save"]
+__all__ = ["FORMATS", "RUN_MODEL", "deploy_model", "load", "read_safetensors", "rebuild", "save"]
 
 
 def _task_of(result: Any, task: Any) -> Any:
@@ -40,7 +41,8 @@ def save(result: Any, path: str | Path, format: str = "safetensors", task: Any =
     """Write a run's quantized model to ``path``.
 
     Args:
-        result: a :class:`mixq.Result` (``result.model`` the wrapped model with its plan applied).
+        result: a :class:`mixq.Result` (``result.model`` the wrapped model with its plan applied,
+            or a deployed model from :func:`load` / :func:`rebuild`).
         path: the file to write.
         format: "safetensors" (packed codes, scales and the plan) or "onnx" (QDQ graph).
         task: ONNX only: the Task (or its name) whose calibration batch gives example inputs;
@@ -75,13 +77,17 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
     """Rebuild the quantized model of a run directory (plan.json, metrics.json) and its task.
 
-    The run's built-in task is prepared again (copied, wrapped and calibrated on the same
-    batches, which is deterministic) and its plan applied. With ``check``, the rebuilt model's
-    metric must equal the one in metrics.json, or a ValueError says that the run cannot be
-    rebuilt from its plan alone.
+    A run directory holds its quantized model as a packed export (``model.safetensors``, written
+    by ``mixq.run(..., out=)``): the deployed model is loaded from it, so weights that PTQ steps
+    (CLE, bias correction, AdaRound) or QAT (ddq, fliqs) changed come back exactly. A run
+    directory without it (or whose plan had no packed form) is rebuilt from its plan: the
+    built-in task is prepared again (copied, wrapped and calibrated on the same batches, which
+    is deterministic) and the plan applied. With ``check``, the model's metric must equal the
+    one in metrics.json, or a ValueError says why it cannot.
 
     Returns:
-        ``(result, task)``: a :class:`mixq.Result` holding the plan and the rebuilt model.
+        ``(result, task)``: a :class:`mixq.Result` holding the plan and the model (deployed
+        when loaded from the run's file, else wrapped with the plan applied).
     """
     import json
 
@@ -106,6 +112,16 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
         )
     task = tasks.get(name)
     plan = Plan.load(run_dir / "plan.json")
+    recorded = metrics.get("metric")
+    if (run_dir / RUN_MODEL).is_file():
+        model = load_safetensors(run_dir / RUN_MODEL, task.model)
+        value = float(task.metric(model, task.val))
+        if check and value != metrics.get("metric"):
+            raise ValueError(
+                f"the model loaded from {run_dir / RUN_MODEL} scores {value!r}, the run recorded "
+                f"{metrics.get('metric')!r}: the file does not hold this run's model"
+            )
+        return Result(plan, model, {**metrics, "metric": value, "recorded_metric": recorded}), task
     specs = list(plan.layers.values()) + _candidates(metrics)
     qmodel, infos = prepare(task, specs)
     plan.check_layers([i.name for i in infos])
@@ -115,9 +131,10 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
     if check and value != metrics.get("metric"):
         raise ValueError(
             f"the model rebuilt from {run_dir / 'plan.json'} scores {value!r}, the run "
-            f"recorded {metrics.get('metric')!r}: this run cannot be rebuilt from its plan"
+            f"recorded {metrics.get('metric')!r}: this run cannot be rebuilt from its plan (its "
+            f"weights were changed by PTQ steps or training, and the directory has no {RUN_MODEL})"
         )
-    return Result(plan, qmodel, {**metrics, "metric": value}), task
+    return Result(plan, qmodel, {**metrics, "metric": value, "recorded_metric": recorded}), task
 
 
 def _candidates(metrics: dict[str, Any]) -> list[Any]:

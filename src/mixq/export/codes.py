@@ -8,7 +8,9 @@ fake-quantized weight bit for bit:
 
 * integer: ``(q - z) * s`` in float32, ``q`` the signed or unsigned integer of the code;
 * floating point: ``value(code) * s`` in float32;
-* MX: ``value(code) * 2^e`` in float64, cast to float32 (E8M0 scale ``e``, stored ``e + 127``).
+* MX: ``value(code) * 2^e`` in float64, cast to float32 (E8M0 scale ``e``, stored ``e + 127``);
+* multipoint (``QSpec.points``): ``sum_i step_i * q_i`` over the points of each output channel,
+  the very reconstruction of :mod:`mixq.quant.multipoint`.
 
 Activation quantizers keep one scale and zero point per tensor (:func:`act_params`).
 """
@@ -40,6 +42,10 @@ class Encoded:
         scale: float32 per row of :func:`mixq.quant.fake.to_rows` (float16-exact for groups);
             for MX, the shared exponents [out, blocks] as int64.
         zero: float32 zero point per row (asymmetric integer specs), else None.
+
+    A multipoint weight (``spec.points``) holds ``codes`` [C, n, d]: the signed integer codes of
+    each channel's n points (zeros past ``spec.points[j]``) as two's complement bit patterns,
+    and ``scale`` [C, n]: their float32 steps (zero past the channel's points).
     """
 
     spec: QSpec
@@ -121,8 +127,8 @@ def encode_weight(
         ValueError: the spec has no packed form (multipoint weights).
     """
     fmt = spec.fmt
-    if getattr(spec, "points", None) is not None:
-        raise ValueError(f"multipoint weights ({spec.fmt} with points) have no packed export form yet")
+    if spec.points is not None:
+        return _encode_multipoint(w, spec)
     if not isinstance(fmt, Int | Fp | Mx):
         raise ValueError(f"weight format {fmt} has no packed export form")
     if isinstance(fmt, Mx):
@@ -141,9 +147,30 @@ def encode_weight(
     return Encoded(spec, tuple(w.shape), codes, scale, None if spec.symmetric else zero)
 
 
+def _encode_multipoint(w: torch.Tensor, spec: QSpec) -> Encoded:
+    """The points of ``w`` under a multipoint spec, found by the simulation's own search."""
+    from mixq.quant import multipoint
+
+    if w.dtype != torch.float32:
+        raise ValueError(f"multipoint export needs a float32 weight, got {w.dtype}")
+    pts = multipoint.spec_points(w, spec)
+    codes = int_to_code(pts.codes.to(torch.int64), Int(spec.bits), True)
+    return Encoded(spec, tuple(w.shape), codes, pts.steps.float(), None)
+
+
+def point_mask(spec: QSpec) -> torch.Tensor:
+    """Which of the [C, n] point slots of a multipoint spec exist (``i < points[j]``)."""
+    assert spec.points is not None
+    counts = torch.tensor(spec.points)
+    return torch.arange(int(counts.max()))[None, :] < counts[:, None]
+
+
 def decode_weight(enc: Encoded) -> torch.Tensor:
     """Rebuild the float32 fake-quantized weight from its codes; see the module docstring."""
     spec, fmt = enc.spec, enc.spec.fmt
+    if spec.points is not None:  # as multipoint.Points.reconstruct
+        q = code_to_int(enc.codes, Int(spec.bits), True)
+        return (enc.scale[..., None] * q).sum(1).reshape(enc.shape)
     if isinstance(fmt, Mx):
         flat = enc.codes.reshape(enc.shape[0], -1)
         k = flat.shape[1]

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq import formats
-from mixq.formats import Mx
+from mixq.formats import Mx, Sparq
 from mixq.plan import QSpec
-from mixq.quant import fake
+from mixq.quant import fake, sparq
 
 MARKER_DOMAIN = "mixq"
 
@@ -44,7 +44,11 @@ def mark(x: torch.Tensor, kind: str, layer: str) -> torch.Tensor:
 
 
 class ActQuant(nn.Module):
-    """An input quantizer with frozen parameters: per-tensor scale and zero point, or MX blocks."""
+    """An input quantizer with frozen parameters: per-tensor scale and zero point, or MX blocks.
+
+    A SPARQ input (``base`` its 8-bit code spec) keeps the windows of its unsigned 8-bit codes,
+    or, on a signed site (``base`` asymmetric), is the plain 8-bit code, as the simulation does.
+    """
 
     def __init__(
         self,
@@ -53,11 +57,14 @@ class ActQuant(nn.Module):
         zero: torch.Tensor | None,
         channel_axis: int,
         layer: str,
+        base: QSpec | None = None,
     ) -> None:
         super().__init__()
-        self.spec, self.channel_axis, self.layer = spec, channel_axis, layer
+        self.spec, self.channel_axis, self.layer, self.base = spec, channel_axis, layer, base
         if isinstance(spec.fmt, Mx) != (scale is None):
             raise ValueError("an activation quantizer has a scale unless its format is MX")
+        if isinstance(spec.fmt, Sparq) != (base is not None):
+            raise ValueError("a SPARQ input quantizer needs its 8-bit code spec (base), only it has one")
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
 
@@ -66,6 +73,11 @@ class ActQuant(nn.Module):
             return mark(x, "Act", self.layer)
         if isinstance(self.spec.fmt, Mx):
             return formats.mx_quantize(x, self.spec.fmt, axis=self.channel_axis)
+        if self.base is not None and self.base.symmetric:  # SPARQ windows (as Quantizer._sparq)
+            assert isinstance(self.spec.fmt, Sparq)
+            return sparq.fake_quantize(x, self.scale[0], self.spec.fmt, self.channel_axis)
+        if self.base is not None:  # a signed SPARQ site: the plain 8-bit asymmetric code
+            return fake.quantize_rows(x.reshape(1, -1), self.scale, self.zero, self.base).reshape(x.shape)
         return fake.quantize_rows(x.reshape(1, -1), self.scale, self.zero, self.spec).reshape(x.shape)
 
     def extra_repr(self) -> str:

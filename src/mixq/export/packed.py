@@ -6,11 +6,16 @@ Per quantized layer ``L`` the file holds
 * ``L.weight.scale``: float32 per tensor or output channel, float16 per group, or the E8M0 byte
   (``e + 127``) of each MX block;
 * ``L.weight.zero``: asymmetric zero points, packed at the element's width;
-* ``L.input.scale`` (float32) and ``L.input.zero`` (packed) of a quantized input;
+* multipoint weights: ``L.weight.codes`` the codes of every point of every channel (channel
+  by channel, point by point), ``L.weight.steps`` their float32 steps;
+* ``L.input.scale`` (float32) and ``L.input.zero`` (packed) of a quantized input (a SPARQ input:
+  those of its 8-bit code, whose spec the metadata holds as ``act_base``);
 * ``L.bias`` (float32), or ``L.weight`` (float32) for a float layer;
 
 and every other tensor of the model's state dict as it is. The metadata key ``mixq`` holds a
-JSON object: the schema, the plan, the task's name and each layer's kind, shape and specs.
+JSON object: the schema, the plan, the task's name, each layer's kind, shape and specs, and
+the modules a PTQ step put into the float model (``modules``: CLE's per-channel ``ChannelClamp``
+by name, its bounds in the state dict), which loading puts back into the original architecture.
 The payload therefore has the size that :func:`mixq.cost.metrics_of` counts, up to the
 padding of each packed tensor to whole bytes.
 """
@@ -26,10 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.export.codes import E8M0_BIAS, Encoded, act_params, decode_weight, encode_weight
+from mixq.export.codes import (
+    E8M0_BIAS,
+    Encoded,
+    act_params,
+    code_to_int,
+    decode_weight,
+    encode_weight,
+    int_to_code,
+    point_mask,
+)
 from mixq.export.modules import ActQuant, DeployConv2d, DeployLinear
 from mixq.export.packing import pack_bits, unpack_bits
-from mixq.formats import Mx
+from mixq.formats import Int, Mx, Sparq
 from mixq.nn import QConv2d, QLinear
 from mixq.plan import Plan, QSpec
 from mixq.wrap import sites, unwrap
@@ -49,7 +63,8 @@ class LayerExport:
         bias: float32 bias or None.
         act: the input spec, or None (float input).
         act_scale, act_zero: per-tensor input scale and zero point [1] (None for MX or float).
-        channel_axis: the input's channel axis (MX blocks run along it).
+        channel_axis: the input's channel axis (MX blocks run along it, vSPARQ pairs across it).
+        act_base: a SPARQ input's 8-bit code spec (``mixq.quant.sparq.base_spec``), else None.
     """
 
     name: str
@@ -60,6 +75,7 @@ class LayerExport:
     act_scale: torch.Tensor | None
     act_zero: torch.Tensor | None
     channel_axis: int
+    act_base: QSpec | None = None
 
     def float_weight(self) -> torch.Tensor:
         """The deployed float32 weight (dequantized from the codes for a quantized layer)."""
@@ -70,13 +86,23 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.float().view(torch.int32), b.float().view(torch.int32))
 
 
+def deployed_layers(model: nn.Module) -> dict[str, LayerExport]:
+    """The layers of a deployed model (from :func:`deploy` or ``mixq.export.load``), by name."""
+    deployed = (DeployLinear, DeployConv2d)
+    return {n: m.layer_export for n, m in model.named_modules() if isinstance(m, deployed)}
+
+
 @torch.no_grad()
 def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
     """Encode every quantized layer of a wrapped model with its plan applied.
 
+    A deployed model (:func:`deploy`) gives the layers it was built from.
+
     Raises:
         RuntimeError: a decoded weight differs from the fake-quantized one (a mixq bug).
     """
+    if not sites(qmodel) and deployed_layers(qmodel):
+        return deployed_layers(qmodel)
     layers = {}
     for name, m in sites(qmodel).items():
         wspec, aspec = m.weight_quant.spec, m.input_quant.spec
@@ -88,8 +114,11 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
                 raise RuntimeError(f"layer {name}: the codes do not rebuild the fake-quantized weight")
         else:
             weight = m.weight.detach().float().clone()
-        scale = zero = None
-        if aspec is not None and not isinstance(aspec.fmt, Mx):
+        scale = zero = base = None
+        if aspec is not None and isinstance(aspec.fmt, Sparq):
+            scale, zero, base = m.input_quant.sparq_params()  # the site's own values
+            scale, zero = scale.float(), zero.float()
+        elif aspec is not None and not isinstance(aspec.fmt, Mx):
             try:
                 scale, zero = act_params(m.input_quant)
             except ValueError as e:
@@ -103,6 +132,7 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
             act_scale=scale,
             act_zero=zero,
             channel_axis=m.input_quant.channel_axis,
+            act_base=base,
         )
     return layers
 
@@ -126,20 +156,62 @@ def deploy(skeleton: nn.Module, layers: dict[str, LayerExport]) -> nn.Module:
             )
         act = None
         if lx.act is not None:
-            act = ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, name)
+            act = ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, name, lx.act_base)
         quantized = isinstance(lx.weight, Encoded)
         if lx.kind == "linear":
             new: nn.Module = DeployLinear(w, lx.bias, act, name, quantized)
         else:
             new = DeployConv2d(old, w, lx.bias, act, name, quantized)
+        new.layer_export = lx  # a plain attribute: what the layer was built from
         setattr(parent, attr, new)
     return skeleton
 
 
 def deploy_model(qmodel: nn.Module) -> tuple[nn.Module, dict[str, LayerExport]]:
-    """Return a deployed copy of a wrapped model (plan applied) and its encoded layers."""
+    """Return a deployed copy of a wrapped model (plan applied) and its encoded layers.
+
+    A model that is already deployed is copied as it is.
+    """
     layers = collect(qmodel)
+    if not sites(qmodel):
+        return copy.deepcopy(qmodel), layers
     return deploy(copy.deepcopy(qmodel), layers), layers
+
+
+def _structure_types() -> dict[str, type[nn.Module]]:
+    """Modules that PTQ steps put into a float model, by the type name a file records."""
+    from mixq.ptq.cle import ChannelClamp
+
+    return {"ChannelClamp": ChannelClamp}
+
+
+def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The modules mixq added to a model (e.g. CLE's ChannelClamp), by name, with their settings."""
+    types = {cls: name for name, cls in _structure_types().items()}
+    out = {}
+    for name, m in model.named_modules():
+        if type(m) in types:
+            out[name] = {"type": types[type(m)], "axis": int(m.axis)}
+    return out
+
+
+def restore_structure(model: nn.Module, modules: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Put the recorded modules into ``model`` (in place); their buffers come with the state dict."""
+    types = _structure_types()
+    for name, m in modules.items():
+        if not isinstance(m, dict) or m.get("type") not in types:
+            raise ValueError(f"module {name!r}: unknown module record {m!r}; known types: {', '.join(types)}")
+        upper = tensors.get(f"{name}.upper")
+        if upper is None:
+            raise ValueError(f"export file lacks tensor {name + '.upper'!r} of module {name!r}")
+        new = types[m["type"]](torch.zeros_like(upper), int(m["axis"]))
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, attr)
+        except AttributeError:
+            raise ValueError(f"module {name!r} of the export is not in the model") from None
+        setattr(parent, attr, new)
 
 
 # -- safetensors --------------------------------------------------------------------------------
@@ -150,13 +222,18 @@ def _layer_tensors(lx: LayerExport) -> dict[str, torch.Tensor]:
     p = lx.name
     if isinstance(lx.weight, Encoded):
         enc, spec = lx.weight, lx.weight.spec
-        out[f"{p}.weight.codes"] = pack_bits(enc.codes, spec.bits)
-        if isinstance(spec.fmt, Mx):
-            out[f"{p}.weight.scale"] = (enc.scale + E8M0_BIAS).to(torch.uint8)
-        elif spec.granularity == "group":
-            out[f"{p}.weight.scale"] = enc.scale.to(torch.float16)
+        if spec.points is not None:  # only the points each channel has; symmetric: no zero points
+            mask = point_mask(spec)
+            out[f"{p}.weight.codes"] = pack_bits(enc.codes[mask], spec.bits)
+            out[f"{p}.weight.steps"] = enc.scale[mask].float()
         else:
-            out[f"{p}.weight.scale"] = enc.scale.float()
+            out[f"{p}.weight.codes"] = pack_bits(enc.codes, spec.bits)
+            if isinstance(spec.fmt, Mx):
+                out[f"{p}.weight.scale"] = (enc.scale + E8M0_BIAS).to(torch.uint8)
+            elif spec.granularity == "group":
+                out[f"{p}.weight.scale"] = enc.scale.to(torch.float16)
+            else:
+                out[f"{p}.weight.scale"] = enc.scale.float()
         if enc.zero is not None:
             out[f"{p}.weight.zero"] = pack_bits(enc.zero.to(torch.int64), spec.bits)
     else:
@@ -165,9 +242,10 @@ def _layer_tensors(lx: LayerExport) -> dict[str, torch.Tensor]:
         out[f"{p}.bias"] = lx.bias
     if lx.act_scale is not None:
         out[f"{p}.input.scale"] = lx.act_scale
-        assert lx.act is not None
-        if not lx.act.symmetric:
-            out[f"{p}.input.zero"] = pack_bits(lx.act_zero.to(torch.int64), lx.act.bits)
+        code = lx.act_base or lx.act
+        assert code is not None and lx.act_zero is not None
+        if not code.symmetric:
+            out[f"{p}.input.zero"] = pack_bits(lx.act_zero.to(torch.int64), code.bits)
     return out
 
 
@@ -178,6 +256,7 @@ def _layer_meta(lx: LayerExport) -> dict[str, Any]:
         "shape": list(w.shape),
         "weight": w.spec.to_dict() if isinstance(w, Encoded) else None,
         "act": lx.act.to_dict() if lx.act is not None else None,
+        **({"act_base": lx.act_base.to_dict()} if lx.act_base is not None else {}),
         "channel_axis": lx.channel_axis,
         "bias": lx.bias is not None,
     }
@@ -189,9 +268,9 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
 
     layers = collect(qmodel)
     tensors: dict[str, torch.Tensor] = {}
-    own = {f"{n}.{k}" for n in layers for k in ("weight", "bias")}
     for k, v in qmodel.state_dict().items():
-        if k not in own:
+        owner = k.rpartition(".")[0]
+        if owner not in layers and owner.removesuffix(".act") not in layers:  # a deployed layer's input
             tensors[k] = v.detach().clone().contiguous()
     for lx in layers.values():
         tensors.update(_layer_tensors(lx))
@@ -200,6 +279,7 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
         "task": plan.meta.get("task"),
         "plan": plan.to_dict(),
         "layers": {n: _layer_meta(lx) for n, lx in layers.items()},
+        "modules": structure(qmodel),
     }
     path = Path(path)
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
@@ -234,6 +314,8 @@ def _read_layer(name: str, m: dict[str, Any], t: dict[str, torch.Tensor]) -> Lay
     weight: Encoded | torch.Tensor
     if m["weight"] is not None:
         spec = QSpec.from_dict(m["weight"])
+        if spec.points is not None:
+            return _read_multipoint(name, m, spec, shape, take)
         codes = unpack_bits(take(f"{name}.weight.codes"), spec.bits, numel).reshape(shape)
         raw = take(f"{name}.weight.scale")
         if tuple(raw.shape) != _rows_of(spec, shape):
@@ -247,17 +329,52 @@ def _read_layer(name: str, m: dict[str, Any], t: dict[str, torch.Tensor]) -> Lay
         weight = Encoded(spec, tuple(shape), codes, scale, zero)
     else:
         weight = take(f"{name}.weight").float()
+    return _finish_layer(name, m, weight, take)
+
+
+def _finish_layer(name: str, m: dict[str, Any], weight: Encoded | torch.Tensor, take: Any) -> LayerExport:
+    """The input quantizer and the bias of a layer read from a file."""
     act = QSpec.from_dict(m["act"]) if m["act"] is not None else None
+    base = QSpec.from_dict(m["act_base"]) if m.get("act_base") is not None else None
+    if act is not None and isinstance(act.fmt, Sparq) != (base is not None):
+        raise ValueError(f"layer {name}: a SPARQ input needs its 8-bit code spec (act_base), and only it")
     scale_a = zero_a = None
     if act is not None and not isinstance(act.fmt, Mx):
+        code = base or act
         scale_a = take(f"{name}.input.scale").float()
         zero_a = (
-            unpack_bits(take(f"{name}.input.zero"), act.bits, 1).float()
-            if not act.symmetric
+            unpack_bits(take(f"{name}.input.zero"), code.bits, 1).float()
+            if not code.symmetric
             else torch.zeros(1)
         )
     bias = take(f"{name}.bias").float() if m["bias"] else None
-    return LayerExport(name, m["kind"], weight, bias, act, scale_a, zero_a, int(m["channel_axis"]))
+    return LayerExport(name, m["kind"], weight, bias, act, scale_a, zero_a, int(m["channel_axis"]), base)
+
+
+def _read_multipoint(name: str, m: dict[str, Any], spec: QSpec, shape: list[int], take: Any) -> LayerExport:
+    """A multipoint layer: the codes and steps of the points each channel has."""
+    assert spec.points is not None
+    if len(spec.points) != shape[0]:
+        raise ValueError(f"{name}: points for {len(spec.points)} channels, the weight has {shape[0]}")
+    mask = point_mask(spec)
+    d = 1
+    for k in shape[1:]:
+        d *= k
+    total = int(mask.sum())
+    steps = take(f"{name}.weight.steps").float()
+    if tuple(steps.shape) != (total,):
+        raise ValueError(f"{name}.weight.steps has shape {tuple(steps.shape)}, expected ({total},)")
+    flat = unpack_bits(take(f"{name}.weight.codes"), spec.bits, total * d).reshape(total, d)
+    q = code_to_int(flat, Int(spec.bits), True)
+    k = 2 ** (spec.bits - 1) - 1
+    if q.numel() and float(q.abs().max()) > k:
+        raise ValueError(f"{name}: multipoint codes outside the symmetric grid [-{k}, {k}]")
+    codes = torch.zeros(*mask.shape, d, dtype=torch.int64)
+    codes[mask] = int_to_code(q, Int(spec.bits), True)
+    scale = torch.zeros(mask.shape)
+    scale[mask] = steps
+    weight = Encoded(spec, tuple(shape), codes, scale, None)
+    return _finish_layer(name, m, weight, take)
 
 
 def read_safetensors(
@@ -308,6 +425,7 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Mod
         model = tasks.get(task).model
     skeleton = copy.deepcopy(model).eval()
     unwrap(skeleton)
+    restore_structure(skeleton, meta.get("modules") or {}, rest)
     expected = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
     missing, unknown = sorted(expected - set(rest)), sorted(set(rest) - expected)
     if missing or unknown:

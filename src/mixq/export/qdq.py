@@ -9,11 +9,17 @@ is then replaced here:
   subset of the int4 grid, with the same scale), 5 to 8 bits as INT8/UINT8; fp8 e4m3fn and
   e5m2 as FLOAT8E4M3FN/FLOAT8E5M2 (opset 21). Group scales, fp6, fp4 and MX blocks have no
   QDQ form that ONNX Runtime runs on the CPU: they are stored as float32 initializers holding
-  the exact dequantized values.
+  the exact dequantized values. A multipoint weight (``QSpec.points``) is the sum of one
+  DequantizeLinear per point (INT4 or INT8 codes, the point's steps as per-channel scales; a
+  channel without that point has zero codes), so ORT computes ``sum_i s_i q_i`` as the simulation.
 * inputs: ``QuantizeLinear -> DequantizeLinear`` per tensor, in int8/uint8, int4/uint4 or fp8;
   integer widths other than 4 and 8 add a ``Clip`` to the grid's range, exact because the
   dequantized values are monotonic in the code. MX, fp6 and fp4 inputs cannot be expressed
-  and raise a ValueError.
+  and raise a ValueError. A SPARQ input is its unsigned 8-bit code (QuantizeLinear to UINT8),
+  the window table looked up per code (Gather on a 256-entry table of kept codes), with vSPARQ
+  the partner channel's code tested for zero (Gather along the channel axis, Equal, Where),
+  times the scale: standard ops that compute the simulation's values. A signed SPARQ site
+  (outside SPARQ) is the plain 8-bit asymmetric QDQ, as simulated.
 * biases stay float32; ONNX Runtime quantizes them itself when it fuses a layer into an
   integer kernel (QLinearConv, QGemm).
 
@@ -39,13 +45,13 @@ from torch import nn
 from mixq.export.codes import Encoded, code_to_int
 from mixq.export.modules import MARKER_DOMAIN
 from mixq.export.packed import LayerExport, deploy_model
-from mixq.formats import Fp, Int, Mx
+from mixq.formats import Fp, Int, Mx, Sparq
 from mixq.plan import QSpec
 
 log = logging.getLogger(__name__)
 
 OPSET = 21
-SUPPORTED_ACTS = "int2..int8 and uint2..uint8 per tensor, fp8_e4m3fn, fp8_e5m2"
+SUPPORTED_ACTS = "int2..int8 and uint2..uint8 per tensor, fp8_e4m3fn, fp8_e5m2, SPARQ"
 
 
 def _onnx() -> Any:
@@ -80,7 +86,8 @@ def _tensor(name: str, dtype: int, values: torch.Tensor) -> Any:
         return onnx.helper.make_tensor(name, dtype, dims, raw, raw=True)
     if dtype in (tp.INT4, tp.UINT4):
         return onnx.helper.make_tensor(name, dtype, dims, v.to(torch.int64).reshape(-1).tolist())
-    np_dtype = {tp.INT8: np.int8, tp.UINT8: np.uint8, tp.INT32: np.int32, tp.FLOAT: np.float32}[dtype]
+    np_dtype = {tp.INT8: np.int8, tp.UINT8: np.uint8, tp.INT32: np.int32, tp.INT64: np.int64,
+                tp.FLOAT: np.float32}[dtype]  # fmt: skip
     return onnx.numpy_helper.from_array(v.numpy().astype(np_dtype), name)
 
 
@@ -123,8 +130,11 @@ def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str) -> None:
     onnx = _onnx()
     enc = lx.weight
     assert isinstance(enc, Encoded)
-    vals = _weight_values(enc)
     linear = lx.kind == "linear"
+    if enc.spec.points is not None:
+        _multipoint_nodes(g, lx, enc, out)
+        return
+    vals = _weight_values(enc)
     if vals is None:  # no QDQ form: the exact dequantized float32 weight
         w = lx.float_weight()
         name = g.add(_tensor(f"{lx.name}.weight", onnx.TensorProto.FLOAT, w.t() if linear else w))
@@ -146,10 +156,115 @@ def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str) -> None:
     ]
 
 
+def _multipoint_nodes(g: _Graph, lx: LayerExport, enc: Encoded, out: str) -> None:
+    """A multipoint weight as ``DQ(q_0, s_0) + DQ(q_1, s_1) + ...``, per-channel scales."""
+    onnx = _onnx()
+    helper = onnx.helper
+    spec = enc.spec
+    linear = lx.kind == "linear"
+    dtype = _int_type(spec.bits, True)
+    q = code_to_int(enc.codes, Int(spec.bits), True)  # [C, n, d]
+    parts = []
+    for i in range(q.shape[1]):
+        codes = q[:, i].reshape(enc.shape)
+        step = enc.scale[:, i]
+        scale = torch.where(step > 0, step, torch.ones_like(step))  # zero steps have zero codes
+        p = f"{lx.name}.weight.point{i}"
+        c = g.add(_tensor(f"{p}.codes", dtype, codes.t() if linear else codes))
+        s = g.add(_tensor(f"{p}.scale", onnx.TensorProto.FLOAT, scale))
+        z = g.add(_tensor(f"{p}.zero", dtype, torch.zeros_like(scale)))
+        parts.append(helper.make_node("DequantizeLinear", [c, s, z], [f"{p}.dq"], name=f"{p}_dq",
+                                      axis=1 if linear else 0))  # fmt: skip
+    nodes, acc = list(parts), parts[0].output[0]
+    for i, part in enumerate(parts[1:], 1):  # in point order, as the simulation sums them
+        dst = out if i == len(parts) - 1 else f"{lx.name}.weight.sum{i}"
+        nodes.append(helper.make_node("Add", [acc, part.output[0]], [dst], name=f"{lx.name}.weight_add{i}"))
+        acc = dst
+    if len(parts) == 1:
+        nodes.append(helper.make_node("Identity", [acc], [out], name=f"{lx.name}.weight_points"))
+    g.nodes[out] = nodes
+
+
+def _sparq_nodes(g: _Graph, lx: LayerExport, x: str, out: str, channels: int) -> list[Any]:
+    """A SPARQ input in standard ops: 8-bit code, window table, vSPARQ partner test, scale."""
+    onnx = _onnx()
+    helper, tp = onnx.helper, onnx.TensorProto
+    from mixq.quant import sparq
+
+    spec = lx.act
+    assert spec is not None and isinstance(spec.fmt, Sparq) and lx.act_scale is not None
+    fmt, p = spec.fmt, f"{lx.name}.input"
+    scale = g.add(_tensor(f"{p}.scale", tp.FLOAT, lx.act_scale.reshape(())))
+    zp = g.add(_tensor(f"{p}.zero", tp.UINT8, torch.zeros(())))
+    table = g.add(_tensor(f"{p}.sparq_table", tp.FLOAT, sparq._float_table(fmt.option, fmt.rounding)))
+    kept = f"{p}.kept" if not fmt.pairs else f"{p}.window"
+    nodes = [
+        helper.make_node("QuantizeLinear", [x, scale, zp], [f"{p}.codes"], name=f"{p}_q"),
+        helper.make_node("Cast", [f"{p}.codes"], [f"{p}.index"], name=f"{p}_index", to=tp.INT64),
+        helper.make_node("Gather", [table, f"{p}.index"], [kept], name=f"{p}_window", axis=0),
+    ]
+    if fmt.pairs:  # channel 2k <-> 2k+1; an odd last channel has an implicit zero partner
+        axis = lx.channel_axis
+        perm = torch.arange(channels) ^ 1
+        odd = channels % 2 == 1
+        perm[-1] = channels - 1 if odd else perm[-1]
+        shape = [channels, 1, 1] if lx.kind == "conv" else [channels]  # broadcast along the channel axis
+        last = torch.zeros(channels, dtype=torch.bool)
+        last[-1] = odd
+        idx = g.add(_tensor(f"{p}.partner", tp.INT64, perm))
+        lone = g.add(onnx.numpy_helper.from_array(last.reshape(shape).numpy(), f"{p}.lone"))
+        zero = g.add(_tensor(f"{p}.code_zero", tp.FLOAT, torch.tensor(0.0)))
+        nodes += [
+            helper.make_node("Cast", [f"{p}.codes"], [f"{p}.codes_f"], name=f"{p}_codes_f", to=tp.FLOAT),
+            helper.make_node("Gather", [f"{p}.codes_f", idx], [f"{p}.partner_code"], name=f"{p}_partner",
+                             axis=axis),  # fmt: skip
+            helper.make_node("Equal", [f"{p}.partner_code", zero], [f"{p}.partner_zero"], name=f"{p}_eq"),
+            helper.make_node("Or", [f"{p}.partner_zero", lone], [f"{p}.full"], name=f"{p}_full"),
+            helper.make_node("Where", [f"{p}.full", f"{p}.codes_f", kept], [f"{p}.kept"], name=f"{p}_pair"),
+        ]
+    nodes.append(helper.make_node("Mul", [f"{p}.kept", scale], [out], name=f"{p}_scale"))
+    return nodes
+
+
+def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None:
+    """Run a conv with one input channel as a depthwise conv on that channel repeated (in place).
+
+    ``Q -> Expand(1 -> C_out channels) -> DQ -> Conv(group=C_out)`` computes the same dot
+    products (the weight [C_out, 1, kh, kw] fits both), and ONNX Runtime fuses it into its
+    int8 depthwise kernel; its dense int8 kernel runs such a conv (9 terms per output for a
+    3x3 kernel) slower than float32 does. The codes are repeated as uint8/int8 bytes.
+    """
+    onnx = _onnx()
+    out_channels = int(lx.weight.shape[0])
+    grouped = any(a.name == "group" and a.i != 1 for a in conv.attribute)
+    act = lx.act_base or lx.act
+    eight_bit = act is not None and isinstance(act.fmt, Int) and act.fmt.bits > 4  # INT8/UINT8 codes
+    points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
+    if conv.op_type != "Conv" or out_channels == 1 or grouped or not eight_bit or points:
+        return
+    q, dq = qdq[0], qdq[1]
+    assert q.op_type == "QuantizeLinear" and dq.op_type == "DequantizeLinear"
+    shape = torch.tensor([1, out_channels, 1, 1])
+    reps = g.add(_tensor(f"{lx.name}.input.repeat", onnx.TensorProto.INT64, shape))
+    expanded = f"{lx.name}.input.q_repeated"
+    repeat = onnx.helper.make_node("Expand", [q.output[0], reps], [expanded], name=f"{lx.name}.input_repeat")
+    qdq.insert(1, repeat)
+    dq.input[0] = expanded
+    kept = [a for a in conv.attribute if a.name != "group"]
+    del conv.attribute[:]
+    conv.attribute.extend([*kept, onnx.helper.make_attribute("group", out_channels)])
+
+
+def _float_weight(lx: LayerExport) -> bool:
+    """Whether a layer's weight is a float32 initializer in the graph (no QDQ form, or float)."""
+    w = lx.weight
+    return not isinstance(w, Encoded) or (w.spec.points is None and _weight_values(w) is None)
+
+
 def _act_quantizer(g: _Graph, lx: LayerExport) -> tuple[str, str, tuple[str, str] | None]:
     """Add the scale and zero point (and Clip bounds) of a layer's input; return their names."""
     onnx = _onnx()
-    spec = lx.act
+    spec = lx.act_base or lx.act  # a signed SPARQ site: its plain 8-bit asymmetric code
     assert spec is not None
     fmt = spec.fmt
     zero = lx.act_zero
@@ -179,48 +294,76 @@ def _act_quantizer(g: _Graph, lx: LayerExport) -> tuple[str, str, tuple[str, str
     return scale, zp, bounds
 
 
-def _qdq(params: tuple[str, str, tuple[str, str] | None], x: str, out: str, tag: str) -> list[Any]:
-    """QuantizeLinear -> DequantizeLinear (-> Clip) from ``x`` to ``out``."""
+def _qdq(
+    params: tuple[str, str, tuple[str, str] | None], x: str, out: str, tag: str, float_zero: str | None = None
+) -> list[Any]:
+    """QuantizeLinear -> DequantizeLinear (-> Clip) from ``x`` to ``out``.
+
+    With ``float_zero`` (the zero point as a float initializer) the dequantization is written
+    ``(Cast(q) - zero) * scale``: the same values, which ONNX Runtime does not fuse (see rewrite).
+    """
     helper = _onnx().helper
     scale, zp, bounds = params
     dq_out = f"{tag}.dq" if bounds else out
-    nodes = [
-        helper.make_node("QuantizeLinear", [x, scale, zp], [f"{tag}.q"], name=f"{tag}_q"),
-        helper.make_node("DequantizeLinear", [f"{tag}.q", scale, zp], [dq_out], name=f"{tag}_dq"),
-    ]
+    q = f"{tag}.q"
+    nodes = [helper.make_node("QuantizeLinear", [x, scale, zp], [q], name=f"{tag}_q")]
+    if float_zero is None:
+        nodes.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq_out], name=f"{tag}_dq"))
+    else:
+        nodes += [
+            helper.make_node("Cast", [q], [f"{tag}.qf"], name=f"{tag}_cast", to=_onnx().TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{tag}.qf", float_zero], [f"{tag}.centered"], name=f"{tag}_sub"),
+            helper.make_node("Mul", [f"{tag}.centered", scale], [dq_out], name=f"{tag}_dq"),
+        ]
     if bounds:
         nodes.append(helper.make_node("Clip", [dq_out, *bounds], [out], name=f"{tag}_clip"))
     return nodes
 
 
 # Ops through which an input quantizer is also applied upstream, exactly: Q->DQ is monotone with
-# QDQ(0) = 0, so it commutes with max (Relu, MaxPool) and with reshapes; QDQ is idempotent.
-HOIST_OPS = ("Relu", "MaxPool", "Flatten", "Reshape")
+# QDQ(0) = 0, so it commutes with max (Relu, MaxPool) and with reshapes; QDQ is idempotent. With
+# constant bounds, QDQ(min(QDQ(x), c)) = min(QDQ(x), QDQ(c)) = QDQ(min(x, c)) for a monotone,
+# idempotent QDQ, so clamps (Clip, and Min/Max with a constant: CLE's per-channel clamps) too.
+HOIST_OPS = ("Relu", "MaxPool", "Flatten", "Reshape", "Clip", "Min", "Max")
+BOUNDED_OPS = ("Clip", "Min", "Max")  # hoisted through only when every other input is a constant
 
 
-def _chain_above(x: str, producers: dict[str, Any], consumers: dict[str, list[Any]]) -> list[Any]:
+def _chain_above(
+    x: str, producers: dict[str, Any], consumers: dict[str, list[Any]], constants: set[str] | None = None
+) -> list[Any]:
     """The chain of HOIST_OPS nodes (top first) that ends in tensor ``x``, each output used once."""
+    constants = constants or set()
     chain: list[Any] = []
     while (
         (p := producers.get(x)) is not None
         and p.op_type in HOIST_OPS
         and len(p.output) == 1  # a MaxPool's indices could change where quantization makes ties
         and len(consumers.get(x, [])) == 1
+        and (p.op_type not in BOUNDED_OPS or all(i in constants or not i for i in p.input[1:]))
     ):
         chain.insert(0, p)
         x = p.input[0]
     return chain
 
 
-def rewrite(model: Any, layers: dict[str, LayerExport]) -> Any:
+def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int] | None = None) -> Any:
     """Replace the ``mixq`` markers of a traced graph by QDQ nodes; return the new ModelProto.
 
     An input quantizer is also repeated before each node of a chain of Relu/MaxPool/Flatten/
-    Reshape that feeds it (exact, see HOIST_OPS), so that ONNX Runtime sees
+    Reshape/Clip/Min/Max that feeds it (exact, see HOIST_OPS), so that ONNX Runtime sees
     ``Conv -> QuantizeLinear`` and ``DequantizeLinear -> MaxPool -> QuantizeLinear`` and runs
-    the producing layer and the chain in integers.
+    the producing layer and the chain in integers. A conv with a single input channel becomes a
+    depthwise conv on the repeated channel (:func:`_as_depthwise`). A layer whose weight is a
+    float32 initializer (no QDQ form) gets its input dequantized as ``(Cast(q) - zero) * scale``
+    instead of a DequantizeLinear: ONNX Runtime's graph optimizations would otherwise quantize that float
+    weight to int8 themselves (DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv)
+    and change the layer's values. ``channels``: the input channels of each layer
+    (needed by vSPARQ inputs, whose pairs run along them).
     """
     graph = model.graph
+    channels = channels or {}
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}  # fmt: skip
     g = _Graph()
     consumers: dict[str, list[Any]] = {}
     producers: dict[str, Any] = {}
@@ -239,10 +382,20 @@ def rewrite(model: Any, layers: dict[str, LayerExport]) -> Any:
         if node.op_type == "Weight":
             _weight_nodes(g, lx, node.input[0], node.output[0])
             replace[id(node)] = g.nodes[node.output[0]]
+        elif node.op_type == "Act" and lx.act_base is not None and lx.act_base.symmetric:
+            replace[id(node)] = _sparq_nodes(g, lx, node.input[0], node.output[0], channels[layer])
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
-            replace[id(node)] = _qdq(params, node.input[0], node.output[0], f"{lx.name}.input")
-            for i, link in enumerate(_chain_above(node.input[0], producers, consumers)):
+            float_zero = None
+            if _float_weight(lx):  # keep ORT from quantizing this layer's float weight to int8
+                assert lx.act_zero is not None
+                zf = lx.act_zero.reshape(())
+                float_zero = g.add(_tensor(f"{lx.name}.input.zero_float", _onnx().TensorProto.FLOAT, zf))
+            replace[id(node)] = _qdq(params, node.input[0], node.output[0], f"{lx.name}.input", float_zero)
+            users = consumers.get(node.output[0], [])
+            if float_zero is None and channels.get(layer) == 1 and lx.kind == "conv" and len(users) == 1:
+                _as_depthwise(g, lx, replace[id(node)], users[0])
+            for i, link in enumerate(_chain_above(node.input[0], producers, consumers, constants)):
                 tag = f"{lx.name}.input_above{i}"
                 before[id(link)] = _qdq(params, link.input[0], f"{tag}.out", tag)
                 link.input[0] = f"{tag}.out"
@@ -368,7 +521,9 @@ def export_deployed(
             dynamo=False,
             custom_opsets={MARKER_DOMAIN: 1},
         )
-    proto = rewrite(onnx.load_from_string(buf.getvalue()), layers)
+    channels = {n: int(m.weight.shape[1]) * getattr(m, "groups", 1) for n, m in model.named_modules()
+                if n in layers}  # fmt: skip
+    proto = rewrite(onnx.load_from_string(buf.getvalue()), layers, channels)
     onnx.checker.check_model(proto)
     path = Path(path)
     onnx.save(proto, str(path))
@@ -388,4 +543,4 @@ def save_onnx(qmodel: nn.Module, task: Any, path: str | Path) -> Path:
 
 
 def _act_expressible(spec: QSpec) -> bool:
-    return isinstance(spec.fmt, Int) or (isinstance(spec.fmt, Fp) and _fp_type(spec.fmt) is not None)
+    return isinstance(spec.fmt, Int | Sparq) or (isinstance(spec.fmt, Fp) and _fp_type(spec.fmt) is not None)

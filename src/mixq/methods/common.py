@@ -28,6 +28,7 @@ class Context:
         model_costs: fixed costs for budget conversions.
         budget: the user's budget; limits: the same as bounds on sums of ``costs``.
         seed: random seed; out: the run directory or None.
+        executor: runs the methods' sensitivity jobs (``mixq.executor``); None: in-process.
     """
 
     task: Task
@@ -40,6 +41,7 @@ class Context:
     limits: dict[str, float]
     seed: int = 0
     out: Path | None = None
+    executor: Any = None
 
     def check_feasible(self, uniform: bool = False) -> None:
         """Raise if no (uniform) choice of candidates meets the budget."""

@@ -44,6 +44,8 @@ class Config:
         solver: "ilp" (exact) or "greedy" (fast fallback).
         time_limit: seconds for the ILP (None: until proven optimal).
         hutchinson_samples: Rademacher vectors per batch (hawq only).
+        hutchinson_mode: "block" (a vector per layer) or "joint" (one vector over all layers:
+            L times fewer Hessian-vector products, more variance; hawq only).
         objective: what the measured sensitivity measures (sensitivity-ilp only): "loss" (the
             task's loss), "kl" (a classifier's output KL divergence from the float model) or
             "auto" ("kl" when the task's loss is cross-entropy, else "loss").
@@ -53,6 +55,7 @@ class Config:
     solver: str = "ilp"
     time_limit: float | None = None
     hutchinson_samples: int = 64
+    hutchinson_mode: str = "block"
     objective: str = "auto"
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class Config:
             raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.hutchinson_mode not in ("block", "joint"):
+            raise ValueError(f"unknown hutchinson_mode {self.hutchinson_mode!r}; valid: block, joint")
         if self.batches < 0 or self.hutchinson_samples < 1:
             raise ValueError("batches must be >= 0 and hutchinson_samples >= 1")
 
@@ -88,7 +93,7 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
         sens = sensitivity.measured(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
-                                    batches=_batches(ctx, cfg), store=store,
+                                    batches=_batches(ctx, cfg), store=store, executor=ctx.executor,
                                     objective=resolve_objective(ctx.task, cfg.objective))  # fmt: skip
     finally:
         if store is not None:
@@ -104,7 +109,7 @@ def search_hawq(ctx: Context, cfg: Config) -> MethodOutput:
     try:
         sens = sensitivity.hawq(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
                                 batches=_batches(ctx, cfg), n_samples=cfg.hutchinson_samples,
-                                seed=ctx.seed, store=store)  # fmt: skip
+                                seed=ctx.seed, store=store, mode=cfg.hutchinson_mode)  # fmt: skip
     finally:
         if store is not None:
             store.close()

@@ -1,0 +1,269 @@
+"""Run the same jobs as :class:`~mixq.executor.InProcessExecutor` on a Ray cluster.
+
+``RayExecutor().map(jobs, context, store)`` puts the context (the wrapped model and the
+batches) into Ray's object store once, sends the jobs to the workers in chunks (one Ray task
+per chunk, so the per-task overhead is shared by several jobs), and writes each chunk's results
+into the store the moment the chunk finishes. Each worker deserializes the context once and
+keeps it for every later chunk of the same map.
+
+Fault tolerance:
+
+* a worker that dies (killed, out of memory, node lost) costs only the chunk it was running:
+  Ray resubmits that task (``max_retries``), every other chunk's results are kept;
+* a driver that dies loses only the chunks in flight: finished ones are in the store, and the
+  next run with the same model, data and store skips them.
+
+Ray is an optional extra (``pip install mixq[ray]``) and is imported only when a map runs.
+``address=None`` starts a local cluster on first use (``workers`` CPUs) and stops it on
+:meth:`RayExecutor.close`; ``address="HOST:PORT"`` (or ``"auto"``) joins a running one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from mixq.executor import Job, JobStore
+from mixq.progress import Bar
+
+log = logging.getLogger(__name__)
+
+_WORKER_CONTEXT: dict[str, Any] = {}  # in a worker: the context of the current map, by object id
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(
+            "the Ray executor needs Ray: pip install 'mixq[ray]' (or choose executor='inprocess')"
+        ) from e
+    return ray
+
+
+def run_chunk(
+    refs: list[Any], jobs: list[tuple[str, Any, tuple]], threads: int, raise_errors: bool = False
+) -> tuple[list[tuple[str, Any, float, float]], BaseException | None]:
+    """Run one chunk of jobs in a Ray worker.
+
+    ``refs`` wraps the context's ObjectRef in a list so Ray does not resolve it per task: the
+    worker fetches and deserializes it once and keeps it for the chunks that follow.
+
+    Returns:
+        ``(key, result, seconds, cpu_seconds)`` of each job that finished, and the exception
+        of the job that raised (the chunk stops there), or None. With ``raise_errors`` the
+        exception is raised instead, so that Ray retries the chunk.
+    """
+    import ray
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    ref = refs[0]
+    key = ref.hex()
+    if key not in _WORKER_CONTEXT:
+        _WORKER_CONTEXT.clear()  # keep one context per worker: the model of the current map
+        _WORKER_CONTEXT[key] = ray.get(ref)
+    context = _WORKER_CONTEXT[key]
+    out = []
+    for job_key, fn, args in jobs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            value = fn(context, *args)
+        except Exception as e:
+            if raise_errors:
+                raise
+            return out, _portable(e, job_key)
+        out.append((job_key, value, time.perf_counter() - t0, time.process_time() - c0))
+    return out, None
+
+
+def _portable(e: Exception, job_key: str) -> Exception:
+    """The exception of a job, with the job and the worker's traceback in a note; picklable."""
+    text = "".join(traceback.format_exception(e))
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        e = RuntimeError(f"{type(e).__name__}: {e}")
+    if hasattr(e, "add_note"):
+        e.add_note(f"in job {job_key!r} on a Ray worker:\n{text}")
+    return e
+
+
+class RayExecutor:
+    """Run jobs on a Ray cluster, in chunks, streaming results into the store.
+
+    Args:
+        address: a running cluster to join ("HOST:PORT" or "auto"); None starts a local
+            cluster with ``workers`` CPUs on first use (or uses the one this process already
+            initialized).
+        workers: CPUs of the local cluster (default: this machine's cores); on a joined
+            cluster it only sets the default chunk size (default: the cluster's CPUs).
+        chunk_size: jobs per Ray task; by default the jobs to run are cut into about
+            ``chunks_per_worker`` chunks per worker.
+        chunks_per_worker: see ``chunk_size``; more, smaller chunks lose less work to a dead
+            worker and balance better, fewer pay less per-task overhead.
+        max_retries: times a chunk is resubmitted after its worker died.
+        retry_exceptions: also retry chunks whose job raised (False: the error is raised).
+        threads: torch threads in each worker (one CPU is reserved per task per thread).
+        desc: the progress bar's label.
+        init_args: more keyword arguments of ``ray.init`` (e.g. ``runtime_env``).
+
+    After each :meth:`map`, ``stats`` holds the numbers of jobs (total, stored, run), chunks,
+    the wall time of the map and the summed wall-clock and CPU seconds the jobs took inside
+    the workers.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        chunk_size: int | None = None,
+        chunks_per_worker: int = 4,
+        max_retries: int = 3,
+        retry_exceptions: bool = False,
+        threads: int = 1,
+        desc: str = "jobs",
+        init_args: dict[str, Any] | None = None,
+    ) -> None:
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunks_per_worker < 1:
+            raise ValueError(f"chunks_per_worker must be at least 1, got {chunks_per_worker!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {max_retries!r}")
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.address = address
+        self.workers = workers
+        self.chunk_size = chunk_size
+        self.chunks_per_worker = chunks_per_worker
+        self.max_retries = max_retries
+        self.retry_exceptions = retry_exceptions
+        self.threads = threads
+        self.desc = desc
+        self.init_args = dict(init_args or {})
+        self.stats: dict[str, Any] = {}
+        self._started = False
+        self._remote: Any = None
+
+    # -- cluster -------------------------------------------------------------------------------
+
+    def _ray(self) -> Any:
+        """Import Ray and connect to (or start) the cluster on first use."""
+        ray = _import_ray()
+        if not ray.is_initialized():
+            args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                    "logging_level": logging.WARNING}  # fmt: skip
+            if self.address is None:
+                args["num_cpus"] = self.workers or os.cpu_count() or 1
+                args["object_store_memory"] = 1 << 30
+            else:
+                args["address"] = self.address
+            args.update(self.init_args)
+            log.info("starting Ray: %s", {k: v for k, v in args.items() if k != "runtime_env"})
+            ray.init(**args)
+            self._started = True
+        if self._remote is None:
+            self._remote = ray.remote(run_chunk)
+        return ray
+
+    def cluster_cpus(self) -> int:
+        """Return the CPUs of the cluster (connecting to it first)."""
+        ray = self._ray()
+        return int(ray.cluster_resources().get("CPU", 1))
+
+    def close(self) -> None:
+        """Disconnect from Ray if this executor connected: a local cluster it started stops, a
+        joined one keeps running, a connection made before (``ray.init`` by the caller) stays."""
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+        self._remote = None
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def chunks(self, jobs: Sequence[Job], n_workers: int) -> list[list[Job]]:
+        """Cut ``jobs`` into consecutive chunks: ``chunk_size`` each, or about
+        ``chunks_per_worker`` per worker."""
+        size = self.chunk_size or max(1, math.ceil(len(jobs) / (n_workers * self.chunks_per_worker)))
+        return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+
+    def map(
+        self, jobs: Sequence[Job], context: Any, store: JobStore | None = None, progress: bool = True
+    ) -> dict[str, Any]:
+        """Run the jobs whose keys are not in ``store`` on the cluster; return every result by key.
+
+        Same contract as :meth:`mixq.executor.InProcessExecutor.map`: ``{job.key: result}`` in
+        the order of ``jobs``; with a store, results are JSON round trips and each is written
+        as soon as its chunk finishes. A job that raises stops the map with its exception (with
+        ``retry_exceptions``, after its chunk was retried ``max_retries`` times): the jobs before
+        it in its chunk and the chunks finished earlier are stored, chunks not started are
+        cancelled.
+        """
+        t0 = time.perf_counter()
+        keys = [j.key for j in jobs]
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"job keys must be unique; repeated: {dup[:5]}")
+        results: dict[str, Any] = {}
+        if store is not None:
+            stored = set(store.keys())
+            results = {k: store.get(k) for k in keys if k in stored}
+        todo = [j for j in jobs if j.key not in results]
+        self.stats = {"jobs": len(jobs), "stored": len(results), "ran": len(todo), "chunks": 0,
+                      "seconds": 0.0, "job_seconds": 0.0, "job_cpu_seconds": 0.0}  # fmt: skip
+        log.info("%d jobs: %d stored, %d to run", len(jobs), len(results), len(todo))
+        if todo:
+            ray = self._ray()
+            n_workers = self.workers or max(1, self.cluster_cpus() // self.threads)
+            chunks = self.chunks(todo, n_workers)
+            self.stats["chunks"] = len(chunks)
+            remote = self._remote.options(num_cpus=self.threads, max_retries=self.max_retries,
+                                          retry_exceptions=self.retry_exceptions)  # fmt: skip
+            ctx_ref = ray.put(context)
+            pending = [remote.remote([ctx_ref], [(j.key, j.fn, j.args) for j in c], self.threads,
+                                     self.retry_exceptions) for c in chunks]  # fmt: skip
+            try:
+                with Bar(len(todo), self.desc, unit="job", show=progress) as bar:
+                    while pending:
+                        done, pending = ray.wait(pending, num_returns=1)
+                        finished, error = ray.get(done[0])
+                        for key, value, seconds, cpu in finished:
+                            if store is not None:
+                                store.put(key, value)
+                                value = json.loads(json.dumps(value))
+                            results[key] = value
+                            self.stats["job_seconds"] += seconds
+                            self.stats["job_cpu_seconds"] += cpu
+                            bar.update()
+                        if error is not None:  # the jobs before it in its chunk are stored
+                            raise error
+            except BaseException:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise
+            finally:
+                del ctx_ref
+        self.stats["seconds"] = time.perf_counter() - t0
+        if todo:
+            log.info("%d jobs ran on Ray in %.2f s (%d chunks)", len(todo), self.stats["seconds"],
+                     self.stats["chunks"])  # fmt: skip
+        return {k: results[k] for k in keys}
