@@ -91,8 +91,8 @@ def hutchinson_trace(
     try:
         for w in weights:
             w.requires_grad_(True)
-        steps = len(layers) if mode == "block" else -(-n_samples // _CHUNK)
-        bar = Bar(len(batches) * steps, "hutchinson trace", unit="layer" if mode == "block" else "chunk")
+        steps = len(layers) if mode == "block" else n_samples
+        bar = Bar(len(batches) * steps, "hutchinson trace", unit="layer" if mode == "block" else "vector")
         # Double back-propagation needs the math attention kernel: the fused CPU kernels of
         # scaled_dot_product_attention have no second derivative (transformers use them).
         with applied(qmodel, {}), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), bar:
@@ -100,12 +100,11 @@ def hutchinson_trace(
                 loss = task.loss(qmodel, batch)
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 if mode == "joint":
-                    for start in range(0, n_samples, _CHUNK):
-                        m = min(_CHUNK, n_samples - start)
-                        vs = [_rademacher((m, *w.shape), w, gen) for w in weights]
-                        hvs = torch.autograd.grad(  # H v for m whole-model vectors at once
-                            grads, weights, grad_outputs=vs, retain_graph=True, is_grads_batched=True
-                        )
+                    # one vector at a time: a batched whole-model product holds a copy of the
+                    # double-backward graph per vector (gigabytes on a transformer)
+                    for _ in range(n_samples):
+                        vs = [_rademacher(tuple(w.shape), w, gen) for w in weights]
+                        hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
                         for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
                             sums[i] += float((hv.double() * v.double()).sum())
                         bar.update()
