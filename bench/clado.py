@@ -6,15 +6,22 @@ set and the same quantizers:
 
 * clado (unprojected G), clado-psd (G's PSD projection), clado-naive (diagonal only), all on
   the KL-to-float loss; on mnist-cnn also on the task loss (cross-entropy);
-* sensitivity-ilp (measured single-layer cross-entropy change), hawq (Hessian trace), uniform;
+* sensitivity-ilp (the real method through ``mixq.run``, one run per budget: measured
+  single-layer change of its default objective, the KL to the float outputs on classifiers,
+  on its own ``--ilp-batches`` calibration batches; its jobs are stored, so later budgets
+  reuse them), hawq (Hessian trace, traces stored per task), uniform;
 * on mnist-cnn, the exhaustive optimum of the same quantizers (bench/exhaustive.py).
 
 Each budget is solved by `mixq.search.ilp` (warm-started from the next tighter budget) and
-its plan evaluated on validation data. Results are merged into bench/results/clado.json per
-task and candidate set, so the tasks can run one by one:
+its plan evaluated on validation data. The pair cost is the mean CPU time of one pair loss
+evaluation over the CPU time of one full float forward and loss on the same batch, both in
+this process with one thread (CPU time, not wall-clock: other processes on a shared machine
+slow wall-clock timings unevenly); wall-clock fractions are recorded too. Results are merged
+into bench/results/clado.json per task and candidate set, so the tasks can run one by one:
 
-    .venv/bin/python bench/clado.py --tasks mnist-cnn --sets 248,2348
-    .venv/bin/python bench/clado.py --tasks fashion-resnet20 --sets 248 --sens-images 128 --val-images 2000
+    .venv/bin/python bench/clado.py --tasks mnist-cnn --sets 248,2348 --hutchinson 16
+    .venv/bin/python bench/clado.py --tasks fashion-resnet20 --sets 248 --sens-images 64 --val-images 2000 \
+        --ilp-batches 1 --hutchinson 16           # --time-limit 20 for {2,3,4,8} and fashion-mobilenetv2
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from mixq.methods import clado, uniform  # noqa: E402
 from mixq.methods.common import Context  # noqa: E402
 from mixq.plan import as_layer_spec  # noqa: E402
 from mixq.store import Store  # noqa: E402
-from mixq.wrap import applied  # noqa: E402
+from mixq.wrap import applied, current_plan  # noqa: E402
 
 SETS = {"248": (2, 4, 8), "2348": (2, 3, 4, 8)}
 BUDGETS = {"248": [2.5, 3.0, 3.5, 4.0, 5.0, 6.0], "2348": [2.5, 3.0, 3.5, 4.0, 5.0, 6.0]}
@@ -63,16 +70,66 @@ def sub_batches(batches: list, images: int) -> list:
     return out
 
 
-def forward_seconds(ctx: Context, batch: Any, repeats: int = 7) -> float:
-    """Median time of one full float forward pass and loss on ``batch``."""
-    times = []
+def forward_seconds(ctx: Context, batch: Any, repeats: int = 7) -> tuple[float, float]:
+    """Median (CPU, wall-clock) seconds of one full float forward pass and loss on ``batch``."""
+    cpu, wall = [], []
     with applied(ctx.qmodel, {}), torch.inference_mode():
         ctx.task.loss(ctx.qmodel, batch)
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ctx.task.loss(ctx.qmodel, batch)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - t0)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def run_sensitivity_ilp(  # fmt: skip
+    task: mixq.Task, cands: list[str], layers: list[str], budgets: list[float], table: dict | None,
+    args: argparse.Namespace, out: Path,
+) -> tuple[list[dict[str, Any]], float]:
+    """The real ``sensitivity-ilp`` method through ``mixq.run`` at every budget.
+
+    Returns the rows and the seconds of the first run (sensitivity and solve; later runs reuse
+    the stored sensitivity jobs). With an exhaustive ``table`` (the same quantizers and
+    validation images) the first run evaluates its plan directly and is checked against the
+    table; later runs read their plan's metric from the table (``metric_from``).
+    """
+    rows, first = [], None
+    method_args = {"batches": args.ilp_batches, "time_limit": args.time_limit}
+    lookup = None
+    if table is not None:
+        def lookup(model: torch.nn.Module, batches: Any) -> float:
+            plan = current_plan(model).layers
+            return evaluate_table(table, len(cands), [cands.index(plan[n].name) for n in layers])
+    for b in budgets:
+        run_task = task if lookup is None or not rows else dataclasses.replace(task, metric=lookup)
+        try:
+            res = mixq.run(run_task, "sensitivity-ilp", cands, {"avg_weight_bits": b},
+                           method_args=method_args, out=out)  # fmt: skip
+        except ValueError as e:  # an infeasible budget
+            print(f"sensitivity-ilp {b}: {e}", flush=True)
+            continue
+        if first is None:
+            first = res.metrics["seconds"]
+        info = res.history[0]
+        choices = [cands.index(res.plan.layers[n].name) for n in layers]
+        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics["metric"],
+               "avg_weight_bits": res.metrics["avg_weight_bits"], "status": info["status"],
+               "gap": info["gap"], "solve_seconds": info["solve_seconds"], "objective": info["objective"],
+               "via": "mixq.run", "method_args": method_args,
+               "metric_from": "direct" if run_task is task else "exhaustive table"}  # fmt: skip
+        if table is not None:
+            row["table_metric"] = evaluate_table(table, len(cands), choices)
+        rows.append(row)
+    return rows, first if first is not None else float("nan")
+
+
+def evaluate_table(table: dict, n_cands: int, choices: list[int]) -> float:
+    """The exhaustive table's metric of a plan."""
+    index = 0
+    for c in choices:
+        index = index * n_cands + c
+    return table["metric"][index]
 
 
 def evaluate(ctx: Context, choices: list[int], cache: dict, table: dict | None) -> float:
@@ -145,6 +202,10 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
                   limits={}, out=Path(args.store) / task.name / set_name)  # fmt: skip
     prepare_seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"candidates": cands, "layers": layers, "sens_images": args.sens_images,
+                           "sens_batches": [len(b[1]) for b in sens_batches],
+                           "calib_images": sum(len(b[1]) for b in task.calib),
+                           "hutchinson_samples": args.hutchinson, "ilp_batches": args.ilp_batches,
+                           "time_limit": args.time_limit, "threads": torch.get_num_threads(),
                            "prepare_seconds": prepare_seconds}  # fmt: skip
 
     # Sensitivities (each timed).
@@ -156,25 +217,31 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
         sens[f"clado-{loss}"] = clado.measure(ctx, clado.Config(loss=loss))
         times[f"clado-{loss}"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    with Store(ctx.out / "store-measured.sqlite") as store:
-        sens["measured"] = sensitivity.measured(qmodel, ctx.task, layers, specs, store=store, progress=False)
-    times["measured"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    sens["hawq"] = sensitivity.hawq(qmodel, ctx.task, layers, specs, n_samples=args.hutchinson)
+    # The traces do not depend on the candidates: one store per task serves both sets.
+    with Store(Path(args.store) / task.name / "store-hawq.sqlite") as store:
+        sens["hawq"] = sensitivity.hawq(qmodel, ctx.task, layers, specs, n_samples=args.hutchinson,
+                                        store=store)  # fmt: skip
     times["hawq"] = time.perf_counter() - t1
     meta = sens["clado-kl"].meta
-    full = forward_seconds(ctx, sens_batches[0])
+    full_cpu, full_wall = forward_seconds(ctx, sens_batches[0])
     n_batches = len(sens_batches)
+    all_evals = meta["pair_evals"] + meta["row_evals"] * n_batches
     out["pair_cost"] = {
-        "full_forward_seconds": full,
+        "full_forward_cpu_seconds": full_cpu,
+        "full_forward_seconds": full_wall,
+        "batch_images": len(sens_batches[0][1]),
         "pair_evals": meta["pair_evals"],
+        "pair_cpu_seconds": meta["pair_cpu_seconds"],
         "pair_seconds": meta["pair_seconds"],
-        "fraction_per_pair": meta["pair_seconds"] / meta["pair_evals"] / full,
-        "fraction_amortized": meta["job_seconds"] / (meta["pair_evals"] + meta["row_evals"] * n_batches)
-        / full,
+        "fraction_per_pair": meta["pair_cpu_seconds"] / meta["pair_evals"] / full_cpu,
+        "fraction_amortized": meta["job_cpu_seconds"] / all_evals / full_cpu,
+        "fraction_per_pair_wall": meta["pair_seconds"] / meta["pair_evals"] / full_wall,
         "reuse": meta["reuse"],
-        "note": "fraction = mean time of one pair loss evaluation / one full float forward+loss on the "
-        "same batch; amortized includes the (l, s) passes that record the reused prefixes",
+        "copy_replays": meta.get("copy_replays"),
+        "note": "fraction = mean CPU time of one pair loss evaluation / CPU time of one full float "
+        "forward+loss on the same batch (median of 7), one thread; amortized includes the (l, s) passes "
+        "that record the reused prefixes; *_wall: the same with wall-clock time, disturbed by the "
+        "other processes of a shared machine",
     }  # fmt: skip
     out["sensitivity_seconds"] = times
 
@@ -186,7 +253,6 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
         problems[f"clado{suffix}"] = clado.problem(ctx, s, "clado", psd=False)
         problems[f"clado-psd{suffix}"] = clado.problem(ctx, s, "clado", psd=True)
         problems[f"clado-naive{suffix}"] = clado.problem(ctx, s, "naive", psd=False)
-    problems["sensitivity-ilp"] = search.Problem(sens["measured"].single.double(), {}, {})
     problems["hawq"] = search.Problem(sens["hawq"].single.double(), {}, {})
 
     table = None
@@ -204,6 +270,12 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
         out["exhaustive_check"] = {"choices": probe, "table": evaluate(ctx, probe, {}, table), "mixq": direct}
 
     budgets = BUDGETS[set_name]
+    t1 = time.perf_counter()
+    ilp_rows, times["sensitivity-ilp"] = run_sensitivity_ilp(task, cands, layers, budgets, table, args,
+                                                             ctx.out / "sensitivity-ilp")  # fmt: skip
+    out["sensitivity_ilp_seconds_all_budgets"] = time.perf_counter() - t1
+    print(f"{task.name} {set_name} sensitivity-ilp: " + " ".join(
+        f"{r['budget']}:{r['metric']:.2f}" for r in ilp_rows), flush=True)  # fmt: skip
     limits = [cost.to_limit(mc, "avg_weight_bits", b) for b in budgets]
     wb = {"weight_bits": ctx.costs["weight_bits"]}
     rows = []
@@ -238,7 +310,7 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
         bits = cost.metrics_of(mc, [specs[c] for c in choices])["avg_weight_bits"]
         rows.append({"method": "uniform", "budget": b, "choices": choices,
                      "metric": evaluate(ctx, choices, cache, table), "avg_weight_bits": bits})  # fmt: skip
-    out["rows"] = rows
+    out["rows"] = rows + ilp_rows
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -250,6 +322,8 @@ def main() -> None:
     ap.add_argument("--sens-images", type=int, default=512, help="images of the sensitivity set")
     ap.add_argument("--val-images", type=int, default=0, help="validation images (0: all)")
     ap.add_argument("--hutchinson", type=int, default=32, help="Hutchinson samples per batch (hawq)")
+    ap.add_argument("--ilp-batches", type=int, default=0,
+                    help="calibration batches of sensitivity-ilp's own measurement (0: all)")  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=60.0, help="ILP seconds per budget")
     ap.add_argument("--warm-study", action="store_true", help="time cold, warm and cutoff sweeps")
     ap.add_argument("--store", default="/tmp/mixq-bench-clado", help="result stores (resumable)")
@@ -259,7 +333,8 @@ def main() -> None:
     for task_name in args.tasks.split(","):
         task = mixq.tasks.get(task_name)
         if args.val_images:
-            task = dataclasses.replace(task, val=sub_batches(list(task.val), args.val_images))
+            val = sub_batches(list(task.val), args.val_images)
+            task = dataclasses.replace(task, val=val, _fp_metric=None)
         head = {"metric_name": task.metric_name, "fp32": task.fp_metric(), "info": task.info,
                 "val_images": sum(len(b[1]) for b in task.val)}  # fmt: skip
         for set_name in args.sets.split(","):

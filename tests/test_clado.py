@@ -78,11 +78,44 @@ def test_prefix_reuse_is_exact_and_restores_model(residual):
     fast = pairwise(q, task, layers, CANDS, batches=task.calib[:2], progress=False)
     slow = pairwise(q, task, layers, CANDS, batches=task.calib[:2], reuse=False, progress=False)
     assert fast.meta["reuse"] and not slow.meta["reuse"]
+    assert fast.meta["copy_replays"]  # relu(inplace=True) writes into the stem's replayed output
     torch.testing.assert_close(fast.pairs, slow.pairs, rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.single, slow.single, rtol=0, atol=1e-6)
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     assert all("forward" not in m.__dict__ for m in q.modules())
     assert fast.meta["fp_loss"] == pytest.approx(direct_loss(q, task, {}, task.calib[:2]), abs=1e-7)
+
+
+class Chain(nn.Module):
+    """A residual CNN without in-place ops: replays are handed out uncopied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.block(x) + x).mean((2, 3)))
+
+
+def test_uncopied_replays_give_the_naive_pairs():
+    torch.manual_seed(0)
+    task = tasks._teacher_task(Chain(), (3, 6, 6), "chain", n=64)
+    q, infos = prepare(task, [as_layer_spec(c) for c in CANDS])
+    layers = [i.name for i in infos]
+    fast = pairwise(q, task, layers, CANDS, batches=task.calib[:2], progress=False)
+    slow = pairwise(q, task, layers, CANDS, batches=task.calib[:2], reuse=False, progress=False)
+    assert fast.meta["reuse"] and not fast.meta["copy_replays"]
+    assert fast.pairs.abs().max() > 1e-4
+    torch.testing.assert_close(fast.pairs, slow.pairs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.single, slow.single, rtol=0, atol=1e-6)
+    m, n = layers[1], layers[2]  # stem is replayed for both; one pair against plain passes
+    omega = (direct_loss(q, task, {m: CANDS[0], n: CANDS[1]}, task.calib[:2])
+             - direct_loss(q, task, {m: CANDS[0]}, task.calib[:2])
+             - direct_loss(q, task, {n: CANDS[1]}, task.calib[:2]) + fast.meta["fp_loss"])  # fmt: skip
+    assert float(fast.pairs[1, 0, 2, 1]) == pytest.approx(omega, abs=1e-6)
 
 
 class Separable(nn.Module):

@@ -170,7 +170,7 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
         sens = pairwise(ctx.qmodel, stask, ctx.layers, ctx.candidates, store=store, reuse=cfg.reuse,
-                        with_pairs=with_pairs)  # fmt: skip
+                        with_pairs=with_pairs, executor=ctx.executor)  # fmt: skip
     finally:
         if store is not None:
             store.close()

@@ -22,9 +22,16 @@ model. Three things make them cheap:
   once per (l, s, batch) in the pass that measures the single ``L(l at s)``, and every
   candidate s' of every later layer m replays them: each pair costs only the work from m on.
 
+* Replays are handed out as they are, without a copy, unless the model writes into a replayed
+  tensor (an in-place op on a module's output, as ``relu(inplace=True)`` after a conv): one
+  float pass per layer with uncopied replays, compared with a snapshot, decides it up front.
+
 Exactness is checked, not assumed: a few singles and pairs are compared with plain forward
 passes first; on any difference (a model with hidden state, or one that mutates a module's
 input in place) the reuse is switched off with a warning.
+
+Timings (``meta``) are wall-clock and CPU seconds of this process; the CPU seconds are what a
+shared machine's load disturbs least.
 
 Every row (l, s), i.e. ``L(l at s)`` and the pair losses with every later layer, is one job of
 an executor kept in a result store, so an interrupted measurement resumes where it stopped.
@@ -195,6 +202,8 @@ class PairContext:
         switches: per (layer, candidate name), the site forwards that quantize the layer.
         tr: the traced execution order (None: no prefix reuse).
         float_cache: per batch, the float outputs of the modules on the float frontiers.
+        fronts: the frontiers, by event.
+        copy_replays: copy replayed outputs on every pass (needed when the model mutates them).
     """
 
     qmodel: nn.Module
@@ -205,6 +214,7 @@ class PairContext:
     tr: Trace | None = None
     float_cache: dict[int, dict[str, Any]] = field(default_factory=dict)
     fronts: dict[int, list[str]] = field(default_factory=dict)
+    copy_replays: bool = True
 
     def begin(self, layer: str) -> int:
         """Return the event at which ``layer`` first starts."""
@@ -225,7 +235,8 @@ class PairContext:
 
         ``record`` names modules whose outputs are returned (copied), recorded in this pass.
         """
-        replace: dict[str, Callable[..., Any]] = {n: partial(_replay, v) for n, v in replay.items()}
+        hand_out = _replay if self.copy_replays else _constant
+        replace: dict[str, Callable[..., Any]] = {n: partial(hand_out, v) for n, v in replay.items()}
         for layer, cand in quant.items():
             replace.update(self.switches[(layer, cand)])
         seen: dict[str, Any] = {}
@@ -283,39 +294,44 @@ def row_job(
 
     Returns:
         ``{"single": loss, "pairs": [[loss per candidate] per later layer], "seconds": ...}``,
-        losses averaged over the batches; ``pair_seconds`` is the time of the pair passes alone.
+        losses averaged over the batches; ``pair_seconds`` (``pair_cpu_seconds``) is the
+        wall-clock (CPU) time of the pair passes alone.
     """
     later = ctx.order[ctx.order.index(layer) + 1 :] if with_pairs else []
     single = 0.0
     pairs = [[0.0] * len(names) for _ in later]
-    t0 = time.perf_counter()
-    pair_seconds = 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    pair_seconds = pair_cpu = 0.0
     for b in range(len(ctx.batches)):
         if ctx.tr is None:
             value, _ = ctx.evaluate(b, {layer: cand}, {})
             single += value
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             for i, m in enumerate(later):
                 for j, c in enumerate(names):
                     pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, {})[0]
             pair_seconds += time.perf_counter() - t1
+            pair_cpu += time.process_time() - c1
             continue
         t_l = ctx.begin(layer)
         need = {n for m in later for n in ctx.frontier(ctx.begin(m)) if ctx.tr.end[n] >= t_l}
         value, rec = ctx.evaluate(b, {layer: cand}, _prefix(ctx, b, t_l, None, t_l), need)
         single += value
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for i, m in enumerate(later):
             replay = _prefix(ctx, b, ctx.begin(m), rec, t_l)
             for j, c in enumerate(names):
                 pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, replay)[0]
         pair_seconds += time.perf_counter() - t1
+        pair_cpu += time.process_time() - c1
     n = len(ctx.batches)
     return {
         "single": single / n,
         "pairs": [[v / n for v in row] for row in pairs],
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "pair_seconds": pair_seconds,
+        "pair_cpu_seconds": pair_cpu,
         "pair_evals": len(later) * len(names) * n,
     }
 
@@ -364,6 +380,37 @@ def _verify(ctx: PairContext, names: list[str]) -> bool:
                         fast, plain)  # fmt: skip
             return False
     return True
+
+
+def _mutates(ctx: PairContext) -> bool:
+    """Whether a pass writes into uncopied replays: one float pass per layer on the first batch.
+
+    Each pass replays the float frontier of one layer without copies; the replayed tensors are
+    then compared with a snapshot. The float cache is restored either way.
+    """
+    floats = ctx.float_outputs(0)
+    snapshot = _clone(floats)
+    saved, ctx.copy_replays = ctx.copy_replays, False
+    try:
+        for layer in ctx.order:
+            t = ctx.begin(layer)
+            ctx.evaluate(0, {}, _prefix(ctx, 0, t, None, t))
+    finally:
+        ctx.copy_replays = saved
+    changed = not _same(floats, snapshot)
+    ctx.float_cache[0] = snapshot
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two replayable outputs hold equal tensors (NaNs equal), structure and all."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    if type(a) in (tuple, list):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if type(a) is dict:
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
 
 
 def _fmt_key(layers: list[str], names: list[str]) -> str:
@@ -420,10 +467,13 @@ def pairwise(
             raise ValueError(f"layers {missing[:5]} are never called by the task's loss; pass used layers")
         order = sorted(layers, key=lambda n: tr.start[n])
         ctx = PairContext(qmodel, task.loss, batches, order, sw, tr if reuse else None)
+        if reuse:
+            ctx.copy_replays = _mutates(ctx)
         if reuse and not _verify(ctx, names):
             ctx.tr = None
             ctx.float_cache.clear()
         meta["reuse"] = ctx.tr is not None
+        meta["copy_replays"] = ctx.tr is not None and ctx.copy_replays
         key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
         jobs = [Job(FP_KEY, fp_job)]
         jobs += [Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs)) for n in order for c in names]
@@ -452,11 +502,16 @@ def _run_float(qmodel: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor]
 
 
 def timings(rows: Any) -> dict[str, float]:
-    """Sum the timings of row jobs: total, pair passes only, and the number of pair passes."""
+    """Sum the timings of row jobs: total, pair passes only, and the number of pair passes.
+
+    CPU seconds are NaN when a stored row (from an older version) did not record them.
+    """
     rows = list(rows)
     return {
         "job_seconds": sum(r["seconds"] for r in rows),
+        "job_cpu_seconds": sum(r.get("cpu_seconds", float("nan")) for r in rows),
         "pair_seconds": sum(r["pair_seconds"] for r in rows),
+        "pair_cpu_seconds": sum(r.get("pair_cpu_seconds", float("nan")) for r in rows),
         "pair_evals": int(sum(r["pair_evals"] for r in rows)),
         "row_evals": len(rows),
     }
