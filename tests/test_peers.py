@@ -1,0 +1,263 @@
+"""Tests of the peer-tool benchmark ``bench/peers.py`` and its driver protocol ``bench/peers/_common.py``.
+
+The peer tools themselves live in their own venvs and are not needed here: these tests check the
+mixq side (format conversion, cost counting, re-evaluation, the comparison with mixq's results)
+and the JSON protocol of the drivers with a stand-in tool.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mixq import tasks
+from mixq.plan import parse_candidate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return _load("bench_peers", ROOT / "bench" / "peers.py")
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("_common", ROOT / "bench" / "peers" / "_common.py")
+
+
+def W(bits, gran="channel", group=None, sym=True):
+    return {"bits": bits, "granularity": gran, "group_size": group, "symmetric": sym}
+
+
+@pytest.mark.parametrize(
+    ("layer", "same", "mixq"),
+    [
+        ({"weight": W(4), "act": None}, "w4", "w4+asym+omse"),
+        ({"weight": W(4, "group", 128), "act": None}, "w4g128", "w4g128+asym+omse"),
+        ({"weight": W(8, sym=False), "act": None}, "w8+asym", "w8+asym+omse"),
+        ({"weight": W(8), "act": {"bits": 8, "symmetric": True}}, "w8-a8+sym", "w8+asym+omse-a8+sym"),
+        ({"weight": W(2), "act": {"bits": 8, "symmetric": False}}, "w2-a8", "w2+asym+omse-a8"),
+        ({"weight": {**W(2), "clip": "mse"}, "act": {"bits": 8, "symmetric": False}}, "w2+mse-a8",
+         "w2+asym+omse-a8"),
+        ({"weight": W("fp8_e4m3fn", "tensor"), "act": {"bits": "fp8_e4m3fn", "symmetric": True}},
+         "wfp8_e4m3fn+tensor-afp8_e4m3fn", "wfp8_e4m3fn+tensor-afp8_e4m3fn"),
+        ({"weight": None, "act": None}, "float", "float"),
+    ],
+)
+def test_to_candidate_parses_to_the_described_format(peers, layer, same, mixq):
+    assert peers.to_candidate(layer, "same") == same
+    assert peers.to_candidate(layer, "mixq") == mixq
+    spec = parse_candidate(same)
+    w = layer["weight"]
+    if w is None:
+        assert spec.weight is None
+        return
+    assert spec.weight.bits == (w["bits"] if isinstance(w["bits"], int) else 8)
+    assert spec.weight.granularity == w["granularity"]
+    assert spec.weight.group_size == w["group_size"]
+    assert spec.weight.symmetric == w["symmetric"]
+    assert spec.weight.clip == w.get("clip", "minmax")
+    assert (spec.act is None) == (layer["act"] is None)
+    if layer["act"] is not None and isinstance(layer["act"]["bits"], int):
+        assert spec.act.symmetric == layer["act"]["symmetric"]
+
+
+def test_to_candidate_rejects_bad_descriptions(peers):
+    with pytest.raises(ValueError, match="granularity 'row'"):
+        peers.to_candidate({"weight": W(4, "row"), "act": None})
+    with pytest.raises(ValueError, match="valid: same, mixq"):
+        peers.to_candidate({"weight": W(4), "act": None}, grid="other")
+    with pytest.raises(ValueError, match="clip 'kl'"):
+        peers.to_candidate({"weight": {**W(4), "clip": "kl"}, "act": None})
+    with pytest.raises(ValueError, match="bits must be"):
+        peers.to_candidate({"weight": W(4.5), "act": None})
+
+
+def test_converted_plan_is_charged_with_scales_by_an_independent_count(peers):
+    """ModelOpt-style INT4 block-128 and INT8 per-channel, and a float layer, on the synthetic MLP."""
+    task = tasks.synthetic_mlp()
+    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4, "group", 32), "act": None},
+              "4": {"weight": None, "act": None}}  # fmt: skip
+    res = peers.evaluate(task, peers.to_plan(layers))
+    # independent count: 0 is 64x16 (int8 + 64 fp32 scales), 2 is 64x64 in groups of 32 (int4 + 128
+    # fp16 scales), 4 is 8x64 fp32; biases fp32 everywhere.
+    bits = [64 * 16 * 8 + 64 * 32, 64 * 64 * 4 + 64 * 2 * 16, 8 * 64 * 32]
+    n = 64 * 16 + 64 * 64 + 8 * 64
+    assert res["avg_weight_bits"] == pytest.approx(sum(bits) / n)
+    assert res["size_bytes"] == pytest.approx(sum(bits) / 8 + 4 * (64 + 64 + 8))
+
+
+def test_evaluate_matches_an_independent_fake_quantization(peers):
+    """Re-evaluating an all-W8 per-channel plan equals quantizing the weights by hand."""
+    task = tasks.synthetic_mlp()
+    layers = {n: {"weight": W(8), "act": None} for n in ("0", "2", "4")}
+    res = peers.evaluate(task, peers.to_plan(layers))
+    oracle = copy.deepcopy(task.model)
+    with torch.no_grad():
+        for m in oracle.modules():
+            if isinstance(m, nn.Linear):
+                s = m.weight.abs().amax(1, keepdim=True) / 127
+                m.weight.copy_(torch.round(m.weight / s) * s)
+    assert res["metric"] == pytest.approx(task.metric(oracle, task.val))
+    # and a 2-bit plan must do worse than fp32 on this task (the check can fail)
+    two_bit = {n: {"weight": W(2, "tensor"), "act": None} for n in ("0", "2")}
+    bad = peers.evaluate(task, peers.to_plan(two_bit))
+    assert bad["metric"] < task.fp_metric()
+
+
+def test_best_mixq_takes_the_best_row_at_or_below_the_size(peers):
+    pts = [
+        {"task": "mnist-cnn", "val": 10000, "act": False, "size_bytes": 100.0, "metric": 98.0, "method": "a"},
+        {"task": "mnist-cnn", "val": 10000, "act": False, "size_bytes": 150.0, "metric": 99.0, "method": "b"},
+        {"task": "mnist-cnn", "val": 10000, "act": False, "size_bytes": 201.0, "metric": 99.5, "method": "c"},
+        {"task": "mnist-cnn", "val": 10000, "act": True, "size_bytes": 120.0, "metric": 99.9, "method": "d"},
+        {"task": "mnist-cnn", "val": 2000, "act": False, "size_bytes": 120.0, "metric": 99.9, "method": "e"},
+        {"task": "minilm", "val": 1024, "act": False, "size_bytes": 50.0, "metric": 1.0, "method": "f"},
+    ]
+    row = {"task": "mnist-cnn", "val_items": 10000, "mixq_same": {"size_bytes": 200.0},
+           "plan_same": {"x": "w4", "y": "float"}}  # fmt: skip
+    assert peers.best_mixq(pts, row)["method"] == "b"
+    row["plan_same"] = {"x": "w4-a8+sym"}
+    assert peers.best_mixq(pts, row)["method"] == "d"
+    row["mixq_same"]["size_bytes"] = 90.0
+    assert peers.best_mixq(pts, row) is None
+
+
+def test_mixq_points_reads_rows_with_their_context(peers, tmp_path, monkeypatch):
+    doc = {"tasks": {"mnist-cnn": {"info": {"val_images": 10000}, "sets": {"ch": {
+        "candidates": ["w2+asym+omse", "w4+asym+omse"],
+        "rows": [{"method": "hawq", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}]}}}}}
+    (tmp_path / "search.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    (p,) = peers.mixq_points()
+    got = (p["task"], p["method"], p["val"], p["act"], p["metric"])
+    assert got == ("mnist-cnn", "hawq", 10000, False, 99.0)
+
+
+def test_patch_torchvision_makes_the_fake_registrations_conditional(peers, tmp_path):
+    site = tmp_path / "lib" / "python3.11" / "site-packages" / "torchvision"
+    site.mkdir(parents=True)
+    src = (
+        "import torch\n\n"
+        '@torch.library.register_fake("torchvision::nms")\ndef meta_nms(a):\n    return a\n\n'
+        '@torch.library.register_fake("torchvision::qnms")\ndef meta_qnms(a):\n    return a\n\n'
+        '@torch.library.register_fake("torchvision::roi_align")\ndef meta_roi(a):\n    return a\n'
+    )
+    (site / "_meta_registrations.py").write_text(src)
+    peers.patch_torchvision(tmp_path)
+    new = (site / "_meta_registrations.py").read_text()
+    assert new.count("_has_ops()") == 2
+    assert '@torch.library.register_fake("torchvision::roi_align")' in new
+    compile(new, "patched", "exec")
+    with pytest.raises(FileNotFoundError, match="torchvision is not installed"):
+        peers.patch_torchvision(tmp_path / "none")
+
+
+def test_driver_protocol_writes_json_and_records_failures(common, tmp_path, monkeypatch):
+    task = tasks.synthetic_mlp()
+    monkeypatch.setattr(common, "build_task", lambda name, val=0: task)
+    out = tmp_path / "r.json"
+    args = common.parser("x").parse_args(["--task", "synthetic-mlp", "--budget", "4", "--out", str(out)])
+
+    def tool(a, t, s):  # a stand-in tool: quantizes layer "0" only, to nothing
+        return {"model": t.model, "layers": {"0": {"weight": common.weight_desc(8), "act": None,
+                "tool_format": "W8"}}, "search_seconds": 0.0, "tool_bits": 8.0}  # fmt: skip
+
+    common.run("stand-in", "torch", tool, args)
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["metric"] == pytest.approx(task.fp_metric())
+    assert res["layers"]["2"]["weight"] is None and res["layers"]["0"]["weight"]["bits"] == 8
+    assert res["version"] == importlib.metadata.version("torch")
+
+    def broken(a, t, s):
+        raise RuntimeError("tool exploded")
+
+    with pytest.raises(SystemExit):
+        common.run("stand-in", "torch", broken, args)
+    res = json.loads(out.read_text())
+    assert not res["ok"] and "tool exploded" in res["error"] and math.isfinite(res["driver_seconds"])
+
+
+def test_mixq_points_skip_exhaustive_oracles(peers, tmp_path, monkeypatch):
+    row = {"method": "x", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}
+    doc = {"tasks": {"mnist-cnn": {"val_images": 10000, "exhaustive": {"3.0": dict(row)}, "rows": [row]}}}
+    (tmp_path / "clado.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    assert [p["where"] for p in peers.mixq_points()] == ["tasks/mnist-cnn/rows/0"]
+
+
+def test_verdict_names_the_quantizer_or_the_search(peers):
+    def row(tool, same, search):
+        return {"task": "mnist-cnn", "tool_metric": tool, "mixq_same": {"metric": same},
+                "mixq_search": {"metric": search}}  # fmt: skip
+
+    assert peers.verdict(row(99.0, 99.0, 99.2), None) == "mixq ≥ tool"
+    assert peers.verdict(row(99.0, 99.0, 99.0), None) == "tie"
+    q = peers.verdict(row(99.0, 97.0, 97.0), None)
+    assert q.startswith("mixq loses by 2") and "quantizer" in q and "search" not in q
+    s = peers.verdict(row(99.0, 99.0, 98.0), None)
+    assert "search" in s and "quantizer" not in s
+    assert peers.verdict(row(99.0, 98.0, 98.0), {"metric": 99.5}) == "mixq ≥ tool"
+    assert peers.verdict({"task": "minilm", "tool_metric": 0.9, "mixq_same": {"metric": 0.9}}, None) == (
+        "no mixq result at this size")
+
+
+def test_driver_losses(common):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(6, 8, generator=g).double(), dim=-1)
+    mini = SimpleNamespace(name="minilm")
+    assert float(common.batches_loss(mini, "task")(e, {"target": e})) == pytest.approx(0.0, abs=1e-6)
+    logits = 20.0 * e @ e.T  # in-batch contrastive: row i should pick column i
+    manual = -(logits.diag() - logits.logsumexp(1)).mean()
+    assert float(common.batches_loss(mini, "contrastive")(e, {})) == pytest.approx(float(manual), rel=1e-5)
+    y = torch.tensor([1, 0, 2, 3, 0, 1])
+    logits = torch.randn(6, 4)
+    ce = common.batches_loss(SimpleNamespace(name="mnist-cnn"))(logits, (None, y))
+    assert float(ce) == pytest.approx(float(-logits.log_softmax(1)[torch.arange(6), y].mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="valid: task, contrastive"):
+        common.batches_loss(mini, "mse")
+
+
+def test_own_grid_search_stays_within_the_peers_size(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
+              "4": {"weight": W(8), "act": None}}  # fmt: skip
+    same = peers.evaluate(task, peers.to_plan(layers, "same"))
+    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
+    peers.own_grid(row, task)
+    got = row["mixq_search_mixq"]
+    assert got["size_bytes"] <= same["size_bytes"] * (1 + 1e-9)
+    assert got["candidates"] == ["w4+asym+omse", "w8+asym+omse"]
+    assert (tmp_path / got["run_dir"] / "plan.json").exists()
+
+
+def test_own_grid_records_an_infeasible_size(peers, tmp_path, monkeypatch):
+    """An all-W4 symmetric plan's size cannot hold W4 with zero points: recorded, not raised."""
+    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    layers = {n: {"weight": W(4), "act": None} for n in ("0", "2", "4")}
+    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()},
+           "mixq_same": peers.evaluate(task, peers.to_plan(layers, "same"))}  # fmt: skip
+    peers.own_grid(row, task)
+    assert "infeasible" in row["mixq_search_mixq"]["infeasible"]
