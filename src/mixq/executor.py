@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,6 +58,19 @@ class Executor(Protocol):
     ) -> dict[str, Any]: ...
 
 
+def split_stored(jobs: Sequence[Job], store: JobStore | None) -> tuple[dict[str, Any], list[Job]]:
+    """Check that job keys are unique; return the stored results by key and the jobs still to run."""
+    counts = Counter(j.key for j in jobs)
+    if len(counts) != len(jobs):
+        dup = sorted(k for k, n in counts.items() if n > 1)
+        raise ValueError(f"job keys must be unique; repeated: {dup[:5]}")
+    results: dict[str, Any] = {}
+    if store is not None:
+        stored = set(store.keys())
+        results = {j.key: store.get(j.key) for j in jobs if j.key in stored}
+    return results, [j for j in jobs if j.key not in results]
+
+
 class InProcessExecutor:
     """Run jobs one after the other in this process.
 
@@ -82,15 +96,7 @@ class InProcessExecutor:
             ``{job.key: result}`` in the order of ``jobs``. With a store, every result is
             returned as its JSON round trip, so fresh and stored results look alike.
         """
-        keys = [j.key for j in jobs]
-        if len(set(keys)) != len(keys):
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            raise ValueError(f"job keys must be unique; repeated: {dup[:5]}")
-        results: dict[str, Any] = {}
-        if store is not None:
-            stored = set(store.keys())
-            results = {k: store.get(k) for k in keys if k in stored}
-        todo = [j for j in jobs if j.key not in results]
+        results, todo = split_stored(jobs, store)
         log.info("%d jobs: %d stored, %d to run", len(jobs), len(jobs) - len(todo), len(todo))
         t0 = time.perf_counter()
         for job in _progress(todo, self.desc, unit="job", show=progress and bool(todo)):
@@ -102,7 +108,7 @@ class InProcessExecutor:
             log.debug("job %s done", job.key)
         if todo:
             log.info("%d jobs ran in %.2f s", len(todo), time.perf_counter() - t0)
-        return {k: results[k] for k in keys}
+        return {j.key: results[j.key] for j in jobs}
 
 
 EXECUTORS = ("inprocess", "ray")

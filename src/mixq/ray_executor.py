@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from mixq.executor import Job, JobStore
+from mixq.executor import Job, JobStore, split_stored
 from mixq.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -219,15 +219,7 @@ class RayExecutor:
         cancelled.
         """
         t0 = time.perf_counter()
-        keys = [j.key for j in jobs]
-        if len(set(keys)) != len(keys):
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            raise ValueError(f"job keys must be unique; repeated: {dup[:5]}")
-        results: dict[str, Any] = {}
-        if store is not None:
-            stored = set(store.keys())
-            results = {k: store.get(k) for k in keys if k in stored}
-        todo = [j for j in jobs if j.key not in results]
+        results, todo = split_stored(jobs, store)
         self.stats = {"jobs": len(jobs), "stored": len(results), "ran": len(todo), "chunks": 0,
                       "seconds": 0.0, "job_seconds": 0.0, "job_cpu_seconds": 0.0}  # fmt: skip
         log.info("%d jobs: %d stored, %d to run", len(jobs), len(results), len(todo))
@@ -266,4 +258,4 @@ class RayExecutor:
         if todo:
             log.info("%d jobs ran on Ray in %.2f s (%d chunks)", len(todo), self.stats["seconds"],
                      self.stats["chunks"])  # fmt: skip
-        return {k: results[k] for k in keys}
+        return {j.key: results[j.key] for j in jobs}
