@@ -455,3 +455,30 @@ def test_straight_through_identity_in_forward():
 
 def test_doctests():
     assert doctest.testmod(fake).failed == 0
+
+
+@pytest.mark.parametrize("name", ["w3+asym+omse", "w4g8+mse"])
+def test_searched_ranges_are_reused_only_for_equal_inputs(name, monkeypatch):
+    torch.manual_seed(5)
+    x, w = torch.randn(64, 16), torch.randn(6, 16)
+    gram = (x.T @ x)[None]
+    spec = wspec(name)
+    fake.clear_search_cache()
+    calls = []
+    search = fake.search_range
+    monkeypatch.setattr(fake, "search_range", lambda *a, **k: calls.append(1) or search(*a, **k))
+    first = fake.quantize_weight(w, spec, gram)
+    assert len(calls) == 1
+    again = fake.quantize_weight(w.clone(), spec, gram.clone())  # equal contents, new tensors
+    assert len(calls) == 1 and torch.equal(first, again)
+    fake.clear_search_cache()
+    assert torch.equal(fake.quantize_weight(w, spec, gram), first) and len(calls) == 2
+    w2 = w.clone()
+    w2[0, 0] += 1e-3  # any change of the weight, the Gram matrix or the spec searches again
+    fake.quantize_weight(w2, spec, gram)
+    assert len(calls) == 3
+    if spec.clip == "omse":
+        fake.quantize_weight(w, spec, gram * 2)
+        assert len(calls) == 4
+    fake.quantize_weight(w, wspec(name.replace("w3", "w2").replace("w4g8", "w3g8")), gram)
+    assert len(calls) == (5 if spec.clip == "omse" else 4)
