@@ -245,7 +245,41 @@ def test_interrupted_run_resumes(residual, tmp_path):
     torch.testing.assert_close(resumed.pairs, fresh.pairs, rtol=0, atol=1e-9)
 
 
+def test_window_measures_near_pairs_only(residual):
+    task, q, layers = residual
+    full = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False)
+    near = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False, window=1)
+    assert near.meta["window"] == 1 and near.meta["pair_evals"] < full.meta["pair_evals"]
+    torch.testing.assert_close(near.single, full.single, rtol=0, atol=0)
+    for i, j in itertools.product(range(len(layers)), repeat=2):  # layers are in execution order
+        if abs(i - j) <= 1:
+            torch.testing.assert_close(near.pairs[i, :, j], full.pairs[i, :, j], rtol=0, atol=0)
+        else:
+            assert bool((near.pairs[i, :, j] == 0).all())
+    assert full.pairs[0, :, 2:].abs().max() > 0  # what the window leaves out is not zero here
+    wide = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False, window=len(layers))
+    torch.testing.assert_close(wide.pairs, full.pairs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False, window=0)
+
+
+def test_samples_measure_on_the_first_examples(mlp_ctx):
+    ctx, _ = mlp_ctx
+    sens = clado.measure(ctx, clado.Config(batches=1, samples=16, loss="task"), with_pairs=False)
+    first = [clado.head(ctx.task.calib[0], 16)]
+    assert len(first[0][0]) == 16 < len(ctx.task.calib[0][0])
+    oracle = pairwise(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates, batches=first, progress=False,
+                      with_pairs=False)  # fmt: skip
+    torch.testing.assert_close(sens.single, oracle.single, rtol=0, atol=0)
+    whole = clado.measure(ctx, clado.Config(batches=1, loss="task"), with_pairs=False)
+    assert not torch.equal(sens.single, whole.single)
+
+
 def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        clado.Config(window=0)
+    with pytest.raises(ValueError, match="samples must be >= 0"):
+        clado.Config(samples=-1)
     with pytest.raises(ValueError, match="valid: kl, task"):
         clado.Config(loss="mse")
     with pytest.raises(ValueError, match="valid: ilp, greedy"):

@@ -64,6 +64,10 @@ class Config:
         solver: "ilp" (exact, with ``time_limit``) or "greedy" (ignores the pairs).
         time_limit: seconds for the ILP (None: until proven optimal).
         reuse: replay unchanged prefixes while measuring (exact; checked at run time).
+        window: measure the pairs of layers at most this many apart in execution order only
+            (None: all pairs, the paper's method); farther pairs count as independent. For models
+            whose L(L-1)/2 layer pairs are out of reach (MiniLM: 630 pairs x 16 candidate pairs).
+        samples: examples of each sensitivity batch used (0: the whole batch): the first ones.
     """
 
     batches: int = 0
@@ -72,6 +76,8 @@ class Config:
     solver: str = "ilp"
     time_limit: float | None = 60.0
     reuse: bool = True
+    window: int | None = None
+    samples: int = 0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -80,6 +86,10 @@ class Config:
             raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
         if self.batches < 0:
             raise ValueError(f"batches must be >= 0, got {self.batches}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {self.window}")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0 (0: whole batches), got {self.samples}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be positive seconds or None, got {self.time_limit}")
 
@@ -105,7 +115,7 @@ def interaction_matrix(single: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 def psd_projection(g: np.ndarray) -> np.ndarray:
     """Return the nearest PSD matrix (Frobenius): eigenvalues of the symmetric ``g`` clipped at 0.
 
-    >>> psd_projection(np.array([[0.0, 1.0], [1.0, 0.0]])).tolist()
+    >>> np.round(psd_projection(np.array([[0.0, 1.0], [1.0, 0.0]])), 12).tolist()
     [[0.5, 0.5], [0.5, 0.5]]
     """
     sym = 0.5 * (g + g.T)
@@ -151,6 +161,21 @@ def _logits(out: Any) -> torch.Tensor:
     )
 
 
+def head(batch: Any, n: int) -> Any:
+    """The first ``n`` examples of a batch (tensors sliced on their first axis, in any nesting).
+
+    >>> head({"x": torch.arange(6).reshape(3, 2), "k": 1}, 2)["x"].tolist()
+    [[0, 1], [2, 3]]
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() else batch
+    if isinstance(batch, dict):
+        return {k: head(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(head(v, n) for v in batch)
+    return batch
+
+
 def sensitivity_task(task: Task, qmodel: nn.Module, batches: Sequence[Any], loss: str) -> Task:
     """Return the task whose loss and batches the sensitivities are measured with."""
     if loss == "task":
@@ -166,11 +191,13 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
     """Measure the single (and pairwise) terms on the sensitivity set (resumable with ``ctx.out``)."""
     calib = list(ctx.task.calib)
     batches = calib[: cfg.batches] if cfg.batches else calib
+    if cfg.samples:
+        batches = [head(b, cfg.samples) for b in batches]
     stask = sensitivity_task(ctx.task, ctx.qmodel, batches, cfg.loss)
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
         sens = pairwise(ctx.qmodel, stask, ctx.layers, ctx.candidates, store=store, reuse=cfg.reuse,
-                        with_pairs=with_pairs, executor=ctx.executor)  # fmt: skip
+                        with_pairs=with_pairs, executor=ctx.executor, window=cfg.window)  # fmt: skip
     finally:
         if store is not None:
             store.close()

@@ -281,7 +281,12 @@ def _prefix(
 
 
 def row_job(
-    ctx: PairContext, layer: str, cand: str, names: list[str], with_pairs: bool = True
+    ctx: PairContext,
+    layer: str,
+    cand: str,
+    names: list[str],
+    with_pairs: bool = True,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """Return ``L(layer at cand)`` and ``L(layer at cand, m at c)`` for every later layer m, c.
 
@@ -291,13 +296,15 @@ def row_job(
         cand: its candidate name.
         names: the candidate names.
         with_pairs: measure the pairs too (False: the single only).
+        window: pair ``layer`` only with the next ``window`` layers (None: every later layer).
 
     Returns:
         ``{"single": loss, "pairs": [[loss per candidate] per later layer], "seconds": ...}``,
         losses averaged over the batches; ``pair_seconds`` (``pair_cpu_seconds``) is the
         wall-clock (CPU) time of the pair passes alone.
     """
-    later = ctx.order[ctx.order.index(layer) + 1 :] if with_pairs else []
+    first = ctx.order.index(layer) + 1
+    later = ctx.order[first : None if window is None else first + window] if with_pairs else []
     single = 0.0
     pairs = [[0.0] * len(names) for _ in later]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -428,6 +435,7 @@ def pairwise(
     reuse: bool = True,
     progress: bool = True,
     with_pairs: bool = True,
+    window: int | None = None,
 ) -> Sensitivity:
     """Measure single and pairwise loss changes of every layer and candidate (CLADO).
 
@@ -442,6 +450,10 @@ def pairwise(
         reuse: replay unchanged prefixes (checked against plain passes first).
         progress: show a progress bar on a terminal.
         with_pairs: False measures the singles only (``pairs`` is then None).
+        window: measure the pairs of layers at most ``window`` apart in execution order only
+            (None: all pairs). Pairs farther apart are taken as independent (Ω = 0, the
+            diagonal model's assumption): ``L·window`` instead of ``L(L-1)/2`` layer pairs, for
+            models whose all-pairs cost is out of reach.
 
     Returns:
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
@@ -457,7 +469,9 @@ def pairwise(
     batches = list(task.calib if batches is None else batches)
     if not batches:
         raise ValueError("pairwise sensitivity needs at least one batch")
-    meta: dict[str, Any] = {"batches": len(batches)}
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {window}")
+    meta: dict[str, Any] = {"batches": len(batches), "window": window}
     with applied(qmodel, {}):
         qmodel.eval()
         sw = {(n, s.name): switches(qmodel, n, s) for n in layers for s in specs}
@@ -475,8 +489,11 @@ def pairwise(
         meta["reuse"] = ctx.tr is not None
         meta["copy_replays"] = ctx.tr is not None and ctx.copy_replays
         key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
+        if with_pairs and window is not None:
+            key += f"/window{window}"
         jobs = [Job(FP_KEY, fp_job)]
-        jobs += [Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs)) for n in order for c in names]
+        jobs += [Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order
+                 for c in names]  # fmt: skip
         scope = None
         if store is not None:
             meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(batches)
@@ -531,7 +548,7 @@ def assemble(
     for k, n in enumerate(order):
         for j, c in enumerate(names):
             for i, m in enumerate(order[k + 1 :]):
-                if not rows[(n, c)]["pairs"]:
+                if i >= len(rows[(n, c)]["pairs"]):  # outside the window, or singles only
                     break
                 lm = torch.tensor(rows[(n, c)]["pairs"][i], dtype=torch.float64)  # [C]
                 omega = lm - loss1[pos[n], j] - loss1[pos[m]] + fp
