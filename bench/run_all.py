@@ -2,7 +2,8 @@
 
 For each task of :data:`SWEEPS` and each method of :data:`METHODS`, ``mixq.run`` quantizes the
 task's real model at every average-weight-bit budget of the sweep, on the same candidates and
-quantizers (the QAT methods on :data:`QAT_CANDIDATES`), and measures the metric on the first
+quantizers (the QAT methods on :data:`QAT_CANDIDATES`, multipoint on the symmetric
+:data:`MULTIPOINT_CANDIDATES` its points need), and measures the metric on the first
 :data:`VAL` validation examples. A new method joins the benchmark by adding its name to
 :data:`METHODS` (and, if its defaults are too slow on two cores, its settings to
 :data:`METHOD_ARGS`).
@@ -95,6 +96,8 @@ METHOD_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("clado-naive", "minilm"): {"batches": 1, "samples": 8},
     # QAT: short runs from the pretrained weights (batches of 128 training images; minilm trains
     # on its calibration sentences).
+    **{("multipoint", t): {"ratio": None} for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2",
+                                                    "minilm")},  # fmt: skip
     **{(m, t): {"steps": 40} for m in ("ddq", "fliqs")
        for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")},  # fmt: skip
 }
@@ -157,10 +160,21 @@ def run_dir(runs: Path, task: str, method: str, budget: float) -> Path:
     return runs / task / method / f"avg{budget:g}"
 
 
+# Multipoint puts its extra points on signed symmetric integer weights (the sum of symmetric
+# vectors), with least-squares ranges; it fills the budget its base plan leaves (ratio None).
+MULTIPOINT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "cnn": ("w2+mse-a8", "w3+mse-a8", "w4+mse-a8", "w8+mse-a8"),
+    "minilm": ("w2+mse", "w3+mse", "w4+mse", "w8+mse"),
+}
+
+
 def candidates_of(task: str, method: str) -> list[str]:
     """Return the candidates ``method`` searches on ``task``."""
+    kind = "minilm" if task == "minilm" else "cnn"
     if method in ("ddq", "fliqs"):
-        return list(QAT_CANDIDATES["minilm" if task == "minilm" else "cnn"])
+        return list(QAT_CANDIDATES[kind])
+    if method == "multipoint":
+        return list(MULTIPOINT_CANDIDATES[kind])
     return list(SWEEPS[task].candidates)
 
 
@@ -398,7 +412,8 @@ def task_summary(task: str, rows: list[dict[str, Any]], info: dict[str, Any]) ->
         f"## {task}",
         "",
         f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}"
-        f" (ddq, fliqs: {', '.join(f'`{c}`' for c in candidates_of(task, 'ddq'))}).",
+        f" (ddq, fliqs: {', '.join(f'`{c}`' for c in candidates_of(task, 'ddq'))}; multipoint:"
+        f" {', '.join(f'`{c}`' for c in candidates_of(task, 'multipoint'))}).",
         "",
     ]
     if info.get("info"):
