@@ -38,7 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/run_all.py
 
-# Peer tools (ModelOpt, MCT, NNCF) side by side with mixq; each tool in its own venv under .peers/.
+# Peer tools (ModelOpt, MCT, NNCF 3.4 and 2.19, AIMET) side by side with mixq; each tool in its own venv under .peers/.
 bench-peers: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/peers.py
 

@@ -6,7 +6,10 @@ driver script in ``bench/peers/``. A driver builds the same mixq task (model, ca
 validation data, metric), gives the tool the same average-weight-bit target translated into the
 tool's own knob, and writes JSON only: the tool's per-layer formats, its own bit count, the
 metric of its own quantized model and its search time. The tools' code never enters mixq's
-process or dependencies.
+process or dependencies. Two tools have no size knob and are held to the budget by their driver,
+which records how (``pick`` in the row): Qualcomm AIMET's AMP (an accuracy-drop target) runs its
+whole BitOps/score walk and takes the best-scoring point within B; NNCF 2.19's HAWQ (a BitOps
+compression ratio) gets the smallest ratio whose choice fits B.
 
 Then, in mixq's process, every peer result is charged and re-measured the same way:
 
@@ -93,6 +96,11 @@ PEERS: dict[str, Peer] = {
                 "mct_driver.py", "weights_memory = n_weights * B / 8 bytes", patch_torchvision=True),
     "nncf": Peer("nncf", (("-c", "constraints.txt", "nncf==3.4.0"),), "nncf_driver.py",
                  "ratio = (8 - B) / 4 INT4 share"),
+    "aimet": Peer("aimet-torch", (("-c", "constraints.txt", "aimet-torch==2.42.0"),), "aimet_driver.py",
+                  "allowed_accuracy_drop=None; the best walk point within n_weights * B bits",
+                  patch_torchvision=True),
+    "nncf219": Peer("nncf", (("-c", "constraints.txt", "nncf==2.19.0"),), "nncf219_driver.py",
+                    "HAWQ compression_ratio = BitOps(INT8) / BitOps(plan): the smallest that fits B"),
 }  # fmt: skip
 
 
@@ -120,6 +128,10 @@ JOBS: list[Job] = [
     *(Job("nncf", "minilm", b) for b in (4.5, 6.0)),
     *(Job("modelopt", t, b) for t in ("fashion-resnet20", "fashion-mobilenetv2") for b in (3.0, 4.0)),
     *(Job("mct", t, b) for t in ("fashion-resnet20", "fashion-mobilenetv2") for b in (3.0, 4.0)),
+    *(Job("aimet", "mnist-cnn", b) for b in (2.5, 3.0, 4.0)),
+    *(Job("nncf219", "mnist-cnn", b) for b in (2.5, 3.0, 4.0)),
+    *(Job("aimet", "fashion-resnet20", b) for b in (3.0, 4.0)),
+    *(Job("nncf219", "fashion-resnet20", b) for b in (3.0, 4.0)),
 ]
 
 # -- virtual environments -------------------------------------------------------------------------
@@ -358,7 +370,7 @@ def process(job: Job, res: dict[str, Any], val: int, search: bool) -> dict[str, 
                            "knob": PEERS[job.tool].knob, "val_items": val or None}  # fmt: skip
     keep = ("ok", "error", "version", "metric", "metric_name", "fp_metric", "tool_bits", "tool_bits_name",
             "search_seconds", "driver_seconds", "wall_seconds", "eval_seconds", "tool_settings", "recipe",
-            "log_tail")  # fmt: skip
+            "log_tail", "pick", "pareto", "note")  # fmt: skip
     row.update({f"tool_{k}" if k in ("metric", "version") else k: res[k] for k in keep if k in res})
     if not res.get("ok"):
         return row
@@ -395,6 +407,8 @@ def own_grid(row: dict[str, Any], task: Any) -> None:
 MIXQ_FILES = ("search", "run_all", "clado", "multipoint", "uniform", "ptq")
 # Exhaustive enumerations pick the best plan by its validation metric (an oracle, not a method).
 SKIP_KEYS = ("exhaustive", "exhaustive_check")
+# Methods that train the weights (quantization-aware training): not compared with post-training tools.
+TRAINED_METHODS = ("ddq", "fliqs", "qat")
 
 
 def _has_act(cands: list[str]) -> bool | None:
@@ -413,7 +427,7 @@ def mixq_points() -> list[dict[str, Any]]:
     def walk(x: Any, ctx: dict[str, Any], path: list[str], src: str) -> None:
         if isinstance(x, dict):
             ctx = dict(ctx)
-            for k in ("val_images", "val_items"):
+            for k in ("val_images", "val_items", "val"):  # "val": run_all's rows
                 if isinstance(x.get(k), int):
                     ctx["val"] = x[k]
             if isinstance(x.get("info"), dict) and isinstance(x["info"].get("val_images"), int):
@@ -427,6 +441,8 @@ def mixq_points() -> list[dict[str, Any]]:
                 task = x.get("task") or ctx.get("task")
                 label = (x.get("method") or x.get("label") or x.get("setting") or x.get("run")
                          or "/".join(path[-2:]))  # fmt: skip
+                if str(label) in TRAINED_METHODS:
+                    return
                 points.append({"source": f"{src}.json", "task": task, "method": str(label),
                                "metric": float(x["metric"]), "avg_weight_bits": float(x["avg_weight_bits"]),
                                "size_bytes": float(x["size_bytes"]), "val": ctx.get("val"),
@@ -508,6 +524,16 @@ def _tool(r: dict[str, Any]) -> str:
     return f"{r['tool']} {r.get('tool_version') or ''}" + (f" ({extra})" if extra else "")
 
 
+def _pick(r: dict[str, Any]) -> str:
+    """How a tool without a size knob was held to the budget (the driver's ``pick``), for the table."""
+    pick = r.get("pick")
+    if not isinstance(pick, dict):
+        return ""
+    vals = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pick.items()
+            if k != "rule" and isinstance(v, (int, float, str))]  # fmt: skip
+    return f" (pick: {', '.join(vals)})" if vals else ""
+
+
 def render(rows: dict[str, dict[str, Any]]) -> str:
     """The Markdown table of every peer row beside mixq."""
     points = mixq_points()
@@ -527,8 +553,9 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         "- **mixq search**: mixq `sensitivity-ilp` with the peer's candidates under the peer's "
         "mixq-counted size; **mixq search, own grid**: the same with the `+asym+omse` versions of the "
         "peer's candidates (zero points charged), i.e. mixq's own quantizer and search at the peer's size.",
-        "- **mixq best ≤ size**: mixq's best post-training result in the other bench/results JSONs with "
-        "the same task, validation set and activation regime, at or below the peer's mixq-counted size.",
+        "- **mixq best ≤ size**: mixq's best post-training result (QAT methods left out) in the other "
+        "bench/results JSONs with the same task, validation set and activation regime, at or below the "
+        "peer's mixq-counted size.",
         "- **verdict**: whether mixq (best ≤ size, or either search) reaches the tool's own metric "
         "(within 0.05 points of top-1, 0.0005 of cosine: a tie); if not, "
         "whether the gap is the tool's quantizer/calibration (tool metric vs mixq same grid) or its "
@@ -580,8 +607,11 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
                 detail = ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
                 if len(r["plan_same"]) <= 8:
                     detail = ", ".join(f"{n}={c}" for n, c in r["plan_same"].items())
-                out.append(f"- {_tool(r)} B={r['budget']:g}: {detail}")
+                out.append(f"- {_tool(r)} B={r['budget']:g}: {detail}{_pick(r)}")
         notes = sorted({r["note"] for r in trs if r.get("note")})
+        rules = {f"{r['tool']} picks its point by the rule: {r['pick']['rule']}" for r in trs
+                 if r.get("ok") and isinstance(r.get("pick"), dict) and r["pick"].get("rule")}  # fmt: skip
+        notes += sorted(rules)
         out += ["", *(f"Note: {n}." for n in notes)] if notes else []
         out.append("")
     return "\n".join(out) + "\n"

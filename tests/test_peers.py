@@ -261,3 +261,86 @@ def test_own_grid_records_an_infeasible_size(peers, tmp_path, monkeypatch):
            "mixq_same": peers.evaluate(task, peers.to_plan(layers, "same"))}  # fmt: skip
     peers.own_grid(row, task)
     assert "infeasible" in row["mixq_search_mixq"]["infeasible"]
+
+
+@pytest.fixture(scope="module")
+def aimet(common):
+    return _load("aimet_driver", ROOT / "bench" / "peers" / "aimet_driver.py")
+
+
+def test_aimet_walk_replays_the_cumulative_steps(aimet):
+    """Each Pareto entry lowers its modules on top of the entries before it; output-only groups
+    (no weights) change nothing; the average is weight-count weighted."""
+    sizes = {"a": 100, "b": 300, "c": 600}
+    path = [(0.9, 99.5, ["b"], 4), (0.9, 99.5, [], 4), (0.7, 99.1, ["c"], 4), (0.5, 98.0, ["c"], 2),
+            (0.4, 97.0, ["x.a"], 2)]  # fmt: skip
+    pts = aimet.walk(path, sizes, 8, names={"x.a": "a"})
+    assert [p["bits"] for p in pts][-1] == {"a": 2, "b": 4, "c": 2}
+    assert [round(p["avg_bits"], 6) for p in pts] == [6.8, 6.8, 4.4, 3.2, 2.6]
+    assert pts[2]["bits"] == {"a": 8, "b": 4, "c": 4} and pts[0]["bitops"] == 0.9
+    with pytest.raises(ValueError, match="not one of the counted layers"):
+        aimet.walk([(1.0, 1.0, ["zz"], 4)], sizes, 8)
+    with pytest.raises(ValueError, match="sizes is empty"):
+        aimet.walk(path, {}, 8)
+
+
+def test_aimet_pick_takes_the_best_score_within_the_budget(aimet):
+    pts = [{"index": i, "score": s, "avg_bits": b, "bitops": 0.0}
+           for i, (s, b) in enumerate([(99.5, 6.8), (99.1, 4.4), (98.0, 3.2), (98.4, 2.9), (98.4, 2.6)])]
+    assert aimet.pick(pts, 4.4)["index"] == 1  # the budget is inclusive
+    assert aimet.pick(pts, 4.0)["index"] == 3  # best score below 4 bits; the tie goes to more bits
+    assert aimet.pick(pts, 2.6)["index"] == 4
+    with pytest.raises(ValueError, match="lowest: 2.600"):
+        aimet.pick(pts, 2.5)
+
+
+def test_mixq_points_leave_out_methods_that_train(peers, tmp_path, monkeypatch):
+    rows = [{"method": m, "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5} for m in ("fliqs", "x")]
+    doc = {"tasks": {"mnist-cnn": {"val_images": 10000, "rows": rows}}}
+    (tmp_path / "run_all.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    assert [p["method"] for p in peers.mixq_points()] == ["x"]
+
+
+@pytest.fixture(scope="module")
+def hawq(common):
+    return _load("nncf219_driver", ROOT / "bench" / "peers" / "nncf219_driver.py")
+
+
+def test_nncf219_layer_names_from_node_names(hawq):
+    assert hawq.layer_of("MnistCNN/Sequential[conv_layers]/NNCFConv2d[0]/conv2d_0") == "conv_layers.0"
+    node = "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0"
+    assert hawq.layer_of(node) == "layer1.0.conv1"
+    with pytest.raises(ValueError, match="cannot read a module name"):
+        hawq.layer_of("conv2d_0")
+
+
+def test_nncf219_knob_is_the_smallest_ratio_whose_choice_fits(hawq):
+    # HAWQ's rule: least metric among ratio >= knob. Sequence 1 (ratio 1.5, 5 bits) is the best at
+    # knob 1.5 but too big for 4.5 bits; at 2.0 sequence 3 wins (4 bits): the knob is 2.0.
+    ratios = [1.0, 1.5, 2.0, 2.0, 3.0]
+    metrics = [0.1, 0.5, 2.0, 0.9, 3.0]
+    avg = [8.0, 5.0, 4.0, 4.0, 2.5]
+    assert hawq.hawq_choice(metrics, ratios, 1.2) == 1
+    assert hawq.knob_for_budget(metrics, ratios, avg, 4.5) == (2.0, 3)
+    assert hawq.knob_for_budget(metrics, ratios, avg, 8.0) == (1.0, 0)
+    assert hawq.knob_for_budget(metrics, ratios, avg, 2.5) == (3.0, 4)
+    with pytest.raises(ValueError, match="lowest: 2.500"):
+        hawq.knob_for_budget(metrics, ratios, avg, 2.0)
+    with pytest.raises(ValueError, match="no sequence reaches"):
+        hawq.hawq_choice(metrics, ratios, 3.5)
+
+
+def test_render_shows_how_a_budgetless_tool_was_picked(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    same = {"metric": 98.0, "avg_weight_bits": 2.5, "size_bytes": 1000.0}
+    row = {"tool": "aimet", "tool_version": "2.42.0", "task": "mnist-cnn", "budget": 3.0, "ok": True,
+           "tool_metric": 99.0, "tool_bits": 2.47, "search_seconds": 1.0, "mixq_same": same,
+           "mixq_mixq": same,
+           "plan_same": {"a": "w2-a8"}, "val_items": 10000, "note": "a grid note",
+           "pick": {"rule": "best score within B", "index": 8, "score": 99.61, "pareto": [1, 2]}}  # fmt: skip
+    md = peers.render({"k": row})
+    assert "- aimet 2.42.0 B=3: a=w2-a8 (pick: index=8, score=99.61)" in md
+    assert "Note: aimet picks its point by the rule: best score within B." in md
+    assert "Note: a grid note." in md
+    assert "| aimet 2.42.0 | 3 | 2.47 | 99.00 |" in md
