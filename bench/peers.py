@@ -223,9 +223,11 @@ def run_driver(job: Job, val: int, timeout: float) -> dict[str, Any]:
            "--budget", str(job.budget), "--out", str(out), "--val", str(val),
            "--settings", json.dumps(job.settings)]  # fmt: skip
     log.info("%s", " ".join(cmd))
+    work = VENVS / "work" / job.tool  # tools write files to their working folder (NNCF 2.19: graphs)
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=driver_env(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=work, env=driver_env(), capture_output=True, text=True,
                               timeout=timeout)  # fmt: skip
         tail = (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
