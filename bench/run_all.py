@@ -160,6 +160,9 @@ def run_dir(runs: Path, task: str, method: str, budget: float) -> Path:
     return runs / task / method / f"avg{budget:g}"
 
 
+# DDQ learns one step per tensor or per output channel (no groups): per-channel weights on MiniLM.
+DDQ_MINILM_CANDIDATES = ("w2+asym", "w3+asym", "w4+asym", "w8+asym")
+
 # Multipoint puts its extra points on signed symmetric integer weights (the sum of symmetric
 # vectors), with least-squares ranges; it fills the budget its base plan leaves (ratio None).
 MULTIPOINT_CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -171,6 +174,8 @@ MULTIPOINT_CANDIDATES: dict[str, tuple[str, ...]] = {
 def candidates_of(task: str, method: str) -> list[str]:
     """Return the candidates ``method`` searches on ``task``."""
     kind = "minilm" if task == "minilm" else "cnn"
+    if method == "ddq" and task == "minilm":
+        return list(DDQ_MINILM_CANDIDATES)
     if method in ("ddq", "fliqs"):
         return list(QAT_CANDIDATES[kind])
     if method == "multipoint":
@@ -412,8 +417,8 @@ def task_summary(task: str, rows: list[dict[str, Any]], info: dict[str, Any]) ->
         f"## {task}",
         "",
         f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}"
-        f" (ddq, fliqs: {', '.join(f'`{c}`' for c in candidates_of(task, 'ddq'))}; multipoint:"
-        f" {', '.join(f'`{c}`' for c in candidates_of(task, 'multipoint'))}).",
+        " (" + "; ".join(f"{m}: {', '.join(f'`{c}`' for c in candidates_of(task, m))}"
+                         for m in ("ddq", "fliqs", "multipoint")) + ").",
         "",
     ]
     if info.get("info"):
