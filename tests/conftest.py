@@ -1,5 +1,9 @@
 """Test-suite settings shared by every module."""
 
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
 from hypothesis import settings
@@ -16,3 +20,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def sigkill_when():
+    """Start a child process, SIGKILL it once ``ready()`` holds; return what it printed to stderr.
+
+    The tests of resumable runs kill a child part way (after it stored a few jobs) and check
+    that a rerun computes exactly what is missing.
+    """
+
+    def run(cmd: list[str], ready, what: str, timeout: float = 120.0) -> str:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, f"the child {what} in time"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        return proc.stderr.read().decode()
+
+    return run

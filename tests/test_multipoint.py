@@ -220,7 +220,7 @@ def test_allocation_budget_cap_and_determinism():
 
 
 def test_capped_allocation_is_a_prefix_of_the_uncapped_one():
-    """Stopping after k extra points gives the first k of the uncapped allocation (what the budget cut uses)."""
+    """Stopping after k extra points gives the first k of the uncapped allocation (the budget cut uses it)."""
     w, _, gram = layer_problem(seed=6, c=20)
     full = mp.allocate(w, 3, gram, ratio=None, n_max=4)
     assert len(full.order) == full.extra > 20
@@ -420,7 +420,8 @@ def test_points_fill_only_the_budget_the_base_plan_leaves():
         assert extra == min(math.floor(frac * len(spec.weight.points) + 1e-9),
                             sum(free.plan.layers[name].weight.points) - len(spec.weight.points))  # fmt: skip
     # ratio=None: the points spend what the budget leaves, and stay within it
-    fill = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit}, method_args={"ratio": None})
+    fill = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit},
+                    method_args={"ratio": None})  # fmt: skip
     assert uni.metrics["avg_weight_bits"] < fill.metrics["avg_weight_bits"] <= limit
     # a budget the base plan alone meets exactly leaves no room for points
     tight = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": uni.metrics["avg_weight_bits"]})

@@ -4,9 +4,7 @@ a worker killed mid-run, a driver killed mid-run and resumed from the store."""
 import collections
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -169,24 +167,14 @@ def stored_jobs(db: Path) -> int:
         return len(s)
 
 
-def test_killed_driver_resumes_from_the_store(cluster, tmp_path):
+def test_killed_driver_resumes_from_the_store(cluster, tmp_path, sigkill_when):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     db = tmp_path / "store.sqlite"
     address = ray.get_runtime_context().gcs_address
     here = str(Path(__file__).resolve().parent)
-    proc = subprocess.Popen([sys.executable, str(script), str(db), address, here], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while stored_jobs(db) < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the child driver stored no jobs in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    cmd = [sys.executable, str(script), str(db), address, here]
+    sigkill_when(cmd, lambda: stored_jobs(db) >= 3, "driver stored no jobs")
     with Store(db) as s:
         stored = len(s)
     task, qmodel, layers = setup_cnn()  # same model and data, fast loss

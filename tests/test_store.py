@@ -2,10 +2,7 @@
 
 import importlib.util
 import math
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -143,23 +140,12 @@ class CountingExecutor:
         return self.inner.map([counted(j) for j in jobs], context, store, progress)
 
 
-def test_killed_run_resumes_without_recomputing(tmp_path):
+def test_killed_run_resumes_without_recomputing(tmp_path, sigkill_when):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     db = tmp_path / "store.sqlite"
-    proc = subprocess.Popen([sys.executable, str(script), str(db)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        with Store(db) as poll:
-            while len(poll) < 3:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "the child stored no jobs in time"
-                time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    with Store(db) as poll:
+        sigkill_when([sys.executable, str(script), str(db)], lambda: len(poll) >= 3, "stored no jobs")
     with Store(db) as s:
         stored = len(s)
 
