@@ -284,6 +284,75 @@ def test_mnist_int8_runs_in_integer_kernels_with_the_simulated_accuracy(tmp_path
     assert (fused.argmax(1) == y).mean() == (sim.argmax(1) == y).mean()
 
 
+def test_mnist_with_a_float_image_input_keeps_the_first_conv_on_float_kernels(tmp_path) -> None:
+    """w7a8 with the first layer's input float: its conv, Relu and MaxPool stay float32 (NCHWc)."""
+    task = tasks.mnist_cnn(calib_size=256, val_size=500, batch_size=500)
+    base = mixq.run(task, method="uniform", candidates=["w7a8"])
+    first = next(iter(base.plan.layers))
+    layers = {**base.plan.layers, first: parse_candidate("w7")}
+    res = mixq.evaluate(task, Plan(layers, {"task": task.name}))
+    assert res.plan.layers[first].act is None
+    assert res.metrics["avg_weight_bits"] == base.metrics["avg_weight_bits"]
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
+    assert inits[f"{first}.weight"] == "FLOAT"  # the exact dequantized values: no DQ on every run
+    ops = [n.op_type for n in graph.node]
+    assert ops.index("MaxPool") < ops.index("Relu")  # max commutes with Relu: same values
+    x, y = task.val[0][0], task.val[0][1].numpy()
+    with torch.no_grad():
+        sim = res.model(x).numpy()
+    fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    opt = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    assert [n.op_type for n in opt].count("QLinearConv") == 2
+    nchwc = {n.op_type for n in opt if n.domain == "com.microsoft.nchwc"}
+    assert {"Conv", "MaxPool"} <= nchwc  # the float kernels, not a uint8 NCHW MaxPool
+    reference = ort_run(path, x, optimize=False)
+    assert np.abs(reference - sim).max() < 0.1 and np.abs(fused - sim).max() < 0.5
+    assert (fused.argmax(1) == sim.argmax(1)).all() and (reference.argmax(1) == sim.argmax(1)).all()
+    assert (fused.argmax(1) == y).mean() * 100 == pytest.approx(res.metrics["metric"])
+
+
+def test_resnet_convs_before_residual_adds_export_float_weights_and_match(tmp_path) -> None:
+    """Fashion ResNet-20 at w7a8: a conv whose output meets no quantizer runs in float32.
+
+    Its weight is the exact dequantized float32 (ORT's NCHWc kernels); every other conv keeps
+    INT8 codes and fuses into QLinearConv; ORT's outputs still equal the simulation.
+    """
+    task = tasks.fashion("fashion-resnet20", calib_size=64, val_size=256, batch_size=256)
+    res = mixq.run(task, method="uniform", candidates=["w7a8"])
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
+    as_float = {n for n in res.plan.layers if f"{n}.weight" in inits}
+    as_codes = {n for n in res.plan.layers if inits.get(f"{n}.weight.codes") == "INT8"}
+    assert as_float and as_codes and as_float | as_codes == set(res.plan.layers)
+    assert all(inits[f"{n}.weight"] == "FLOAT" for n in as_float)
+    x = task.val[0][0]
+    with torch.no_grad():
+        sim = res.model(x).numpy()
+    fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+    opt = [(n.op_type, n.domain) for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    int_convs = as_codes - {"fc"}  # fc: a float Gemm (its output meets no quantizer either)
+    assert opt.count(("QLinearConv", "com.microsoft")) == len(int_convs)  # NHWC integer kernels
+    assert opt.count(("Conv", "com.microsoft.nchwc")) == len(as_float)  # the float kernels
+    reference = ort_run(path, x, optimize=False)
+    assert (reference.argmax(1) == sim.argmax(1)).all()
+    assert (fused.argmax(1) == sim.argmax(1)).mean() >= 0.99  # + int32 bias and requantization
+
+
+def test_evaluate_measures_a_given_plan_as_run_does(tmp_path) -> None:
+    res = mixq.run("synthetic-mlp", method="sensitivity-ilp", candidates=["w4a8", "w8a8"],
+                   budget={"avg_weight_bits": 6})  # fmt: skip
+    res.plan.save(tmp_path / "plan.json")
+    again = mixq.evaluate("synthetic-mlp", tmp_path / "plan.json")
+    for k in ("metric", "avg_weight_bits", "size_bytes", "bops"):
+        assert again.metrics[k] == res.metrics[k]
+    bad = Plan({"nope": parse_candidate("w4a8")}, {})
+    with pytest.raises(ValueError, match="nope"):
+        mixq.evaluate("synthetic-mlp", bad)
+
+
 # -- CLI: export a run directory ------------------------------------------------------------------
 
 

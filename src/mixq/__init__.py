@@ -8,7 +8,7 @@ res.plan.save("plan.json"); print(res.metrics)
 """
 
 from mixq import cost, export, formats, sensitivity, tasks
-from mixq.api import Result, run
+from mixq.api import Result, evaluate, run
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.tasks import Task
 from mixq.wrap import applied, apply, calibrate, sites, unwrap, wrap
@@ -23,6 +23,7 @@ __all__ = [
     "apply",
     "calibrate",
     "cost",
+    "evaluate",
     "export",
     "formats",
     "sensitivity",

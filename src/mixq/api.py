@@ -226,6 +226,37 @@ def run(
     return result
 
 
+def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
+    """Quantize a task's model by a given plan (a Plan or a plan.json) and measure it.
+
+    The plan may come from any run, edited by hand: e.g. one layer moved to another candidate.
+    Layers the plan does not name stay float. Raises on a layer name the model does not have.
+
+    Returns:
+        A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
+    """
+    if isinstance(task, str):
+        task = tasks.get(task)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    qmodel, infos = prepare(task, list(plan.layers.values()))
+    plan.check_layers([i.name for i in infos])
+    apply(qmodel, plan)
+    qmodel.eval()
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "task": task.name,
+        "method": plan.meta.get("method", "plan"),
+        "metric_name": task.metric_name,
+        "metric": float(task.metric(qmodel, task.val)),
+        "fp_metric": task.fp_metric(),
+        **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos]),
+        "eval_seconds": time.perf_counter() - t0,
+        "layers": len(infos),
+    }
+    return Result(plan, qmodel, metrics)
+
+
 def write_run(out: Path, result: Result, infos: list[cost.LayerInfo]) -> None:
     """Write plan.json, metrics.json, layers.csv and report.md to a run directory."""
     out.mkdir(parents=True, exist_ok=True)

@@ -152,10 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import mixq
-    from mixq import cost
-    from mixq.api import prepare
-    from mixq.plan import FLOAT, Plan
+    from mixq.api import evaluate
 
     if args.run_dir is not None:
         if args.task or args.plan:
@@ -163,14 +160,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_run(args.run_dir)
     if not args.task or not args.plan:
         raise ValueError("give a RUN_DIR, or --task and --plan")
-    task = mixq.tasks.get(args.task)
-    plan = Plan.load(args.plan)
-    qmodel, infos = prepare(task, list(plan.layers.values()))
-    plan.check_layers([i.name for i in infos])
-    mixq.apply(qmodel, plan)
-    m = {"metric": task.metric(qmodel, task.val), "fp_metric": task.fp_metric(),
-         **cost.metrics_of(cost.model_costs(qmodel, infos),
-                           [plan.layers.get(i.name, FLOAT) for i in infos])}  # fmt: skip
+    result = evaluate(args.task, args.plan)
+    skip = ("task", "method", "metric_name", "eval_seconds")
+    m = {k: v for k, v in result.metrics.items() if k not in skip}
     print(json.dumps(m, indent=2))
     return 0
 

@@ -9,7 +9,11 @@ is then replaced here:
   subset of the int4 grid, with the same scale), 5 to 8 bits as INT8/UINT8; fp8 e4m3fn and
   e5m2 as FLOAT8E4M3FN/FLOAT8E5M2 (opset 21). Group scales, fp6, fp4 and MX blocks have no
   QDQ form that ONNX Runtime runs on the CPU: they are stored as float32 initializers holding
-  the exact dequantized values. A multipoint weight (``QSpec.points``) is the sum of one
+  the exact dequantized values, and so is the weight of a conv that ONNX Runtime can only run
+  in float32 (a float input, or an output that feeds no quantizer: a residual Add, a pooling):
+  ORT does not constant-fold a DequantizeLinear, so a DQ weight would be dequantized on every
+  run and keep the conv off its fast float kernels (the packed safetensors export stores the
+  codes). A multipoint weight (``QSpec.points``) is the sum of one
   DequantizeLinear per point (INT4 or INT8 codes, the point's steps as per-channel scales; a
   channel without that point has zero codes), so ORT computes ``sum_i s_i q_i`` as the simulation.
 * inputs: ``QuantizeLinear -> DequantizeLinear`` per tensor, in int8/uint8, int4/uint4 or fp8;
@@ -126,7 +130,8 @@ def _scalar_or_channels(t: torch.Tensor, enc: Encoded) -> torch.Tensor:
     return t.reshape(()) if enc.spec.granularity == "tensor" else t.reshape(-1)
 
 
-def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str) -> None:
+def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str, as_float: bool = False) -> None:
+    """The nodes that produce a layer's weight; ``as_float``: its exact dequantized float32 values."""
     onnx = _onnx()
     enc = lx.weight
     assert isinstance(enc, Encoded)
@@ -135,7 +140,7 @@ def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str) -> None:
         _multipoint_nodes(g, lx, enc, out)
         return
     vals = _weight_values(enc)
-    if vals is None:  # no QDQ form: the exact dequantized float32 weight
+    if vals is None or as_float:  # the exact dequantized float32 weight
         w = lx.float_weight()
         name = g.add(_tensor(f"{lx.name}.weight", onnx.TensorProto.FLOAT, w.t() if linear else w))
         g.nodes[out] = [onnx.helper.make_node("Identity", [name], [out], name=f"{lx.name}.weight_float")]
@@ -346,13 +351,84 @@ def _chain_above(
     return chain
 
 
+LAYER_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _float_layer(node: Any, producers: dict[str, Any], constants: set[str]) -> bool:
+    """Whether ``node`` (through a bias Add) is a layer whose input is not quantized.
+
+    Such a layer runs in float32 whatever follows it, so a quantizer hoisted above its output
+    gains no integer kernel; ONNX Runtime would only run the chain between them (a MaxPool) in
+    its slow NCHW uint8 kernel instead of its float one.
+    """
+    if node is not None and node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in LAYER_OPS:
+        return False
+    src = producers.get(node.input[0])
+    return src is None or not (src.domain == MARKER_DOMAIN and src.op_type == "Act")
+
+
+def _float_convs(
+    graph: Any, layers: dict[str, LayerExport], producers: dict[str, Any], consumers: dict[str, list[Any]],
+    constants: set[str],
+) -> dict[str, bool]:
+    """The conv layers that ONNX Runtime can only run in float32: their weights go in as float.
+
+    ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
+    through QDQ: a conv with a float input, or whose output feeds something other than an
+    input quantizer (a residual Add, a pooling), runs in float32. With a DequantizeLinear
+    weight it would then dequantize the weight on every run and miss its NCHWc float kernels,
+    since ORT does not constant-fold DequantizeLinear; the exact dequantized values avoid both.
+    The value says whether the conv's output has several users (one of which may be a
+    quantizer): its input is then dequantized in the form ORT does not fuse.
+    """
+    fed: set[int] = set()  # id() of the nodes whose output reaches an input quantizer alone
+    for node in graph.node:
+        if node.domain == MARKER_DOMAIN and node.op_type == "Act":
+            chain = _chain_above(node.input[0], producers, consumers, constants)
+            x = chain[0].input[0] if chain else node.input[0]
+            if len(consumers.get(x, [])) == 1 and (top := producers.get(x)) is not None:
+                fed.add(id(top))
+    out: dict[str, bool] = {}
+    for node in graph.node:
+        if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
+            continue
+        layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+        lx, users = layers[layer], consumers.get(node.output[0], [])
+        points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
+        if lx.kind != "conv" or points or len(users) != 1 or users[0].op_type != "Conv":
+            continue
+        if lx.act is None or (lx.act_base is None and id(users[0]) not in fed):
+            out[layer] = len(consumers.get(users[0].output[0], [])) > 1
+    return out
+
+
+def _pool_before_relu(chain: list[Any], moved: dict[int, Any]) -> None:
+    """Rewire each ``Relu -> MaxPool`` of a chain as ``MaxPool -> Relu`` (the same values).
+
+    Max commutes with the monotone Relu. With the Relu last, ONNX Runtime's QDQ propagation
+    stops at it and cannot move the next QuantizeLinear above the MaxPool, so the pool stays in
+    float32 (its NCHWc kernel). ``moved`` swaps the two nodes' places in the graph's order.
+    """
+    for relu, pool in zip(chain, chain[1:], strict=False):
+        if relu.op_type != "Relu" or pool.op_type != "MaxPool" or id(relu) in moved or id(pool) in moved:
+            continue
+        x, mid, y = relu.input[0], relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0] = x, mid
+        relu.input[0], relu.output[0] = mid, y
+        moved[id(relu)], moved[id(pool)] = pool, relu
+
+
 def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int] | None = None) -> Any:
     """Replace the ``mixq`` markers of a traced graph by QDQ nodes; return the new ModelProto.
 
     An input quantizer is also repeated before each node of a chain of Relu/MaxPool/Flatten/
     Reshape/Clip/Min/Max that feeds it (exact, see HOIST_OPS), so that ONNX Runtime sees
     ``Conv -> QuantizeLinear`` and ``DequantizeLinear -> MaxPool -> QuantizeLinear`` and runs
-    the producing layer and the chain in integers. A conv with a single input channel becomes a
+    the producing layer and the chain in integers; above a layer with a float input (which runs
+    in float32 anyway) nothing is hoisted, and a ``Relu -> MaxPool`` there becomes
+    ``MaxPool -> Relu`` (:func:`_pool_before_relu`). A conv with a single input channel becomes a
     depthwise conv on the repeated channel (:func:`_as_depthwise`). A layer whose weight is a
     float32 initializer (no QDQ form) gets its input dequantized as ``(Cast(q) - zero) * scale``
     instead of a DequantizeLinear: ONNX Runtime's graph optimizations would otherwise quantize that float
@@ -374,20 +450,23 @@ def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int]
             producers[o] = node
     before: dict[int, list[Any]] = {}  # id(node) -> QDQ nodes to emit just before it
     replace: dict[int, list[Any]] = {}  # id(marker) -> its replacement
+    moved: dict[int, Any] = {}  # id(node) -> the node emitted in its place (see _pool_before_relu)
+    float_convs = _float_convs(graph, layers, producers, consumers, constants)
     for node in graph.node:
         if node.domain != MARKER_DOMAIN:
             continue
         layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
         lx = layers[layer]
         if node.op_type == "Weight":
-            _weight_nodes(g, lx, node.input[0], node.output[0])
+            _weight_nodes(g, lx, node.input[0], node.output[0], as_float=layer in float_convs)
             replace[id(node)] = g.nodes[node.output[0]]
         elif node.op_type == "Act" and lx.act_base is not None and lx.act_base.symmetric:
             replace[id(node)] = _sparq_nodes(g, lx, node.input[0], node.output[0], channels[layer])
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
             float_zero = None
-            if _float_weight(lx):  # keep ORT from quantizing this layer's float weight to int8
+            if _float_weight(lx) or float_convs.get(layer, False):  # keep ORT from quantizing
+                # a float weight to int8 itself where the output meets a quantizer (see rewrite)
                 assert lx.act_zero is not None
                 zf = lx.act_zero.reshape(())
                 float_zero = g.add(_tensor(f"{lx.name}.input.zero_float", _onnx().TensorProto.FLOAT, zf))
@@ -395,7 +474,11 @@ def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int]
             users = consumers.get(node.output[0], [])
             if float_zero is None and channels.get(layer) == 1 and lx.kind == "conv" and len(users) == 1:
                 _as_depthwise(g, lx, replace[id(node)], users[0])
-            for i, link in enumerate(_chain_above(node.input[0], producers, consumers, constants)):
+            chain = _chain_above(node.input[0], producers, consumers, constants)
+            if chain and _float_layer(producers.get(chain[0].input[0]), producers, constants):
+                _pool_before_relu(chain, moved)  # nothing to fuse above: keep the chain in float
+                chain = []
+            for i, link in enumerate(chain):
                 tag = f"{lx.name}.input_above{i}"
                 before[id(link)] = _qdq(params, link.input[0], f"{tag}.out", tag)
                 link.input[0] = f"{tag}.out"
@@ -403,6 +486,7 @@ def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int]
             raise RuntimeError(f"unknown marker {node.op_type}")
     new_nodes = []
     for node in graph.node:
+        node = moved.get(id(node), node)
         new_nodes.extend(before.get(id(node), []))
         new_nodes.extend(replace.get(id(node), [node]))
     del graph.node[:]
