@@ -341,6 +341,34 @@ def test_resnet_convs_before_residual_adds_export_float_weights_and_match(tmp_pa
     assert (fused.argmax(1) == sim.argmax(1)).mean() >= 0.99  # + int32 bias and requantization
 
 
+def test_int4_codes_in_int8_storage_fuse_into_integer_kernels_with_the_same_values(tmp_path) -> None:
+    """A mixed w4a8/w7a8 MNIST plan: INT4 weights run dequantized in float, INT8-stored ones fuse."""
+    task = tasks.mnist_cnn(calib_size=256, val_size=500, batch_size=500)
+    qmodel = mixq.wrap(copy.deepcopy(task.model).eval())
+    mixq.calibrate(qmodel, task.calib)
+    names = list(mixq.sites(qmodel))
+    specs = {n: parse_candidate("w4a8" if i % 2 else "w7a8") for i, n in enumerate(names)}
+    plan = Plan(specs, {"task": task.name})
+    mixq.apply(qmodel, plan)
+    res = mixq.Result(plan, qmodel, {})
+    x = task.val[0][0]
+    outs, fused_ops = {}, {}
+    for as8 in (False, True):
+        path = export.save(res, tmp_path / f"m{as8}.onnx", format="onnx", task=task, int4_as_int8=as8)
+        graph = onnx.load(str(path)).graph
+        inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
+        assert {inits[f"{n}.weight.codes"] for n in names[1::2]} == {"INT8" if as8 else "INT4"}
+        outs[as8] = ort_run(path, x, optimize=False)
+        fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
+        fused_ops[as8] = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+        with torch.no_grad():
+            assert (fused.argmax(1) == res.model(x).argmax(1).numpy()).mean() >= 0.99
+    assert np.array_equal(outs[False], outs[True])  # the same codes, scales and values
+    assert fused_ops[True].count("QLinearConv") == 3 > fused_ops[False].count("QLinearConv")
+    with pytest.raises(ValueError, match="int4_as_int8 applies to format='onnx'"):
+        export.save(res, tmp_path / "m.safetensors", int4_as_int8=True)
+
+
 def test_evaluate_measures_a_given_plan_as_run_does(tmp_path) -> None:
     res = mixq.run("synthetic-mlp", method="sensitivity-ilp", candidates=["w4a8", "w8a8"],
                    budget={"avg_weight_bits": 6})  # fmt: skip

@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and stored.is_file() and out.resolve() == stored.resolve():
         path = out  # the run's own packed model, just checked against its metric
     else:
-        path = export.save(result, out, format=args.format, task=task)
+        path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
     print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
           f"{task.metric_name} {result.metrics['metric']:.4f} as recorded by the run)")  # fmt: skip
     return 0
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
     x.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
     x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
+    x.add_argument("--int4-as-int8", action="store_true",
+                   help="ONNX: store 2-4 bit weight codes in INT8 (ONNX Runtime's integer kernels; "
+                        "larger file)")  # fmt: skip
     x.set_defaults(fn=cmd_export)
     return p
 

@@ -37,7 +37,9 @@ def _task_of(result: Any, task: Any) -> Any:
     return tasks.get(name)
 
 
-def save(result: Any, path: str | Path, format: str = "safetensors", task: Any = None) -> Path:
+def save(
+    result: Any, path: str | Path, format: str = "safetensors", task: Any = None, int4_as_int8: bool = False
+) -> Path:
     """Write a run's quantized model to ``path``.
 
     Args:
@@ -47,6 +49,11 @@ def save(result: Any, path: str | Path, format: str = "safetensors", task: Any =
         format: "safetensors" (packed codes, scales and the plan) or "onnx" (QDQ graph).
         task: ONNX only: the Task (or its name) whose calibration batch gives example inputs;
             by default the run's own task, rebuilt by name.
+        int4_as_int8: ONNX only: store 2- to 4-bit integer weight codes as INT8/UINT8 (the same
+            codes, scales and values) instead of INT4/UINT4. ONNX Runtime has no 4-bit conv or
+            per-channel 4-bit matmul kernel on the CPU: it dequantizes 4-bit weights on every run
+            and computes in float, while with 8-bit storage it fuses the layer into its integer
+            kernels (a mixed plan then runs at int8 speed; the file holds 8 bits per weight).
 
     Returns:
         The path written.
@@ -54,10 +61,12 @@ def save(result: Any, path: str | Path, format: str = "safetensors", task: Any =
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
     if format == "safetensors":
+        if int4_as_int8:
+            raise ValueError("int4_as_int8 applies to format='onnx'; safetensors always packs the codes")
         return save_safetensors(result.model, result.plan, path)
     from mixq.export import qdq
 
-    return qdq.save_onnx(result.model, _task_of(result, task), path)
+    return qdq.save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:

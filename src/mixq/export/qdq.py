@@ -95,7 +95,9 @@ def _tensor(name: str, dtype: int, values: torch.Tensor) -> Any:
     return onnx.numpy_helper.from_array(v.numpy().astype(np_dtype), name)
 
 
-def _weight_values(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def _weight_values(
+    enc: Encoded, int4_as_int8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """The stored element values, zero points and element type of an encoded weight, or None."""
     spec, fmt = enc.spec, enc.spec.fmt
     if isinstance(fmt, Mx) or spec.granularity == "group":
@@ -104,7 +106,7 @@ def _weight_values(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, int] | Non
         signed = spec.symmetric and fmt.signed
         q = code_to_int(enc.codes, fmt, spec.symmetric)
         zero = enc.zero if enc.zero is not None else torch.zeros_like(enc.scale)
-        return q, zero, _int_type(fmt.bits, signed)
+        return q, zero, _int_type(max(fmt.bits, 8) if int4_as_int8 else fmt.bits, signed)
     dtype = _fp_type(fmt)
     if dtype is None:
         return None
@@ -116,10 +118,11 @@ def _weight_values(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, int] | Non
 class _Graph:
     """Accumulates the nodes and initializers that replace the markers."""
 
-    def __init__(self) -> None:
+    def __init__(self, int4_as_int8: bool = False) -> None:
         self.nodes: dict[str, list[Any]] = {}  # weight marker output -> replacement nodes
         self.inits: list[Any] = []
         self.float_weights: list[str] = []
+        self.int4_as_int8 = int4_as_int8  # 2..4-bit weight codes stored as INT8/UINT8
 
     def add(self, t: Any) -> str:
         self.inits.append(t)
@@ -139,7 +142,7 @@ def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str, as_float
     if enc.spec.points is not None:
         _multipoint_nodes(g, lx, enc, out)
         return
-    vals = _weight_values(enc)
+    vals = _weight_values(enc, g.int4_as_int8)
     if vals is None or as_float:  # the exact dequantized float32 weight
         w = lx.float_weight()
         name = g.add(_tensor(f"{lx.name}.weight", onnx.TensorProto.FLOAT, w.t() if linear else w))
@@ -420,7 +423,12 @@ def _pool_before_relu(chain: list[Any], moved: dict[int, Any]) -> None:
         moved[id(relu)], moved[id(pool)] = pool, relu
 
 
-def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int] | None = None) -> Any:
+def rewrite(
+    model: Any,
+    layers: dict[str, LayerExport],
+    channels: dict[str, int] | None = None,
+    int4_as_int8: bool = False,
+) -> Any:
     """Replace the ``mixq`` markers of a traced graph by QDQ nodes; return the new ModelProto.
 
     An input quantizer is also repeated before each node of a chain of Relu/MaxPool/Flatten/
@@ -434,13 +442,14 @@ def rewrite(model: Any, layers: dict[str, LayerExport], channels: dict[str, int]
     instead of a DequantizeLinear: ONNX Runtime's graph optimizations would otherwise quantize that float
     weight to int8 themselves (DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv)
     and change the layer's values. ``channels``: the input channels of each layer
-    (needed by vSPARQ inputs, whose pairs run along them).
+    (needed by vSPARQ inputs, whose pairs run along them). ``int4_as_int8``: see
+    :func:`mixq.export.save`.
     """
     graph = model.graph
     channels = channels or {}
     constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                        for o in n.output}  # fmt: skip
-    g = _Graph()
+    g = _Graph(int4_as_int8)
     consumers: dict[str, list[Any]] = {}
     producers: dict[str, Any] = {}
     for node in graph.node:
@@ -579,6 +588,7 @@ def export_deployed(
     task: Any,
     path: str | Path,
     batch_size: int = 2,
+    int4_as_int8: bool = False,
 ) -> Path:
     """Trace a deployed model on a slice of the task's first calibration batch and write ONNX."""
     import warnings
@@ -607,15 +617,15 @@ def export_deployed(
         )
     channels = {n: int(m.weight.shape[1]) * getattr(m, "groups", 1) for n, m in model.named_modules()
                 if n in layers}  # fmt: skip
-    proto = rewrite(onnx.load_from_string(buf.getvalue()), layers, channels)
+    proto = rewrite(onnx.load_from_string(buf.getvalue()), layers, channels, int4_as_int8)
     onnx.checker.check_model(proto)
     path = Path(path)
     onnx.save(proto, str(path))
     return path
 
 
-def save_onnx(qmodel: nn.Module, task: Any, path: str | Path) -> Path:
-    """Export a wrapped model with its plan applied as an ONNX QDQ model."""
+def save_onnx(qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool = False) -> Path:
+    """Export a wrapped model with its plan applied as an ONNX QDQ model (see mixq.export.save)."""
     model, layers = deploy_model(qmodel)
     for lx in layers.values():  # fail before tracing on an input format ONNX cannot express
         if lx.act is not None and not _act_expressible(lx.act):
@@ -623,7 +633,7 @@ def save_onnx(qmodel: nn.Module, task: Any, path: str | Path) -> Path:
                 f"layer {lx.name}: input format {lx.act.fmt} has no ONNX QDQ form; "
                 f"supported input formats: {SUPPORTED_ACTS}"
             )
-    return export_deployed(model, layers, task, path)
+    return export_deployed(model, layers, task, path, int4_as_int8=int4_as_int8)
 
 
 def _act_expressible(spec: QSpec) -> bool:
