@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 import mixq  # noqa: E402
 from common import RESULTS, provenance, write  # noqa: E402
+from mixq.cost import InfeasibleBudgetError  # noqa: E402
 from mixq.methods import METHODS as REGISTERED  # noqa: E402
 from mixq.progress import Bar  # noqa: E402
 from mixq.store import Store  # noqa: E402
@@ -313,14 +314,17 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
             try:
                 row = run_one(current, method, budget, run_dir(args.runs, task_name, method, budget), prev)
             except Exception as e:  # recorded in the results and the summary, never hidden
-                failures += 1
+                infeasible = isinstance(e, InfeasibleBudgetError)  # an answer about the model, not a failure
+                failures += not infeasible
                 row = {
                     "task": task_name,
                     "method": method,
                     "budget": {"avg_weight_bits": budget},
                     "error": f"{type(e).__name__}: {e}",
+                    "infeasible": infeasible,
                 }
-                traceback.print_exc()
+                if not infeasible:
+                    traceback.print_exc()
             row.update(settings(task_name, method), session=session)
             results["rows"][key] = row
             results["mine"].add(key)
@@ -338,7 +342,7 @@ def budgets_of(args: argparse.Namespace, task: str) -> list[float]:
 def finished(results: dict[str, Any], task: str, method: str, budget: float) -> bool:
     """Whether a successful row with the current settings exists."""
     row = results["rows"].get(row_key(task, method, budget))
-    if row is None or "error" in row:
+    if row is None or ("error" in row and not row.get("infeasible")):
         return False
     return all(row.get(k) == v for k, v in settings(task, method).items())
 
