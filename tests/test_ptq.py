@@ -174,6 +174,38 @@ def test_bias_correction_zeroes_the_mean_output_error_of_every_layer():
     assert task.model.conv1.bias is not qmodel.conv1.bias  # the task's model is untouched
 
 
+class Branches(nn.Module):
+    """Three linears reading one tensor (an attention's q, k, v), then a linear on their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.out(torch.relu(self.v(h)) + self.q(h) * torch.sigmoid(self.k(h)))
+
+
+def test_bias_correction_measures_layers_that_share_an_input_in_one_pass():
+    torch.manual_seed(0)
+    x = torch.randn(384, 12)
+    model = Branches().eval()
+    y = model(x).argmax(1)
+    task = mixq.Task(model=model, calib=[(x[i : i + 128], y[i : i + 128]) for i in (0, 128, 256)],
+                     val=[(x, y)])  # fmt: skip
+    qmodel = quantized(task, "w3-a8")
+    names = list(sites(qmodel))
+    groups = bias_correction.shared_input_groups(qmodel, sites(qmodel), task.calib[:1], task.forward)
+    assert groups == [["inp"], ["q", "k", "v"], ["out"]]
+    rec = bias_correction.correct(qmodel, task)
+    assert rec["passes"] == 3 and rec["layers"] == 5
+    after = layer_errors(qmodel, task, names)  # the defining property holds for every layer
+    for n in names:
+        assert float(after[n].abs().max()) < 1e-5, n
+
+
 # -- AdaRound -------------------------------------------------------------------------------------
 
 

@@ -19,13 +19,14 @@ MNIST CNN at W2A8 where this variant gained, so it is not offered.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mixq.progress import progress
-from mixq.ptq.capture import channel_axis, channel_sums, run_until
+from mixq.ptq.capture import channel_axis, channel_sums, run_until_all
 from mixq.tasks import Task
 from mixq.wrap import sites
 
@@ -70,22 +71,59 @@ def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0
               if m.weight_quant.spec is not None or m.input_quant.spec is not None}  # fmt: skip
     largest = 0.0
     qmodel.eval()
-    for name in progress(list(layers), "bias correction", unit="layer"):
-        m = layers[name]
-        acc: list = [0.0, 0]
+    groups = shared_input_groups(qmodel, layers, batches[:1], task.forward)
+    bar = progress(groups, "bias correction", unit="pass")
 
-        def record(inputs: tuple, y: torch.Tensor, m: nn.Module = m, acc: list = acc) -> None:
-            s, c = channel_sums(y - float_output(m, inputs[0]), channel_axis(m))
-            acc[0] = acc[0] + s
-            acc[1] += c
+    def record(inputs: tuple, y: torch.Tensor, m: nn.Module, acc: list) -> None:
+        s, c = channel_sums(y - float_output(m, inputs[0]), channel_axis(m))
+        acc[0] = acc[0] + s
+        acc[1] += c
 
-        run_until(qmodel, m, batches, task.forward, record)
-        if not acc[1]:
-            continue
-        shift = acc[0] / acc[1]  # E[y~ - y] per output channel
-        set_bias(m, -shift)
-        largest = max(largest, float(shift.abs().max()))
-    return {"layers": len(layers), "max_abs_shift": largest, "calib_batches": len(batches)}
+    for group in bar:  # one pass per group: its layers read one input, unchanged by their biases
+        accs: dict[str, list] = {n: [0.0, 0] for n in group}
+        run_until_all(qmodel, {n: layers[n] for n in group}, batches, task.forward,
+                      lambda n, i, y: record(i, y, layers[n], accs[n]))  # noqa: B023 - called in this iteration
+        for n in group:
+            total, count = accs[n]
+            if not count:
+                continue
+            shift = total / count  # E[y~ - y] per output channel
+            set_bias(layers[n], -shift)
+            largest = max(largest, float(shift.abs().max()))
+    return {"layers": len(layers), "passes": len(groups), "max_abs_shift": largest,
+            "calib_batches": len(batches)}  # fmt: skip
+
+
+def shared_input_groups(
+    qmodel: nn.Module, layers: dict[str, nn.Module], batches: list, forward: Any
+) -> list[list[str]]:
+    """Split ``layers`` (in order) into runs of consecutive layers that read the same input tensor.
+
+    The query, key and value projections of an attention block, or a residual block's first
+    conv and its shortcut conv, receive the very same tensor object: correcting one's bias
+    cannot change another's input, so one forward pass measures them all. Found on one batch.
+    """
+    seen: dict[str, torch.Tensor] = {}  # the input tensors stay referenced: identities are unique
+
+    def keep(name: str, inputs: tuple) -> None:  # a hook returning a value would replace the output
+        seen.setdefault(name, inputs[0])
+
+    handles = [m.register_forward_hook(lambda _m, i, _y, n=n: keep(n, i)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(qmodel, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for n in layers:
+        x = seen.get(n)
+        if groups and x is not None and seen.get(groups[-1][-1]) is x:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
 
 
 @torch.no_grad()

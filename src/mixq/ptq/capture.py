@@ -64,6 +64,37 @@ def run_until(
         handle.remove()
 
 
+def run_until_all(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Sequence[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    record: Callable[[str, tuple, torch.Tensor], None],
+) -> None:
+    """Run ``model`` on each batch, calling ``record(name, inputs, output)`` as each of ``modules``
+    runs; the rest of a batch's forward pass is skipped once every one of them has run."""
+    fired: set[str] = set()
+
+    def hook(name: str, inputs: tuple, output: torch.Tensor) -> None:
+        record(name, inputs, output)
+        fired.add(name)
+        if len(fired) == len(modules):
+            raise _Stop
+
+    handles = [m.register_forward_hook(lambda _m, i, y, n=n: hook(n, i, y)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                fired.clear()
+                try:
+                    forward(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_io(
     model: nn.Module,
     name: str,
