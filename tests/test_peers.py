@@ -220,6 +220,22 @@ def test_verdict_names_the_quantizer_or_the_search(peers):
         "no mixq result at this size")
 
 
+def test_verdict_weighs_bias_correction_and_the_sampling_error(peers):
+    row = {"task": "fashion-resnet20", "val_items": 2000, "tool_metric": 94.0, "mixq_same": {"metric": 93.9},
+           "mixq_search": {"metric": 93.9}}  # fmt: skip
+    assert "standard error of a top-1 on 2000 images (0.53 points)" in peers.verdict(row, None)
+    row["mixq_search_mixq_ptq"] = {"metric": 94.2, "avg_weight_bits": 3.9, "ptq": ["bias_correction"]}
+    v = peers.verdict(row, None)
+    assert v.startswith("mixq ≥ tool with bias_correction: 94.20 at 3.90 b") and "loses by 0.1" in v
+    row["mixq_search_mixq_ptq"]["metric"] = 93.97
+    assert peers.verdict(row, None).startswith("tie with bias_correction: 93.97")
+    row["mixq_search_mixq_ptq"]["metric"] = 93.0
+    v = peers.verdict(row, None)
+    assert v.startswith("mixq loses by 0.1") and "with bias_correction: 93.00" in v
+    big = {**row, "tool_metric": 99.0, "mixq_search_mixq_ptq": None}  # a gap of 5.1 points is no noise
+    assert "standard error" not in peers.verdict(big, None)
+
+
 def test_driver_losses(common):
     from types import SimpleNamespace
 
