@@ -13,6 +13,9 @@ average of the weight bits (scales not counted) at most B. It is found inside on
 wraps HAWQ's choice step, replays HAWQ's rule at every distinct ratio of its enumerated sequences
 (ascending), and keeps the first whose choice fits B; the knob and the choice are recorded.
 
+MiniLM: the calibration batches go in as keyword inputs, HAWQ's loss is 1 - cos of the pooled
+embedding to the fp32 one, and the embeddings are left out (as in the NNCF 3.4 driver).
+
 Quantizers: symmetric weights per output channel (NNCF's default is per tensor) and symmetric
 activations per tensor, min-max ranges on the calibration batches.
 
@@ -65,6 +68,33 @@ def knob_for_budget(metrics: list[float], ratios: list[float], avg_bits: list[fl
     raise ValueError(f"no compression ratio gives {budget:g} average weight bits (lowest: {low:.3f})")
 
 
+def _sentences(task: Any) -> tuple[Any, int, list[dict[str, Any]], dict[str, Any], list[str]]:
+    """MiniLM for NNCF: its calibration batches as keyword inputs (an init data loader), the input
+    info, HAWQ's loss (1 - cos of the pooled embedding to the fp32 one) and the ignored embeddings."""
+    from nncf.torch.initialization import PTInitializingDataLoader
+
+    class Sentences(PTInitializingDataLoader):
+        batch_size = len(task.calib[0]["input_ids"])
+
+        def get_inputs(self, b: Any) -> tuple[tuple, dict]:
+            return (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+        def get_target(self, b: Any) -> Any:
+            return b
+
+    def cos_loss(out: Any, b: Any, _: Any) -> torch.Tensor:
+        mask = b["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return 1.0 - (torch.nn.functional.normalize(pooled, dim=-1) * b["target"]).sum(-1).mean()
+
+    seq = task.calib[0]["input_ids"].shape[1]
+    info = [{"sample_size": [1, seq], "type": "long", "keyword": k} for k in ("input_ids", "attention_mask")]
+    n = sum(len(b["input_ids"]) for b in task.calib)
+    # NNCF needs a criterion to run HAWQ; criterion_fn computes the loss and ignores it
+    crit = {"criterion": torch.nn.MSELoss(), "criterion_fn": cos_loss}
+    return Sentences(task.calib), n, info, crit, ["{re}.*embeddings.*"]
+
+
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     os.environ["NNCF_TORCH_LEGACY_TRACING"] = "1"
     # the first run compiles NNCF's C++ quantization kernels (1-2 min on two busy cores; kept in
@@ -78,30 +108,34 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; valid: bits, iter_number, num_data_points, "
                          "bn_adaptation, per_channel")  # fmt: skip
-    if task.name == "minilm":
-        raise ValueError("the NNCF 2.19 HAWQ driver runs image tasks only (peers.md §3b: MiniLM breaks)")
     bits = sorted(int(b) for b in s.get("bits", [2, 4, 8]))
     per_channel = bool(s.get("per_channel", True))
     model = copy.deepcopy(task.model).eval()
     names = _common.quant_layers(model)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     n_w = sum(sizes.values())
-    xs = torch.cat([b[0] for b in task.calib])
-    ys = torch.cat([b[1] for b in task.calib])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=64)
+    if task.name == "minilm":  # keyword inputs; HAWQ's loss: 1 - cos of the pooled embedding to fp32's
+        loader, n_init, info, crit, ignored = _sentences(task)
+    else:
+        xs = torch.cat([b[0] for b in task.calib])
+        ys = torch.cat([b[1] for b in task.calib])
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=64)
+        n_init, info = len(xs), {"sample_size": [1, *xs.shape[1:]]}
+        crit, ignored = {"criterion": torch.nn.CrossEntropyLoss()}, []
     init: dict[str, Any] = {
-        "range": {"num_init_samples": len(xs), "type": "min_max"},
+        "range": {"num_init_samples": n_init, "type": "min_max"},
         "precision": {"type": "hawq", "bits": bits, "compression_ratio": 1.0,
                       "iter_number": int(s.get("iter_number", 200)),
                       "num_data_points": int(s.get("num_data_points", 100))},  # fmt: skip
-        "batchnorm_adaptation": {"num_bn_adaptation_samples": len(xs) if s.get("bn_adaptation") else 0},
+        "batchnorm_adaptation": {"num_bn_adaptation_samples": n_init if s.get("bn_adaptation") else 0},
     }
     cfg = NNCFConfig.from_dict({
-        "input_info": {"sample_size": [1, *xs.shape[1:]]}, "target_device": "TRIAL",
+        "input_info": info, "target_device": "TRIAL",
         "compression": {"algorithm": "quantization", "initializer": init,
-                        "weights": {"per_channel": per_channel}},
+                        "weights": {"per_channel": per_channel},
+                        **({"ignored_scopes": ignored} if ignored else {})},
     })  # fmt: skip
-    cfg = register_default_init_args(cfg, loader, criterion=torch.nn.CrossEntropyLoss())
+    cfg = register_default_init_args(cfg, loader, **crit)
 
     seen: dict[str, Any] = {}
     orig_ratios = HAWQPrecisionInitializer.get_compression_ratio_per_qconfig_sequence
