@@ -78,6 +78,31 @@ def pick(points: list[dict[str, Any]], budget: float) -> dict[str, Any]:
     return max(fit, key=lambda p: (p["score"], p["avg_bits"], -p["index"]))
 
 
+class _Hidden(torch.nn.Module):
+    """MiniLM as AIMET takes it: tensors in, the last hidden state out (QuantizationSimModel
+    rejects a model that returns a transformers ModelOutput)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+class _AsTransformer(torch.nn.Module):
+    """The quantized ``_Hidden`` called as the task calls a transformers model."""
+
+    def __init__(self, hidden: torch.nn.Module) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.hidden(input_ids, attention_mask))
+
+
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     import aimet_torch
     from aimet_torch.common.amp.utils import AMPSearchAlgo
@@ -94,25 +119,33 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown score {score_kind!r}; valid: metric, loss")
     wbits = [int(b) for b in s.get("weight_bits", [8, 4, 2])]
     scheme = getattr(QuantScheme, s.get("quant_scheme", "post_training_tf"))
-    model = copy.deepcopy(task.model).eval()
+    text = task.name == "minilm"
+    model = _Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
+    prefix = "model." if text else ""
     names = _common.quant_layers(model)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     calib = list(task.calib)
     p1 = calib[: int(s.get("phase1_batches", len(calib)))]
-    dummy = calib[0][0][:1] if isinstance(calib[0], (tuple, list)) else calib[0]
+    if text:
+        dummy: Any = (calib[0]["input_ids"][:1], calib[0]["attention_mask"][:1])
+    else:
+        dummy = calib[0][0][:1] if isinstance(calib[0], (tuple, list)) else calib[0]
+
+    def as_task_model(m: torch.nn.Module) -> torch.nn.Module:
+        return _AsTransformer(m) if text else m
 
     def fwd(m: torch.nn.Module, _: Any) -> None:
         with torch.no_grad():
             for b in calib:
-                task.forward(m, b)
+                task.forward(as_task_model(m), b)
 
     def scorer(batches: list[Any]) -> Any:
         def score(m: torch.nn.Module, _: Any) -> float:
             m.eval()
             with torch.no_grad():
                 if score_kind == "metric":
-                    return float(task.metric(m, batches))
-                return -sum(float(task.loss(m, b)) for b in batches) / len(batches)
+                    return float(task.metric(as_task_model(m), batches))
+                return -sum(float(task.loss(as_task_model(m), b)) for b in batches) / len(batches)
 
         return score
 
@@ -144,9 +177,9 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         per_channel = q.get_scale() is not None and q.get_scale().numel() > 1
         gran = "channel" if per_channel else "tensor"
         # the grid's step as a fraction of the largest weight (AIMET symmetric: max|w| / 2^(b-1))
-        w = task.model.get_submodule(layer).weight.detach().flatten(1)
+        w = model.get_submodule(layer).weight.detach().flatten(1)
         div = float((w.abs().amax(1) / q.get_scale().detach().flatten()).median())
-        layers[layer] = {
+        layers[layer.removeprefix(prefix)] = {
             # AIMET quantizes the model input and op outputs (8-bit, asymmetric per tensor): a layer's
             # input is the quantized output of the op before it, mixq's 8-bit input quantizer.
             "weight": _common.weight_desc(int(q.bitwidth), gran, symmetric=bool(q.symmetric)),
@@ -155,7 +188,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
             f" (step max|w|/{div:.3g}) A8",
         }
     return {
-        "model": sim.model,
+        "model": as_task_model(sim.model),
         "layers": layers,
         "search_seconds": seconds,
         "tool_bits": chosen["avg_bits"],
