@@ -350,7 +350,8 @@ def evaluate(task: Any, plan: Any) -> dict[str, Any]:
 
 
 def mixq_search(
-    task: Any, candidates: list[str], size_bytes: float, ptq: list[str] | None = None
+    task: Any, candidates: list[str], size_bytes: float, ptq: list[str] | None = None,
+    ptq_args: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """mixq's sensitivity-ilp with the peer's candidates, under the peer's mixq-counted size.
 
@@ -363,12 +364,13 @@ def mixq_search(
     args = {"batches": 1} if task.name == "minilm" else {}
     name = ",".join(candidates) + (f"+ptq={','.join(ptq)}" if ptq else "")
     out = ROOT / "runs" / "peers" / task.name / re.sub(r"[^A-Za-z0-9_.+=-]+", "_", name)
-    res = mixq.run(task, method="sensitivity-ilp", candidates=candidates, ptq=ptq,
+    res = mixq.run(task, method="sensitivity-ilp", candidates=candidates, ptq=ptq, ptq_args=ptq_args,
                    budget={"size_bytes": size_bytes * (1 + 1e-9)}, method_args=args, out=out)  # fmt: skip
     m = res.metrics
     return {"metric": m["metric"], "avg_weight_bits": m["avg_weight_bits"], "size_bytes": m["size_bytes"],
             "seconds": m["seconds"], "plan": res.plan.summary(), "candidates": candidates,
-            "method_args": args, "ptq": ptq or [], "run_dir": str(out.relative_to(ROOT))}  # fmt: skip
+            "method_args": args, "ptq": ptq or [], **({"ptq_args": ptq_args} if ptq_args else {}),
+            "run_dir": str(out.relative_to(ROOT))}  # fmt: skip
 
 
 def process(job: Job, res: dict[str, Any], val: int, search: bool) -> dict[str, Any]:
@@ -410,18 +412,31 @@ def own_grid(row: dict[str, Any], task: Any) -> None:
 
 # The tools calibrate beyond range setting: MCT corrects every layer's bias by default
 # (weights_bias_correction), AIMET's and NNCF's pipelines offer it too. mixq's counterpart.
+# ``--ptq-steps cle,bias_correction,adaround`` runs mixq's whole PTQ pipeline instead (AdaRound with
+# ADAROUND_ITERS steps per layer, the setting of bench/ptq.py's grid).
 PTQ_STEPS = ["bias_correction"]
+ADAROUND_ITERS = 500
 
 
-def own_grid_ptq(row: dict[str, Any], task: Any) -> None:
-    """``own_grid`` plus mixq's bias correction on the plan found (as MCT's default pipeline does)."""
+def ptq_args_for(steps: list[str], adaround_iters: int = ADAROUND_ITERS) -> dict[str, dict[str, Any]]:
+    return {"adaround": {"iters": adaround_iters}} if "adaround" in steps else {}
+
+
+def own_grid_ptq(row: dict[str, Any], task: Any, steps: list[str] | None = None,
+                 adaround_iters: int = ADAROUND_ITERS) -> None:  # fmt: skip
+    """``own_grid`` plus mixq's PTQ ``steps`` on the plan found (default: bias correction, as MCT's
+    default pipeline does). An earlier result with other steps is kept in ``..._ptq_earlier``."""
     from mixq.cost import InfeasibleBudgetError
 
+    steps = list(steps or PTQ_STEPS)
     cands = sorted({c for c in row["plan_mixq"].values() if c != "float"})
+    if "mixq_search_mixq_ptq" in row:
+        row.setdefault("mixq_search_mixq_ptq_earlier", []).append(row.pop("mixq_search_mixq_ptq"))
+    args = ptq_args_for(steps, adaround_iters)
     try:
-        row["mixq_search_mixq_ptq"] = mixq_search(task, cands, row["mixq_same"]["size_bytes"], PTQ_STEPS)
+        row["mixq_search_mixq_ptq"] = mixq_search(task, cands, row["mixq_same"]["size_bytes"], steps, args)
     except InfeasibleBudgetError as e:
-        row["mixq_search_mixq_ptq"] = {"infeasible": str(e), "candidates": cands, "ptq": PTQ_STEPS}
+        row["mixq_search_mixq_ptq"] = {"infeasible": str(e), "candidates": cands, "ptq": steps}
 
 
 # -- mixq's own results ---------------------------------------------------------------------------
@@ -699,24 +714,35 @@ def claim_job(job: Job) -> Any:
     return f
 
 
-def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], ptq: bool = False) -> int:
+def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], ptq: bool = False,
+             ptq_steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS) -> int:  # fmt: skip
     """Add mixq's own-grid search to finished rows that lack it (the tools do not run again).
 
-    With ``ptq``: add the own-grid search with bias correction to the rows mixq loses without it.
+    With ``ptq``: add the own-grid search with ``ptq_steps`` (default: bias correction) to the rows
+    mixq loses without them; a row that has that result with these very steps is left alone.
     """
+    steps = list(ptq_steps or PTQ_STEPS)
     session = {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(),
                "jobs": ["backfill-ptq" if ptq else "backfill"]}  # fmt: skip
     points = mixq_points() if ptq else []
     for key, r in rows.items():
         field = "mixq_search_mixq_ptq" if ptq else "mixq_search_mixq"
-        if not r.get("ok") or field in r or r["tool"] not in tools:
+        if not r.get("ok") or r["tool"] not in tools:
+            continue
+        if field in r and (not ptq or r[field].get("ptq") == steps):
             continue
         if tasks and r["task"] not in tasks:
             continue
-        if ptq and not verdict(r, best_mixq(points, r)).startswith("mixq loses"):
+        if ptq and not verdict({k: v for k, v in r.items() if k != field}, best_mixq(points, r)).startswith(
+            "mixq loses"
+        ):  # judged without any earlier PTQ result
             continue
         val = r.get("val_items") if r["task"] != "mnist-cnn" else 0
-        (own_grid_ptq if ptq else own_grid)(r, get_task(r["task"], val or 0))
+        task = get_task(r["task"], val or 0)
+        if ptq:
+            own_grid_ptq(r, task, steps, adaround_iters)
+        else:
+            own_grid(r, task)
         log.info("%s: %s %s", key, field, r[field])
         r["backfill_session"] = session["id"]
         save({key: r}, session)
@@ -739,7 +765,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backfill", action="store_true",
                    help="add the missing 'mixq search, own grid' to finished rows (no tool runs)")
     p.add_argument("--backfill-ptq", action="store_true",
-                   help="add 'mixq search, own grid' + bias correction to the rows mixq loses (no tool runs)")
+                   help="add 'mixq search, own grid' + PTQ steps to the rows mixq loses (no tool runs)")
+    p.add_argument("--ptq-steps", default=",".join(PTQ_STEPS),
+                   help="mixq PTQ steps of --backfill-ptq (comma list of cle, bias_correction, adaround)")
+    p.add_argument("--adaround-iters", type=int, default=ADAROUND_ITERS, help="AdaRound steps per layer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -753,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown tools {bad}; valid: {', '.join(PEERS)}")
     if args.backfill or args.backfill_ptq:
-        return backfill(rows, tools, [t for t in args.tasks.split(",") if t], ptq=args.backfill_ptq)
+        return backfill(rows, tools, [t for t in args.tasks.split(",") if t], ptq=args.backfill_ptq,
+                        ptq_steps=[x for x in args.ptq_steps.split(",") if x],
+                        adaround_iters=args.adaround_iters)  # fmt: skip
     settings = json.loads(args.settings)
     jobs = [j for j in JOBS if j.tool in tools]
     if args.tasks:

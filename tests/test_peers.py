@@ -360,3 +360,48 @@ def test_render_shows_how_a_budgetless_tool_was_picked(peers, tmp_path, monkeypa
     assert "Note: aimet picks its point by the rule: best score within B." in md
     assert "Note: a grid note." in md
     assert "| aimet 2.42.0 | 3 | 2.47 | 99.00 |" in md
+
+
+def test_own_grid_ptq_runs_the_given_steps_and_keeps_the_earlier_result(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
+              "4": {"weight": W(8), "act": None}}  # fmt: skip
+    same = peers.evaluate(task, peers.to_plan(layers, "same"))
+    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
+    peers.own_grid_ptq(row, task)
+    first = row["mixq_search_mixq_ptq"]
+    assert first["ptq"] == ["bias_correction"] and "ptq_args" not in first
+    peers.own_grid_ptq(row, task, ["bias_correction", "adaround"], adaround_iters=3)
+    got = row["mixq_search_mixq_ptq"]
+    assert got["ptq"] == ["bias_correction", "adaround"] and got["ptq_args"] == {"adaround": {"iters": 3}}
+    assert got["size_bytes"] <= same["size_bytes"] * (1 + 1e-9)
+    assert row["mixq_search_mixq_ptq_earlier"] == [first]
+    run = json.loads((tmp_path / got["run_dir"] / "metrics.json").read_text())
+    assert [p["step"] for p in run["ptq"]] == ["bias_correction", "adaround"]
+
+
+def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    monkeypatch.setattr(peers, "VENVS", tmp_path / "venvs")
+    monkeypatch.setattr(peers, "get_task", lambda name, val: None)
+    monkeypatch.setattr(peers, "render", lambda rows: "")
+    monkeypatch.setattr(peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))
+    calls = []
+
+    def fake(row, task, steps, iters):
+        calls.append((row["budget"], steps, iters))
+        row["mixq_search_mixq_ptq"] = {"metric": 90.0, "ptq": steps}
+
+    monkeypatch.setattr(peers, "own_grid_ptq", fake)
+    base = {"ok": True, "tool": "mct", "task": "mnist-cnn", "tool_metric": 99.0, "plan_same": {"a": "w4"},
+            "mixq_same": {"metric": 90.0, "size_bytes": 1e5}, "mixq_search": {"metric": 90.0}}  # fmt: skip
+    earlier = {"metric": 95.0, "ptq": ["bias_correction"]}  # other steps: judged without it, redone
+    same = {"metric": 95.0, "ptq": ["adaround"]}  # these very steps: left alone
+    rows = {"mct|mnist-cnn|3": {**base, "budget": 3, "mixq_search_mixq_ptq": earlier},
+            "mct|mnist-cnn|4": {**base, "budget": 4, "mixq_search_mixq_ptq": same},
+            "mct|mnist-cnn|5": {**base, "budget": 5, "tool_metric": 80.0}}  # fmt: skip  (mixq wins: no run)
+    peers.backfill(rows, ["mct"], [], ptq=True, ptq_steps=["adaround"], adaround_iters=7)
+    assert calls == [(3, ["adaround"], 7)]
+    saved = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    assert saved["mct|mnist-cnn|3"]["mixq_search_mixq_ptq"]["ptq"] == ["adaround"]
