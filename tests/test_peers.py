@@ -121,6 +121,9 @@ def test_evaluate_matches_an_independent_fake_quantization(peers):
     two_bit = {n: {"weight": W(2, "tensor"), "act": None} for n in ("0", "2")}
     bad = peers.evaluate(task, peers.to_plan(two_bit))
     assert bad["metric"] < task.fp_metric()
+    # a tool that keeps every layer float: an empty plan, charged as fp32
+    empty = peers.evaluate(task, peers.to_plan({}))
+    assert empty["metric"] == task.fp_metric() and empty["avg_weight_bits"] == 32.0
 
 
 def test_best_mixq_takes_the_best_row_at_or_below_the_size(peers):
@@ -386,7 +389,7 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monk
     monkeypatch.setattr(peers, "VENVS", tmp_path / "venvs")
     monkeypatch.setattr(peers, "get_task", lambda name, val: None)
     monkeypatch.setattr(peers, "render", lambda rows: "")
-    monkeypatch.setattr(peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))
+    monkeypatch.setattr(peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))  # noqa: E501
     calls = []
 
     def fake(row, task, steps, iters):
