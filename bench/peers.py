@@ -343,9 +343,10 @@ def evaluate(task: Any, plan: Any) -> dict[str, Any]:
 
 def mixq_search(
     task: Any, candidates: list[str], size_bytes: float, ptq: list[str] | None = None,
-    ptq_args: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """mixq's sensitivity-ilp with the peer's candidates, under the peer's mixq-counted size.
+    ptq_args: dict[str, dict[str, Any]] | None = None, method: str = "sensitivity-ilp",
+    method_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """mixq's ``method`` (default sensitivity-ilp) with ``candidates``, under the peer's mixq-counted size.
 
     The run directory (``runs/peers/<task>/<candidates>``, git-ignored) keeps the result store, so
     the measured sensitivity is computed once per task and candidate set, not once per budget.
@@ -353,15 +354,19 @@ def mixq_search(
     """
     import mixq
 
-    args = {"batches": 1} if task.name == "minilm" else {}
-    name = ",".join(candidates) + (f"+ptq={','.join(ptq)}" if ptq else "")
+    if method_args is None:
+        method_args = {"batches": 1} if task.name == "minilm" else {}
+    name = (f"{method}:" if method != "sensitivity-ilp" else "") + ",".join(candidates)
+    name += f"+ptq={','.join(ptq)}" if ptq else ""
     out = ROOT / "runs" / "peers" / task.name / re.sub(r"[^A-Za-z0-9_.+=-]+", "_", name)
-    res = mixq.run(task, method="sensitivity-ilp", candidates=candidates, ptq=ptq, ptq_args=ptq_args,
-                   budget={"size_bytes": size_bytes * (1 + 1e-9)}, method_args=args, out=out)  # fmt: skip
+    budget = {"size_bytes": size_bytes * (1 + 1e-9)}
+    res = mixq.run(task, method=method, candidates=candidates, ptq=ptq, ptq_args=ptq_args, budget=budget,
+                   method_args=method_args, out=out)  # fmt: skip
     m = res.metrics
     return {"metric": m["metric"], "avg_weight_bits": m["avg_weight_bits"], "size_bytes": m["size_bytes"],
             "seconds": m["seconds"], "plan": res.plan.summary(), "candidates": candidates,
-            "method_args": args, "ptq": ptq or [], **({"ptq_args": ptq_args} if ptq_args else {}),
+            "method": method, "method_args": method_args, "ptq": ptq or [],
+            **({"ptq_args": ptq_args} if ptq_args else {}),
             "run_dir": str(out.relative_to(ROOT))}  # fmt: skip
 
 
@@ -538,10 +543,16 @@ def verdict(r: dict[str, Any], best: dict[str, Any] | None) -> str:
     own = (r.get("mixq_search_mixq") or {}).get("metric")
     ptq = (r.get("mixq_search_mixq_ptq") or {}).get("metric")
     ours = [x for x in (best["metric"] if best else None, srch, own) if x is not None]
-    if tool is None or not (ours or ptq is not None):
+    meth = {k: v["metric"] for k, v in (r.get("mixq_methods") or {}).items() if "metric" in v}
+    if tool is None or not (ours or ptq is not None or meth):
         return "no mixq result at this size"
     if ours and max(ours) >= tool - tol:
         return "mixq ≥ tool" if max(ours) > tool + tol else "tie"
+    if meth and max(meth.values()) >= tool - tol:  # mixq's own methods and candidates at this size
+        k = max(meth, key=lambda k: meth[k])
+        m = r["mixq_methods"][k]
+        return (("mixq ≥ tool" if meth[k] > tool + tol else "tie")
+                + f" with mixq {k}: {_m(meth[k], r['task'])} at {m['avg_weight_bits']:.2f} b")  # fmt: skip
     if ptq is not None and ptq >= tool - tol:  # only with the calibration step the tool also runs
         p = r["mixq_search_mixq_ptq"]
         return (("mixq ≥ tool" if ptq > tool + tol else "tie")
@@ -554,7 +565,9 @@ def verdict(r: dict[str, Any], best: dict[str, Any] | None) -> str:
         why.append(f"search (+{same - srch:.4g} for the tool's plan over mixq's search, same candidates)")
     if ptq is not None:
         why.append(f"mixq's search with {'+'.join(r['mixq_search_mixq_ptq']['ptq'])}: {_m(ptq, r['task'])}")
-    gap = tool - max([*ours, *([ptq] if ptq is not None else [])])
+    if meth:
+        why.append("mixq's methods: " + ", ".join(f"{k} {_m(v, r['task'])}" for k, v in meth.items()))
+    gap = tool - max([*ours, *([ptq] if ptq is not None else []), *meth.values()])
     n = r.get("val_items") or default_val(r["task"])
     if r["task"] != "minilm" and n:  # top-1 in %: the sampling error of one model's accuracy on n items
         se = 100 * math.sqrt(tool / 100 * (1 - tool / 100) / n)
@@ -606,6 +619,9 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         "search (mixq same grid vs mixq search). Where mixq loses, its own-grid search is run again "
         "with its bias correction on the plan (`--backfill-ptq`; the tools' pipelines correct biases "
         "too, MCT by default), and the verdict says whether that closes the gap.",
+        "- **mixq methods, own candidates**: where mixq loses, mixq's own methods with the candidates "
+        "and settings of its sweep (bench/run_all.py), at the peer's mixq-counted size on the same "
+        "validation items, optionally followed by PTQ steps (`--backfill-methods`).",
         "",
     ]
     order = ["mnist-cnn", "minilm", "fashion-resnet20", "fashion-mobilenetv2"]
@@ -614,16 +630,22 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         trs = [r for r in rows.values() if r["task"] == task]
         fp = next((r.get("fp_metric") for r in trs if r.get("fp_metric") is not None), None)
         mname = next((r.get("metric_name") for r in trs if r.get("metric_name")), "metric")
-        val = next((r.get("val_items") for r in trs if r.get("val_items")), None)
-        out += [f"## {task}", "", f"{mname}; fp32 {_m(fp, task)}; {val or '?'} validation items.", "",
+        vals = [r.get("val_items") for r in trs if r.get("val_items")]
+        val = max(set(vals), key=vals.count) if vals else None  # the most rows' (others: marked)
+        fp = next((r.get("fp_metric") for r in trs if r.get("fp_metric") is not None
+                   and r.get("val_items") == val), fp)  # fmt: skip
+        out += [f"## {task}", "", f"{mname}; fp32 {_m(fp, task)}; {val or '?'} validation items"
+                + (" (rows marked [n] on n items)." if len(set(vals)) > 1 else "."), "",
                 "| tool | target B | tool bits | tool metric | search s | mixq bits | mixq size (B) | "
                 "mixq same grid | mixq grid (bits) | mixq search | mixq search, own grid | "
-                "mixq best ≤ size | verdict |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                "mixq best ≤ size | mixq methods, own candidates | verdict |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in sorted(trs, key=lambda r: (r["tool"], r["budget"])):
+            mark = f" [{r['val_items']}; fp32 {_m(r.get('fp_metric'), task)}]" if r.get("val_items") not in (
+                None, val) else ""  # fmt: skip
             if not r.get("ok"):
-                out.append(f"| {_tool(r)} | {r['budget']:g} | failed: "
-                           f"{str(r.get('error', ''))[:120]} |||||||||||")  # fmt: skip
+                out.append(f"| {_tool(r)}{mark} | {r['budget']:g} | failed: "
+                           f"{str(r.get('error', ''))[:120]} ||||||||||||")  # fmt: skip
                 continue
             same, mg = r["mixq_same"], r["mixq_mixq"]
             srch = r.get("mixq_search")
@@ -635,13 +657,16 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
             best = best_mixq(points, r)
             b_txt = (f"{_m(best['metric'], task)} ({best['method']}, {best['avg_weight_bits']:.2f} b, "
                      f"{best['source']})" if best else "no mixq result at ≤ this size")  # fmt: skip
+            meth = {k: v for k, v in (r.get("mixq_methods") or {}).items() if "metric" in v}
+            m_txt = "; ".join(f"{k} {_m(v['metric'], task)} ({v['avg_weight_bits']:.2f} b)"
+                              for k, v in meth.items()) or "–"  # fmt: skip
             out.append(
-                f"| {_tool(r)} | {r['budget']:g} | "
+                f"| {_tool(r)}{mark} | {r['budget']:g} | "
                 f"{r.get('tool_bits', 0):.2f} | "
                 f"{_m(r.get('tool_metric'), task)} | {r.get('search_seconds', 0):.1f} | "
                 f"{same['avg_weight_bits']:.3f} | {same['size_bytes']:.0f} | {_m(same['metric'], task)} | "
                 f"{_m(mg['metric'], task)} ({mg['avg_weight_bits']:.2f}) | {s_txt} | {o_txt} | "
-                f"{b_txt} | "
+                f"{b_txt} | {m_txt} | "
                 f"{verdict(r, best)} |"
             )
         out += ["", "Per-layer choices (mixq candidates, grid=same):", ""]
@@ -706,13 +731,45 @@ def claim_job(job: Job) -> Any:
     return f
 
 
+def methods_label(method: str, steps: list[str]) -> str:
+    return method + "".join(f"+{x}" for x in steps)
+
+
+def own_methods(
+    row: dict[str, Any], task: Any, methods: list[str], steps: list[str] | None = None,
+    adaround_iters: int = ADAROUND_ITERS, candidates: list[str] | None = None,
+) -> None:  # fmt: skip
+    """mixq's own methods at the peer's mixq-counted size, on the row's validation items: each of
+    ``methods`` with the candidates and settings of mixq's sweep (bench/run_all.py) for the task
+    (or ``candidates``), then the PTQ ``steps``. Results go to ``row["mixq_methods"][label]``."""
+    from mixq.cost import InfeasibleBudgetError
+    from run_all import METHOD_ARGS, candidates_of
+
+    steps = list(steps or [])
+    args = ptq_args_for(steps, adaround_iters)
+    for method in methods:
+        cands = list(candidates) if candidates else candidates_of(row["task"], method)
+        margs = METHOD_ARGS.get((method, row["task"]), {})
+        size = row["mixq_same"]["size_bytes"]
+        try:
+            got = mixq_search(task, cands, size, steps or None, args or None, method, margs)
+        except InfeasibleBudgetError as e:
+            got = {"infeasible": str(e), "candidates": cands, "method": method, "ptq": steps}
+        row.setdefault("mixq_methods", {})[methods_label(method, steps)] = got
+
+
 def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], ptq: bool = False,
-             ptq_steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS) -> int:  # fmt: skip
+             ptq_steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS,
+             methods: list[str] | None = None) -> int:  # fmt: skip
     """Add mixq's own-grid search to finished rows that lack it (the tools do not run again).
 
     With ``ptq``: add the own-grid search with ``ptq_steps`` (default: bias correction) to the rows
     mixq loses without them; a row that has that result with these very steps is left alone.
+    With ``methods``: add those mixq methods (``own_methods``, then ``ptq_steps`` if given) to the
+    rows mixq loses without them.
     """
+    if methods:
+        return backfill_methods(rows, tools, tasks, methods, list(ptq_steps or []), adaround_iters)
     steps = list(ptq_steps or PTQ_STEPS)
     session = {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(),
                "jobs": ["backfill-ptq" if ptq else "backfill"]}  # fmt: skip
@@ -741,6 +798,29 @@ def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str]
     return 0
 
 
+def backfill_methods(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], methods: list[str],
+                     steps: list[str], adaround_iters: int) -> int:  # fmt: skip
+    session = {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(),
+               "jobs": ["backfill-methods"]}  # fmt: skip
+    points = mixq_points()
+    for key, r in rows.items():
+        if not r.get("ok") or r["tool"] not in tools or (tasks and r["task"] not in tasks):
+            continue
+        todo = [m for m in methods if methods_label(m, steps) not in r.get("mixq_methods", {})]
+        if not todo:
+            continue
+        if not verdict({k: v for k, v in r.items() if k != "mixq_methods"}, best_mixq(points, r)).startswith(
+            "mixq loses"
+        ):  # judged without any earlier method result
+            continue
+        val = r.get("val_items") if r["task"] != "mnist-cnn" else 0
+        own_methods(r, get_task(r["task"], val or 0), todo, steps, adaround_iters)
+        log.info("%s: mixq_methods %s", key, {k: v.get("metric") for k, v in r["mixq_methods"].items()})
+        r["backfill_session"] = session["id"]
+        save({key: r}, session)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tools", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
@@ -758,8 +838,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the missing 'mixq search, own grid' to finished rows (no tool runs)")
     p.add_argument("--backfill-ptq", action="store_true",
                    help="add 'mixq search, own grid' + PTQ steps to the rows mixq loses (no tool runs)")
-    p.add_argument("--ptq-steps", default=",".join(PTQ_STEPS),
-                   help="mixq PTQ steps of --backfill-ptq (comma list of cle, bias_correction, adaround)")
+    p.add_argument("--backfill-methods", default="",
+                   help="comma list of mixq methods (e.g. sensitivity-ilp,hawq) run with mixq's sweep "
+                        "candidates at the peer's size, on the rows mixq loses (no tool runs)")
+    p.add_argument("--ptq-steps", default="",
+                   help="mixq PTQ steps (comma list of cle, bias_correction, adaround) of --backfill-ptq "
+                        f"(default: {','.join(PTQ_STEPS)}) and --backfill-methods (default: none)")
     p.add_argument("--adaround-iters", type=int, default=ADAROUND_ITERS, help="AdaRound steps per layer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -773,10 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in tools if t not in PEERS]
     if bad:
         raise SystemExit(f"unknown tools {bad}; valid: {', '.join(PEERS)}")
-    if args.backfill or args.backfill_ptq:
+    if args.backfill or args.backfill_ptq or args.backfill_methods:
         return backfill(rows, tools, [t for t in args.tasks.split(",") if t], ptq=args.backfill_ptq,
                         ptq_steps=[x for x in args.ptq_steps.split(",") if x],
-                        adaround_iters=args.adaround_iters)  # fmt: skip
+                        adaround_iters=args.adaround_iters,
+                        methods=[x for x in args.backfill_methods.split(",") if x])  # fmt: skip
     settings = json.loads(args.settings)
     jobs = [j for j in JOBS if j.tool in tools]
     if args.tasks:

@@ -408,3 +408,27 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monk
     assert calls == [(3, ["adaround"], 7)]
     saved = json.loads((tmp_path / "peers.json").read_text())["rows"]
     assert saved["mct|mnist-cnn|3"]["mixq_search_mixq_ptq"]["ptq"] == ["adaround"]
+
+
+def test_own_methods_run_mixqs_methods_at_the_peers_size(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
+              "4": {"weight": W(8), "act": None}}  # fmt: skip
+    same = peers.evaluate(task, peers.to_plan(layers, "same"))
+    row = {"task": "synthetic", "tool_metric": 101.0, "mixq_same": same}  # no sampling-error text
+    cands = ["w2+asym+omse", "w4+asym+omse", "w8+asym+omse"]
+    peers.own_methods(row, task, ["sensitivity-ilp", "hawq"], candidates=cands)
+    peers.own_methods(row, task, ["sensitivity-ilp"], ["bias_correction"], candidates=cands)
+    got = row["mixq_methods"]
+    assert list(got) == ["sensitivity-ilp", "hawq", "sensitivity-ilp+bias_correction"]
+    for label, r in got.items():
+        assert r["size_bytes"] <= same["size_bytes"] * (1 + 1e-9) and r["candidates"] == cands
+        assert r["method"] == label.split("+")[0]
+        assert json.loads((tmp_path / r["run_dir"] / "metrics.json").read_text())["method"] == r["method"]
+    assert got["sensitivity-ilp+bias_correction"]["ptq"] == ["bias_correction"]
+    # the verdict counts them: the tool's 101 is out of reach, 99 is within them
+    assert "mixq's methods: sensitivity-ilp" in peers.verdict(row, None)
+    best = max(r["metric"] for r in got.values())
+    row["tool_metric"] = best - 1.0
+    assert peers.verdict(row, None).startswith("mixq ≥ tool with mixq ")
