@@ -146,3 +146,28 @@ def env_threads() -> None:
     """Keep every tool on the thread count the benchmark sets (OMP_NUM_THREADS)."""
     n = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(max(1, n))
+
+
+class Hidden(torch.nn.Module):
+    """MiniLM as the tools take it: tensors in, the last hidden state out (AIMET's
+    QuantizationSimModel rejects a model that returns a transformers ModelOutput)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+class AsTransformer(torch.nn.Module):
+    """The quantized ``Hidden`` called as the task calls a transformers model."""
+
+    def __init__(self, hidden: torch.nn.Module) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.hidden(input_ids, attention_mask))

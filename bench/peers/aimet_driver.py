@@ -78,31 +78,6 @@ def pick(points: list[dict[str, Any]], budget: float) -> dict[str, Any]:
     return max(fit, key=lambda p: (p["score"], p["avg_bits"], -p["index"]))
 
 
-class _Hidden(torch.nn.Module):
-    """MiniLM as AIMET takes it: tensors in, the last hidden state out (QuantizationSimModel
-    rejects a model that returns a transformers ModelOutput)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
-
-
-class _AsTransformer(torch.nn.Module):
-    """The quantized ``_Hidden`` called as the task calls a transformers model."""
-
-    def __init__(self, hidden: torch.nn.Module) -> None:
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(last_hidden_state=self.hidden(input_ids, attention_mask))
-
-
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     import aimet_torch
     from aimet_torch.common.amp.utils import AMPSearchAlgo
@@ -120,7 +95,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     wbits = [int(b) for b in s.get("weight_bits", [8, 4, 2])]
     scheme = getattr(QuantScheme, s.get("quant_scheme", "post_training_tf"))
     text = task.name == "minilm"
-    model = _Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
+    model = _common.Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
     prefix = "model." if text else ""
     names = _common.quant_layers(model)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
@@ -132,7 +107,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         dummy = calib[0][0][:1] if isinstance(calib[0], (tuple, list)) else calib[0]
 
     def as_task_model(m: torch.nn.Module) -> torch.nn.Module:
-        return _AsTransformer(m) if text else m
+        return _common.AsTransformer(m) if text else m
 
     def fwd(m: torch.nn.Module, _: Any) -> None:
         with torch.no_grad():

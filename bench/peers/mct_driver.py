@@ -22,12 +22,18 @@ import torch
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     import model_compression_toolkit as mct
 
-    model = copy.deepcopy(task.model).eval()
+    text = task.name == "minilm"  # MiniLM: tensors in, the last hidden state out (as for AIMET)
+    model = _common.Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
+    prefix = "model." if text else ""
     names = _common.quant_layers(model)
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
-    images = torch.cat([b[0] for b in task.calib])
 
     def repr_gen():  # one 64-image batch per call, cycling over the calibration images
+        if text:
+            for b in task.calib:
+                yield [b["input_ids"], b["attention_mask"]]
+            return
+        images = torch.cat([b[0] for b in task.calib])
         for i in range(0, len(images), 64):
             yield [images[i : i + 64]]
 
@@ -60,7 +66,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         if len(match) != 1:
             raise RuntimeError(f"cannot map MCT layer {mod_name!r} to one model layer (got {match})")
         per_channel = bool(getattr(q, "per_channel", True))
-        layers[match[0]] = {
+        layers[match[0].removeprefix(prefix)] = {
             # MCT's default weight thresholds minimise the quantization MSE; its 8-bit activations
             # are per tensor (unsigned after ReLU: asymmetric with a zero offset).
             "weight": _common.weight_desc(bits, "channel" if per_channel else "tensor", clip="mse"),
@@ -69,7 +75,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         }
         total_bits += bits * w.numel()
     return {
-        "model": qmodel,
+        "model": _common.AsTransformer(qmodel) if text else qmodel,
         "layers": layers,
         "search_seconds": seconds,
         "tool_bits": total_bits / n_weights,
