@@ -60,11 +60,19 @@ MACHINE_SHARED = "2 cores shared with other jobs (see the load averages)"
 MINILM_BIG_BATCH = 32  # sentences of the large-batch latency (256 sentences take seconds per run)
 
 
+def set_threads(n: int) -> None:
+    """ONNX Runtime's intra-op threads for every session (inter-op: 1, the graphs are chains)."""
+    global THREADS
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    THREADS = n
+
+
 def session(path: Path, optimize: bool) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with one thread."""
+    """An ONNX Runtime CPU session with ``THREADS`` intra-op threads."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -141,7 +149,7 @@ def kernel_profile(path: Path, batch: dict[str, np.ndarray], runs: int = 5) -> d
     The first (warm-up) run of each node is left out.
     """
     so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = THREADS
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.enable_profiling = True
     so.profile_file_prefix = str(path.with_suffix(""))
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -258,9 +266,11 @@ def bench_task(
             rows[p][f"speedup_vs_fp32_batch{bs}"] = base / rows[p][f"latency_ms_batch{bs}"]
             # each round times fp32 and this plan back to back: the median of the rounds' ratios
             # cancels the machine's slow drifts that the ratio of two medians keeps
-            rows[p][f"paired_speedup_vs_fp32_batch{bs}"] = statistics.median(
-                a / b for a, b in zip(times["fp32"], times[p], strict=True)
-            )
+            ratios = [a / b for a, b in zip(times["fp32"], times[p], strict=True)]
+            rows[p][f"paired_speedup_vs_fp32_batch{bs}"] = statistics.median(ratios)
+            if len(ratios) >= 4:  # the spread of the rounds' ratios: quartiles
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                rows[p][f"paired_speedup_quartiles_batch{bs}"] = [q1, q3]
             rows[p][f"cpu_speedup_vs_fp32_batch{bs}"] = base_cpu / rows[p][f"cpu_ms_batch{bs}"]
         print(
             f"{name:20s} batch {bs}: "
@@ -298,7 +308,9 @@ def main() -> None:
     ap.add_argument("--latency-only", action="store_true", help="export and time the plans, no metrics")
     ap.add_argument("--profile", action="store_true", help="record ONNX Runtime's per-node kernel times")
     ap.add_argument("--merge", help="comma-separated result names to merge into --out (no runs)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="ONNX Runtime intra-op threads")
     args = ap.parse_args()
+    set_threads(args.threads)
     if args.merge:  # tasks run in separate processes: one file, each part with its provenance
         parts = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in args.merge.split(",")}
         merged = {
@@ -343,7 +355,7 @@ def main() -> None:
         {
             "setup": {
                 "ort_intra_op_num_threads": THREADS,
-                "ort_inter_op_num_threads": THREADS,
+                "ort_inter_op_num_threads": 1,
                 "torch_threads": 1,
                 "providers": ["CPUExecutionProvider"],
                 "repeats": args.repeats,
