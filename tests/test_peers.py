@@ -432,3 +432,21 @@ def test_own_methods_run_mixqs_methods_at_the_peers_size(peers, tmp_path, monkey
     best = max(r["metric"] for r in got.values())
     row["tool_metric"] = best - 1.0
     assert peers.verdict(row, None).startswith("mixq ≥ tool with mixq ")
+
+
+def test_aimet_walk_cache_is_shared_by_budgets_and_reset_by_a_new_key(aimet, tmp_path):
+    from types import SimpleNamespace
+
+    task = SimpleNamespace(name="mnist-cnn")
+    model = nn.Linear(3, 2)
+    args = SimpleNamespace(out=str(tmp_path / "aimet_mnist-cnn_2.5.json"), val=0)
+    s = {"phase1_batches": 1, "weight_bits": [8, 4]}
+    d = aimet.walk_cache(args, task, s, model)
+    assert d.name == "aimet_mnist-cnn_val0_phase1_batches=1_weight_bits=84.amp"
+    (d / ".cache").mkdir()
+    (d / ".cache" / "pareto_list.pkl").write_bytes(b"x")
+    args4 = SimpleNamespace(out=str(tmp_path / "aimet_mnist-cnn_4.json"), val=0)  # another budget
+    assert aimet.walk_cache(args4, task, s, model) == d and (d / ".cache" / "pareto_list.pkl").exists()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # other weights: the walk is stale
+    assert aimet.walk_cache(args4, task, s, model) == d and not (d / ".cache").exists()

@@ -24,7 +24,9 @@ phase 1, default all), ``quant_scheme`` (an AIMET ``QuantScheme`` name, default
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -78,6 +80,29 @@ def pick(points: list[dict[str, Any]], budget: float) -> dict[str, Any]:
     return max(fit, key=lambda p: (p["score"], p["avg_bits"], -p["index"]))
 
 
+def walk_cache(args: Any, task: Any, s: dict[str, Any], model: torch.nn.Module) -> Path:
+    """AMP's results directory, shared by every budget of one task, validation set and settings.
+
+    The walk does not depend on the budget, and AMP keeps its phase-1 scores and each scored
+    phase-2 point in ``<dir>/.cache`` (``clean_start=False`` resumes from them): a second budget
+    reuses the walk, and a run stopped by the timeout resumes where it stopped. The directory is
+    emptied when its key (AIMET version, task, validation items, settings, a checksum of the
+    weights) differs from the one it was made with.
+    """
+    with torch.no_grad():
+        checksum = float(sum(p.double().abs().sum() for p in model.parameters()))
+    key = {"aimet": _common.version("aimet-torch"), "task": task.name, "val": args.val,
+           "settings": s, "weights_abs_sum": checksum}  # fmt: skip
+    tag = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(f"{k}={v}" for k, v in sorted(s.items())))
+    results = Path(args.out).parent / f"aimet_{task.name}_val{args.val}{'_' + tag if tag else ''}.amp"
+    stamp = results / "key.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != key:
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        stamp.write_text(json.dumps(key))
+    return results
+
+
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     import aimet_torch
     from aimet_torch.common.amp.utils import AMPSearchAlgo
@@ -125,8 +150,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         return score
 
     cfg = Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
-    results = Path(args.out).with_suffix(".amp")
-    shutil.rmtree(results, ignore_errors=True)
+    results = walk_cache(args, task, s, model)
     t0 = time.perf_counter()
     sim = QuantizationSimModel(model, dummy, quant_scheme=scheme, default_param_bw=max(wbits),
                                default_output_bw=8, config_file=str(cfg))  # fmt: skip
@@ -134,7 +158,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     cands = [((8, QuantizationDataType.int), (b, QuantizationDataType.int)) for b in wbits]
     pareto = choose_mixed_precision(
         sim, dummy, cands, CallbackFunc(scorer(p1)), CallbackFunc(scorer(calib)), None, str(results),
-        clean_start=True, forward_pass_callback=CallbackFunc(fwd), amp_search_algo=AMPSearchAlgo.BruteForce,
+        clean_start=False, forward_pass_callback=CallbackFunc(fwd), amp_search_algo=AMPSearchAlgo.BruteForce,
     )  # fmt: skip
     if not pareto:
         raise RuntimeError("AMP returned no Pareto list (it exits early when one candidate meets the target)")
