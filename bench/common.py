@@ -49,3 +49,29 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2) + "\n")
     return path
+
+
+def _marks(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def section(text: str, name: str) -> str:
+    """The block ``name`` of a Markdown text (between its start and end markers, markers included)."""
+    start, end = _marks(name)
+    i, j = text.find(start), text.find(end)
+    return text[i : j + len(end)] if i >= 0 and j > i else ""
+
+
+def set_section(path: Path, name: str, body: str) -> Path:
+    """Put ``body`` in the block ``name`` of the Markdown file ``path`` (replaced, or appended).
+
+    Two scripts write bench/results/summary.md: run_all.py the whole file, peers.py its
+    ``peers`` block; each keeps the other's part.
+    """
+    start, end = _marks(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    old = section(text, name)
+    text = text.replace(old, block) if old else text.rstrip("\n") + ("\n\n" if text else "") + block
+    path.write_text(text + ("" if text.endswith("\n") else "\n"))
+    return path

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, provenance, write  # noqa: E402
+from common import RESULTS, provenance, set_section, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVERS = Path(__file__).resolve().parent / "peers"
@@ -595,6 +595,51 @@ def _pick(r: dict[str, Any]) -> str:
     return f" (pick: {', '.join(vals)})" if vals else ""
 
 
+def _cell(text: Any, n: int) -> str:
+    """``text`` on one line of a Markdown table cell, at most ``n`` characters."""
+    return " ".join(str(text).split()).replace("|", "/")[:n]
+
+
+def best_of_mixq(r: dict[str, Any], best: dict[str, Any] | None) -> tuple[float, str] | None:
+    """mixq's best metric at the peer's mixq-counted size, and where it comes from."""
+    got = []
+    if best:
+        got.append((best["metric"], f"{best['method']} ({best['source']})"))
+    labels = {"mixq_search": "search, the peer's candidates", "mixq_search_mixq": "search, own grid",
+              "mixq_search_mixq_ptq": "search, own grid + PTQ"}  # fmt: skip
+    for key, label in labels.items():
+        if "metric" in (r.get(key) or {}):
+            got.append((r[key]["metric"], label))
+    got += [(v["metric"], k) for k, v in (r.get("mixq_methods") or {}).items() if "metric" in v]
+    return max(got, key=lambda x: x[0]) if got else None
+
+
+def summary(rows: dict[str, dict[str, Any]]) -> str:
+    """The peers block of bench/results/summary.md: one line per tool, task and target."""
+    points = mixq_points()
+    out = ["## Peer tools beside mixq (`make bench-peers`)", "",
+           "Written by `bench/peers.py` from `peers.json` (details, per-layer plans and the columns' "
+           "meaning: `peers.md`). Sizes are counted by mixq's cost model for every tool (scales and "
+           "zero points included); mixq's best is its best post-training result at or below the "
+           "tool's mixq-counted size on the same validation items.", "",
+           "| task | tool | target B | val items | tool metric | mixq-counted bits | mixq best ≤ size "
+           "| verdict |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = ["mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm"]
+    for r in sorted(rows.values(), key=lambda r: (order.index(r["task"]) if r["task"] in order else 9,
+                                                  r["tool"], r["budget"], _tool(r))):  # fmt: skip
+        head = f"| {r['task']} | {_tool(r)} | {r['budget']:g} | {r.get('val_items') or '–'} |"
+        if not r.get("ok"):
+            out.append(f"{head} failed: {_cell(r.get('error', ''), 100)} ||||")
+            continue
+        best = best_mixq(points, r)
+        ours = best_of_mixq(r, best)
+        o_txt = f"{_m(ours[0], r['task'])} ({ours[1]})" if ours else "–"
+        tool, bits = _m(r.get("tool_metric"), r["task"]), r["mixq_same"]["avg_weight_bits"]
+        out.append(f"{head} {tool} | {bits:.2f} | {o_txt} | {verdict(r, best)} |")
+    return "\n".join(out) + "\n"
+
+
 def render(rows: dict[str, dict[str, Any]]) -> str:
     """The Markdown table of every peer row beside mixq."""
     points = mixq_points()
@@ -649,7 +694,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
                 None, val) else ""  # fmt: skip
             if not r.get("ok"):
                 out.append(f"| {_tool(r)}{mark} | {r['budget']:g} | failed: "
-                           f"{str(r.get('error', ''))[:120]} ||||||||||||")  # fmt: skip
+                           f"{_cell(r.get('error', ''), 120)} ||||||||||||")  # fmt: skip
                 continue
             same, mg = r["mixq_same"], r["mixq_mixq"]
             srch = r.get("mixq_search")
@@ -719,6 +764,7 @@ def save(new_rows: dict[str, dict[str, Any]], session: dict[str, Any]) -> dict[s
         write(NAME, {"note": "one row per tool, task and target; see bench/peers.py", "sessions": sessions,
                      "rows": rows})  # fmt: skip
         (RESULTS / f"{NAME}.md").write_text(render(rows))
+        set_section(RESULTS / "summary.md", "peers", summary(rows))
     return rows
 
 
@@ -855,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_rows()
     if args.report_only:
         (RESULTS / f"{NAME}.md").write_text(render(rows))
+        set_section(RESULTS / "summary.md", "peers", summary(rows))
         print(f"wrote {RESULTS / (NAME + '.md')}")
         return 0
     tools = [t for t in args.tools.split(",") if t]

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import mixq  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
+from common import RESULTS, provenance, section, write  # noqa: E402
 from mixq.cost import InfeasibleBudgetError  # noqa: E402
 from mixq.methods import METHODS as REGISTERED  # noqa: E402
 from mixq.progress import Bar  # noqa: E402
@@ -506,7 +506,8 @@ def write_summary(results: dict[str, Any], unlisted: list[str]) -> Path:
             continue
         out += task_summary(task, task_rows, results["tasks"].get(task, {}))
     path = RESULTS / "summary.md"
-    path.write_text("\n".join(out))
+    peers = section(path.read_text(), "peers") if path.exists() else ""  # bench/peers.py's block
+    path.write_text("\n".join(out) + (f"\n{peers}\n" if peers else ""))
     return path
 
 

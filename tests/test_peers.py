@@ -389,6 +389,7 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monk
     monkeypatch.setattr(peers, "VENVS", tmp_path / "venvs")
     monkeypatch.setattr(peers, "get_task", lambda name, val: None)
     monkeypatch.setattr(peers, "render", lambda rows: "")
+    monkeypatch.setattr(peers, "summary", lambda rows: "")
     monkeypatch.setattr(peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))  # noqa: E501
     calls = []
 
@@ -450,3 +451,30 @@ def test_aimet_walk_cache_is_shared_by_budgets_and_reset_by_a_new_key(aimet, tmp
     with torch.no_grad():
         model.weight.add_(1.0)  # other weights: the walk is stale
     assert aimet.walk_cache(args4, task, s, model) == d and not (d / ".cache").exists()
+
+
+def test_summary_block_is_replaced_in_place_and_kept_by_other_writers(peers, tmp_path):
+    import common
+
+    path = tmp_path / "summary.md"
+    path.write_text("# sweep\n\ntable\n")
+    common.set_section(path, "peers", "first")
+    common.set_section(path, "peers", "second\n")
+    text = path.read_text()
+    assert text.startswith("# sweep\n\ntable\n") and text.count("peers:start") == 1
+    assert common.section(text, "peers") == "<!-- peers:start -->\nsecond\n<!-- peers:end -->"
+    assert common.section("no block here", "peers") == ""
+
+
+def test_peers_summary_has_one_line_per_row(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    ok = {"ok": True, "tool": "mct", "task": "mnist-cnn", "budget": 3.0, "val_items": 10000,
+          "tool_metric": 99.0, "plan_same": {"a": "w4-a8"},
+          "mixq_same": {"metric": 98.0, "avg_weight_bits": 3.1, "size_bytes": 1e5},
+          "mixq_search_mixq": {"metric": 99.2, "avg_weight_bits": 3.0}}  # fmt: skip
+    bad = {"ok": False, "tool": "nncf", "task": "minilm", "budget": 4.5, "error": "Boom:\nline two | x"}
+    text = peers.summary({"a": ok, "b": bad})
+    lines = [x for x in text.splitlines() if x.startswith("| ")]
+    assert len(lines) == 3  # the header and one line per row
+    assert "99.20 (search, own grid) | mixq ≥ tool |" in lines[1]
+    assert "failed: Boom: line two / x" in lines[2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import traceback
 from typing import Any
 
 import _common
@@ -43,9 +44,14 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     core = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(**mp))
     ru = mct.core.ResourceUtilization(weights_memory=n_weights * args.budget / 8)
     t0 = time.perf_counter()
-    qmodel, _info = mct.ptq.pytorch_post_training_quantization(
-        model, repr_gen, target_resource_utilization=ru, core_config=core
-    )
+    try:
+        qmodel, _info = mct.ptq.pytorch_post_training_quantization(
+            model, repr_gen, target_resource_utilization=ru, core_config=core
+        )
+    except Exception as e:
+        if "torch/fx" in traceback.format_exc():  # MCT reads the model by tracing it with torch.fx
+            raise RuntimeError(f"MCT's torch.fx trace of the model failed: {type(e).__name__}: {e}") from e
+        raise
     seconds = time.perf_counter() - t0
     by_param = {}  # the wrapped float weight identifies the layer
     for name in names:
