@@ -299,6 +299,10 @@ def test_aimet_walk_replays_the_cumulative_steps(aimet):
     assert pts[2]["bits"] == {"a": 8, "b": 4, "c": 4} and pts[0]["bitops"] == 0.9
     with pytest.raises(ValueError, match="not one of the counted layers"):
         aimet.walk([(1.0, 1.0, ["zz"], 4)], sizes, 8)
+    # a module AIMET quantizes but mixq does not count (a LayerNorm weight): replayed, not averaged
+    pts = aimet.walk([(1.0, 1.0, ["ln"], 4), (0.9, 1.0, ["b"], 2)], sizes, 8, uncounted=("ln",))
+    assert [p["other"] for p in pts] == [{"ln": 4}, {"ln": 4}] and pts[0]["avg_bits"] == 8.0
+    assert pts[1]["avg_bits"] == pytest.approx((100 * 8 + 300 * 2 + 600 * 8) / 1000)
     with pytest.raises(ValueError, match="sizes is empty"):
         aimet.walk(path, {}, 8)
 

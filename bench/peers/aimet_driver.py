@@ -36,8 +36,10 @@ import _common
 import torch
 
 
-def walk(path: list[tuple[float, float, list[str], int]], sizes: dict[str, int], start: int,
-         names: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def walk(
+    path: list[tuple[float, float, list[str], int]], sizes: dict[str, int], start: int,
+    names: dict[str, str] | None = None, uncounted: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:  # fmt: skip
     """The configurations along AMP's phase-2 walk.
 
     Args:
@@ -47,26 +49,33 @@ def walk(path: list[tuple[float, float, list[str], int]], sizes: dict[str, int],
         sizes: weights per layer (the layers the budget counts).
         start: every layer's weight bits before the walk (AMP's baseline candidate).
         names: AIMET module name -> layer name, where they differ.
+        uncounted: modules whose weights AIMET quantizes but mixq does not count (MiniLM's
+            LayerNorm weights): their steps are replayed in ``other``, outside the average.
 
     Returns:
         One dict per entry: ``index``, ``bitops``, ``score``, ``bits`` (layer -> weight bits),
-        ``avg_bits`` (weight-count average over ``sizes``).
+        ``avg_bits`` (weight-count average over ``sizes``), ``other`` (uncounted module -> weight
+        bits, for those lowered so far).
     """
     if not sizes:
         raise ValueError("no layers to count: sizes is empty")
     names = names or {}
     bits = dict.fromkeys(sizes, start)
+    other: dict[str, int] = {}
     n = sum(sizes.values())
     points = []
     for i, (bitops, score, modules, wbits) in enumerate(path):
         for m in modules:
             layer = names.get(m, m)
-            if layer not in bits:
+            if layer in bits:
+                bits[layer] = int(wbits)
+            elif m in uncounted:
+                other[m] = int(wbits)
+            else:
                 raise ValueError(f"AMP step {i} lowers {m!r}, not one of the counted layers {sorted(bits)}")
-            bits[layer] = int(wbits)
         avg = sum(bits[k] * sizes[k] for k in sizes) / n
         points.append({"index": i, "bitops": float(bitops), "score": float(score), "bits": dict(bits),
-                       "avg_bits": avg})  # fmt: skip
+                       "avg_bits": avg, "other": dict(other)})  # fmt: skip
     return points
 
 
@@ -163,11 +172,15 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     if not pareto:
         raise RuntimeError("AMP returned no Pareto list (it exits early when one candidate meets the target)")
     path = [(bo, sc, list(g.parameter_quantizers), int(c[1][0])) for bo, sc, g, c in pareto]
-    points = walk(path, sizes, max(wbits))
-    chosen = pick(points, args.budget)
     qmods = dict(sim.model.named_modules())
+    weighted = [n for n, m in qmods.items() if (getattr(m, "param_quantizers", None) or {}).get("weight")]
+    uncounted = tuple(n for n in weighted if n not in sizes)  # e.g. LayerNorm weights
+    points = walk(path, sizes, max(wbits), uncounted=uncounted)
+    chosen = pick(points, args.budget)
     for layer, b in chosen["bits"].items():
         qmods[layer].param_quantizers["weight"].bitwidth = b
+    for m in uncounted:  # AMP leaves the walk's last configuration: set the chosen point's
+        qmods[m].param_quantizers["weight"].bitwidth = chosen["other"].get(m, max(wbits))
     sim.compute_encodings(fwd, None)
     seconds = time.perf_counter() - t0
     layers: dict[str, Any] = {}
@@ -198,7 +211,8 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
                           "allowed_accuracy_drop": None, "amp_search_algo": "BruteForce"},  # fmt: skip
         "pick": {"rule": "best phase-2 score among the walk's points with average weight bits <= B",
                  "index": chosen["index"], "score": chosen["score"], "bitops": chosen["bitops"],
-                 "walk_points": len(points)},  # fmt: skip
+                 "walk_points": len(points),  # weights AIMET quantizes and mixq keeps float:
+                 "uncounted_lowered": chosen["other"]},  # fmt: skip
         "pareto": [{k: p[k] for k in ("index", "bitops", "score", "avg_bits")} for p in points],
         "note": "AIMET's symmetric weights step by max|w| / 2^(b-1) over the codes -2^(b-1) .. 2^(b-1) - 1 "
         "(W2: -max, -max/2, 0, max/2); mixq's symmetric grid steps by max|w| / (2^(b-1) - 1) (W2: -max, 0, "
