@@ -160,6 +160,7 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
     cfg = Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
     results = walk_cache(args, task, s, model)
+    cached = (results / ".cache" / "pareto_list.pkl").exists()  # the walk (or part of it) was scored before
     t0 = time.perf_counter()
     sim = QuantizationSimModel(model, dummy, quant_scheme=scheme, default_param_bw=max(wbits),
                                default_output_bw=8, config_file=str(cfg))  # fmt: skip
@@ -173,7 +174,8 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("AMP returned no Pareto list (it exits early when one candidate meets the target)")
     path = [(bo, sc, list(g.parameter_quantizers), int(c[1][0])) for bo, sc, g, c in pareto]
     qmods = dict(sim.model.named_modules())
-    weighted = [n for n, m in qmods.items() if (getattr(m, "param_quantizers", None) or {}).get("weight")]
+    pqs = {n: getattr(m, "param_quantizers", None) for n, m in qmods.items()}  # a ModuleDict each
+    weighted = [n for n, q in pqs.items() if q is not None and "weight" in q and q["weight"] is not None]
     uncounted = tuple(n for n in weighted if n not in sizes)  # e.g. LayerNorm weights
     points = walk(path, sizes, max(wbits), uncounted=uncounted)
     chosen = pick(points, args.budget)
@@ -208,7 +210,8 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         "tool_settings": {"candidates": [f"W{b}A8" for b in wbits], "score": score_kind,
                           "phase1_batches": len(p1), "phase2_batches": len(calib),
                           "quant_scheme": str(scheme),
-                          "allowed_accuracy_drop": None, "amp_search_algo": "BruteForce"},  # fmt: skip
+                          "allowed_accuracy_drop": None, "amp_search_algo": "BruteForce",
+                          "walk_from_cache": cached},  # fmt: skip
         "pick": {"rule": "best phase-2 score among the walk's points with average weight bits <= B",
                  "index": chosen["index"], "score": chosen["score"], "bitops": chosen["bitops"],
                  "walk_points": len(points),  # weights AIMET quantizes and mixq keeps float:
