@@ -239,7 +239,9 @@ def run_driver(job: Job, val: int, timeout: float) -> dict[str, Any]:
         tail = f"timed out after {timeout:.0f} s\n{(e.stderr or b'')[-2000:]!r}"
     wall = time.perf_counter() - t0
     if not out.exists():
-        return {"ok": False, "error": "the driver wrote no result", "log_tail": tail, "wall_seconds": wall}
+        why = f" ({tail.splitlines()[0]})" if tail.startswith("timed out") else ""
+        err = f"the driver wrote no result{why}"
+        return {"ok": False, "error": err, "log_tail": tail, "wall_seconds": wall}
     res = json.loads(out.read_text())
     res["wall_seconds"] = wall
     if not res.get("ok"):
@@ -595,6 +597,14 @@ def _pick(r: dict[str, Any]) -> str:
     return f" (pick: {', '.join(vals)})" if vals else ""
 
 
+def _error(r: dict[str, Any]) -> str:
+    """A failed row's error, with the timeout when the driver was stopped by it."""
+    err, tail = str(r.get("error", "")), str(r.get("log_tail", ""))
+    if tail.startswith("timed out") and "timed out" not in err:
+        return f"{err} ({tail.splitlines()[0]})"
+    return err
+
+
 def _cell(text: Any, n: int) -> str:
     """``text`` on one line of a Markdown table cell, at most ``n`` characters."""
     return " ".join(str(text).split()).replace("|", "/")[:n]
@@ -630,7 +640,7 @@ def summary(rows: dict[str, dict[str, Any]]) -> str:
                                                   r["tool"], r["budget"], _tool(r))):  # fmt: skip
         head = f"| {r['task']} | {_tool(r)} | {r['budget']:g} | {r.get('val_items') or '–'} |"
         if not r.get("ok"):
-            out.append(f"{head} failed: {_cell(r.get('error', ''), 100)} ||||")
+            out.append(f"{head} failed: {_cell(_error(r), 100)} ||||")
             continue
         best = best_mixq(points, r)
         ours = best_of_mixq(r, best)
@@ -694,7 +704,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
                 None, val) else ""  # fmt: skip
             if not r.get("ok"):
                 out.append(f"| {_tool(r)}{mark} | {r['budget']:g} | failed: "
-                           f"{_cell(r.get('error', ''), 120)} ||||||||||||")  # fmt: skip
+                           f"{_cell(_error(r), 120)} ||||||||||||")  # fmt: skip
                 continue
             same, mg = r["mixq_same"], r["mixq_mixq"]
             srch = r.get("mixq_search")
