@@ -257,13 +257,19 @@ def test_driver_losses(common):
         common.batches_loss(mini, "mse")
 
 
-def test_own_grid_search_stays_within_the_peers_size(peers, tmp_path, monkeypatch):
+def _w8_w4_w8_row(peers, tmp_path, monkeypatch):
+    """The synthetic MLP, a W8/W4/W8 peer plan on it and its row (run directories under tmp_path)."""
     monkeypatch.setattr(peers, "ROOT", tmp_path)
     task = tasks.synthetic_mlp()
     layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
               "4": {"weight": W(8), "act": None}}  # fmt: skip
     same = peers.evaluate(task, peers.to_plan(layers, "same"))
     row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
+    return task, same, row
+
+
+def test_own_grid_search_stays_within_the_peers_size(peers, tmp_path, monkeypatch):
+    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
     peers.own_grid(row, task)
     got = row["mixq_search_mixq"]
     assert got["size_bytes"] <= same["size_bytes"] * (1 + 1e-9)
@@ -370,12 +376,7 @@ def test_render_shows_how_a_budgetless_tool_was_picked(peers, tmp_path, monkeypa
 
 
 def test_own_grid_ptq_runs_the_given_steps_and_keeps_the_earlier_result(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "ROOT", tmp_path)
-    task = tasks.synthetic_mlp()
-    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
-              "4": {"weight": W(8), "act": None}}  # fmt: skip
-    same = peers.evaluate(task, peers.to_plan(layers, "same"))
-    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
+    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
     peers.own_grid_ptq(row, task)
     first = row["mixq_search_mixq_ptq"]
     assert first["ptq"] == ["bias_correction"] and "ptq_args" not in first
@@ -416,11 +417,7 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monk
 
 
 def test_own_methods_run_mixqs_methods_at_the_peers_size(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "ROOT", tmp_path)
-    task = tasks.synthetic_mlp()
-    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
-              "4": {"weight": W(8), "act": None}}  # fmt: skip
-    same = peers.evaluate(task, peers.to_plan(layers, "same"))
+    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
     row = {"task": "synthetic", "tool_metric": 101.0, "mixq_same": same}  # no sampling-error text
     cands = ["w2+asym+omse", "w4+asym+omse", "w8+asym+omse"]
     peers.own_methods(row, task, ["sensitivity-ilp", "hawq"], candidates=cands)
