@@ -2,7 +2,7 @@
 
 PTQ steps that work layer by layer (bias correction, AdaRound) need what one layer sees or
 produces on the calibration data. The forward pass is cut short once that layer has run: a
-forward hook raises :class:`_Stop`, which :func:`run_until` catches.
+forward hook raises :class:`_Stop`, which :func:`run_until_all` catches.
 """
 
 from __future__ import annotations
@@ -40,28 +40,10 @@ def run_until(
     batches: Sequence[Any],
     forward: Callable[[nn.Module, Any], Any],
     record: Callable[[tuple, torch.Tensor], None],
-    stop: bool = True,
 ) -> None:
-    """Run ``model`` on each batch, calling ``record(inputs, output)`` when ``module`` runs.
-
-    With ``stop`` the rest of the forward pass is skipped (the layer is the only thing needed).
-    """
-
-    def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        record(inputs, output)
-        if stop:
-            raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    """Run ``model`` on each batch, calling ``record(inputs, output)`` when ``module`` runs; the
+    rest of each forward pass is skipped (the layer is the only thing needed)."""
+    run_until_all(model, {"": module}, batches, forward, lambda _n, inputs, output: record(inputs, output))
 
 
 def run_until_all(
