@@ -239,9 +239,7 @@ def run_driver(job: Job, val: int, timeout: float) -> dict[str, Any]:
         tail = f"timed out after {timeout:.0f} s\n{(e.stderr or b'')[-2000:]!r}"
     wall = time.perf_counter() - t0
     if not out.exists():
-        why = f" ({tail.splitlines()[0]})" if tail.startswith("timed out") else ""
-        err = f"the driver wrote no result{why}"
-        return {"ok": False, "error": err, "log_tail": tail, "wall_seconds": wall}
+        return {"ok": False, "error": "the driver wrote no result", "log_tail": tail, "wall_seconds": wall}
     res = json.loads(out.read_text())
     res["wall_seconds"] = wall
     if not res.get("ok"):
@@ -600,9 +598,7 @@ def _pick(r: dict[str, Any]) -> str:
 def _error(r: dict[str, Any]) -> str:
     """A failed row's error, with the timeout when the driver was stopped by it."""
     err, tail = str(r.get("error", "")), str(r.get("log_tail", ""))
-    if tail.startswith("timed out") and "timed out" not in err:
-        return f"{err} ({tail.splitlines()[0]})"
-    return err
+    return f"{err} ({tail.splitlines()[0]})" if tail.startswith("timed out") else err
 
 
 def _cell(text: Any, n: int) -> str:
@@ -818,6 +814,16 @@ def own_methods(
         row.setdefault("mixq_methods", {})[methods_label(method, steps)] = got
 
 
+def new_session(jobs: list[str]) -> dict[str, Any]:
+    """A session record: a unique id, the provenance of this run and its jobs."""
+    return {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(), "jobs": jobs}
+
+
+def loses_without(r: dict[str, Any], field: str, points: list[dict[str, Any]]) -> bool:
+    """Does mixq lose this row when its result ``field`` is left out (judging whether to (re)run it)?"""
+    return verdict({k: v for k, v in r.items() if k != field}, best_mixq(points, r)).startswith("mixq loses")
+
+
 def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], ptq: bool = False,
              ptq_steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS,
              methods: list[str] | None = None) -> int:  # fmt: skip
@@ -831,8 +837,7 @@ def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str]
     if methods:
         return backfill_methods(rows, tools, tasks, methods, list(ptq_steps or []), adaround_iters)
     steps = list(ptq_steps or PTQ_STEPS)
-    session = {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(),
-               "jobs": ["backfill-ptq" if ptq else "backfill"]}  # fmt: skip
+    session = new_session(["backfill-ptq" if ptq else "backfill"])
     points = mixq_points() if ptq else []
     for key, r in rows.items():
         field = "mixq_search_mixq_ptq" if ptq else "mixq_search_mixq"
@@ -842,9 +847,7 @@ def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str]
             continue
         if tasks and r["task"] not in tasks:
             continue
-        if ptq and not verdict({k: v for k, v in r.items() if k != field}, best_mixq(points, r)).startswith(
-            "mixq loses"
-        ):  # judged without any earlier PTQ result
+        if ptq and not loses_without(r, field, points):  # judged without any earlier PTQ result
             continue
         val = r.get("val_items") if r["task"] != "mnist-cnn" else 0
         task = get_task(r["task"], val or 0)
@@ -860,8 +863,7 @@ def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str]
 
 def backfill_methods(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], methods: list[str],
                      steps: list[str], adaround_iters: int) -> int:  # fmt: skip
-    session = {"id": time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", **provenance(),
-               "jobs": ["backfill-methods"]}  # fmt: skip
+    session = new_session(["backfill-methods"])
     points = mixq_points()
     for key, r in rows.items():
         if not r.get("ok") or r["tool"] not in tools or (tasks and r["task"] not in tasks):
@@ -869,9 +871,7 @@ def backfill_methods(rows: dict[str, dict[str, Any]], tools: list[str], tasks: l
         todo = [m for m in methods if methods_label(m, steps) not in r.get("mixq_methods", {})]
         if not todo:
             continue
-        if not verdict({k: v for k, v in r.items() if k != "mixq_methods"}, best_mixq(points, r)).startswith(
-            "mixq loses"
-        ):  # judged without any earlier method result
+        if not loses_without(r, "mixq_methods", points):  # judged without any earlier method result
             continue
         val = r.get("val_items") if r["task"] != "mnist-cnn" else 0
         own_methods(r, get_task(r["task"], val or 0), todo, steps, adaround_iters)
@@ -933,8 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [Job(t, k, float(b)) for t, k in sorted(pairs) for b in args.budgets.split(",") if b]
     if settings:
         jobs = [Job(j.tool, j.task, j.budget, settings) for j in jobs]
-    sid = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
-    session = {"id": sid, **provenance(), "jobs": [j.key for j in jobs]}
+    session = new_session([j.key for j in jobs])
     done: dict[str, dict[str, Any]] = {}
     for job in jobs:
         rows = load_rows()  # another session may have finished it meanwhile

@@ -10,6 +10,7 @@ of the tool's own quantized model and the search time. Nothing else crosses the 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata
 import json
 import os
@@ -146,6 +147,14 @@ def env_threads() -> None:
     """Keep every tool on the thread count the benchmark sets (OMP_NUM_THREADS)."""
     n = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(max(1, n))
+
+
+def tool_model(task: Any) -> tuple[nn.Module, str]:
+    """A copy of the task's model as the tools take it (MiniLM wrapped in ``Hidden``), and the
+    prefix that wrapping adds to its layer names."""
+    if task.name == "minilm":
+        return Hidden(copy.deepcopy(task.model)).eval(), "model."
+    return copy.deepcopy(task.model).eval(), ""
 
 
 class Hidden(torch.nn.Module):

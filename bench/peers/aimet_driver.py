@@ -23,7 +23,6 @@ phase 1, default all), ``quant_scheme`` (an AIMET ``QuantScheme`` name, default
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -128,9 +127,8 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown score {score_kind!r}; valid: metric, loss")
     wbits = [int(b) for b in s.get("weight_bits", [8, 4, 2])]
     scheme = getattr(QuantScheme, s.get("quant_scheme", "post_training_tf"))
-    text = task.name == "minilm"
-    model = _common.Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
-    prefix = "model." if text else ""
+    model, prefix = _common.tool_model(task)
+    text = bool(prefix)
     names = _common.quant_layers(model)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     calib = list(task.calib)

@@ -11,7 +11,6 @@ Settings (JSON): ``num_of_images`` (images for the sensitivity, default 64), ``h
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from typing import Any
@@ -23,18 +22,17 @@ import torch
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     import model_compression_toolkit as mct
 
-    text = task.name == "minilm"  # MiniLM: tensors in, the last hidden state out (as for AIMET)
-    model = _common.Hidden(copy.deepcopy(task.model)).eval() if text else copy.deepcopy(task.model).eval()
-    prefix = "model." if text else ""
+    model, prefix = _common.tool_model(task)  # MiniLM: tensors in, the last hidden state out
+    text = bool(prefix)
     names = _common.quant_layers(model)
     n_weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    images = None if text else torch.cat([b[0] for b in task.calib])
 
-    def repr_gen():  # one 64-image batch per call, cycling over the calibration images
-        if text:
+    def repr_gen():  # one 64-image batch (MiniLM: one calibration batch) per call
+        if images is None:
             for b in task.calib:
                 yield [b["input_ids"], b["attention_mask"]]
             return
-        images = torch.cat([b[0] for b in task.calib])
         for i in range(0, len(images), 64):
             yield [images[i : i + 64]]
 
