@@ -8,6 +8,9 @@ the median latency at batch 1 and batch 256. Plans are timed interleaved (one ru
 turn, repeated) so that all of them see the same load of a shared machine.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/deploy.py [--tasks mnist-cnn,minilm] [--repeats 7]
+
+``--export-dir DIR`` only writes the plans' ONNX files, the validation data and the simulated
+outputs, for ``bench/deploy_target.py DIR`` to check and time on another machine.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +34,10 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import deploy_target  # noqa: E402
 import mixq  # noqa: E402
 import mixq.export  # noqa: E402
-from common import RESULTS, write  # noqa: E402
+from common import RESULTS, provenance, write  # noqa: E402
 from mixq.export import qdq  # noqa: E402
 from mixq.plan import LayerSpec, Plan  # noqa: E402
 
@@ -70,13 +75,7 @@ def set_threads(n: int) -> None:
 
 def session(path: Path, optimize: bool) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with ``THREADS`` intra-op threads."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return deploy_target.session(path, optimize, THREADS)
 
 
 def feeds(batch: Any) -> dict[str, np.ndarray]:
@@ -92,21 +91,23 @@ def outputs(run: Any, batches: list) -> list[np.ndarray]:
 def metric_of(task: mixq.Task, outs: list[np.ndarray]) -> float:
     """The task's metric from model outputs: top-1 % or mean cosine to the fp32 embeddings."""
     if task.name == "minilm":
-        cos = [(o * b["target"].numpy()).sum(1) for o, b in zip(outs, task.val, strict=True)]
-        return float(np.concatenate(cos).mean())
-    hits = [(o.argmax(1) == b[1].numpy()) for o, b in zip(outs, task.val, strict=True)]
-    return float(100.0 * np.concatenate(hits).mean())
+        return deploy_target.mean_cosine(np.concatenate(outs), truth(task))
+    return deploy_target.top1(np.concatenate(outs), truth(task))
+
+
+def truth(task: mixq.Task) -> np.ndarray:
+    """The validation labels (classifiers) or fp32 embeddings (minilm), concatenated."""
+    if task.name == "minilm":
+        return np.concatenate([b["target"].numpy() for b in task.val])
+    return np.concatenate([b[1].numpy() for b in task.val])
 
 
 def agreement(task: mixq.Task, a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
     """Largest absolute difference of two output lists, and top-1 agreement (classifiers)."""
-    out = {"max_abs_diff": float(max(np.abs(x - y).max() for x, y in zip(a, b, strict=True)))}
-    if task.name != "minilm":
-        same = np.concatenate([x.argmax(1) == y.argmax(1) for x, y in zip(a, b, strict=True)])
-        out["top1_agreement"] = float(same.mean())
-    else:
-        cos = np.concatenate([(x * y).sum(1) for x, y in zip(a, b, strict=True)])
-        out["min_cosine"] = float(cos.min())
+    x, y = np.concatenate(a), np.concatenate(b)
+    out = deploy_target.agreement(x, y, classifier=task.name != "minilm")
+    if task.name == "minilm":
+        out["min_cosine"] = float((x * y).sum(1).min())
     return out
 
 
@@ -164,17 +165,11 @@ def kernel_profile(path: Path, batch: dict[str, np.ndarray], runs: int = 5) -> d
     return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
 
 
-def bench_task(
-    name: str, repeats: int, tmp: Path, val: int | None, latency_only: bool, profile: bool = False
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    task = build_task(name, val)
-    rows: dict[str, dict[str, Any]] = {}
-    sessions: dict[str, ort.InferenceSession] = {}
-    paths: dict[str, Path] = {}
+def plans_of(task: mixq.Task) -> Iterator[tuple[str, mixq.Result, dict[str, Any]]]:
+    """Each plan of the benchmark run on ``task``: its name, mixq's result and how it was made."""
     done: dict[str, mixq.Result] = {}
     for plan_name in [*PLANS, *FLOAT_INPUT, *INT8_STORAGE]:
-        if plan_name == "int8-w8a8" and name not in FULL_W8_TASKS:
+        if plan_name == "int8-w8a8" and task.name not in FULL_W8_TASKS:
             continue
         if plan_name in INT8_STORAGE:
             res = done[INT8_STORAGE[plan_name]]
@@ -189,8 +184,59 @@ def bench_task(
             method, cands, budget, margs = PLANS[plan_name]
             res = mixq.run(task, method=method, candidates=cands, budget=budget, method_args=margs)
         done[plan_name] = res
+        yield plan_name, res, {"method": method, "method_args": margs, "candidates": cands, "budget": budget}
+
+
+def onnx_path(tmp: Path, task: str, plan: str) -> Path:
+    return tmp / f"{task}-{plan.replace('/', '_')}.onnx"
+
+
+def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
+    """Write ``name``'s plans as ONNX files into ``root`` with the data that
+    ``bench/deploy_target.py`` checks them on elsewhere; return the task's manifest entry.
+
+    ``root/NAME.npz`` holds the validation inputs and labels, the latency batches, and each plan's
+    simulated outputs (mixq's fake-quantized model) on the whole validation set.
+    """
+    task = build_task(name, val)
+    if task.name == "minilm":
+        raise SystemExit("--export-dir writes the image classifiers (minilm's batches differ in length)")
+    x = torch.cat([b[0] for b in task.val])
+    arrays = {f"val:{k}": v for k, v in feeds((x,)).items()} | {"label": truth(task)}
+    for bs, batch in latency_batches(task).items():
+        arrays |= {f"lat{bs}:{k}": v for k, v in feeds(batch).items()}
+    plans: dict[str, dict[str, Any]] = {}
+    for plan_name, res, how in plans_of(task):
+        path = onnx_path(root, name, plan_name)
+        mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=plan_name in INT8_STORAGE)
+        sim = np.concatenate(simulated_outputs(task, res.model, len(task.val)))
+        arrays[deploy_target.sim_key(plan_name)] = sim
+        plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics["metric"],
+                            "plan_summary": res.plan.summary(), **how}  # fmt: skip
+        print(f"{name:20s} {plan_name:30s} sim={res.metrics['metric']:.4f} -> {path.name}", flush=True)
+    np.savez_compressed(root / f"{name}.npz", **arrays)
+    return {
+        "kind": "classifier",
+        "metric_name": task.metric_name,
+        "fp32_metric": task.fp_metric(),
+        "info": task.info,
+        "data": f"{name}.npz",
+        "latency_batches": list(latency_batches(task)),
+        "plans": plans,
+    }
+
+
+def bench_task(
+    name: str, repeats: int, tmp: Path, val: int | None, latency_only: bool, profile: bool = False
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    task = build_task(name, val)
+    rows: dict[str, dict[str, Any]] = {}
+    sessions: dict[str, ort.InferenceSession] = {}
+    paths: dict[str, Path] = {}
+    for plan_name, res, how in plans_of(task):
         m = res.metrics
-        path = tmp / f"{name}-{plan_name.replace('/', '_')}.onnx"
+        path = onnx_path(tmp, name, plan_name)
         mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=plan_name in INT8_STORAGE)
         paths[plan_name] = path
         if latency_only:
@@ -202,10 +248,7 @@ def bench_task(
         payload = packed.stat().st_size - 8 - header
         sim = simulated_outputs(task, res.model, REFERENCE_BATCHES)
         row: dict[str, Any] = {
-            "method": method,
-            "method_args": margs,
-            "candidates": cands,
-            "budget": budget,
+            **how,
             "plan_summary": res.plan.summary(),
             "avg_weight_bits": m["avg_weight_bits"],
             "simulated_metric": m["metric"],
@@ -247,36 +290,18 @@ def bench_task(
     load: dict[str, Any] = {"before": os.getloadavg()}
     for bs, batch in inputs.items():
         f = feeds(batch)
-        times: dict[str, list[float]] = {p: [] for p in sessions}
-        cpu: dict[str, list[float]] = {p: [] for p in sessions}  # this process's CPU time: less
-        for s in sessions.values():  # warm-up                  # sensitive to the other jobs
-            s.run(None, f)
-        for _ in range(repeats if name != "minilm" else min(repeats, 5)):
-            for p, s in sessions.items():
-                t, c = time.perf_counter(), time.process_time()
-                s.run(None, f)
-                times[p].append(time.perf_counter() - t)
-                cpu[p].append(time.process_time() - c)
-        for p in sessions:
-            rows[p][f"latency_ms_batch{bs}"] = 1000 * statistics.median(times[p])
-            rows[p][f"latency_ms_batch{bs}_all"] = [1000 * t for t in times[p]]
-            rows[p][f"cpu_ms_batch{bs}"] = 1000 * statistics.median(cpu[p])
-        base, base_cpu = rows["fp32"][f"latency_ms_batch{bs}"], rows["fp32"][f"cpu_ms_batch{bs}"]
-        for p in sessions:
-            rows[p][f"speedup_vs_fp32_batch{bs}"] = base / rows[p][f"latency_ms_batch{bs}"]
-            # each round times fp32 and this plan back to back: the median of the rounds' ratios
-            # cancels the machine's slow drifts that the ratio of two medians keeps
-            ratios = [a / b for a, b in zip(times["fp32"], times[p], strict=True)]
-            rows[p][f"paired_speedup_vs_fp32_batch{bs}"] = statistics.median(ratios)
-            if len(ratios) >= 4:  # the spread of the rounds' ratios: quartiles
-                q1, _, q3 = statistics.quantiles(ratios, n=4)
-                rows[p][f"paired_speedup_quartiles_batch{bs}"] = [q1, q3]
-            rows[p][f"cpu_speedup_vs_fp32_batch{bs}"] = base_cpu / rows[p][f"cpu_ms_batch{bs}"]
+        timed = deploy_target.time_plans(
+            {p: (lambda s=s, f=f: s.run(None, f)) for p, s in sessions.items()},
+            repeats if name != "minilm" else min(repeats, 5),
+            suffix=f"_batch{bs}",
+        )
+        for p, t in timed.items():
+            rows[p].update(t)
         print(
             f"{name:20s} batch {bs}: "
             + ", ".join(
-                f"{p} {rows[p][f'latency_ms_batch{bs}']:.2f} ms (cpu {rows[p][f'cpu_ms_batch{bs}']:.2f})"
-                for p in sessions
+                f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms (cpu {t[f'cpu_ms_batch{bs}']:.2f})"
+                for p, t in timed.items()
             ),
             flush=True,
         )
@@ -309,8 +334,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="record ONNX Runtime's per-node kernel times")
     ap.add_argument("--merge", help="comma-separated result names to merge into --out (no runs)")
     ap.add_argument("--threads", type=int, default=THREADS, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--export-dir", type=Path, help="only export plans and data, for bench/deploy_target.py")
     args = ap.parse_args()
     set_threads(args.threads)
+    if args.export_dir:
+        torch.set_num_threads(1)
+        args.export_dir.mkdir(parents=True, exist_ok=True)
+        tasks = {n: export_task(n, args.export_dir, args.val) for n in args.tasks.split(",")}
+        manifest = {"provenance": provenance(), "val": args.val, "tasks": tasks}
+        (args.export_dir / deploy_target.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {args.export_dir / deploy_target.MANIFEST}")
+        return
     if args.merge:  # tasks run in separate processes: one file, each part with its provenance
         parts = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in args.merge.split(",")}
         merged = {
