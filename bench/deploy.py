@@ -39,6 +39,7 @@ import mixq  # noqa: E402
 import mixq.export  # noqa: E402
 from common import RESULTS, provenance, write  # noqa: E402
 from mixq.export import qdq  # noqa: E402
+from mixq.nn import Add  # noqa: E402
 from mixq.plan import LayerSpec, Plan  # noqa: E402
 
 TASKS = "mnist-cnn,fashion-resnet20,fashion-mobilenetv2,minilm"
@@ -58,6 +59,12 @@ FLOAT_INPUT = {"int8-w7a8-float-input": "int8-w7a8"}
 # name -> the plan whose result is exported again with its 2-4 bit weight codes stored as INT8
 # (mixq.export.save(..., int4_as_int8=True)): ORT's integer kernels instead of float on the fly.
 INT8_STORAGE = {"mixed-w4a8/w7a8-int8-storage": "mixed-w4a8/w7a8"}
+# name -> (the plan it is derived from, 4-bit codes stored as INT8): the same plan with both
+# operands of every residual addition quantized (mixq.with_adds, the plan's input spec "a8"), so
+# that ONNX Runtime runs the additions in integers and fuses the convs that feed them; for the
+# models that have mixq.nn.Add modules (the Fashion ResNet-20 and MobileNetV2).
+ADDS_PLANS = {"int8-w7a8+adds": ("int8-w7a8", False),
+              "mixed-w4a8/w7a8+adds-int8-storage": ("mixed-w4a8/w7a8", True)}  # fmt: skip
 FULL_W8_TASKS = ("mnist-cnn",)
 REFERENCE_BATCHES = 1  # output agreement with the simulation on the first batches (the metric: all)
 THREADS = 1
@@ -165,13 +172,25 @@ def kernel_profile(path: Path, batch: dict[str, np.ndarray], runs: int = 5) -> d
     return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
 
 
+def int8_storage(plan: str) -> bool:
+    """Whether a plan is exported with its 2-4 bit weight codes stored as INT8."""
+    return plan in INT8_STORAGE or ADDS_PLANS.get(plan, ("", False))[1]
+
+
 def plans_of(task: mixq.Task) -> Iterator[tuple[str, mixq.Result, dict[str, Any]]]:
     """Each plan of the benchmark run on ``task``: its name, mixq's result and how it was made."""
     done: dict[str, mixq.Result] = {}
-    for plan_name in [*PLANS, *FLOAT_INPUT, *INT8_STORAGE]:
+    has_adds = any(isinstance(m, Add) for m in task.model.modules())
+    for plan_name in [*PLANS, *FLOAT_INPUT, *INT8_STORAGE, *ADDS_PLANS]:
         if plan_name == "int8-w8a8" and task.name not in FULL_W8_TASKS:
             continue
-        if plan_name in INT8_STORAGE:
+        if plan_name in ADDS_PLANS and not has_adds:
+            continue
+        if plan_name in ADDS_PLANS:
+            base_name = ADDS_PLANS[plan_name][0]
+            res = mixq.evaluate(task, mixq.with_adds(done[base_name].plan, "a8"))
+            method, cands, budget, margs = f"{base_name}, residual additions a8", [], {}, {}
+        elif plan_name in INT8_STORAGE:
             res = done[INT8_STORAGE[plan_name]]
             method, cands, budget, margs = PLANS[INT8_STORAGE[plan_name]]
         elif plan_name in FLOAT_INPUT:
@@ -208,7 +227,7 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
     plans: dict[str, dict[str, Any]] = {}
     for plan_name, res, how in plans_of(task):
         path = onnx_path(root, name, plan_name)
-        mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=plan_name in INT8_STORAGE)
+        mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=int8_storage(plan_name))
         sim = np.concatenate(simulated_outputs(task, res.model, len(task.val)))
         arrays[deploy_target.sim_key(plan_name)] = sim
         plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics["metric"],
@@ -237,7 +256,7 @@ def bench_task(
     for plan_name, res, how in plans_of(task):
         m = res.metrics
         path = onnx_path(tmp, name, plan_name)
-        mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=plan_name in INT8_STORAGE)
+        mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=int8_storage(plan_name))
         paths[plan_name] = path
         if latency_only:
             sessions[plan_name] = session(path, optimize=True)
@@ -410,7 +429,10 @@ def main() -> None:
             | {k: {"derived_from": v, "change": "the first layer's input is not quantized (float)"}
                for k, v in FLOAT_INPUT.items()}
             | {k: {"derived_from": v, "change": "exported with int4_as_int8=True (same values)"}
-               for k, v in INT8_STORAGE.items()},  # fmt: skip
+               for k, v in INT8_STORAGE.items()}
+            | {k: {"derived_from": v, "change": "residual additions' operands quantized (mixq.with_adds, "
+                   "'a8')" + (", exported with int4_as_int8=True" if i8 else "")}
+               for k, (v, i8) in ADDS_PLANS.items()},  # fmt: skip
             "tasks": results,
         },
     )

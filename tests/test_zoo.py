@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from mixq import zoo
+from mixq.nn import Add
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (exact parameter count, documented range)
@@ -65,9 +66,13 @@ def test_every_layer_is_its_own_module_called_once(name: str) -> None:
     assert len(called) == len(set(called)), "a module is called twice"
     functions = {n.target for n in graph.nodes if n.op in ("call_function", "call_method")}
     assert functions <= {operator.add}, f"functional ops besides the residual add: {functions}"
+    # fx traces through mixq.nn.Add (not a torch.nn leaf): its sum is the operator.add above
+    adds = {n for n, m in model.named_modules() if isinstance(m, Add)}
     leaves = {n for n, m in model.named_modules() if not list(m.children())}
-    unused = leaves - set(called)
+    unused = leaves - set(called) - adds
     assert not unused, f"modules never called: {unused}"
+    n_adds = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is operator.add)
+    assert n_adds == len(adds), "every residual addition is an Add module, used once"
 
 
 def test_resnet20_structure() -> None:

@@ -11,7 +11,7 @@ from mixq import cost, export, formats, sensitivity, tasks
 from mixq.api import Result, evaluate, run
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.tasks import Task
-from mixq.wrap import applied, apply, calibrate, sites, unwrap, wrap
+from mixq.wrap import applied, apply, calibrate, sites, unwrap, with_adds, wrap
 
 __all__ = [
     "LayerSpec",
@@ -32,6 +32,7 @@ __all__ = [
     "sites",
     "tasks",
     "unwrap",
+    "with_adds",
     "wrap",
 ]
 __version__ = "0.1.0"

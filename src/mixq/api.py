@@ -20,9 +20,9 @@ from mixq import executor as executors
 from mixq import ptq as ptq_steps
 from mixq.methods import METHODS
 from mixq.methods.common import Context
-from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
+from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
-from mixq.wrap import apply, calibrate, sites, wrap
+from mixq.wrap import ADDS, apply, calibrate, sites, with_adds, wrap
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def run(
     ptq_args: dict[str, dict[str, Any]] | None = None,
     executor: str | Any | None = None,
     executor_args: dict[str, Any] | None = None,
+    adds: str | QSpec | None = None,
 ) -> Result:
     """Quantize a task's model with one method under a budget and measure the result.
 
@@ -139,6 +140,11 @@ def run(
             (``pip install mixq[ray]``), or an executor object (``mixq.executor``).
         executor_args: settings of a named executor, e.g. ``{"address": "HOST:PORT",
             "workers": 8}`` for "ray"; an executor built here is closed when the run ends.
+        adds: quantize both operands of every residual addition (:class:`mixq.nn.Add` modules,
+            as in the zoo's ResNet and MobileNetV2) with this input spec or the input spec of
+            this candidate (e.g. "a8"); recorded as the plan's ``meta["adds"]``. The method's
+            search sees float additions; the returned model and its metric have them quantized.
+            With quantized additions ONNX Runtime runs residual networks in integers throughout.
 
     Returns:
         A Result with ``.plan``, ``.model`` (the quantized model) and ``.metrics``.
@@ -190,7 +196,7 @@ def run(
         if isinstance(executor, str):
             executors.close(runner)
     seconds = time.perf_counter() - t0
-    plan = output.plan
+    plan = output.plan if adds is None else with_adds(output.plan, adds)
     plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": seed})
     apply(qmodel, plan)
     ptq_records += ptq_steps.apply_ptq("plan", qmodel, work, steps, seed)
@@ -211,6 +217,7 @@ def run(
         "seconds": seconds,
         "eval_seconds": time.perf_counter() - t1,
         "layers": len(ctx.layers),
+        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
     }
     for k, v in budget.items():
         metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
@@ -253,6 +260,7 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
         **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos]),
         "eval_seconds": time.perf_counter() - t0,
         "layers": len(infos),
+        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
     }
     return Result(plan, qmodel, metrics)
 

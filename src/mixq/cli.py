@@ -13,7 +13,7 @@ from typing import Any
 import tomllib
 
 RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args",
-               "executor", "executor_args")
+               "executor", "executor_args", "adds")
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
 # Every method of the demo with settings that keep `make demo` to minutes on 2 cores; QAT
@@ -98,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             recipe["ptq_args"].setdefault(step, {})[name] = value
     if args.executor:
         recipe["executor"] = args.executor
+    if args.adds:
+        recipe["adds"] = args.adds
     if args.address or args.workers is not None:
         if recipe.get("executor") != "ray":
             raise ValueError("--address and --workers need --executor ray")
@@ -110,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                    candidates=recipe.get("candidates"), budget=recipe.get("budget"),
                    method_args=recipe.get("method_args"), seed=int(recipe.get("seed", 0)),
                    out=out, ptq=recipe.get("ptq"), ptq_args=recipe.get("ptq_args"),
-                   executor=recipe.get("executor"), executor_args=recipe.get("executor_args"))  # fmt: skip
+                   executor=recipe.get("executor"), executor_args=recipe.get("executor_args"),
+                   adds=recipe.get("adds"))  # fmt: skip
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     m = res.metrics
     print(_table([{**m, "budget": json.dumps(m["budget"])}]))
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/latest)")
     r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
+    r.add_argument("--adds", help="quantize residual additions' operands with this candidate's input "
+                   "spec, e.g. a8 (integer additions in ONNX Runtime)")
     r.add_argument("--executor", choices=("inprocess", "ray"),
                    help="where sensitivity jobs run (ray: pip install mixq[ray])")
     r.add_argument("--address", help="with --executor ray: a running Ray cluster (HOST:PORT or auto)")

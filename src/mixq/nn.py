@@ -5,6 +5,12 @@ tensor. :class:`QLinear` and :class:`QConv2d` share their parameters with the fl
 replace and hold two sites: ``weight_quant`` and ``input_quant``. With no spec on either site
 they compute exactly what the float module computes.
 
+A residual addition written as an :class:`Add` module (``self.add(out, shortcut)``, as the zoo's
+ResNet and MobileNetV2 blocks do) becomes a :class:`QAdd` with one activation site per operand:
+off by default, and set by a plan's ``meta["adds"]`` (see :mod:`mixq.wrap`). With both operands
+quantized, ONNX Runtime runs the addition in integers (QLinearAdd), and the convs that feed it
+in its integer kernels, instead of leaving the residual path in float32.
+
 Activation sites record statistics of their float input while observing (running min/max and a
 fixed-size sample); every activation spec derives its range from those statistics, so specs can
 be switched without calibrating again.
@@ -275,6 +281,28 @@ class QConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, groups={self.groups}"
         )
+
+
+class Add(nn.Module):
+    """``a + b`` as a module, so that :func:`mixq.wrap` can quantize both operands of the sum."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class QAdd(nn.Module):
+    """An :class:`Add` with an activation site per operand: ``quant[0](a) + quant[1](b)``.
+
+    With no spec on the sites it computes exactly what :class:`Add` computes.
+    """
+
+    def __init__(self, m: Add) -> None:
+        super().__init__()
+        self.quant = nn.ModuleList([Quantizer("act", channel_axis=1), Quantizer("act", channel_axis=1)])
+        object.__setattr__(self, "float_module", m)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.quant[0](a) + self.quant[1](b)
 
 
 QModule = QLinear | QConv2d

@@ -1,4 +1,10 @@
-"""Swap float layers for quantized ones once, then configure them with plans many times."""
+"""Swap float layers for quantized ones once, then configure them with plans many times.
+
+Residual additions written as :class:`mixq.nn.Add` modules become :class:`mixq.nn.QAdd` sites.
+They are not layers of a plan (no weights, nothing to search): one activation spec for every
+addition's operands is the plan's ``meta["adds"]`` (a QSpec as a dict, see :func:`with_adds`);
+a plan without it leaves the additions in float.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.nn import QConv2d, QLinear, QModule
-from mixq.plan import LayerSpec, Plan
+from mixq.nn import Add, QAdd, QConv2d, QLinear, QModule
+from mixq.plan import LayerSpec, Plan, QSpec
+
+ADDS = "adds"  # the plan meta key of the residual additions' operand spec
 
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QLinear, nn.Conv2d: QConv2d}
 
@@ -46,13 +54,16 @@ def wrap(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
         raise ValueError("wrap a model that contains the layer, not a bare layer")
     for name, m in targets:
         _set_child(model, name, QUANT_MODULES[type(m)](m))
+    for name, m in list(model.named_modules()):
+        if type(m) is Add and name not in skip:
+            _set_child(model, name, QAdd(m))
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Put the float layers back (in place); parameters are shared, so nothing is copied."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, (QLinear, QConv2d)):
+        if isinstance(m, (QLinear, QConv2d, QAdd)):
             _set_child(model, name, m.float_module)
     return model
 
@@ -62,6 +73,41 @@ def sites(model: nn.Module) -> dict[str, QModule]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))}
 
 
+def add_sites(model: nn.Module) -> dict[str, QAdd]:
+    """Return the quantized residual additions of a wrapped model by exact module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QAdd)}
+
+
+def with_adds(plan: Plan, spec: QSpec | str | None) -> Plan:
+    """A copy of ``plan`` whose residual additions quantize both operands with ``spec``.
+
+    ``spec``: a QSpec, a candidate name whose input spec is used ("w8a8" or "a8"), or None
+    (float additions).
+    """
+    meta = {k: v for k, v in plan.meta.items() if k != ADDS}
+    if isinstance(spec, str):
+        from mixq.plan import parse_candidate
+
+        act = parse_candidate(spec).act
+        if act is None:
+            raise ValueError(f"candidate {spec!r} has no input spec for the additions; e.g. 'a8' or 'w8a8'")
+        spec = act
+    if spec is not None:
+        meta[ADDS] = spec.to_dict()
+    return Plan(dict(plan.layers), meta)
+
+
+def adds_spec(plan: Plan) -> QSpec | None:
+    """The operand spec of a plan's residual additions (None: float)."""
+    d = plan.meta.get(ADDS)
+    if d is None:
+        return None
+    try:
+        return QSpec.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"plan meta {ADDS!r} is not a QSpec: {d!r} ({e})") from None
+
+
 def current_plan(model: nn.Module) -> Plan:
     """Return the specs currently set on the model's sites as a Plan (float layers left out)."""
     layers = {}
@@ -69,12 +115,17 @@ def current_plan(model: nn.Module) -> Plan:
         spec = LayerSpec(m.weight_quant.spec, m.input_quant.spec)
         if spec.weight is not None or spec.act is not None:
             layers[name] = spec
-    return Plan(layers)
+    add = next((m.quant[0].spec for m in add_sites(model).values()), None)
+    return Plan(layers, {ADDS: add.to_dict()} if add is not None else {})
 
 
 def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
-    """Set every site of a wrapped model from ``plan``; layers the plan omits become float."""
+    """Set every site of a wrapped model from ``plan``; layers the plan omits become float.
+
+    The residual additions take ``plan.meta["adds"]`` (float when absent, or for a plain dict).
+    """
     layers = plan.layers if isinstance(plan, Plan) else plan
+    add = adds_spec(plan) if isinstance(plan, Plan) else None
     qlayers = sites(model)
     if not qlayers:
         raise ValueError("model has no quantized layers; call mixq.wrap(model) first")
@@ -83,6 +134,9 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
         spec = layers.get(name)
         m.weight_quant.set_spec(spec.weight if spec else None)
         m.input_quant.set_spec(spec.act if spec else None)
+    for m in add_sites(model).values():
+        for q in m.quant:
+            q.set_spec(add)
     return model
 
 
@@ -104,6 +158,8 @@ def calibrate(
 ) -> int:
     """Record activation statistics of every site's float input over ``batches``.
 
+    The operands of the residual additions (:class:`mixq.nn.QAdd`) are observed too.
+
     Specs are switched off while observing, so the statistics are those of the float model.
     With ``gram``, each layer also accumulates its input Gram matrix (for clip "omse").
 
@@ -115,12 +171,16 @@ def calibrate(
         raise ValueError("model has no quantized layers; call mixq.wrap(model) first")
     run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
     seen = 0
+    operands = [q for m in add_sites(model).values() for q in m.quant]
     with applied(model, {}):
         for m in qlayers.values():
             m.input_quant.reset_stats()
             m.input_quant.observing = True
             m.weight_quant.gram = None
             m.weight_quant.collect_gram = gram
+        for q in operands:
+            q.reset_stats()
+            q.observing = True
         try:
             with torch.no_grad():  # not inference_mode: statistics are reused under autograd
                 for batch in batches:
@@ -130,6 +190,8 @@ def calibrate(
             for m in qlayers.values():
                 m.input_quant.observing = False
                 m.weight_quant.collect_gram = False
+            for q in operands:
+                q.observing = False
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one batch")
     return seen

@@ -144,3 +144,19 @@ class DeployConv2d(nn.Module):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DeployAdd(nn.Module):
+    """A residual addition with frozen operand quantizers: ``quant[0](a) + quant[1](b)``.
+
+    The quantizers' layer names are ``{addition}.quant.{i}``, as their markers in the ONNX graph.
+    """
+
+    def __init__(self, acts: list[ActQuant]) -> None:
+        super().__init__()
+        if len(acts) != 2:
+            raise ValueError(f"an addition has two operand quantizers, got {len(acts)}")
+        self.quant = nn.ModuleList(acts)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.quant[0](a) + self.quant[1](b)

@@ -11,6 +11,10 @@ Per quantized layer ``L`` the file holds
 * ``L.input.scale`` (float32) and ``L.input.zero`` (packed) of a quantized input (a SPARQ input:
   those of its 8-bit code, whose spec the metadata holds as ``act_base``);
 * ``L.bias`` (float32), or ``L.weight`` (float32) for a float layer;
+* per quantized residual addition ``A`` (:class:`mixq.nn.QAdd`): ``A.quant.0.scale``,
+  ``A.quant.0.zero``, ``A.quant.1.scale``, ``A.quant.1.zero`` (float32, one value each), the
+  state dict of its :class:`~mixq.export.modules.DeployAdd`, and its operand spec in the
+  metadata (``adds``);
 
 and every other tensor of the model's state dict as it is. The metadata key ``mixq`` holds a
 JSON object: the schema, the plan, the task's name, each layer's kind, shape and specs, and
@@ -41,10 +45,10 @@ from mixq.export.codes import (
     int_to_code,
     point_mask,
 )
-from mixq.export.modules import ActQuant, DeployConv2d, DeployLinear
+from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.export.packing import pack_bits, unpack_bits
 from mixq.formats import Int, Mx, Sparq
-from mixq.nn import QConv2d, QLinear
+from mixq.nn import Add, QAdd, QConv2d, QLinear
 from mixq.plan import Plan, QSpec
 from mixq.wrap import sites, unwrap
 
@@ -58,7 +62,8 @@ class LayerExport:
 
     Attributes:
         name: exact module name.
-        kind: "linear" or "conv".
+        kind: "linear", "conv", or "add": one operand of a quantized residual addition (the
+            ``act*`` fields only; ``weight`` is empty, see :func:`collect_adds`).
         weight: the encoded weight, or the float32 weight of a float layer.
         bias: float32 bias or None.
         act: the input spec, or None (float input).
@@ -137,8 +142,66 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
     return layers
 
 
-def deploy(skeleton: nn.Module, layers: dict[str, LayerExport]) -> nn.Module:
-    """Replace each named float layer of ``skeleton`` (in place) by its deployed version."""
+@torch.no_grad()
+def collect_adds(model: nn.Module) -> dict[str, LayerExport]:
+    """The quantized operands of a model's residual additions, as input-only layer records.
+
+    Each operand is a :class:`LayerExport` of kind "add" named ``{addition}.quant.{i}`` with its
+    spec, scale and zero point (no weight): from a wrapped model's :class:`~mixq.nn.QAdd` sites
+    with a spec, or a deployed model's :class:`~mixq.export.modules.DeployAdd` modules.
+    """
+    out: dict[str, LayerExport] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QAdd):
+            for i, q in enumerate(m.quant):
+                if q.spec is None:
+                    continue
+                if isinstance(q.spec.fmt, Mx | Sparq):
+                    raise ValueError(
+                        f"addition {name}: operand format {q.spec.fmt} is not exportable; "
+                        "supported: integer and fp8 formats per tensor"
+                    )
+                try:
+                    scale, zero = act_params(q)
+                except ValueError as e:
+                    raise ValueError(f"addition {name}: {e}") from None
+                op = f"{name}.quant.{i}"
+                out[op] = LayerExport(op, "add", torch.empty(0), None, q.spec, scale, zero, q.channel_axis)
+        elif isinstance(m, DeployAdd):
+            for i, a in enumerate(m.quant):
+                op, empty = f"{name}.quant.{i}", torch.empty(0)
+                out[op] = LayerExport(op, "add", empty, None, a.spec, a.scale, a.zero, a.channel_axis)
+    return out
+
+
+def _deploy_adds(skeleton: nn.Module, adds: dict[str, LayerExport]) -> None:
+    """Replace each quantized addition of ``skeleton`` (in place) by a DeployAdd."""
+    names = sorted({op.rpartition(".quant.")[0] for op in adds})
+    for name in names:
+        ops = [adds.get(f"{name}.quant.{i}") for i in range(2)]
+        if any(lx is None for lx in ops):
+            got = [o for o in adds if o.startswith(f"{name}.quant.")]
+            raise ValueError(f"addition {name}: both operands need a quantizer, the export has {got}")
+        try:
+            old = skeleton.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"addition {name!r} of the export is not in the model") from None
+        if not isinstance(old, Add | QAdd | DeployAdd):
+            raise ValueError(f"addition {name}: the model has {type(old).__name__}, the export an Add")
+        acts = [ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, lx.name) for lx in ops]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, attr, DeployAdd(acts))
+
+
+def deploy(
+    skeleton: nn.Module, layers: dict[str, LayerExport], adds: dict[str, LayerExport] | None = None
+) -> nn.Module:
+    """Replace each named float layer of ``skeleton`` (in place) by its deployed version.
+
+    ``adds``: the quantized operands of residual additions (:func:`collect_adds`); their
+    additions become DeployAdd modules.
+    """
+    _deploy_adds(skeleton, adds or {})
     for name, lx in layers.items():
         parent_name, _, attr = name.rpartition(".")
         parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
@@ -175,7 +238,7 @@ def deploy_model(qmodel: nn.Module) -> tuple[nn.Module, dict[str, LayerExport]]:
     layers = collect(qmodel)
     if not sites(qmodel):
         return copy.deepcopy(qmodel), layers
-    return deploy(copy.deepcopy(qmodel), layers), layers
+    return deploy(copy.deepcopy(qmodel), layers, collect_adds(qmodel)), layers
 
 
 def _structure_types() -> dict[str, type[nn.Module]]:
@@ -274,12 +337,18 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
             tensors[k] = v.detach().clone().contiguous()
     for lx in layers.values():
         tensors.update(_layer_tensors(lx))
+    adds = collect_adds(qmodel)
+    for lx in adds.values():  # the DeployAdd state dict
+        assert lx.act_scale is not None and lx.act_zero is not None
+        tensors[f"{lx.name}.scale"] = lx.act_scale.float().reshape(1).contiguous()
+        tensors[f"{lx.name}.zero"] = lx.act_zero.float().reshape(1).contiguous()
     meta = {
         "schema": SCHEMA,
         "task": plan.meta.get("task"),
         "plan": plan.to_dict(),
         "layers": {n: _layer_meta(lx) for n, lx in layers.items()},
         "modules": structure(qmodel),
+        **({"adds": {n: lx.act.to_dict() for n, lx in adds.items() if lx.act is not None}} if adds else {}),
     }
     path = Path(path)
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
@@ -410,6 +479,18 @@ def read_safetensors(
     return meta, layers, tensors
 
 
+def _read_adds(adds: dict[str, Any]) -> dict[str, LayerExport]:
+    """Operand records of the quantized additions in a file's metadata (values: placeholders)."""
+    out = {}
+    for op, d in adds.items():
+        try:
+            spec = QSpec.from_dict(d)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"addition operand {op}: corrupt spec {d!r} ({e})") from None
+        out[op] = LayerExport(op, "add", torch.empty(0), None, spec, torch.zeros(1), torch.zeros(1), 1)
+    return out
+
+
 def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the deployed model of a packed file; see :func:`mixq.export.load`."""
     meta, layers, rest = read_safetensors(path)
@@ -426,6 +507,8 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Mod
     skeleton = copy.deepcopy(model).eval()
     unwrap(skeleton)
     restore_structure(skeleton, meta.get("modules") or {}, rest)
+    adds = _read_adds(meta.get("adds") or {})
+    _deploy_adds(skeleton, adds)  # placeholders: load_state_dict fills their scales and zeros
     expected = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
     missing, unknown = sorted(expected - set(rest)), sorted(set(rest) - expected)
     if missing or unknown:

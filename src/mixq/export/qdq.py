@@ -24,6 +24,9 @@ is then replaced here:
   the partner channel's code tested for zero (Gather along the channel axis, Equal, Where),
   times the scale: standard ops that compute the simulation's values. A signed SPARQ site
   (outside SPARQ) is the plain 8-bit asymmetric QDQ, as simulated.
+* residual additions (:class:`mixq.nn.QAdd`, a plan's ``meta["adds"]``): each operand is a
+  ``QuantizeLinear -> DequantizeLinear`` like a layer's input, so ONNX Runtime fuses the
+  addition into QLinearAdd and the convs feeding it into QLinearConv;
 * biases stay float32; ONNX Runtime quantizes them itself when it fuses a layer into an
   integer kernel (QLinearConv, QGemm).
 
@@ -48,7 +51,7 @@ from torch import nn
 
 from mixq.export.codes import Encoded, code_to_int
 from mixq.export.modules import MARKER_DOMAIN
-from mixq.export.packed import LayerExport, deploy_model
+from mixq.export.packed import LayerExport, collect_adds, deploy_model
 from mixq.formats import Fp, Int, Mx, Sparq
 from mixq.plan import QSpec
 
@@ -123,9 +126,22 @@ class _Graph:
         self.inits: list[Any] = []
         self.float_weights: list[str] = []
         self.int4_as_int8 = int4_as_int8  # 2..4-bit weight codes stored as INT8/UINT8
+        self._seen: dict[tuple, str] = {}  # (type, dims, bytes) -> the initializer's name
 
     def add(self, t: Any) -> str:
+        """Add an initializer; one equal to an earlier one (type, shape, bytes) is that one.
+
+        Equal scales and zero points under one name let ONNX Runtime merge the quantizers that
+        several consumers put on one tensor (common subexpressions), so that, e.g., a residual
+        addition whose output feeds both the next conv's and the next addition's quantizer still
+        fuses into QLinearAdd.
+        """
+        key = (t.data_type, tuple(t.dims), t.raw_data) if t.raw_data else None
+        if key is not None and key in self._seen:
+            return self._seen[key]
         self.inits.append(t)
+        if key is not None:
+            self._seen[key] = t.name
         return t.name
 
 
@@ -265,6 +281,8 @@ def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None
 
 def _float_weight(lx: LayerExport) -> bool:
     """Whether a layer's weight is a float32 initializer in the graph (no QDQ form, or float)."""
+    if lx.kind == "add":  # an addition's operand: no weight
+        return False
     w = lx.weight
     return not isinstance(w, Encoded) or (w.spec.points is None and _weight_values(w) is None)
 
@@ -379,20 +397,28 @@ def _float_convs(
     """The conv layers that ONNX Runtime can only run in float32: their weights go in as float.
 
     ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
-    through QDQ: a conv with a float input, or whose output feeds something other than an
-    input quantizer (a residual Add, a pooling), runs in float32. With a DequantizeLinear
-    weight it would then dequantize the weight on every run and miss its NCHWc float kernels,
-    since ORT does not constant-fold DequantizeLinear; the exact dequantized values avoid both.
+    through QDQ: a conv with a float input, or whose output feeds something other than input
+    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. With a
+    DequantizeLinear weight it would then dequantize the weight on every run and miss its NCHWc
+    float kernels, since ORT does not constant-fold DequantizeLinear; the exact dequantized
+    values avoid both.
     The value says whether the conv's output has several users (one of which may be a
     quantizer): its input is then dequantized in the form ORT does not fuse.
     """
-    fed: set[int] = set()  # id() of the nodes whose output reaches an input quantizer alone
+    heads: dict[str, set[int]] = {}  # tensor -> its users that lead to an input quantizer
+    quantizers: dict[str, set[tuple]] = {}  # tensor -> the parameters of those quantizers
     for node in graph.node:
         if node.domain == MARKER_DOMAIN and node.op_type == "Act":
             chain = _chain_above(node.input[0], producers, consumers, constants)
             x = chain[0].input[0] if chain else node.input[0]
-            if len(consumers.get(x, [])) == 1 and (top := producers.get(x)) is not None:
-                fed.add(id(top))
+            heads.setdefault(x, set()).add(id(chain[0] if chain else node))
+            layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+            quantizers.setdefault(x, set()).add(_quantizer_key(layers[layer]))
+    # a tensor whose every user leads to an equal quantizer: ORT merges those into one and fuses
+    # the producer (e.g. a projection conv feeding the next block's conv and residual addition)
+    fed = {id(top) for x, users in heads.items()
+           if len(consumers.get(x, [])) == len(users) and len(quantizers[x]) == 1
+           and (top := producers.get(x)) is not None}  # fmt: skip
     out: dict[str, bool] = {}
     for node in graph.node:
         if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
@@ -405,6 +431,14 @@ def _float_convs(
         if lx.act is None or (lx.act_base is None and id(users[0]) not in fed):
             out[layer] = len(consumers.get(users[0].output[0], [])) > 1
     return out
+
+
+def _quantizer_key(lx: LayerExport) -> tuple:
+    """What decides an input quantizer's QDQ nodes: equal keys give equal nodes."""
+    spec = lx.act_base or lx.act
+    scale = None if lx.act_scale is None else lx.act_scale.float().numpy().tobytes()
+    zero = None if lx.act_zero is None else lx.act_zero.float().numpy().tobytes()
+    return (repr(spec), lx.act_base is not None, scale, zero)
 
 
 def _pool_before_relu(chain: list[Any], moved: dict[int, Any]) -> None:
@@ -616,7 +650,7 @@ def export_deployed(
             custom_opsets={MARKER_DOMAIN: 1},
         )
     channels = {n: int(m.weight.shape[1]) * getattr(m, "groups", 1) for n, m in model.named_modules()
-                if n in layers}  # fmt: skip
+                if n in layers and layers[n].kind != "add"}  # fmt: skip
     proto = rewrite(onnx.load_from_string(buf.getvalue()), layers, channels, int4_as_int8)
     onnx.checker.check_model(proto)
     path = Path(path)
@@ -627,6 +661,7 @@ def export_deployed(
 def save_onnx(qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool = False) -> Path:
     """Export a wrapped model with its plan applied as an ONNX QDQ model (see mixq.export.save)."""
     model, layers = deploy_model(qmodel)
+    layers = layers | collect_adds(model)  # the residual additions' operands, by marker name
     for lx in layers.values():  # fail before tracing on an input format ONNX cannot express
         if lx.act is not None and not _act_expressible(lx.act):
             raise ValueError(

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixq.nn import Add
+
 log = logging.getLogger(__name__)
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -49,13 +51,14 @@ class BasicBlock(nn.Module):
         self.shortcut = (
             nn.Sequential(*conv_bn(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else nn.Identity()
         )
+        self.add = Add()  # a module: mixq.wrap can quantize both operands (plan meta "adds")
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        return self.relu2(self.add(out, self.shortcut(x)))
 
 
 class ResNet20(nn.Module):
@@ -126,11 +129,13 @@ class InvertedResidual(nn.Module):
         layers += conv_bn(hidden, c_out, 1)
         self.body = nn.Sequential(*layers)
         self.use_residual = stride == 1 and c_in == c_out
+        if self.use_residual:
+            self.add = Add()  # a module: mixq.wrap can quantize both operands (plan meta "adds")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
         out = self.body(x)
-        return x + out if self.use_residual else out
+        return self.add(x, out) if self.use_residual else out
 
 
 class MobileNetV2(nn.Module):
