@@ -64,6 +64,16 @@ def test_recipe_with_unknown_key(tmp_path, capsys):
     assert "bad.toml" in capsys.readouterr().err
 
 
+def test_adds_reach_the_run_and_a_model_without_additions_says_so(tmp_path, capsys):
+    assert cli.main(["run", *ARGS, "--adds", "a8", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "quantizes residual additions" in err and "mixq.nn.Add()" in err
+    recipe = tmp_path / "adds.toml"
+    recipe.write_text('task = "synthetic-mlp"\ncandidates = ["w4"]\nadds = "a8"\n')
+    assert cli.main(["run", "--recipe", str(recipe), "--out", str(tmp_path / "b")]) == 2
+    assert "mixq.nn.Add()" in capsys.readouterr().err
+
+
 def test_bad_candidate_exits_2(tmp_path, capsys):
     code = cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w4,w9", "--out", str(tmp_path / "y")])
     assert code == 2

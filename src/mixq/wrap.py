@@ -134,7 +134,13 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
         spec = layers.get(name)
         m.weight_quant.set_spec(spec.weight if spec else None)
         m.input_quant.set_spec(spec.act if spec else None)
-    for m in add_sites(model).values():
+    adds = add_sites(model)
+    if add is not None and not adds:
+        raise ValueError(
+            f"the plan quantizes residual additions (meta {ADDS!r}), but the model has none: "
+            "write them as mixq.nn.Add() modules (out = self.add(x, y)) to quantize them"
+        )
+    for m in adds.values():
         for q in m.quant:
             q.set_spec(add)
     return model
