@@ -69,8 +69,9 @@ def test_add_operands_match_an_independent_8_bit_quantizer() -> None:
         inputs = torch.cat(batches)
         x = torch.randn(4, 3, 4, 4) * 1.5  # values beyond the calibrated range saturate
         a, b = model.conv(x), x
-        want = model.fc(torch.relu(_uint8(a, convs.min().item(), convs.max().item())
-                                   + _uint8(b, inputs.min().item(), inputs.max().item())).flatten(1))  # fmt: skip
+        qa = _uint8(a, convs.min().item(), convs.max().item())
+        qb = _uint8(b, inputs.min().item(), inputs.max().item())
+        want = model.fc(torch.relu(qa + qb).flatten(1))
         mixq.apply(q, with_adds(Plan({}), "a8"))
         got = q(x)
     assert torch.allclose(got, want, rtol=0, atol=1e-6)
@@ -119,6 +120,11 @@ def test_run_with_adds_records_them(resnet) -> None:
 def test_safetensors_round_trip_of_quantized_adds_is_bit_exact(resnet, tmp_path) -> None:
     task, res = resnet
     path = export.save(res, tmp_path / "m.safetensors")
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    payload = path.stat().st_size - 8 - header
+    assert payload == res.metrics["size_bytes"]  # the additions' scales and zero points counted
+    plain = mixq.evaluate(task, Plan(res.plan.layers, {}))
+    assert res.metrics["size_bytes"] - plain.metrics["size_bytes"] == 9 * 2 * (4 + 1)
     model = export.load(path)
     assert sum(isinstance(m, DeployAdd) for m in model.modules()) == 9
     x = task.val[0][0]
@@ -139,9 +145,8 @@ def test_onnx_runs_quantized_adds_and_every_conv_in_integers(resnet, tmp_path) -
     outs = {}
     for optimize in (False, True):
         so = ort.SessionOptions()
-        so.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
+        level = ort.GraphOptimizationLevel
+        so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         if optimize:
             so.optimized_model_filepath = str(tmp_path / "opt.onnx")
         s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -22,7 +22,7 @@ from mixq.methods import METHODS
 from mixq.methods.common import Context
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
-from mixq.wrap import ADDS, apply, calibrate, sites, with_adds, wrap
+from mixq.wrap import ADDS, adds_spec, apply, calibrate, sites, with_adds, wrap
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def run(
         "metric_name": task.metric_name,
         "metric": value,
         "fp_metric": task.fp_metric(),
-        **cost.metrics_of(mc, [plan.layers.get(n, FLOAT) for n in ctx.layers]),
+        **cost.metrics_of(mc, [plan.layers.get(n, FLOAT) for n in ctx.layers], adds_spec(plan)),
         "seconds": seconds,
         "eval_seconds": time.perf_counter() - t1,
         "layers": len(ctx.layers),
@@ -257,7 +257,8 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
         "metric_name": task.metric_name,
         "metric": float(task.metric(qmodel, task.val)),
         "fp_metric": task.fp_metric(),
-        **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos]),
+        **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos],
+                          adds_spec(plan)),
         "eval_seconds": time.perf_counter() - t0,
         "layers": len(infos),
         **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),

@@ -8,8 +8,9 @@ Conventions (the same for every method, peer tool and export):
   layer stores float32 weights (32 bits each).
 * ``avg_weight_bits`` = sum of weight storage bits / sum of weights, over the quantizable layers.
 * ``size_bytes`` = the whole model: quantizable weights as above, plus float32 biases, plus the
-  activation scale (32 bits) and zero point of each quantized input, plus every other parameter
-  of the model in float32. ``size_ratio`` = size_bytes / the float32 model's size.
+  activation scale (32 bits) and zero point of each quantized input (the operands of quantized
+  residual additions too), plus every other parameter of the model in float32.
+  ``size_ratio`` = size_bytes / the float32 model's size.
 * ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
   32 for float (methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
   activation counts window plus window-position bits (:func:`spec_bits`), not just its 4 bits.
@@ -27,7 +28,7 @@ from torch import nn
 
 from mixq import formats
 from mixq.formats import Mx, Sparq
-from mixq.nn import QConv2d, QLinear
+from mixq.nn import QAdd, QConv2d, QLinear
 from mixq.plan import LayerSpec, QSpec
 from mixq.wrap import sites
 
@@ -225,6 +226,7 @@ class ModelCosts:
 
     infos: tuple[LayerInfo, ...]
     other_params: int  # parameters outside the quantizable layers' weights and biases
+    n_adds: int = 0  # residual additions (mixq.nn.QAdd sites), two quantizable operands each
 
     @property
     def n_weights(self) -> int:
@@ -241,15 +243,20 @@ def model_costs(model: nn.Module, infos: Sequence[LayerInfo]) -> ModelCosts:
     """Count the parameters outside the quantizable layers of a wrapped model."""
     inside = {id(p) for m in sites(model).values() for p in (m.weight, m.bias) if p is not None}
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
-    return ModelCosts(tuple(infos), other)
+    return ModelCosts(tuple(infos), other, sum(isinstance(m, QAdd) for m in model.modules()))
 
 
-def metrics_of(mc: ModelCosts, specs: Sequence[LayerSpec]) -> dict[str, float]:
-    """Return avg_weight_bits, size_bytes, size_ratio and bops of per-layer ``specs``."""
+def metrics_of(mc: ModelCosts, specs: Sequence[LayerSpec], adds: QSpec | None = None) -> dict[str, float]:
+    """Return avg_weight_bits, size_bytes, size_ratio and bops of per-layer ``specs``.
+
+    ``adds``: the operand spec of the residual additions (a plan's ``meta["adds"]``), whose
+    scales and zero points count in ``size_bytes`` like a layer input's.
+    """
     tot = {k: 0.0 for k in COST_KEYS}
     for info, spec in zip(mc.infos, specs, strict=True):
         for k, v in layer_costs(info, spec).items():
             tot[k] += v
+    tot["size_bits"] += 2 * mc.n_adds * act_param_bits(adds)
     size_bytes = tot["size_bits"] / 8 + 4.0 * mc.other_params
     return {
         "avg_weight_bits": tot["weight_bits"] / mc.n_weights,

@@ -11,10 +11,9 @@ Per quantized layer ``L`` the file holds
 * ``L.input.scale`` (float32) and ``L.input.zero`` (packed) of a quantized input (a SPARQ input:
   those of its 8-bit code, whose spec the metadata holds as ``act_base``);
 * ``L.bias`` (float32), or ``L.weight`` (float32) for a float layer;
-* per quantized residual addition ``A`` (:class:`mixq.nn.QAdd`): ``A.quant.0.scale``,
-  ``A.quant.0.zero``, ``A.quant.1.scale``, ``A.quant.1.zero`` (float32, one value each), the
-  state dict of its :class:`~mixq.export.modules.DeployAdd`, and its operand spec in the
-  metadata (``adds``);
+* per quantized residual addition ``A`` (:class:`mixq.nn.QAdd`), for each operand ``i``:
+  ``A.quant.i.scale`` (float32) and ``A.quant.i.zero`` (packed, asymmetric specs), as a
+  layer's input, with the operand spec in the metadata (``adds``);
 
 and every other tensor of the model's state dict as it is. The metadata key ``mixq`` holds a
 JSON object: the schema, the plan, the task's name, each layer's kind, shape and specs, and
@@ -338,10 +337,12 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     for lx in layers.values():
         tensors.update(_layer_tensors(lx))
     adds = collect_adds(qmodel)
-    for lx in adds.values():  # the DeployAdd state dict
-        assert lx.act_scale is not None and lx.act_zero is not None
+    for lx in adds.values():  # as a layer's input: float32 scale, zero point packed (asymmetric)
+        assert lx.act is not None and lx.act_scale is not None and lx.act_zero is not None
+        tensors.pop(f"{lx.name}.zero", None)  # a deployed model's float buffer
         tensors[f"{lx.name}.scale"] = lx.act_scale.float().reshape(1).contiguous()
-        tensors[f"{lx.name}.zero"] = lx.act_zero.float().reshape(1).contiguous()
+        if not lx.act.symmetric:
+            tensors[f"{lx.name}.zero"] = pack_bits(lx.act_zero.reshape(1).to(torch.int64), lx.act.bits)
     meta = {
         "schema": SCHEMA,
         "task": plan.meta.get("task"),
@@ -509,6 +510,12 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Mod
     restore_structure(skeleton, meta.get("modules") or {}, rest)
     adds = _read_adds(meta.get("adds") or {})
     _deploy_adds(skeleton, adds)  # placeholders: load_state_dict fills their scales and zeros
+    for op, lx in adds.items():  # the zero points as the DeployAdd's float buffers
+        assert lx.act is not None
+        if lx.act.symmetric:
+            rest[f"{op}.zero"] = torch.zeros(1)
+        elif f"{op}.zero" in rest:
+            rest[f"{op}.zero"] = unpack_bits(rest[f"{op}.zero"], lx.act.bits, 1).float()
     expected = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
     missing, unknown = sorted(expected - set(rest)), sorted(set(rest) - expected)
     if missing or unknown:
