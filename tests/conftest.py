@@ -1,8 +1,11 @@
 """Test-suite settings shared by every module."""
 
+import importlib.util
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,23 @@ from hypothesis import settings
 # Property tests are derandomized so every run checks the same cases.
 settings.register_profile("mixq", derandomize=True, database=None)
 settings.load_profile("mixq")
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """Import a file under bench/ (scripts, not a package) as the module ``name``."""
+
+    def load(name: str, relpath: str):
+        spec = importlib.util.spec_from_file_location(name, BENCH / relpath)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,9 +5,7 @@ ONNX Runtime alone, so what they hold must reproduce mixq's simulated outputs an
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def target(load_bench):
+    return load_bench("deploy_target", "deploy_target.py")
 
 
 @pytest.fixture(scope="module")
-def target():
-    return _load("deploy_target", ROOT / "bench" / "deploy_target.py")
-
-
-@pytest.fixture(scope="module")
-def deploy(target):
-    return _load("bench_deploy", ROOT / "bench" / "deploy.py")
+def deploy(target, load_bench):
+    return load_bench("bench_deploy", "deploy.py")
 
 
 def test_time_plans_paired_ratio_is_the_median_of_rounds(target, monkeypatch):

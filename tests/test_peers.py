@@ -12,7 +12,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,22 +24,14 @@ from mixq.plan import parse_candidate
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def peers(load_bench):
+    return load_bench("bench_peers", "peers.py")
 
 
 @pytest.fixture(scope="module")
-def peers():
-    return _load("bench_peers", ROOT / "bench" / "peers.py")
-
-
-@pytest.fixture(scope="module")
-def common():
-    return _load("_common", ROOT / "bench" / "peers" / "_common.py")
+def common(load_bench):
+    return load_bench("_common", "peers/_common.py")
 
 
 def W(bits, gran="channel", group=None, sym=True):
@@ -289,8 +280,8 @@ def test_own_grid_records_an_infeasible_size(peers, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def aimet(common):
-    return _load("aimet_driver", ROOT / "bench" / "peers" / "aimet_driver.py")
+def aimet(common, load_bench):
+    return load_bench("aimet_driver", "peers/aimet_driver.py")
 
 
 def test_aimet_walk_replays_the_cumulative_steps(aimet):
@@ -332,8 +323,8 @@ def test_mixq_points_leave_out_methods_that_train(peers, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def hawq(common):
-    return _load("nncf219_driver", ROOT / "bench" / "peers" / "nncf219_driver.py")
+def hawq(common, load_bench):
+    return load_bench("nncf219_driver", "peers/nncf219_driver.py")
 
 
 def test_nncf219_layer_names_from_node_names(hawq):
