@@ -135,6 +135,28 @@ def test_safetensors_round_trip_of_quantized_adds_is_bit_exact(resnet, tmp_path)
         assert torch.equal(export.load(again)(x), res.model(x))
 
 
+def test_a_corrupt_addition_record_in_the_file_is_named(resnet, tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, res = resnet
+    path = export.save(res, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["mixq"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    op = next(iter(meta["adds"]))
+    meta["adds"][op] = {"fmt": "int99"}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"mixq": json.dumps(meta)})
+    with pytest.raises(ValueError, match=f"addition operand {op}: corrupt spec"):
+        export.load(tmp_path / "bad.safetensors")
+    meta["adds"] = {}  # the additions' tensors no longer fit the model
+    save_file(tensors, str(tmp_path / "bad2.safetensors"), metadata={"mixq": json.dumps(meta)})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        export.load(tmp_path / "bad2.safetensors")
+
+
 def test_onnx_runs_quantized_adds_and_every_conv_in_integers(resnet, tmp_path) -> None:
     """With the additions quantized, ORT fuses them into QLinearAdd and every conv into QLinearConv."""
     task, res = resnet
