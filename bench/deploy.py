@@ -222,7 +222,8 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
         raise SystemExit("--export-dir writes the image classifiers (minilm's batches differ in length)")
     x = torch.cat([b[0] for b in task.val])
     arrays = {f"val:{k}": v for k, v in feeds((x,)).items()} | {"label": truth(task)}
-    for bs, batch in latency_batches(task).items():
+    timing = latency_batches(task)
+    for bs, batch in timing.items():
         arrays |= {f"lat{bs}:{k}": v for k, v in feeds(batch).items()}
     plans: dict[str, dict[str, Any]] = {}
     for plan_name, res, how in plans_of(task):
@@ -240,7 +241,7 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
         "fp32_metric": task.fp_metric(),
         "info": task.info,
         "data": f"{name}.npz",
-        "latency_batches": list(latency_batches(task)),
+        "latency_batches": list(timing),
         "plans": plans,
     }
 

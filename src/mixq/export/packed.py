@@ -152,6 +152,7 @@ def collect_adds(model: nn.Module) -> dict[str, LayerExport]:
     out: dict[str, LayerExport] = {}
     for name, m in model.named_modules():
         if isinstance(m, QAdd):
+            params = []
             for i, q in enumerate(m.quant):
                 if q.spec is None:
                     continue
@@ -161,16 +162,21 @@ def collect_adds(model: nn.Module) -> dict[str, LayerExport]:
                         "supported: integer and fp8 formats per tensor"
                     )
                 try:
-                    scale, zero = act_params(q)
+                    params.append((i, q.spec, *act_params(q), q.channel_axis))
                 except ValueError as e:
                     raise ValueError(f"addition {name}: {e}") from None
-                op = f"{name}.quant.{i}"
-                out[op] = LayerExport(op, "add", torch.empty(0), None, q.spec, scale, zero, q.channel_axis)
         elif isinstance(m, DeployAdd):
-            for i, a in enumerate(m.quant):
-                op, empty = f"{name}.quant.{i}", torch.empty(0)
-                out[op] = LayerExport(op, "add", empty, None, a.spec, a.scale, a.zero, a.channel_axis)
+            params = [(i, a.spec, a.scale, a.zero, a.channel_axis) for i, a in enumerate(m.quant)]
+        else:
+            continue
+        for i, spec, scale, zero, axis in params:
+            out[f"{name}.quant.{i}"] = _operand(f"{name}.quant.{i}", spec, scale, zero, axis)
     return out
+
+
+def _operand(name: str, spec: QSpec, scale: torch.Tensor, zero: torch.Tensor, axis: int) -> LayerExport:
+    """The record of one operand of a quantized addition: an input quantizer, no weight."""
+    return LayerExport(name, "add", torch.empty(0), None, spec, scale, zero, axis)
 
 
 def _deploy_adds(skeleton: nn.Module, adds: dict[str, LayerExport]) -> None:
@@ -488,7 +494,7 @@ def _read_adds(adds: dict[str, Any]) -> dict[str, LayerExport]:
             spec = QSpec.from_dict(d)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"addition operand {op}: corrupt spec {d!r} ({e})") from None
-        out[op] = LayerExport(op, "add", torch.empty(0), None, spec, torch.zeros(1), torch.zeros(1), 1)
+        out[op] = _operand(op, spec, torch.zeros(1), torch.zeros(1), 1)
     return out
 
 

@@ -412,7 +412,7 @@ def _float_convs(
             chain = _chain_above(node.input[0], producers, consumers, constants)
             x = chain[0].input[0] if chain else node.input[0]
             heads.setdefault(x, set()).add(id(chain[0] if chain else node))
-            layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+            layer = _marker_layer(node)
             quantizers.setdefault(x, set()).add(_quantizer_key(layers[layer]))
     # a tensor whose every user leads to an equal quantizer: ORT merges those into one and fuses
     # the producer (e.g. a projection conv feeding the next block's conv and residual addition)
@@ -423,7 +423,7 @@ def _float_convs(
     for node in graph.node:
         if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
             continue
-        layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+        layer = _marker_layer(node)
         lx, users = layers[layer], consumers.get(node.output[0], [])
         points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
         if lx.kind != "conv" or points or len(users) != 1 or users[0].op_type != "Conv":
@@ -431,6 +431,11 @@ def _float_convs(
         if lx.act is None or (lx.act_base is None and id(users[0]) not in fed):
             out[layer] = len(consumers.get(users[0].output[0], [])) > 1
     return out
+
+
+def _marker_layer(node: Any) -> str:
+    """The layer a ``mixq`` marker node names."""
+    return next(a.s.decode() for a in node.attribute if a.name == "layer")
 
 
 def _quantizer_key(lx: LayerExport) -> tuple:
@@ -498,7 +503,7 @@ def rewrite(
     for node in graph.node:
         if node.domain != MARKER_DOMAIN:
             continue
-        layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
+        layer = _marker_layer(node)
         lx = layers[layer]
         if node.op_type == "Weight":
             _weight_nodes(g, lx, node.input[0], node.output[0], as_float=layer in float_convs)
