@@ -3,8 +3,10 @@
 For each task and plan: the simulated metric (mixq's fake-quantized model), the ONNX file's
 size, the packed safetensors size against the cost model, the metric computed from ONNX
 Runtime's outputs (full graph optimization: fused integer kernels where ONNX Runtime has them,
-and no optimization: the reference QDQ semantics), their agreement with the simulation, and
-the median latency at batch 1 and batch 256. Plans are timed interleaved (one run of each in
+and no optimization: the reference QDQ semantics), their agreement with the simulation, the
+metric of mixq's emulation of ONNX Runtime's integer kernels (``mixq.export.emulate``) and the
+fused outputs' agreement with it on every validation sample, and the median latency at batch 1
+and batch 256. Plans are timed interleaved (one run of each in
 turn, repeated) so that all of them see the same load of a shared machine.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/deploy.py [--tasks mnist-cnn,minilm] [--repeats 7]
@@ -231,6 +233,9 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
         mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=int8_storage(plan_name))
         sim = np.concatenate(simulated_outputs(task, res.model, len(task.val)))
         arrays[deploy_target.sim_key(plan_name)] = sim
+        emu = mixq.export.emulate(res, task, int4_as_int8=int8_storage(plan_name))
+        emulated = simulated_outputs(task, emu, len(task.val))  # ONNX Runtime's integer kernels
+        arrays[deploy_target.sim_key(plan_name, "emu")] = np.concatenate(emulated)
         plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics["metric"],
                             "plan_summary": res.plan.summary(), **how}  # fmt: skip
         print(f"{name:20s} {plan_name:30s} sim={res.metrics['metric']:.4f} -> {path.name}", flush=True)
@@ -277,12 +282,19 @@ def bench_task(
             "safetensors_file_bytes": packed.stat().st_size,
             "onnx_file_bytes": path.stat().st_size,
         }
+        emu = mixq.export.emulate(res, task, int4_as_int8=int8_storage(plan_name))
+        emulated = simulated_outputs(task, emu, len(task.val))
+        row["emulated_metric"] = metric_of(task, emulated)
+        row["emulated_kernels"] = {k: len(v) for k, v in emu.emulated.items()}
+        row["not_emulated_kernels"] = len(emu.not_emulated)
         for label, optimize in (("ort_fused", True), ("ort_reference", False)):
             s = session(path, optimize)
             outs = outputs(lambda b, s=s: s.run(None, feeds(b))[0], list(task.val))
             if optimize:
                 row["ort_fused_metric"] = metric_of(task, outs)
                 row["ort_fused_metric_minus_simulated"] = row["ort_fused_metric"] - m["metric"]
+                row["ort_fused_metric_minus_emulated"] = row["ort_fused_metric"] - row["emulated_metric"]
+                row["ort_fused_vs_emulated"] = agreement(task, outs, emulated)  # every sample
             else:  # the QDQ semantics without ORT's fused kernels: the simulated metric exactly
                 row["ort_reference_metric"] = metric_of(task, outs)
                 row["ort_reference_metric_minus_simulated"] = row["ort_reference_metric"] - m["metric"]
@@ -301,7 +313,8 @@ def bench_task(
                 row["ort_fused_ops"] = ops
         rows[plan_name] = row
         print(
-            f"{name:20s} {plan_name:16s} sim={m['metric']:.4f} ort={row['ort_fused_metric']:.4f} "
+            f"{name:20s} {plan_name:16s} sim={m['metric']:.4f} emulated={row['emulated_metric']:.4f} "
+            f"ort={row['ort_fused_metric']:.4f} "
             f"ref_maxdiff={row['ort_reference_vs_simulated']['max_abs_diff']:.3g} "
             f"onnx={row['onnx_file_bytes']} payload={payload} cost={m['size_bytes']:.0f}",
             flush=True,

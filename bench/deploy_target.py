@@ -9,6 +9,8 @@ kernels. For each task and plan it records, on that machine:
 - the metric computed from ONNX Runtime's outputs on the whole validation set, with full graph
   optimization (fused integer kernels) and with none (the QDQ reference semantics), against the
   simulated metric, and the largest output difference and top-1 agreement with the simulation;
+  the fused outputs also against mixq's emulation of ONNX Runtime's integer kernels
+  (``mixq.export.emulate``, computed where the folder was written);
 - the median latency at each exported batch size, all plans timed interleaved, and the paired
   speed-up over fp32 (the median over rounds of fp32's time / the plan's time in that round).
 
@@ -41,9 +43,12 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 VAL_BATCH = 256  # validation inputs per ONNX Runtime call
 
 
-def sim_key(plan: str) -> str:
-    """The npz key of a plan's simulated outputs (plan names may hold a '/')."""
-    return "sim:" + plan.replace("/", "_")
+def sim_key(plan: str, kind: str = "sim") -> str:
+    """The npz key of a plan's simulated ("sim") or emulated ("emu", mixq.export.emulate) outputs.
+
+    Plan names may hold a '/'.
+    """
+    return f"{kind}:" + plan.replace("/", "_")
 
 
 def session(path: Path, optimize: bool, threads: int = 1) -> ort.InferenceSession:
@@ -166,6 +171,9 @@ def check_task(root: Path, name: str, spec: dict[str, Any], repeats: int, thread
         sim = data[sim_key(plan)]
         row: dict[str, Any] = {"file": p["file"], "simulated_metric": p["simulated_metric"],
                                "simulated_metric_here": top1(sim, labels)}  # fmt: skip
+        emu = data[sim_key(plan, "emu")] if sim_key(plan, "emu") in data.files else None
+        if emu is not None:
+            row["emulated_metric"] = top1(emu, labels)
         for label, optimize in (("ort_fused", True), ("ort_reference", False)):
             s = session(root / p["file"], optimize, threads)
             outs = run_all(s, inputs)
@@ -174,6 +182,9 @@ def check_task(root: Path, name: str, spec: dict[str, Any], repeats: int, thread
             row[f"{label}_vs_simulated"] = agreement(outs, sim, classifier=True)
             if optimize:
                 fused[plan] = s
+                if emu is not None:  # ONNX Runtime's integer kernels as mixq emulates them
+                    row["ort_fused_metric_minus_emulated"] = row["ort_fused_metric"] - row["emulated_metric"]
+                    row["ort_fused_vs_emulated"] = agreement(outs, emu, classifier=True)
         rows[plan] = row
         print(f"{name:20s} {plan:30s} sim={p['simulated_metric']:.4f} fused={row['ort_fused_metric']:.4f} "
               f"ref={row['ort_reference_metric']:.4f}", flush=True)  # fmt: skip

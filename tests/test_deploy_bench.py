@@ -79,6 +79,9 @@ def test_export_dir_reproduces_the_simulation_in_onnx_runtime(deploy, target, tm
         assert row["ort_reference_vs_simulated"]["top1_agreement"] == 1.0
         assert row["ort_reference_vs_simulated"]["max_abs_diff"] < 0.1
         assert row["latency_ms_batch256"] > 0 and len(row["latency_ms_batch1_all"]) == 2
+        assert row["ort_fused_metric_minus_emulated"] == 0.0, plan
+        assert row["ort_fused_vs_emulated"]["top1_agreement"] == 1.0
+        assert row["ort_fused_vs_emulated"]["max_abs_diff"] < 1e-3  # float Gemm at the end only
     assert got["plans"]["fp32"]["ort_fused_vs_simulated"]["max_abs_diff"] < 1e-3
     assert got["plans"]["fp32"]["paired_speedup_vs_fp32_batch256"] == 1.0
 

@@ -5,6 +5,7 @@ res = mixq.run("mnist-cnn", candidates=["w4a8", "w8a8"], budget={"avg_weight_bit
 mixq.export.save(res, "model.safetensors")                 # bit-packed codes + scales + plan
 model = mixq.export.load("model.safetensors")              # outputs equal res.model's, bit for bit
 mixq.export.save(res, "model.onnx", format="onnx")         # QuantizeLinear/DequantizeLinear
+emu = mixq.export.emulate(res, task)                       # ONNX Runtime's integer kernels, in PyTorch
 ```
 """
 
@@ -15,12 +16,13 @@ from typing import Any
 
 from torch import nn
 
+from mixq.export.integer import emulate
 from mixq.export.packed import deploy_model, load_safetensors, read_safetensors, save_safetensors
 
 FORMATS = ("safetensors", "onnx")
 RUN_MODEL = "model.safetensors"  # the quantized model a run directory holds (mixq.api.write_run)
 
-__all__ = ["FORMATS", "RUN_MODEL", "deploy_model", "load", "read_safetensors", "rebuild", "save"]
+__all__ = ["FORMATS", "RUN_MODEL", "deploy_model", "emulate", "load", "read_safetensors", "rebuild", "save"]
 
 
 def _task_of(result: Any, task: Any) -> Any:

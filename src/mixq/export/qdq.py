@@ -134,9 +134,11 @@ class _Graph:
         Equal scales and zero points under one name let ONNX Runtime merge the quantizers that
         several consumers put on one tensor (common subexpressions), so that, e.g., a residual
         addition whose output feeds both the next conv's and the next addition's quantizer still
-        fuses into QLinearAdd.
+        fuses into QLinearAdd. Weight codes are never shared.
         """
-        key = (t.data_type, tuple(t.dims), t.raw_data) if t.raw_data else None
+        # weight codes keep their layer's name (mixq.export.emulate finds the layers by it)
+        shared = t.raw_data and not t.name.endswith(".codes")
+        key = (t.data_type, tuple(t.dims), t.raw_data) if shared else None
         if key is not None and key in self._seen:
             return self._seen[key]
         self.inits.append(t)
@@ -287,6 +289,22 @@ def _float_weight(lx: LayerExport) -> bool:
     return not isinstance(w, Encoded) or (w.spec.points is None and _weight_values(w) is None)
 
 
+def _integer_kernel(lx: LayerExport, g: _Graph) -> bool:
+    """Whether ONNX Runtime has an integer kernel for the layer: 8-bit codes of input and weight.
+
+    Layers with 4-bit (INT4/UINT4) or fp8 weights or inputs run in float32 on dequantized
+    values; ORT would still round their float biases to int32 (at scale ``s_x * s_w``) when
+    their input is a DequantizeLinear.
+    """
+    spec = lx.act_base or lx.act
+    w = lx.weight
+    if spec is None or not isinstance(spec.fmt, Int) or spec.fmt.bits <= 4 or not isinstance(w, Encoded):
+        return False
+    vals = _weight_values(w, g.int4_as_int8) if w.spec.points is None else None
+    tp = _onnx().TensorProto
+    return vals is not None and vals[2] in (tp.INT8, tp.UINT8)
+
+
 def _act_quantizer(g: _Graph, lx: LayerExport) -> tuple[str, str, tuple[str, str] | None]:
     """Add the scale and zero point (and Clip bounds) of a layer's input; return their names."""
     onnx = _onnx()
@@ -393,7 +411,7 @@ def _float_layer(node: Any, producers: dict[str, Any], constants: set[str]) -> b
 def _float_convs(
     graph: Any, layers: dict[str, LayerExport], producers: dict[str, Any], consumers: dict[str, list[Any]],
     constants: set[str],
-) -> dict[str, bool]:
+) -> set[str]:
     """The conv layers that ONNX Runtime can only run in float32: their weights go in as float.
 
     ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
@@ -401,9 +419,9 @@ def _float_convs(
     quantizers with equal parameters (a float residual Add, a pooling), runs in float32. With a
     DequantizeLinear weight it would then dequantize the weight on every run and miss its NCHWc
     float kernels, since ORT does not constant-fold DequantizeLinear; the exact dequantized
-    values avoid both.
-    The value says whether the conv's output has several users (one of which may be a
-    quantizer): its input is then dequantized in the form ORT does not fuse.
+    values avoid both. Their inputs are dequantized in the form ORT does not fuse (see
+    :func:`rewrite`): ORT quantizes the float weight of a conv with a DequantizeLinear input to
+    int8 itself, per tensor, which would change the layer's values.
     """
     heads: dict[str, set[int]] = {}  # tensor -> its users that lead to an input quantizer
     quantizers: dict[str, set[tuple]] = {}  # tensor -> the parameters of those quantizers
@@ -415,11 +433,20 @@ def _float_convs(
             layer = _marker_layer(node)
             quantizers.setdefault(x, set()).add(_quantizer_key(layers[layer]))
     # a tensor whose every user leads to an equal quantizer: ORT merges those into one and fuses
-    # the producer (e.g. a projection conv feeding the next block's conv and residual addition)
-    fed = {id(top) for x, users in heads.items()
-           if len(consumers.get(x, [])) == len(users) and len(quantizers[x]) == 1
-           and (top := producers.get(x)) is not None}  # fmt: skip
-    out: dict[str, bool] = {}
+    # the producer (e.g. a projection conv feeding the next block's conv and residual addition),
+    # also through a Relu above the merged quantizer (ORT drops a Relu that feeds a uint8 QDQ
+    # with zero point 0): a stem conv whose Relu feeds the first block's conv and shortcut
+    fed = set()
+    for x, users in heads.items():
+        if len(consumers.get(x, [])) != len(users) or len(quantizers[x]) != 1:
+            continue
+        top = producers.get(x)
+        while (top is not None and top.op_type == "Relu"
+               and len(consumers.get(top.input[0], [])) == 1):  # fmt: skip
+            top = producers.get(top.input[0])
+        if top is not None:
+            fed.add(id(top))
+    out: set[str] = set()
     for node in graph.node:
         if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
             continue
@@ -429,7 +456,7 @@ def _float_convs(
         if lx.kind != "conv" or points or len(users) != 1 or users[0].op_type != "Conv":
             continue
         if lx.act is None or (lx.act_base is None and id(users[0]) not in fed):
-            out[layer] = len(consumers.get(users[0].output[0], [])) > 1
+            out.add(layer)
     return out
 
 
@@ -476,12 +503,13 @@ def rewrite(
     the producing layer and the chain in integers; above a layer with a float input (which runs
     in float32 anyway) nothing is hoisted, and a ``Relu -> MaxPool`` there becomes
     ``MaxPool -> Relu`` (:func:`_pool_before_relu`). A conv with a single input channel becomes a
-    depthwise conv on the repeated channel (:func:`_as_depthwise`). A layer whose weight is a
-    float32 initializer (no QDQ form) gets its input dequantized as ``(Cast(q) - zero) * scale``
-    instead of a DequantizeLinear: ONNX Runtime's graph optimizations would otherwise quantize that float
-    weight to int8 themselves (DequantizeLinear -> Conv -> QuantizeLinear becomes QLinearConv)
-    and change the layer's values. ``channels``: the input channels of each layer
-    (needed by vSPARQ inputs, whose pairs run along them). ``int4_as_int8``: see
+    depthwise conv on the repeated channel (:func:`_as_depthwise`). A layer that ONNX Runtime
+    runs in float32 (a float32 weight initializer, a conv whose output meets no quantizer, 4-bit
+    or fp8 codes: :func:`_integer_kernel`) gets its input dequantized as
+    ``(Cast(q) - zero) * scale`` instead of a DequantizeLinear: after a DequantizeLinear, ONNX
+    Runtime's graph optimizations quantize a conv's or Gemm's float weight to int8 per tensor and
+    its float bias to int32 themselves, which changes the layer's values. ``channels``: the input
+    channels of each layer (needed by vSPARQ inputs, whose pairs run along them). ``int4_as_int8``: see
     :func:`mixq.export.save`.
     """
     graph = model.graph
@@ -513,8 +541,8 @@ def rewrite(
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
             float_zero = None
-            if _float_weight(lx) or float_convs.get(layer, False):  # keep ORT from quantizing
-                # a float weight to int8 itself where the output meets a quantizer (see rewrite)
+            if lx.kind != "add" and (_float_weight(lx) or layer in float_convs or not _integer_kernel(lx, g)):
+                # a layer ORT runs in float32: keep it from quantizing the weight and bias itself
                 assert lx.act_zero is not None
                 zf = lx.act_zero.reshape(())
                 float_zero = g.add(_tensor(f"{lx.name}.input.zero_float", _onnx().TensorProto.FLOAT, zf))
