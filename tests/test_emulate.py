@@ -105,6 +105,9 @@ def test_mnist_qgemm_and_float_input_layers_are_emulated(tmp_path) -> None:
         e = emu(x).numpy()
     assert np.abs(e - fused_out).max() < 1e-3 and (e.argmax(1) == fused_out.argmax(1)).all()
     assert (e.argmax(1) == y).mean() == (fused_out.argmax(1) == y).mean()
+    loaded = export.load(export.save(res, tmp_path / "m.safetensors"))  # a deployed model emulates alike
+    with torch.no_grad():
+        assert torch.equal(export.emulate(loaded, task)(x), emu(x))
 
 
 @pytest.mark.parametrize("cand", ["wfp8_e4m3fn-afp8_e4m3fn", "w4a8"])

@@ -243,7 +243,7 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
 
     from mixq.export.qdq import export_deployed
 
-    qmodel = getattr(model, "model", model)
+    qmodel = model if isinstance(model, nn.Module) else model.model  # a module, or a Result
     deployed, layers = deploy_model(qmodel)
     layers = layers | collect_adds(deployed)
     with tempfile.TemporaryDirectory() as tmp:
