@@ -49,7 +49,6 @@ from mixq.formats import Int
 
 log = logging.getLogger(__name__)
 
-EMULATED = ("QLinearConv", "QGemm", "QLinearAdd")  # fused kernels computed as ONNX Runtime does
 WEIGHT_INPUT = {"QLinearConv": 3, "QGemm": 3}  # the weight codes' input of a fused layer
 
 
