@@ -128,17 +128,16 @@ class _Graph:
         self.int4_as_int8 = int4_as_int8  # 2..4-bit weight codes stored as INT8/UINT8
         self._seen: dict[tuple, str] = {}  # (type, dims, bytes) -> the initializer's name
 
-    def add(self, t: Any) -> str:
+    def add(self, t: Any, share: bool = True) -> str:
         """Add an initializer; one equal to an earlier one (type, shape, bytes) is that one.
 
         Equal scales and zero points under one name let ONNX Runtime merge the quantizers that
         several consumers put on one tensor (common subexpressions), so that, e.g., a residual
         addition whose output feeds both the next conv's and the next addition's quantizer still
-        fuses into QLinearAdd. Weight codes are never shared.
+        fuses into QLinearAdd. ``share=False`` keeps the initializer's own name: weight codes
+        (:func:`mixq.export.emulate` finds each layer by its codes' name).
         """
-        # weight codes keep their layer's name (mixq.export.emulate finds the layers by it)
-        shared = t.raw_data and not t.name.endswith(".codes")
-        key = (t.data_type, tuple(t.dims), t.raw_data) if shared else None
+        key = (t.data_type, tuple(t.dims), t.raw_data) if share and t.raw_data else None
         if key is not None and key in self._seen:
             return self._seen[key]
         self.inits.append(t)
@@ -169,7 +168,7 @@ def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str, as_float
         return
     q, zero, dtype = vals
     q = q.t() if linear else q  # Linear exports as MatMul(x, W^T): channels on axis 1
-    codes = g.add(_tensor(f"{lx.name}.weight.codes", dtype, q))
+    codes = g.add(_tensor(f"{lx.name}.weight.codes", dtype, q), share=False)
     scale = g.add(
         _tensor(f"{lx.name}.weight.scale", onnx.TensorProto.FLOAT, _scalar_or_channels(enc.scale, enc))
     )
@@ -196,7 +195,7 @@ def _multipoint_nodes(g: _Graph, lx: LayerExport, enc: Encoded, out: str) -> Non
         step = enc.scale[:, i]
         scale = torch.where(step > 0, step, torch.ones_like(step))  # zero steps have zero codes
         p = f"{lx.name}.weight.point{i}"
-        c = g.add(_tensor(f"{p}.codes", dtype, codes.t() if linear else codes))
+        c = g.add(_tensor(f"{p}.codes", dtype, codes.t() if linear else codes), share=False)
         s = g.add(_tensor(f"{p}.scale", onnx.TensorProto.FLOAT, scale))
         z = g.add(_tensor(f"{p}.zero", dtype, torch.zeros_like(scale)))
         parts.append(helper.make_node("DequantizeLinear", [c, s, z], [f"{p}.dq"], name=f"{p}_dq",
@@ -281,21 +280,17 @@ def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None
     conv.attribute.extend([*kept, onnx.helper.make_attribute("group", out_channels)])
 
 
-def _float_weight(lx: LayerExport) -> bool:
-    """Whether a layer's weight is a float32 initializer in the graph (no QDQ form, or float)."""
-    if lx.kind == "add":  # an addition's operand: no weight
-        return False
-    w = lx.weight
-    return not isinstance(w, Encoded) or (w.spec.points is None and _weight_values(w) is None)
-
-
 def _integer_kernel(lx: LayerExport, g: _Graph) -> bool:
     """Whether ONNX Runtime has an integer kernel for the layer: 8-bit codes of input and weight.
 
-    Layers with 4-bit (INT4/UINT4) or fp8 weights or inputs run in float32 on dequantized
-    values; ORT would still round their float biases to int32 (at scale ``s_x * s_w``) when
-    their input is a DequantizeLinear.
+    Layers with 4-bit (INT4/UINT4) or fp8 weights or inputs, multipoint weights and float32
+    weight initializers (no QDQ form) run in float32 on dequantized values; ORT would still
+    round their float biases to int32 (at scale ``s_x * s_w``) when their input is a
+    DequantizeLinear. An addition's operands keep their DequantizeLinear: ORT fuses 8-bit ones
+    into QLinearAdd, and an addition has no weight or bias for ORT to change.
     """
+    if lx.kind == "add":
+        return True
     spec = lx.act_base or lx.act
     w = lx.weight
     if spec is None or not isinstance(spec.fmt, Int) or spec.fmt.bits <= 4 or not isinstance(w, Encoded):
@@ -541,7 +536,7 @@ def rewrite(
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
             float_zero = None
-            if lx.kind != "add" and (_float_weight(lx) or layer in float_convs or not _integer_kernel(lx, g)):
+            if layer in float_convs or not _integer_kernel(lx, g):
                 # a layer ORT runs in float32: keep it from quantizing the weight and bias itself
                 assert lx.act_zero is not None
                 zf = lx.act_zero.reshape(())
