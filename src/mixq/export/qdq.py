@@ -388,30 +388,44 @@ def _chain_above(
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def _float_layer(node: Any, producers: dict[str, Any], constants: set[str]) -> bool:
-    """Whether ``node`` (through a bias Add) is a layer whose input is not quantized.
+def _float_layer(
+    node: Any, producers: dict[str, Any], constants: set[str], float_convs: set[str] | None = None
+) -> bool:
+    """Whether ``node`` (through a bias Add) is a layer that runs in float32.
 
-    Such a layer runs in float32 whatever follows it, so a quantizer hoisted above its output
-    gains no integer kernel; ONNX Runtime would only run the chain between them (a MaxPool) in
-    its slow NCHW uint8 kernel instead of its float one.
+    That is a layer whose input is not quantized, or a conv of ``float_convs``. Such a layer
+    runs in float32 whatever follows it, so a quantizer hoisted above its output gains no
+    integer kernel; ONNX Runtime would only run the chain between them (a MaxPool) in its slow
+    NCHW uint8 kernel instead of its float one.
     """
     if node is not None and node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants:
         node = producers.get(node.input[0])
     if node is None or node.op_type not in LAYER_OPS:
         return False
+    weight = producers.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is not None and weight.domain == MARKER_DOMAIN and _marker_layer(weight) in (float_convs or ()):
+        return True
     src = producers.get(node.input[0])
     return src is None or not (src.domain == MARKER_DOMAIN and src.op_type == "Act")
 
 
 def _float_convs(
     graph: Any, layers: dict[str, LayerExport], producers: dict[str, Any], consumers: dict[str, list[Any]],
-    constants: set[str],
+    constants: set[str], channels: dict[str, int],
 ) -> set[str]:
-    """The conv layers that ONNX Runtime can only run in float32: their weights go in as float.
+    """The conv layers that ONNX Runtime runs in float32: their weights go in as float.
 
     ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
     through QDQ: a conv with a float input, or whose output feeds something other than input
-    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. With a
+    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. A conv
+    with a single input channel (an image model's stem on grayscale images) whose output is
+    max-pooled before its next quantizer runs in float32 too, on its dequantized input codes
+    and weight: summing only 9 products per output (3x3), ORT's int8 kernels are slower than its
+    float32 one (on an AVX2 CPU, mnist-cnn at batch 256: 8.9 ms dense, 5.9 ms depthwise on the
+    input repeated per output channel plus 1.7 ms to repeat and transpose it, against 2.1 ms),
+    and the float32 pooling leaves a quarter of the values to convert to ORT's int8 layout. (A
+    stem without pooling stays on the int8 depthwise kernel, :func:`_as_depthwise`: converting
+    its whole float32 output costs more than the float32 kernel saves.) With a
     DequantizeLinear weight it would then dequantize the weight on every run and miss its NCHWc
     float kernels, since ORT does not constant-fold DequantizeLinear; the exact dequantized
     values avoid both. Their inputs are dequantized in the form ORT does not fuse (see
@@ -450,9 +464,20 @@ def _float_convs(
         points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
         if lx.kind != "conv" or points or len(users) != 1 or users[0].op_type != "Conv":
             continue
-        if lx.act is None or (lx.act_base is None and id(users[0]) not in fed):
+        stem = channels.get(layer) == 1 and _pooled_below(users[0], consumers)
+        if lx.act is None or (lx.act_base is None and id(users[0]) not in fed) or stem:
             out.add(layer)
     return out
+
+
+def _pooled_below(node: Any, consumers: dict[str, list[Any]]) -> bool:
+    """Whether ``node``'s output goes through a MaxPool in a chain of HOIST_OPS (one user each)."""
+    x = node.output[0]
+    while len(users := consumers.get(x, [])) == 1 and users[0].op_type in HOIST_OPS:
+        if users[0].op_type == "MaxPool":
+            return True
+        x = users[0].output[0]
+    return False
 
 
 def _marker_layer(node: Any) -> str:
@@ -495,17 +520,18 @@ def rewrite(
     An input quantizer is also repeated before each node of a chain of Relu/MaxPool/Flatten/
     Reshape/Clip/Min/Max that feeds it (exact, see HOIST_OPS), so that ONNX Runtime sees
     ``Conv -> QuantizeLinear`` and ``DequantizeLinear -> MaxPool -> QuantizeLinear`` and runs
-    the producing layer and the chain in integers; above a layer with a float input (which runs
-    in float32 anyway) nothing is hoisted, and a ``Relu -> MaxPool`` there becomes
-    ``MaxPool -> Relu`` (:func:`_pool_before_relu`). A conv with a single input channel becomes a
-    depthwise conv on the repeated channel (:func:`_as_depthwise`). A layer that ONNX Runtime
-    runs in float32 (a float32 weight initializer, a conv whose output meets no quantizer, 4-bit
-    or fp8 codes: :func:`_integer_kernel`) gets its input dequantized as
+    the producing layer and the chain in integers; above a layer that runs in float32 anyway (a
+    float input, a conv of :func:`_float_convs`) nothing is hoisted, and a ``Relu -> MaxPool``
+    there becomes ``MaxPool -> Relu`` (:func:`_pool_before_relu`). Another conv with a single
+    input channel becomes a depthwise conv on the repeated channel (:func:`_as_depthwise`). A
+    layer that ONNX Runtime runs in float32 (a float32 weight initializer, a conv whose output
+    meets no quantizer or a pooled stem: :func:`_float_convs`, 4-bit or fp8 codes:
+    :func:`_integer_kernel`) gets its input dequantized as
     ``(Cast(q) - zero) * scale`` instead of a DequantizeLinear: after a DequantizeLinear, ONNX
     Runtime's graph optimizations quantize a conv's or Gemm's float weight to int8 per tensor and
     its float bias to int32 themselves, which changes the layer's values. ``channels``: the input
-    channels of each layer (needed by vSPARQ inputs, whose pairs run along them). ``int4_as_int8``: see
-    :func:`mixq.export.save`.
+    channels of each layer (see :func:`_float_convs` and :func:`_as_depthwise`; vSPARQ inputs'
+    pairs run along them). ``int4_as_int8``: see :func:`mixq.export.save`.
     """
     graph = model.graph
     channels = channels or {}
@@ -522,7 +548,7 @@ def rewrite(
     before: dict[int, list[Any]] = {}  # id(node) -> QDQ nodes to emit just before it
     replace: dict[int, list[Any]] = {}  # id(marker) -> its replacement
     moved: dict[int, Any] = {}  # id(node) -> the node emitted in its place (see _pool_before_relu)
-    float_convs = _float_convs(graph, layers, producers, consumers, constants)
+    float_convs = _float_convs(graph, layers, producers, consumers, constants, channels)
     for node in graph.node:
         if node.domain != MARKER_DOMAIN:
             continue
@@ -546,7 +572,7 @@ def rewrite(
             if float_zero is None and channels.get(layer) == 1 and lx.kind == "conv" and len(users) == 1:
                 _as_depthwise(g, lx, replace[id(node)], users[0])
             chain = _chain_above(node.input[0], producers, consumers, constants)
-            if chain and _float_layer(producers.get(chain[0].input[0]), producers, constants):
+            if chain and _float_layer(producers.get(chain[0].input[0]), producers, constants, float_convs):
                 _pool_before_relu(chain, moved)  # nothing to fuse above: keep the chain in float
                 chain = []
             for i, link in enumerate(chain):
