@@ -17,7 +17,7 @@ import torch
 
 import mixq
 from mixq import export, tasks
-from mixq.export.integer import IntegerAdd, IntegerConv2d, IntegerLinear, optimized_graph
+from mixq.export.integer import IntegerAdd, IntegerConv2d, IntegerLinear, IntegerMatMul, optimized_graph
 
 
 def _fused_outputs(path, tmp_path, x: torch.Tensor) -> tuple[dict[str, np.ndarray], list]:
@@ -168,3 +168,99 @@ def test_requantization_equals_onnx_runtime_qlinearconv_on_random_codes() -> Non
     exact = torch.round(torch.clamp(acc * (float(sx) * torch.from_numpy(sw).double() / float(sy))
                                     .reshape(1, -1, 1, 1), -128, 127)) + 128  # fmt: skip
     assert (exact.numpy() != y).sum() > 0  # the test can tell float32 from exact requantization
+
+
+def test_matmul_integer_to_float_is_reproduced_bit_for_bit_on_random_codes() -> None:
+    """ONNX Runtime's MatMulIntegerToFloat on 1 million random outputs: float32(acc) * (s_a * s_b).
+
+    The emulation's formula gives ORT's floats bit for bit; scaling the exact accumulator in
+    float64 (one rounding) differs on some (asserted), so the test tells the two apart.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (1024, 384), dtype=np.uint8)
+    b = rng.integers(-64, 64, (384, 1024), dtype=np.int8)
+    sa, za = np.float32(0.037), np.uint8(11)
+    sb = rng.uniform(0.001, 0.01, 1024).astype(np.float32)
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in
+             [("b", b), ("sa", sa), ("sb", sb), ("za", za), ("zb", np.zeros(1024, np.int8))]]  # fmt: skip
+    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "sa", "sb", "za", "zb"], ["y"],
+                            domain="com.microsoft")  # fmt: skip
+    io = [helper.make_tensor_value_info("a", TensorProto.UINT8, a.shape),
+          helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]  # fmt: skip
+    graph = helper.make_graph([node], "g", io[:1], io[1:], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = s.run(None, {"a": a})[0]
+    acc = torch.from_numpy(a.astype(np.float64) - float(za)) @ torch.from_numpy(b.astype(np.float64))
+    emulated = acc.float() * (torch.tensor(sa) * torch.from_numpy(sb))  # as IntegerMatMul computes
+    assert np.array_equal(emulated.numpy(), y)
+    exact = (acc * (float(sa) * torch.from_numpy(sb).double())).float()
+    assert (exact.numpy() != y).sum() > 0
+
+
+def test_minilm_onnx_matches_the_simulation_and_its_integer_matmuls_are_emulated(tmp_path) -> None:
+    """all-MiniLM-L6-v2 at w7a8 on 32 real sentences, in ONNX Runtime and emulated.
+
+    ORT runs its 36 linear layers as MatMulIntegerToFloat between float32 LayerNorm, GELU and
+    softmax. Given ORT's own input codes, every emulated layer's output equals ORT's bit for bit
+    (float32(acc) * (s_x * s_w) + bias). The embeddings of ORT (fused and unfused) match the
+    simulation's: the float kernels sum in their own order, so where a value lies on a
+    quantizer's rounding boundary a code moves one step and that sentence's embedding moves by
+    up to about 0.02 (between ORT's two graphs too); the metric (mean cosine to fp32, 0.991, so a
+    loss of 0.009) agrees to 5e-4 on these 32 sentences.
+    """
+    from mixq.export.qdq import model_inputs
+
+    task = tasks.minilm(val_size=32, calib_size=32, batch_size=32)
+    res = mixq.run(task, method="uniform", candidates=["w7a8"])
+    path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    batch = task.val[0]
+    names, xs, _ = model_inputs(batch)
+    feeds = {n: x.numpy() for n, x in zip(names, xs, strict=True)}
+    emu = export.emulate(res, task)
+    assert {k: len(v) for k, v in emu.emulated.items()} == {"MatMulIntegerToFloat": 36}
+    assert emu.not_emulated == []
+    # each layer on ORT's input codes: its product equals ORT's bit for bit (the bias is added
+    # after it, in an Add or in ORT's BiasGelu)
+    graph = optimized_graph(path, tmp_path / "opt.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    probe = onnx.load(str(tmp_path / "opt.onnx"))
+    layers = {}
+    for n in graph.node:
+        if n.op_type == "MatMulIntegerToFloat":  # A, B, sa, sb, za, zb
+            a, y = n.input[0], n.output[0]
+            layers[n.input[1].removesuffix(".weight.codes")] = (a, y, n.input[2], n.input[4])
+            probe.graph.output.extend([onnx.ValueInfoProto(name=a), onnx.ValueInfoProto(name=y)])
+    onnx.save(probe, str(tmp_path / "probe.onnx"))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(tmp_path / "probe.onnx"), so, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds), strict=True))
+    modules = dict(emu.named_modules())
+    assert len(layers) == 36
+    for layer, (a, y, sa, za) in layers.items():
+        m = modules[layer]
+        assert isinstance(m, IntegerMatMul)
+        x = (torch.from_numpy(got[a].astype(np.float32)) - float(inits[za])) * float(inits[sa])
+        bias, m.source.bias = m.source.bias, None
+        with torch.no_grad():
+            assert np.array_equal(m(x).numpy(), got[y]), layer
+        m.source.bias = bias
+    outs = {}
+    for optimize in (False, True):
+        so = ort.SessionOptions()
+        if not optimize:  # the QDQ reference semantics
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        outs[optimize] = s.run(None, feeds)[0]
+    with torch.no_grad():
+        sim, e = task.forward(res.model, batch).numpy(), task.forward(emu, batch).numpy()
+    fp32 = batch["target"].numpy()
+    for out in (outs[False], outs[True], e):  # unit-norm embeddings
+        per_sentence = np.abs(out - sim).max(1)
+        assert per_sentence.max() < 0.03 and np.median(per_sentence) < 1e-4
+        assert (out * sim).sum(1).min() > 0.99
+        assert abs((out * fp32).sum(1).mean() - (sim * fp32).sum(1).mean()) < 5e-4  # the metric

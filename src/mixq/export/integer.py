@@ -9,6 +9,8 @@ running mixq's QDQ export on the CPU, fuses the layers whose input and output pa
 * the accumulator is exact (int32) and is requantized to the next layer's 8-bit grid in float32,
   ``q = round(clamp(float(acc) * M)) + z_y`` with ``M = s_x * s_w / s_y`` per output channel
   (QLinearConv, QGemm);
+* a linear layer with a float output (a transformer's, followed by LayerNorm, GELU or
+  softmax) runs as MatMulIntegerToFloat: the exact accumulator times ``s_x * s_w`` in float32;
 * a residual addition (QLinearAdd) rescales both operands' codes in float32 with fused
   multiply-adds, ``q = round(q_a r_a + (q_b r_b + c))`` with ``r = s / s_out`` and
   ``c = z_out - (r_a z_a + r_b z_b)``: ORT's x86-64 AVX2 kernel (the one it runs on AVX2 and
@@ -20,8 +22,9 @@ samples. :func:`emulate` returns the deployed model with the layers that ONNX Ru
 replaced by modules that compute the same integer arithmetic: which layers are fused, with which
 output scales and which int32 biases, is read from the graph ONNX Runtime optimizes (at the
 extended level, the fusions of the full level without its layout changes). What stays in float32
-in ONNX Runtime (a float residual addition, the pooling, the classifier's float output) stays in
-float32 here too and agrees up to float summation order.
+in ONNX Runtime (a float residual addition, the pooling, the classifier's float output, a
+transformer's LayerNorm, GELU, softmax and attention products) stays in float32 here too and
+agrees up to float summation order.
 
 ```python
 emu = mixq.export.emulate(res, task)     # needs onnx and onnxruntime
@@ -128,6 +131,23 @@ class IntegerLinear(_IntegerLayer):
         return _requantize(acc, self.multiplier, self.out)
 
 
+class IntegerMatMul(_IntegerLayer):
+    """MatMulIntegerToFloat: exact integer matrix product scaled to float32 (a float output).
+
+    ``float(acc) * (s_x * s_w)``, the scale's product taken in float32 as ONNX Runtime takes
+    it, then the layer's float32 bias added (ORT keeps the bias a separate Add).
+    """
+
+    def __init__(self, m: DeployLinear, node: str = "") -> None:
+        one = torch.ones((), dtype=torch.float32)  # multiplier = s_x * s_w / 1: no output grid
+        super().__init__(m, None, Requant(one, 0.0, 0, 0), node)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.codes(x), self.weight_int).float() * self.multiplier
+        bias = self.source.bias
+        return y if bias is None else y + bias.float()
+
+
 class IntegerAdd(nn.Module):
     """QLinearAdd as ONNX Runtime's x86-64 AVX2 kernel computes it (float32 fused multiply-adds).
 
@@ -231,8 +251,9 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
 
     Returns:
         A deployed copy of the model in which every layer that ONNX Runtime's CPU provider runs as
-        QLinearConv, QGemm (8-bit output) or QLinearAdd is an :class:`IntegerConv2d`,
-        :class:`IntegerLinear` or :class:`IntegerAdd`, and every float layer whose bias ONNX
+        QLinearConv, QGemm (8-bit output), MatMulIntegerToFloat or QLinearAdd is an
+        :class:`IntegerConv2d`, :class:`IntegerLinear`, :class:`IntegerMatMul` or
+        :class:`IntegerAdd`, and every float layer whose bias ONNX
         Runtime quantizes to int32 (a layer with a quantized input and a 4-bit weight, which it
         runs in float32) holds that bias. ``model.emulated`` maps each emulated op type (and
         "int32 bias") to its layers; ``model.not_emulated`` lists other integer kernels ONNX
@@ -273,6 +294,14 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
             bias_int = torch.from_numpy(inits[b].astype(np.int64)) if b is not None else None
             cls = IntegerConv2d if op == "QLinearConv" else IntegerLinear
             deployed.set_submodule(layer, cls(src, bias_int, out, node.output[0]))
+            emulated.setdefault(op, []).append(layer)
+        elif op == "MatMulIntegerToFloat":  # A, B, sa, sb[, za, zb, bias]
+            layer = node.input[1].removesuffix(".weight.codes")
+            src = modules.get(layer)
+            if len(node.input) > 6 and node.input[6] or not isinstance(src, DeployLinear):
+                not_emulated.append(f"{op} {node.name}")  # a fused bias, or not a mixq layer
+                continue
+            deployed.set_submodule(layer, IntegerMatMul(src, node.output[0]))
             emulated.setdefault(op, []).append(layer)
         elif op == "QLinearAdd" and node.name in add_names:
             name = add_names[node.name]  # A, sa, za, B, sb, zb, sc, zc
