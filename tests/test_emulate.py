@@ -173,8 +173,8 @@ def test_requantization_equals_onnx_runtime_qlinearconv_on_random_codes() -> Non
 def test_matmul_integer_to_float_is_reproduced_bit_for_bit_on_random_codes() -> None:
     """ONNX Runtime's MatMulIntegerToFloat on 1 million random outputs: float32(acc) * (s_a * s_b).
 
-    The emulation's formula gives ORT's floats bit for bit; scaling the exact accumulator in
-    float64 (one rounding) differs on some (asserted), so the test tells the two apart.
+    The emulation's formula gives ORT's floats bit for bit; the scales' product taken in
+    float64 instead differs on some (asserted), so the test tells the two apart.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -205,8 +205,8 @@ def test_minilm_onnx_matches_the_simulation_and_its_integer_matmuls_are_emulated
     """all-MiniLM-L6-v2 at w7a8 on 32 real sentences, in ONNX Runtime and emulated.
 
     ORT runs its 36 linear layers as MatMulIntegerToFloat between float32 LayerNorm, GELU and
-    softmax. Given ORT's own input codes, every emulated layer's output equals ORT's bit for bit
-    (float32(acc) * (s_x * s_w) + bias). The embeddings of ORT (fused and unfused) match the
+    softmax. Given ORT's own input codes, every emulated layer's product equals ORT's bit for
+    bit (float32(acc) * (s_x * s_w), before the bias). The embeddings of ORT (fused and unfused) match the
     simulation's: the float kernels sum in their own order, so where a value lies on a
     quantizer's rounding boundary a code moves one step and that sentence's embedding moves by
     up to about 0.02 (between ORT's two graphs too); the metric (mean cosine to fp32, 0.991, so a
