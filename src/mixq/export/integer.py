@@ -298,7 +298,7 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
         elif op == "MatMulIntegerToFloat":  # A, B, sa, sb[, za, zb, bias]
             layer = node.input[1].removesuffix(".weight.codes")
             src = modules.get(layer)
-            if len(node.input) > 6 and node.input[6] or not isinstance(src, DeployLinear):
+            if (len(node.input) > 6 and node.input[6]) or not isinstance(src, DeployLinear):
                 not_emulated.append(f"{op} {node.name}")  # a fused bias, or not a mixq layer
                 continue
             deployed.set_submodule(layer, IntegerMatMul(src, node.output[0]))

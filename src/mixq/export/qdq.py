@@ -388,9 +388,7 @@ def _chain_above(
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def _float_layer(
-    node: Any, producers: dict[str, Any], constants: set[str], float_convs: set[str] | None = None
-) -> bool:
+def _float_layer(node: Any, producers: dict[str, Any], constants: set[str], float_convs: set[str]) -> bool:
     """Whether ``node`` (through a bias Add) is a layer that runs in float32.
 
     That is a layer whose input is not quantized, or a conv of ``float_convs``. Such a layer
@@ -403,7 +401,7 @@ def _float_layer(
     if node is None or node.op_type not in LAYER_OPS:
         return False
     weight = producers.get(node.input[1]) if len(node.input) > 1 else None
-    if weight is not None and weight.domain == MARKER_DOMAIN and _marker_layer(weight) in (float_convs or ()):
+    if weight is not None and weight.domain == MARKER_DOMAIN and _marker_layer(weight) in float_convs:
         return True
     src = producers.get(node.input[0])
     return src is None or not (src.domain == MARKER_DOMAIN and src.op_type == "Act")
@@ -417,20 +415,21 @@ def _float_convs(
 
     ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
     through QDQ: a conv with a float input, or whose output feeds something other than input
-    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. A conv
-    with a single input channel (an image model's stem on grayscale images) whose output is
-    max-pooled before its next quantizer runs in float32 too, on its dequantized input codes
-    and weight: summing only 9 products per output (3x3), ORT's int8 kernels are slower than its
-    float32 one (on an AVX2 CPU, mnist-cnn at batch 256: 8.9 ms dense, 5.9 ms depthwise on the
-    input repeated per output channel plus 1.7 ms to repeat and transpose it, against 2.1 ms),
-    and the float32 pooling leaves a quarter of the values to convert to ORT's int8 layout. (A
-    stem without pooling stays on the int8 depthwise kernel, :func:`_as_depthwise`: converting
-    its whole float32 output costs more than the float32 kernel saves.) With a
+    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. With a
     DequantizeLinear weight it would then dequantize the weight on every run and miss its NCHWc
     float kernels, since ORT does not constant-fold DequantizeLinear; the exact dequantized
     values avoid both. Their inputs are dequantized in the form ORT does not fuse (see
     :func:`rewrite`): ORT quantizes the float weight of a conv with a DequantizeLinear input to
     int8 itself, per tensor, which would change the layer's values.
+
+    A conv with a single input channel (an image model's stem on grayscale images) whose output
+    is max-pooled before its next quantizer runs in float32 too, on its dequantized input codes
+    and weight: summing only 9 products per output (3x3), ORT's int8 kernels are slower than its
+    float32 one (on an AVX2 CPU, mnist-cnn at batch 256: 8.9 ms dense, 5.9 ms depthwise on the
+    input repeated per output channel plus 1.7 ms to repeat and transpose it, against 2.1 ms),
+    and the float32 pooling leaves a quarter of the values to convert to ORT's int8 layout. A
+    stem without pooling stays on the int8 depthwise kernel (:func:`_as_depthwise`): converting
+    its whole float32 output costs more than the float32 kernel saves.
     """
     heads: dict[str, set[int]] = {}  # tensor -> its users that lead to an input quantizer
     quantizers: dict[str, set[tuple]] = {}  # tensor -> the parameters of those quantizers
