@@ -107,7 +107,7 @@ def main() -> None:
     results: dict = {}
     for task_name in args.tasks.split(","):
         t0 = time.perf_counter()
-        task = mixq.tasks.fashion(task_name, val_size=args.val)
+        task = mixq.tasks.get(task_name, val_size=args.val)
         fp = task.fp_metric()
         rows = []
         for a in [int(v) for v in args.acts.split(",")]:

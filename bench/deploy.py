@@ -147,14 +147,14 @@ def simulated_outputs(task: mixq.Task, model: torch.nn.Module, n: int) -> list[n
 
 
 def build_task(name: str, val: int | None) -> mixq.Task:
-    """The task, with ``val`` validation samples (None: the task's default, the full test set)."""
+    """The task, with ``val`` validation samples (None: the task's default, the full test set).
+
+    A validation subset comes with a smaller calibration draw on minilm (64) and Fashion-MNIST (256).
+    """
     if val is None:
         return mixq.tasks.get(name)
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=val, calib_size=64)
-    if name.startswith("fashion-"):
-        return mixq.tasks.fashion(name, calib_size=256, val_size=val)
-    return mixq.tasks.mnist_cnn(val_size=val)
+    calib = 64 if name == "minilm" else 256 if name.startswith("fashion-") else None
+    return mixq.tasks.get(name, val_size=val, calib_size=calib)
 
 
 def kernel_profile(path: Path, batch: dict[str, np.ndarray], runs: int = 5) -> dict[str, float]:

@@ -44,13 +44,6 @@ RUNS = ("fliqs", "qat", "ptq")
 QAT_ARGS = {"lr": 1e-4, "rl_lr": 0.1, "entropy": 0.02, "beta": -0.5, "warmup": 0.25, "fix_frac": 0.1}
 
 
-def task_of(name: str, val: int) -> mixq.Task:
-    """Build a benchmark task evaluated on the first ``val`` test images."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val)
-    return mixq.tasks.fashion(name, val_size=val)
-
-
 def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
     """The record of one run."""
     m = res.metrics
@@ -83,7 +76,7 @@ def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
 def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
     """Run every configuration on one task, writing partial results after each run."""
     t0 = time.perf_counter()
-    task = task_of(task_name, args.val)
+    task = mixq.tasks.get(task_name, val_size=args.val)
     fp32 = task.fp_metric()
     rows: list[dict] = []
     steps = {"steps": args.steps}

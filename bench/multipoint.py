@@ -40,17 +40,6 @@ from mixq import tasks  # noqa: E402
 VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000, "minilm": 256}
 
 
-def build(name: str, val: int) -> tasks.Task:
-    """Build a task with ``val`` validation examples (the first ``val`` of the usual set)."""
-    if name == "mnist-cnn":
-        return tasks.mnist_cnn(val_size=val)
-    if name == "minilm":
-        return tasks.minilm(val_size=val)
-    if name.startswith("fashion-"):
-        return tasks.fashion(name, val_size=val)
-    raise ValueError(f"unknown task {name!r}; valid: {', '.join(VAL)}")
-
-
 def row(label: str, res: mixq.Result) -> dict[str, Any]:
     """The numbers of one run."""
     m = res.metrics
@@ -142,7 +131,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         t0 = time.perf_counter()
         val = args.val or VAL[name]
-        task = build(name, val)
+        task = tasks.get(name, val_size=val)
         entry = load(path).get(name, {"metric_name": task.metric_name, "bits": {}})
         entry.update({"fp32": task.fp_metric(), "val_examples": val, "info": task.info})
         for bits in [int(b) for b in args.bits.split(",")]:

@@ -324,14 +324,7 @@ def get_task(name: str, val: int) -> Any:
     if (name, val) not in _TASKS:
         _TASKS.clear()
         torch.manual_seed(0)
-        if val and name == "mnist-cnn":
-            _TASKS[name, val] = tasks.mnist_cnn(val_size=val)
-        elif val and name.startswith("fashion-"):
-            _TASKS[name, val] = tasks.fashion(name, val_size=val)
-        elif val and name == "minilm":
-            _TASKS[name, val] = tasks.minilm(val_size=val)
-        else:
-            _TASKS[name, val] = tasks.get(name)
+        _TASKS[name, val] = tasks.get(name, val_size=val or None)
     return _TASKS[name, val]
 
 

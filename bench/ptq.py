@@ -49,17 +49,6 @@ def candidate(setting: str, recipe: str) -> str:
     return f"w{bits}{RECIPES[recipe]}" + (f"-a{act}" if act else "")
 
 
-def build_task(name: str, val: int | None) -> mixq.Task:
-    """Build a task, keeping the first ``val`` validation items (None: all)."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val or 10_000)
-    if name.startswith("fashion-"):
-        return mixq.tasks.fashion(name, val_size=val or 10_000)
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=val or 1024)
-    return mixq.tasks.get(name)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True)
@@ -74,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    task = build_task(args.task, args.val)
+    task = mixq.tasks.get(args.task, val_size=args.val or None)
     fp = task.fp_metric()
     grid = [(s, r, q) for s in args.settings.split(",") if s for r in args.recipes.split(",")
             for q in args.sequences.split(",")]  # fmt: skip

@@ -184,15 +184,6 @@ def candidates_of(task: str, method: str) -> list[str]:
     return list(SWEEPS[task].candidates)
 
 
-def build_task(name: str) -> mixq.Task:
-    """Build a benchmark task evaluated on its first ``VAL[name]`` validation examples."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=VAL[name])
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=VAL[name])
-    return mixq.tasks.fashion(name, val_size=VAL[name])
-
-
 def settings(task: str, method: str) -> dict[str, Any]:
     """Return what must match for a stored row to count as finished."""
     return {"candidates": candidates_of(task, method), "method_args": METHOD_ARGS.get((method, task), {}),
@@ -300,7 +291,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
     with Bar(len(todo), "bench", unit="run") as bar:
         for task_name, method, budget in todo:
             if current is None or current.name != task_name:
-                current = build_task(task_name)
+                current = mixq.tasks.get(task_name, val_size=VAL[task_name])
                 results["tasks"][task_name] = {
                     "metric_name": current.metric_name,
                     "fp_metric": current.fp_metric(),

@@ -55,6 +55,8 @@ SUITES: dict[str, dict[str, Any]] = {
     # weight-only, as in bench/search.py (without the slower MSE range search)
     "minilm": {"candidates": [f"w{b}+asym" for b in (2, 4, 8)], "items": 4},
 }
+# MiniLM's smaller validation and calibration sets here (the other tasks: their defaults)
+SIZES: dict[str, dict[str, int]] = {"minilm": {"val_size": 64, "calib_size": 64}}
 PROJECT_LAYERS, PROJECT_CANDIDATES, PROJECT_WORKERS = 200, 3, (8, 64, 512)
 
 
@@ -81,7 +83,7 @@ def first_items(batch: Any, n: int) -> Any:
 def setup(name: str, n_layers: int) -> dict[str, Any]:
     """Load the task, wrap and calibrate the model, pick the layers and the sensitivity batch."""
     suite = SUITES[name]
-    task = tasks.minilm(val_size=64, calib_size=64) if name == "minilm" else tasks.get(name)
+    task = tasks.get(name, **SIZES.get(name, {}))
     specs = [as_layer_spec(c) for c in suite["candidates"]]
     t0 = time.perf_counter()
     qmodel, infos = prepare(task, specs)

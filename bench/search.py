@@ -123,7 +123,7 @@ def main() -> None:
     for task_name in args.tasks.split(","):
         suite = SUITES[task_name]
         t0 = time.perf_counter()
-        task = mixq.tasks.minilm(val_size=suite["val"]) if "val" in suite else mixq.tasks.get(task_name)
+        task = mixq.tasks.get(task_name, val_size=suite.get("val"))
         entry: dict[str, Any] = {"metric_name": task.metric_name, "fp32": task.fp_metric(),
                                  "info": task.info, "budgets": suite["budgets"],
                                  "method_args": suite["args"], "sets": {}}  # fmt: skip

@@ -52,13 +52,6 @@ def setting_specs(setting: str) -> tuple[LayerSpec, LayerSpec]:
     return parse_candidate(f"{WEIGHT}-{setting}"), parse_candidate(f"{WEIGHT}-{SIGNED_FALLBACK}")
 
 
-def build_task(name: str, val: int) -> mixq.Task:
-    """Build a task with the first ``val`` test images."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val)
-    return mixq.tasks.fashion(name, val_size=val)
-
-
 def predictions(model: torch.nn.Module, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the argmax predictions and the labels over ``batches``."""
     preds, labels = [], []
@@ -120,7 +113,7 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
 def run_task(name: str, val: int) -> dict:
     """Evaluate every setting on one task."""
     t0 = time.perf_counter()
-    task = build_task(name, val)
+    task = mixq.tasks.get(name, val_size=val)
     qmodel = wrap(copy.deepcopy(task.model).eval())
     calibrate(qmodel, task.calib)
     infos = cost.probe(qmodel, task.calib[0])

@@ -45,15 +45,7 @@ def build_task(name: str, val: int = 0) -> Any:
     from mixq import tasks
 
     torch.manual_seed(0)
-    if val and name == "mnist-cnn":
-        return tasks.mnist_cnn(val_size=val)
-    if val and name.startswith("fashion-"):
-        return tasks.fashion(name, val_size=val)
-    if val and name == "minilm":
-        return tasks.minilm(val_size=val)
-    if val:
-        raise ValueError(f"--val is supported for mnist-cnn, minilm and the fashion tasks, not {name!r}")
-    return tasks.get(name)
+    return tasks.get(name, val_size=val or None)
 
 
 def quant_layers(model: nn.Module) -> list[str]:
