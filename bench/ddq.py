@@ -14,9 +14,9 @@ The QAT runs are short (``--steps`` batches of 128 training images from the pret
 the evaluation is on the first ``--val`` test images. Tasks can run in parallel processes
 (``--out`` a part name each) and be merged into ``ddq.json`` with ``--merge``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-mobilenetv2 --out ddq-mbv2 &
-    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-resnet20 --out ddq-resnet20 &
-    .venv/bin/python bench/ddq.py --merge ddq-mbv2,ddq-resnet20
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ddq --tasks fashion-mobilenetv2 --out ddq-mbv2 &
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ddq --tasks fashion-resnet20 --out ddq-resnet20 &
+    .venv/bin/python -m bench.ddq --merge ddq-mbv2,ddq-resnet20
 
 ``--runs`` picks the QAT runs (``--runs "" --sensitivity 1`` adds only the PTQ rows); parts that
 cover the same task are merged row by row.
@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, write  # noqa: E402
+import mixq
+from bench.common import RESULTS, write
 
 QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 

@@ -17,25 +17,22 @@ The QAT runs are short (``--steps`` batches of 128 training images); the evaluat
 first ``--val`` test images. Tasks run in parallel processes (``--out`` a part name each) and
 are merged into ``fliqs.json`` and ``fliqs_pareto.png`` with ``--merge``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fliqs.py --tasks mnist-cnn --out fliqs-mnist &
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fliqs.py --tasks fashion-resnet20 --out fliqs-resnet20 &
-    .venv/bin/python bench/fliqs.py --merge fliqs-mnist,fliqs-resnet20
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.fliqs --tasks mnist-cnn --out fliqs-mnist &
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.fliqs --tasks fashion-resnet20 --out fliqs-resnet20 &
+    .venv/bin/python -m bench.fliqs --merge fliqs-mnist,fliqs-resnet20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, write  # noqa: E402
+import mixq
+from bench.common import RESULTS, write
 
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]

@@ -15,14 +15,13 @@ For each task and weight bit-width b (weights only; activations float):
 Results merge into bench/results/multipoint.json by (task, bits), so tasks can run as separate
 commands (each under ~15 minutes on one thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/multipoint.py --tasks mnist-cnn --bits 3,4
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.multipoint --tasks mnist-cnn --bits 3,4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
-from mixq import tasks  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, write
+from mixq import tasks
 
 # Validation subsets keep each command under ~15 minutes on one busy thread (recorded per task).
 VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000, "minilm": 256}

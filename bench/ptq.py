@@ -8,7 +8,7 @@ rounding without reconstruction). Step sequences: none, cle, cle+bias_correction
 cle+bias_correction+adaround. AdaRound runs far fewer iterations than the paper's 20000 (2 CPU
 cores); the count is recorded per task.
 
-    .venv/bin/python bench/ptq.py --task mnist-cnn [--settings w2a8,w4a8] [--recipes mse,omse]
+    .venv/bin/python -m bench.ptq --task mnist-cnn [--settings w2a8,w4a8] [--recipes mse,omse]
         [--sequences none,cle,cle+bc,cle+bc+ada] [--adaround-iters 1000] [--val 10000]
 
 Each invocation adds (or replaces) one task's entry in bench/results/ptq.json, so tasks can run
@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance
 
 SEQUENCES = {
     "none": [],

@@ -26,9 +26,9 @@ quantizers (the QAT methods on :data:`QAT_CANDIDATES`, multipoint on the symmetr
 
 Usage::
 
-    .venv/bin/python bench/run_all.py                    # everything, resuming
-    .venv/bin/python bench/run_all.py --tasks mnist-cnn --methods uniform,hawq
-    .venv/bin/python bench/run_all.py --summary-only     # redraw summary.md and the plots
+    .venv/bin/python -m bench.run_all                    # everything, resuming
+    .venv/bin/python -m bench.run_all --tasks mnist-cnn --methods uniform,hawq
+    .venv/bin/python -m bench.run_all --summary-only     # redraw summary.md and the plots
 """
 
 from __future__ import annotations
@@ -47,16 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, section, write  # noqa: E402
-from mixq.cost import InfeasibleBudgetError  # noqa: E402
-from mixq.methods import METHODS as REGISTERED  # noqa: E402
-from mixq.progress import Bar  # noqa: E402
-from mixq.store import Store  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, section, write
+from mixq.cost import InfeasibleBudgetError
+from mixq.methods import METHODS as REGISTERED
+from mixq.progress import Bar
+from mixq.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench"
@@ -497,7 +495,7 @@ def write_summary(results: dict[str, Any], unlisted: list[str]) -> Path:
             continue
         out += task_summary(task, task_rows, results["tasks"].get(task, {}))
     path = RESULTS / "summary.md"
-    peers = section(path.read_text(), "peers") if path.exists() else ""  # bench/peers.py's block
+    peers = section(path.read_text(), "peers") if path.exists() else ""  # bench/compare_peers.py's block
     path.write_text("\n".join(out) + (f"\n{peers}\n" if peers else ""))
     return path
 

@@ -10,8 +10,8 @@ script writes there), so an interrupted run continues with ``--resume``. At the 
 
 Usage::
 
-    python bench/train_zoo.py --model all --epochs 8 --threads 1
-    python bench/train_zoo.py --model fashion-resnet20 --epochs 8 --threads 1 --resume
+    python -m bench.train_zoo --model all --epochs 8 --threads 1
+    python -m bench.train_zoo --model fashion-resnet20 --epochs 8 --threads 1 --resume
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def train_one(name: str, args: argparse.Namespace, data: dict[str, torch.Tensor]
     from safetensors.torch import save_file
 
     cfg = {k: getattr(args, k) for k in RESUME_KEYS if k != "model"} | {"model": name}
-    command = "python " + shlex.join(sys.argv)
+    command = "python -m bench.train_zoo " + shlex.join(sys.argv[1:])
     ensure_ckpt_dir(args.ckpt_dir)
     ckpt_path = args.ckpt_dir / f"{name}.pt"
 

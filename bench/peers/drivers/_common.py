@@ -1,7 +1,7 @@
 """Helpers shared by the peer drivers (run inside each peer tool's own virtual environment).
 
 A driver builds the very task mixq benchmarks (``mixq.tasks``: same model, calibration and
-validation data, same metric; the mixq source tree is put on ``sys.path`` by ``bench/peers.py``),
+validation data, same metric; mixq's source tree is on ``PYTHONPATH``, set by ``bench.peers.runner``),
 hands it to its tool, and writes one JSON file: the tool's per-layer choices (a neutral
 description of each layer's weight and activation format), the tool's own bit count, the metric
 of the tool's own quantized model and the search time. Nothing else crosses the process border.
@@ -21,12 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 def parser(description: str) -> argparse.ArgumentParser:
