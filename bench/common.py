@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,31 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2) + "\n")
     return path
+
+
+def merge_parts(
+    parts: list[str], row_key: Callable[[dict[str, Any]], Any], add: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Combine the ``tasks`` of part files (bench/results/PART.json, one run each, e.g. in parallel).
+
+    A task's first part gives its entry; a later part of the same task adds the rows whose
+    ``row_key`` the entry lacks, and its values of the ``add`` fields. Returns (tasks, the parts'
+    provenances).
+    """
+    tasks: dict[str, Any] = {}
+    provenances = []
+    for part in parts:
+        doc = json.loads((RESULTS / f"{part}.json").read_text())
+        for name, entry in doc["tasks"].items():
+            if name not in tasks:
+                tasks[name] = entry
+                continue
+            seen = {row_key(r) for r in tasks[name]["rows"]}
+            tasks[name]["rows"] += [r for r in entry["rows"] if row_key(r) not in seen]
+            for k in add:
+                tasks[name][k] += entry[k]
+        provenances.append(doc["provenance"])
+    return tasks, provenances
 
 
 def _marks(name: str) -> tuple[str, str]:

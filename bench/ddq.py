@@ -25,14 +25,13 @@ cover the same task are merged row by row.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import mixq
-from bench.common import RESULTS, write
+from bench.common import merge_parts, write
 
 QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 
@@ -69,20 +68,12 @@ def row(name: str, res: mixq.Result) -> dict:
 
 
 def merge(parts: list[str]) -> Path:
-    """Combine part files (one per task, run in parallel) into bench/results/ddq.json."""
-    tasks: dict = {}
-    commands = []
-    for part in parts:
-        d = json.loads((RESULTS / f"{part}.json").read_text())
-        for name, entry in d["tasks"].items():
-            if name not in tasks:
-                tasks[name] = entry
-                continue
-            # a later part adds runs to the same task (e.g. --runs sensitivity-ilp)
-            seen = {(r["run"], r["acts"]) for r in tasks[name]["rows"]}
-            tasks[name]["rows"] += [r for r in entry["rows"] if (r["run"], r["acts"]) not in seen]
-            tasks[name]["wall_seconds"] += entry["wall_seconds"]
-        commands.append(d["provenance"])
+    """Combine part files (one per task, run in parallel) into bench/results/ddq.json.
+
+    A later part may add runs to the same task (e.g. ``--runs sensitivity-ilp``): its new rows and
+    its wall time join the task's.
+    """
+    tasks, commands = merge_parts(parts, lambda r: (r["run"], r["acts"]), add=("wall_seconds",))
     return write("ddq", {"qat_args": QAT_ARGS, "parts": commands, "tasks": tasks})
 
 

@@ -25,14 +25,13 @@ are merged into ``fliqs.json`` and ``fliqs_pareto.png`` with ``--merge``:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import mixq
-from bench.common import RESULTS, write
+from bench.common import RESULTS, merge_parts, write
 
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]
@@ -149,16 +148,7 @@ def pareto_plot(tasks: dict, path: Path) -> None:
 
 def merge(parts: list[str]) -> Path:
     """Combine part files (one per task) into bench/results/fliqs.json and the Pareto plot."""
-    tasks, commands = {}, []
-    for part in parts:
-        d = json.loads((RESULTS / f"{part}.json").read_text())
-        for name, t in d["tasks"].items():  # parts of one task (run in parallel) add their rows
-            if name in tasks:
-                have = {r["run"] for r in tasks[name]["rows"]}
-                tasks[name]["rows"] += [r for r in t["rows"] if r["run"] not in have]
-            else:
-                tasks[name] = t
-        commands.append(d["provenance"])
+    tasks, commands = merge_parts(parts, lambda r: r["run"])  # parts of one task add their rows
     png = RESULTS / "fliqs_pareto.png"
     pareto_plot(tasks, png)
     return write("fliqs", {"qat_args": QAT_ARGS, "parts": commands, "plot": png.name, "tasks": tasks})

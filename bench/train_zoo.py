@@ -107,7 +107,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from ``1/warmup_steps`` to 1, then cosine decay to 0 at ``total_steps``."""
+    """Linear warm-up from ``1/warmup_steps`` to 1, then cosine decay to 0 at ``total_steps``.
+
+    The schedule of ``mixq.train.lr_factor``, but not that function: it rounds differently
+    (``pi * min(1, progress)`` here, ``pi * (step - warmup) / span`` there), one ulp apart at 756
+    of the zoo's 3,752 steps, and the committed zoo weights were trained with this one.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -4,6 +4,7 @@ provenance command of a script run as a module, and the environment the peer dri
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -66,3 +67,22 @@ def test_driver_environment_puts_this_mixq_and_bench_on_the_path(tmp_path, monke
 def test_each_peer_driver_is_a_module_of_the_drivers_package(tool):
     driver = runner.PEERS[tool].driver
     assert (ROOT / "bench" / "peers" / "drivers" / f"{driver}.py").exists()
+
+
+def test_merge_parts_keeps_the_first_entry_and_adds_new_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    x8, x4 = {"run": "x", "acts": 8}, {"run": "x", "acts": 4}
+    parts = {
+        "a": {"provenance": {"command": "a"}, "tasks": {"t": {"rows": [x8], "wall_seconds": 2}}},
+        "b": {
+            "provenance": {"command": "b"},
+            "tasks": {"t": {"rows": [x8, x4], "wall_seconds": 3}, "u": {"rows": [], "wall_seconds": 1}},
+        },
+    }
+    for name, doc in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    tasks, prov = common.merge_parts(["a", "b"], lambda r: (r["run"], r["acts"]), add=("wall_seconds",))
+    assert tasks["t"] == {"rows": [{"run": "x", "acts": 8}, {"run": "x", "acts": 4}], "wall_seconds": 5}
+    assert tasks["u"]["wall_seconds"] == 1 and [p["command"] for p in prov] == ["a", "b"]
+    tasks, _ = common.merge_parts(["a", "b"], lambda r: r["run"])  # by run alone: b adds nothing to t
+    assert tasks["t"] == {"rows": [{"run": "x", "acts": 8}], "wall_seconds": 2}

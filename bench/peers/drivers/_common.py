@@ -137,6 +137,13 @@ def env_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
+def main(tool: str, dist: str, body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
+         doc: str | None) -> None:  # fmt: skip
+    """A driver's entry point: the benchmark's thread count, the arguments (``parser(doc)``), ``run``."""
+    env_threads()
+    run(tool, dist, body, parser(doc or tool).parse_args())
+
+
 def tool_model(task: Any) -> tuple[nn.Module, str]:
     """A copy of the task's model as the tools take it (MiniLM wrapped in ``Hidden``), and the
     prefix that wrapping adds to its layer names."""

@@ -223,5 +223,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("aimet", "aimet-torch", body, _common.parser(__doc__).parse_args())
+    _common.main("aimet", "aimet-torch", body, __doc__)

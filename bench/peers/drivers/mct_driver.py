@@ -90,5 +90,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("mct", "model-compression-toolkit", body, _common.parser(__doc__).parse_args())
+    _common.main("mct", "model-compression-toolkit", body, __doc__)

@@ -110,5 +110,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("modelopt", "nvidia-modelopt", body, _common.parser(__doc__).parse_args())
+    _common.main("modelopt", "nvidia-modelopt", body, __doc__)

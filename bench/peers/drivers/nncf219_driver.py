@@ -214,5 +214,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("nncf219", "nncf", body, _common.parser(__doc__).parse_args())
+    _common.main("nncf219", "nncf", body, __doc__)

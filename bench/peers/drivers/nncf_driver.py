@@ -93,5 +93,4 @@ def _compressed_format(qmodel: Any, name: str, w0: torch.Tensor, group: int) -> 
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("nncf", "nncf", body, _common.parser(__doc__).parse_args())
+    _common.main("nncf", "nncf", body, __doc__)
