@@ -36,11 +36,11 @@ lint: $(STAMP)
 
 # Every method on every benchmark task over a budget sweep; resumes an interrupted run.
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) bench/run_all.py
+	OMP_NUM_THREADS=1 $(PY) -m bench.run_all
 
 # Peer tools (ModelOpt, MCT, NNCF 3.4 and 2.19, AIMET) side by side with mixq; each tool in its own venv under .peers/.
 bench-peers: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) bench/peers.py
+	OMP_NUM_THREADS=1 $(PY) -m bench.compare_peers
 
 clean:
 	rm -rf runs .pytest_cache

@@ -19,8 +19,8 @@ this process with one thread (CPU time, not wall-clock: other processes on a sha
 slow wall-clock timings unevenly); wall-clock fractions are recorded too. Results are merged
 into bench/results/clado.json per task and candidate set, so the tasks can run one by one:
 
-    .venv/bin/python bench/clado.py --tasks mnist-cnn --sets 248,2348 --hutchinson 16
-    .venv/bin/python bench/clado.py --tasks fashion-resnet20 --sets 248 --sens-images 64 --val-images 2000 \
+    .venv/bin/python -m bench.clado --tasks mnist-cnn --sets 248,2348 --hutchinson 16
+    .venv/bin/python -m bench.clado --tasks fashion-resnet20 --sets 248 --sens-images 64 --val-images 2000 \
         --ilp-batches 1 --hutchinson 16           # --time-limit 20 for {2,3,4,8} and fashion-mobilenetv2
 """
 
@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
-from mixq import cost, search, sensitivity  # noqa: E402
-from mixq.api import prepare  # noqa: E402
-from mixq.methods import clado, uniform  # noqa: E402
-from mixq.methods.common import Context  # noqa: E402
-from mixq.plan import as_layer_spec  # noqa: E402
-from mixq.store import Store  # noqa: E402
-from mixq.wrap import applied, current_plan  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, write
+from mixq import cost, search, sensitivity
+from mixq.api import prepare
+from mixq.methods import clado, uniform
+from mixq.methods.common import Context
+from mixq.plan import as_layer_spec
+from mixq.store import Store
+from mixq.wrap import applied, current_plan
 
 SETS = {"248": (2, 4, 8), "2348": (2, 3, 4, 8)}
 BUDGETS = {"248": [2.5, 3.0, 3.5, 4.0, 5.0, 6.0], "2348": [2.5, 3.0, 3.5, 4.0, 5.0, 6.0]}

@@ -9,20 +9,29 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+RESULTS = ROOT / "bench" / "results"
 PACKAGES = ("torch", "numpy", "scipy", "transformers", "onnx", "onnxruntime")
+
+
+def command() -> str:
+    """The command line of this run: ``python -m bench.X ...`` for a module run as a script."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    args = ["-m", name, *sys.argv[1:]] if name else sys.argv
+    return " ".join([Path(sys.executable).name, *args])
 
 
 def provenance() -> dict[str, Any]:
     """Return the command, git commit, package versions and machine of this run."""
-    root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=root,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT,
                                     capture_output=True, text=True).stdout.strip())  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", True
@@ -33,7 +42,7 @@ def provenance() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[p] = None
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
         "git_commit": commit,
         "src_dirty": dirty,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -51,6 +60,31 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def merge_parts(
+    parts: list[str], row_key: Callable[[dict[str, Any]], Any], add: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Combine the ``tasks`` of part files (bench/results/PART.json, one run each, e.g. in parallel).
+
+    A task's first part gives its entry; a later part of the same task adds the rows whose
+    ``row_key`` the entry lacks, and its values of the ``add`` fields. Returns (tasks, the parts'
+    provenances).
+    """
+    tasks: dict[str, Any] = {}
+    provenances = []
+    for part in parts:
+        doc = json.loads((RESULTS / f"{part}.json").read_text())
+        for name, entry in doc["tasks"].items():
+            if name not in tasks:
+                tasks[name] = entry
+                continue
+            seen = {row_key(r) for r in tasks[name]["rows"]}
+            tasks[name]["rows"] += [r for r in entry["rows"] if row_key(r) not in seen]
+            for k in add:
+                tasks[name][k] += entry[k]
+        provenances.append(doc["provenance"])
+    return tasks, provenances
+
+
 def _marks(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
@@ -65,7 +99,7 @@ def section(text: str, name: str) -> str:
 def set_section(path: Path, name: str, body: str) -> Path:
     """Put ``body`` in the block ``name`` of the Markdown file ``path`` (replaced, or appended).
 
-    Two scripts write bench/results/summary.md: run_all.py the whole file, peers.py its
+    Two scripts write bench/results/summary.md: run_all.py the whole file, compare_peers.py its
     ``peers`` block; each keeps the other's part.
     """
     start, end = _marks(name)

@@ -14,9 +14,9 @@ The QAT runs are short (``--steps`` batches of 128 training images from the pret
 the evaluation is on the first ``--val`` test images. Tasks can run in parallel processes
 (``--out`` a part name each) and be merged into ``ddq.json`` with ``--merge``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-mobilenetv2 --out ddq-mbv2 &
-    OMP_NUM_THREADS=1 .venv/bin/python bench/ddq.py --tasks fashion-resnet20 --out ddq-resnet20 &
-    .venv/bin/python bench/ddq.py --merge ddq-mbv2,ddq-resnet20
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ddq --tasks fashion-mobilenetv2 --out ddq-mbv2 &
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ddq --tasks fashion-resnet20 --out ddq-resnet20 &
+    .venv/bin/python -m bench.ddq --merge ddq-mbv2,ddq-resnet20
 
 ``--runs`` picks the QAT runs (``--runs "" --sensitivity 1`` adds only the PTQ rows); parts that
 cover the same task are merged row by row.
@@ -25,17 +25,13 @@ cover the same task are merged row by row.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, write  # noqa: E402
+import mixq
+from bench.common import merge_parts, write
 
 QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 
@@ -72,20 +68,12 @@ def row(name: str, res: mixq.Result) -> dict:
 
 
 def merge(parts: list[str]) -> Path:
-    """Combine part files (one per task, run in parallel) into bench/results/ddq.json."""
-    tasks: dict = {}
-    commands = []
-    for part in parts:
-        d = json.loads((RESULTS / f"{part}.json").read_text())
-        for name, entry in d["tasks"].items():
-            if name not in tasks:
-                tasks[name] = entry
-                continue
-            # a later part adds runs to the same task (e.g. --runs sensitivity-ilp)
-            seen = {(r["run"], r["acts"]) for r in tasks[name]["rows"]}
-            tasks[name]["rows"] += [r for r in entry["rows"] if (r["run"], r["acts"]) not in seen]
-            tasks[name]["wall_seconds"] += entry["wall_seconds"]
-        commands.append(d["provenance"])
+    """Combine part files (one per task, run in parallel) into bench/results/ddq.json.
+
+    A later part may add runs to the same task (e.g. ``--runs sensitivity-ilp``): its new rows and
+    its wall time join the task's.
+    """
+    tasks, commands = merge_parts(parts, lambda r: (r["run"], r["acts"]), add=("wall_seconds",))
     return write("ddq", {"qat_args": QAT_ARGS, "parts": commands, "tasks": tasks})
 
 
@@ -107,7 +95,7 @@ def main() -> None:
     results: dict = {}
     for task_name in args.tasks.split(","):
         t0 = time.perf_counter()
-        task = mixq.tasks.fashion(task_name, val_size=args.val)
+        task = mixq.tasks.get(task_name, val_size=args.val)
         fp = task.fp_metric()
         rows = []
         for a in [int(v) for v in args.acts.split(",")]:

@@ -9,7 +9,7 @@ fused outputs' agreement with it on every validation sample, and the median late
 and batch 256 (minilm: 1, 32 and 256 sentences). Plans are timed interleaved (one run of each
 in turn, repeated) so that all of them see the same load of a shared machine.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/deploy.py [--tasks mnist-cnn,minilm] [--repeats 7]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.deploy [--tasks mnist-cnn,minilm] [--repeats 7]
 
 ``--export-dir DIR`` only writes the plans' ONNX files, the validation data and the simulated
 outputs, for ``bench/deploy_target.py DIR`` to check and time on another machine.
@@ -21,28 +21,25 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import deploy_target  # noqa: E402
-import mixq  # noqa: E402
-import mixq.export  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
-from mixq.export import qdq  # noqa: E402
-from mixq.nn import Add  # noqa: E402
-from mixq.plan import LayerSpec, Plan  # noqa: E402
+import mixq
+import mixq.export
+from bench import deploy_target
+from bench.common import RESULTS, provenance, write
+from mixq.export import qdq
+from mixq.nn import Add
+from mixq.plan import LayerSpec, Plan
 
 TASKS = "mnist-cnn,fashion-resnet20,fashion-mobilenetv2,minilm"
 # name -> (method, candidates, budget, method_args). w7a8 keeps int8 storage with weight codes in
@@ -147,14 +144,14 @@ def simulated_outputs(task: mixq.Task, model: torch.nn.Module, n: int) -> list[n
 
 
 def build_task(name: str, val: int | None) -> mixq.Task:
-    """The task, with ``val`` validation samples (None: the task's default, the full test set)."""
+    """The task, with ``val`` validation samples (None: the task's default, the full test set).
+
+    A validation subset comes with a smaller calibration draw on minilm (64) and Fashion-MNIST (256).
+    """
     if val is None:
         return mixq.tasks.get(name)
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=val, calib_size=64)
-    if name.startswith("fashion-"):
-        return mixq.tasks.fashion(name, calib_size=256, val_size=val)
-    return mixq.tasks.mnist_cnn(val_size=val)
+    calib = 64 if name == "minilm" else 256 if name.startswith("fashion-") else None
+    return mixq.tasks.get(name, val_size=val, calib_size=calib)
 
 
 def kernel_profile(path: Path, batch: dict[str, np.ndarray], runs: int = 5) -> dict[str, float]:

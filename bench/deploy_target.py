@@ -14,7 +14,7 @@ kernels. For each task and plan it records, on that machine:
 - the median latency at each exported batch size, all plans timed interleaved, and the paired
   speed-up over fp32 (the median over rounds of fp32's time / the plan's time in that round).
 
-    python bench/deploy_target.py DIR [--repeats 61] [--threads 1] [--out deploy_target_NAME]
+    python -m bench.deploy_target DIR [--repeats 61] [--threads 1] [--out deploy_target_NAME]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +32,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import write  # noqa: E402
+from bench.common import write
 
 MANIFEST = "manifest.json"
 # CPU features that decide which integer kernels ONNX Runtime's MLAS can use

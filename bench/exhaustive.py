@@ -11,7 +11,7 @@ works, residual ones included; the walk needs classification batches ``(inputs, 
 The table of all plans is cached under bench/results/ keyed by task and candidates, so the
 search and CLADO benchmarks share one enumeration.
 
-    .venv/bin/python bench/exhaustive.py --task mnist-cnn --candidates w2+asym+omse,w3+asym+omse,...
+    .venv/bin/python -m bench.exhaustive --task mnist-cnn --candidates w2+asym+omse,w3+asym+omse,...
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import hashlib
 import itertools
 import json
 import math
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,14 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance  # noqa: E402
-from mixq import cost  # noqa: E402
-from mixq.api import prepare  # noqa: E402
-from mixq.nn import QConv2d, QLinear  # noqa: E402
-from mixq.plan import as_layer_spec  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance
+from mixq import cost
+from mixq.api import prepare
+from mixq.nn import QConv2d, QLinear
+from mixq.plan import as_layer_spec
 
 MAX_PLANS = 1 << 16
 

@@ -17,38 +17,27 @@ The QAT runs are short (``--steps`` batches of 128 training images); the evaluat
 first ``--val`` test images. Tasks run in parallel processes (``--out`` a part name each) and
 are merged into ``fliqs.json`` and ``fliqs_pareto.png`` with ``--merge``:
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fliqs.py --tasks mnist-cnn --out fliqs-mnist &
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fliqs.py --tasks fashion-resnet20 --out fliqs-resnet20 &
-    .venv/bin/python bench/fliqs.py --merge fliqs-mnist,fliqs-resnet20
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.fliqs --tasks mnist-cnn --out fliqs-mnist &
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.fliqs --tasks fashion-resnet20 --out fliqs-resnet20 &
+    .venv/bin/python -m bench.fliqs --merge fliqs-mnist,fliqs-resnet20
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, write  # noqa: E402
+import mixq
+from bench.common import RESULTS, merge_parts, write
 
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]
 UNIFORM_QAT = {"int4": "w4a4", "int8": "w8a8", "fp4": FP[0], "fp6": FP[1], "fp8": FP[2]}
 RUNS = ("fliqs", "qat", "ptq")
 QAT_ARGS = {"lr": 1e-4, "rl_lr": 0.1, "entropy": 0.02, "beta": -0.5, "warmup": 0.25, "fix_frac": 0.1}
-
-
-def task_of(name: str, val: int) -> mixq.Task:
-    """Build a benchmark task evaluated on the first ``val`` test images."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val)
-    return mixq.tasks.fashion(name, val_size=val)
 
 
 def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
@@ -83,7 +72,7 @@ def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
 def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
     """Run every configuration on one task, writing partial results after each run."""
     t0 = time.perf_counter()
-    task = task_of(task_name, args.val)
+    task = mixq.tasks.get(task_name, val_size=args.val)
     fp32 = task.fp_metric()
     rows: list[dict] = []
     steps = {"steps": args.steps}
@@ -159,16 +148,7 @@ def pareto_plot(tasks: dict, path: Path) -> None:
 
 def merge(parts: list[str]) -> Path:
     """Combine part files (one per task) into bench/results/fliqs.json and the Pareto plot."""
-    tasks, commands = {}, []
-    for part in parts:
-        d = json.loads((RESULTS / f"{part}.json").read_text())
-        for name, t in d["tasks"].items():  # parts of one task (run in parallel) add their rows
-            if name in tasks:
-                have = {r["run"] for r in tasks[name]["rows"]}
-                tasks[name]["rows"] += [r for r in t["rows"] if r["run"] not in have]
-            else:
-                tasks[name] = t
-        commands.append(d["provenance"])
+    tasks, commands = merge_parts(parts, lambda r: r["run"])  # parts of one task add their rows
     png = RESULTS / "fliqs_pareto.png"
     pareto_plot(tasks, png)
     return write("fliqs", {"qat_args": QAT_ARGS, "parts": commands, "plot": png.name, "tasks": tasks})

@@ -15,14 +15,13 @@ For each task and weight bit-width b (weights only; activations float):
 Results merge into bench/results/multipoint.json by (task, bits), so tasks can run as separate
 commands (each under ~15 minutes on one thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/multipoint.py --tasks mnist-cnn --bits 3,4
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.multipoint --tasks mnist-cnn --bits 3,4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,25 +29,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
-from mixq import tasks  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, write
+from mixq import tasks
 
 # Validation subsets keep each command under ~15 minutes on one busy thread (recorded per task).
 VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000, "minilm": 256}
-
-
-def build(name: str, val: int) -> tasks.Task:
-    """Build a task with ``val`` validation examples (the first ``val`` of the usual set)."""
-    if name == "mnist-cnn":
-        return tasks.mnist_cnn(val_size=val)
-    if name == "minilm":
-        return tasks.minilm(val_size=val)
-    if name.startswith("fashion-"):
-        return tasks.fashion(name, val_size=val)
-    raise ValueError(f"unknown task {name!r}; valid: {', '.join(VAL)}")
 
 
 def row(label: str, res: mixq.Result) -> dict[str, Any]:
@@ -142,7 +128,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         t0 = time.perf_counter()
         val = args.val or VAL[name]
-        task = build(name, val)
+        task = tasks.get(name, val_size=val)
         entry = load(path).get(name, {"metric_name": task.metric_name, "bits": {}})
         entry.update({"fp32": task.fp_metric(), "val_examples": val, "info": task.info})
         for bits in [int(b) for b in args.bits.split(",")]:

@@ -8,7 +8,7 @@ rounding without reconstruction). Step sequences: none, cle, cle+bias_correction
 cle+bias_correction+adaround. AdaRound runs far fewer iterations than the paper's 20000 (2 CPU
 cores); the count is recorded per task.
 
-    .venv/bin/python bench/ptq.py --task mnist-cnn [--settings w2a8,w4a8] [--recipes mse,omse]
+    .venv/bin/python -m bench.ptq --task mnist-cnn [--settings w2a8,w4a8] [--recipes mse,omse]
         [--sequences none,cle,cle+bc,cle+bc+ada] [--adaround-iters 1000] [--val 10000]
 
 Each invocation adds (or replaces) one task's entry in bench/results/ptq.json, so tasks can run
@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance
 
 SEQUENCES = {
     "none": [],
@@ -49,17 +45,6 @@ def candidate(setting: str, recipe: str) -> str:
     return f"w{bits}{RECIPES[recipe]}" + (f"-a{act}" if act else "")
 
 
-def build_task(name: str, val: int | None) -> mixq.Task:
-    """Build a task, keeping the first ``val`` validation items (None: all)."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val or 10_000)
-    if name.startswith("fashion-"):
-        return mixq.tasks.fashion(name, val_size=val or 10_000)
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=val or 1024)
-    return mixq.tasks.get(name)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True)
@@ -74,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    task = build_task(args.task, args.val)
+    task = mixq.tasks.get(args.task, val_size=args.val or None)
     fp = task.fp_metric()
     grid = [(s, r, q) for s in args.settings.split(",") if s for r in args.recipes.split(",")
             for q in args.sequences.split(",")]  # fmt: skip

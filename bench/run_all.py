@@ -26,9 +26,9 @@ quantizers (the QAT methods on :data:`QAT_CANDIDATES`, multipoint on the symmetr
 
 Usage::
 
-    .venv/bin/python bench/run_all.py                    # everything, resuming
-    .venv/bin/python bench/run_all.py --tasks mnist-cnn --methods uniform,hawq
-    .venv/bin/python bench/run_all.py --summary-only     # redraw summary.md and the plots
+    .venv/bin/python -m bench.run_all                    # everything, resuming
+    .venv/bin/python -m bench.run_all --tasks mnist-cnn --methods uniform,hawq
+    .venv/bin/python -m bench.run_all --summary-only     # redraw summary.md and the plots
 """
 
 from __future__ import annotations
@@ -47,16 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, section, write  # noqa: E402
-from mixq.cost import InfeasibleBudgetError  # noqa: E402
-from mixq.methods import METHODS as REGISTERED  # noqa: E402
-from mixq.progress import Bar  # noqa: E402
-from mixq.store import Store  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, section, write
+from mixq.cost import InfeasibleBudgetError
+from mixq.methods import METHODS as REGISTERED
+from mixq.progress import Bar
+from mixq.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench"
@@ -184,15 +182,6 @@ def candidates_of(task: str, method: str) -> list[str]:
     return list(SWEEPS[task].candidates)
 
 
-def build_task(name: str) -> mixq.Task:
-    """Build a benchmark task evaluated on its first ``VAL[name]`` validation examples."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=VAL[name])
-    if name == "minilm":
-        return mixq.tasks.minilm(val_size=VAL[name])
-    return mixq.tasks.fashion(name, val_size=VAL[name])
-
-
 def settings(task: str, method: str) -> dict[str, Any]:
     """Return what must match for a stored row to count as finished."""
     return {"candidates": candidates_of(task, method), "method_args": METHOD_ARGS.get((method, task), {}),
@@ -300,7 +289,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
     with Bar(len(todo), "bench", unit="run") as bar:
         for task_name, method, budget in todo:
             if current is None or current.name != task_name:
-                current = build_task(task_name)
+                current = mixq.tasks.get(task_name, val_size=VAL[task_name])
                 results["tasks"][task_name] = {
                     "metric_name": current.metric_name,
                     "fp_metric": current.fp_metric(),
@@ -506,7 +495,7 @@ def write_summary(results: dict[str, Any], unlisted: list[str]) -> Path:
             continue
         out += task_summary(task, task_rows, results["tasks"].get(task, {}))
     path = RESULTS / "summary.md"
-    peers = section(path.read_text(), "peers") if path.exists() else ""  # bench/peers.py's block
+    peers = section(path.read_text(), "peers") if path.exists() else ""  # bench/compare_peers.py's block
     path.write_text("\n".join(out) + (f"\n{peers}\n" if peers else ""))
     return path
 

@@ -22,15 +22,14 @@ measurement of a 200-layer model with 3 candidates on 8, 64 and 512 workers from
 per-pair-evaluation cost, per-row single cost and per-job overhead; its assumptions are
 written next to it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py            # both tasks, ~12 min
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --tasks fashion-resnet20 --layers 6
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.scale            # both tasks, ~12 min
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.scale --tasks fashion-resnet20 --layers 6
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,16 +37,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import write  # noqa: E402
-from mixq import tasks  # noqa: E402
-from mixq.api import prepare  # noqa: E402
-from mixq.executor import InProcessExecutor, Job  # noqa: E402
-from mixq.plan import as_layer_spec  # noqa: E402
-from mixq.ray_executor import RayExecutor  # noqa: E402
-from mixq.sensitivity.pairs import pairwise  # noqa: E402
-from mixq.store import Store  # noqa: E402
+from bench.common import write
+from mixq import tasks
+from mixq.api import prepare
+from mixq.executor import InProcessExecutor, Job
+from mixq.plan import as_layer_spec
+from mixq.ray_executor import RayExecutor
+from mixq.sensitivity.pairs import pairwise
+from mixq.store import Store
 
 SUITES: dict[str, dict[str, Any]] = {
     # activations 8-bit with min/max ranges (calibrated once), weights per channel asymmetric
@@ -55,6 +52,8 @@ SUITES: dict[str, dict[str, Any]] = {
     # weight-only, as in bench/search.py (without the slower MSE range search)
     "minilm": {"candidates": [f"w{b}+asym" for b in (2, 4, 8)], "items": 4},
 }
+# MiniLM's smaller validation and calibration sets here (the other tasks: their defaults)
+SIZES: dict[str, dict[str, int]] = {"minilm": {"val_size": 64, "calib_size": 64}}
 PROJECT_LAYERS, PROJECT_CANDIDATES, PROJECT_WORKERS = 200, 3, (8, 64, 512)
 
 
@@ -81,7 +80,7 @@ def first_items(batch: Any, n: int) -> Any:
 def setup(name: str, n_layers: int) -> dict[str, Any]:
     """Load the task, wrap and calibrate the model, pick the layers and the sensitivity batch."""
     suite = SUITES[name]
-    task = tasks.minilm(val_size=64, calib_size=64) if name == "minilm" else tasks.get(name)
+    task = tasks.get(name, **SIZES.get(name, {}))
     specs = [as_layer_spec(c) for c in suite["candidates"]]
     t0 = time.perf_counter()
     qmodel, infos = prepare(task, specs)

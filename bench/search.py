@@ -13,7 +13,7 @@ and later budgets only solve and evaluate: ``seconds`` of the first budget inclu
 sensitivity unless ``sensitivity_from_earlier_run`` says a previous run had stored it
 (``--fresh`` recomputes).
 
-    .venv/bin/python bench/search.py [--tasks mnist-cnn,minilm]
+    .venv/bin/python -m bench.search [--tasks mnist-cnn,minilm]
 """
 
 from __future__ import annotations
@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, write  # noqa: E402
-from exhaustive import best_by_budget, enumerate_plans  # noqa: E402
+import mixq
+from bench.common import RESULTS, write
+from bench.exhaustive import best_by_budget, enumerate_plans
 
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "bench-search"
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (method, method_args)
@@ -123,7 +120,7 @@ def main() -> None:
     for task_name in args.tasks.split(","):
         suite = SUITES[task_name]
         t0 = time.perf_counter()
-        task = mixq.tasks.minilm(val_size=suite["val"]) if "val" in suite else mixq.tasks.get(task_name)
+        task = mixq.tasks.get(task_name, val_size=suite.get("val"))
         entry: dict[str, Any] = {"metric_name": task.metric_name, "fp32": task.fp_metric(),
                                  "info": task.info, "budgets": suite["budgets"],
                                  "method_args": suite["args"], "sets": {}}  # fmt: skip

@@ -15,7 +15,7 @@ inputs after MobileNetV2's linear bottleneck adds) are outside SPARQ and keep ``
 setting except fp32, so settings differ only on the non-negative sites. Per layer the script
 records the measured sparsity of the 8-bit activation codes on the calibration images.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/sparq.py [--tasks mnist-cnn,...] [--val 1000]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.sparq [--tasks mnist-cnn,...] [--val 1000]
 
 Each task's entry is written as soon as it is done (with the command that produced it); tasks
 from earlier runs stay in the file, so tasks can be run in separate invocations.
@@ -26,21 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import RESULTS, provenance, write  # noqa: E402
-from mixq import cost  # noqa: E402
-from mixq.formats import ACT_FORMAT_NAMES  # noqa: E402
-from mixq.plan import FLOAT, LayerSpec, Plan, parse_candidate  # noqa: E402
-from mixq.quant import sparq  # noqa: E402
-from mixq.wrap import apply, calibrate, sites, wrap  # noqa: E402
+import mixq
+from bench.common import RESULTS, provenance, write
+from mixq import cost
+from mixq.formats import ACT_FORMAT_NAMES
+from mixq.plan import FLOAT, LayerSpec, Plan, parse_candidate
+from mixq.quant import sparq
+from mixq.wrap import apply, calibrate, sites, wrap
 
 WEIGHT = "w8"
 BASELINES = ("a8", "a4", "a4+mse")
@@ -50,13 +46,6 @@ SIGNED_FALLBACK = "a8"
 def setting_specs(setting: str) -> tuple[LayerSpec, LayerSpec]:
     """Return (spec of a non-negative site, spec of a signed site) of one activation setting."""
     return parse_candidate(f"{WEIGHT}-{setting}"), parse_candidate(f"{WEIGHT}-{SIGNED_FALLBACK}")
-
-
-def build_task(name: str, val: int) -> mixq.Task:
-    """Build a task with the first ``val`` test images."""
-    if name == "mnist-cnn":
-        return mixq.tasks.mnist_cnn(val_size=val)
-    return mixq.tasks.fashion(name, val_size=val)
 
 
 def predictions(model: torch.nn.Module, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +109,7 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
 def run_task(name: str, val: int) -> dict:
     """Evaluate every setting on one task."""
     t0 = time.perf_counter()
-    task = build_task(name, val)
+    task = mixq.tasks.get(name, val_size=val)
     qmodel = wrap(copy.deepcopy(task.model).eval())
     calibrate(qmodel, task.calib)
     infos = cost.probe(qmodel, task.calib[0])

@@ -5,20 +5,16 @@ Recipes: "minmax" (symmetric weights, min/max ranges: the plain baseline) and "o
 data: mixq's best PTQ rounding without reconstruction). Also "mse" (asymmetric, weight-space
 squared-error search) for reference.
 
-    .venv/bin/python bench/uniform.py [--tasks mnist-cnn,minilm]
+    .venv/bin/python -m bench.uniform [--tasks mnist-cnn,minilm]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mixq  # noqa: E402
-from common import write  # noqa: E402
+import mixq
+from bench.common import write
 
 SETTINGS = {  # name -> (weight bits, group, activation bits)
     "w8a8": (8, None, 8),

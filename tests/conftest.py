@@ -1,11 +1,9 @@
 """Test-suite settings shared by every module."""
 
-import importlib.util
+import importlib
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +14,13 @@ settings.register_profile("mixq", derandomize=True, database=None)
 settings.load_profile("mixq")
 
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
 @pytest.fixture(scope="session")
 def load_bench():
-    """Import a file under bench/ (scripts, not a package) as the module ``name``."""
+    """Import the module ``bench.<name>`` (e.g. "deploy", "peers.drivers.aimet_driver") when a test
+    needs it: some bench modules import optional packages (onnxruntime) at the top."""
 
-    def load(name: str, relpath: str):
-        spec = importlib.util.spec_from_file_location(name, BENCH / relpath)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    def load(name: str):
+        return importlib.import_module(f"bench.{name}")
 
     return load
 

@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def target(load_bench):
-    return load_bench("deploy_target", "deploy_target.py")
+    return load_bench("deploy_target")
 
 
 @pytest.fixture(scope="module")
 def deploy(target, load_bench):
-    return load_bench("bench_deploy", "deploy.py")
+    return load_bench("deploy")
 
 
 def test_time_plans_paired_ratio_is_the_median_of_rounds(target, monkeypatch):

@@ -1,4 +1,5 @@
-"""Tests of the peer-tool benchmark ``bench/peers.py`` and its driver protocol ``bench/peers/_common.py``.
+"""Tests of the peer-tool benchmark ``bench.compare_peers`` (``bench/peers/``) and its driver protocol
+``bench/peers/drivers/_common.py``.
 
 The peer tools themselves live in their own venvs and are not needed here: these tests check the
 mixq side (format conversion, cost counting, re-evaluation, the comparison with mixq's results)
@@ -18,6 +19,9 @@ import pytest
 import torch
 from torch import nn
 
+from bench import compare_peers
+from bench.common import section, set_section
+from bench.peers import measure, points, render, translate, venvs
 from mixq import tasks
 from mixq.plan import parse_candidate
 
@@ -25,13 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def peers(load_bench):
-    return load_bench("bench_peers", "peers.py")
-
-
-@pytest.fixture(scope="module")
 def common(load_bench):
-    return load_bench("_common", "peers/_common.py")
+    return load_bench("peers.drivers._common")
 
 
 def W(bits, gran="channel", group=None, sym=True):
@@ -53,9 +52,9 @@ def W(bits, gran="channel", group=None, sym=True):
         ({"weight": None, "act": None}, "float", "float"),
     ],
 )
-def test_to_candidate_parses_to_the_described_format(peers, layer, same, mixq):
-    assert peers.to_candidate(layer, "same") == same
-    assert peers.to_candidate(layer, "mixq") == mixq
+def test_to_candidate_parses_to_the_described_format(layer, same, mixq):
+    assert translate.to_candidate(layer, "same") == same
+    assert translate.to_candidate(layer, "mixq") == mixq
     spec = parse_candidate(same)
     w = layer["weight"]
     if w is None:
@@ -71,23 +70,23 @@ def test_to_candidate_parses_to_the_described_format(peers, layer, same, mixq):
         assert spec.act.symmetric == layer["act"]["symmetric"]
 
 
-def test_to_candidate_rejects_bad_descriptions(peers):
+def test_to_candidate_rejects_bad_descriptions():
     with pytest.raises(ValueError, match="granularity 'row'"):
-        peers.to_candidate({"weight": W(4, "row"), "act": None})
+        translate.to_candidate({"weight": W(4, "row"), "act": None})
     with pytest.raises(ValueError, match="valid: same, mixq"):
-        peers.to_candidate({"weight": W(4), "act": None}, grid="other")
+        translate.to_candidate({"weight": W(4), "act": None}, grid="other")
     with pytest.raises(ValueError, match="clip 'kl'"):
-        peers.to_candidate({"weight": {**W(4), "clip": "kl"}, "act": None})
+        translate.to_candidate({"weight": {**W(4), "clip": "kl"}, "act": None})
     with pytest.raises(ValueError, match="bits must be"):
-        peers.to_candidate({"weight": W(4.5), "act": None})
+        translate.to_candidate({"weight": W(4.5), "act": None})
 
 
-def test_converted_plan_is_charged_with_scales_by_an_independent_count(peers):
+def test_converted_plan_is_charged_with_scales_by_an_independent_count():
     """ModelOpt-style INT4 block-128 and INT8 per-channel, and a float layer, on the synthetic MLP."""
     task = tasks.synthetic_mlp()
     layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4, "group", 32), "act": None},
               "4": {"weight": None, "act": None}}  # fmt: skip
-    res = peers.evaluate(task, peers.to_plan(layers))
+    res = measure.evaluate(task, translate.to_plan(layers))
     # independent count: 0 is 64x16 (int8 + 64 fp32 scales), 2 is 64x64 in groups of 32 (int4 + 128
     # fp16 scales), 4 is 8x64 fp32; biases fp32 everywhere.
     bits = [64 * 16 * 8 + 64 * 32, 64 * 64 * 4 + 64 * 2 * 16, 8 * 64 * 32]
@@ -96,11 +95,11 @@ def test_converted_plan_is_charged_with_scales_by_an_independent_count(peers):
     assert res["size_bytes"] == pytest.approx(sum(bits) / 8 + 4 * (64 + 64 + 8))
 
 
-def test_evaluate_matches_an_independent_fake_quantization(peers):
+def test_evaluate_matches_an_independent_fake_quantization():
     """Re-evaluating an all-W8 per-channel plan equals quantizing the weights by hand."""
     task = tasks.synthetic_mlp()
     layers = {n: {"weight": W(8), "act": None} for n in ("0", "2", "4")}
-    res = peers.evaluate(task, peers.to_plan(layers))
+    res = measure.evaluate(task, translate.to_plan(layers))
     oracle = copy.deepcopy(task.model)
     with torch.no_grad():
         for m in oracle.modules():
@@ -110,14 +109,14 @@ def test_evaluate_matches_an_independent_fake_quantization(peers):
     assert res["metric"] == pytest.approx(task.metric(oracle, task.val))
     # and a 2-bit plan must do worse than fp32 on this task (the check can fail)
     two_bit = {n: {"weight": W(2, "tensor"), "act": None} for n in ("0", "2")}
-    bad = peers.evaluate(task, peers.to_plan(two_bit))
+    bad = measure.evaluate(task, translate.to_plan(two_bit))
     assert bad["metric"] < task.fp_metric()
     # a tool that keeps every layer float: an empty plan, charged as fp32
-    empty = peers.evaluate(task, peers.to_plan({}))
+    empty = measure.evaluate(task, translate.to_plan({}))
     assert empty["metric"] == task.fp_metric() and empty["avg_weight_bits"] == 32.0
 
 
-def test_best_mixq_takes_the_best_row_at_or_below_the_size(peers):
+def test_best_mixq_takes_the_best_row_at_or_below_the_size():
     pts = [
         {"task": "mnist-cnn", "val": 10000, "act": False, "size_bytes": 100.0, "metric": 98.0, "method": "a"},
         {"task": "mnist-cnn", "val": 10000, "act": False, "size_bytes": 150.0, "metric": 99.0, "method": "b"},
@@ -128,25 +127,25 @@ def test_best_mixq_takes_the_best_row_at_or_below_the_size(peers):
     ]
     row = {"task": "mnist-cnn", "val_items": 10000, "mixq_same": {"size_bytes": 200.0},
            "plan_same": {"x": "w4", "y": "float"}}  # fmt: skip
-    assert peers.best_mixq(pts, row)["method"] == "b"
+    assert points.best_mixq(pts, row)["method"] == "b"
     row["plan_same"] = {"x": "w4-a8+sym"}
-    assert peers.best_mixq(pts, row)["method"] == "d"
+    assert points.best_mixq(pts, row)["method"] == "d"
     row["mixq_same"]["size_bytes"] = 90.0
-    assert peers.best_mixq(pts, row) is None
+    assert points.best_mixq(pts, row) is None
 
 
-def test_mixq_points_reads_rows_with_their_context(peers, tmp_path, monkeypatch):
+def test_mixq_points_reads_rows_with_their_context(tmp_path, monkeypatch):
     doc = {"tasks": {"mnist-cnn": {"info": {"val_images": 10000}, "sets": {"ch": {
         "candidates": ["w2+asym+omse", "w4+asym+omse"],
         "rows": [{"method": "hawq", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}]}}}}}
     (tmp_path / "search.json").write_text(json.dumps(doc))
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
-    (p,) = peers.mixq_points()
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
+    (p,) = points.mixq_points()
     got = (p["task"], p["method"], p["val"], p["act"], p["metric"])
     assert got == ("mnist-cnn", "hawq", 10000, False, 99.0)
 
 
-def test_patch_torchvision_makes_the_fake_registrations_conditional(peers, tmp_path):
+def test_patch_torchvision_makes_the_fake_registrations_conditional(tmp_path):
     site = tmp_path / "lib" / "python3.11" / "site-packages" / "torchvision"
     site.mkdir(parents=True)
     src = (
@@ -156,13 +155,13 @@ def test_patch_torchvision_makes_the_fake_registrations_conditional(peers, tmp_p
         '@torch.library.register_fake("torchvision::roi_align")\ndef meta_roi(a):\n    return a\n'
     )
     (site / "_meta_registrations.py").write_text(src)
-    peers.patch_torchvision(tmp_path)
+    venvs.patch_torchvision(tmp_path)
     new = (site / "_meta_registrations.py").read_text()
     assert new.count("_has_ops()") == 2
     assert '@torch.library.register_fake("torchvision::roi_align")' in new
     compile(new, "patched", "exec")
     with pytest.raises(FileNotFoundError, match="torchvision is not installed"):
-        peers.patch_torchvision(tmp_path / "none")
+        venvs.patch_torchvision(tmp_path / "none")
 
 
 def test_driver_protocol_writes_json_and_records_failures(common, tmp_path, monkeypatch):
@@ -190,44 +189,44 @@ def test_driver_protocol_writes_json_and_records_failures(common, tmp_path, monk
     assert not res["ok"] and "tool exploded" in res["error"] and math.isfinite(res["driver_seconds"])
 
 
-def test_mixq_points_skip_exhaustive_oracles(peers, tmp_path, monkeypatch):
+def test_mixq_points_skip_exhaustive_oracles(tmp_path, monkeypatch):
     row = {"method": "x", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}
     doc = {"tasks": {"mnist-cnn": {"val_images": 10000, "exhaustive": {"3.0": dict(row)}, "rows": [row]}}}
     (tmp_path / "clado.json").write_text(json.dumps(doc))
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
-    assert [p["where"] for p in peers.mixq_points()] == ["tasks/mnist-cnn/rows/0"]
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
+    assert [p["where"] for p in points.mixq_points()] == ["tasks/mnist-cnn/rows/0"]
 
 
-def test_verdict_names_the_quantizer_or_the_search(peers):
+def test_verdict_names_the_quantizer_or_the_search():
     def row(tool, same, search):
         return {"task": "mnist-cnn", "tool_metric": tool, "mixq_same": {"metric": same},
                 "mixq_search": {"metric": search}}  # fmt: skip
 
-    assert peers.verdict(row(99.0, 99.0, 99.2), None) == "mixq ≥ tool"
-    assert peers.verdict(row(99.0, 99.0, 99.0), None) == "tie"
-    q = peers.verdict(row(99.0, 97.0, 97.0), None)
+    assert render.verdict(row(99.0, 99.0, 99.2), None) == "mixq ≥ tool"
+    assert render.verdict(row(99.0, 99.0, 99.0), None) == "tie"
+    q = render.verdict(row(99.0, 97.0, 97.0), None)
     assert q.startswith("mixq loses by 2") and "quantizer" in q and "search" not in q
-    s = peers.verdict(row(99.0, 99.0, 98.0), None)
+    s = render.verdict(row(99.0, 99.0, 98.0), None)
     assert "search" in s and "quantizer" not in s
-    assert peers.verdict(row(99.0, 98.0, 98.0), {"metric": 99.5}) == "mixq ≥ tool"
-    assert peers.verdict({"task": "minilm", "tool_metric": 0.9, "mixq_same": {"metric": 0.9}}, None) == (
+    assert render.verdict(row(99.0, 98.0, 98.0), {"metric": 99.5}) == "mixq ≥ tool"
+    assert render.verdict({"task": "minilm", "tool_metric": 0.9, "mixq_same": {"metric": 0.9}}, None) == (
         "no mixq result at this size")
 
 
-def test_verdict_weighs_bias_correction_and_the_sampling_error(peers):
+def test_verdict_weighs_bias_correction_and_the_sampling_error():
     row = {"task": "fashion-resnet20", "val_items": 2000, "tool_metric": 94.0, "mixq_same": {"metric": 93.9},
            "mixq_search": {"metric": 93.9}}  # fmt: skip
-    assert "standard error of a top-1 on 2000 images (0.53 points)" in peers.verdict(row, None)
+    assert "standard error of a top-1 on 2000 images (0.53 points)" in render.verdict(row, None)
     row["mixq_search_mixq_ptq"] = {"metric": 94.2, "avg_weight_bits": 3.9, "ptq": ["bias_correction"]}
-    v = peers.verdict(row, None)
+    v = render.verdict(row, None)
     assert v.startswith("mixq ≥ tool with bias_correction: 94.20 at 3.90 b") and "loses by 0.1" in v
     row["mixq_search_mixq_ptq"]["metric"] = 93.97
-    assert peers.verdict(row, None).startswith("tie with bias_correction: 93.97")
+    assert render.verdict(row, None).startswith("tie with bias_correction: 93.97")
     row["mixq_search_mixq_ptq"]["metric"] = 93.0
-    v = peers.verdict(row, None)
+    v = render.verdict(row, None)
     assert v.startswith("mixq loses by 0.1") and "with bias_correction: 93.00" in v
     big = {**row, "tool_metric": 99.0, "mixq_search_mixq_ptq": None}  # a gap of 5.1 points is no noise
-    assert "standard error" not in peers.verdict(big, None)
+    assert "standard error" not in render.verdict(big, None)
 
 
 def test_driver_losses(common):
@@ -248,40 +247,40 @@ def test_driver_losses(common):
         common.batches_loss(mini, "mse")
 
 
-def _w8_w4_w8_row(peers, tmp_path, monkeypatch):
+def _w8_w4_w8_row(tmp_path, monkeypatch):
     """The synthetic MLP, a W8/W4/W8 peer plan on it and its row (run directories under tmp_path)."""
-    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    monkeypatch.setattr(measure, "ROOT", tmp_path)
     task = tasks.synthetic_mlp()
     layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
               "4": {"weight": W(8), "act": None}}  # fmt: skip
-    same = peers.evaluate(task, peers.to_plan(layers, "same"))
-    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
+    same = measure.evaluate(task, translate.to_plan(layers, "same"))
+    row = {"plan_mixq": {n: translate.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
     return task, same, row
 
 
-def test_own_grid_search_stays_within_the_peers_size(peers, tmp_path, monkeypatch):
-    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
-    peers.own_grid(row, task)
+def test_own_grid_search_stays_within_the_peers_size(tmp_path, monkeypatch):
+    task, same, row = _w8_w4_w8_row(tmp_path, monkeypatch)
+    measure.own_grid(row, task)
     got = row["mixq_search_mixq"]
     assert got["size_bytes"] <= same["size_bytes"] * (1 + 1e-9)
     assert got["candidates"] == ["w4+asym+omse", "w8+asym+omse"]
     assert (tmp_path / got["run_dir"] / "plan.json").exists()
 
 
-def test_own_grid_records_an_infeasible_size(peers, tmp_path, monkeypatch):
+def test_own_grid_records_an_infeasible_size(tmp_path, monkeypatch):
     """An all-W4 symmetric plan's size cannot hold W4 with zero points: recorded, not raised."""
-    monkeypatch.setattr(peers, "ROOT", tmp_path)
+    monkeypatch.setattr(measure, "ROOT", tmp_path)
     task = tasks.synthetic_mlp()
     layers = {n: {"weight": W(4), "act": None} for n in ("0", "2", "4")}
-    row = {"plan_mixq": {n: peers.to_candidate(d, "mixq") for n, d in layers.items()},
-           "mixq_same": peers.evaluate(task, peers.to_plan(layers, "same"))}  # fmt: skip
-    peers.own_grid(row, task)
+    row = {"plan_mixq": {n: translate.to_candidate(d, "mixq") for n, d in layers.items()},
+           "mixq_same": measure.evaluate(task, translate.to_plan(layers, "same"))}  # fmt: skip
+    measure.own_grid(row, task)
     assert "infeasible" in row["mixq_search_mixq"]["infeasible"]
 
 
 @pytest.fixture(scope="module")
 def aimet(common, load_bench):
-    return load_bench("aimet_driver", "peers/aimet_driver.py")
+    return load_bench("peers.drivers.aimet_driver")
 
 
 def test_aimet_walk_replays_the_cumulative_steps(aimet):
@@ -314,17 +313,17 @@ def test_aimet_pick_takes_the_best_score_within_the_budget(aimet):
         aimet.pick(pts, 2.5)
 
 
-def test_mixq_points_leave_out_methods_that_train(peers, tmp_path, monkeypatch):
+def test_mixq_points_leave_out_methods_that_train(tmp_path, monkeypatch):
     rows = [{"method": m, "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5} for m in ("fliqs", "x")]
     doc = {"tasks": {"mnist-cnn": {"val_images": 10000, "rows": rows}}}
     (tmp_path / "run_all.json").write_text(json.dumps(doc))
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
-    assert [p["method"] for p in peers.mixq_points()] == ["x"]
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
+    assert [p["method"] for p in points.mixq_points()] == ["x"]
 
 
 @pytest.fixture(scope="module")
 def hawq(common, load_bench):
-    return load_bench("nncf219_driver", "peers/nncf219_driver.py")
+    return load_bench("peers.drivers.nncf219_driver")
 
 
 def test_nncf219_layer_names_from_node_names(hawq):
@@ -351,27 +350,27 @@ def test_nncf219_knob_is_the_smallest_ratio_whose_choice_fits(hawq):
         hawq.hawq_choice(metrics, ratios, 3.5)
 
 
-def test_render_shows_how_a_budgetless_tool_was_picked(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+def test_render_shows_how_a_budgetless_tool_was_picked(tmp_path, monkeypatch):
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
     same = {"metric": 98.0, "avg_weight_bits": 2.5, "size_bytes": 1000.0}
     row = {"tool": "aimet", "tool_version": "2.42.0", "task": "mnist-cnn", "budget": 3.0, "ok": True,
            "tool_metric": 99.0, "tool_bits": 2.47, "search_seconds": 1.0, "mixq_same": same,
            "mixq_mixq": same,
            "plan_same": {"a": "w2-a8"}, "val_items": 10000, "note": "a grid note",
            "pick": {"rule": "best score within B", "index": 8, "score": 99.61, "pareto": [1, 2]}}  # fmt: skip
-    md = peers.render({"k": row})
+    md = render.render({"k": row})
     assert "- aimet 2.42.0 B=3: a=w2-a8 (pick: index=8, score=99.61)" in md
     assert "Note: aimet picks its point by the rule: best score within B." in md
     assert "Note: a grid note." in md
     assert "| aimet 2.42.0 | 3 | 2.47 | 99.00 |" in md
 
 
-def test_own_grid_ptq_runs_the_given_steps_and_keeps_the_earlier_result(peers, tmp_path, monkeypatch):
-    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
-    peers.own_grid_ptq(row, task)
+def test_own_grid_ptq_runs_the_given_steps_and_keeps_the_earlier_result(tmp_path, monkeypatch):
+    task, same, row = _w8_w4_w8_row(tmp_path, monkeypatch)
+    measure.own_grid_ptq(row, task)
     first = row["mixq_search_mixq_ptq"]
     assert first["ptq"] == ["bias_correction"] and "ptq_args" not in first
-    peers.own_grid_ptq(row, task, ["bias_correction", "adaround"], adaround_iters=3)
+    measure.own_grid_ptq(row, task, ["bias_correction", "adaround"], adaround_iters=3)
     got = row["mixq_search_mixq_ptq"]
     assert got["ptq"] == ["bias_correction", "adaround"] and got["ptq_args"] == {"adaround": {"iters": 3}}
     assert got["size_bytes"] <= same["size_bytes"] * (1 + 1e-9)
@@ -380,20 +379,21 @@ def test_own_grid_ptq_runs_the_given_steps_and_keeps_the_earlier_result(peers, t
     assert [p["step"] for p in run["ptq"]] == ["bias_correction", "adaround"]
 
 
-def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
-    monkeypatch.setattr(peers, "VENVS", tmp_path / "venvs")
-    monkeypatch.setattr(peers, "get_task", lambda name, val: None)
-    monkeypatch.setattr(peers, "render", lambda rows: "")
-    monkeypatch.setattr(peers, "summary", lambda rows: "")
-    monkeypatch.setattr(peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))  # noqa: E501
+def test_backfill_ptq_redoes_only_rows_without_these_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_peers, "RESULTS", tmp_path)
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
+    monkeypatch.setattr(compare_peers, "VENVS", tmp_path / "venvs")
+    monkeypatch.setattr(compare_peers, "get_task", lambda name, val: None)
+    monkeypatch.setattr(compare_peers, "render", lambda rows: "")
+    monkeypatch.setattr(compare_peers, "summary", lambda rows: "")
+    monkeypatch.setattr(compare_peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))  # noqa: E501
     calls = []
 
     def fake(row, task, steps, iters):
         calls.append((row["budget"], steps, iters))
         row["mixq_search_mixq_ptq"] = {"metric": 90.0, "ptq": steps}
 
-    monkeypatch.setattr(peers, "own_grid_ptq", fake)
+    monkeypatch.setattr(compare_peers, "own_grid_ptq", fake)
     base = {"ok": True, "tool": "mct", "task": "mnist-cnn", "tool_metric": 99.0, "plan_same": {"a": "w4"},
             "mixq_same": {"metric": 90.0, "size_bytes": 1e5}, "mixq_search": {"metric": 90.0}}  # fmt: skip
     earlier = {"metric": 95.0, "ptq": ["bias_correction"]}  # other steps: judged without it, redone
@@ -401,18 +401,18 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(peers, tmp_path, monk
     rows = {"mct|mnist-cnn|3": {**base, "budget": 3, "mixq_search_mixq_ptq": earlier},
             "mct|mnist-cnn|4": {**base, "budget": 4, "mixq_search_mixq_ptq": same},
             "mct|mnist-cnn|5": {**base, "budget": 5, "tool_metric": 80.0}}  # fmt: skip  (mixq wins: no run)
-    peers.backfill(rows, ["mct"], [], ptq=True, ptq_steps=["adaround"], adaround_iters=7)
+    compare_peers.backfill(rows, ["mct"], [], ptq=True, ptq_steps=["adaround"], adaround_iters=7)
     assert calls == [(3, ["adaround"], 7)]
     saved = json.loads((tmp_path / "peers.json").read_text())["rows"]
     assert saved["mct|mnist-cnn|3"]["mixq_search_mixq_ptq"]["ptq"] == ["adaround"]
 
 
-def test_own_methods_run_mixqs_methods_at_the_peers_size(peers, tmp_path, monkeypatch):
-    task, same, row = _w8_w4_w8_row(peers, tmp_path, monkeypatch)
+def test_own_methods_run_mixqs_methods_at_the_peers_size(tmp_path, monkeypatch):
+    task, same, row = _w8_w4_w8_row(tmp_path, monkeypatch)
     row = {"task": "synthetic", "tool_metric": 101.0, "mixq_same": same}  # no sampling-error text
     cands = ["w2+asym+omse", "w4+asym+omse", "w8+asym+omse"]
-    peers.own_methods(row, task, ["sensitivity-ilp", "hawq"], candidates=cands)
-    peers.own_methods(row, task, ["sensitivity-ilp"], ["bias_correction"], candidates=cands)
+    measure.own_methods(row, task, ["sensitivity-ilp", "hawq"], candidates=cands)
+    measure.own_methods(row, task, ["sensitivity-ilp"], ["bias_correction"], candidates=cands)
     got = row["mixq_methods"]
     assert list(got) == ["sensitivity-ilp", "hawq", "sensitivity-ilp+bias_correction"]
     for label, r in got.items():
@@ -421,10 +421,10 @@ def test_own_methods_run_mixqs_methods_at_the_peers_size(peers, tmp_path, monkey
         assert json.loads((tmp_path / r["run_dir"] / "metrics.json").read_text())["method"] == r["method"]
     assert got["sensitivity-ilp+bias_correction"]["ptq"] == ["bias_correction"]
     # the verdict counts them: the tool's 101 is out of reach, 99 is within them
-    assert "mixq's methods: sensitivity-ilp" in peers.verdict(row, None)
+    assert "mixq's methods: sensitivity-ilp" in render.verdict(row, None)
     best = max(r["metric"] for r in got.values())
     row["tool_metric"] = best - 1.0
-    assert peers.verdict(row, None).startswith("mixq ≥ tool with mixq ")
+    assert render.verdict(row, None).startswith("mixq ≥ tool with mixq ")
 
 
 def test_aimet_walk_cache_is_shared_by_budgets_and_reset_by_a_new_key(aimet, tmp_path):
@@ -445,27 +445,25 @@ def test_aimet_walk_cache_is_shared_by_budgets_and_reset_by_a_new_key(aimet, tmp
     assert aimet.walk_cache(args4, task, s, model) == d and not (d / ".cache").exists()
 
 
-def test_summary_block_is_replaced_in_place_and_kept_by_other_writers(peers, tmp_path):
-    import common
-
+def test_summary_block_is_replaced_in_place_and_kept_by_other_writers(tmp_path):
     path = tmp_path / "summary.md"
     path.write_text("# sweep\n\ntable\n")
-    common.set_section(path, "peers", "first")
-    common.set_section(path, "peers", "second\n")
+    set_section(path, "peers", "first")
+    set_section(path, "peers", "second\n")
     text = path.read_text()
     assert text.startswith("# sweep\n\ntable\n") and text.count("peers:start") == 1
-    assert common.section(text, "peers") == "<!-- peers:start -->\nsecond\n<!-- peers:end -->"
-    assert common.section("no block here", "peers") == ""
+    assert section(text, "peers") == "<!-- peers:start -->\nsecond\n<!-- peers:end -->"
+    assert section("no block here", "peers") == ""
 
 
-def test_peers_summary_has_one_line_per_row(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+def test_peers_summary_has_one_line_per_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(points, "RESULTS", tmp_path)
     ok = {"ok": True, "tool": "mct", "task": "mnist-cnn", "budget": 3.0, "val_items": 10000,
           "tool_metric": 99.0, "plan_same": {"a": "w4-a8"},
           "mixq_same": {"metric": 98.0, "avg_weight_bits": 3.1, "size_bytes": 1e5},
           "mixq_search_mixq": {"metric": 99.2, "avg_weight_bits": 3.0}}  # fmt: skip
     bad = {"ok": False, "tool": "nncf", "task": "minilm", "budget": 4.5, "error": "Boom:\nline two | x"}
-    text = peers.summary({"a": ok, "b": bad})
+    text = render.summary({"a": ok, "b": bad})
     lines = [x for x in text.splitlines() if x.startswith("| ")]
     assert len(lines) == 3  # the header and one line per row
     assert "99.20 (search, own grid) | mixq ≥ tool |" in lines[1]

@@ -35,12 +35,8 @@ def one_thread() -> Iterator[None]:
 
 
 def train_script() -> ModuleType:
-    """Import ``bench/train_zoo.py`` (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("train_zoo", ROOT / "bench" / "train_zoo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import the training script ``bench.train_zoo``."""
+    return importlib.import_module("bench.train_zoo")
 
 
 @pytest.mark.parametrize("name", sorted(zoo.MODELS))

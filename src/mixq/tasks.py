@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -283,18 +284,41 @@ def synthetic_cnn() -> Task:
     return _teacher_task(TinyCNN(), (3, 8, 8), "synthetic-cnn")
 
 
-TASKS: dict[str, Callable[[], Task]] = {
+TASKS: dict[str, Callable[..., Task]] = {
     "mnist-cnn": mnist_cnn,
     "minilm": minilm,
-    "fashion-resnet20": lambda: fashion("fashion-resnet20"),
-    "fashion-mobilenetv2": lambda: fashion("fashion-mobilenetv2"),
+    "fashion-resnet20": partial(fashion, "fashion-resnet20"),
+    "fashion-mobilenetv2": partial(fashion, "fashion-mobilenetv2"),
     "synthetic-mlp": synthetic_mlp,
     "synthetic-cnn": synthetic_cnn,
 }
+# The size knobs each built-in task takes (the synthetic tasks have fixed sizes).
+SIZES: dict[str, tuple[str, ...]] = {
+    "mnist-cnn": ("val_size", "calib_size"),
+    "minilm": ("val_size", "calib_size"),
+    "fashion-resnet20": ("val_size", "calib_size"),
+    "fashion-mobilenetv2": ("val_size", "calib_size"),
+    "synthetic-mlp": (),
+    "synthetic-cnn": (),
+}
 
 
-def get(name: str) -> Task:
-    """Build a built-in task by name."""
+def get(name: str, val_size: int | None = None, calib_size: int | None = None) -> Task:
+    """Build a built-in task by name.
+
+    ``val_size`` keeps the first ``val_size`` validation examples (images or sentences) and
+    ``calib_size`` draws that many calibration examples; None keeps the task's default. Only the
+    real-data tasks have these knobs (see ``SIZES``).
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
-    return TASKS[name]()
+    sizes = {k: v for k, v in (("val_size", val_size), ("calib_size", calib_size)) if v is not None}
+    for knob, value in sizes.items():
+        if knob not in SIZES[name]:
+            sized = [t for t, knobs in SIZES.items() if knob in knobs]
+            raise ValueError(
+                f"task {name!r} has no {knob} (got {value!r}); tasks with one: {', '.join(sized)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{knob} must be a positive int or None (the task's default); got {value!r}")
+    return TASKS[name](**sizes)

@@ -1,4 +1,4 @@
-"""NNCF weight compression with an INT4/INT8 mix on a mixq task (run in the NNCF venv by bench/peers.py).
+"""NNCF weight compression with an INT4/INT8 mix on a mixq task (run in the NNCF venv by bench.compare_peers).
 
 ``nncf.compress_weights(mode=INT4_SYM, ratio=r, group_size=128, ...)`` puts the share ``r`` of
 the weights in INT4 (symmetric, groups of 128 along the input dimension), choosing the layers by
@@ -16,8 +16,9 @@ import copy
 import time
 from typing import Any
 
-import _common
 import torch
+
+from bench.peers.drivers import _common
 
 
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
@@ -92,5 +93,4 @@ def _compressed_format(qmodel: Any, name: str, w0: torch.Tensor, group: int) -> 
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("nncf", "nncf", body, _common.parser(__doc__).parse_args())
+    _common.main("nncf", "nncf", body, __doc__)

@@ -1,4 +1,4 @@
-"""NVIDIA ModelOpt ``auto_quantize`` on a mixq task (run in the ModelOpt venv by bench/peers.py).
+"""NVIDIA ModelOpt ``auto_quantize`` on a mixq task (run in the ModelOpt venv by bench.compare_peers).
 
 The budget is ModelOpt's ``effective_bits`` (a weight-count average over the quantized layers
 where a layer left unquantized counts 16 bits and scales count nothing). The per-layer choice
@@ -15,7 +15,7 @@ import copy
 import time
 from typing import Any
 
-import _common
+from bench.peers.drivers import _common
 
 DEFAULT_FORMATS = {
     "minilm": ["INT8_WEIGHT_ONLY_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"],
@@ -110,5 +110,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("modelopt", "nvidia-modelopt", body, _common.parser(__doc__).parse_args())
+    _common.main("modelopt", "nvidia-modelopt", body, __doc__)

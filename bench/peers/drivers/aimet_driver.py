@@ -1,4 +1,4 @@
-"""Qualcomm AIMET automatic mixed precision (AMP) on a mixq task (run in the AIMET venv by bench/peers.py).
+"""Qualcomm AIMET automatic mixed precision (AMP) on a mixq task (run in AIMET's venv by bench.compare_peers).
 
 AMP has no size budget: it sorts the layers' quantizer groups by the score drop each one causes at
 a lower candidate (phase 1), then walks down that order, lowering one group more at every step
@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
+
+from bench.peers.drivers import _common
 
 
 def walk(
@@ -222,5 +223,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("aimet", "aimet-torch", body, _common.parser(__doc__).parse_args())
+    _common.main("aimet", "aimet-torch", body, __doc__)

@@ -1,4 +1,4 @@
-"""Sony MCT mixed-precision PTQ on a mixq task (run in the MCT venv by bench/peers.py).
+"""Sony MCT mixed-precision PTQ on a mixq task (run in the MCT venv by bench.compare_peers).
 
 The budget is MCT's weight memory in bytes, set to (weights of the Conv2d/Linear layers) x B / 8;
 MCT's default target platform offers 8, 4 and 2-bit per-channel weights with 8-bit
@@ -15,8 +15,9 @@ import time
 import traceback
 from typing import Any
 
-import _common
 import torch
+
+from bench.peers.drivers import _common
 
 
 def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
@@ -89,5 +90,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("mct", "model-compression-toolkit", body, _common.parser(__doc__).parse_args())
+    _common.main("mct", "model-compression-toolkit", body, __doc__)

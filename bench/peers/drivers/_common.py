@@ -1,7 +1,7 @@
 """Helpers shared by the peer drivers (run inside each peer tool's own virtual environment).
 
 A driver builds the very task mixq benchmarks (``mixq.tasks``: same model, calibration and
-validation data, same metric; the mixq source tree is put on ``sys.path`` by ``bench/peers.py``),
+validation data, same metric; mixq's source tree is on ``PYTHONPATH``, set by ``bench.peers.runner``),
 hands it to its tool, and writes one JSON file: the tool's per-layer choices (a neutral
 description of each layer's weight and activation format), the tool's own bit count, the metric
 of the tool's own quantized model and the search time. Nothing else crosses the process border.
@@ -21,12 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -45,15 +41,7 @@ def build_task(name: str, val: int = 0) -> Any:
     from mixq import tasks
 
     torch.manual_seed(0)
-    if val and name == "mnist-cnn":
-        return tasks.mnist_cnn(val_size=val)
-    if val and name.startswith("fashion-"):
-        return tasks.fashion(name, val_size=val)
-    if val and name == "minilm":
-        return tasks.minilm(val_size=val)
-    if val:
-        raise ValueError(f"--val is supported for mnist-cnn, minilm and the fashion tasks, not {name!r}")
-    return tasks.get(name)
+    return tasks.get(name, val_size=val or None)
 
 
 def quant_layers(model: nn.Module) -> list[str]:
@@ -147,6 +135,13 @@ def env_threads() -> None:
     """Keep every tool on the thread count the benchmark sets (OMP_NUM_THREADS)."""
     n = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(max(1, n))
+
+
+def main(tool: str, dist: str, body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
+         doc: str | None) -> None:  # fmt: skip
+    """A driver's entry point: the benchmark's thread count, the arguments (``parser(doc)``), ``run``."""
+    env_threads()
+    run(tool, dist, body, parser(doc or tool).parse_args())
 
 
 def tool_model(task: Any) -> tuple[nn.Module, str]:

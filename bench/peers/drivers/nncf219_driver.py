@@ -1,4 +1,4 @@
-"""NNCF 2.19 HAWQ precision initialization on a mixq task (run in the NNCF 2.19 venv by bench/peers.py).
+"""NNCF 2.19 HAWQ precision initialization on a mixq task (run in the NNCF 2.19 venv by bench.compare_peers).
 
 NNCF 2.19 is the last release with HAWQ for PyTorch (legacy tracing: ``NNCF_TORCH_LEGACY_TRACING=1``;
 ``target_device="TRIAL"``, since the CPU hardware config allows 8 bits only). HAWQ ranks the weighted
@@ -34,8 +34,9 @@ import re
 import time
 from typing import Any
 
-import _common
 import torch
+
+from bench.peers.drivers import _common
 
 
 def layer_of(node_name: str) -> str:
@@ -213,5 +214,4 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _common.env_threads()
-    _common.run("nncf219", "nncf", body, _common.parser(__doc__).parse_args())
+    _common.main("nncf219", "nncf", body, __doc__)

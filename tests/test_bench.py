@@ -1,0 +1,88 @@
+"""Tests of the bench/ package's plumbing: importable as ``bench.X`` without ``sys.path`` edits, the
+provenance command of a script run as a module, and the environment the peer drivers run in."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import bench
+from bench import common
+from bench.peers import runner
+
+ROOT = Path(__file__).resolve().parent.parent
+# The drivers import their tool at the top (it lives in the tool's own venv).
+DRIVERS = {"aimet_driver", "mct_driver", "modelopt_driver", "nncf_driver", "nncf219_driver"}
+
+
+def test_no_bench_file_edits_sys_path():
+    offenders = [str(p) for p in (ROOT / "bench").rglob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
+def test_every_bench_module_imports_as_a_package_module():
+    names = [m.name for m in pkgutil.walk_packages(bench.__path__, "bench.")]
+    expected = {"bench.run_all", "bench.compare_peers", "bench.peers.render", "bench.peers.drivers._common"}
+    assert expected <= set(names)
+    for name in names:
+        if name.rsplit(".", 1)[-1] in DRIVERS:
+            continue
+        assert importlib.import_module(name).__doc__, f"{name} has no docstring"
+
+
+def test_no_file_and_folder_share_a_name():
+    for folder in [p for p in (ROOT / "bench").rglob("*") if p.is_dir() and p.name != "__pycache__"]:
+        assert not folder.with_suffix(".py").exists(), folder
+
+
+def test_command_of_a_module_run_reads_python_m(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/repo/bench/run_all.py", "--tasks", "mnist-cnn"])
+    main = SimpleNamespace(__spec__=SimpleNamespace(name="bench.run_all"))  # python -m bench.run_all
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert common.command().endswith(" -m bench.run_all --tasks mnist-cnn")
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=None))  # python path/to/script.py
+    assert common.command().endswith(" /repo/bench/run_all.py --tasks mnist-cnn")
+
+
+def test_driver_environment_puts_this_mixq_and_bench_on_the_path(tmp_path, monkeypatch):
+    """A driver runs from a work folder in a venv without mixq: PYTHONPATH alone must find this tree."""
+    monkeypatch.setattr(runner, "VENVS", tmp_path / "venvs")
+    env = runner.driver_env()
+    code = "import mixq, bench.peers.drivers._common as c; print(mixq.__file__); print(c.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert Path(out[0]).resolve() == ROOT / "src" / "mixq" / "__init__.py"
+    assert Path(out[1]).resolve() == ROOT / "bench" / "peers" / "drivers" / "_common.py"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["HOME"] == str(tmp_path / "venvs" / "home")
+
+
+@pytest.mark.parametrize("tool", ["modelopt", "mct", "nncf", "aimet", "nncf219"])
+def test_each_peer_driver_is_a_module_of_the_drivers_package(tool):
+    driver = runner.PEERS[tool].driver
+    assert (ROOT / "bench" / "peers" / "drivers" / f"{driver}.py").exists()
+
+
+def test_merge_parts_keeps_the_first_entry_and_adds_new_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    x8, x4 = {"run": "x", "acts": 8}, {"run": "x", "acts": 4}
+    parts = {
+        "a": {"provenance": {"command": "a"}, "tasks": {"t": {"rows": [x8], "wall_seconds": 2}}},
+        "b": {
+            "provenance": {"command": "b"},
+            "tasks": {"t": {"rows": [x8, x4], "wall_seconds": 3}, "u": {"rows": [], "wall_seconds": 1}},
+        },
+    }
+    for name, doc in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    tasks, prov = common.merge_parts(["a", "b"], lambda r: (r["run"], r["acts"]), add=("wall_seconds",))
+    assert tasks["t"] == {"rows": [{"run": "x", "acts": 8}, {"run": "x", "acts": 4}], "wall_seconds": 5}
+    assert tasks["u"]["wall_seconds"] == 1 and [p["command"] for p in prov] == ["a", "b"]
+    tasks, _ = common.merge_parts(["a", "b"], lambda r: r["run"])  # by run alone: b adds nothing to t
+    assert tasks["t"] == {"rows": [{"run": "x", "acts": 8}], "wall_seconds": 2}
