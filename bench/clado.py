@@ -110,11 +110,11 @@ def run_sensitivity_ilp(  # fmt: skip
             print(f"sensitivity-ilp {b}: {e}", flush=True)
             continue
         if first is None:
-            first = res.metrics["seconds"]
+            first = res.metrics.seconds
         info = res.history[0]
         choices = [cands.index(res.plan.layers[n].name) for n in layers]
-        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics["metric"],
-               "avg_weight_bits": res.metrics["avg_weight_bits"], "status": info["status"],
+        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics.metric,
+               "avg_weight_bits": res.metrics.avg_weight_bits, "status": info["status"],
                "gap": info["gap"], "solve_seconds": info["solve_seconds"], "objective": info["objective"],
                "via": "mixq.run", "method_args": method_args,
                "metric_from": "direct" if run_task is task else "exhaustive table"}  # fmt: skip

@@ -270,7 +270,7 @@ def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Pa
         out=out,
     )
     wall = time.perf_counter() - t0
-    m = res.metrics
+    m = res.metrics.to_dict()
     row = {k: m[k] for k in ROW_KEYS}
     row.update(
         {

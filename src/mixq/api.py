@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq import cost, tasks
+from mixq import cost, rundir, tasks
 from mixq import executor as executors
 from mixq import ptq as ptq_steps
 from mixq.methods import METHODS
 from mixq.methods.common import Context
+from mixq.metrics import Metrics
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
 from mixq.wrap import ADDS, adds_spec, apply, calibrate, sites, with_adds, wrap
@@ -33,7 +32,7 @@ class Result:
 
     plan: Plan
     model: nn.Module
-    metrics: dict[str, Any]
+    metrics: Metrics
     sensitivity: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -187,6 +186,7 @@ def run(
         seed=seed,
         out=Path(out) if out is not None else None,
         executor=runner,
+        methods=METHODS,
     )
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)
@@ -202,34 +202,17 @@ def run(
     ptq_records += ptq_steps.apply_ptq("plan", qmodel, work, steps, seed)
     t1 = time.perf_counter()
     qmodel.eval()
-    value = float(task.metric(qmodel, task.val))
-    metrics: dict[str, Any] = {
-        "task": task.name,
-        "method": method,
-        "method_args": dataclasses.asdict(cfg),
-        "candidates": [c.name for c in specs],
-        "budget": budget,
-        "seed": seed,
-        "metric_name": task.metric_name,
-        "metric": value,
-        "fp_metric": task.fp_metric(),
-        **cost.metrics_of(mc, [plan.layers.get(n, FLOAT) for n in ctx.layers], adds_spec(plan)),
-        "seconds": seconds,
-        "eval_seconds": time.perf_counter() - t1,
-        "layers": len(ctx.layers),
-        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
-    }
-    for k, v in budget.items():
-        metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
-    metrics["history"] = output.history
-    metrics["ptq"] = ptq_records
+    metrics = measure(task, qmodel, plan, mc, t1).replace(
+        method=method, method_args=dataclasses.asdict(cfg), candidates=[c.name for c in specs],
+        budget=budget, seed=seed, seconds=seconds, history=output.history, ptq=ptq_records)  # fmt: skip
+    metrics.within = {k: bool(getattr(metrics, k) <= v * (1 + 1e-9)) for k, v in budget.items()} or None
     result = Result(plan, qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
-        write_run(ctx.out, result, infos)
+        rundir.write_run(ctx.out, result, infos)
         if output.sensitivity is not None:
-            output.sensitivity.save(ctx.out / "sensitivity.safetensors")
-    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name, value,
-             metrics["avg_weight_bits"])  # fmt: skip
+            output.sensitivity.save(ctx.out / rundir.SENSITIVITY)
+    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name,
+             metrics.metric, metrics.avg_weight_bits)  # fmt: skip
     return result
 
 
@@ -250,68 +233,21 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
-    t0 = time.perf_counter()
-    metrics: dict[str, Any] = {
-        "task": task.name,
-        "method": plan.meta.get("method", "plan"),
-        "metric_name": task.metric_name,
-        "metric": float(task.metric(qmodel, task.val)),
-        "fp_metric": task.fp_metric(),
-        **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos],
-                          adds_spec(plan)),
-        "eval_seconds": time.perf_counter() - t0,
-        "layers": len(infos),
-        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
-    }
-    return Result(plan, qmodel, metrics)
+    metrics = measure(task, qmodel, plan, cost.model_costs(qmodel, infos), time.perf_counter())
+    return Result(plan, qmodel, metrics.replace(method=plan.meta.get("method", "plan")))
 
 
-def write_run(out: Path, result: Result, infos: list[cost.LayerInfo]) -> None:
-    """Write plan.json, metrics.json, layers.csv and report.md to a run directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    result.plan.save(out / "plan.json")
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    rows = ["layer,kind,weight_shape,params,macs,spec,weight_bits"]
-    lines = []
-    for info in infos:
-        spec = result.plan.layers.get(info.name, FLOAT)
-        wb = cost.weight_bits(info, spec.weight)
-        shape = "x".join(map(str, info.weight_shape))
-        rows.append(f"{info.name},{info.kind},{shape},{info.numel},{info.macs:.0f},{spec.name},{wb:.0f}")
-        lines.append(f"| `{info.name}` | {info.kind} | {shape} | {spec.name} | {wb / info.numel:.3f} |")
-    (out / "layers.csv").write_text("\n".join(rows) + "\n")
-    (out / "report.md").write_text(render_report(result.metrics, lines))
-    write_model(out, result)
+def measure(task: tasks.Task, qmodel: nn.Module, plan: Plan, mc: cost.ModelCosts, t0: float) -> Metrics:
+    """Measure a quantized model: its metric, the float metric and the cost model's numbers of ``plan``.
 
-
-def write_model(out: Path, result: Result) -> Path | None:
-    """Write the quantized model to ``out/model.safetensors`` (a packed export), or say why not.
-
-    It makes the run directory self-sufficient: ``mixq export`` and ``mixq eval`` load it, so
-    weights changed by PTQ steps or QAT come back exactly. A plan with no packed form (the
-    export raises ValueError) leaves no file, and a warning.
+    ``t0``: when the measurement began (``eval_seconds`` counts from it).
     """
-    from mixq.export import RUN_MODEL, save_safetensors
-
-    path = out / RUN_MODEL
-    path.unlink(missing_ok=True)  # never leave another run's model behind
-    try:
-        return save_safetensors(result.model, result.plan, path)
-    except ValueError as e:
-        log.warning("run directory %s holds no %s: %s", out, RUN_MODEL, e)
-        return None
-
-
-def render_report(m: dict[str, Any], layer_lines: list[str]) -> str:
-    """Render a readable Markdown report of one run."""
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
-
-    keys = ["task", "method", "candidates", "budget", "metric_name", "metric", "fp_metric",
-            "avg_weight_bits", "size_bytes", "size_ratio", "bops", "seconds", "eval_seconds"]  # fmt: skip
-    out = [f"# mixq run: {m['task']} / {m['method']}", "", "| key | value |", "|---|---|"]
-    out += [f"| {k} | {fmt(m[k])} |" for k in keys if k in m]
-    out += ["", "## Per-layer plan", "", "| layer | kind | weight shape | spec | bits/weight |",
-            "|---|---|---|---|---|", *layer_lines, ""]  # fmt: skip
-    return "\n".join(out)
+    value = float(task.metric(qmodel, task.val))
+    sizes = cost.metrics_of(mc, [plan.layers.get(i.name, FLOAT) for i in mc.infos], adds_spec(plan))
+    metrics = Metrics(task.name, "", metric_name=task.metric_name, metric=value, fp_metric=task.fp_metric())
+    for k, v in sizes.items():
+        setattr(metrics, k, v)
+    metrics.eval_seconds = time.perf_counter() - t0
+    metrics.layers = len(mc.infos)
+    metrics.adds = plan.meta.get(ADDS)
+    return metrics

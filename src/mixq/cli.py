@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                    adds=recipe.get("adds"))  # fmt: skip
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     m = res.metrics
-    print(_table([{**m, "budget": json.dumps(m["budget"])}]))
+    print(_table([{**m.to_dict(), "budget": json.dumps(m.budget)}]))
     print(f"wrote {out}/plan.json, metrics.json, layers.csv, report.md")
     return 0
 
@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             budget = {"avg_weight_bits": b}
             res = mixq.run(task, method=method, candidates=cands, budget=budget,
                            method_args=method_args, out=out / f"{method}-avg{b:g}")  # fmt: skip
-            rows.append({**res.metrics, "budget": f"avg_weight_bits<={b:g}"})
+            rows.append({**res.metrics.to_dict(), "budget": f"avg_weight_bits<={b:g}"})
     table = _table(rows)
     print(f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
           f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(QAT_METHODS)}: "
@@ -165,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give a RUN_DIR, or --task and --plan")
     result = evaluate(args.task, args.plan)
     skip = ("task", "method", "metric_name", "eval_seconds")
-    m = {k: v for k, v in result.metrics.items() if k not in skip}
+    m = {k: v for k, v in result.metrics.to_dict().items() if k not in skip}
     print(json.dumps(m, indent=2))
     return 0
 
@@ -177,9 +177,10 @@ def _eval_run(run_dir: str) -> int:
     result, task = export.rebuild(run_dir, check=False)
     source = export.RUN_MODEL if (Path(run_dir) / export.RUN_MODEL).is_file() else "plan.json"
     m = result.metrics
-    print(json.dumps({"metric": m["metric"], "recorded_metric": m.get("recorded_metric"),
-                      "fp_metric": m.get("fp_metric"), "model": source,
-                      **{k: m[k] for k in ("avg_weight_bits", "size_bytes", "bops") if k in m}},
+    print(json.dumps({"metric": m.metric, "recorded_metric": m.extra.get("recorded_metric"),
+                      "fp_metric": m.fp_metric, "model": source,
+                      **{k: getattr(m, k) for k in ("avg_weight_bits", "size_bytes", "bops")
+                         if getattr(m, k) is not None}},
                      indent=2))  # fmt: skip
     return 0
 
@@ -209,7 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
     print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
-          f"{task.metric_name} {result.metrics['metric']:.4f} as recorded by the run)")  # fmt: skip
+          f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)")  # fmt: skip
     return 0
 
 

@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from mixq.executor import Job, JobStore, split_stored
+from mixq.jobs import Job, JobStore, split_stored
 from mixq.progress import Bar
 
 log = logging.getLogger(__name__)
