@@ -165,7 +165,7 @@ def warm_start_study(prob: search.Problem, limits: list[float], time_limit: floa
         sub = search.Problem(prob.scores, prob.costs, {"weight_bits": limit}, prob.pairs)
         try:
             cold = search.ilp(sub, time_limit=time_limit)
-        except search.InfeasibleBudget:
+        except search.InfeasibleBudgetError:
             continue
         warm = search.ilp(sub, time_limit=time_limit, warm_start=previous)
         out["cold"].append({"seconds": cold.seconds, "status": cold.status, "objective": cold.objective})

@@ -58,6 +58,8 @@ from mixq.methods import METHODS as REGISTERED  # noqa: E402
 from mixq.progress import Bar  # noqa: E402
 from mixq.store import Store  # noqa: E402
 
+TRAINED = tuple(m for m, r in REGISTERED.items() if r.trains)  # the methods that train the weights
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench"
 NAME = "run_all"
@@ -99,7 +101,7 @@ METHOD_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     # on its calibration sentences).
     **{("multipoint", t): {"ratio": None} for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2",
                                                     "minilm")},  # fmt: skip
-    **{(m, t): {"steps": 40} for m in ("ddq", "fliqs")
+    **{(m, t): {"steps": 40} for m in TRAINED
        for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")},  # fmt: skip
 }
 
@@ -177,7 +179,7 @@ def candidates_of(task: str, method: str) -> list[str]:
     kind = "minilm" if task == "minilm" else "cnn"
     if method == "ddq" and task == "minilm":
         return list(DDQ_MINILM_CANDIDATES)
-    if method in ("ddq", "fliqs"):
+    if method in TRAINED:
         return list(QAT_CANDIDATES[kind])
     if method == "multipoint":
         return list(MULTIPOINT_CANDIDATES[kind])

@@ -11,10 +11,12 @@ from mixq import cost, export, formats, sensitivity, tasks
 from mixq.api import Result, evaluate, run
 from mixq.metrics import Metrics
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
+from mixq.search.problem import InfeasibleBudgetError
 from mixq.tasks import Task
 from mixq.wrap import applied, apply, calibrate, sites, unwrap, with_adds, wrap
 
 __all__ = [
+    "InfeasibleBudgetError",
     "LayerSpec",
     "Metrics",
     "Plan",

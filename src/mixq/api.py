@@ -49,7 +49,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    cfg_cls, _ = METHODS[method]
+    cfg_cls = METHODS[method].config
     args = dict(method_args or {})
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
     unknown = sorted(set(args) - set(valid))
@@ -191,7 +191,7 @@ def run(
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)
     try:
-        output = METHODS[method][1](ctx, cfg)
+        output = METHODS[method].search(ctx, cfg)
     finally:
         if isinstance(executor, str):
             executors.close(runner)

@@ -16,21 +16,7 @@ RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", 
                "executor", "executor_args", "adds")
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
-# Every method of the demo with settings that keep `make demo` to minutes on 2 cores; QAT
-# methods train short runs on min/max integer grids (the ranges they learn themselves).
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {},
-    "sensitivity-ilp": {},
-    "hawq": {"hutchinson_samples": 16},
-    "clado": {},
-    "clado-naive": {},
-    "multipoint": {},
-    "sparq": {},
-    "ddq": {"steps": 40},
-    "fliqs": {"steps": 40},
-}
-DEMO_QAT_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]
-QAT_METHODS = ("ddq", "fliqs")
+DEMO_QAT_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]  # training methods learn their ranges
 
 
 def _key_values(items: list[str], what: str) -> dict[str, Any]:
@@ -132,19 +118,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = [{"method": "fp32", "budget": "-", "avg_weight_bits": 32.0,
              "size_bytes": 4.0 * sum(p.numel() for p in task.model.parameters()),
              "metric": fp, "seconds": time.perf_counter() - t0}]  # fmt: skip
-    missing = sorted(set(METHODS) - set(DEMO_METHODS))
-    if missing:
-        raise RuntimeError(f"methods {missing} have no demo settings: add them to DEMO_METHODS")
-    for method, method_args in DEMO_METHODS.items():
-        cands = DEMO_QAT_CANDIDATES if method in QAT_METHODS else DEMO_CANDIDATES
+    for method, m in METHODS.items():
+        cands = DEMO_QAT_CANDIDATES if m.trains else DEMO_CANDIDATES
         for b in DEMO_BUDGETS:
             budget = {"avg_weight_bits": b}
             res = mixq.run(task, method=method, candidates=cands, budget=budget,
-                           method_args=method_args, out=out / f"{method}-avg{b:g}")  # fmt: skip
+                           method_args=dict(m.demo_args), out=out / f"{method}-avg{b:g}")  # fmt: skip
             rows.append({**res.metrics.to_dict(), "budget": f"avg_weight_bits<={b:g}"})
     table = _table(rows)
+    trained = [name for name, m in METHODS.items() if m.trains]
     print(f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
-          f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(QAT_METHODS)}: "
+          f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(trained)}: "
           f"{', '.join(DEMO_QAT_CANDIDATES)})")  # fmt: skip
     print(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,24 @@ class Context:
     def plan_of(self, choices: list[int]) -> Plan:
         """Build the plan of per-layer candidate indices."""
         return Plan({n: self.candidates[j] for n, j in zip(self.layers, choices, strict=True)})
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method in the registry (``mixq.methods.METHODS``).
+
+    Attributes:
+        config: its Config dataclass (``method_args`` are its fields).
+        search: ``search(ctx, cfg) -> MethodOutput``.
+        trains: whether it trains the weights (quantization-aware training): it then searches
+            min/max integer grids, whose ranges it learns itself.
+        demo_args: settings that keep ``mixq demo`` (every method on the MNIST CNN) to minutes.
+    """
+
+    config: type
+    search: Callable[[Context, Any], MethodOutput]
+    trains: bool = False
+    demo_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass

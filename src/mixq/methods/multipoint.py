@@ -125,8 +125,8 @@ def base_plan(ctx: Context, cfg: Config) -> tuple[Plan, list[dict[str, Any]]]:
     if cfg.base_method not in METHODS or cfg.base_method == "multipoint":
         valid = [m for m in METHODS if m != "multipoint"]
         raise ValueError(f"unknown base_method {cfg.base_method!r}; valid: {', '.join(valid)}")
-    cfg_cls, fn = METHODS[cfg.base_method]
-    out = fn(ctx, cfg_cls())
+    base = METHODS[cfg.base_method]
+    out = base.search(ctx, base.config())
     return out.plan, [{"base_method": cfg.base_method, "history": out.history}]
 
 
