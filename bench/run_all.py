@@ -255,8 +255,13 @@ def store_jobs(path: Path) -> int:
         return len(s)
 
 
-def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Path | None) -> dict[str, Any]:
-    """Quantize ``task`` with ``method`` at one budget; return the row to record."""
+def run_one(
+    task: mixq.Task, method: str, budget: float, out: Path, previous: Path | None, cache: Any = None
+) -> dict[str, Any]:
+    """Quantize ``task`` with ``method`` at one budget; return the row to record.
+
+    ``cache``: a ``mixq.Cache`` shared by the runs of one task (prepared once, ranges searched once).
+    """
     store = out / "store.sqlite"
     clear_run_dir(out)
     if previous is not None and (previous / "store.sqlite").is_file():
@@ -270,6 +275,7 @@ def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Pa
         budget={"avg_weight_bits": budget},
         method_args=METHOD_ARGS.get((method, task.name)),
         out=out,
+        cache=cache,
     )
     wall = time.perf_counter() - t0
     m = res.metrics.to_dict()
@@ -303,6 +309,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
         for task_name, method, budget in todo:
             if current is None or current.name != task_name:
                 current = build_task(task_name)
+                cache = mixq.Cache()  # the task's prepared model and searched ranges, for all its runs
                 results["tasks"][task_name] = {
                     "metric_name": current.metric_name,
                     "fp_metric": current.fp_metric(),
@@ -314,7 +321,8 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
             )
             key = row_key(task_name, method, budget)
             try:
-                row = run_one(current, method, budget, run_dir(args.runs, task_name, method, budget), prev)
+                out = run_dir(args.runs, task_name, method, budget)
+                row = run_one(current, method, budget, out, prev, cache)
             except Exception as e:  # recorded in the results and the summary, never hidden
                 infeasible = isinstance(e, InfeasibleBudgetError)  # an answer about the model, not a failure
                 failures += not infeasible

@@ -236,9 +236,10 @@ def test_prepare_cache_returns_identical_independent_copies():
 
     task = mixq.tasks.get("synthetic-cnn")
     specs = [parse_candidate("w2+asym+omse-a8")]
-    fresh, infos = prepare(task, specs, cache=False)
-    a, infos_a = prepare(task, specs)
-    b, _ = prepare(task, specs)  # from the cache
+    cache = mixq.Cache()
+    fresh, infos = prepare(task, specs)
+    a, infos_a = prepare(task, specs, cache)
+    b, _ = prepare(task, specs, cache)  # from the cache
     assert a is not b and infos_a == infos
     assert state_fingerprint(a) == state_fingerprint(b) == state_fingerprint(fresh)
     for m in mixq.sites(b).values():  # the copy keeps each site's weight shared with its float module
@@ -249,12 +250,12 @@ def test_prepare_cache_returns_identical_independent_copies():
     with torch.no_grad():
         assert torch.equal(b(x), fresh(x))
         next(iter(mixq.sites(b).values())).weight.mul_(2)  # changing a copy leaves the cache alone
-    c, _ = prepare(task, specs)
+    c, _ = prepare(task, specs, cache)
     assert state_fingerprint(c) == state_fingerprint(fresh)
     with torch.no_grad():
         task.model.conv1.weight.add_(1.0)  # a changed model is prepared again
     try:
-        d, _ = prepare(task, specs)
+        d, _ = prepare(task, specs, cache)
         assert state_fingerprint(d) != state_fingerprint(fresh)
     finally:
         with torch.no_grad():

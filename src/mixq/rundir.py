@@ -88,7 +88,8 @@ def layer_rows(infos: Sequence[cost.LayerInfo], plan: Plan) -> list[LayerRow]:
 
 
 def write_run(out: Path, result: Any, infos: Sequence[cost.LayerInfo]) -> None:
-    """Write plan.json, metrics.json, layers.csv, report.md and model.safetensors of a Result."""
+    """Write plan.json, metrics.json, layers.csv, report.md, model.safetensors (and
+    sensitivity.safetensors, when the method measured one) of a Result."""
     out.mkdir(parents=True, exist_ok=True)
     result.plan.save(out / PLAN)
     write_metrics(out, result.metrics)
@@ -97,6 +98,8 @@ def write_run(out: Path, result: Any, infos: Sequence[cost.LayerInfo]) -> None:
     (out / LAYERS).write_text("\n".join(lines) + "\n")
     (out / REPORT).write_text(render_report(result.metrics, rows))
     write_model(out, result)
+    if result.sensitivity is not None:
+        result.sensitivity.save(out / SENSITIVITY)
 
 
 def write_metrics(out: Path, metrics: Metrics) -> None:
