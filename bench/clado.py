@@ -107,11 +107,11 @@ def run_sensitivity_ilp(  # fmt: skip
             print(f"sensitivity-ilp {b}: {e}", flush=True)
             continue
         if first is None:
-            first = res.metrics["seconds"]
+            first = res.metrics.seconds
         info = res.history[0]
         choices = [cands.index(res.plan.layers[n].name) for n in layers]
-        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics["metric"],
-               "avg_weight_bits": res.metrics["avg_weight_bits"], "status": info["status"],
+        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics.metric,
+               "avg_weight_bits": res.metrics.avg_weight_bits, "status": info["status"],
                "gap": info["gap"], "solve_seconds": info["solve_seconds"], "objective": info["objective"],
                "via": "mixq.run", "method_args": method_args,
                "metric_from": "direct" if run_task is task else "exhaustive table"}  # fmt: skip
@@ -162,7 +162,7 @@ def warm_start_study(prob: search.Problem, limits: list[float], time_limit: floa
         sub = search.Problem(prob.scores, prob.costs, {"weight_bits": limit}, prob.pairs)
         try:
             cold = search.ilp(sub, time_limit=time_limit)
-        except search.InfeasibleBudget:
+        except search.InfeasibleBudgetError:
             continue
         warm = search.ilp(sub, time_limit=time_limit, warm_start=previous)
         out["cold"].append({"seconds": cold.seconds, "status": cold.status, "objective": cold.objective})

@@ -38,7 +38,7 @@ QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 
 def row(name: str, res: mixq.Result) -> dict:
     """The record of one run."""
-    m = res.metrics
+    m = res.metrics.to_dict()
     out = {
         "run": name,
         "method": m["method"],
@@ -100,9 +100,9 @@ def main() -> None:
         rows = []
         for a in [int(v) for v in args.acts.split(",")]:
             w4 = mixq.run(task, "uniform", candidates=[f"w4a{a}"])
-            budget = {"avg_weight_bits": w4.metrics["avg_weight_bits"]}
+            budget = {"avg_weight_bits": w4.metrics.avg_weight_bits}
             rows.append({**row(f"uniform w4a{a} (PTQ)", w4), "acts": a})
-            print(f"{task_name} a{a} uniform {w4.metrics['metric']:.2f}", flush=True)
+            print(f"{task_name} a{a} uniform {w4.metrics.metric:.2f}", flush=True)
             cands = [f"w{b}a{a}" for b in (2, 3, 4, 6, 8)]
             runs = [
                 ("lsq", "ddq", [f"w4a{a}"], {"steps": args.steps, "learn_bits": False, **QAT_ARGS}),
@@ -117,8 +117,8 @@ def main() -> None:
                 res = mixq.run(task, method, candidates=cs, budget=budget, method_args=margs)
                 rows.append({**row(name, res), "acts": a})
                 print(
-                    f"{task_name} a{a} {name} {res.metrics['metric']:.2f} "
-                    f"bits={res.metrics['avg_weight_bits']:.3f} t={res.metrics['seconds']:.0f}s",
+                    f"{task_name} a{a} {name} {res.metrics.metric:.2f} "
+                    f"bits={res.metrics.avg_weight_bits:.3f} t={res.metrics.seconds:.0f}s",
                     flush=True,
                 )
                 results[task_name] = {

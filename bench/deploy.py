@@ -237,9 +237,9 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
         emu = mixq.export.emulate(res, task, int4_as_int8=int8_storage(plan_name))
         emulated = simulated_outputs(task, emu, len(task.val))  # ONNX Runtime's integer kernels
         arrays[deploy_target.sim_key(plan_name, "emu")] = np.concatenate(emulated)
-        plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics["metric"],
+        plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics.metric,
                             "plan_summary": res.plan.summary(), **how}  # fmt: skip
-        print(f"{name:20s} {plan_name:30s} sim={res.metrics['metric']:.4f} -> {path.name}", flush=True)
+        print(f"{name:20s} {plan_name:30s} sim={res.metrics.metric:.4f} -> {path.name}", flush=True)
     np.savez_compressed(root / f"{name}.npz", **arrays)
     return {
         "kind": "classifier",
@@ -261,7 +261,7 @@ def bench_task(
     sessions: dict[str, ort.InferenceSession] = {}
     paths: dict[str, Path] = {}
     for plan_name, res, how in plans_of(task):
-        m = res.metrics
+        m = res.metrics.to_dict()
         path = onnx_path(tmp, name, plan_name)
         mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=int8_storage(plan_name))
         paths[plan_name] = path

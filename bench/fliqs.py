@@ -42,7 +42,7 @@ QAT_ARGS = {"lr": 1e-4, "rl_lr": 0.1, "entropy": 0.02, "beta": -0.5, "warmup": 0
 
 def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
     """The record of one run."""
-    m = res.metrics
+    m = res.metrics.to_dict()
     out = {
         "run": name,
         "kind": kind,
@@ -78,13 +78,13 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
     steps = {"steps": args.steps}
     base = mixq.run(task, "uniform", candidates=["w4a4"])
     rows.append(row("ptq int4", "ptq-uniform", base, None))
-    bops4 = base.metrics["bops"]
+    bops4 = base.metrics.bops
     targets = [float(f) * bops4 for f in args.targets.split(",")]
 
     def record(name: str, kind: str, res: mixq.Result, target: float | None) -> None:
         rows.append(row(name, kind, res, target))
-        print(f"{task_name} {name}: {res.metrics['metric']:.2f} bops/bops4={res.metrics['bops'] / bops4:.3f} "
-              f"plan={res.plan.summary()} t={res.metrics['seconds']:.0f}s", flush=True)  # fmt: skip
+        print(f"{task_name} {name}: {res.metrics.metric:.2f} bops/bops4={res.metrics.bops / bops4:.3f} "
+              f"plan={res.plan.summary()} t={res.metrics.seconds:.0f}s", flush=True)  # fmt: skip
         results[task_name] = {"metric_name": task.metric_name, "fp32": fp32, "info": task.info,
                               "bops_int4": bops4, "targets_bops": targets, "qat_steps": args.steps,
                               "qat_batch": mixq.tasks.TRAIN_BATCH, "val_images": args.val, "rows": rows,

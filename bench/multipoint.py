@@ -39,7 +39,7 @@ VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_0
 
 def row(label: str, res: mixq.Result) -> dict[str, Any]:
     """The numbers of one run."""
-    m = res.metrics
+    m = res.metrics.to_dict()
     pts = [s.weight.points for s in res.plan.layers.values() if s.weight is not None and s.weight.points]
     points = sum(sum(p) for p in pts)
     channels = sum(len(p) for p in pts)

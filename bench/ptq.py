@@ -75,7 +75,7 @@ def main() -> None:
         cand = candidate(setting, recipe)
         res = mixq.run(task, method="uniform", candidates=[cand], ptq=steps,
                        ptq_args={k: v for k, v in ptq_args.items() if k in steps}, seed=0)  # fmt: skip
-        m = res.metrics
+        m = res.metrics.to_dict()
         step_rows = [{k: r[k] for k in ("step", "stage", "seconds")} for r in m["ptq"]]
         detail = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "stage", "seconds", "config")}
                   for r in m["ptq"]}  # fmt: skip

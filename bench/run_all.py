@@ -56,6 +56,8 @@ from mixq.methods import METHODS as REGISTERED
 from mixq.progress import Bar
 from mixq.store import Store
 
+TRAINED = tuple(m for m, r in REGISTERED.items() if r.trains)  # the methods that train the weights
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench"
 NAME = "run_all"
@@ -97,7 +99,7 @@ METHOD_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     # on its calibration sentences).
     **{("multipoint", t): {"ratio": None} for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2",
                                                     "minilm")},  # fmt: skip
-    **{(m, t): {"steps": 40} for m in ("ddq", "fliqs")
+    **{(m, t): {"steps": 40} for m in TRAINED
        for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")},  # fmt: skip
 }
 
@@ -175,7 +177,7 @@ def candidates_of(task: str, method: str) -> list[str]:
     kind = "minilm" if task == "minilm" else "cnn"
     if method == "ddq" and task == "minilm":
         return list(DDQ_MINILM_CANDIDATES)
-    if method in ("ddq", "fliqs"):
+    if method in TRAINED:
         return list(QAT_CANDIDATES[kind])
     if method == "multipoint":
         return list(MULTIPOINT_CANDIDATES[kind])
@@ -242,8 +244,13 @@ def store_jobs(path: Path) -> int:
         return len(s)
 
 
-def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Path | None) -> dict[str, Any]:
-    """Quantize ``task`` with ``method`` at one budget; return the row to record."""
+def run_one(
+    task: mixq.Task, method: str, budget: float, out: Path, previous: Path | None, cache: Any = None
+) -> dict[str, Any]:
+    """Quantize ``task`` with ``method`` at one budget; return the row to record.
+
+    ``cache``: a ``mixq.Cache`` shared by the runs of one task (prepared once, ranges searched once).
+    """
     store = out / "store.sqlite"
     clear_run_dir(out)
     if previous is not None and (previous / "store.sqlite").is_file():
@@ -257,9 +264,10 @@ def run_one(task: mixq.Task, method: str, budget: float, out: Path, previous: Pa
         budget={"avg_weight_bits": budget},
         method_args=METHOD_ARGS.get((method, task.name)),
         out=out,
+        cache=cache,
     )
     wall = time.perf_counter() - t0
-    m = res.metrics
+    m = res.metrics.to_dict()
     row = {k: m[k] for k in ROW_KEYS}
     row.update(
         {
@@ -290,6 +298,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
         for task_name, method, budget in todo:
             if current is None or current.name != task_name:
                 current = mixq.tasks.get(task_name, val_size=VAL[task_name])
+                cache = mixq.Cache()  # the task's prepared model and searched ranges, for all its runs
                 results["tasks"][task_name] = {
                     "metric_name": current.metric_name,
                     "fp_metric": current.fp_metric(),
@@ -301,7 +310,8 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], session: str) -> in
             )
             key = row_key(task_name, method, budget)
             try:
-                row = run_one(current, method, budget, run_dir(args.runs, task_name, method, budget), prev)
+                out = run_dir(args.runs, task_name, method, budget)
+                row = run_one(current, method, budget, out, prev, cache)
             except Exception as e:  # recorded in the results and the summary, never hidden
                 infeasible = isinstance(e, InfeasibleBudgetError)  # an answer about the model, not a failure
                 failures += not infeasible
@@ -411,7 +421,7 @@ def task_summary(task: str, rows: list[dict[str, Any]], info: dict[str, Any]) ->
         "",
         f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}"
         " (" + "; ".join(f"{m}: {', '.join(f'`{c}`' for c in candidates_of(task, m))}"
-                         for m in ("ddq", "fliqs", "multipoint")) + ").",
+                         for m in (*TRAINED, "multipoint")) + ").",
         "",
     ]
     if info.get("info"):

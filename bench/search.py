@@ -78,7 +78,7 @@ def run_set(
         for b in budgets:
             res = mixq.run(task, method=method, candidates=cands, budget={"avg_weight_bits": b},
                            method_args={**margs, **args.get(name, {})}, out=out)  # fmt: skip
-            m = res.metrics
+            m = res.metrics.to_dict()
             hist = m["history"][0] if m["history"] and "solve_seconds" in m["history"][0] else {}
             row = {
                 "set": label, "method": name, "budget": b, "metric": m["metric"],

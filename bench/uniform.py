@@ -53,7 +53,7 @@ def main() -> None:
                     continue  # few layers have rows longer than 128 here; one recipe suffices
                 cand = candidate(bits, group, act, recipe)
                 res = mixq.run(task, method="uniform", candidates=[cand])
-                m = res.metrics
+                m = res.metrics.to_dict()
                 rows.append({"setting": setting, "recipe": recipe, "candidate": cand,
                              "metric": m["metric"], "avg_weight_bits": m["avg_weight_bits"],
                              "size_bytes": m["size_bytes"], "bops": m["bops"],

@@ -107,10 +107,10 @@ def resnet():
 
 def test_run_with_adds_records_them(resnet) -> None:
     task, res = resnet
-    assert res.metrics["adds"] == res.plan.meta[ADDS] == parse_candidate("a8").act.to_dict()
+    assert res.metrics.adds == res.plan.meta[ADDS] == parse_candidate("a8").act.to_dict()
     assert len(add_sites(res.model)) == 9
     again = mixq.evaluate(task, res.plan)  # the plan alone rebuilds the model
-    assert again.metrics["metric"] == res.metrics["metric"]
+    assert again.metrics.metric == res.metrics.metric
     plain = mixq.evaluate(task, Plan(res.plan.layers, {}))
     x = task.val[0][0][:16]
     with torch.no_grad():
@@ -122,9 +122,9 @@ def test_safetensors_round_trip_of_quantized_adds_is_bit_exact(resnet, tmp_path)
     path = export.save(res, tmp_path / "m.safetensors")
     header = int.from_bytes(path.read_bytes()[:8], "little")
     payload = path.stat().st_size - 8 - header
-    assert payload == res.metrics["size_bytes"]  # the additions' scales and zero points counted
+    assert payload == res.metrics.size_bytes  # the additions' scales and zero points counted
     plain = mixq.evaluate(task, Plan(res.plan.layers, {}))
-    assert res.metrics["size_bytes"] - plain.metrics["size_bytes"] == 9 * 2 * (4 + 1)
+    assert res.metrics.size_bytes - plain.metrics.size_bytes == 9 * 2 * (4 + 1)
     model = export.load(path)
     assert sum(isinstance(m, DeployAdd) for m in model.modules()) == 9
     x = task.val[0][0]

@@ -204,11 +204,11 @@ def test_unconstrained_budget_gives_highest_precision(method):
 def test_tight_budget_stays_feasible():
     cands = ["w2", "w4", "w8"]
     task = tasks.get("synthetic-mlp")
-    uniform2 = mixq.run(task, method="uniform", candidates=["w2"]).metrics["avg_weight_bits"]
+    uniform2 = mixq.run(task, method="uniform", candidates=["w2"]).metrics.avg_weight_bits
     res = mixq.run(task, method="clado", candidates=cands, budget={"avg_weight_bits": uniform2 + 0.05},
                    method_args={"batches": 1})  # fmt: skip
-    assert res.metrics["within_avg_weight_bits"]
-    assert res.metrics["avg_weight_bits"] <= uniform2 + 0.05
+    assert res.metrics.within["avg_weight_bits"]
+    assert res.metrics.avg_weight_bits <= uniform2 + 0.05
     with pytest.raises(ValueError, match="smallest feasible"):
         mixq.run(task, method="clado", candidates=cands, budget={"avg_weight_bits": 1.0})
 

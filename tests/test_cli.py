@@ -142,12 +142,11 @@ def test_python_m_mixq_list():
 
 def test_demo_covers_every_method_with_valid_settings():
     from mixq.api import method_config
-    from mixq.cli import DEMO_CANDIDATES, DEMO_METHODS, DEMO_QAT_CANDIDATES
+    from mixq.cli import DEMO_CANDIDATES, DEMO_QAT_CANDIDATES
     from mixq.methods import METHODS
     from mixq.plan import parse_candidate
 
-    assert set(DEMO_METHODS) == set(METHODS)
-    for method, args in DEMO_METHODS.items():
-        method_config(method, args)  # raises on an unknown setting
+    for method, m in METHODS.items():
+        method_config(method, m.demo_args)  # raises on an unknown setting
     for c in DEMO_CANDIDATES + DEMO_QAT_CANDIDATES:
         parse_candidate(c)

@@ -254,6 +254,7 @@ def test_check_feasible_names_the_smallest_feasible_budget(small, key, uniform):
         cost.check_feasible(mc, table, {key: best * 0.98}, uniform=uniform)
     assert isinstance(e.value, ValueError)
     assert message_number(str(e.value)) == pytest.approx(best, rel=1e-5)
+    assert e.value.violated == [key] and e.value.minimums[key] == pytest.approx(best, rel=1e-9)
     cost.check_feasible(mc, table, {key: best}, uniform=uniform)  # exactly the smallest is fine
     cost.check_feasible(mc, table, {key: best * 1.01}, uniform=uniform)
 

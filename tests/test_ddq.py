@@ -295,8 +295,8 @@ def test_ddq_through_run_and_lsq_baseline_are_deterministic():
     kw = {"candidates": ["w2a8", "w4a8", "w8a8"], "budget": {"avg_weight_bits": 4.8}}  # uniform w4: 4.77
     a = mixq.run(task, "ddq", method_args={"steps": 6}, **kw)
     b = mixq.run(task, "ddq", method_args={"steps": 6}, **kw)
-    assert a.metrics["metric"] == b.metrics["metric"]
-    assert a.metrics["within_avg_weight_bits"]
+    assert a.metrics.metric == b.metrics.metric
+    assert a.metrics.within["avg_weight_bits"]
     lsq = mixq.run(task, "ddq", method_args={"steps": 4, "learn_bits": False}, **kw)
     assert {s.name for s in lsq.plan.layers.values()} == {"w4a8"}
     assert [h["phase"] for h in lsq.history] == ["finetune"]

@@ -154,8 +154,8 @@ def test_payload_size_equals_cost_model(cand: str, tmp_path) -> None:
     path = export.save(res, tmp_path / "m.safetensors")
     raw = path.read_bytes()
     payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
-    assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
-    assert payload >= res.metrics["size_bytes"]  # packing pads each tensor to whole bytes only
+    assert payload == pytest.approx(res.metrics.size_bytes, rel=0.01)
+    assert payload >= res.metrics.size_bytes  # packing pads each tensor to whole bytes only
 
 
 def test_load_rebuilds_the_task_model_by_name(tmp_path) -> None:
@@ -298,7 +298,7 @@ def test_mnist_with_a_float_image_input_keeps_the_first_conv_on_float_kernels(tm
     layers = {**base.plan.layers, first: parse_candidate("w7")}
     res = mixq.evaluate(task, Plan(layers, {"task": task.name}))
     assert res.plan.layers[first].act is None
-    assert res.metrics["avg_weight_bits"] == base.metrics["avg_weight_bits"]
+    assert res.metrics.avg_weight_bits == base.metrics.avg_weight_bits
     path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
     graph = onnx.load(str(path)).graph
     inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
@@ -316,7 +316,7 @@ def test_mnist_with_a_float_image_input_keeps_the_first_conv_on_float_kernels(tm
     reference = ort_run(path, x, optimize=False)
     assert np.abs(reference - sim).max() < 0.1 and np.abs(fused - sim).max() < 0.5
     assert (fused.argmax(1) == sim.argmax(1)).all() and (reference.argmax(1) == sim.argmax(1)).all()
-    assert (fused.argmax(1) == y).mean() * 100 == pytest.approx(res.metrics["metric"])
+    assert (fused.argmax(1) == y).mean() * 100 == pytest.approx(res.metrics.metric)
 
 
 def test_resnet_convs_before_residual_adds_export_float_weights_and_match(tmp_path) -> None:
@@ -381,7 +381,7 @@ def test_evaluate_measures_a_given_plan_as_run_does(tmp_path) -> None:
     res.plan.save(tmp_path / "plan.json")
     again = mixq.evaluate("synthetic-mlp", tmp_path / "plan.json")
     for k in ("metric", "avg_weight_bits", "size_bytes", "bops"):
-        assert again.metrics[k] == res.metrics[k]
+        assert getattr(again.metrics, k) == getattr(res.metrics, k)
     bad = Plan({"nope": parse_candidate("w4a8")}, {})
     with pytest.raises(ValueError, match="nope"):
         mixq.evaluate("synthetic-mlp", bad)
@@ -427,7 +427,7 @@ def check_run_dir(run_dir, res: mixq.Result, task: tasks.Task, capsys) -> None:
     capsys.readouterr()
     assert cli.main(["eval", str(run_dir)]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["model"] == "model.safetensors" and shown["metric"] == res.metrics["metric"]
+    assert shown["model"] == "model.safetensors" and shown["metric"] == res.metrics.metric
     assert cli.main(["eval", str(run_dir), "--task", task.name]) == 2
     assert "not both" in capsys.readouterr().err
 
@@ -585,7 +585,7 @@ def test_multipoint_payload_equals_cost_model(tmp_path) -> None:
     assert any(s.weight.points is not None and max(s.weight.points) > 1 for s in res.plan.layers.values())
     raw = export.save(res, tmp_path / "m.safetensors").read_bytes()
     payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
-    assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
+    assert payload == pytest.approx(res.metrics.size_bytes, rel=0.01)
     loaded = export.load(tmp_path / "m.safetensors")
     x = tasks.get("synthetic-mlp").val[0][0]
     with torch.no_grad():

@@ -459,26 +459,31 @@ def test_doctests():
 
 @pytest.mark.parametrize("name", ["w3+asym+omse", "w4g8+mse"])
 def test_searched_ranges_are_reused_only_for_equal_inputs(name, monkeypatch):
+    from mixq.cache import Cache
+
     torch.manual_seed(5)
     x, w = torch.randn(64, 16), torch.randn(6, 16)
     gram = (x.T @ x)[None]
     spec = wspec(name)
-    fake.clear_search_cache()
+    cache = Cache()
     calls = []
     search = fake.search_range
     monkeypatch.setattr(fake, "search_range", lambda *a, **k: calls.append(1) or search(*a, **k))
-    first = fake.quantize_weight(w, spec, gram)
+    first = fake.quantize_weight(w, spec, gram, cache)
     assert len(calls) == 1
-    again = fake.quantize_weight(w.clone(), spec, gram.clone())  # equal contents, new tensors
+    again = fake.quantize_weight(w.clone(), spec, gram.clone(), cache)  # equal contents, new tensors
     assert len(calls) == 1 and torch.equal(first, again)
-    fake.clear_search_cache()
-    assert torch.equal(fake.quantize_weight(w, spec, gram), first) and len(calls) == 2
+    cache.clear()
+    assert torch.equal(fake.quantize_weight(w, spec, gram, cache), first) and len(calls) == 2
+    assert torch.equal(fake.quantize_weight(w, spec, gram), first) and len(calls) == 3  # no cache: no reuse
+    with cache.active():  # the cache of a run in progress is used by default
+        assert torch.equal(fake.quantize_weight(w, spec, gram), first) and len(calls) == 3
     w2 = w.clone()
     w2[0, 0] += 1e-3  # any change of the weight, the Gram matrix or the spec searches again
-    fake.quantize_weight(w2, spec, gram)
-    assert len(calls) == 3
+    fake.quantize_weight(w2, spec, gram, cache)
+    assert len(calls) == 4
     if spec.clip == "omse":
-        fake.quantize_weight(w, spec, gram * 2)
-        assert len(calls) == 4
-    fake.quantize_weight(w, wspec(name.replace("w3", "w2").replace("w4g8", "w3g8")), gram)
-    assert len(calls) == (5 if spec.clip == "omse" else 4)
+        fake.quantize_weight(w, spec, gram * 2, cache)
+        assert len(calls) == 5
+    fake.quantize_weight(w, wspec(name.replace("w3", "w2").replace("w4g8", "w3g8")), gram, cache)
+    assert len(calls) == (6 if spec.clip == "omse" else 5)

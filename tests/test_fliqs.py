@@ -165,7 +165,7 @@ def test_config_rejects_bad_values(task: mixq.Task, args: dict, match: str) -> N
 
 def bops_budget(task: mixq.Task, factor: float) -> float:
     base = mixq.run(task, "uniform", candidates=["w4a4"])
-    return factor * base.metrics["bops"]
+    return factor * base.metrics.bops
 
 
 @pytest.mark.parametrize("space", ["joint", "int", "fp"])
@@ -174,9 +174,9 @@ def test_search_meets_the_bops_budget_and_is_deterministic(task: mixq.Task, spac
     args = {**SHORT, "space": space}
     a = mixq.run(task, "fliqs", candidates=INT + FP, budget=budget, method_args=args, seed=4)
     b = mixq.run(task, "fliqs", candidates=INT + FP, budget=budget, method_args=args, seed=4)
-    assert a.metrics["within_bops"]
+    assert a.metrics.within["bops"]
     assert a.plan.to_dict()["layers"] == b.plan.to_dict()["layers"]
-    assert a.metrics["metric"] == b.metrics["metric"]
+    assert a.metrics.metric == b.metrics.metric
     allowed = {"joint": INT + FP, "int": INT, "fp": FP}[space]
     assert set(a.plan.summary()) <= set(allowed)
     h = a.history[0]
@@ -214,7 +214,7 @@ def test_float_is_a_candidate_of_every_space(task: mixq.Task) -> None:
     budget = {"bops": bops_budget(task, 3.0)}
     res = mixq.run(task, "fliqs", candidates=["w4a4", "float"], budget=budget,
                    method_args={"steps": 8, "space": "int"})  # fmt: skip
-    assert res.metrics["within_bops"]
+    assert res.metrics.within["bops"]
     assert res.history[0]["arms"] == ["w4a4", "float"]
 
 

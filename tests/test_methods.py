@@ -25,10 +25,10 @@ def test_plan_within_budget_and_deterministic(task: mixq.Task, method: str, bits
                  method_args=args, seed=1)  # fmt: skip
     b = mixq.run(task, method=method, candidates=CANDIDATES, budget={"avg_weight_bits": bits},
                  method_args=args, seed=1)  # fmt: skip
-    assert a.metrics["avg_weight_bits"] <= bits
-    assert a.metrics["within_avg_weight_bits"]
+    assert a.metrics.avg_weight_bits <= bits
+    assert a.metrics.within["avg_weight_bits"]
     assert a.plan.to_dict()["layers"] == b.plan.to_dict()["layers"]
-    assert a.metrics["metric"] == b.metrics["metric"]
+    assert a.metrics.metric == b.metrics.metric
     assert set(a.plan.layers) == {"0", "2", "4"}
 
 
@@ -59,7 +59,7 @@ def test_measured_sensitivity_ilp_beats_uniform_at_the_same_budget(task: mixq.Ta
     budget = {"avg_weight_bits": 4.5}
     uni = mixq.run(task, method="uniform", candidates=CANDIDATES, budget=budget)
     ilp = mixq.run(task, method="sensitivity-ilp", candidates=CANDIDATES, budget=budget)
-    assert ilp.metrics["metric"] >= uni.metrics["metric"] - 1.0
+    assert ilp.metrics.metric >= uni.metrics.metric - 1.0
     assert ilp.history[0]["status"] == "optimal"
 
 

@@ -366,14 +366,14 @@ def test_method_through_run_counts_points_and_reproduces_from_plan(tmp_path):
     uni = mixq.run(task, "uniform", ["w3"])
     zero = mixq.run(task, "multipoint", ["w3"], method_args={"ratio": 0.0})
     res = mixq.run(task, "multipoint", ["w3"], method_args={"ratio": 0.5}, out=tmp_path)
-    assert zero.metrics["avg_weight_bits"] == uni.metrics["avg_weight_bits"]
+    assert zero.metrics.avg_weight_bits == uni.metrics.avg_weight_bits
     pts = {n: s.weight.points for n, s in res.plan.layers.items()}
     extra = {n: sum(p) - len(p) for n, p in pts.items()}
     assert extra == {"0": 32, "2": 32, "4": 4}  # floor(0.5 * C_out) per layer
     n_w = 16 * 64 + 64 * 64 + 64 * 8
     bits = sum((sum(p) * k * 3 + sum(p) * 32) for p, k in zip(pts.values(), (16, 64, 64), strict=True))
-    assert math.isclose(res.metrics["avg_weight_bits"], bits / n_w, rel_tol=1e-12)
-    assert res.metrics["metric"] > uni.metrics["metric"]  # extra points help here
+    assert math.isclose(res.metrics.avg_weight_bits, bits / n_w, rel_tol=1e-12)
+    assert res.metrics.metric > uni.metrics.metric  # extra points help here
     assert res.plan.meta["multipoint"]["extra_points"] == 68
     # the plan file alone reproduces the model's weights
     plan = Plan.load(tmp_path / "plan.json")
@@ -408,10 +408,10 @@ def test_points_fill_only_the_budget_the_base_plan_leaves():
     task = tasks.get("synthetic-mlp")
     uni = mixq.run(task, "uniform", ["w3"])
     free = mixq.run(task, "multipoint", ["w3"], method_args={"ratio": 0.5})
-    limit = (uni.metrics["avg_weight_bits"] + free.metrics["avg_weight_bits"]) / 2
+    limit = (uni.metrics.avg_weight_bits + free.metrics.avg_weight_bits) / 2
     cut = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit}, method_args={"ratio": 0.5})
-    assert uni.metrics["avg_weight_bits"] < cut.metrics["avg_weight_bits"] <= limit
-    assert cut.metrics["within_avg_weight_bits"]
+    assert uni.metrics.avg_weight_bits < cut.metrics.avg_weight_bits <= limit
+    assert cut.metrics.within["avg_weight_bits"]
     frac = cut.plan.meta["multipoint"]["budget_ratio"]
     assert 0 < frac < 0.5
     # the cut is the largest common fraction: one more point per layer's share breaks the budget
@@ -422,10 +422,10 @@ def test_points_fill_only_the_budget_the_base_plan_leaves():
     # ratio=None: the points spend what the budget leaves, and stay within it
     fill = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit},
                     method_args={"ratio": None})  # fmt: skip
-    assert uni.metrics["avg_weight_bits"] < fill.metrics["avg_weight_bits"] <= limit
+    assert uni.metrics.avg_weight_bits < fill.metrics.avg_weight_bits <= limit
     # a budget the base plan alone meets exactly leaves no room for points
-    tight = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": uni.metrics["avg_weight_bits"]})
-    assert tight.metrics["avg_weight_bits"] == uni.metrics["avg_weight_bits"]
+    tight = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": uni.metrics.avg_weight_bits})
+    assert tight.metrics.avg_weight_bits == uni.metrics.avg_weight_bits
     assert tight.plan.meta["multipoint"]["extra_points"] == 0
 
 
@@ -455,9 +455,9 @@ def test_one_absmax_point_is_the_uniform_baseline_with_activations():
     one = mixq.run(
         task, "multipoint", ["w3a8"], method_args={"ratio": 0, "a_search": "absmax", "gram_batches": 1}
     )
-    assert one.metrics["metric"] == uni.metrics["metric"]
-    assert one.metrics["avg_weight_bits"] == uni.metrics["avg_weight_bits"]
-    assert one.metrics["bops"] == uni.metrics["bops"]
+    assert one.metrics.metric == uni.metrics.metric
+    assert one.metrics.avg_weight_bits == uni.metrics.avg_weight_bits
+    assert one.metrics.bops == uni.metrics.bops
     x = task.calib[0][0][:8]
     with torch.no_grad():
         torch.testing.assert_close(one.model(x), uni.model(x), rtol=1e-5, atol=1e-5)
@@ -468,7 +468,7 @@ def test_no_eligible_layer_keeps_the_base_plan(caplog):
     res = mixq.run(task, "multipoint", ["w4+asym"])
     uni = mixq.run(task, "uniform", ["w4+asym"])
     assert res.plan.to_dict()["layers"] == uni.plan.to_dict()["layers"]
-    assert res.metrics["metric"] == uni.metrics["metric"]
+    assert res.metrics.metric == uni.metrics.metric
     assert res.history[-1] == {"multipoint": "no eligible layer; base plan kept"}
     assert "signed symmetric integer" in caplog.text
 

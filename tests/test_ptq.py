@@ -284,23 +284,23 @@ def test_run_applies_steps_in_order_records_them_and_is_deterministic():
     steps = ["cle", "bias_correction", "adaround"]
     r1 = mixq.run(task, candidates=["w3-a8"], ptq=steps, ptq_args=FAST, seed=1)
     r2 = mixq.run(task, candidates=["w3-a8"], ptq=steps, ptq_args=FAST, seed=1)
-    recs = r1.metrics["ptq"]
+    recs = r1.metrics.ptq
     assert [r["step"] for r in recs] == steps
     assert [r["stage"] for r in recs] == ["float", "plan", "plan"]
     assert all(r["seconds"] >= 0 for r in recs) and recs[2]["config"]["iters"] == 80
-    assert r1.metrics["metric"] == r2.metrics["metric"]
+    assert r1.metrics.metric == r2.metrics.metric
     for (n, a), b in zip(sites(r1.model).items(), sites(r2.model).values(), strict=True):
         assert torch.equal(a.weight_quant(a.weight), b.weight_quant(b.weight)), n
         assert torch.equal(a.bias, b.bias), n
     plain = mixq.run(task, candidates=["w3-a8"], seed=1)
-    assert "ptq" in plain.metrics and plain.metrics["ptq"] == []
+    assert plain.metrics.ptq == []
 
 
 def test_cle_in_run_keeps_the_float_function():
     task = mixq.tasks.get("synthetic-mlp")
     res = mixq.run(task, candidates=["float"], ptq=["cle"])
-    assert res.metrics["ptq"][0]["pairs"] == [["0", "2"], ["2", "4"]]
-    assert res.metrics["metric"] == res.metrics["fp_metric"]
+    assert res.metrics.ptq[0]["pairs"] == [["0", "2"], ["2", "4"]]
+    assert res.metrics.metric == res.metrics.fp_metric
     assert not torch.equal(sites(res.model)["0"].weight, task.model[0].weight)  # rescaled copy
 
 

@@ -234,3 +234,19 @@ def test_factory_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'mixq\[ray\]'"):
         RayExecutor().map([Job("a", len, ())], [], progress=False)
     assert RayExecutor().map([], None) == {}  # nothing to run: Ray is not needed
+
+
+def context_identity(ctx, i):
+    """A job reporting which deserialized context object (in which worker process) it ran on."""
+    return [os.getpid(), id(ctx), int(mixq.cache.current() is not None)]
+
+
+def test_each_worker_fetches_the_context_once_per_map(cluster):
+    ex = RayExecutor(chunk_size=1)
+    jobs = [Job(f"j{i}", context_identity, (i,)) for i in range(8)]
+    for context in ({"model": torch.zeros(3)}, {"model": torch.ones(3)}):
+        seen = collections.defaultdict(set)
+        for pid, ident, active in ex.map(jobs, context, progress=False).values():
+            seen[pid].add(ident)
+            assert active  # the worker's cache is the active one while its jobs run
+        assert ex.stats["chunks"] == 8 and all(len(ids) == 1 for ids in seen.values())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixq.search import (
-    InfeasibleBudget,
+    InfeasibleBudgetError,
     Problem,
     Solution,
     brute_force,
@@ -134,7 +134,7 @@ def test_brute_force_matches_literal_enumeration() -> None:
         problem = random_problem(seed)
         expected = literal_optimum(problem)
         if expected is None:
-            with pytest.raises(InfeasibleBudget):
+            with pytest.raises(InfeasibleBudgetError):
                 brute_force(problem)
             continue
         sol = brute_force(problem)
@@ -160,10 +160,10 @@ def test_ilp_equals_brute_force_and_greedy_is_feasible() -> None:
         problem = random_problem(seed)
         try:
             best = brute_force(problem)
-        except InfeasibleBudget:
-            with pytest.raises(InfeasibleBudget):
+        except InfeasibleBudgetError:
+            with pytest.raises(InfeasibleBudgetError):
                 ilp(problem)
-            with pytest.raises(InfeasibleBudget):
+            with pytest.raises(InfeasibleBudgetError):
                 greedy(problem)
             continue
         sol = ilp(problem)
@@ -198,12 +198,12 @@ def test_infeasible_budget_names_smallest_value() -> None:
     min_bops = literal_min_cost(Problem(scores, costs, {"bops": 0.0}), "bops")
     for solver in (ilp, greedy, brute_force):
         problem = Problem(scores, costs, {"size_bits": min_size - 1.0, "bops": 1e9})
-        with pytest.raises(InfeasibleBudget, match="size_bits") as info:
+        with pytest.raises(InfeasibleBudgetError, match="size_bits") as info:
             solver(problem)
         assert f"{min_size:.12g}" in str(info.value)
         assert info.value.violated == ["size_bits"]
         problem = Problem(scores, costs, {"size_bits": min_size - 1.0, "bops": min_bops / 2})
-        with pytest.raises(InfeasibleBudget) as info:
+        with pytest.raises(InfeasibleBudgetError) as info:
             solver(problem)
         assert f"{min_size:.12g}" in str(info.value) and f"{min_bops:.12g}" in str(info.value)
         # At exactly the minimum the problem is feasible.
@@ -215,7 +215,7 @@ def test_budgets_feasible_alone_but_not_together() -> None:
     a = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     problem = Problem(torch.zeros(2, 2), {"a": a, "b": 1.0 - a}, {"a": 0.5, "b": 0.5})
     for solver in (ilp, greedy, brute_force):
-        with pytest.raises(InfeasibleBudget, match="combination is infeasible") as info:
+        with pytest.raises(InfeasibleBudgetError, match="combination is infeasible") as info:
             solver(problem)
         assert info.value.violated == [] and info.value.minimums == {"a": 0.0, "b": 0.0}
 
@@ -267,11 +267,11 @@ def test_pareto_sweep_is_feasible_non_dominated_and_optimal() -> None:
         sub = Problem(problem.scores, problem.costs, {**problem.budgets, name: value}, problem.pairs)
         try:
             best = brute_force(sub).objective
-        except InfeasibleBudget:
+        except InfeasibleBudgetError:
             continue
         reachable = [s.objective for s in front if s.costs[name] <= value + 1e-9]
         assert reachable and close(min(reachable), best)
-    with pytest.raises(InfeasibleBudget):
+    with pytest.raises(InfeasibleBudgetError):
         pareto_sweep(problem, name, [lo - 2.0, lo - 1.0])
     with pytest.raises(ValueError, match="unknown budget"):
         pareto_sweep(problem, "latency", values)
@@ -327,3 +327,13 @@ def test_choice_within_solver_tolerance_but_over_budget_is_cut_off() -> None:
     size = torch.tensor([[0.0, 1e7], [0.0, 1e7 + 0.5]], dtype=torch.float64)
     problem = Problem(scores, {"size": size}, {"size": 1e7 + 0.25})
     assert ilp(problem).choices == brute_force(problem).choices == [1, 0]
+
+
+def test_one_infeasible_budget_error():
+    import mixq
+    from mixq import cost
+
+    assert mixq.InfeasibleBudgetError is cost.InfeasibleBudgetError is InfeasibleBudgetError
+    assert issubclass(InfeasibleBudgetError, ValueError)
+    e = InfeasibleBudgetError("budget 'x' = 1 is infeasible")
+    assert e.minimums == {} and e.violated == []

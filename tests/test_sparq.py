@@ -337,9 +337,9 @@ def test_sparq_method_through_run(tmp_path):
     assert res.plan.layers["conv1"] == parse_candidate("w8a8")
     chosen = parse_candidate(record["candidate"])
     assert all(res.plan.layers[n] == chosen for n in ("dw", "conv2", "fc"))
-    assert res.metrics["metric"] > 50 and json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert res.metrics.metric > 50 and json.loads((tmp_path / "run" / "metrics.json").read_text())
     again = mixq.run(task, method="sparq", candidates=["w8-asparq4_5opt_v", "w8-asparq4_2opt_raw"])
-    assert again.plan.layers == res.plan.layers and again.metrics["metric"] == res.metrics["metric"]
+    assert again.plan.layers == res.plan.layers and again.metrics.metric == res.metrics.metric
 
 
 def test_sparq_method_adds_its_format_to_plain_candidates_and_respects_the_budget():
@@ -348,7 +348,7 @@ def test_sparq_method_adds_its_format_to_plain_candidates_and_respects_the_budge
                    method_args={"act": "sparq4_3opt"})  # fmt: skip
     chosen = parse_candidate("w4-asparq4_3opt")
     assert res.plan.layers == {"0": parse_candidate("w4a8"), "2": chosen, "4": chosen}
-    assert res.metrics["within_avg_weight_bits"]
+    assert res.metrics.within["avg_weight_bits"]
     res = mixq.run(task, method="sparq", candidates=["w4a8"], method_args={"float_first_last": True})
     assert res.plan.layers == {"2": parse_candidate("w4-asparq4_5opt_v")}
     assert res.plan.meta["sparq"]["float_layers"] == ["0", "4"]
@@ -362,7 +362,7 @@ def test_sparq_candidates_compose_with_other_methods():
     task = mixq.tasks.get("synthetic-mlp")
     res = mixq.run(task, method="sensitivity-ilp", candidates=["w4-asparq4_5opt_v", "w8-asparq4_5opt_v"],
                    budget={"avg_weight_bits": 6})  # fmt: skip
-    assert res.metrics["within_avg_weight_bits"]
+    assert res.metrics.within["avg_weight_bits"]
     assert {type(s.act.fmt) for s in res.plan.layers.values()} == {Sparq}
     fallback = [n for n, m in sites(res.model).items() if m.input_quant.sparq_fallback]
     assert fallback == ["0"]  # the first layer sees signed inputs

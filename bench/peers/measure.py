@@ -35,7 +35,7 @@ def evaluate(task: Any, plan: Any) -> dict[str, Any]:
     import mixq
 
     t0 = time.perf_counter()
-    m = mixq.evaluate(task, plan).metrics
+    m = mixq.evaluate(task, plan).metrics.to_dict()
     keys = ("metric", "avg_weight_bits", "size_bytes", "size_ratio", "bops")  # cost.metrics_of's counts
     return {**{k: m[k] for k in keys}, "seconds": time.perf_counter() - t0}
 
@@ -61,7 +61,7 @@ def mixq_search(
     budget = {"size_bytes": size_bytes * (1 + 1e-9)}
     res = mixq.run(task, method=method, candidates=candidates, ptq=ptq, ptq_args=ptq_args, budget=budget,
                    method_args=method_args, out=out)  # fmt: skip
-    m = res.metrics
+    m = res.metrics.to_dict()
     return {"metric": m["metric"], "avg_weight_bits": m["avg_weight_bits"], "size_bytes": m["size_bytes"],
             "seconds": m["seconds"], "plan": res.plan.summary(), "candidates": candidates,
             "method": method, "method_args": method_args, "ptq": ptq or [],

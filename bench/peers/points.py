@@ -15,8 +15,16 @@ log = logging.getLogger("peers")
 MIXQ_FILES = ("search", "run_all", "clado", "multipoint", "uniform", "ptq")
 # Exhaustive enumerations pick the best plan by its validation metric (an oracle, not a method).
 SKIP_KEYS = ("exhaustive", "exhaustive_check")
-# Methods that train the weights (quantization-aware training): not compared with post-training tools.
-TRAINED_METHODS = ("ddq", "fliqs", "qat")
+# Methods that train the weights (quantization-aware training): not compared with post-training tools;
+# mixq's own are those whose registry record says so (Method.trains), "qat" is bench/fliqs.py's label.
+TRAINED_LABELS = ("qat",)
+
+
+def trained_methods() -> tuple[str, ...]:
+    """The labels of result rows that trained the weights."""
+    from mixq.methods import METHODS
+
+    return (*(m for m, r in METHODS.items() if r.trains), *TRAINED_LABELS)
 
 
 def _has_act(cands: list[str]) -> bool | None:
@@ -54,7 +62,7 @@ def _point(x: dict[str, Any], ctx: dict[str, Any], path: list[str], src: str) ->
     task = x.get("task") or ctx.get("task")
     label = (x.get("method") or x.get("label") or x.get("setting") or x.get("run")
              or "/".join(path[-2:]))  # fmt: skip
-    if str(label) in TRAINED_METHODS:
+    if str(label) in trained_methods():
         return None
     return {"source": f"{src}.json", "task": task, "method": str(label),
             "metric": float(x["metric"]), "avg_weight_bits": float(x["avg_weight_bits"]),

@@ -9,15 +9,24 @@ res.plan.save("plan.json"); print(res.metrics)
 
 from mixq import cost, export, formats, sensitivity, tasks
 from mixq.api import Result, evaluate, run
+from mixq.cache import Cache
+from mixq.metrics import Metrics
+from mixq.options import Recipe, RunOptions
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
+from mixq.search.problem import InfeasibleBudgetError
 from mixq.tasks import Task
 from mixq.wrap import applied, apply, calibrate, sites, unwrap, with_adds, wrap
 
 __all__ = [
+    "Cache",
+    "InfeasibleBudgetError",
     "LayerSpec",
+    "Metrics",
     "Plan",
     "QSpec",
+    "Recipe",
     "Result",
+    "RunOptions",
     "Task",
     "applied",
     "apply",

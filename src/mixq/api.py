@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq import cost, tasks
+from mixq import cost, rundir, tasks
 from mixq import executor as executors
 from mixq import ptq as ptq_steps
+from mixq.cache import Cache
+from mixq.cache import current as current_cache
 from mixq.methods import METHODS
-from mixq.methods.common import Context
-from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
+from mixq.methods.common import Context, MethodOutput
+from mixq.metrics import Metrics
+from mixq.options import RunOptions
+from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
 from mixq.wrap import ADDS, adds_spec, apply, calibrate, sites, with_adds, wrap
 
@@ -33,7 +35,7 @@ class Result:
 
     plan: Plan
     model: nn.Module
-    metrics: dict[str, Any]
+    metrics: Metrics
     sensitivity: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -50,7 +52,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    cfg_cls, _ = METHODS[method]
+    cfg_cls = METHODS[method].config
     args = dict(method_args or {})
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
     unknown = sorted(set(args) - set(valid))
@@ -61,9 +63,6 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     return cfg_cls(**args)
 
 
-_PREPARED: dict[tuple, tuple[nn.Module, list[cost.LayerInfo]]] = {}  # the last prepared model
-
-
 def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
     """What a prepared model depends on: weights, architecture, calibration data, forward, needs."""
     return (fingerprint_model(task.model), repr(task.model), fingerprint_data(task.calib),
@@ -71,27 +70,24 @@ def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
 
 
 def prepare(
-    task: tasks.Task, candidates: list[LayerSpec], cache: bool = True
+    task: tasks.Task, candidates: list[LayerSpec], cache: Cache | None = None
 ) -> tuple[nn.Module, list[cost.LayerInfo]]:
     """Copy, check, wrap and calibrate the task's model; probe its layers.
 
     Calibration (activation statistics, and the layers' input Gram matrices for ``omse``
     ranges) is the slow part on a large model, and a budget sweep or a comparison of methods
-    prepares the same model again and again. With ``cache`` the last prepared model is kept,
-    keyed by the fingerprints of the weights, the architecture and the calibration batches,
-    and a fresh deep copy of it is returned when they match: the result is identical.
+    prepares the same model again and again. A ``cache`` (by default the cache of the run in
+    progress, :func:`mixq.cache.current`) keeps the last prepared model, keyed by the
+    fingerprints of the weights, the architecture and the calibration batches, and a fresh
+    deep copy of it is returned when they match: the result is identical.
     """
     gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
     act = any(c.act is not None for c in candidates)
-    key = _prepare_key(task, gram, act) if cache and task.calib else None
-    if key is not None and key in _PREPARED:
-        qmodel, infos = _PREPARED[key]
-        return copy.deepcopy(qmodel), list(infos)
-    qmodel, infos = _prepare(task, gram, act)
-    if key is not None:
-        _PREPARED.clear()
-        _PREPARED[key] = (copy.deepcopy(qmodel), list(infos))
-    return qmodel, infos
+    cache = cache if cache is not None else current_cache()
+    if cache is None or not task.calib:
+        return _prepare(task, gram, act)
+    qmodel, infos = cache.prepared(_prepare_key(task, gram, act), lambda: _prepare(task, gram, act))
+    return qmodel, list(infos)
 
 
 def _prepare(task: tasks.Task, gram: bool, act: bool) -> tuple[nn.Module, list[cost.LayerInfo]]:
@@ -111,16 +107,12 @@ def _prepare(task: tasks.Task, gram: bool, act: bool) -> tuple[nn.Module, list[c
 def run(
     task: tasks.Task | str,
     method: str = "uniform",
-    candidates: list[str | LayerSpec] | None = None,
+    candidates: list[str | LayerSpec] | str | None = None,
     budget: dict[str, float] | None = None,
     method_args: dict[str, Any] | None = None,
-    seed: int = 0,
-    out: str | Path | None = None,
-    ptq: list[str] | None = None,
-    ptq_args: dict[str, dict[str, Any]] | None = None,
-    executor: str | Any | None = None,
-    executor_args: dict[str, Any] | None = None,
-    adds: str | QSpec | None = None,
+    *,
+    options: RunOptions | None = None,
+    **kwargs: Any,
 ) -> Result:
     """Quantize a task's model with one method under a budget and measure the result.
 
@@ -129,54 +121,108 @@ def run(
         method: a name in ``mixq.methods.METHODS``.
         candidates: candidate names per layer, e.g. ``["w2a8", "w4a8", "w8a8"]``.
         budget: upper bounds, keys in ``mixq.cost.BUDGET_KEYS``; empty means unconstrained.
-        method_args: the method's own settings (fields of its Config).
-        seed: random seed.
-        ptq: PTQ steps from ``mixq.ptq.STEPS`` applied in order, e.g. ``["cle",
-            "bias_correction", "adaround"]``: float-model steps (cle) before calibration and the
-            method's search, plan steps after the plan is applied; recorded in ``metrics["ptq"]``.
-        ptq_args: per-step settings, e.g. ``{"adaround": {"iters": 2000}}``.
-        out: a run directory to write plan.json, metrics.json, layers.csv and report.md to.
-        executor: runs the methods' sensitivity jobs: "inprocess" (the default), "ray"
-            (``pip install mixq[ray]``), or an executor object (``mixq.executor``).
-        executor_args: settings of a named executor, e.g. ``{"address": "HOST:PORT",
-            "workers": 8}`` for "ray"; an executor built here is closed when the run ends.
-        adds: quantize both operands of every residual addition (:class:`mixq.nn.Add` modules,
-            as in the zoo's ResNet and MobileNetV2) with this input spec or the input spec of
-            this candidate (e.g. "a8"); recorded as the plan's ``meta["adds"]``. The method's
-            search sees float additions; the returned model and its metric have them quantized.
-            With quantized additions ONNX Runtime runs residual networks in integers throughout.
+        method_args: the method's own settings (fields of its Config); also an option.
+        options: a :class:`mixq.RunOptions`; keywords (its fields: ``method_args``, ``seed``,
+            ``out``, ``ptq``, ``ptq_args``, ``executor``, ``executor_args``, ``adds``, ``cache``)
+            set fields of it, or of the defaults.
 
     Returns:
         A Result with ``.plan``, ``.model`` (the quantized model) and ``.metrics``.
     """
+    if method_args is not None:
+        kwargs["method_args"] = method_args
+    opts = RunOptions.build(options, **kwargs)
+    task = _task(task)
+    cfg = method_config(method, opts.method_args)
+    specs = _candidates(candidates)
+    budget = cost.check_budget(budget if budget is not None else {})
+    steps = ptq_steps.resolve(opts.ptq, opts.ptq_args)
+    runner = _executor(opts)
+    torch.manual_seed(opts.seed)
+    with (opts.cache if opts.cache is not None else Cache()).active():
+        work, ptq_records = _float_steps(task, steps, opts.seed)
+        t0 = time.perf_counter()
+        ctx = _context(work, specs, budget, opts, runner)
+        output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
+        seconds = time.perf_counter() - t0
+        plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
+        plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": opts.seed})
+        apply(ctx.qmodel, plan)
+        ptq_records += ptq_steps.apply_ptq("plan", ctx.qmodel, work, steps, opts.seed)
+        t1 = time.perf_counter()
+        ctx.qmodel.eval()
+        metrics = measure(task, ctx.qmodel, plan, ctx.model_costs, t1)
+    metrics = metrics.replace(
+        method=method, method_args=dataclasses.asdict(cfg), candidates=[c.name for c in specs],
+        budget=budget, seed=opts.seed, seconds=seconds, within=_within(metrics, budget),
+        history=output.history, ptq=ptq_records,
+    )
+    result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
+    if ctx.out is not None:
+        rundir.write_run(ctx.out, result, ctx.model_costs.infos)
+    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name,
+             metrics.metric, metrics.avg_weight_bits)  # fmt: skip
+    return result
+
+
+def _search(ctx: Context, method: str, cfg: Any, owned: bool) -> MethodOutput:
+    """Run the method's search; close the executor after it when the run built it (``owned``)."""
+    try:
+        return METHODS[method].search(ctx, cfg)
+    finally:
+        if owned:
+            executors.close(ctx.executor)
+
+
+def _within(metrics: Metrics, budget: dict[str, float]) -> dict[str, bool] | None:
+    """Whether the measured costs meet each budget (float summation slack only)."""
+    return {k: bool(getattr(metrics, k) <= v * (1 + 1e-9)) for k, v in budget.items()} or None
+
+
+def _task(task: tasks.Task | str) -> tasks.Task:
+    """A Task, or the built-in task of that name."""
     if isinstance(task, str):
         task = tasks.get(task)
     if not isinstance(task, tasks.Task):
         raise ValueError(f"task must be a mixq.Task or one of {', '.join(tasks.TASKS)}; got {task!r}")
-    if method_args is not None and not isinstance(method_args, dict):
-        raise ValueError(f"method_args must be a dict of the method's settings, got {method_args!r}")
-    cfg = method_config(method, method_args)
+    return task
+
+
+def _candidates(candidates: list[str | LayerSpec] | str | None) -> list[LayerSpec]:
+    """The candidate specs of a list of names (or a comma-separated string of them)."""
     if isinstance(candidates, str):
         candidates = [c for c in candidates.split(",") if c]
     if not candidates:
         raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
-    specs = [as_layer_spec(c) for c in candidates]
-    budget = cost.check_budget(budget if budget is not None else {})
-    steps = ptq_steps.resolve(ptq, ptq_args)
-    if executor_args and not isinstance(executor, str):
+    return [as_layer_spec(c) for c in candidates]
+
+
+def _executor(opts: RunOptions) -> Any:
+    """The executor of the methods' jobs: built from its name, or the object given."""
+    if opts.executor_args and not isinstance(opts.executor, str):
         raise ValueError(f"executor_args need a named executor ({', '.join(executors.EXECUTORS)})")
-    runner = executors.make(executor, **(executor_args or {})) if isinstance(executor, str) else executor
-    torch.manual_seed(seed)
-    work, ptq_records = task, []
-    if any(s.stage == "float" for s in steps):  # before calibration and search: see mixq.ptq
-        model = copy.deepcopy(task.model).eval()
-        ptq_records = ptq_steps.apply_ptq("float", model, task, steps, seed)
-        work = dataclasses.replace(task, model=model, _fp_metric=None)
-    t0 = time.perf_counter()
-    qmodel, infos = prepare(work, specs)
+    if isinstance(opts.executor, str):
+        return executors.make(opts.executor, **(opts.executor_args or {}))
+    return opts.executor
+
+
+def _float_steps(task: tasks.Task, steps: list[ptq_steps.Step], seed: int) -> tuple[tasks.Task, list[dict]]:
+    """Run the float-model PTQ steps (before calibration and search: see mixq.ptq) on a copy."""
+    if not any(s.stage == "float" for s in steps):
+        return task, []
+    model = copy.deepcopy(task.model).eval()
+    records = ptq_steps.apply_ptq("float", model, task, steps, seed)
+    return dataclasses.replace(task, model=model, _fp_metric=None), records
+
+
+def _context(
+    task: tasks.Task, specs: list[LayerSpec], budget: dict[str, float], opts: RunOptions, runner: Any
+) -> Context:
+    """Prepare the model and build what the method receives."""
+    qmodel, infos = prepare(task, specs)
     mc = cost.model_costs(qmodel, infos)
     ctx = Context(
-        task=work,
+        task=task,
         qmodel=qmodel,
         layers=[i.name for i in infos],
         candidates=specs,
@@ -184,60 +230,23 @@ def run(
         model_costs=mc,
         budget=budget,
         limits=cost.budget_limits(mc, budget),
-        seed=seed,
-        out=Path(out) if out is not None else None,
+        seed=opts.seed,
+        out=Path(opts.out) if opts.out is not None else None,
         executor=runner,
+        methods=METHODS,
     )
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)
-    try:
-        output = METHODS[method][1](ctx, cfg)
-    finally:
-        if isinstance(executor, str):
-            executors.close(runner)
-    seconds = time.perf_counter() - t0
-    plan = output.plan if adds is None else with_adds(output.plan, adds)
-    plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": seed})
-    apply(qmodel, plan)
-    ptq_records += ptq_steps.apply_ptq("plan", qmodel, work, steps, seed)
-    t1 = time.perf_counter()
-    qmodel.eval()
-    value = float(task.metric(qmodel, task.val))
-    metrics: dict[str, Any] = {
-        "task": task.name,
-        "method": method,
-        "method_args": dataclasses.asdict(cfg),
-        "candidates": [c.name for c in specs],
-        "budget": budget,
-        "seed": seed,
-        "metric_name": task.metric_name,
-        "metric": value,
-        "fp_metric": task.fp_metric(),
-        **cost.metrics_of(mc, [plan.layers.get(n, FLOAT) for n in ctx.layers], adds_spec(plan)),
-        "seconds": seconds,
-        "eval_seconds": time.perf_counter() - t1,
-        "layers": len(ctx.layers),
-        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
-    }
-    for k, v in budget.items():
-        metrics[f"within_{k}"] = bool(metrics[k] <= v * (1 + 1e-9))
-    metrics["history"] = output.history
-    metrics["ptq"] = ptq_records
-    result = Result(plan, qmodel, metrics, output.sensitivity, output.history)
-    if ctx.out is not None:
-        write_run(ctx.out, result, infos)
-        if output.sensitivity is not None:
-            output.sensitivity.save(ctx.out / "sensitivity.safetensors")
-    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name, value,
-             metrics["avg_weight_bits"])  # fmt: skip
-    return result
+    return ctx
 
 
-def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
+def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | None = None) -> Result:
     """Quantize a task's model by a given plan (a Plan or a plan.json) and measure it.
 
     The plan may come from any run, edited by hand: e.g. one layer moved to another candidate.
     Layers the plan does not name stay float. Raises on a layer name the model does not have.
+
+    ``cache``: a :class:`mixq.Cache` to reuse (see :func:`prepare`).
 
     Returns:
         A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
@@ -246,72 +255,25 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path) -> Result:
         task = tasks.get(task)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    qmodel, infos = prepare(task, list(plan.layers.values()))
+    qmodel, infos = prepare(task, list(plan.layers.values()), cache)
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
-    t0 = time.perf_counter()
-    metrics: dict[str, Any] = {
-        "task": task.name,
-        "method": plan.meta.get("method", "plan"),
-        "metric_name": task.metric_name,
-        "metric": float(task.metric(qmodel, task.val)),
-        "fp_metric": task.fp_metric(),
-        **cost.metrics_of(cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos],
-                          adds_spec(plan)),
-        "eval_seconds": time.perf_counter() - t0,
-        "layers": len(infos),
-        **({"adds": plan.meta[ADDS]} if ADDS in plan.meta else {}),
-    }
-    return Result(plan, qmodel, metrics)
+    metrics = measure(task, qmodel, plan, cost.model_costs(qmodel, infos), time.perf_counter())
+    return Result(plan, qmodel, metrics.replace(method=plan.meta.get("method", "plan")))
 
 
-def write_run(out: Path, result: Result, infos: list[cost.LayerInfo]) -> None:
-    """Write plan.json, metrics.json, layers.csv and report.md to a run directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    result.plan.save(out / "plan.json")
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    rows = ["layer,kind,weight_shape,params,macs,spec,weight_bits"]
-    lines = []
-    for info in infos:
-        spec = result.plan.layers.get(info.name, FLOAT)
-        wb = cost.weight_bits(info, spec.weight)
-        shape = "x".join(map(str, info.weight_shape))
-        rows.append(f"{info.name},{info.kind},{shape},{info.numel},{info.macs:.0f},{spec.name},{wb:.0f}")
-        lines.append(f"| `{info.name}` | {info.kind} | {shape} | {spec.name} | {wb / info.numel:.3f} |")
-    (out / "layers.csv").write_text("\n".join(rows) + "\n")
-    (out / "report.md").write_text(render_report(result.metrics, lines))
-    write_model(out, result)
+def measure(task: tasks.Task, qmodel: nn.Module, plan: Plan, mc: cost.ModelCosts, t0: float) -> Metrics:
+    """Measure a quantized model: its metric, the float metric and the cost model's numbers of ``plan``.
 
-
-def write_model(out: Path, result: Result) -> Path | None:
-    """Write the quantized model to ``out/model.safetensors`` (a packed export), or say why not.
-
-    It makes the run directory self-sufficient: ``mixq export`` and ``mixq eval`` load it, so
-    weights changed by PTQ steps or QAT come back exactly. A plan with no packed form (the
-    export raises ValueError) leaves no file, and a warning.
+    ``t0``: when the measurement began (``eval_seconds`` counts from it).
     """
-    from mixq.export import RUN_MODEL, save_safetensors
-
-    path = out / RUN_MODEL
-    path.unlink(missing_ok=True)  # never leave another run's model behind
-    try:
-        return save_safetensors(result.model, result.plan, path)
-    except ValueError as e:
-        log.warning("run directory %s holds no %s: %s", out, RUN_MODEL, e)
-        return None
-
-
-def render_report(m: dict[str, Any], layer_lines: list[str]) -> str:
-    """Render a readable Markdown report of one run."""
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
-
-    keys = ["task", "method", "candidates", "budget", "metric_name", "metric", "fp_metric",
-            "avg_weight_bits", "size_bytes", "size_ratio", "bops", "seconds", "eval_seconds"]  # fmt: skip
-    out = [f"# mixq run: {m['task']} / {m['method']}", "", "| key | value |", "|---|---|"]
-    out += [f"| {k} | {fmt(m[k])} |" for k in keys if k in m]
-    out += ["", "## Per-layer plan", "", "| layer | kind | weight shape | spec | bits/weight |",
-            "|---|---|---|---|---|", *layer_lines, ""]  # fmt: skip
-    return "\n".join(out)
+    value = float(task.metric(qmodel, task.val))
+    sizes = cost.metrics_of(mc, [plan.layers.get(i.name, FLOAT) for i in mc.infos], adds_spec(plan))
+    metrics = Metrics(task.name, "", metric_name=task.metric_name, metric=value, fp_metric=task.fp_metric())
+    for k, v in sizes.items():
+        setattr(metrics, k, v)
+    metrics.eval_seconds = time.perf_counter() - t0
+    metrics.layers = len(mc.infos)
+    metrics.adds = plan.meta.get(ADDS)
+    return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,27 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from mixq.options import Recipe
+from mixq.rundir import RECIPE
 
-RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args",
-               "executor", "executor_args", "adds")
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
-# Every method of the demo with settings that keep `make demo` to minutes on 2 cores; QAT
-# methods train short runs on min/max integer grids (the ranges they learn themselves).
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {},
-    "sensitivity-ilp": {},
-    "hawq": {"hutchinson_samples": 16},
-    "clado": {},
-    "clado-naive": {},
-    "multipoint": {},
-    "sparq": {},
-    "ddq": {"steps": 40},
-    "fliqs": {"steps": 40},
-}
-DEMO_QAT_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]
-QAT_METHODS = ("ddq", "fliqs")
+DEMO_QAT_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]  # training methods learn their ranges
 
 
 def _key_values(items: list[str], what: str) -> dict[str, Any]:
@@ -46,18 +32,6 @@ def _key_values(items: list[str], what: str) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a TOML recipe, rejecting unknown keys."""
-    try:
-        recipe = tomllib.loads(Path(path).read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"recipe {path} is not valid TOML: {e}") from None
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown keys {unknown}; valid: {', '.join(RECIPE_KEYS)}")
-    return recipe
-
-
 def _table(rows: list[dict[str, Any]]) -> str:
     head = f"{'method':<16} {'budget':<24} {'avg_w_bits':>10} {'size_bytes':>12} {'metric':>9} {'seconds':>8}"
     lines = [head, "-" * len(head)]
@@ -69,54 +43,66 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _names(text: str) -> list[str]:
+    return [c for c in text.split(",") if c]
+
+
+def _ptq_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _key_values(items, "--ptq-arg").items():
+        step, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ValueError(f"--ptq-arg {key!r} must look like STEP.KEY=VALUE, e.g. adaround.iters=2000")
+        out.setdefault(step, {})[name] = value
+    return out
+
+
+# recipe key: (the option of `mixq run` that sets it, how its text becomes the value)
+_RUN_OPTIONS: dict[str, tuple[str, Any]] = {
+    "task": ("task", None),
+    "method": ("method", None),
+    "candidates": ("candidates", _names),
+    "budget": ("budget", lambda v: _key_values(v, "--budget")),
+    "method_args": ("method_arg", lambda v: _key_values(v, "--method-arg")),
+    "seed": ("seed", None),
+    "out": ("out", None),
+    "ptq": ("ptq", _names),
+    "ptq_args": ("ptq_arg", _ptq_args),
+    "executor": ("executor", None),
+    "adds": ("adds", None),
+}
+_EMPTY_IS_GIVEN = ("seed", "ptq")  # --seed 0 and --ptq "" (no steps) are settings too
+
+
+def _command_line_settings(args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
+    """The recipe keys the command line sets (they override the recipe file's)."""
+    settings = {}
+    for key, (option, convert) in _RUN_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None or not (value or key in _EMPTY_IS_GIVEN):
+            continue
+        settings[key] = convert(value) if convert else value
+    if args.address or args.workers is not None:
+        if settings.get("executor", recipe.options.executor) != "ray":
+            raise ValueError("--address and --workers need --executor ray")
+        given = {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None}
+        settings["executor_args"] = {**(recipe.options.executor_args or {}), **given}
+    return settings
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import mixq
 
-    recipe: dict[str, Any] = load_recipe(args.recipe) if args.recipe else {}
-    if args.task:
-        recipe["task"] = args.task
-    if args.method:
-        recipe["method"] = args.method
-    if args.candidates:
-        recipe["candidates"] = [c for c in args.candidates.split(",") if c]
-    if args.budget:
-        recipe["budget"] = _key_values(args.budget, "--budget")
-    if args.method_arg:
-        recipe["method_args"] = _key_values(args.method_arg, "--method-arg")
-    if args.seed is not None:
-        recipe["seed"] = args.seed
-    if args.out:
-        recipe["out"] = args.out
-    if args.ptq is not None:
-        recipe["ptq"] = [p for p in args.ptq.split(",") if p]
-    if args.ptq_arg:
-        recipe["ptq_args"] = {}
-        for key, value in _key_values(args.ptq_arg, "--ptq-arg").items():
-            step, dot, name = key.partition(".")
-            if not dot or not name:
-                raise ValueError(f"--ptq-arg {key!r} must look like STEP.KEY=VALUE, e.g. adaround.iters=2000")
-            recipe["ptq_args"].setdefault(step, {})[name] = value
-    if args.executor:
-        recipe["executor"] = args.executor
-    if args.adds:
-        recipe["adds"] = args.adds
-    if args.address or args.workers is not None:
-        if recipe.get("executor") != "ray":
-            raise ValueError("--address and --workers need --executor ray")
-        recipe.setdefault("executor_args", {}).update(
-            {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None})
-    if "task" not in recipe:
+    recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
+    recipe = recipe.merged(_command_line_settings(args, recipe))
+    if recipe.task is None:
         raise ValueError("name a task with --task or in the recipe")
-    out = Path(recipe.get("out", "runs/latest"))
-    res = mixq.run(recipe["task"], method=recipe.get("method", "uniform"),
-                   candidates=recipe.get("candidates"), budget=recipe.get("budget"),
-                   method_args=recipe.get("method_args"), seed=int(recipe.get("seed", 0)),
-                   out=out, ptq=recipe.get("ptq"), ptq_args=recipe.get("ptq_args"),
-                   executor=recipe.get("executor"), executor_args=recipe.get("executor_args"),
-                   adds=recipe.get("adds"))  # fmt: skip
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    out = Path(recipe.options.out if recipe.options.out is not None else "runs/latest")
+    options = dataclasses.replace(recipe.options, out=out)
+    res = mixq.run(recipe.task, recipe.method, recipe.candidates, recipe.budget, options=options)
+    (out / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n")
     m = res.metrics
-    print(_table([{**m, "budget": json.dumps(m["budget"])}]))
+    print(_table([{**m.to_dict(), "budget": json.dumps(m.budget)}]))
     print(f"wrote {out}/plan.json, metrics.json, layers.csv, report.md")
     return 0
 
@@ -132,19 +118,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = [{"method": "fp32", "budget": "-", "avg_weight_bits": 32.0,
              "size_bytes": 4.0 * sum(p.numel() for p in task.model.parameters()),
              "metric": fp, "seconds": time.perf_counter() - t0}]  # fmt: skip
-    missing = sorted(set(METHODS) - set(DEMO_METHODS))
-    if missing:
-        raise RuntimeError(f"methods {missing} have no demo settings: add them to DEMO_METHODS")
-    for method, method_args in DEMO_METHODS.items():
-        cands = DEMO_QAT_CANDIDATES if method in QAT_METHODS else DEMO_CANDIDATES
+    cache = mixq.Cache()  # one model, prepared and searched once for every method and budget
+    for method, m in METHODS.items():
+        cands = DEMO_QAT_CANDIDATES if m.trains else DEMO_CANDIDATES
         for b in DEMO_BUDGETS:
             budget = {"avg_weight_bits": b}
-            res = mixq.run(task, method=method, candidates=cands, budget=budget,
-                           method_args=method_args, out=out / f"{method}-avg{b:g}")  # fmt: skip
-            rows.append({**res.metrics, "budget": f"avg_weight_bits<={b:g}"})
+            res = mixq.run(task, method=method, candidates=cands, budget=budget, cache=cache,
+                           method_args=dict(m.demo_args), out=out / f"{method}-avg{b:g}")  # fmt: skip
+            rows.append({**res.metrics.to_dict(), "budget": f"avg_weight_bits<={b:g}"})
     table = _table(rows)
+    trained = [name for name, m in METHODS.items() if m.trains]
     print(f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
-          f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(QAT_METHODS)}: "
+          f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(trained)}: "
           f"{', '.join(DEMO_QAT_CANDIDATES)})")  # fmt: skip
     print(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give a RUN_DIR, or --task and --plan")
     result = evaluate(args.task, args.plan)
     skip = ("task", "method", "metric_name", "eval_seconds")
-    m = {k: v for k, v in result.metrics.items() if k not in skip}
+    m = {k: v for k, v in result.metrics.to_dict().items() if k not in skip}
     print(json.dumps(m, indent=2))
     return 0
 
@@ -177,9 +162,10 @@ def _eval_run(run_dir: str) -> int:
     result, task = export.rebuild(run_dir, check=False)
     source = export.RUN_MODEL if (Path(run_dir) / export.RUN_MODEL).is_file() else "plan.json"
     m = result.metrics
-    print(json.dumps({"metric": m["metric"], "recorded_metric": m.get("recorded_metric"),
-                      "fp_metric": m.get("fp_metric"), "model": source,
-                      **{k: m[k] for k in ("avg_weight_bits", "size_bytes", "bops") if k in m}},
+    print(json.dumps({"metric": m.metric, "recorded_metric": m.extra.get("recorded_metric"),
+                      "fp_metric": m.fp_metric, "model": source,
+                      **{k: getattr(m, k) for k in ("avg_weight_bits", "size_bytes", "bops")
+                         if getattr(m, k) is not None}},
                      indent=2))  # fmt: skip
     return 0
 
@@ -209,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
     print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
-          f"{task.metric_name} {result.metrics['metric']:.4f} as recorded by the run)")  # fmt: skip
+          f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)")  # fmt: skip
     return 0
 
 

@@ -30,6 +30,7 @@ from mixq import formats
 from mixq.formats import Mx, Sparq
 from mixq.nn import QAdd, QConv2d, QLinear
 from mixq.plan import LayerSpec, QSpec
+from mixq.search.problem import InfeasibleBudgetError
 from mixq.wrap import sites
 
 FLOAT_BITS = 32
@@ -315,10 +316,6 @@ def from_limit(mc: ModelCosts, key: str, total: float) -> float:
     return total
 
 
-class InfeasibleBudgetError(ValueError):
-    """No assignment of the candidates meets the budget."""
-
-
 def check_feasible(
     mc: ModelCosts, table: dict[str, torch.Tensor], budget: dict[str, float], uniform: bool = False
 ) -> None:
@@ -337,7 +334,9 @@ def check_feasible(
         if smallest_user > v * (1 + 1e-9):
             raise InfeasibleBudgetError(
                 f"budget {k}={v:g} is infeasible with these candidates; the smallest feasible "
-                f"{k} is {smallest_user:.6g}" + (" (every layer at the same candidate)" if uniform else "")
+                f"{k} is {smallest_user:.6g}" + (" (every layer at the same candidate)" if uniform else ""),
+                {k: smallest_user},
+                [k],
             )
     if uniform and len(budget) > 1:  # each budget alone is feasible; all of them at once?
         limits = budget_limits(mc, budget)

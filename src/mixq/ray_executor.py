@@ -28,15 +28,13 @@ import pickle
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from mixq.executor import Job, JobStore, split_stored
+from mixq.jobs import Job, JobStore, split_stored
 from mixq.progress import Bar
 
 log = logging.getLogger(__name__)
-
-_WORKER_CONTEXT: dict[str, Any] = {}  # in a worker: the context of the current map, by object id
-
 
 def _import_ray() -> Any:
     try:
@@ -48,40 +46,81 @@ def _import_ray() -> Any:
     return ray
 
 
+class WorkerContext:
+    """The context of the current map in one Ray worker, fetched once for all its chunks.
+
+    Each :class:`RayExecutor` ships one of these inside its remote function (see
+    :func:`chunk_runner`); a worker deserializes that function once, so the object lives as
+    long as the worker and holds the context of one map at a time (the model of the current
+    map, not every model it ever received), and a :class:`mixq.Cache` for the searched ranges
+    of the jobs that run there.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.value: Any = None
+        self.cache: Any = None
+
+    def get(self, ref: Any) -> Any:
+        """The context behind ``ref``: fetched and deserialized on first use, then kept."""
+        import ray
+
+        from mixq.cache import Cache
+
+        if ref.hex() != self.key:
+            self.key, self.value = None, None  # free the previous map's context before the next
+            self.value, self.key = ray.get(ref), ref.hex()
+            self.cache = Cache()
+        return self.value
+
+
+def chunk_runner() -> Any:
+    """A fresh function ``run(refs, jobs, threads, raise_errors)`` holding its own :class:`WorkerContext`."""
+    held = WorkerContext()
+
+    def run(
+        refs: list[Any], jobs: list[tuple[str, Any, tuple]], threads: int, raise_errors: bool = False
+    ) -> Any:
+        return run_chunk(refs, jobs, threads, raise_errors, held)
+
+    return run
+
+
 def run_chunk(
-    refs: list[Any], jobs: list[tuple[str, Any, tuple]], threads: int, raise_errors: bool = False
+    refs: list[Any],
+    jobs: list[tuple[str, Any, tuple]],
+    threads: int,
+    raise_errors: bool = False,
+    held: WorkerContext | None = None,
 ) -> tuple[list[tuple[str, Any, float, float]], BaseException | None]:
     """Run one chunk of jobs in a Ray worker.
 
     ``refs`` wraps the context's ObjectRef in a list so Ray does not resolve it per task: the
-    worker fetches and deserializes it once and keeps it for the chunks that follow.
+    worker fetches and deserializes it once into ``held`` and keeps it for the chunks that
+    follow (without ``held``, every call fetches it).
 
     Returns:
         ``(key, result, seconds, cpu_seconds)`` of each job that finished, and the exception
         of the job that raised (the chunk stops there), or None. With ``raise_errors`` the
         exception is raised instead, so that Ray retries the chunk.
     """
-    import ray
     import torch
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    ref = refs[0]
-    key = ref.hex()
-    if key not in _WORKER_CONTEXT:
-        _WORKER_CONTEXT.clear()  # keep one context per worker: the model of the current map
-        _WORKER_CONTEXT[key] = ray.get(ref)
-    context = _WORKER_CONTEXT[key]
+    held = held if held is not None else WorkerContext()
+    context = held.get(refs[0])
     out = []
-    for job_key, fn, args in jobs:
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            value = fn(context, *args)
-        except Exception as e:
-            if raise_errors:
-                raise
-            return out, _portable(e, job_key)
-        out.append((job_key, value, time.perf_counter() - t0, time.process_time() - c0))
+    with held.cache.active():
+        for job_key, fn, args in jobs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                value = fn(context, *args)
+            except Exception as e:
+                if raise_errors:
+                    raise
+                return out, _portable(e, job_key)
+            out.append((job_key, value, time.perf_counter() - t0, time.process_time() - c0))
     return out, None
 
 
@@ -97,6 +136,7 @@ def _portable(e: Exception, job_key: str) -> Exception:
     return e
 
 
+@dataclass(eq=False)
 class RayExecutor:
     """Run jobs on a Ray cluster, in chunks, streaming results into the store.
 
@@ -121,40 +161,32 @@ class RayExecutor:
     the workers.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        workers: int | None = None,
-        chunk_size: int | None = None,
-        chunks_per_worker: int = 4,
-        max_retries: int = 3,
-        retry_exceptions: bool = False,
-        threads: int = 1,
-        desc: str = "jobs",
-        init_args: dict[str, Any] | None = None,
-    ) -> None:
+    address: str | None = None
+    workers: int | None = None
+    chunk_size: int | None = None
+    chunks_per_worker: int = 4
+    max_retries: int = 3
+    retry_exceptions: bool = False
+    threads: int = 1
+    desc: str = "jobs"
+    init_args: dict[str, Any] | None = None
+    stats: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
+    _remote: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        workers, chunk_size, threads = self.workers, self.chunk_size, self.threads
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if chunks_per_worker < 1:
-            raise ValueError(f"chunks_per_worker must be at least 1, got {chunks_per_worker!r}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be 0 or more, got {max_retries!r}")
+        if self.chunks_per_worker < 1:
+            raise ValueError(f"chunks_per_worker must be at least 1, got {self.chunks_per_worker!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {self.max_retries!r}")
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        self.address = address
-        self.workers = workers
-        self.chunk_size = chunk_size
-        self.chunks_per_worker = chunks_per_worker
-        self.max_retries = max_retries
-        self.retry_exceptions = retry_exceptions
-        self.threads = threads
-        self.desc = desc
-        self.init_args = dict(init_args or {})
-        self.stats: dict[str, Any] = {}
-        self._started = False
-        self._remote: Any = None
+        self.init_args = dict(self.init_args or {})
 
     # -- cluster -------------------------------------------------------------------------------
 
@@ -174,7 +206,7 @@ class RayExecutor:
             ray.init(**args)
             self._started = True
         if self._remote is None:
-            self._remote = ray.remote(run_chunk)
+            self._remote = ray.remote(chunk_runner())
         return ray
 
     def cluster_cpus(self) -> int:

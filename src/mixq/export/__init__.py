@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import nn
 
+from mixq import rundir
 from mixq.export.integer import emulate
 from mixq.export.packed import deploy_model, load_safetensors, read_safetensors, save_safetensors
 
 FORMATS = ("safetensors", "onnx")
-RUN_MODEL = "model.safetensors"  # the quantized model a run directory holds (mixq.api.write_run)
+RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
 
 __all__ = ["FORMATS", "RUN_MODEL", "deploy_model", "emulate", "load", "read_safetensors", "rebuild", "save"]
 
@@ -100,52 +101,53 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
         ``(result, task)``: a :class:`mixq.Result` holding the plan and the model (deployed
         when loaded from the run's file, else wrapped with the plan applied).
     """
-    import json
-
     from mixq import tasks
     from mixq.api import Result, prepare
-    from mixq.plan import Plan
     from mixq.wrap import apply
 
     run_dir = Path(run_dir)
-    for f in ("plan.json", "metrics.json"):
+    for f in (rundir.PLAN, rundir.METRICS):
         if not (run_dir / f).is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory: no {f}")
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{run_dir / 'metrics.json'} is not valid JSON: {e}") from None
-    name = metrics.get("task") if isinstance(metrics, dict) else None
+    metrics = rundir.read_metrics(run_dir, required=())
+    name = metrics.get("task")
     if name not in tasks.TASKS:
         raise ValueError(
             f"run {run_dir} is of task {name!r}, not a built-in one; export it from Python with "
             f"mixq.export.save(result, path); built-in tasks: {', '.join(tasks.TASKS)}"
         )
     task = tasks.get(name)
-    plan = Plan.load(run_dir / "plan.json")
+    plan = rundir.read_plan(run_dir)
     recorded = metrics.get("metric")
     if (run_dir / RUN_MODEL).is_file():
         model = load_safetensors(run_dir / RUN_MODEL, task.model)
         value = float(task.metric(model, task.val))
-        if check and value != metrics.get("metric"):
+        if check and value != recorded:
             raise ValueError(
                 f"the model loaded from {run_dir / RUN_MODEL} scores {value!r}, the run recorded "
-                f"{metrics.get('metric')!r}: the file does not hold this run's model"
+                f"{recorded!r}: the file does not hold this run's model"
             )
-        return Result(plan, model, {**metrics, "metric": value, "recorded_metric": recorded}), task
+        return Result(plan, model, _rebuilt(metrics, value, recorded)), task
     specs = list(plan.layers.values()) + _candidates(metrics)
     qmodel, infos = prepare(task, specs)
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
     value = float(task.metric(qmodel, task.val))
-    if check and value != metrics.get("metric"):
+    if check and value != recorded:
         raise ValueError(
-            f"the model rebuilt from {run_dir / 'plan.json'} scores {value!r}, the run "
-            f"recorded {metrics.get('metric')!r}: this run cannot be rebuilt from its plan (its "
+            f"the model rebuilt from {run_dir / rundir.PLAN} scores {value!r}, the run "
+            f"recorded {recorded!r}: this run cannot be rebuilt from its plan (its "
             f"weights were changed by PTQ steps or training, and the directory has no {RUN_MODEL})"
         )
-    return Result(plan, qmodel, {**metrics, "metric": value, "recorded_metric": recorded}), task
+    return Result(plan, qmodel, _rebuilt(metrics, value, recorded)), task
+
+
+def _rebuilt(metrics: dict[str, Any], value: float, recorded: Any) -> Any:
+    """The run's metrics with the rebuilt model's metric, and the recorded one beside it."""
+    from mixq.metrics import Metrics
+
+    return Metrics.from_dict({**metrics, "metric": value, "recorded_metric": recorded})
 
 
 def _candidates(metrics: dict[str, Any]) -> list[Any]:

@@ -244,7 +244,7 @@ def sweep(
         sub = search.Problem(prob.scores, prob.costs, {**prob.budgets, key: value}, prob.pairs)
         try:
             sol = solve(sub, cfg, warm_start=previous)
-        except search.InfeasibleBudget:
+        except search.InfeasibleBudgetError:
             out[value] = None
             continue
         out[value] = sol

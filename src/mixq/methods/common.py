@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ class Context:
         budget: the user's budget; limits: the same as bounds on sums of ``costs``.
         seed: random seed; out: the run directory or None.
         executor: runs the methods' sensitivity jobs (``mixq.executor``); None: in-process.
+        methods: the registry of methods (``mixq.methods.METHODS``), for a method that runs
+            another (multipoint's base method).
     """
 
     task: Task
@@ -42,6 +45,7 @@ class Context:
     seed: int = 0
     out: Path | None = None
     executor: Any = None
+    methods: Mapping[str, Any] = field(default_factory=dict)
 
     def check_feasible(self, uniform: bool = False) -> None:
         """Raise if no (uniform) choice of candidates meets the budget."""
@@ -58,6 +62,24 @@ class Context:
     def plan_of(self, choices: list[int]) -> Plan:
         """Build the plan of per-layer candidate indices."""
         return Plan({n: self.candidates[j] for n, j in zip(self.layers, choices, strict=True)})
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method in the registry (``mixq.methods.METHODS``).
+
+    Attributes:
+        config: its Config dataclass (``method_args`` are its fields).
+        search: ``search(ctx, cfg) -> MethodOutput``.
+        trains: whether it trains the weights (quantization-aware training): it then searches
+            min/max integer grids, whose ranges it learns itself.
+        demo_args: settings that keep ``mixq demo`` (every method on the MNIST CNN) to minutes.
+    """
+
+    config: type
+    search: Callable[[Context, Any], MethodOutput]
+    trains: bool = False
+    demo_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -120,13 +120,13 @@ def base_plan(ctx: Context, cfg: Config) -> tuple[Plan, list[dict[str, Any]]]:
     """Return the plan the points go on top of, and the base method's history."""
     if cfg.base_plan is not None:
         return Plan.load(cfg.base_plan, ctx.layers), [{"base_plan": cfg.base_plan}]
-    from mixq.methods import METHODS  # the registry imports this module
+    METHODS = ctx.methods  # the registry, passed in: it imports this module
 
     if cfg.base_method not in METHODS or cfg.base_method == "multipoint":
         valid = [m for m in METHODS if m != "multipoint"]
         raise ValueError(f"unknown base_method {cfg.base_method!r}; valid: {', '.join(valid)}")
-    cfg_cls, fn = METHODS[cfg.base_method]
-    out = fn(ctx, cfg_cls())
+    base = METHODS[cfg.base_method]
+    out = base.search(ctx, base.config())
     return out.plan, [{"base_method": cfg.base_method, "history": out.history}]
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -33,10 +33,18 @@ def _cle(model: nn.Module, task: Task, cfg: cle.Config, seed: int) -> dict:
     return cle.equalize(model, cfg)
 
 
-STEPS: dict[str, tuple[str, type, Callable[..., dict]]] = {
-    "cle": ("float", cle.Config, _cle),
-    "bias_correction": ("plan", bias_correction.Config, bias_correction.correct),
-    "adaround": ("plan", adaround.Config, adaround.adaround),
+class StepKind(NamedTuple):
+    """A PTQ step in the registry: its stage, Config class and ``fn(model, task, cfg, seed) -> record``."""
+
+    stage: str
+    config: type
+    fn: Callable[..., dict]
+
+
+STEPS: dict[str, StepKind] = {
+    "cle": StepKind("float", cle.Config, _cle),
+    "bias_correction": StepKind("plan", bias_correction.Config, bias_correction.correct),
+    "adaround": StepKind("plan", adaround.Config, adaround.adaround),
 }
 
 
@@ -70,9 +78,9 @@ def resolve(ptq: list[str] | str | None, ptq_args: dict[str, dict[str, Any]] | N
             raise ValueError(f"unknown PTQ step {p!r}; valid: {', '.join(STEPS)}")
     if len(set(ptq)) != len(ptq):
         raise ValueError(f"a PTQ step is listed twice in {list(ptq)}")
-    stages = [STEPS[p][0] for p in ptq]
+    stages = [STEPS[p].stage for p in ptq]
     if stages != sorted(stages, key=STAGES.index):
-        floats = ", ".join(p for p in ptq if STEPS[p][0] == "float")
+        floats = ", ".join(p for p in ptq if STEPS[p].stage == "float")
         raise ValueError(f"float-model steps ({floats}) must come before plan steps in {list(ptq)}")
     if not isinstance(ptq_args, (dict, type(None))):
         raise ValueError(f"ptq_args must map step names to settings, got {ptq_args!r}")
@@ -82,7 +90,7 @@ def resolve(ptq: list[str] | str | None, ptq_args: dict[str, dict[str, Any]] | N
         raise ValueError(f"ptq_args for steps not in ptq: {extra}; steps: {', '.join(ptq) or 'none'}")
     steps = []
     for p in ptq:
-        stage, cfg_cls, _ = STEPS[p]
+        stage, cfg_cls = STEPS[p].stage, STEPS[p].config
         kw = args.get(p) or {}
         if not isinstance(kw, dict):
             raise ValueError(f"ptq_args[{p!r}] must be a dict of settings, got {kw!r}")
@@ -111,7 +119,7 @@ def apply_ptq(stage: str, model: nn.Module, task: Task, steps: list[Step], seed:
         if step.stage != stage:
             continue
         t0 = time.perf_counter()
-        info = STEPS[step.name][2](model, task, step.cfg, seed)
+        info = STEPS[step.name].fn(model, task, step.cfg, seed)
         records.append({"step": step.name, "stage": stage, "seconds": time.perf_counter() - t0,
                         "config": dataclasses.asdict(step.cfg), **info})  # fmt: skip
     return records

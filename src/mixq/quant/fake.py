@@ -17,26 +17,19 @@ Group scales are stored as float16 (as deployed), channel and tensor scales as f
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from mixq import formats
+from mixq.cache import Cache, current
 from mixq.formats import Fp, Int, Mx
 from mixq.plan import QSpec
-from mixq.store import fingerprint_data
 
 MSE_STEPS = 100  # candidate clipping ranges: hi * (1 - i / MSE_STEPS), i = 0 .. 0.8 * MSE_STEPS
 MSE_MIN_RATIO = 0.2
 REFINE_ROUNDS, REFINE_STEPS = 2, 60  # asymmetric ranges: per-end factors 0.71 .. 1.30
-SEARCH_CACHE_SIZE = 4096  # searched weight ranges kept (see quantize_weight)
-
-# Searched ranges of weights, keyed by the contents of the weight rows, the Gram matrix and the
-# spec: a range search ("mse", "omse") is deterministic, and a budget sweep or a comparison of
-# methods searches the same (layer, candidate) again on fresh copies of the same model.
-_SEARCHED: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -227,13 +220,16 @@ def calibrate_rows(
     return scale_zero(lo, hi, spec)
 
 
-def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_weight(
+    w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None, cache: Cache | None = None
+) -> torch.Tensor:
     """Return the fake-quantized weight [out, ...] under ``spec`` (no gradient).
 
     ``gram`` (the layer's input Gram matrix [G, k, k]) is needed by clip "omse" only. The
-    ranges found by a search (clip "mse", "omse") are kept, keyed by the contents of the weight,
-    the Gram matrix and the spec, so the same search is not run twice in a process (a budget
-    sweep re-quantizes the same layers on fresh copies of the model); ``clear_search_cache``.
+    ranges found by a search (clip "mse", "omse") are kept in ``cache`` (by default the cache
+    of the run in progress, :func:`mixq.cache.current`), keyed by the contents of the weight,
+    the Gram matrix and the spec, so the same search is not run twice (a budget sweep that
+    shares a cache re-quantizes the same layers on fresh copies of the model).
 
     >>> from mixq.plan import parse_candidate
     >>> w = torch.tensor([[0.5, -1.0, 0.25, 1.0]])
@@ -244,29 +240,17 @@ def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = No
         if isinstance(spec.fmt, Mx):
             return formats.mx_quantize(w.reshape(w.shape[0], -1), spec.fmt, axis=-1).reshape(w.shape)
         rows = to_rows(w.detach().float(), spec)
-        key = None
-        if spec.clip in ("mse", "omse"):
-            key = (
-                fingerprint_data([rows.data]),
-                fingerprint_data([gram]) if spec.clip == "omse" else None,
-                spec,
-            )
-        if key is not None and key in _SEARCHED:
-            _SEARCHED.move_to_end(key)
-            scale, zero = _SEARCHED[key]
-        else:
+
+        def search() -> tuple[torch.Tensor, torch.Tensor]:
             error = output_error(gram, spec, w.shape[0]) if gram is not None else None
-            scale, zero = calibrate_rows(rows.data, spec, error)
-            if key is not None:
-                _SEARCHED[key] = (scale, zero)
-                if len(_SEARCHED) > SEARCH_CACHE_SIZE:
-                    _SEARCHED.popitem(last=False)
+            return calibrate_rows(rows.data, spec, error)
+
+        cache = cache if cache is not None else current()
+        if cache is not None and spec.clip in ("mse", "omse"):
+            scale, zero = cache.searched(rows.data, gram if spec.clip == "omse" else None, spec, search)
+        else:
+            scale, zero = search()
         return from_rows(rows, quantize_rows(rows.data, scale, zero, spec)).to(w.dtype)
-
-
-def clear_search_cache() -> None:
-    """Forget the searched weight ranges (:func:`quantize_weight` searches again)."""
-    _SEARCHED.clear()
 
 
 def clip_mask(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:

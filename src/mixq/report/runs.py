@@ -1,40 +1,22 @@
 """Read run directories (written by ``mixq.run(out=...)``) into plain data for a report.
 
-A run directory holds ``metrics.json`` (required here), ``layers.csv`` (the per-layer plan),
-``plan.json`` and, when the method measured one, ``sensitivity.safetensors``. Nothing is
-recomputed: a report is a pure function of the directories.
+The layout and its readers are :mod:`mixq.rundir`'s; a report needs ``metrics.json``, and
+shows ``layers.csv`` and ``sensitivity.safetensors`` where present. Nothing is recomputed: a
+report is a pure function of the directories.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixq import rundir
+from mixq.rundir import LayerRow
 from mixq.sensitivity.table import Sensitivity
 
-REQUIRED_METRICS = ("task", "method", "metric", "avg_weight_bits", "size_bytes")
-LAYER_COLUMNS = ("layer", "kind", "weight_shape", "params", "macs", "spec", "weight_bits")
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One row of ``layers.csv``: a layer, its chosen candidate and its storage bits."""
-
-    name: str
-    kind: str
-    weight_shape: str
-    params: int
-    spec: str
-    weight_bits: float
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage bits per weight, scales and zero points included."""
-        return self.weight_bits / self.params if self.params else math.nan
+__all__ = ["LayerRow", "Run", "budget_label", "load_run", "pareto_front"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +25,7 @@ class Run:
 
     Attributes:
         path: the run directory.
-        metrics: the contents of ``metrics.json``.
+        metrics: the contents of ``metrics.json`` (without its ``schema``).
         layers: the rows of ``layers.csv`` (empty when the file is absent).
         sensitivity: the table of ``sensitivity.safetensors``, or None.
     """
@@ -73,60 +55,6 @@ def budget_label(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}<={v:g}" if isinstance(v, (int, float)) else f"{k}<={v}" for k, v in budget.items())
 
 
-def _run_dirs_below(path: Path, limit: int = 5) -> list[str]:
-    found = sorted(str(p.parent) for p in path.glob("*/metrics.json"))
-    found += sorted(str(p.parent) for p in path.glob("*/*/metrics.json"))
-    return found[:limit]
-
-
-def read_metrics(path: Path) -> dict[str, Any]:
-    """Read and check ``metrics.json`` of a run directory, raising a ValueError that names the problem."""
-    if not path.is_dir():
-        raise ValueError(f"run directory {str(path)!r} does not exist or is not a directory")
-    file = path / "metrics.json"
-    if not file.is_file():
-        below = _run_dirs_below(path)
-        hint = f"; run directories below it: {', '.join(below)}" if below else ""
-        raise ValueError(
-            f"{str(path)!r} is not a run directory: it has no metrics.json (a run directory is "
-            f"what `mixq run --out DIR` writes: metrics.json, plan.json, layers.csv){hint}"
-        )
-    try:
-        metrics = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(metrics).__name__}")
-    missing = [k for k in REQUIRED_METRICS if k not in metrics]
-    if missing:
-        raise ValueError(f"{file} lacks {missing}; a run's metrics.json has {', '.join(REQUIRED_METRICS)}")
-    return metrics
-
-
-def read_layers(file: Path) -> tuple[LayerRow, ...]:
-    """Read ``layers.csv``; a missing file gives no rows, a malformed one raises a ValueError."""
-    if not file.is_file():
-        return ()
-    with file.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != LAYER_COLUMNS:
-            raise ValueError(f"{file} has columns {reader.fieldnames}; expected {list(LAYER_COLUMNS)}")
-        try:
-            return tuple(
-                LayerRow(
-                    r["layer"],
-                    r["kind"],
-                    r["weight_shape"],
-                    int(r["params"]),
-                    r["spec"],
-                    float(r["weight_bits"]),
-                )  # fmt: skip
-                for r in reader
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{file} has a malformed row: {e}") from None
-
-
 def load_run(path: str | Path) -> Run:
     """Load one run directory for a report.
 
@@ -140,10 +68,10 @@ def load_run(path: str | Path) -> Run:
         ValueError: the directory is missing, has no metrics.json, or holds malformed files.
     """
     path = Path(path)
-    metrics = read_metrics(path)
-    sens_file = path / "sensitivity.safetensors"
+    metrics = rundir.read_metrics(path)
+    sens_file = path / rundir.SENSITIVITY
     sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
-    return Run(path, metrics, read_layers(path / "layers.csv"), sens)
+    return Run(path, metrics, rundir.read_layers(path / rundir.LAYERS), sens)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -13,10 +13,10 @@ subject to ``Σ_l costs[k][l, x_l] ≤ budgets[k]``.
 from mixq.search.brute import brute_force
 from mixq.search.greedy import greedy
 from mixq.search.ilp import ilp, pareto_sweep
-from mixq.search.problem import InfeasibleBudget, Problem, Solution
+from mixq.search.problem import InfeasibleBudgetError, Problem, Solution
 
 __all__ = [
-    "InfeasibleBudget",
+    "InfeasibleBudgetError",
     "Problem",
     "Solution",
     "brute_force",

@@ -37,7 +37,7 @@ def brute_force(problem: Problem, max_choices: int = 1 << 20) -> Solution:
 
     Raises:
         ValueError: More than ``max_choices`` choices (``Σ_l log2 n_l`` too large).
-        InfeasibleBudget: No choice satisfies the budgets.
+        InfeasibleBudgetError: No choice satisfies the budgets.
     """
     start = time.perf_counter()
     check_budgets(problem)

@@ -190,7 +190,7 @@ def solve(
         feasible choice (time limit, or every answer exceeded a budget).
 
     Raises:
-        InfeasibleBudget: The budgets cannot hold together.
+        InfeasibleBudgetError: The budgets cannot hold together.
     """
     start = time.perf_counter()
     cuts: list[list[int]] = []

@@ -45,7 +45,7 @@ def greedy(problem: Problem) -> Solution:
         A feasible `Solution` with status ``"greedy"`` and ``gap = nan`` (no bound is known).
 
     Raises:
-        InfeasibleBudget: No choice satisfies the budgets.
+        InfeasibleBudgetError: No choice satisfies the budgets.
     """
     start = time.perf_counter()
     check_budgets(problem)
@@ -113,7 +113,7 @@ def greedy(problem: Problem) -> Solution:
 
 
 def _pair_free_feasible(problem: Problem) -> list[int]:
-    """Return the optimum of the pair-free MILP (`solve` raises `InfeasibleBudget` if none)."""
+    """Return the optimum of the pair-free MILP (`solve` raises `InfeasibleBudgetError` if none)."""
     res, found = solve(problem, use_pairs=False)
     if found is None:
         raise RuntimeError(f"pair-free MILP found no feasible choice: {res.message}")

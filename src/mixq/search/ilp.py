@@ -17,7 +17,7 @@ from mixq.search.formulation import solve
 from mixq.search.greedy import greedy
 from mixq.search.local import polish
 from mixq.search.problem import (
-    InfeasibleBudget,
+    InfeasibleBudgetError,
     Problem,
     Solution,
     check_budgets,
@@ -66,7 +66,7 @@ def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
         ``"feasible"``.
 
     Raises:
-        InfeasibleBudget: No choice satisfies the budgets (checked one by one before solving,
+        InfeasibleBudgetError: No choice satisfies the budgets (checked one by one before solving,
             together by the solver).
         ValueError: ``time_limit`` not positive, or ``warm_start`` of the wrong length, out of
             range or forbidden.
@@ -132,7 +132,7 @@ def pareto_sweep(
 
     Raises:
         ValueError: Unknown ``budget_name`` or no values.
-        InfeasibleBudget: Every value is infeasible.
+        InfeasibleBudgetError: Every value is infeasible.
     """
     if budget_name not in problem.costs:
         raise ValueError(f"unknown budget {budget_name!r}; cost tables: {sorted(problem.costs)}")
@@ -140,13 +140,13 @@ def pareto_sweep(
         raise ValueError("pareto_sweep needs at least one budget value")
     solutions: list[Solution] = []
     previous: list[int] | None = None
-    error: InfeasibleBudget | None = None
+    error: InfeasibleBudgetError | None = None
     for value in progress(sorted({float(v) for v in values}), f"pareto sweep ({budget_name})", unit="budget"):
         budgets = {**problem.budgets, budget_name: value}
         sub = Problem(problem.scores, problem.costs, budgets, problem.pairs)
         try:
             solution = ilp(sub, time_limit=time_limit, warm_start=previous)
-        except InfeasibleBudget as exc:
+        except InfeasibleBudgetError as exc:
             logger.warning("pareto_sweep: %s = %g skipped: %s", budget_name, value, exc)
             error = exc
             continue

@@ -28,7 +28,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-__all__ = ["InfeasibleBudget", "Problem", "Solution"]
+__all__ = ["InfeasibleBudgetError", "Problem", "Solution"]
 
 
 def _fmt(value: float) -> str:
@@ -41,20 +41,27 @@ def budget_tolerance(budget: float) -> float:
     return 1e-9 * max(1.0, abs(budget))
 
 
-class InfeasibleBudget(ValueError):
-    """No choice of candidates satisfies the budgets.
+class InfeasibleBudgetError(ValueError):
+    """No choice of candidates satisfies the budgets: the one error of an infeasible budget.
+
+    Raised by the search (here), by the cost model's checks before a method runs
+    (``mixq.cost.check_feasible``) and by methods; ``mixq.InfeasibleBudgetError`` and
+    ``mixq.cost.InfeasibleBudgetError`` are this class. Its message names the budget and the
+    smallest feasible value.
 
     Attributes:
-        minimums: Smallest feasible value of each budget on its own,
-            ``Σ_l min_c costs[name][l, c]`` over allowed candidates.
+        minimums: Smallest feasible value of each budget named (in the units it was given in);
+            for the search, ``Σ_l min_c costs[name][l, c]`` over allowed candidates.
         violated: Names of the budgets below their own minimum; empty when each budget is
             feasible alone but their combination is not.
     """
 
-    def __init__(self, message: str, minimums: dict[str, float], violated: list[str]) -> None:
+    def __init__(
+        self, message: str, minimums: dict[str, float] | None = None, violated: list[str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.minimums = minimums
-        self.violated = violated
+        self.minimums = dict(minimums or {})
+        self.violated = list(violated or [])
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,7 @@ class Problem:
 
 
 def check_budgets(problem: Problem) -> None:
-    """Raise `InfeasibleBudget` when some budget is below its smallest feasible value.
+    """Raise `InfeasibleBudgetError` when some budget is below its smallest feasible value.
 
     The smallest feasible value of budget ``k`` alone is ``Σ_l min_c costs[k][l, c]`` over the
     allowed candidates. Passing this check does not prove several budgets feasible together.
@@ -281,17 +288,17 @@ def check_budgets(problem: Problem) -> None:
             f"feasible value is {_fmt(minimums[name])} (every layer at its cheapest candidate)"
             for name in violated
         ]
-        raise InfeasibleBudget("; ".join(parts), minimums, violated)
+        raise InfeasibleBudgetError("; ".join(parts), minimums, violated)
 
 
-def combination_infeasible(problem: Problem) -> InfeasibleBudget:
+def combination_infeasible(problem: Problem) -> InfeasibleBudgetError:
     """Return the error for budgets that are each feasible alone but not together."""
     minimums = problem.min_costs()
     parts = [
         f"{name!r} = {_fmt(b)} (smallest feasible alone: {_fmt(minimums[name])})"
         for name, b in problem.budgets.items()
     ]
-    return InfeasibleBudget(
+    return InfeasibleBudgetError(
         "budgets " + ", ".join(parts) + " are each feasible alone, but their combination is infeasible",
         minimums,
         [],
