@@ -12,6 +12,7 @@ import mixq
 from mixq import cli, cost, formats
 from mixq.cost import InfeasibleBudgetError, LayerInfo
 from mixq.formats import ACT_FORMAT_NAMES, Int, Sparq
+from mixq.kinds import sparq as sparq_kind
 from mixq.nn import QConv2d, QLinear, Quantizer
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.quant import sparq
@@ -229,14 +230,14 @@ def test_site_applies_windows_to_unsigned_8bit_codes_along_channels(name):
             kept[n, k, h, w] = pair[0]
             if k + 1 < 5:
                 kept[n, k + 1, h, w] = pair[1]
-    assert not layer.input_quant.sparq_fallback
+    assert not sparq_kind.fallback(layer.input_quant.act_params())
     assert torch.equal(layer.input_quant(x), kept.float() * scale)
 
 
 def test_signed_site_falls_back_to_the_plain_8bit_asymmetric_code():
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     layer = conv_site("w8-asparq4_5opt_v", x)
-    assert layer.input_quant.sparq_fallback
+    assert sparq_kind.fallback(layer.input_quant.act_params())
     a8 = Quantizer("act", channel_axis=1)
     a8.observe(x)
     a8.set_spec(parse_candidate("a8").act)
@@ -364,7 +365,7 @@ def test_sparq_candidates_compose_with_other_methods():
                    budget={"avg_weight_bits": 6})  # fmt: skip
     assert res.metrics["within_avg_weight_bits"]
     assert {type(s.act.fmt) for s in res.plan.layers.values()} == {Sparq}
-    fallback = [n for n, m in sites(res.model).items() if m.input_quant.sparq_fallback]
+    fallback = [n for n, m in sites(res.model).items() if sparq_kind.fallback(m.input_quant.act_params())]
     assert fallback == ["0"]  # the first layer sees signed inputs
 
 

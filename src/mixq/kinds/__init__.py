@@ -65,6 +65,7 @@ class Kind:
         blocks: specs take granularity "block" (and only they do).
         zero_points: asymmetric specs (a zero point) are allowed.
         act_scales: an activation quantizer has a per-tensor scale and zero point.
+        act_base: an activation quantizer's codes follow another spec (``ActParams.base``).
         add_operand: the format can quantize a residual addition's operands in an export.
         single_weight: in ONNX the weight is one tensor (a DequantizeLinear or a float32
             initializer), not a sum of several.
@@ -76,6 +77,7 @@ class Kind:
     blocks = False
     zero_points = False
     act_scales = True
+    act_base = False
     add_operand = True
     single_weight = True
 

@@ -34,6 +34,7 @@ class SparqKind(Kind):
     name = "sparq"
     formats = (Sparq,)
     act_only = True
+    act_base = True
     add_operand = False
 
     def bop_bits(self, spec: QSpec) -> float:

@@ -36,7 +36,7 @@ Deviations from the authors' code, each an engineering choice:
   input taken after a residual add without ReLU) are outside SPARQ: the authors' code raises
   there. mixq quantizes such a site with the plain 8-bit asymmetric per-tensor code (the
   ``a8`` candidate with the same range clip) and says so (see :func:`base_spec`,
-  ``Quantizer.sparq_fallback`` and the ``sparq`` method's record).
+  :func:`mixq.kinds.sparq.fallback` and the ``sparq`` method's record).
 
 The integer path (:func:`int_linear`, :func:`int_conv2d`) accumulates ``value * weight_code``
 in int32, shifted by ``shift``, which is what the 4b x 8b multiplier-and-shifter hardware does.
