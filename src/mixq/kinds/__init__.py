@@ -181,7 +181,7 @@ class Kind:
         raise ValueError(f"weight format {spec.fmt} has no packed export form")
 
     # -- ONNX -------------------------------------------------------------------------------
-    def onnx_weight(self, g: Any, lx: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:  # noqa: ARG002
+    def onnx_weight(self, g: Any, enc: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:  # noqa: ARG002
         """The stored element values, zero points and ONNX element type of an encoded weight.
 
         None: the weight has no DequantizeLinear form and goes in as its float32 values.
@@ -190,10 +190,16 @@ class Kind:
 
     def weight_nodes(self, g: Any, lx: Any, out: str, as_float: bool) -> list[Any]:
         """The ONNX nodes that produce a layer's weight as ``out`` (see :mod:`mixq.export.qdq`)."""
-        return g.weight_nodes(lx, out, None if as_float else self.onnx_weight(g, lx))
+        return g.weight_nodes(lx, out, None if as_float else self.onnx_weight(g, lx.weight))
 
     def onnx_act_type(self, spec: QSpec, g: Any) -> int | None:  # noqa: ARG002
         """The ONNX element type of an input's QuantizeLinear codes; None: no QDQ form."""
+        return None
+
+    def onnx_act_bounds(  # noqa: ARG002
+        self, spec: QSpec, scale: torch.Tensor, zero: torch.Tensor
+    ) -> tuple[float, float] | None:
+        """Clip bounds after an input's DequantizeLinear (the grid's ends), or None."""
         return None
 
     def act_nodes(self, g: Any, lx: Any, x: str, out: str, channels: int) -> list[Any] | None:  # noqa: ARG002
