@@ -282,8 +282,7 @@ def test_integer_conv_equals_the_fake_quantized_conv(groups, channels):
         w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
         assert torch.equal(layer.weight_quant(layer.weight), w_codes.float() * s_w[:, None, None, None])
         x_codes = sparq.to_codes(x, s_x)
-        acc = sparq.int_conv2d(x_codes, w_codes, fmt.option, fmt.rounding, fmt.pairs,
-                               stride=(2, 2), padding=(1, 1), groups=groups)  # fmt: skip
+        acc = sparq.int_conv2d(x_codes, w_codes, fmt, stride=(2, 2), padding=(1, 1), groups=groups)
         assert acc.dtype == torch.int32
         kept = sparq.quantize_codes(x_codes.movedim(1, -1), fmt.option, fmt.rounding, fmt.pairs).movedim(
             -1, 1
@@ -309,7 +308,7 @@ def test_integer_linear_equals_the_fake_quantized_linear():
     layer: QLinear = sites(q)["0"]
     s_x = layer.input_quant.sparq_params()[0]
     w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
-    acc = sparq.int_linear(sparq.to_codes(x, s_x), w_codes, "2opt", True, True)
+    acc = sparq.int_linear(sparq.to_codes(x, s_x), w_codes, Sparq("2opt", True, True))
     kept = sparq.quantize_codes(sparq.to_codes(x, s_x), "2opt", True, True)
     assert torch.equal(acc.long(), kept @ w_codes.T)
     with torch.no_grad():

@@ -182,6 +182,13 @@ def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None
     conv.attribute.extend([*kept, onnx.helper.make_attribute("group", out_channels)])
 
 
+def _own_act_nodes(g: _Graph, lx: LayerExport, marker: Any, channels: int) -> list[Any] | None:
+    """The nodes an input's format kind writes itself, or None for QuantizeLinear/DequantizeLinear."""
+    if lx.act is None:
+        return None
+    return kind_of(lx.act).act_nodes(g, lx, marker.input[0], marker.output[0], channels)
+
+
 def _integer_kernel(lx: LayerExport, g: _Graph) -> bool:
     """Whether ONNX Runtime has an integer kernel for the layer: 8-bit codes of input and weight.
 
@@ -449,14 +456,11 @@ def rewrite(
             continue
         layer = _marker_layer(node)
         lx = layers[layer]
-        own = None
-        if node.op_type == "Act" and lx.act is not None:  # a kind's own nodes (SPARQ windows)?
-            own = kind_of(lx.act).act_nodes(g, lx, node.input[0], node.output[0], channels.get(layer, 0))
         if node.op_type == "Weight":
             _weight_nodes(g, lx, node.output[0], as_float=layer in float_convs)
             replace[id(node)] = g.nodes[node.output[0]]
-        elif own is not None:
-            replace[id(node)] = own
+        elif node.op_type == "Act" and (own := _own_act_nodes(g, lx, node, channels.get(layer, 0))):
+            replace[id(node)] = own  # the kind's own nodes (SPARQ windows)
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
             float_zero = None

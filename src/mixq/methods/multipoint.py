@@ -160,8 +160,9 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         m, spec = qlayers[name], base.layers[name]
         assert spec.weight is not None
         w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-        allocs[name] = mp.allocate(w, spec.weight.bits, m.weight_quant.gram, cfg.ratio, cfg.tau, cfg.n_max,
-                                   cfg.a_search, first, cfg.key)  # fmt: skip
+        search = mp.Search(cfg.a_search, first, cfg.key)
+        gram = m.weight_quant.gram
+        allocs[name] = mp.allocate(w, spec.weight.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, search)
 
     def plan_at(fraction: float) -> dict[str, LayerSpec]:
         """The plan with each layer's allocation stopped at ``fraction`` of its output channels."""
