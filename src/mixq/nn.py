@@ -147,8 +147,13 @@ class Quantizer(nn.Module):
         if spec is None:
             raise ValueError("the site has no spec")
         if self._params is None:
-            stats = ActStats(self.stats_min, self.stats_max, self.sample)
-            self._params = kind_of(spec).act_params(spec, stats)
+            kind = kind_of(spec)
+            if kind.needs_stats(spec) and (self.stats_min is None or self.sample is None):
+                raise RuntimeError(
+                    "an activation site has no calibration statistics; run "
+                    "mixq.calibrate(qmodel, batches) before applying activation specs"
+                )
+            self._params = kind.act_params(spec, ActStats(self.stats_min, self.stats_max, self.sample))
         return self._params
 
     def sparq_params(self) -> tuple[torch.Tensor, torch.Tensor, QSpec]:

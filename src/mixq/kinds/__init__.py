@@ -92,6 +92,10 @@ class Kind:
 
         return formats.elem_bits(fmt)
 
+    def family(self, fmt: Format) -> str:  # noqa: ARG002
+        """The element family a format belongs to: "int", "fp" or "other" (FLIQS search spaces)."""
+        return "other"
+
     def parse_defaults(self) -> dict[str, Any]:
         """Spec fields a candidate name implies for a format of this kind."""
         out: dict[str, Any] = {} if self.zero_points else {"symmetric": True}

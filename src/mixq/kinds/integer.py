@@ -33,6 +33,9 @@ class IntegerKind(ScaledKind):
     formats = (Int,)
     zero_points = True
 
+    def family(self, fmt: Int) -> str:  # noqa: ARG002
+        return "int"
+
     def to_codes(self, x: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
         assert isinstance(spec.fmt, Int)
         qmin, qmax = fake.int_grid(spec.fmt, spec.symmetric)

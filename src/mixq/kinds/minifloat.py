@@ -29,6 +29,9 @@ class MinifloatKind(ScaledKind):
     name = "minifloat"
     formats = (Fp,)
 
+    def family(self, fmt: Fp) -> str:  # noqa: ARG002
+        return "fp"
+
     def to_codes(self, x: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:  # noqa: ARG002
         assert isinstance(spec.fmt, Fp)
         return encode_fp(formats.round_to_format(x, spec.fmt), spec.fmt)

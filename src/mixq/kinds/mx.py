@@ -17,7 +17,7 @@ import torch
 
 from mixq import formats
 from mixq.formats import Int, Mx
-from mixq.kinds import ActParams, ActStats, Kind
+from mixq.kinds import ActParams, ActStats, Kind, kind_of_format
 from mixq.plan import QSpec
 from mixq.quant import fake
 from mixq.quant.codes import E8M0_BIAS, Encoded, code_to_int, int_to_code
@@ -39,6 +39,10 @@ class MxKind(Kind):
     blocks = True
     act_scales = False
     add_operand = False
+
+    def family(self, fmt: Mx) -> str:
+        """The family of the element type."""
+        return kind_of_format(fmt.elem).family(fmt.elem)
 
     def weight_bits(self, spec: QSpec, info: Any) -> float:
         assert isinstance(spec.fmt, Mx)
