@@ -23,8 +23,10 @@ from mixq import cost, export, formats, kinds, tasks
 from mixq.cost import LayerInfo
 from mixq.kinds import Kind, kind_of
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
+from mixq.quant import fake
 from mixq.quant.codes import Encoded
 from mixq.quant.packing import pack_bits, unpack_bits
+from mixq.wrap import recording_grams
 
 
 @dataclass(frozen=True)
@@ -264,3 +266,26 @@ def test_toy_kind_through_mixq_run(pot: PotKind, tmp_path) -> None:
     raw = path.read_bytes()
     payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
     assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
+
+
+# -- the site's public methods ------------------------------------------------------------------
+
+
+def test_site_state_changes_through_public_methods_only(cnn) -> None:
+    task, qmodel = cnn
+    name, m = next(iter(mixq.sites(qmodel).items()))
+    assert m.weight_quant.gram is None  # calibrated without Gram matrices
+    with recording_grams(qmodel, [name]) as grams, torch.no_grad():
+        for x, _ in task.calib[:2]:
+            qmodel(x)
+    assert torch.equal(m.weight_quant.gram, grams[name]) and grams[name].dtype == torch.float64
+    mixq.apply(qmodel, Plan({name: parse_candidate("w4+omse-a8")}))
+    spec = m.weight_quant.spec
+    assert torch.equal(m.weight_quant(m.weight), fake.quantize_weight(m.weight, spec, grams[name].float()))
+    x = torch.cat([b[0] for b in task.val])[:8]
+    before = m.input_quant(x)
+    lo, hi = m.input_quant.stats_min, m.input_quant.stats_max
+    m.input_quant.set_range(lo * 2, hi * 2)  # drops the cached parameters
+    assert not torch.equal(m.input_quant(x), before)
+    m.input_quant.set_range(lo, hi)
+    assert torch.equal(m.input_quant(x), before)

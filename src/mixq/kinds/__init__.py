@@ -10,7 +10,14 @@ The numerics stay in :mod:`mixq.formats` and :mod:`mixq.quant`: a kind is a thin
 calls them.
 
 The registry is open: :func:`register` adds a kind (with :func:`mixq.formats.register` for a
-new format name) without editing generic code; the kind registered last is asked first.
+new format name) without editing generic code; the kind registered last is asked first
+(``tests/test_kinds.py`` adds a power-of-two kind that way).
+
+The ONNX methods receive the writer's graph ``g`` (``mixq.export.qdq._Graph``): ``g.onnx`` the
+onnx module, ``g.tp`` its TensorProto, ``g.int4_as_int8``, ``g.tensor(name, dtype, values,
+share=True)`` and ``g.add(proto)`` to add initializers (returning their names), and
+``g.weight_nodes(lx, out, vals)`` for a DequantizeLinear weight (``vals`` from
+:meth:`Kind.onnx_weight`) or, with ``vals=None``, a float32 initializer.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ class Kind:
     # -- specs ------------------------------------------------------------------------------
     def matches(self, spec: QSpec) -> bool:
         """Whether ``spec`` is of this kind (by default: its format is one of ``formats``)."""
-        return isinstance(spec.fmt, self.formats) and getattr(spec, "points", None) is None
+        return isinstance(spec.fmt, self.formats) and spec.points is None
 
     def elem_bits(self, fmt: Format) -> int:
         """Storage bits of one element."""
