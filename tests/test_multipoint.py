@@ -231,7 +231,7 @@ def test_capped_allocation_is_a_prefix_of_the_uncapped_one():
 
 def test_error_key_gives_points_to_the_largest_error():
     w, x, gram = layer_problem(seed=3)
-    alloc = mp.allocate(w, 3, gram, ratio=1 / w.shape[0], key="error")
+    alloc = mp.allocate(w, 3, gram, ratio=1 / w.shape[0], search=mp.Search(key="error"))
     first = output_errors(w, mp.decompose(w, 3, [1] * w.shape[0]).reconstruct(), x)
     assert int(alloc.points.counts.argmax()) == int(first.argmax())
 
@@ -248,7 +248,7 @@ def test_tau_threshold_stops_allocation():
 
 def test_layer_variant_shares_the_first_step():
     w, _, gram = layer_problem(seed=5)
-    a = mp.allocate(w, 4, gram, ratio=0.25, first="tensor")
+    a = mp.allocate(w, 4, gram, ratio=0.25, search=mp.Search(first="tensor"))
     assert torch.allclose(a.points.steps[:, 0], (w.abs().max() / 7).expand(w.shape[0]))
 
 

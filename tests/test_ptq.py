@@ -263,7 +263,7 @@ def test_fixed_weight_survives_forwards_and_falls_back_on_change():
     m, x, _ = small_layer()
     spec = m.weight_quant.spec
     wq = torch.full_like(m.weight, 0.5)
-    m.weight_quant.fix_weight(spec, m.weight, wq)
+    m.weight_quant.set_rounding(adaround.FixedRounding(spec, m.weight, wq))
     assert torch.equal(m.weight_quant(m.weight), wq) and torch.equal(m.weight_quant(m.weight), wq)
     other = parse_candidate("w4").weight
     m.weight_quant.set_spec(other)

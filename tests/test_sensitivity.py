@@ -149,6 +149,10 @@ def test_measured_kl_equals_direct_divergence(tiny):
     assert (s.single[:, 0] > s.single[:, 2]).all()  # 2-bit moves the outputs more than 8-bit
     with pytest.raises(ValueError, match="unknown sensitivity objective 'nll'.*loss, kl"):
         measured(q, task, ["0"], ["w2"], progress=False, objective="nll")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['progres'\]; valid: executor, store"):
+        measured(q, task, ["0"], ["w2"], progres=False)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['samples'\]; valid: n_samples"):
+        hawq(q, task, ["0"], ["w2"], samples=4)
 
 
 def test_measured_with_activation_candidates():

@@ -12,6 +12,7 @@ import mixq
 from mixq import cli, cost, formats
 from mixq.cost import InfeasibleBudgetError, LayerInfo
 from mixq.formats import ACT_FORMAT_NAMES, Int, Sparq
+from mixq.kinds import sparq as sparq_kind
 from mixq.nn import QConv2d, QLinear, Quantizer
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.quant import sparq
@@ -229,14 +230,14 @@ def test_site_applies_windows_to_unsigned_8bit_codes_along_channels(name):
             kept[n, k, h, w] = pair[0]
             if k + 1 < 5:
                 kept[n, k + 1, h, w] = pair[1]
-    assert not layer.input_quant.sparq_fallback
+    assert not sparq_kind.fallback(layer.input_quant.act_params())
     assert torch.equal(layer.input_quant(x), kept.float() * scale)
 
 
 def test_signed_site_falls_back_to_the_plain_8bit_asymmetric_code():
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     layer = conv_site("w8-asparq4_5opt_v", x)
-    assert layer.input_quant.sparq_fallback
+    assert sparq_kind.fallback(layer.input_quant.act_params())
     a8 = Quantizer("act", channel_axis=1)
     a8.observe(x)
     a8.set_spec(parse_candidate("a8").act)
@@ -281,8 +282,7 @@ def test_integer_conv_equals_the_fake_quantized_conv(groups, channels):
         w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
         assert torch.equal(layer.weight_quant(layer.weight), w_codes.float() * s_w[:, None, None, None])
         x_codes = sparq.to_codes(x, s_x)
-        acc = sparq.int_conv2d(x_codes, w_codes, fmt.option, fmt.rounding, fmt.pairs,
-                               stride=(2, 2), padding=(1, 1), groups=groups)  # fmt: skip
+        acc = sparq.int_conv2d(x_codes, w_codes, fmt, stride=(2, 2), padding=(1, 1), groups=groups)
         assert acc.dtype == torch.int32
         kept = sparq.quantize_codes(x_codes.movedim(1, -1), fmt.option, fmt.rounding, fmt.pairs).movedim(
             -1, 1
@@ -308,7 +308,7 @@ def test_integer_linear_equals_the_fake_quantized_linear():
     layer: QLinear = sites(q)["0"]
     s_x = layer.input_quant.sparq_params()[0]
     w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
-    acc = sparq.int_linear(sparq.to_codes(x, s_x), w_codes, "2opt", True, True)
+    acc = sparq.int_linear(sparq.to_codes(x, s_x), w_codes, Sparq("2opt", True, True))
     kept = sparq.quantize_codes(sparq.to_codes(x, s_x), "2opt", True, True)
     assert torch.equal(acc.long(), kept @ w_codes.T)
     with torch.no_grad():
@@ -364,7 +364,7 @@ def test_sparq_candidates_compose_with_other_methods():
                    budget={"avg_weight_bits": 6})  # fmt: skip
     assert res.metrics.within["avg_weight_bits"]
     assert {type(s.act.fmt) for s in res.plan.layers.values()} == {Sparq}
-    fallback = [n for n, m in sites(res.model).items() if m.input_quant.sparq_fallback]
+    fallback = [n for n, m in sites(res.model).items() if sparq_kind.fallback(m.input_quant.act_params())]
     assert fallback == ["0"]  # the first layer sees signed inputs
 
 

@@ -26,14 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq import formats
-from mixq.formats import Mx, Sparq
+from mixq.kinds import FLOAT_BITS, kind_of
 from mixq.nn import QAdd, QConv2d, QLinear
 from mixq.plan import LayerSpec, QSpec
 from mixq.search.problem import InfeasibleBudgetError
 from mixq.wrap import sites
 
-FLOAT_BITS = 32
 BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
 COST_KEYS = ("weight_bits", "size_bits", "bops")
 BUDGET_COST = {"avg_weight_bits": "weight_bits", "size_bytes": "size_bits",
@@ -122,6 +120,8 @@ def probe(
 def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
     """Storage bits of a layer's weights under ``spec``, scales and zero points included.
 
+    The spec's format kind counts them (:meth:`mixq.kinds.Kind.weight_bits`).
+
     >>> from mixq.plan import parse_candidate
     >>> info = LayerInfo("fc", "linear", (4, 256), 4, 1024.0)
     >>> weight_bits(info, parse_candidate("w4").weight)    # 1024*4 + 4 fp32 scales
@@ -131,29 +131,15 @@ def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
     """
     if spec is None:
         return float(info.numel * FLOAT_BITS)
-    fmt, n = spec.fmt, info.numel
-    elem = formats.elem_bits(fmt)
-    if isinstance(fmt, Mx):
-        blocks = info.out_channels * math.ceil(info.row_len / fmt.block)
-        return float(n * elem + blocks * 8)
-    if spec.points is not None:
-        return multipoint_bits(info, spec)
-    if spec.granularity == "tensor":
-        scales, scale_bits = 1, 32
-    elif spec.granularity == "channel":
-        scales, scale_bits = info.out_channels, 32
-    else:
-        assert spec.group_size is not None
-        scales, scale_bits = info.out_channels * math.ceil(info.row_len / spec.group_size), 16
-    zero_bits = 0 if spec.symmetric else elem
-    return float(n * elem + scales * (scale_bits + zero_bits))
+    return kind_of(spec).weight_bits(spec, info)
 
 
 def multipoint_bits(info: LayerInfo, spec: QSpec) -> float:
     """Storage bits of multipoint weights (QSpec.points): every point's codes and every step.
 
     Channel j with n_j points stores n_j * row_len codes of ``elem`` bits and n_j float32 steps;
-    with granularity "tensor" the first point of every channel shares one float32 step.
+    with granularity "tensor" the first point of every channel shares one float32 step
+    (:mod:`mixq.kinds.multipoint`).
 
     >>> from mixq.plan import QSpec
     >>> from mixq.formats import Int
@@ -161,32 +147,12 @@ def multipoint_bits(info: LayerInfo, spec: QSpec) -> float:
     >>> multipoint_bits(info, QSpec(Int(4), points=(1, 1, 2, 1)))  # 5 * 256 * 4 + 5 * 32
     5280.0
     """
-    if len(spec.points) != info.out_channels:
-        raise ValueError(f"layer {info.name} has {info.out_channels} output channels but the spec gives "
-                         f"points for {len(spec.points)}")  # fmt: skip
-    total = sum(spec.points)
-    steps = total if spec.granularity == "channel" else 1 + total - info.out_channels
-    return float(total * info.row_len * formats.elem_bits(spec.fmt) + steps * FLOAT_BITS)
-
-
-def multipoint_bops(info: LayerInfo, spec: LayerSpec) -> float:
-    """BOPs of a multipoint layer: a low-bit dot product per point, a float32 merge per extra point.
-
-    Each of the n_j points of channel j costs ``row_len`` MACs at (weight bits x activation bits);
-    each extra point adds one float32 multiply-add per output value (32 x 32 bits) to merge it.
-    """
-    assert spec.weight is not None and spec.weight.points is not None
-    c, total = info.out_channels, sum(spec.weight.points)
-    outputs = info.macs / info.row_len  # output values per sample
-    low = info.macs * (total / c) * spec_bits(spec.weight) * spec_bits(spec.act)
-    return low + outputs * (total - c) / c * FLOAT_BITS * FLOAT_BITS
+    return weight_bits(info, spec)
 
 
 def act_param_bits(spec: QSpec | None) -> float:
     """Storage bits of an input-activation quantizer's parameters (scale and zero point)."""
-    if spec is None or isinstance(spec.fmt, Mx):
-        return 0.0
-    return 32.0 + (0 if spec.symmetric else formats.elem_bits(spec.fmt))
+    return 0.0 if spec is None else kind_of(spec).act_param_bits(spec)
 
 
 def spec_bits(spec: QSpec | None) -> float:
@@ -195,9 +161,15 @@ def spec_bits(spec: QSpec | None) -> float:
     A SPARQ activation counts its 4 window bits plus the window-position bits (and vSPARQ's
     mode bit per pair), ``formats.bits``: 7 for sparq4_5opt, 7.5 for sparq4_5opt_v.
     """
-    if spec is not None and isinstance(spec.fmt, Sparq):
-        return formats.bits(spec.fmt)
-    return FLOAT_BITS if spec is None else formats.elem_bits(spec.fmt)
+    return FLOAT_BITS if spec is None else kind_of(spec).bop_bits(spec)
+
+
+def layer_bops(info: LayerInfo, spec: LayerSpec) -> float:
+    """BOPs of one layer: MACs x weight bits x input bits, or what the weight's kind counts
+    (multipoint: a low-bit dot product per point, a float32 merge per extra point)."""
+    if spec.weight is None:
+        return info.macs * FLOAT_BITS * spec_bits(spec.act)
+    return kind_of(spec.weight).bops(info, spec.weight, spec_bits(spec.act))
 
 
 def layer_costs(info: LayerInfo, spec: LayerSpec) -> dict[str, float]:
@@ -206,8 +178,7 @@ def layer_costs(info: LayerInfo, spec: LayerSpec) -> dict[str, float]:
     return {
         "weight_bits": wb,
         "size_bits": wb + info.bias * FLOAT_BITS + act_param_bits(spec.act),
-        "bops": multipoint_bops(info, spec) if spec.weight is not None and spec.weight.points is not None
-        else info.macs * spec_bits(spec.weight) * spec_bits(spec.act),
+        "bops": layer_bops(info, spec),
     }
 
 

@@ -43,8 +43,11 @@ __all__ = [
     "min_value",
     "mx_quantize",
     "mx_scales",
+    "names",
     "parse",
+    "register",
     "round_to_format",
+    "unregister",
 ]
 
 # (exp, man) -> canonical name. The special-value policy follows from the pair: OFP8 E4M3 is
@@ -166,6 +169,35 @@ _ACT_BY_NAME: dict[str, Format] = {
 ACT_FORMAT_NAMES: tuple[str, ...] = tuple(_ACT_BY_NAME)
 
 
+def register(fmt: object, act_only: bool = False) -> None:
+    """Make ``parse(str(fmt))`` return ``fmt``: a format value of a new kind (see :mod:`mixq.kinds`).
+
+    ``act_only``: an activation format (listed with the SPARQ names). Registering the same value
+    again does nothing; another value under a taken name raises a ValueError.
+    """
+    name = str(fmt)
+    table = _ACT_BY_NAME if act_only else _BY_NAME
+    if table.get(name) == fmt:
+        return
+    if name in _BY_NAME or name in _ACT_BY_NAME or not name or not name.isascii() or not name.isidentifier():
+        raise ValueError(f"cannot register format {fmt!r}: name {name!r} is taken or not an identifier")
+    table[name] = fmt  # type: ignore[assignment]
+
+
+def unregister(fmt: object) -> None:
+    """Forget a format added with :func:`register` (the built-in ones stay)."""
+    name = str(fmt)
+    if name in FORMAT_NAMES or name in ACT_FORMAT_NAMES:
+        raise ValueError(f"{name!r} is a built-in format")
+    _BY_NAME.pop(name, None)
+    _ACT_BY_NAME.pop(name, None)
+
+
+def names(act_only: bool = False) -> tuple[str, ...]:
+    """The format names :func:`parse` accepts now (weights and activations, or activations only)."""
+    return tuple(_ACT_BY_NAME if act_only else _BY_NAME)
+
+
 def parse(name: str) -> Format:
     """Return the format called `name`; the inverse of ``str(fmt)``.
 
@@ -197,9 +229,9 @@ def parse(name: str) -> Format:
     ):
         return Mx(fmt.elem, int(block))
     raise ValueError(
-        f"unknown format {name!r}; valid names: {', '.join(FORMAT_NAMES)} "
+        f"unknown format {name!r}; valid names: {', '.join(names())} "
         "(an MX name may end in _b<block> for a block size other than 32, e.g. mxfp4_e2m1_b16); "
-        f"activations only: {', '.join(ACT_FORMAT_NAMES)}"
+        f"activations only: {', '.join(names(act_only=True))}"
     )
 
 

@@ -18,21 +18,45 @@ be switched without calibrating again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixq import formats
-from mixq.formats import Mx, Sparq
+from mixq.kinds import ActParams, ActStats, kind_of
 from mixq.plan import QSpec
-from mixq.quant import fake, multipoint, sparq
+from mixq.quant import fake
 
 SAMPLE_SIZE = 1 << 16  # activation values kept per site for percentile and MSE ranges
 SAMPLE_PER_BATCH = 1 << 13
 
 
+class Rounding(Protocol):
+    """A rounding chosen outside the site (AdaRound): the quantized weight, or None to round."""
+
+    def __call__(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor | None: ...
+
+
+@dataclass
+class _WeightCache:
+    """A weight site's quantized weight, keyed by the weight's values, and its STE mask."""
+
+    w: torch.Tensor
+    wq: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
 class Quantizer(nn.Module):
     """A quantization site for a weight or an input activation.
+
+    The spec's format kind (:func:`mixq.kinds.kind_of`) does the quantizing; the site holds
+    what it needs: the spec, an activation site's calibration statistics (``stats_min``,
+    ``stats_max``, ``sample``), a weight site's input Gram matrix (``gram``, handed over by
+    calibration, for clip "omse"), an optional rounding chosen outside (:meth:`set_rounding`)
+    and a cache of the quantized weight or the activation parameters. Methods change a site
+    through its public methods only.
 
     Args:
         kind: "weight" or "act".
@@ -50,22 +74,38 @@ class Quantizer(nn.Module):
         self.stats_min: torch.Tensor | None = None
         self.stats_max: torch.Tensor | None = None
         self.sample: torch.Tensor | None = None
-        self._gen = torch.Generator().manual_seed(0)
-        self._cache: tuple | None = None
         self.gram: torch.Tensor | None = None  # weights: the layer's input Gram matrix [G, k, k]
-        self.collect_gram = False
-        # weights: (spec, float weight, quantized weight) set by a PTQ step such as AdaRound
-        self.fixed: tuple[QSpec, torch.Tensor, torch.Tensor] | None = None
+        self.rounding: Rounding | None = None  # weights: see set_rounding
+        self._gen = torch.Generator().manual_seed(0)
+        self._weight_cache: _WeightCache | None = None
+        self._params: ActParams | None = None
+
+    def _drop_caches(self) -> None:
+        self._weight_cache = None
+        self._params = None
 
     def set_spec(self, spec: QSpec | None) -> None:
         """Set the spec (None: pass through) and drop cached values."""
         if spec is not None and not isinstance(spec, QSpec):
             raise TypeError(f"expected a QSpec or None, got {type(spec).__name__}")
-        if spec is not None and self.kind == "weight" and isinstance(spec.fmt, Sparq):
+        if spec is not None and self.kind == "weight" and kind_of(spec).act_only:
             raise ValueError(f"{spec.fmt} is an activation format; a weight site cannot use it")
         if spec != self.spec:
             self.spec = spec
-            self._cache = None
+            self._drop_caches()
+
+    def set_gram(self, gram: torch.Tensor | None) -> None:
+        """Use ``gram`` (float64 [G, k, k], the layer's input Gram matrix) for clip "omse"; None: none."""
+        self.gram = gram
+        self._drop_caches()
+
+    def set_rounding(self, rounding: Rounding | None) -> None:
+        """Let ``rounding(w, spec)`` choose the quantized weight (None from it: plain rounding).
+
+        PTQ steps that choose the rounding (AdaRound, :class:`mixq.ptq.adaround.FixedRounding`)
+        keep their result in ``rounding``, so it survives later forwards and plan switches.
+        """
+        self.rounding = rounding
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, spec={self.spec}"
@@ -75,7 +115,12 @@ class Quantizer(nn.Module):
         """Forget recorded statistics."""
         self.stats_min = self.stats_max = self.sample = None
         self._gen.manual_seed(0)
-        self._cache = None
+        self._drop_caches()
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Replace the recorded range (e.g. by one a method learned; the sample stays)."""
+        self.stats_min, self.stats_max = lo, hi
+        self._drop_caches()
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -94,18 +139,30 @@ class Quantizer(nn.Module):
         if self.sample.numel() > SAMPLE_SIZE:
             keep = torch.randperm(self.sample.numel(), generator=self._gen)[:SAMPLE_SIZE]
             self.sample = self.sample[keep]
-        self._cache = None
+        self._drop_caches()
 
-    def _act_params(self, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stats_min is None or self.sample is None:
-            raise RuntimeError(
-                "an activation site has no calibration statistics; run "
-                "mixq.calibrate(qmodel, batches) before applying activation specs"
-            )
-        row = self.sample.reshape(1, -1)
-        if spec.clip == "minmax":
-            return fake.scale_zero(self.stats_min.reshape(1), self.stats_max.reshape(1), spec)
-        return fake.calibrate_rows(row, spec)
+    def act_params(self) -> ActParams:
+        """The parameters of an activation site's spec (scale, zero point, code spec), from its statistics."""
+        spec = self.spec
+        if spec is None:
+            raise ValueError("the site has no spec")
+        if self._params is None:
+            kind = kind_of(spec)
+            if kind.needs_stats(spec) and (self.stats_min is None or self.sample is None):
+                raise RuntimeError(
+                    "an activation site has no calibration statistics; run "
+                    "mixq.calibrate(qmodel, batches) before applying activation specs"
+                )
+            self._params = kind.act_params(spec, ActStats(self.stats_min, self.stats_max, self.sample))
+        return self._params
+
+    def sparq_params(self) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
+        """(scale, zero point, 8-bit base spec) of a SPARQ site: :meth:`act_params`, as a tuple."""
+        spec = self.spec
+        p = self.act_params() if spec is not None else None
+        if p is None or p.base is None or p.scale is None or p.zero is None:
+            raise ValueError(f"site has no SPARQ activation spec (spec: {spec})")
+        return p.scale, p.zero, p.base
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,110 +173,40 @@ class Quantizer(nn.Module):
             return x
         if self.kind == "weight":
             return self._weight(x, spec)
-        if isinstance(spec.fmt, Mx):
-            xq = formats.mx_quantize(x, spec.fmt, axis=self.channel_axis)
-            return fake.straight_through(x, xq, torch.ones_like(x, dtype=torch.bool))
-        if isinstance(spec.fmt, Sparq):
-            return self._sparq(x, spec)
-        if self._cache is None:
-            self._cache = self._act_params(spec)
-        scale, zero = self._cache
-        rows = x.reshape(1, -1)
-        xq = fake.quantize_rows(rows.detach(), scale, zero, spec).reshape(x.shape)
+        kind = kind_of(spec)
+        params = self.act_params()
+        xq = kind.quantize_act(x.detach(), spec, params, self.channel_axis)
         if torch.is_grad_enabled() and x.requires_grad:
-            inside = fake.clip_mask(rows, scale[:, None], zero[:, None], spec).reshape(x.shape)
-            return fake.straight_through(x, xq, inside)
+            return fake.straight_through(x, xq, kind.act_mask(x.detach(), spec, params))
         return xq
 
-    def sparq_params(self) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
-        """Return (scale, zero point, 8-bit base spec) of a site with a SPARQ activation spec.
-
-        The base spec is unsigned 8-bit for a non-negative site and, for a site whose calibrated
-        minimum is negative (outside SPARQ), the plain 8-bit asymmetric code (see `sparq_fallback`).
-        """
-        spec = self.spec
-        if spec is None or not isinstance(spec.fmt, Sparq):
-            raise ValueError(f"site has no SPARQ activation spec (spec: {spec})")
-        if self._cache is None:
-            if self.stats_min is None:
-                self._act_params(spec)  # raises the missing-calibration error
-            base = sparq.base_spec(spec, signed=bool(self.stats_min < 0))
-            self._cache = (*self._act_params(base), base)
-        return self._cache
-
-    @property
-    def sparq_fallback(self) -> bool:
-        """Whether this SPARQ site is signed and falls back to the plain 8-bit asymmetric code."""
-        return not self.sparq_params()[2].symmetric
-
-    def _sparq(self, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
-        scale, zero, base = self.sparq_params()
-        rows = x.reshape(1, -1)
-        if base.symmetric:
-            xq = sparq.fake_quantize(x.detach(), scale[0], spec.fmt, self.channel_axis)
-        else:
-            xq = fake.quantize_rows(rows.detach(), scale, zero, base).reshape(x.shape)
-        if torch.is_grad_enabled() and x.requires_grad:
-            inside = fake.clip_mask(rows, scale[:, None], zero[:, None], base).reshape(x.shape)
-            return fake.straight_through(x, xq, inside)
-        return xq
-
-    @torch.no_grad()
-    def add_gram(self, cols: torch.Tensor) -> None:
-        """Accumulate the Gram matrix of a layer's input columns ``cols`` [G, N, k]."""
-        g = torch.bmm(cols.transpose(1, 2), cols.double())
-        self.gram = g if self.gram is None else self.gram + g
-        self._cache = None
-
-    def fix_weight(self, spec: QSpec, w: torch.Tensor, wq: torch.Tensor) -> None:
-        """Use ``wq`` as the quantized weight while the spec is ``spec`` and the weight equals ``w``.
-
-        PTQ steps that choose the rounding (AdaRound) store their result here, so it survives later
-        forwards and plan switches; another spec or changed weights fall back to plain rounding.
-        """
-        if wq.shape != w.shape:
-            raise ValueError(
-                f"fixed weight shape {tuple(wq.shape)} differs from the weight's {tuple(w.shape)}"
-            )
-        self.fixed = (spec, w.detach().clone(), wq.detach().clone())
+    def _gram(self) -> torch.Tensor | None:
+        return self.gram.float() if self.gram is not None else None
 
     def _weight(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
-        f = self.fixed
-        if f is not None and f[0] == spec and f[1].shape == w.shape and torch.equal(f[1], w.detach()):
-            if torch.is_grad_enabled() and w.requires_grad:
-                return fake.straight_through(w, f[2], self._weight_mask(w, spec))
-            return f[2]
+        kind = kind_of(spec)
+        grad = torch.is_grad_enabled() and w.requires_grad
+        wq = self.rounding(w, spec) if self.rounding is not None else None
+        if wq is not None:
+            return fake.straight_through(w, wq, kind.weight_mask(w, spec, self._gram())) if grad else wq
         # The cache is keyed by the weight's values: `w.data.mul_()` and `load_state_dict` do not
         # always bump `w._version`. A value made under inference_mode is not reused outside it
         # (autograd cannot save inference tensors for backward).
-        c = self._cache
+        c = self._weight_cache
         if (
             c is None
-            or c[0].shape != w.shape
-            or c[0].dtype != w.dtype
-            or not torch.equal(c[0], w.detach())
-            or (c[1].is_inference() and not torch.is_inference_mode_enabled())
+            or c.w.shape != w.shape
+            or c.w.dtype != w.dtype
+            or not torch.equal(c.w, w.detach())
+            or (c.wq.is_inference() and not torch.is_inference_mode_enabled())
         ):
-            gram = self.gram.float() if self.gram is not None else None
-            wq_new = (multipoint.quantize_weight(w, spec) if spec.points is not None
-                      else fake.quantize_weight(w, spec, gram))  # fmt: skip
-            self._cache = (w.detach().clone(), wq_new)
-        wq = self._cache[1]
-        if torch.is_grad_enabled() and w.requires_grad:
-            if len(self._cache) == 2:  # the mask's range search runs once per weight value
-                self._cache = (*self._cache, self._weight_mask(w, spec))
-            return fake.straight_through(w, wq, self._cache[2])
-        return wq
-
-    def _weight_mask(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor:
-        if isinstance(spec.fmt, Mx) or spec.points is not None:  # multipoint: nothing is clipped
-            return torch.ones_like(w, dtype=torch.bool)
-        rows = fake.to_rows(w.detach().float(), spec)
-        gram = self.gram.float() if self.gram is not None else None
-        error = fake.output_error(gram, spec, w.shape[0]) if gram is not None else None
-        scale, zero = fake.calibrate_rows(rows.data, spec, error)
-        inside = fake.clip_mask(rows.data, scale[:, None], zero[:, None], spec)
-        return fake.from_rows(rows, inside.to(w.dtype)).bool()
+            wq = kind.quantize_weight(w, spec, self._gram())
+            c = self._weight_cache = _WeightCache(w.detach().clone(), wq)
+        if grad:
+            if c.mask is None:  # the mask's range search runs once per weight value
+                c.mask = kind.weight_mask(w, spec, self._gram())
+            return fake.straight_through(w, c.wq, c.mask)
+        return c.wq
 
 
 class QLinear(nn.Module):
@@ -235,9 +222,11 @@ class QLinear(nn.Module):
         object.__setattr__(self, "float_module", m)  # not a submodule: unwrap puts it back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_quant.collect_gram:
-            self.weight_quant.add_gram(x.detach().reshape(1, -1, self.in_features).double())
         return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def input_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the input rows as one group, float64 [1, N, in_features] (see QConv2d.input_columns)."""
+        return x.reshape(1, -1, self.in_features).double()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -259,8 +248,6 @@ class QConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: nn.Conv2d = self.float_module
-        if self.weight_quant.collect_gram:
-            self.weight_quant.add_gram(self.input_columns(x.detach()))
         return m._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
 
     def input_columns(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,15 @@ asymmetric, per tensor, min/max range over the calibration data.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixq import formats
-from mixq.formats import Format, Int, Mx, Sparq
+from mixq import formats, kinds
+from mixq.formats import Format, Int
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
 CLIPS = ("minmax", "mse", "omse", "percentile")
@@ -71,26 +72,14 @@ class QSpec:
             raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if self.clip not in CLIPS:
             raise ValueError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
-        if isinstance(self.fmt, Mx) != (self.granularity == "block"):
-            raise ValueError(
-                f"granularity 'block' goes with MX formats and only with them (got {self.fmt} "
-                f"with {self.granularity!r})"
-            )
-        if (self.granularity == "group") != (self.group_size is not None):
-            raise ValueError("granularity 'group' needs group_size, and only it takes one")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
-        if not self.symmetric and not isinstance(self.fmt, Int):
-            raise ValueError(f"asymmetric ranges need an integer format, got {self.fmt}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.points is not None:
-            _check_points(self)
+        kinds.kind_of(self).check(self)
 
     @property
     def bits(self) -> int:
         """Storage bits of one element."""
-        return formats.elem_bits(self.fmt)
+        return kinds.kind_of(self).elem_bits(self.fmt)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form."""
@@ -133,28 +122,6 @@ class QSpec:
         )
 
 
-MAX_POINTS = 16
-
-
-def _check_points(spec: QSpec) -> None:
-    """Validate a multipoint spec (QSpec.points), naming the bad value and the valid choices."""
-    pts = spec.points
-    if not isinstance(pts, tuple):
-        object.__setattr__(spec, "points", pts := tuple(pts) if isinstance(pts, list) else pts)
-    if not isinstance(pts, tuple) or not pts:
-        raise ValueError(f"points must be a non-empty list of points per output channel, got {pts!r}")
-    bad = [n for n in pts if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_POINTS]
-    if bad:
-        raise ValueError(f"points per channel must be integers in 1..{MAX_POINTS}, got {bad[:5]}")
-    if not (isinstance(spec.fmt, Int) and spec.fmt.signed and spec.symmetric):
-        raise ValueError(f"multipoint points need a signed symmetric integer format, got {spec.fmt}")
-    if spec.granularity not in ("channel", "tensor") or spec.clip not in ("minmax", "mse"):
-        raise ValueError(
-            f"multipoint points take granularity 'channel' or 'tensor' and clip 'minmax' or 'mse', "
-            f"got {spec.granularity!r} and {spec.clip!r}"
-        )
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     """The weight and input-activation specs of one layer; None means float."""
@@ -192,7 +159,7 @@ class LayerSpec:
             raise ValueError(f"unknown layer-spec keys {sorted(unknown)}; valid: ['act', 'weight']")
         w, a = d.get("weight"), d.get("act")
         spec = cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
-        if spec.weight is not None and isinstance(spec.weight.fmt, Sparq):
+        if spec.weight is not None and kinds.kind_of(spec.weight).act_only:
             raise ValueError(f"{spec.weight.fmt} is an activation format; a weight spec cannot use it")
         return spec
 
@@ -213,7 +180,7 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
     if spec.granularity == "group":
         s += f"g{spec.group_size}"
     mods = []
-    if isinstance(spec.fmt, Int) and spec.symmetric != defaults["symmetric"]:
+    if kinds.kind_of_format(spec.fmt).zero_points and spec.symmetric != defaults["symmetric"]:
         mods.append("sym" if spec.symmetric else "asym")
     if spec.granularity in ("tensor", "channel") and spec.granularity != defaults["granularity"]:
         mods.append(spec.granularity)
@@ -222,17 +189,20 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
         mods.append("p" + (p if float(p) == spec.percentile else repr(spec.percentile)))
     elif spec.clip != defaults["clip"]:
         mods.append(spec.clip)
-    if spec.points is not None:  # display only: the counts live in the plan JSON
-        mods.append(f"mp{sum(spec.points) / len(spec.points):.2f}")
+    mods += kinds.kind_of(spec).name_mods(spec)
     return s + "".join("+" + m for m in mods)
 
 
-_NAMES = sorted((*formats.FORMAT_NAMES, *formats.ACT_FORMAT_NAMES), key=len, reverse=True)
-_FMT = "(?:(?:" + "|".join(re.escape(n) for n in _NAMES) + r")(?:_b\d+)?|\d+)"  # MX: _b<block>
 _MODS = r"(?:\+[a-z0-9.]+)*"
-_CANDIDATE = re.compile(
-    rf"(?:w(?P<wf>{_FMT})(?:g(?P<g>\d+))?(?P<wm>{_MODS}))?-?(?:a(?P<af>{_FMT})(?P<am>{_MODS}))?"
-)
+
+
+@functools.cache
+def _candidate_re(names: tuple[str, ...]) -> re.Pattern[str]:
+    """The candidate grammar's regex over the format names ``names`` (registered ones too)."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    fmt = "(?:(?:" + alternatives + r")(?:_b\d+)?|\d+)"  # MX: _b<block>
+    weight = rf"(?:w(?P<wf>{fmt})(?:g(?P<g>\d+))?(?P<wm>{_MODS}))?"
+    return re.compile(rf"{weight}-?(?:a(?P<af>{fmt})(?P<am>{_MODS}))?")
 
 
 def _parse_fmt(token: str, text: str) -> Format:
@@ -250,10 +220,7 @@ def _parse_fmt(token: str, text: str) -> Format:
 def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, text: str) -> QSpec:
     fmt = _parse_fmt(fmt_token, text)
     kw: dict[str, Any] = dict(defaults)
-    if isinstance(fmt, Mx):
-        kw["granularity"] = "block"
-    if not isinstance(fmt, Int):  # MX activations too: only integer grids take a zero point
-        kw["symmetric"] = True
+    kw.update(kinds.kind_of_format(fmt).parse_defaults())  # e.g. MX: "block"; only integers take a zero point
     if group is not None:
         kw["granularity"], kw["group_size"] = "group", int(group)
     for mod in filter(None, mods.split("+")):
@@ -285,7 +252,7 @@ def parse_candidate(text: str) -> LayerSpec:
         raise ValueError(f"a candidate name must be a string, got {text!r}")
     if text == "float":
         return FLOAT
-    m = _CANDIDATE.fullmatch(text.strip())
+    m = _candidate_re((*formats.names(), *formats.names(act_only=True))).fullmatch(text.strip())
     if m is None or not text.strip().startswith(("w", "a")) or (m["wf"] is None and m["af"] is None):
         raise ValueError(f"cannot parse candidate {text!r}; grammar: {GRAMMAR}")
     try:
@@ -295,7 +262,7 @@ def parse_candidate(text: str) -> LayerSpec:
             raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
         if a is not None and a.clip == "omse":
             raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
-        if w is not None and isinstance(w.fmt, Sparq):
+        if w is not None and kinds.kind_of(w).act_only:
             raise ValueError(f"candidate {text!r}: {w.fmt} is an activation format (use a{w.fmt})")
     except ValueError as e:
         if GRAMMAR in str(e):

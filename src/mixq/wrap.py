@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.nn import Add, QAdd, QConv2d, QLinear, QModule
+from mixq.nn import Add, QAdd, QConv2d, QLinear, QModule, Quantizer
 from mixq.plan import LayerSpec, Plan, QSpec
 
 ADDS = "adds"  # the plan meta key of the residual additions' operand spec
@@ -177,14 +177,12 @@ def calibrate(
         raise ValueError("model has no quantized layers; call mixq.wrap(model) first")
     run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
     seen = 0
-    operands = [q for m in add_sites(model).values() for q in m.quant]
-    with applied(model, {}):
+    acts = [m.input_quant for m in qlayers.values()] + [q for m in add_sites(model).values() for q in m.quant]
+    with applied(model, {}), recording_grams(model, list(qlayers) if gram else []):
         for m in qlayers.values():
-            m.input_quant.reset_stats()
-            m.input_quant.observing = True
-            m.weight_quant.gram = None
-            m.weight_quant.collect_gram = gram
-        for q in operands:
+            if isinstance(m.weight_quant, Quantizer):
+                m.weight_quant.set_gram(None)
+        for q in acts:
             q.reset_stats()
             q.observing = True
         try:
@@ -193,11 +191,40 @@ def calibrate(
                     run(model, batch)
                     seen += 1
         finally:
-            for m in qlayers.values():
-                m.input_quant.observing = False
-                m.weight_quant.collect_gram = False
-            for q in operands:
+            for q in acts:
                 q.observing = False
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one batch")
     return seen
+
+
+@contextlib.contextmanager
+def recording_grams(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Accumulate the input Gram matrix of layers ``names`` over the forwards inside the block.
+
+    Each layer's Gram matrix (float64 [G, k, k] over its input columns, see
+    ``QConv2d.input_columns``) is recorded by a forward pre-hook and handed to its weight site
+    (:meth:`mixq.nn.Quantizer.set_gram`) on exit; the record is yielded. A layer that saw no
+    input gets None.
+    """
+    qlayers = sites(model)
+    names = list(names)
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        @torch.no_grad()
+        def fn(mod: QModule, args: tuple) -> None:
+            cols = mod.input_columns(args[0].detach())
+            g = torch.bmm(cols.transpose(1, 2), cols.double())
+            grams[name] = g if name not in grams else grams[name] + g
+
+        return fn
+
+    handles = [qlayers[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        yield grams
+    finally:
+        for h in handles:
+            h.remove()
+        for n in names:
+            qlayers[n].weight_quant.set_gram(grams.get(n))

@@ -1,10 +1,10 @@
 """Quantized tensors as integer codes plus scales: the exact inverse of mixq's fake quantization.
 
 :func:`encode_weight` splits a layer's weight under a QSpec into element codes (unsigned bit
-patterns of the element's width), scales and zero points, computed by the very functions the
-fake quantizer uses (:mod:`mixq.quant.fake`, :mod:`mixq.formats`); :func:`decode_weight`
-rebuilds the float weight with the same float operations, so ``decode(encode(w))`` equals the
-fake-quantized weight bit for bit:
+patterns of the element's width), scales and zero points, and :func:`decode_weight` rebuilds
+the float weight with the same float operations, so ``decode(encode(w))`` equals the
+fake-quantized weight bit for bit. The spec's format kind (:mod:`mixq.kinds`) does both with
+the very functions the fake quantizer uses:
 
 * integer: ``(q - z) * s`` in float32, ``q`` the signed or unsigned integer of the code;
 * floating point: ``value(code) * s`` in float32;
@@ -17,100 +17,25 @@ Activation quantizers keep one scale and zero point per tensor (:func:`act_param
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mixq import formats
-from mixq.export.packing import decode_fp, encode_fp
-from mixq.formats import Fp, Int, Mx
+from mixq.kinds import kind_of
+from mixq.kinds.multipoint import point_mask
 from mixq.nn import Quantizer
 from mixq.plan import QSpec
-from mixq.quant import fake
+from mixq.quant.codes import E8M0_BIAS, Encoded, code_to_int, int_to_code
 
-E8M0_BIAS = 127
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A weight as codes and scales.
-
-    Attributes:
-        spec: the quantization spec.
-        shape: the weight's shape.
-        codes: unsigned bit patterns of ``spec.bits`` bits, int64, in the weight's shape.
-        scale: float32 per row of :func:`mixq.quant.fake.to_rows` (float16-exact for groups);
-            for MX, the shared exponents [out, blocks] as int64.
-        zero: float32 zero point per row (asymmetric integer specs), else None.
-
-    A multipoint weight (``spec.points``) holds ``codes`` [C, n, d]: the signed integer codes of
-    each channel's n points (zeros past ``spec.points[j]``) as two's complement bit patterns,
-    and ``scale`` [C, n]: their float32 steps (zero past the channel's points).
-    """
-
-    spec: QSpec
-    shape: tuple[int, ...]
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-
-
-def int_to_code(q: torch.Tensor, fmt: Int, symmetric: bool) -> torch.Tensor:
-    """Return the unsigned code of integers ``q`` (two's complement for signed grids).
-
-    >>> int_to_code(torch.tensor([-8.0, -1.0, 7.0]), Int(4), True).tolist()
-    [8, 15, 7]
-    """
-    q = q.to(torch.int64)
-    return q & ((1 << fmt.bits) - 1) if symmetric and fmt.signed else q
-
-
-def code_to_int(codes: torch.Tensor, fmt: Int, symmetric: bool) -> torch.Tensor:
-    """Return the integers (float32) of unsigned ``codes``; the inverse of :func:`int_to_code`.
-
-    >>> code_to_int(torch.tensor([8, 15, 7]), Int(4), True).tolist()
-    [-8.0, -1.0, 7.0]
-    """
-    if symmetric and fmt.signed:
-        half = 1 << (fmt.bits - 1)
-        codes = torch.where(codes >= half, codes - 2 * half, codes)
-    return codes.to(torch.float32)
-
-
-def _row_params(
-    w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None
-) -> tuple[fake.Rows, torch.Tensor, torch.Tensor]:
-    """Rows, scale and zero point exactly as ``fake.quantize_weight`` computes them."""
-    rows = fake.to_rows(w.detach().float(), spec)
-    error = fake.output_error(gram, spec, w.shape[0]) if gram is not None else None
-    scale, zero = fake.calibrate_rows(rows.data, spec, error)
-    return rows, scale, zero
-
-
-def _mx_blocks(w: torch.Tensor, fmt: Mx) -> torch.Tensor:
-    """The weight as [out, blocks, block], zero-padded, float64."""
-    flat = w.detach().float().reshape(w.shape[0], -1)
-    flat = torch.nn.functional.pad(flat, (0, -flat.shape[1] % fmt.block))
-    return flat.reshape(flat.shape[0], -1, fmt.block).double()
-
-
-def _encode_mx(w: torch.Tensor, spec: QSpec, wq: torch.Tensor) -> Encoded:
-    """Shared exponents from ``w``, element codes from ``wq`` (exact: ``wq / 2^e`` is on the grid)."""
-    fmt = spec.fmt
-    assert isinstance(fmt, Mx)
-    k = w[0].numel()
-    se = formats.mx_scales(w.detach().float().reshape(w.shape[0], -1), fmt, axis=-1).to(torch.int64)
-    if int(se.max()) > E8M0_BIAS:
-        raise ValueError("cannot export an MX block holding NaN or inf")
-    y = torch.ldexp(_mx_blocks(wq, fmt), -se[..., None].double()).float()  # exact: a power of two
-    if isinstance(fmt.elem, Int):  # MXINT8: k / 64, k in [-128, 127]; -128 saturated at e = 127
-        q = formats.round_to_format(y * 64, fmt.elem)
-        q = torch.where(se[..., None] == E8M0_BIAS, q.clamp(min=-127), q)
-        codes = int_to_code(q, fmt.elem, True)
-    else:
-        codes = encode_fp(formats.round_to_format(y, fmt.elem), fmt.elem)
-    codes = codes.reshape(w.shape[0], -1)[:, :k].reshape(w.shape)
-    return Encoded(spec, tuple(w.shape), codes, se, None)
+__all__ = [
+    "E8M0_BIAS",
+    "Encoded",
+    "act_export",
+    "act_params",
+    "code_to_int",
+    "decode_weight",
+    "encode_weight",
+    "int_to_code",
+    "point_mask",
+]
 
 
 def encode_weight(
@@ -124,72 +49,29 @@ def encode_weight(
     grid value); the scales always come from ``w``.
 
     Raises:
-        ValueError: the spec has no packed form (multipoint weights).
+        ValueError: the spec's format has no packed form.
     """
-    fmt = spec.fmt
-    if spec.points is not None:
-        return _encode_multipoint(w, spec)
-    if not isinstance(fmt, Int | Fp | Mx):
-        raise ValueError(f"weight format {fmt} has no packed export form")
-    if isinstance(fmt, Mx):
-        return _encode_mx(w, spec, w if wq is None else wq)
-    rows, scale, zero = _row_params(w, spec, gram)
-    src = rows.data if wq is None else fake.to_rows(wq.detach().float(), spec).data
-    x = src / scale[:, None]
-    if isinstance(fmt, Int):
-        qmin, qmax = fake.int_grid(fmt, spec.symmetric)
-        q = torch.clamp(torch.round(x) + zero[:, None], qmin, qmax)
-        codes = int_to_code(q, fmt, spec.symmetric)
-    else:
-        assert isinstance(fmt, Fp)
-        codes = encode_fp(formats.round_to_format(x, fmt), fmt)
-    codes = fake.from_rows(rows, codes)
-    return Encoded(spec, tuple(w.shape), codes, scale, None if spec.symmetric else zero)
-
-
-def _encode_multipoint(w: torch.Tensor, spec: QSpec) -> Encoded:
-    """The points of ``w`` under a multipoint spec, found by the simulation's own search."""
-    from mixq.quant import multipoint
-
-    if w.dtype != torch.float32:
-        raise ValueError(f"multipoint export needs a float32 weight, got {w.dtype}")
-    pts = multipoint.spec_points(w, spec)
-    codes = int_to_code(pts.codes.to(torch.int64), Int(spec.bits), True)
-    return Encoded(spec, tuple(w.shape), codes, pts.steps.float(), None)
-
-
-def point_mask(spec: QSpec) -> torch.Tensor:
-    """Which of the [C, n] point slots of a multipoint spec exist (``i < points[j]``)."""
-    assert spec.points is not None
-    counts = torch.tensor(spec.points)
-    return torch.arange(int(counts.max()))[None, :] < counts[:, None]
+    return kind_of(spec).encode(w, spec, gram, wq)
 
 
 def decode_weight(enc: Encoded) -> torch.Tensor:
     """Rebuild the float32 fake-quantized weight from its codes; see the module docstring."""
-    spec, fmt = enc.spec, enc.spec.fmt
-    if spec.points is not None:  # as multipoint.Points.reconstruct
-        q = code_to_int(enc.codes, Int(spec.bits), True)
-        return (enc.scale[..., None] * q).sum(1).reshape(enc.shape)
-    if isinstance(fmt, Mx):
-        flat = enc.codes.reshape(enc.shape[0], -1)
-        k = flat.shape[1]
-        flat = torch.nn.functional.pad(flat, (0, -k % fmt.block)).reshape(enc.shape[0], -1, fmt.block)
-        if isinstance(fmt.elem, Int):
-            v = code_to_int(flat, fmt.elem, True).double() / 64
-        else:
-            v = decode_fp(flat, fmt.elem).double()
-        out = torch.ldexp(v, enc.scale[..., None].double()).float()
-        return out.reshape(enc.shape[0], -1)[:, :k].reshape(enc.shape)
-    rows = fake.to_rows(enc.codes, spec)
-    s = enc.scale[:, None]
-    if isinstance(fmt, Int):
-        z = enc.zero[:, None] if enc.zero is not None else torch.zeros_like(s)
-        deq = (code_to_int(rows.data, fmt, spec.symmetric) - z) * s
-    else:
-        assert isinstance(fmt, Fp)
-        deq = decode_fp(rows.data, fmt) * s
-    return fake.from_rows(rows, deq)
+    return kind_of(enc.spec).decode(enc)
+
+
+def act_export(site: Quantizer) -> tuple[torch.Tensor | None, torch.Tensor | None, QSpec | None]:
+    """Return the scale, zero point [1] and code spec (None: the spec's own) of an input site.
+
+    These are the values the site itself uses in its forward pass; a format without
+    per-tensor parameters (MX) gives (None, None, None).
+    """
+    spec = site.spec
+    if spec is None or not kind_of(spec).act_scales:
+        return None, None, None
+    p = site.act_params()  # the site's own computation, not a copy of it
+    if p.scale is None or p.zero is None:
+        raise ValueError(f"input format {spec.fmt} has no per-tensor export form")
+    return p.scale.float(), p.zero.float(), p.base
 
 
 def act_params(site: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,11 +79,11 @@ def act_params(site: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
 
     These are the values the site itself uses in its forward pass (MX activations have none).
     """
-    spec = site.spec
-    if spec is None or not isinstance(spec.fmt, Int | Fp):
+    scale, zero, _ = act_export(site)
+    if scale is None or zero is None:
+        spec = site.spec
         raise ValueError(
             f"input format {spec.fmt if spec else None} has no per-tensor export form; "
             "exportable inputs: integer, fp and MX formats"
         )
-    scale, zero = site._act_params(spec)  # the site's own computation, not a copy of it
-    return scale.float(), zero.float()
+    return scale, zero

@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixq import formats
-from mixq.formats import Mx, Sparq
+from mixq.kinds import ActParams, kind_of
 from mixq.plan import QSpec
-from mixq.quant import fake, sparq
 
 MARKER_DOMAIN = "mixq"
 
@@ -61,9 +59,10 @@ class ActQuant(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.channel_axis, self.layer, self.base = spec, channel_axis, layer, base
-        if isinstance(spec.fmt, Mx) != (scale is None):
+        kind = kind_of(spec)
+        if kind.act_scales != (scale is not None):
             raise ValueError("an activation quantizer has a scale unless its format is MX")
-        if isinstance(spec.fmt, Sparq) != (base is not None):
+        if kind.act_base != (base is not None):
             raise ValueError("a SPARQ input quantizer needs its 8-bit code spec (base), only it has one")
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
@@ -71,14 +70,8 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return mark(x, "Act", self.layer)
-        if isinstance(self.spec.fmt, Mx):
-            return formats.mx_quantize(x, self.spec.fmt, axis=self.channel_axis)
-        if self.base is not None and self.base.symmetric:  # SPARQ windows (as Quantizer._sparq)
-            assert isinstance(self.spec.fmt, Sparq)
-            return sparq.fake_quantize(x, self.scale[0], self.spec.fmt, self.channel_axis)
-        if self.base is not None:  # a signed SPARQ site: the plain 8-bit asymmetric code
-            return fake.quantize_rows(x.reshape(1, -1), self.scale, self.zero, self.base).reshape(x.shape)
-        return fake.quantize_rows(x.reshape(1, -1), self.scale, self.zero, self.spec).reshape(x.shape)
+        params = ActParams(self.scale, self.zero, self.base)  # as the site computes it (Quantizer.forward)
+        return kind_of(self.spec).quantize_act(x, self.spec, params, self.channel_axis)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"

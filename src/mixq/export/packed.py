@@ -34,21 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.export.codes import (
-    E8M0_BIAS,
-    Encoded,
-    act_params,
-    code_to_int,
-    decode_weight,
-    encode_weight,
-    int_to_code,
-    point_mask,
-)
+from mixq.export.codes import Encoded, act_export, act_params, decode_weight, encode_weight
 from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
-from mixq.export.packing import pack_bits, unpack_bits
-from mixq.formats import Int, Mx, Sparq
+from mixq.kinds import kind_of
 from mixq.nn import Add, QAdd, QConv2d, QLinear
 from mixq.plan import Plan, QSpec
+from mixq.quant.packing import pack_bits, unpack_bits
 from mixq.wrap import sites, unwrap
 
 SCHEMA = 1
@@ -118,15 +109,10 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
                 raise RuntimeError(f"layer {name}: the codes do not rebuild the fake-quantized weight")
         else:
             weight = m.weight.detach().float().clone()
-        scale = zero = base = None
-        if aspec is not None and isinstance(aspec.fmt, Sparq):
-            scale, zero, base = m.input_quant.sparq_params()  # the site's own values
-            scale, zero = scale.float(), zero.float()
-        elif aspec is not None and not isinstance(aspec.fmt, Mx):
-            try:
-                scale, zero = act_params(m.input_quant)
-            except ValueError as e:
-                raise ValueError(f"layer {name}: {e}") from None
+        try:
+            scale, zero, base = act_export(m.input_quant)  # the site's own values
+        except ValueError as e:
+            raise ValueError(f"layer {name}: {e}") from None
         layers[name] = LayerExport(
             name=name,
             kind="linear" if isinstance(m, QLinear) else "conv",
@@ -156,7 +142,7 @@ def collect_adds(model: nn.Module) -> dict[str, LayerExport]:
             for i, q in enumerate(m.quant):
                 if q.spec is None:
                     continue
-                if isinstance(q.spec.fmt, Mx | Sparq):
+                if not kind_of(q.spec).add_operand:
                     raise ValueError(
                         f"addition {name}: operand format {q.spec.fmt} is not exportable; "
                         "supported: integer and fp8 formats per tensor"
@@ -289,21 +275,7 @@ def _layer_tensors(lx: LayerExport) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     p = lx.name
     if isinstance(lx.weight, Encoded):
-        enc, spec = lx.weight, lx.weight.spec
-        if spec.points is not None:  # only the points each channel has; symmetric: no zero points
-            mask = point_mask(spec)
-            out[f"{p}.weight.codes"] = pack_bits(enc.codes[mask], spec.bits)
-            out[f"{p}.weight.steps"] = enc.scale[mask].float()
-        else:
-            out[f"{p}.weight.codes"] = pack_bits(enc.codes, spec.bits)
-            if isinstance(spec.fmt, Mx):
-                out[f"{p}.weight.scale"] = (enc.scale + E8M0_BIAS).to(torch.uint8)
-            elif spec.granularity == "group":
-                out[f"{p}.weight.scale"] = enc.scale.to(torch.float16)
-            else:
-                out[f"{p}.weight.scale"] = enc.scale.float()
-        if enc.zero is not None:
-            out[f"{p}.weight.zero"] = pack_bits(enc.zero.to(torch.int64), spec.bits)
+        out.update(kind_of(lx.weight.spec).weight_tensors(lx.weight, f"{p}.weight"))
     else:
         out[f"{p}.weight"] = lx.weight
     if lx.bias is not None:
@@ -362,47 +334,17 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     return path
 
 
-def _rows_of(spec: QSpec, shape: list[int]) -> tuple[int, ...]:
-    """Shape of a weight's scale under ``spec``."""
-    out, k = shape[0], 1
-    for d in shape[1:]:
-        k *= d
-    if isinstance(spec.fmt, Mx):
-        return (out, -(-k // spec.fmt.block))
-    if spec.granularity == "tensor":
-        return (1,)
-    if spec.granularity == "channel":
-        return (out,)
-    assert spec.group_size is not None
-    return (out * -(-k // spec.group_size),)
-
-
 def _read_layer(name: str, m: dict[str, Any], t: dict[str, torch.Tensor]) -> LayerExport:
     def take(key: str) -> torch.Tensor:
         if key not in t:
             raise ValueError(f"export file lacks tensor {key!r}")
         return t.pop(key)
 
-    shape = [int(d) for d in m["shape"]]
-    numel = 1
-    for d in shape:
-        numel *= d
+    shape = tuple(int(d) for d in m["shape"])
     weight: Encoded | torch.Tensor
     if m["weight"] is not None:
         spec = QSpec.from_dict(m["weight"])
-        if spec.points is not None:
-            return _read_multipoint(name, m, spec, shape, take)
-        codes = unpack_bits(take(f"{name}.weight.codes"), spec.bits, numel).reshape(shape)
-        raw = take(f"{name}.weight.scale")
-        if tuple(raw.shape) != _rows_of(spec, shape):
-            raise ValueError(
-                f"{name}.weight.scale has shape {tuple(raw.shape)}, expected {_rows_of(spec, shape)}"
-            )
-        scale = raw.to(torch.int64) - E8M0_BIAS if isinstance(spec.fmt, Mx) else raw.float()
-        zero = None
-        if not spec.symmetric:
-            zero = unpack_bits(take(f"{name}.weight.zero"), spec.bits, scale.numel()).float()
-        weight = Encoded(spec, tuple(shape), codes, scale, zero)
+        weight = kind_of(spec).read_weight(spec, shape, take, f"{name}.weight")
     else:
         weight = take(f"{name}.weight").float()
     return _finish_layer(name, m, weight, take)
@@ -412,10 +354,11 @@ def _finish_layer(name: str, m: dict[str, Any], weight: Encoded | torch.Tensor, 
     """The input quantizer and the bias of a layer read from a file."""
     act = QSpec.from_dict(m["act"]) if m["act"] is not None else None
     base = QSpec.from_dict(m["act_base"]) if m.get("act_base") is not None else None
-    if act is not None and isinstance(act.fmt, Sparq) != (base is not None):
+    kind = kind_of(act) if act is not None else None
+    if kind is not None and kind.act_base != (base is not None):
         raise ValueError(f"layer {name}: a SPARQ input needs its 8-bit code spec (act_base), and only it")
     scale_a = zero_a = None
-    if act is not None and not isinstance(act.fmt, Mx):
+    if kind is not None and kind.act_scales:
         code = base or act
         scale_a = take(f"{name}.input.scale").float()
         zero_a = (
@@ -425,32 +368,6 @@ def _finish_layer(name: str, m: dict[str, Any], weight: Encoded | torch.Tensor, 
         )
     bias = take(f"{name}.bias").float() if m["bias"] else None
     return LayerExport(name, m["kind"], weight, bias, act, scale_a, zero_a, int(m["channel_axis"]), base)
-
-
-def _read_multipoint(name: str, m: dict[str, Any], spec: QSpec, shape: list[int], take: Any) -> LayerExport:
-    """A multipoint layer: the codes and steps of the points each channel has."""
-    assert spec.points is not None
-    if len(spec.points) != shape[0]:
-        raise ValueError(f"{name}: points for {len(spec.points)} channels, the weight has {shape[0]}")
-    mask = point_mask(spec)
-    d = 1
-    for k in shape[1:]:
-        d *= k
-    total = int(mask.sum())
-    steps = take(f"{name}.weight.steps").float()
-    if tuple(steps.shape) != (total,):
-        raise ValueError(f"{name}.weight.steps has shape {tuple(steps.shape)}, expected ({total},)")
-    flat = unpack_bits(take(f"{name}.weight.codes"), spec.bits, total * d).reshape(total, d)
-    q = code_to_int(flat, Int(spec.bits), True)
-    k = 2 ** (spec.bits - 1) - 1
-    if q.numel() and float(q.abs().max()) > k:
-        raise ValueError(f"{name}: multipoint codes outside the symmetric grid [-{k}, {k}]")
-    codes = torch.zeros(*mask.shape, d, dtype=torch.int64)
-    codes[mask] = int_to_code(q, Int(spec.bits), True)
-    scale = torch.zeros(mask.shape)
-    scale[mask] = steps
-    weight = Encoded(spec, tuple(shape), codes, scale, None)
-    return _finish_layer(name, m, weight, take)
 
 
 def read_safetensors(

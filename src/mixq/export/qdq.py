@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixq.export.codes import Encoded, code_to_int
+from mixq.export.codes import Encoded
 from mixq.export.modules import MARKER_DOMAIN
 from mixq.export.packed import LayerExport, collect_adds, deploy_model
-from mixq.formats import Fp, Int, Mx, Sparq
+from mixq.kinds import kind_of
 from mixq.plan import QSpec
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,6 @@ def _onnx() -> Any:
     except ImportError:
         raise ImportError("ONNX export needs onnx: pip install 'mixq[onnx]'") from None
     return onnx
-
-
-def _int_type(bits: int, signed: bool) -> int:
-    tp = _onnx().TensorProto
-    if bits <= 4:
-        return tp.INT4 if signed else tp.UINT4
-    return tp.INT8 if signed else tp.UINT8
-
-
-def _fp_type(fmt: Fp) -> int | None:
-    tp = _onnx().TensorProto
-    return {"fp8_e4m3fn": tp.FLOAT8E4M3FN, "fp8_e5m2": tp.FLOAT8E5M2}.get(str(fmt))
 
 
 def _tensor(name: str, dtype: int, values: torch.Tensor) -> Any:
@@ -98,30 +86,12 @@ def _tensor(name: str, dtype: int, values: torch.Tensor) -> Any:
     return onnx.numpy_helper.from_array(v.numpy().astype(np_dtype), name)
 
 
-def _weight_values(
-    enc: Encoded, int4_as_int8: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The stored element values, zero points and element type of an encoded weight, or None."""
-    spec, fmt = enc.spec, enc.spec.fmt
-    if isinstance(fmt, Mx) or spec.granularity == "group":
-        return None
-    if isinstance(fmt, Int):
-        signed = spec.symmetric and fmt.signed
-        q = code_to_int(enc.codes, fmt, spec.symmetric)
-        zero = enc.zero if enc.zero is not None else torch.zeros_like(enc.scale)
-        return q, zero, _int_type(max(fmt.bits, 8) if int4_as_int8 else fmt.bits, signed)
-    dtype = _fp_type(fmt)
-    if dtype is None:
-        return None
-    from mixq.export.packing import decode_fp
-
-    return decode_fp(enc.codes, fmt), torch.zeros_like(enc.scale), dtype
-
-
 class _Graph:
     """Accumulates the nodes and initializers that replace the markers."""
 
     def __init__(self, int4_as_int8: bool = False) -> None:
+        self.onnx = _onnx()
+        self.tp = self.onnx.TensorProto
         self.nodes: dict[str, list[Any]] = {}  # weight marker output -> replacement nodes
         self.inits: list[Any] = []
         self.float_weights: list[str] = []
@@ -145,110 +115,41 @@ class _Graph:
             self._seen[key] = t.name
         return t.name
 
+    def tensor(self, name: str, dtype: int, values: torch.Tensor, share: bool = True) -> str:
+        """Add an initializer of element type ``dtype`` from exact values (see :meth:`add`)."""
+        return self.add(_tensor(name, dtype, values), share)
 
-def _scalar_or_channels(t: torch.Tensor, enc: Encoded) -> torch.Tensor:
-    return t.reshape(()) if enc.spec.granularity == "tensor" else t.reshape(-1)
+    def weight_nodes(
+        self, lx: LayerExport, out: str, vals: tuple[torch.Tensor, torch.Tensor, int] | None
+    ) -> list[Any]:
+        """A weight as ``DequantizeLinear(codes, scale, zero)`` from a kind's ``vals`` (element
+        values, zero points, element type), per tensor or output channel; None: as its exact
+        dequantized float32 values (an initializer)."""
+        helper = self.onnx.helper
+        linear = lx.kind == "linear"
+        enc = lx.weight
+        assert isinstance(enc, Encoded)
+        if vals is None:
+            w = lx.float_weight()
+            name = self.tensor(f"{lx.name}.weight", self.tp.FLOAT, w.t() if linear else w)
+            self.float_weights.append(lx.name)
+            return [helper.make_node("Identity", [name], [out], name=f"{lx.name}.weight_float")]
+        q, zero, dtype = vals
+        q = q.t() if linear else q  # Linear exports as MatMul(x, W^T): channels on axis 1
+        per = (lambda t: t.reshape(())) if enc.spec.granularity == "tensor" else (lambda t: t.reshape(-1))
+        codes = self.tensor(f"{lx.name}.weight.codes", dtype, q, share=False)
+        scale = self.tensor(f"{lx.name}.weight.scale", self.tp.FLOAT, per(enc.scale))
+        zp = self.tensor(f"{lx.name}.weight.zero", dtype, per(zero))
+        axis = 1 if linear else 0
+        tag = f"{lx.name}.weight_dq"
+        return [helper.make_node("DequantizeLinear", [codes, scale, zp], [out], name=tag, axis=axis)]
 
 
-def _weight_nodes(g: _Graph, lx: LayerExport, marker_in: str, out: str, as_float: bool = False) -> None:
-    """The nodes that produce a layer's weight; ``as_float``: its exact dequantized float32 values."""
-    onnx = _onnx()
+def _weight_nodes(g: _Graph, lx: LayerExport, out: str, as_float: bool = False) -> None:
+    """The nodes that produce a layer's weight, from its format kind; ``as_float``: its float32 values."""
     enc = lx.weight
     assert isinstance(enc, Encoded)
-    linear = lx.kind == "linear"
-    if enc.spec.points is not None:
-        _multipoint_nodes(g, lx, enc, out)
-        return
-    vals = _weight_values(enc, g.int4_as_int8)
-    if vals is None or as_float:  # the exact dequantized float32 weight
-        w = lx.float_weight()
-        name = g.add(_tensor(f"{lx.name}.weight", onnx.TensorProto.FLOAT, w.t() if linear else w))
-        g.nodes[out] = [onnx.helper.make_node("Identity", [name], [out], name=f"{lx.name}.weight_float")]
-        g.float_weights.append(lx.name)
-        return
-    q, zero, dtype = vals
-    q = q.t() if linear else q  # Linear exports as MatMul(x, W^T): channels on axis 1
-    codes = g.add(_tensor(f"{lx.name}.weight.codes", dtype, q), share=False)
-    scale = g.add(
-        _tensor(f"{lx.name}.weight.scale", onnx.TensorProto.FLOAT, _scalar_or_channels(enc.scale, enc))
-    )
-    zp = g.add(_tensor(f"{lx.name}.weight.zero", dtype, _scalar_or_channels(zero, enc)))
-    axis = 1 if linear else 0
-    g.nodes[out] = [
-        onnx.helper.make_node(
-            "DequantizeLinear", [codes, scale, zp], [out], name=f"{lx.name}.weight_dq", axis=axis
-        )
-    ]
-
-
-def _multipoint_nodes(g: _Graph, lx: LayerExport, enc: Encoded, out: str) -> None:
-    """A multipoint weight as ``DQ(q_0, s_0) + DQ(q_1, s_1) + ...``, per-channel scales."""
-    onnx = _onnx()
-    helper = onnx.helper
-    spec = enc.spec
-    linear = lx.kind == "linear"
-    dtype = _int_type(spec.bits, True)
-    q = code_to_int(enc.codes, Int(spec.bits), True)  # [C, n, d]
-    parts = []
-    for i in range(q.shape[1]):
-        codes = q[:, i].reshape(enc.shape)
-        step = enc.scale[:, i]
-        scale = torch.where(step > 0, step, torch.ones_like(step))  # zero steps have zero codes
-        p = f"{lx.name}.weight.point{i}"
-        c = g.add(_tensor(f"{p}.codes", dtype, codes.t() if linear else codes), share=False)
-        s = g.add(_tensor(f"{p}.scale", onnx.TensorProto.FLOAT, scale))
-        z = g.add(_tensor(f"{p}.zero", dtype, torch.zeros_like(scale)))
-        parts.append(helper.make_node("DequantizeLinear", [c, s, z], [f"{p}.dq"], name=f"{p}_dq",
-                                      axis=1 if linear else 0))  # fmt: skip
-    nodes, acc = list(parts), parts[0].output[0]
-    for i, part in enumerate(parts[1:], 1):  # in point order, as the simulation sums them
-        dst = out if i == len(parts) - 1 else f"{lx.name}.weight.sum{i}"
-        nodes.append(helper.make_node("Add", [acc, part.output[0]], [dst], name=f"{lx.name}.weight_add{i}"))
-        acc = dst
-    if len(parts) == 1:
-        nodes.append(helper.make_node("Identity", [acc], [out], name=f"{lx.name}.weight_points"))
-    g.nodes[out] = nodes
-
-
-def _sparq_nodes(g: _Graph, lx: LayerExport, x: str, out: str, channels: int) -> list[Any]:
-    """A SPARQ input in standard ops: 8-bit code, window table, vSPARQ partner test, scale."""
-    onnx = _onnx()
-    helper, tp = onnx.helper, onnx.TensorProto
-    from mixq.quant import sparq
-
-    spec = lx.act
-    assert spec is not None and isinstance(spec.fmt, Sparq) and lx.act_scale is not None
-    fmt, p = spec.fmt, f"{lx.name}.input"
-    scale = g.add(_tensor(f"{p}.scale", tp.FLOAT, lx.act_scale.reshape(())))
-    zp = g.add(_tensor(f"{p}.zero", tp.UINT8, torch.zeros(())))
-    table = g.add(_tensor(f"{p}.sparq_table", tp.FLOAT, sparq._float_table(fmt.option, fmt.rounding)))
-    kept = f"{p}.kept" if not fmt.pairs else f"{p}.window"
-    nodes = [
-        helper.make_node("QuantizeLinear", [x, scale, zp], [f"{p}.codes"], name=f"{p}_q"),
-        helper.make_node("Cast", [f"{p}.codes"], [f"{p}.index"], name=f"{p}_index", to=tp.INT64),
-        helper.make_node("Gather", [table, f"{p}.index"], [kept], name=f"{p}_window", axis=0),
-    ]
-    if fmt.pairs:  # channel 2k <-> 2k+1; an odd last channel has an implicit zero partner
-        axis = lx.channel_axis
-        perm = torch.arange(channels) ^ 1
-        odd = channels % 2 == 1
-        perm[-1] = channels - 1 if odd else perm[-1]
-        shape = [channels, 1, 1] if lx.kind == "conv" else [channels]  # broadcast along the channel axis
-        last = torch.zeros(channels, dtype=torch.bool)
-        last[-1] = odd
-        idx = g.add(_tensor(f"{p}.partner", tp.INT64, perm))
-        lone = g.add(onnx.numpy_helper.from_array(last.reshape(shape).numpy(), f"{p}.lone"))
-        zero = g.add(_tensor(f"{p}.code_zero", tp.FLOAT, torch.tensor(0.0)))
-        nodes += [
-            helper.make_node("Cast", [f"{p}.codes"], [f"{p}.codes_f"], name=f"{p}_codes_f", to=tp.FLOAT),
-            helper.make_node("Gather", [f"{p}.codes_f", idx], [f"{p}.partner_code"], name=f"{p}_partner",
-                             axis=axis),  # fmt: skip
-            helper.make_node("Equal", [f"{p}.partner_code", zero], [f"{p}.partner_zero"], name=f"{p}_eq"),
-            helper.make_node("Or", [f"{p}.partner_zero", lone], [f"{p}.full"], name=f"{p}_full"),
-            helper.make_node("Where", [f"{p}.full", f"{p}.codes_f", kept], [f"{p}.kept"], name=f"{p}_pair"),
-        ]
-    nodes.append(helper.make_node("Mul", [f"{p}.kept", scale], [out], name=f"{p}_scale"))
-    return nodes
+    g.nodes[out] = kind_of(enc.spec).weight_nodes(g, lx, out, as_float)
 
 
 def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None:
@@ -263,9 +164,10 @@ def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None
     out_channels = int(lx.weight.shape[0])
     grouped = any(a.name == "group" and a.i != 1 for a in conv.attribute)
     act = lx.act_base or lx.act
-    eight_bit = act is not None and isinstance(act.fmt, Int) and act.fmt.bits > 4  # INT8/UINT8 codes
-    points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
-    if conv.op_type != "Conv" or out_channels == 1 or grouped or not eight_bit or points:
+    tp = onnx.TensorProto
+    eight_bit = act is not None and kind_of(act).onnx_act_type(act, tp) in (tp.INT8, tp.UINT8)
+    summed = isinstance(lx.weight, Encoded) and not kind_of(lx.weight.spec).single_weight
+    if conv.op_type != "Conv" or out_channels == 1 or grouped or not eight_bit or summed:
         return
     q, dq = qdq[0], qdq[1]
     assert q.op_type == "QuantizeLinear" and dq.op_type == "DequantizeLinear"
@@ -278,6 +180,13 @@ def _as_depthwise(g: _Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None
     kept = [a for a in conv.attribute if a.name != "group"]
     del conv.attribute[:]
     conv.attribute.extend([*kept, onnx.helper.make_attribute("group", out_channels)])
+
+
+def _own_act_nodes(g: _Graph, lx: LayerExport, marker: Any, channels: int) -> list[Any] | None:
+    """The nodes an input's format kind writes itself, or None for QuantizeLinear/DequantizeLinear."""
+    if lx.act is None:
+        return None
+    return kind_of(lx.act).act_nodes(g, lx, marker.input[0], marker.output[0], channels)
 
 
 def _integer_kernel(lx: LayerExport, g: _Graph) -> bool:
@@ -293,11 +202,11 @@ def _integer_kernel(lx: LayerExport, g: _Graph) -> bool:
         return True
     spec = lx.act_base or lx.act
     w = lx.weight
-    if spec is None or not isinstance(spec.fmt, Int) or spec.fmt.bits <= 4 or not isinstance(w, Encoded):
+    eight_bit = (g.tp.INT8, g.tp.UINT8)
+    if spec is None or kind_of(spec).onnx_act_type(spec, g.tp) not in eight_bit or not isinstance(w, Encoded):
         return False
-    vals = _weight_values(w, g.int4_as_int8) if w.spec.points is None else None
-    tp = _onnx().TensorProto
-    return vals is not None and vals[2] in (tp.INT8, tp.UINT8)
+    vals = kind_of(w.spec).onnx_weight(g, w)
+    return vals is not None and vals[2] in eight_bit
 
 
 def _act_quantizer(g: _Graph, lx: LayerExport) -> tuple[str, str, tuple[str, str] | None]:
@@ -305,27 +214,21 @@ def _act_quantizer(g: _Graph, lx: LayerExport) -> tuple[str, str, tuple[str, str
     onnx = _onnx()
     spec = lx.act_base or lx.act  # a signed SPARQ site: its plain 8-bit asymmetric code
     assert spec is not None
-    fmt = spec.fmt
-    zero = lx.act_zero
-    if isinstance(fmt, Int):
-        dtype = _int_type(fmt.bits, spec.symmetric and fmt.signed)
-    elif isinstance(fmt, Fp) and _fp_type(fmt) is not None:
-        dtype = _fp_type(fmt)
-    else:
+    kind = kind_of(spec)
+    dtype = kind.onnx_act_type(spec, onnx.TensorProto)
+    if dtype is None:
         raise ValueError(
-            f"layer {lx.name}: input format {fmt} has no ONNX QDQ form; supported "
+            f"layer {lx.name}: input format {spec.fmt} has no ONNX QDQ form; supported "
             f"input formats: {SUPPORTED_ACTS}"
         )
     assert lx.act_scale is not None and lx.act_zero is not None
     p = f"{lx.name}.input"
     scale = g.add(_tensor(f"{p}.scale", onnx.TensorProto.FLOAT, lx.act_scale.reshape(())))
-    zp = g.add(_tensor(f"{p}.zero", dtype, zero.reshape(())))
+    zp = g.add(_tensor(f"{p}.zero", dtype, lx.act_zero.reshape(())))
     bounds = None
-    if isinstance(fmt, Int) and fmt.bits not in (4, 8):  # the grid's ends, dequantized as fake does
-        from mixq.quant.fake import int_grid
-
-        ends = torch.tensor(int_grid(fmt, spec.symmetric), dtype=torch.float32)
-        lo, hi = ((ends - lx.act_zero) * lx.act_scale).tolist()
+    ends = kind.onnx_act_bounds(spec, lx.act_scale, lx.act_zero)  # e.g. an integer grid's (Clip)
+    if ends is not None:
+        lo, hi = ends
         bounds = (
             g.add(_tensor(f"{p}.lo", onnx.TensorProto.FLOAT, torch.tensor(lo))),
             g.add(_tensor(f"{p}.hi", onnx.TensorProto.FLOAT, torch.tensor(hi))),
@@ -460,8 +363,8 @@ def _float_convs(
             continue
         layer = _marker_layer(node)
         lx, users = layers[layer], consumers.get(node.output[0], [])
-        points = isinstance(lx.weight, Encoded) and lx.weight.spec.points is not None
-        if lx.kind != "conv" or points or len(users) != 1 or users[0].op_type != "Conv":
+        summed = isinstance(lx.weight, Encoded) and not kind_of(lx.weight.spec).single_weight
+        if lx.kind != "conv" or summed or len(users) != 1 or users[0].op_type != "Conv":
             continue
         stem = channels.get(layer) == 1 and _pooled_below(users[0], consumers)
         if lx.act is None or (lx.act_base is None and id(users[0]) not in fed) or stem:
@@ -554,10 +457,10 @@ def rewrite(
         layer = _marker_layer(node)
         lx = layers[layer]
         if node.op_type == "Weight":
-            _weight_nodes(g, lx, node.input[0], node.output[0], as_float=layer in float_convs)
+            _weight_nodes(g, lx, node.output[0], as_float=layer in float_convs)
             replace[id(node)] = g.nodes[node.output[0]]
-        elif node.op_type == "Act" and lx.act_base is not None and lx.act_base.symmetric:
-            replace[id(node)] = _sparq_nodes(g, lx, node.input[0], node.output[0], channels[layer])
+        elif node.op_type == "Act" and (own := _own_act_nodes(g, lx, node, channels.get(layer, 0))):
+            replace[id(node)] = own  # the kind's own nodes (SPARQ windows)
         elif node.op_type == "Act":
             params = _act_quantizer(g, lx)
             float_zero = None
@@ -725,4 +628,4 @@ def save_onnx(qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool
 
 
 def _act_expressible(spec: QSpec) -> bool:
-    return isinstance(spec.fmt, Int | Sparq) or (isinstance(spec.fmt, Fp) and _fp_type(spec.fmt) is not None)
+    return kind_of(spec).onnx_act_type(spec, _onnx().TensorProto) is not None

@@ -285,7 +285,7 @@ def finish(ctx: Context, installed: Installed) -> None:
         wq.bake(m.weight)
         if isinstance(aq, LearnedInt):
             lo, hi = aq.lo.detach().reshape(()), aq.hi.detach().reshape(())
-            m.input_quant.stats_min, m.input_quant.stats_max = lo.clone(), hi.clone()
+            m.input_quant.set_range(lo.clone(), hi.clone())
         m.weight_quant.set_spec(None)
         m.input_quant.set_spec(None)
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from mixq import cost, search
-from mixq.formats import Fp, Int, Mx
+from mixq.kinds import kind_of_format
 from mixq.methods.common import Context, MethodOutput
 from mixq.plan import LayerSpec
 from mixq.search.rl import REWARDS, SCHEDULES, Controller, entropy_coef, reward
@@ -139,8 +139,7 @@ def kind_of(spec: LayerSpec) -> str:
     for part in (spec.weight, spec.act):
         if part is None:
             continue
-        fmt = part.fmt.elem if isinstance(part.fmt, Mx) else part.fmt
-        kinds.add("int" if isinstance(fmt, Int) else "fp" if isinstance(fmt, Fp) else "other")
+        kinds.add(kind_of_format(part.fmt).family(part.fmt))
     if not kinds:
         return "float"
     return kinds.pop() if len(kinds) == 1 else "mixed"

@@ -48,7 +48,7 @@ from mixq.methods.common import Context, MethodOutput
 from mixq.plan import LayerSpec, Plan, QSpec
 from mixq.progress import progress
 from mixq.quant import multipoint as mp
-from mixq.wrap import applied, sites
+from mixq.wrap import applied, recording_grams, sites
 
 VARIANTS = {"channel": "channel", "layer": "tensor"}  # variant -> granularity of the first point
 
@@ -132,19 +132,10 @@ def base_plan(ctx: Context, cfg: Config) -> tuple[Plan, list[dict[str, Any]]]:
 
 def collect_gram(ctx: Context, names: list[str], batches: int) -> None:
     """Accumulate the input Gram matrix of layers ``names`` on the float model (activation stats kept)."""
-    qlayers = sites(ctx.qmodel)
     data = list(ctx.task.calib)[: batches or None]
-    with applied(ctx.qmodel, {}):
-        for n in names:
-            qlayers[n].weight_quant.gram = None
-            qlayers[n].weight_quant.collect_gram = True
-        try:
-            with torch.no_grad():
-                for batch in progress(data, "multipoint gram", unit="batch"):
-                    ctx.task.forward(ctx.qmodel, batch)
-        finally:
-            for n in names:
-                qlayers[n].weight_quant.collect_gram = False
+    with applied(ctx.qmodel, {}), recording_grams(ctx.qmodel, names), torch.no_grad():
+        for batch in progress(data, "multipoint gram", unit="batch"):
+            ctx.task.forward(ctx.qmodel, batch)
 
 
 def search(ctx: Context, cfg: Config) -> MethodOutput:
@@ -169,8 +160,9 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         m, spec = qlayers[name], base.layers[name]
         assert spec.weight is not None
         w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-        allocs[name] = mp.allocate(w, spec.weight.bits, m.weight_quant.gram, cfg.ratio, cfg.tau, cfg.n_max,
-                                   cfg.a_search, first, cfg.key)  # fmt: skip
+        search = mp.Search(cfg.a_search, first, cfg.key)
+        gram = m.weight_quant.gram
+        allocs[name] = mp.allocate(w, spec.weight.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, search)
 
     def plan_at(fraction: float) -> dict[str, LayerSpec]:
         """The plan with each layer's allocation stopped at ``fraction`` of its output channels."""

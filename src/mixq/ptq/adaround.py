@@ -16,7 +16,7 @@ earlier layers are already rounded (and whose activations are quantized as plann
 layer's current bias. The regularizer is off for the first 20 % of the iterations, then ``beta``
 falls linearly from 20 to 2; ``lambda = 0.01``; 20000 iterations of batches of 32 by default
 (methods.md §8.1, as in the BRECQ code). At the end ``h = 1[V >= 0]`` and the result is stored on
-the layer's weight site (:meth:`mixq.nn.Quantizer.fix_weight`).
+the layer's weight site (:class:`FixedRounding`, :meth:`mixq.nn.Quantizer.set_rounding`).
 
 Mapping of symbols: ``V`` -> ``v``, ``h`` -> :func:`rectified_sigmoid`, ``lambda`` -> ``reg``.
 Deviations: the squared error is summed over output channels and averaged over samples and
@@ -149,6 +149,33 @@ def _layer_fn(m: nn.Module):
     return lambda x, w, b: F.linear(x, w, b)
 
 
+@dataclass(frozen=True)
+class FixedRounding:
+    """The rounding AdaRound chose: ``wq`` while the spec is ``spec`` and the weight equals ``w``.
+
+    Given to the weight site (:meth:`mixq.nn.Quantizer.set_rounding`), it survives later
+    forwards and plan switches; another spec or changed weights fall back to plain rounding.
+    """
+
+    spec: QSpec
+    w: torch.Tensor
+    wq: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.wq.shape != self.w.shape:
+            raise ValueError(
+                f"fixed weight shape {tuple(self.wq.shape)} differs from the weight's {tuple(self.w.shape)}"
+            )
+        object.__setattr__(self, "w", self.w.detach().clone())
+        object.__setattr__(self, "wq", self.wq.detach().clone())
+
+    def __call__(self, w: torch.Tensor, spec: QSpec) -> torch.Tensor | None:
+        """``wq`` for this spec and weight value, else None."""
+        if spec == self.spec and self.w.shape == w.shape and torch.equal(self.w, w.detach()):
+            return self.wq
+        return None
+
+
 def learn_rounding(
     m: nn.Module, x_hat: torch.Tensor, target: torch.Tensor, cfg: Config, gen: torch.Generator, bar: Bar
 ) -> tuple[torch.Tensor, Grid]:
@@ -235,7 +262,7 @@ def adaround(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 
             if not math.isfinite(after):
                 raise ValueError(f"AdaRound diverged on layer {name!r}")
             kept = cfg.keep_better and after > before
-            m.weight_quant.fix_weight(m.weight_quant.spec, m.weight, rtn if kept else wq)
+            m.weight_quant.set_rounding(FixedRounding(m.weight_quant.spec, m.weight, rtn if kept else wq))
             errors[name] = {"rtn": before, "adaround": after, "kept_nearest": kept}
     return {"layers": len(layers), "skipped": skipped, "iters": cfg.iters, "batch_size": cfg.batch_size,
             "calib_batches": len(batches), "output_error": errors}  # fmt: skip

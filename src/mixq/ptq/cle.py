@@ -110,6 +110,25 @@ def _is_relu6(m: nn.Module) -> bool:
     )
 
 
+def _link(model: nn.Module, node: fx.Node) -> str | None:
+    """What ``node`` is in a chain between two layers: "layer" (the chain's end), "flatten",
+    "clamp" (a ReLU6 or a ChannelClamp), "through" (another homogeneous op), or None (the
+    chain is not homogeneous)."""
+    if node.op == "call_module":
+        m = model.get_submodule(str(node.target))
+        if isinstance(m, LAYERS):
+            return "layer"
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            return "flatten"
+        if _is_relu6(m) or isinstance(m, ChannelClamp):
+            return "clamp"
+        return "through" if isinstance(m, HOMOGENEOUS) else None
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return "flatten" if start == 1 else None
+    return "through" if node.op == "call_function" and node.target in HOMOGENEOUS_FUNCS else None
+
+
 def _follow(model: nn.Module, gm: fx.GraphModule, node: fx.Node) -> Pair | None:
     """Follow the single-user chain from layer ``node`` to the next layer, if homogeneous."""
     first = model.get_submodule(str(node.target))
@@ -120,22 +139,14 @@ def _follow(model: nn.Module, gm: fx.GraphModule, node: fx.Node) -> Pair | None:
         nxt = next(iter(cur.users))
         if nxt.args[:1] != (cur,):
             return None
-        if nxt.op == "call_module":
-            m = model.get_submodule(str(nxt.target))
-            if isinstance(m, LAYERS):
-                break
-            if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-                flatten = True
-            elif _is_relu6(m) or isinstance(m, ChannelClamp):
-                relu6.append(str(nxt.target))
-            elif not isinstance(m, HOMOGENEOUS):
-                return None
-        elif nxt.op == "call_function" and nxt.target is torch.flatten:
-            if (nxt.args[1] if len(nxt.args) > 1 else nxt.kwargs.get("start_dim", 0)) != 1:
-                return None
-            flatten = True
-        elif not (nxt.op == "call_function" and nxt.target in HOMOGENEOUS_FUNCS):
+        link = _link(model, nxt)
+        if link is None:
             return None
+        if link == "layer":
+            break
+        flatten = flatten or link == "flatten"
+        if link == "clamp":
+            relu6.append(str(nxt.target))
         cur = nxt
     second = model.get_submodule(str(nxt.target))
     channels = first.weight.shape[0]

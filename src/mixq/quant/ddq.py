@@ -188,7 +188,6 @@ class DDQQuantizer(nn.Module):
         alpha: float = 0.0,
     ) -> None:
         super().__init__()
-        self.collect_gram = False  # read by QLinear/QConv2d in place of a site
         if levels not in LEVEL_MODES:
             raise ValueError(f"unknown levels mode {levels!r}; valid: {', '.join(LEVEL_MODES)}")
         if not 1 <= min_bits <= max_bits <= 8:
@@ -254,7 +253,6 @@ class LearnedInt(nn.Module):
 
     def __init__(self, spec: QSpec, kind: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
         super().__init__()
-        self.collect_gram = False  # read by QLinear/QConv2d in place of a site
         check_int_spec(spec, kind)
         self.spec, self.kind = spec, kind
         if kind == "weight" and spec.symmetric:

@@ -274,6 +274,17 @@ class Allocation:
         return tuple(int(n) for n in counts)
 
 
+@dataclass(frozen=True)
+class Search:
+    """How :func:`allocate` searches: the step search of each point (``a_search``, see
+    :func:`search_step`), the first point's scale (``first``: "channel" or "tensor") and the
+    channel that gets the next point (``key``: "gain" or "error")."""
+
+    a_search: str = "greedy"
+    first: str = "channel"
+    key: str = "gain"
+
+
 def allocate(
     w: torch.Tensor,
     bits: int,
@@ -281,9 +292,7 @@ def allocate(
     ratio: float | None = 0.05,
     tau: float | None = None,
     n_max: int = 4,
-    a_search: str = "greedy",
-    first: str = "channel",
-    key: str = "gain",
+    search: Search = Search(),
 ) -> Allocation:
     """Give every channel of ``w`` [C, d] one point, then add points where the output error falls most.
 
@@ -294,8 +303,9 @@ def allocate(
     errors with one point), or when no channel below ``n_max`` points can improve. The output
     error of channel j is ``d_j H d_jᵀ`` with ``H`` = ``gram`` (methods.md §1.4); without a
     Gram, the weight error.
-    Deterministic: no randomness, fixed tie-breaking.
+    Deterministic: no randomness, fixed tie-breaking. ``search``: see :class:`Search`.
     """
+    a_search, first, key = search.a_search, search.first, search.key
     _check_choice("key", key, KEYS)
     if ratio is not None and not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 0):
         raise ValueError(f"ratio must be None or a finite number >= 0, got {ratio!r}")

@@ -36,7 +36,7 @@ Deviations from the authors' code, each an engineering choice:
   input taken after a residual add without ReLU) are outside SPARQ: the authors' code raises
   there. mixq quantizes such a site with the plain 8-bit asymmetric per-tensor code (the
   ``a8`` candidate with the same range clip) and says so (see :func:`base_spec`,
-  ``Quantizer.sparq_fallback`` and the ``sparq`` method's record).
+  :func:`mixq.kinds.sparq.fallback` and the ``sparq`` method's record).
 
 The integer path (:func:`int_linear`, :func:`int_conv2d`) accumulates ``value * weight_code``
 in int32, shifted by ``shift``, which is what the 4b x 8b multiplier-and-shifter hardware does.
@@ -227,9 +227,7 @@ def _shifted_sum(value: torch.Tensor, shift: torch.Tensor, dot) -> torch.Tensor:
     return acc
 
 
-def int_linear(
-    x_codes: torch.Tensor, w_codes: torch.Tensor, option: str, rounding: bool, pairs: bool
-) -> torch.Tensor:
+def int_linear(x_codes: torch.Tensor, w_codes: torch.Tensor, fmt: Sparq) -> torch.Tensor:
     """Return the int32 accumulators of a linear layer with SPARQ inputs: ``kept(x) @ w.T``.
 
     Each product is ``value * weight_code`` (at most 8b x 8b, usually 4b x 8b) shifted by the
@@ -238,9 +236,9 @@ def int_linear(
     Args:
         x_codes: unsigned 8-bit activation codes [..., in].
         w_codes: signed integer weight codes [out, in].
-        option, rounding, pairs: the SPARQ settings (see :func:`quantize_codes`).
+        fmt: the SPARQ format (its option, rounding and pairs, see :func:`quantize_codes`).
     """
-    value, shift = window_codes(x_codes, option, rounding, pairs)
+    value, shift = window_codes(x_codes, fmt.option, fmt.rounding, fmt.pairs)
     w = w_codes.to(torch.int32)
     return _shifted_sum(value, shift, lambda v: v @ w.T)
 
@@ -248,9 +246,7 @@ def int_linear(
 def int_conv2d(
     x_codes: torch.Tensor,
     w_codes: torch.Tensor,
-    option: str,
-    rounding: bool,
-    pairs: bool,
+    fmt: Sparq,
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
@@ -264,10 +260,10 @@ def int_conv2d(
     Args:
         x_codes: unsigned 8-bit activation codes [N, C, H, W].
         w_codes: signed integer weight codes [out, C / groups, kh, kw].
-        option, rounding, pairs: the SPARQ settings (see :func:`quantize_codes`).
+        fmt: the SPARQ format (its option, rounding and pairs, see :func:`quantize_codes`).
         stride, padding, dilation, groups: as in ``torch.nn.Conv2d``.
     """
-    value, shift = window_codes(x_codes.movedim(1, -1), option, rounding, pairs)
+    value, shift = window_codes(x_codes.movedim(1, -1), fmt.option, fmt.rounding, fmt.pairs)
     value, shift = value.movedim(-1, 1), shift.movedim(-1, 1)
     n, _, h, w_ = x_codes.shape
     out, cg, kh, kw = w_codes.shape

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from mixq.plan import LayerSpec, as_layer_spec
 from mixq.progress import Bar
 from mixq.sensitivity.perturb import state_fingerprint
 from mixq.sensitivity.proxies import check_layers, weight_error
-from mixq.sensitivity.table import Sensitivity
+from mixq.sensitivity.table import Sensitivity, options_of
 from mixq.store import Store, fingerprint_data
 from mixq.tasks import Task
 from mixq.wrap import applied
@@ -69,6 +70,7 @@ def hutchinson_trace(
         task: gives ``loss(model, batch)``.
         layers: exact names of the layers.
         batches: the data; the task's calibration batches by default.
+        options: :class:`HawqOptions` as keywords:
         n_samples: Rademacher vectors per batch.
         seed: seed of the vectors.
         mode: "block" (a vector per layer) or "joint" (one vector over all layers; see the module).
@@ -127,16 +129,23 @@ def hutchinson_trace(
     return traces
 
 
+@dataclass(frozen=True)
+class HawqOptions:
+    """How :func:`hawq` estimates the traces (see its arguments)."""
+
+    n_samples: int = 64
+    seed: int = 0
+    store: Store | None = None
+    mode: str = "block"
+
+
 def hawq(
     qmodel: nn.Module,
     task: Task,
     layers: list[str],
     candidates: list[str | LayerSpec],
     batches: Sequence[Any] | None = None,
-    n_samples: int = 64,
-    seed: int = 0,
-    store: Store | None = None,
-    mode: str = "block",
+    **options: Any,
 ) -> Sensitivity:
     """Score layers and candidates by the HAWQ-V2/V3 second-order estimate.
 
@@ -150,6 +159,7 @@ def hawq(
         layers: exact names of the layers.
         candidates: candidate names or specs.
         batches: the data; the task's calibration batches by default.
+        options: :class:`HawqOptions` as keywords:
         n_samples: Rademacher vectors per batch.
         seed: seed of the vectors.
         store: finished traces, keyed by the fingerprints of the model and of the batches
@@ -161,6 +171,8 @@ def hawq(
         A Sensitivity of kind "hawq"; ``meta["trace"]`` holds the traces and
         ``meta["avg_trace"]`` the traces divided by the layer sizes.
     """
+    opts = options_of(HawqOptions, options)
+    n_samples, seed, store, mode = opts.n_samples, opts.seed, opts.store, opts.mode
     qlayers = check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     batches = list(task.calib if batches is None else batches)

@@ -57,7 +57,7 @@ from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import state_fingerprint
 from mixq.sensitivity.proxies import check_layers
-from mixq.sensitivity.table import Sensitivity
+from mixq.sensitivity.table import Sensitivity, options_of
 from mixq.store import Store, fingerprint_data
 from mixq.tasks import Task
 from mixq.wrap import applied, sites
@@ -424,18 +424,25 @@ def _fmt_key(layers: list[str], names: list[str]) -> str:
     return hashlib.sha256(json.dumps([layers, names]).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class PairwiseOptions:
+    """How :func:`pairwise` measures (see its arguments)."""
+
+    executor: Executor | None = None
+    store: Store | None = None
+    reuse: bool = True
+    progress: bool = True
+    with_pairs: bool = True
+    window: int | None = None
+
+
 def pairwise(
     qmodel: nn.Module,
     task: Task,
     layers: list[str],
     candidates: list[str | LayerSpec],
     batches: Sequence[Any] | None = None,
-    executor: Executor | None = None,
-    store: Store | None = None,
-    reuse: bool = True,
-    progress: bool = True,
-    with_pairs: bool = True,
-    window: int | None = None,
+    **options: Any,
 ) -> Sensitivity:
     """Measure single and pairwise loss changes of every layer and candidate (CLADO).
 
@@ -445,6 +452,7 @@ def pairwise(
         layers: exact names of the layers.
         candidates: candidate names or specs.
         batches: the sensitivity batches; the task's calibration batches by default.
+        options: :class:`PairwiseOptions` as keywords:
         executor: runs the (layer, candidate) row jobs; in-process by default.
         store: finished jobs keyed by the model state and the batches (one store per loss).
         reuse: replay unchanged prefixes (checked against plain passes first).
@@ -459,6 +467,9 @@ def pairwise(
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
         [L, C, L, C]; ``meta`` holds the float loss and timings.
     """
+    opts = options_of(PairwiseOptions, options)
+    executor, store, reuse, progress = opts.executor, opts.store, opts.reuse, opts.progress
+    with_pairs, window = opts.with_pairs, opts.window
     check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     names = [s.name for s in specs]

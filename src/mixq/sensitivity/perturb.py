@@ -20,7 +20,7 @@ from torch import nn
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec, parse_candidate
 from mixq.sensitivity.proxies import check_layers
-from mixq.sensitivity.table import Sensitivity
+from mixq.sensitivity.table import Sensitivity, options_of
 from mixq.store import Store, fingerprint_data, fingerprint_model
 from mixq.tasks import Task
 from mixq.wrap import applied, sites
@@ -110,16 +110,23 @@ def state_fingerprint(qmodel: nn.Module) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How :func:`measured` runs its jobs (see its arguments)."""
+
+    executor: Executor | None = None
+    store: Store | None = None
+    progress: bool = True
+    objective: str = "loss"
+
+
 def measured(
     qmodel: nn.Module,
     task: Task,
     layers: list[str],
     candidates: list[str | LayerSpec],
     batches: Sequence[Any] | None = None,
-    executor: Executor | None = None,
-    store: Store | None = None,
-    progress: bool = True,
-    objective: str = "loss",
+    **options: Any,
 ) -> Sensitivity:
     """Measure the loss change of quantizing each layer alone at each candidate.
 
@@ -133,6 +140,7 @@ def measured(
         layers: exact names of the layers to measure.
         candidates: candidate names or specs.
         batches: the data; the task's calibration batches by default.
+        options: :class:`MeasureOptions` as keywords:
         executor: runs the jobs; an :class:`~mixq.executor.InProcessExecutor` by default.
         store: finished jobs, keyed by the fingerprints of the model (weights and calibration
             state) and of the batches; stored jobs are not recomputed. The loss function is
@@ -145,6 +153,8 @@ def measured(
     Returns:
         A Sensitivity of kind "measured"; ``meta["fp_loss"]`` is ``L(fp)``.
     """
+    opts = options_of(MeasureOptions, options)
+    executor, store, progress, objective = opts.executor, opts.store, opts.progress, opts.objective
     check_layers(qmodel, layers)
     names = [as_layer_spec(c).name for c in candidates]
     if not names:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mixq.plan import parse_candidate
+
+T = TypeVar("T")
+
+
+def options_of(cls: type[T], given: dict[str, Any]) -> T:
+    """Build the options dataclass ``cls`` from keyword arguments, naming unknown ones and the valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid: {', '.join(valid)}")
+    return cls(**given)
+
 
 SCHEMA = 1
 _META_KEY = "mixq.sensitivity"
