@@ -1,7 +1,8 @@
 """No import cycle in src/mixq: every module's imports, module-level and inside functions alike.
 
 A package's ``__init__`` running first when one of its modules is imported is not counted (every
-module would otherwise depend on ``mixq``): an edge is what a module names in an import.
+module would otherwise depend on ``mixq``): an edge is what a module names in an import. Imports
+under ``if TYPE_CHECKING:`` are for type checkers only, never run, and are not counted.
 """
 
 from __future__ import annotations
@@ -38,12 +39,35 @@ def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _type_checking(node: ast.AST) -> bool:
+    """Whether ``node`` is an ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) block."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` except those inside ``if TYPE_CHECKING:`` blocks (their else runs)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if _type_checking(node):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def import_graph(root: Path = SRC) -> dict[str, set[str]]:
     """Map each module to the modules of ``root`` it imports anywhere in its body."""
     mods = module_files(root)
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, p in mods.items():
-        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+        for node in _run_time_nodes(ast.parse(p.read_text(), str(p))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -82,6 +106,21 @@ def test_the_graph_sees_function_level_imports():
     graph = import_graph()
     assert "mixq.tasks" in graph["mixq.export"]  # imported inside a function only
     assert graph.keys() >= {"mixq", "mixq.api", "mixq.rundir", "mixq.methods.uniform"}
+
+
+def test_type_checking_imports_are_not_edges(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from pkg import b\nelse:\n    from pkg import c\n"
+    )
+    (pkg / "b.py").write_text("import pkg.a\n")  # a cycle only if the TYPE_CHECKING import counted
+    (pkg / "c.py").write_text("def f():\n    import os\n")
+    graph = import_graph(tmp_path)
+    assert graph["pkg.a"] == {"pkg.c"} and graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == set()
+    assert find_cycle(graph) is None
 
 
 def test_find_cycle_names_the_cycle():

@@ -261,11 +261,11 @@ def test_toy_kind_onnx_matches_the_simulation_in_onnx_runtime(pot: PotKind, cnn,
 def test_toy_kind_through_mixq_run(pot: PotKind, tmp_path) -> None:
     res = mixq.run("synthetic-mlp", candidates=["wpot4-a8", "w8a8"], budget={"avg_weight_bits": 5})
     assert "pot" in {kind_of(s.weight).name for s in res.plan.layers.values() if s.weight is not None}
-    assert res.metrics["avg_weight_bits"] <= 5
+    assert res.metrics.avg_weight_bits <= 5
     path = export.save(res, tmp_path / "m.safetensors")
     raw = path.read_bytes()
     payload = len(raw) - 8 - int.from_bytes(raw[:8], "little")
-    assert payload == pytest.approx(res.metrics["size_bytes"], rel=0.01)
+    assert payload == pytest.approx(res.metrics.size_bytes, rel=0.01)
 
 
 # -- the site's public methods ------------------------------------------------------------------

@@ -7,7 +7,7 @@ res = mixq.run(task, method="uniform", candidates=["w4a8", "w8a8"],
 res.plan.save("plan.json"); print(res.metrics)
 """
 
-from mixq import cost, export, formats, sensitivity, tasks
+from mixq import cost, export, formats, kinds, sensitivity, tasks
 from mixq.api import Result, evaluate, run
 from mixq.cache import Cache
 from mixq.metrics import Metrics
@@ -35,6 +35,7 @@ __all__ = [
     "evaluate",
     "export",
     "formats",
+    "kinds",
     "sensitivity",
     "parse_candidate",
     "run",

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixq import formats, kinds
+from mixq import formats
 from mixq.formats import Format, Int
+from mixq.kinds.base import kind_of, kind_of_format
 
 GRANULARITIES = ("tensor", "channel", "group", "block")
 CLIPS = ("minmax", "mse", "omse", "percentile")
@@ -74,12 +75,12 @@ class QSpec:
             raise ValueError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        kinds.kind_of(self).check(self)
+        kind_of(self).check(self)
 
     @property
     def bits(self) -> int:
         """Storage bits of one element."""
-        return kinds.kind_of(self).elem_bits(self.fmt)
+        return kind_of(self).elem_bits(self.fmt)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form."""
@@ -159,7 +160,7 @@ class LayerSpec:
             raise ValueError(f"unknown layer-spec keys {sorted(unknown)}; valid: ['act', 'weight']")
         w, a = d.get("weight"), d.get("act")
         spec = cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
-        if spec.weight is not None and kinds.kind_of(spec.weight).act_only:
+        if spec.weight is not None and kind_of(spec.weight).act_only:
             raise ValueError(f"{spec.weight.fmt} is an activation format; a weight spec cannot use it")
         return spec
 
@@ -180,7 +181,7 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
     if spec.granularity == "group":
         s += f"g{spec.group_size}"
     mods = []
-    if kinds.kind_of_format(spec.fmt).zero_points and spec.symmetric != defaults["symmetric"]:
+    if kind_of_format(spec.fmt).zero_points and spec.symmetric != defaults["symmetric"]:
         mods.append("sym" if spec.symmetric else "asym")
     if spec.granularity in ("tensor", "channel") and spec.granularity != defaults["granularity"]:
         mods.append(spec.granularity)
@@ -189,7 +190,7 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
         mods.append("p" + (p if float(p) == spec.percentile else repr(spec.percentile)))
     elif spec.clip != defaults["clip"]:
         mods.append(spec.clip)
-    mods += kinds.kind_of(spec).name_mods(spec)
+    mods += kind_of(spec).name_mods(spec)
     return s + "".join("+" + m for m in mods)
 
 
@@ -220,7 +221,7 @@ def _parse_fmt(token: str, text: str) -> Format:
 def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, text: str) -> QSpec:
     fmt = _parse_fmt(fmt_token, text)
     kw: dict[str, Any] = dict(defaults)
-    kw.update(kinds.kind_of_format(fmt).parse_defaults())  # e.g. MX: "block"; only integers take a zero point
+    kw.update(kind_of_format(fmt).parse_defaults())  # e.g. MX: "block"; only integers take a zero point
     if group is not None:
         kw["granularity"], kw["group_size"] = "group", int(group)
     for mod in filter(None, mods.split("+")):
@@ -262,7 +263,7 @@ def parse_candidate(text: str) -> LayerSpec:
             raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
         if a is not None and a.clip == "omse":
             raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
-        if w is not None and kinds.kind_of(w).act_only:
+        if w is not None and kind_of(w).act_only:
             raise ValueError(f"candidate {text!r}: {w.fmt} is an activation format (use a{w.fmt})")
     except ValueError as e:
         if GRAMMAR in str(e):

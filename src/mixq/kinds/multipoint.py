@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mixq.formats import Int
-from mixq.kinds import FLOAT_BITS, Kind, kind_of_format
+from mixq.kinds.base import FLOAT_BITS, Kind, kind_of_format
 from mixq.kinds.integer import onnx_int_type
 from mixq.plan import QSpec
 from mixq.quant import multipoint

@@ -17,7 +17,7 @@ import torch
 
 from mixq import formats
 from mixq.formats import Int, Mx
-from mixq.kinds import ActParams, ActStats, Kind, kind_of_format
+from mixq.kinds.base import ActParams, ActStats, Kind, kind_of_format
 from mixq.plan import QSpec
 from mixq.quant import fake
 from mixq.quant.codes import E8M0_BIAS, Encoded, code_to_int, int_to_code

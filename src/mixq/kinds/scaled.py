@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mixq.kinds import ActParams, ActStats, Kind
+from mixq.kinds.base import ActParams, ActStats, Kind
 from mixq.plan import QSpec
 from mixq.quant import fake
 from mixq.quant.codes import Encoded

@@ -16,7 +16,7 @@ import torch
 
 from mixq import formats
 from mixq.formats import Sparq
-from mixq.kinds import ActParams, ActStats, Kind
+from mixq.kinds.base import ActParams, ActStats, Kind
 from mixq.kinds.scaled import affine_mask, affine_params, affine_quantize, missing_stats
 from mixq.plan import QSpec
 from mixq.quant import sparq
