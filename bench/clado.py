@@ -82,14 +82,15 @@ def forward_seconds(ctx: Context, batch: Any, repeats: int = 7) -> tuple[float, 
 
 def run_sensitivity_ilp(  # fmt: skip
     task: mixq.Task, cands: list[str], layers: list[str], budgets: list[float], table: dict | None,
-    args: argparse.Namespace, out: Path,
+    args: argparse.Namespace, out: Path, cache: mixq.Cache,
 ) -> tuple[list[dict[str, Any]], float]:
     """The real ``sensitivity-ilp`` method through ``mixq.run`` at every budget.
 
     Returns the rows and the seconds of the first run (sensitivity and solve; later runs reuse
     the stored sensitivity jobs). With an exhaustive ``table`` (the same quantizers and
     validation images) the first run evaluates its plan directly and is checked against the
-    table; later runs read their plan's metric from the table (``metric_from``).
+    table; later runs read their plan's metric from the table (``metric_from``). ``cache``: the
+    task's, shared with the other runs.
     """
     rows, first = [], None
     method_args = {"batches": args.ilp_batches, "time_limit": args.time_limit}
@@ -102,7 +103,7 @@ def run_sensitivity_ilp(  # fmt: skip
         run_task = task if lookup is None or not rows else dataclasses.replace(task, metric=lookup)
         try:
             res = mixq.run(run_task, "sensitivity-ilp", cands, {"avg_weight_bits": b},
-                           method_args=method_args, out=out)  # fmt: skip
+                           method_args=method_args, out=out, cache=cache)  # fmt: skip
         except ValueError as e:  # an infeasible budget
             print(f"sensitivity-ilp {b}: {e}", flush=True)
             continue
@@ -185,12 +186,12 @@ def warm_start_study(prob: search.Problem, limits: list[float], time_limit: floa
     return out
 
 
-def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every method at every budget for one candidate set."""
+def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mixq.Cache) -> dict[str, Any]:
+    """Every method at every budget for one candidate set (``cache``: the task's, shared by its runs)."""
     cands = candidates(SETS[set_name])
     specs = [as_layer_spec(c) for c in cands]
     t0 = time.perf_counter()
-    qmodel, infos = prepare(task, specs)
+    qmodel, infos = prepare(task, specs, cache)
     mc = cost.model_costs(qmodel, infos)
     layers = [i.name for i in infos]
     sens_batches = sub_batches(list(task.calib), args.sens_images)
@@ -254,7 +255,7 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
 
     table = None
     if task.name == "mnist-cnn":
-        import exhaustive
+        from bench import exhaustive
 
         table = exhaustive.enumerate_plans(task.name, cands)
         best = exhaustive.best_by_budget(task.name, cands, BUDGETS[set_name])
@@ -269,7 +270,7 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace) -> dict[st
     budgets = BUDGETS[set_name]
     t1 = time.perf_counter()
     ilp_rows, times["sensitivity-ilp"] = run_sensitivity_ilp(task, cands, layers, budgets, table, args,
-                                                             ctx.out / "sensitivity-ilp")  # fmt: skip
+                                                             ctx.out / "sensitivity-ilp", cache)  # fmt: skip
     out["sensitivity_ilp_seconds_all_budgets"] = time.perf_counter() - t1
     print(f"{task.name} {set_name} sensitivity-ilp: " + " ".join(
         f"{r['budget']}:{r['metric']:.2f}" for r in ilp_rows), flush=True)  # fmt: skip
@@ -334,8 +335,9 @@ def main() -> None:
             task = dataclasses.replace(task, val=val, _fp_metric=None)
         head = {"metric_name": task.metric_name, "fp32": task.fp_metric(), "info": task.info,
                 "val_images": sum(len(b[1]) for b in task.val)}  # fmt: skip
+        cache = mixq.Cache()  # the task prepared once for all its sets and runs
         for set_name in args.sets.split(","):
-            result = run_set(task, set_name, args)
+            result = run_set(task, set_name, args, cache)
             result["provenance"] = provenance()
             # Re-read right before writing: other tasks may run in parallel processes.
             results = json.loads(path.read_text())["tasks"] if path.exists() else {}

@@ -183,6 +183,7 @@ def int8_storage(plan: str) -> bool:
 def plans_of(task: mixq.Task) -> Iterator[tuple[str, mixq.Result, dict[str, Any]]]:
     """Each plan of the benchmark run on ``task``: its name, mixq's result and how it was made."""
     done: dict[str, mixq.Result] = {}
+    cache = mixq.Cache()  # the task prepared once for all its plans
     has_adds = any(isinstance(m, Add) for m in task.model.modules())
     for plan_name in [*PLANS, *FLOAT_INPUT, *INT8_STORAGE, *ADDS_PLANS]:
         if plan_name == "int8-w8a8" and task.name not in FULL_W8_TASKS:
@@ -191,7 +192,7 @@ def plans_of(task: mixq.Task) -> Iterator[tuple[str, mixq.Result, dict[str, Any]
             continue
         if plan_name in ADDS_PLANS:
             base_name = ADDS_PLANS[plan_name][0]
-            res = mixq.evaluate(task, mixq.with_adds(done[base_name].plan, "a8"))
+            res = mixq.evaluate(task, mixq.with_adds(done[base_name].plan, "a8"), cache)
             method, cands, budget, margs = f"{base_name}, residual additions a8", [], {}, {}
         elif plan_name in INT8_STORAGE:
             res = done[INT8_STORAGE[plan_name]]
@@ -200,11 +201,11 @@ def plans_of(task: mixq.Task) -> Iterator[tuple[str, mixq.Result, dict[str, Any]
             base = done[FLOAT_INPUT[plan_name]]
             first = next(iter(base.plan.layers))
             layers = {**base.plan.layers, first: LayerSpec(base.plan.layers[first].weight, None)}
-            res = mixq.evaluate(task, Plan(layers, dict(base.plan.meta)))
+            res = mixq.evaluate(task, Plan(layers, dict(base.plan.meta)), cache)
             method, cands, budget, margs = f"{FLOAT_INPUT[plan_name]}, first layer's input float", [], {}, {}
         else:
             method, cands, budget, margs = PLANS[plan_name]
-            res = mixq.run(task, method=method, candidates=cands, budget=budget, method_args=margs)
+            res = mixq.run(task, method, cands, budget, method_args=margs, cache=cache)
         done[plan_name] = res
         yield plan_name, res, {"method": method, "method_args": margs, "candidates": cands, "budget": budget}
 
@@ -261,7 +262,7 @@ def bench_task(
     sessions: dict[str, ort.InferenceSession] = {}
     paths: dict[str, Path] = {}
     for plan_name, res, how in plans_of(task):
-        m = res.metrics.to_dict()
+        m = res.metrics
         path = onnx_path(tmp, name, plan_name)
         mixq.export.save(res, path, format="onnx", task=task, int4_as_int8=int8_storage(plan_name))
         paths[plan_name] = path
@@ -276,9 +277,9 @@ def bench_task(
         row: dict[str, Any] = {
             **how,
             "plan_summary": res.plan.summary(),
-            "avg_weight_bits": m["avg_weight_bits"],
-            "simulated_metric": m["metric"],
-            "cost_model_size_bytes": m["size_bytes"],
+            "avg_weight_bits": m.avg_weight_bits,
+            "simulated_metric": m.metric,
+            "cost_model_size_bytes": m.size_bytes,
             "safetensors_payload_bytes": payload,
             "safetensors_file_bytes": packed.stat().st_size,
             "onnx_file_bytes": path.stat().st_size,
@@ -293,12 +294,12 @@ def bench_task(
             outs = outputs(lambda b, s=s: s.run(None, feeds(b))[0], list(task.val))
             if optimize:
                 row["ort_fused_metric"] = metric_of(task, outs)
-                row["ort_fused_metric_minus_simulated"] = row["ort_fused_metric"] - m["metric"]
+                row["ort_fused_metric_minus_simulated"] = row["ort_fused_metric"] - m.metric
                 row["ort_fused_metric_minus_emulated"] = row["ort_fused_metric"] - row["emulated_metric"]
                 row["ort_fused_vs_emulated"] = agreement(task, outs, emulated)  # every sample
             else:  # the QDQ semantics without ORT's fused kernels: the simulated metric exactly
                 row["ort_reference_metric"] = metric_of(task, outs)
-                row["ort_reference_metric_minus_simulated"] = row["ort_reference_metric"] - m["metric"]
+                row["ort_reference_metric_minus_simulated"] = row["ort_reference_metric"] - m.metric
                 row["ort_reference_samples"] = sum(len(o) for o in outs)
             row[f"{label}_vs_simulated"] = agreement(task, outs[:REFERENCE_BATCHES], sim)
             if optimize:
@@ -314,10 +315,10 @@ def bench_task(
                 row["ort_fused_ops"] = ops
         rows[plan_name] = row
         print(
-            f"{name:20s} {plan_name:16s} sim={m['metric']:.4f} emulated={row['emulated_metric']:.4f} "
+            f"{name:20s} {plan_name:16s} sim={m.metric:.4f} emulated={row['emulated_metric']:.4f} "
             f"ort={row['ort_fused_metric']:.4f} "
             f"ref_maxdiff={row['ort_reference_vs_simulated']['max_abs_diff']:.3g} "
-            f"onnx={row['onnx_file_bytes']} payload={payload} cost={m['size_bytes']:.0f}",
+            f"onnx={row['onnx_file_bytes']} payload={payload} cost={m.size_bytes:.0f}",
             flush=True,
         )
     inputs = latency_batches(task)

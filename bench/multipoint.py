@@ -21,6 +21,7 @@ commands (each under ~15 minutes on one thread)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -39,50 +40,51 @@ VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_0
 
 def row(label: str, res: mixq.Result) -> dict[str, Any]:
     """The numbers of one run."""
-    m = res.metrics.to_dict()
+    m = res.metrics
     pts = [s.weight.points for s in res.plan.layers.values() if s.weight is not None and s.weight.points]
     points = sum(sum(p) for p in pts)
     channels = sum(len(p) for p in pts)
-    out = {"label": label, "method": m["method"], "candidates": m["candidates"], "budget": m["budget"],
-           "method_args": {k: v for k, v in m["method_args"].items() if v is not None},
-           "metric": m["metric"], "avg_weight_bits": m["avg_weight_bits"], "size_bytes": m["size_bytes"],
-           "bops": m["bops"], "avg_points": points / channels if channels else 1.0,
+    out = {"label": label, "method": m.method, "candidates": m.candidates, "budget": m.budget,
+           "method_args": {k: v for k, v in m.method_args.items() if v is not None},
+           "metric": m.metric, "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
+           "bops": m.bops, "avg_points": points / channels if channels else 1.0,
            "plan": res.plan.summary() if not pts else None,
-           "seconds": m["seconds"], "eval_seconds": m["eval_seconds"]}  # fmt: skip
-    print(f"  {label:32s} {m['metric']:.4f} bits={m['avg_weight_bits']:.4f} points={out['avg_points']:.3f} "
-          f"t={m['seconds']:.1f}+{m['eval_seconds']:.1f}s", flush=True)  # fmt: skip
+           "seconds": m.seconds, "eval_seconds": m.eval_seconds}  # fmt: skip
+    print(f"  {label:32s} {m.metric:.4f} bits={m.avg_weight_bits:.4f} points={out['avg_points']:.3f} "
+          f"t={m.seconds:.1f}+{m.eval_seconds:.1f}s", flush=True)  # fmt: skip
     return out
 
 
-def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace) -> dict:
-    """All runs of one task at one bit-width."""
+def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mixq.Cache) -> dict:
+    """All runs of one task at one bit-width (``cache``: the task's, shared by its runs)."""
+    run = functools.partial(mixq.run, cache=cache)
     ratios = [float(r) for r in args.ratios.split(",")]
     layer_ratio, ilp_batches, gram = args.layer_ratio, args.ilp_batches, args.gram_batches
-    rows = [row(f"uniform w{bits}", mixq.run(task, "uniform", [f"w{bits}"])),
-            row(f"uniform w{bits}+mse", mixq.run(task, "uniform", [f"w{bits}+mse"]))]  # fmt: skip
+    rows = [row(f"uniform w{bits}", run(task, "uniform", [f"w{bits}"])),
+            row(f"uniform w{bits}+mse", run(task, "uniform", [f"w{bits}+mse"]))]  # fmt: skip
     mp_rows = []
     for a_search in args.a_search.split(","):
         for r in ratios:
             if a_search == "absmax" and r == 0:
                 continue  # one absmax point per channel is exactly ``uniform w{bits}``
             margs = {"ratio": r, "a_search": a_search, "gram_batches": gram}
-            res = mixq.run(task, "multipoint", [f"w{bits}"], method_args=margs)
+            res = run(task, "multipoint", [f"w{bits}"], method_args=margs)
             mp_rows.append(row(f"multipoint {a_search} ratio={r:g}", res))
     rows += mp_rows
     if layer_ratio >= 0:  # the per-layer variant and its per-layer (per-tensor) baseline
         rows.append(row(f"multipoint layer ratio={layer_ratio:g}",
-                        mixq.run(task, "multipoint", [f"w{bits}"],
-                                 method_args={"ratio": layer_ratio, "variant": "layer",
-                                              "gram_batches": gram})))  # fmt: skip
-        rows.append(row(f"uniform w{bits}+tensor", mixq.run(task, "uniform", [f"w{bits}+tensor"])))
+                        run(task, "multipoint", [f"w{bits}"],
+                            method_args={"ratio": layer_ratio, "variant": "layer",
+                                         "gram_batches": gram})))  # fmt: skip
+        rows.append(row(f"uniform w{bits}+tensor", run(task, "uniform", [f"w{bits}+tensor"])))
     cands = [f"w{b}" + ("+mse" if args.ilp_quant == "mse" else "") for b in (bits, bits + 1, bits + 2)]
     with tempfile.TemporaryDirectory() as d:  # one store: the sensitivity is measured once
         for mpr in mp_rows:
             if mpr["method_args"]["ratio"] == 0:
                 continue
             budget = {"avg_weight_bits": mpr["avg_weight_bits"]}
-            res = mixq.run(task, "sensitivity-ilp", cands, budget=budget, out=d,
-                           method_args={"batches": ilp_batches})  # fmt: skip
+            res = run(task, "sensitivity-ilp", cands, budget=budget, out=d,
+                      method_args={"batches": ilp_batches})  # fmt: skip
             rows.append(row(f"sensitivity-ilp @ {mpr['label']}", res))
     return {"rows": rows, "summary": summarize(rows, bits)}
 
@@ -131,10 +133,11 @@ def main() -> None:
         task = tasks.get(name, val_size=val)
         entry = load(path).get(name, {"metric_name": task.metric_name, "bits": {}})
         entry.update({"fp32": task.fp_metric(), "val_examples": val, "info": task.info})
+        cache = mixq.Cache()  # the task prepared once for all its bit-widths and runs
         for bits in [int(b) for b in args.bits.split(",")]:
             print(f"{name} w{bits} (val {val})", flush=True)
             tb = time.perf_counter()
-            res = bench_bits(task, bits, args)
+            res = bench_bits(task, bits, args, cache)
             res["wall_seconds"] = time.perf_counter() - tb
             res["provenance"] = provenance()
             entry["bits"][str(bits)] = res

@@ -70,21 +70,22 @@ def main() -> None:
     grid = [g for g in dict.fromkeys(grid) if (candidate(g[0], g[1]), g[2]) not in done]
     print(f"{args.task}: fp32 {fp:.4f}; {len(rows)} earlier rows kept, {len(grid)} to run", flush=True)
     total = len(rows) + len(grid)
+    cache = mixq.Cache()  # the task prepared once for all its rows
     for setting, recipe, seq in grid:
         steps = SEQUENCES[seq]
         cand = candidate(setting, recipe)
-        res = mixq.run(task, method="uniform", candidates=[cand], ptq=steps,
-                       ptq_args={k: v for k, v in ptq_args.items() if k in steps}, seed=0)  # fmt: skip
-        m = res.metrics.to_dict()
-        step_rows = [{k: r[k] for k in ("step", "stage", "seconds")} for r in m["ptq"]]
+        res = mixq.run(task, method="uniform", candidates=[cand], ptq=steps, seed=0, cache=cache,
+                       ptq_args={k: v for k, v in ptq_args.items() if k in steps})  # fmt: skip
+        m = res.metrics
+        step_rows = [{k: r[k] for k in ("step", "stage", "seconds")} for r in m.ptq]
         detail = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "stage", "seconds", "config")}
-                  for r in m["ptq"]}  # fmt: skip
+                  for r in m.ptq}  # fmt: skip
         rows.append({"setting": setting, "recipe": recipe, "sequence": seq, "steps": steps, "candidate": cand,
-                     "metric": m["metric"], "delta_vs_fp32": m["metric"] - fp,
-                     "avg_weight_bits": m["avg_weight_bits"], "ptq": step_rows, "ptq_detail": detail,
-                     "method_seconds": m["seconds"], "eval_seconds": m["eval_seconds"]})  # fmt: skip
+                     "metric": m.metric, "delta_vs_fp32": m.metric - fp,
+                     "avg_weight_bits": m.avg_weight_bits, "ptq": step_rows, "ptq_detail": detail,
+                     "method_seconds": m.seconds, "eval_seconds": m.eval_seconds})  # fmt: skip
         times = " ".join(f"{r['step']}={r['seconds']:.1f}s" for r in step_rows)
-        print(f"{args.task:20s} {cand:22s} {seq:12s} {m['metric']:.4f} {times}", flush=True)
+        print(f"{args.task:20s} {cand:22s} {seq:12s} {m.metric:.4f} {times}", flush=True)
         save(args.entry or args.task, task, fp, rows, ptq_args, t0, complete=len(rows) == total)
 
 

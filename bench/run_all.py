@@ -267,14 +267,14 @@ def run_one(
         cache=cache,
     )
     wall = time.perf_counter() - t0
-    m = res.metrics.to_dict()
-    row = {k: m[k] for k in ROW_KEYS}
+    m = res.metrics
+    row = {k: getattr(m, k) for k in ROW_KEYS}
     row.update(
         {
             "task": task.name,
             "method": method,
             "budget": {"avg_weight_bits": budget},
-            "within_budget": m["within_avg_weight_bits"],
+            "within_budget": m.within["avg_weight_bits"],
             "plan": res.plan.summary(),
             "wall_seconds": wall,
             "store_jobs_before": before,

@@ -66,9 +66,15 @@ SUITES: dict[str, dict[str, Any]] = {
 
 
 def run_set(
-    task: mixq.Task, label: str, cands: list[str], budgets: list[float], args: dict, fresh: bool
+    task: mixq.Task,
+    label: str,
+    cands: list[str],
+    budgets: list[float],
+    args: dict,
+    fresh: bool,
+    cache: mixq.Cache,
 ) -> list[dict]:
-    """Run every method at every budget on one candidate set."""
+    """Run every method at every budget on one candidate set (``cache``: the task's, shared by its runs)."""
     rows = []
     for name, (method, margs) in METHODS.items():
         out = RUNS / task.name / label / method  # greedy shares sensitivity-ilp's store
@@ -77,20 +83,20 @@ def run_set(
         reused = (out / "store.sqlite").exists()
         for b in budgets:
             res = mixq.run(task, method=method, candidates=cands, budget={"avg_weight_bits": b},
-                           method_args={**margs, **args.get(name, {})}, out=out)  # fmt: skip
-            m = res.metrics.to_dict()
-            hist = m["history"][0] if m["history"] and "solve_seconds" in m["history"][0] else {}
+                           method_args={**margs, **args.get(name, {})}, out=out, cache=cache)  # fmt: skip
+            m = res.metrics
+            hist = m.history[0] if m.history and "solve_seconds" in m.history[0] else {}
             row = {
-                "set": label, "method": name, "budget": b, "metric": m["metric"],
-                "avg_weight_bits": m["avg_weight_bits"], "size_bytes": m["size_bytes"],
-                "within_budget": m["within_avg_weight_bits"], "seconds": m["seconds"],
+                "set": label, "method": name, "budget": b, "metric": m.metric,
+                "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
+                "within_budget": m.within["avg_weight_bits"], "seconds": m.seconds,
                 "solve_seconds": hist.get("solve_seconds"), "solver_status": hist.get("status"),
                 "plan": {k: v.name for k, v in res.plan.layers.items()},
                 "sensitivity_from_earlier_run": reused,
             }  # fmt: skip
             rows.append(row)
-            print(f"{task.name:9s} {label:5s} {name:16s} b={b:<4} {m['metric']:.4f} "
-                  f"bits={m['avg_weight_bits']:.3f} t={m['seconds']:.1f}s", flush=True)  # fmt: skip
+            print(f"{task.name:9s} {label:5s} {name:16s} b={b:<4} {m.metric:.4f} "
+                  f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s", flush=True)  # fmt: skip
     return rows
 
 
@@ -124,8 +130,9 @@ def main() -> None:
         entry: dict[str, Any] = {"metric_name": task.metric_name, "fp32": task.fp_metric(),
                                  "info": task.info, "budgets": suite["budgets"],
                                  "method_args": suite["args"], "sets": {}}  # fmt: skip
+        cache = mixq.Cache()  # the task prepared once for all its sets and methods
         for label, cands in suite["sets"].items():
-            rows = run_set(task, label, cands, suite["budgets"], suite["args"], args.fresh)
+            rows = run_set(task, label, cands, suite["budgets"], suite["args"], args.fresh, cache)
             best = None
             if suite["exhaustive"]:
                 table = enumerate_plans(task_name, cands)

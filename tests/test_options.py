@@ -50,6 +50,23 @@ def test_a_sweep_sharing_a_cache_prepares_and_searches_once(monkeypatch):
     assert cache.current() is None  # no cache outlives its run
 
 
+def test_evaluate_sharing_a_cache_prepares_and_searches_once(monkeypatch):
+    built = []
+    prepare = api._prepare
+    monkeypatch.setattr(api, "_prepare", lambda *a: built.append(1) or prepare(*a))
+    plan = mixq.run(*MLP).plan
+    built.clear()
+    shared = mixq.Cache()
+    results = [mixq.evaluate("synthetic-mlp", plan, cache=shared) for _ in range(2)]
+    assert len(built) == 1 and len(shared) > 0  # ranges searched by the first, reused by the second
+    searched = len(shared)
+    alone = mixq.evaluate("synthetic-mlp", plan)
+    assert len(built) == 2 and len(shared) == searched
+    assert results[0].metrics == results[1].metrics.replace(eval_seconds=results[0].metrics.eval_seconds)
+    assert alone.metrics.metric == results[0].metrics.metric
+    assert cache.current() is None
+
+
 def test_recipe_from_toml_is_strict_and_round_trips(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text('task = "synthetic-mlp"\ncandidates = ["w4"]\nseed = 0\n[budget]\navg_weight_bits = 4\n')

@@ -246,7 +246,9 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
     The plan may come from any run, edited by hand: e.g. one layer moved to another candidate.
     Layers the plan does not name stay float. Raises on a layer name the model does not have.
 
-    ``cache``: a :class:`mixq.Cache` to reuse (see :func:`prepare`).
+    ``cache``: a :class:`mixq.Cache` shared with other runs and evaluations of the same model
+    (its prepared model and searched ranges are reused; the result is identical); by default a
+    fresh one for this evaluation.
 
     Returns:
         A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
@@ -255,11 +257,12 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
         task = tasks.get(task)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    qmodel, infos = prepare(task, list(plan.layers.values()), cache)
-    plan.check_layers([i.name for i in infos])
-    apply(qmodel, plan)
-    qmodel.eval()
-    metrics = measure(task, qmodel, plan, cost.model_costs(qmodel, infos), time.perf_counter())
+    with (cache if cache is not None else Cache()).active():
+        qmodel, infos = prepare(task, list(plan.layers.values()))
+        plan.check_layers([i.name for i in infos])
+        apply(qmodel, plan)
+        qmodel.eval()
+        metrics = measure(task, qmodel, plan, cost.model_costs(qmodel, infos), time.perf_counter())
     return Result(plan, qmodel, metrics.replace(method=plan.meta.get("method", "plan")))
 
 
