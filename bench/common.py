@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import importlib.metadata
 import json
@@ -12,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mixq.metrics import WITHIN, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 RESULTS = ROOT / "bench" / "results"
@@ -83,6 +86,38 @@ def merge_parts(
                 tasks[name][k] += entry[k]
         provenances.append(doc["provenance"])
     return tasks, provenances
+
+
+def within(metrics: Metrics) -> dict[str, bool]:
+    """A run's budget flags as metrics.json writes them (``within_<key>``), for a result row."""
+    return {f"{WITHIN}{k}": v for k, v in (metrics.within or {}).items()}
+
+
+def part_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """Add ``--out`` (this command's result file) and ``--merge`` (part files into NAME.json)."""
+    ap.add_argument("--out", default=name, help="result name under bench/results/")
+    ap.add_argument("--merge", default="", help=f"comma-separated part names to merge into {name}.json")
+
+
+def run_parts(
+    args: argparse.Namespace,
+    merge: Callable[[list[str]], Path],
+    run_task: Callable[[str, argparse.Namespace, dict[str, Any]], None],
+) -> dict[str, Any] | None:
+    """Merge the ``--merge`` part files, or run ``run_task`` on each of ``--tasks`` on one thread.
+
+    Returns the tasks' results (``run_task`` adds its task's), or None after a merge.
+    """
+    if args.merge:
+        print(f"wrote {merge(args.merge.split(','))}")
+        return None
+    import torch
+
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    for task_name in args.tasks.split(","):
+        run_task(task_name, args, results)
+    return results
 
 
 def _marks(name: str) -> tuple[str, str]:

@@ -28,32 +28,28 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 import mixq
-from bench.common import merge_parts, write
+from bench.common import merge_parts, part_args, run_parts, within, write
 
 QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 
 
 def row(name: str, res: mixq.Result) -> dict:
     """The record of one run."""
-    m = res.metrics.to_dict()
+    m = res.metrics
     out = {
         "run": name,
-        "method": m["method"],
-        "metric": m["metric"],
-        "avg_weight_bits": m["avg_weight_bits"],
-        "size_bytes": m["size_bytes"],
-        "bops": m["bops"],
-        "seconds": m["seconds"],
-        "eval_seconds": m["eval_seconds"],
-        "method_args": m["method_args"],
+        "method": m.method,
+        "metric": m.metric,
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "bops": m.bops,
+        "seconds": m.seconds,
+        "eval_seconds": m.eval_seconds,
+        "method_args": m.method_args,
         "plan": {n: s.name for n, s in res.plan.layers.items()},
+        **within(m),
     }
-    for k, v in m.items():
-        if k.startswith("within_"):
-            out[k] = v
     train = [h for h in res.history if "phase" in h]
     if train:
         out["training"] = [
@@ -77,61 +73,61 @@ def merge(parts: list[str]) -> Path:
     return write("ddq", {"qat_args": QAT_ARGS, "parts": commands, "tasks": tasks})
 
 
+def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
+    """Every run on one task at each activation width, writing partial results after each run."""
+    t0 = time.perf_counter()
+    task = mixq.tasks.get(task_name, val_size=args.val)
+    cache = mixq.Cache()  # the task prepared once for all its runs
+    fp = task.fp_metric()
+    rows = []
+    for a in [int(v) for v in args.acts.split(",")]:
+        w4 = mixq.run(task, "uniform", candidates=[f"w4a{a}"], cache=cache)
+        budget = {"avg_weight_bits": w4.metrics.avg_weight_bits}
+        rows.append({**row(f"uniform w4a{a} (PTQ)", w4), "acts": a})
+        print(f"{task_name} a{a} uniform {w4.metrics.metric:.2f}", flush=True)
+        cands = [f"w{b}a{a}" for b in (2, 3, 4, 6, 8)]
+        runs = [
+            ("lsq", "ddq", [f"w4a{a}"], {"steps": args.steps, "learn_bits": False, **QAT_ARGS}),
+            ("ddq", "ddq", cands, {"steps": args.steps, **QAT_ARGS}),
+        ]
+        runs = [r for r in runs if r[0] in args.runs.split(",")]
+        if args.sensitivity:
+            runs.append(
+                ("sensitivity-ilp", "sensitivity-ilp", [f"w{b}a{a}" for b in (2, 4, 8)], {"batches": 1})
+            )
+        for name, method, cs, margs in runs:
+            res = mixq.run(task, method, candidates=cs, budget=budget, method_args=margs, cache=cache)
+            rows.append({**row(name, res), "acts": a})
+            print(
+                f"{task_name} a{a} {name} {res.metrics.metric:.2f} "
+                f"bits={res.metrics.avg_weight_bits:.3f} t={res.metrics.seconds:.0f}s",
+                flush=True,
+            )
+            results[task_name] = {
+                "metric_name": task.metric_name,
+                "fp32": fp,
+                "info": task.info,
+                "qat_steps": args.steps,
+                "qat_batch": mixq.tasks.TRAIN_BATCH,
+                "rows": rows,
+                "wall_seconds": time.perf_counter() - t0,
+            }
+            write(args.out, {"qat_args": QAT_ARGS, "tasks": results})  # partial results kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", default="fashion-mobilenetv2,fashion-resnet20")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--acts", default="8,4")
     ap.add_argument("--val", type=int, default=10_000, help="test images evaluated (the first ones)")
-    ap.add_argument("--out", default="ddq", help="result name under bench/results/")
     ap.add_argument("--sensitivity", type=int, default=1, help="also run sensitivity-ilp (PTQ): 1 or 0")
     ap.add_argument("--runs", default="lsq,ddq", help="QAT runs besides uniform PTQ (lsq,ddq; none: '')")
-    ap.add_argument("--merge", default="", help="comma-separated part names to merge into ddq.json")
+    part_args(ap, "ddq")
     args = ap.parse_args()
-    if args.merge:
-        print(f"wrote {merge(args.merge.split(','))}")
-        return
-    torch.set_num_threads(1)
-    results: dict = {}
-    for task_name in args.tasks.split(","):
-        t0 = time.perf_counter()
-        task = mixq.tasks.get(task_name, val_size=args.val)
-        fp = task.fp_metric()
-        rows = []
-        for a in [int(v) for v in args.acts.split(",")]:
-            w4 = mixq.run(task, "uniform", candidates=[f"w4a{a}"])
-            budget = {"avg_weight_bits": w4.metrics.avg_weight_bits}
-            rows.append({**row(f"uniform w4a{a} (PTQ)", w4), "acts": a})
-            print(f"{task_name} a{a} uniform {w4.metrics.metric:.2f}", flush=True)
-            cands = [f"w{b}a{a}" for b in (2, 3, 4, 6, 8)]
-            runs = [
-                ("lsq", "ddq", [f"w4a{a}"], {"steps": args.steps, "learn_bits": False, **QAT_ARGS}),
-                ("ddq", "ddq", cands, {"steps": args.steps, **QAT_ARGS}),
-            ]
-            runs = [r for r in runs if r[0] in args.runs.split(",")]
-            if args.sensitivity:
-                runs.append(
-                    ("sensitivity-ilp", "sensitivity-ilp", [f"w{b}a{a}" for b in (2, 4, 8)], {"batches": 1})
-                )
-            for name, method, cs, margs in runs:
-                res = mixq.run(task, method, candidates=cs, budget=budget, method_args=margs)
-                rows.append({**row(name, res), "acts": a})
-                print(
-                    f"{task_name} a{a} {name} {res.metrics.metric:.2f} "
-                    f"bits={res.metrics.avg_weight_bits:.3f} t={res.metrics.seconds:.0f}s",
-                    flush=True,
-                )
-                results[task_name] = {
-                    "metric_name": task.metric_name,
-                    "fp32": fp,
-                    "info": task.info,
-                    "qat_steps": args.steps,
-                    "qat_batch": mixq.tasks.TRAIN_BATCH,
-                    "rows": rows,
-                    "wall_seconds": time.perf_counter() - t0,
-                }
-                write(args.out, {"qat_args": QAT_ARGS, "tasks": results})  # partial results kept
-    print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")
+    results = run_parts(args, merge, run_task)
+    if results is not None:
+        print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")
 
 
 if __name__ == "__main__":

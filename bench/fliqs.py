@@ -25,13 +25,12 @@ are merged into ``fliqs.json`` and ``fliqs_pareto.png`` with ``--merge``:
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
-import torch
-
 import mixq
-from bench.common import RESULTS, merge_parts, write
+from bench.common import RESULTS, merge_parts, part_args, run_parts, within, write
 
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]
@@ -42,24 +41,22 @@ QAT_ARGS = {"lr": 1e-4, "rl_lr": 0.1, "entropy": 0.02, "beta": -0.5, "warmup": 0
 
 def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
     """The record of one run."""
-    m = res.metrics.to_dict()
+    m = res.metrics
     out = {
         "run": name,
         "kind": kind,
-        "method": m["method"],
+        "method": m.method,
         "target_bops": target,
-        "metric": m["metric"],
-        "bops": m["bops"],
-        "avg_weight_bits": m["avg_weight_bits"],
-        "size_bytes": m["size_bytes"],
-        "seconds": m["seconds"],
-        "method_args": m["method_args"],
-        "candidates": m["candidates"],
+        "metric": m.metric,
+        "bops": m.bops,
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "seconds": m.seconds,
+        "method_args": m.method_args,
+        "candidates": m.candidates,
         "plan_summary": res.plan.summary(),
+        **within(m),
     }
-    for k, v in m.items():
-        if k.startswith("within_"):
-            out[k] = v
     h = res.history[0] if res.history and "phase" in res.history[0] else None
     if h is not None:
         keys = ("steps", "search_steps", "warmup_steps", "fixed_steps", "images", "seconds", "first_loss",
@@ -73,10 +70,11 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
     """Run every configuration on one task, writing partial results after each run."""
     t0 = time.perf_counter()
     task = mixq.tasks.get(task_name, val_size=args.val)
+    run = functools.partial(mixq.run, task, cache=mixq.Cache())  # the task prepared once for all its runs
     fp32 = task.fp_metric()
     rows: list[dict] = []
     steps = {"steps": args.steps}
-    base = mixq.run(task, "uniform", candidates=["w4a4"])
+    base = run("uniform", candidates=["w4a4"])
     rows.append(row("ptq int4", "ptq-uniform", base, None))
     bops4 = base.metrics.bops
     targets = [float(f) * bops4 for f in args.targets.split(",")]
@@ -94,18 +92,17 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
     runs = args.runs.split(",")
     for factor, target in zip(args.targets.split(","), targets, strict=True):
         for space in args.spaces.split(",") if "fliqs" in runs else ():
-            res = mixq.run(task, "fliqs", candidates=INT + FP, budget={"bops": target},
-                           method_args={**steps, **QAT_ARGS, "space": space}, seed=args.seed)  # fmt: skip
+            res = run("fliqs", candidates=INT + FP, budget={"bops": target},
+                      method_args={**steps, **QAT_ARGS, "space": space}, seed=args.seed)  # fmt: skip
             record(f"fliqs-{space} x{factor}", f"fliqs-{space}", res, target)
     for label in args.qat.split(",") if "qat" in runs else ():
         cand = UNIFORM_QAT[label]
-        res = mixq.run(task, "fliqs", candidates=[cand], method_args={**steps, **QAT_ARGS}, seed=args.seed)
+        res = run("fliqs", candidates=[cand], method_args={**steps, **QAT_ARGS}, seed=args.seed)
         record(f"qat {label}", "qat-uniform", res, None)
     for factor, target in zip(args.targets.split(","), targets, strict=True) if "ptq" in runs else ():
-        res = mixq.run(task, "uniform", candidates=INT + FP, budget={"bops": target})
+        res = run("uniform", candidates=INT + FP, budget={"bops": target})
         record(f"ptq uniform x{factor}", "ptq-uniform", res, target)
-        res = mixq.run(task, "sensitivity-ilp", candidates=INT + FP, budget={"bops": target},
-                       method_args={"batches": 1})  # fmt: skip
+        res = run("sensitivity-ilp", candidates=INT + FP, budget={"bops": target}, method_args={"batches": 1})
         record(f"ptq sensitivity-ilp x{factor}", "ptq-sensitivity-ilp", res, target)
 
 
@@ -164,22 +161,16 @@ def main() -> None:
     ap.add_argument("--runs", default="fliqs,qat,ptq", help="groups of runs: fliqs, qat (uniform), ptq")
     ap.add_argument("--spaces", default="joint,int,fp", help="FLIQS search spaces: joint,int,fp")
     ap.add_argument("--qat", default=",".join(UNIFORM_QAT), help="uniform QAT formats: int4,int8,fp4,fp6,fp8")
-    ap.add_argument("--out", default="fliqs", help="result name under bench/results/")
-    ap.add_argument("--merge", default="", help="comma-separated part names to merge into fliqs.json")
+    part_args(ap, "fliqs")
     args = ap.parse_args()
     bad = (sorted(set(args.qat.split(",")) - set(UNIFORM_QAT)) + sorted(set(args.runs.split(",")) - set(RUNS))
            + sorted(set(args.spaces.split(",")) - {"joint", "int", "fp"}))  # fmt: skip
     if bad:
         raise ValueError(f"unknown --qat/--runs/--spaces values {bad}; valid: "
                          f"{', '.join([*UNIFORM_QAT, *RUNS, 'joint', 'int', 'fp'])}")  # fmt: skip
-    if args.merge:
-        print(f"wrote {merge(args.merge.split(','))}")
-        return
-    torch.set_num_threads(1)
-    results: dict = {}
-    for task_name in args.tasks.split(","):
-        run_task(task_name, args, results)
-    print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")
+    results = run_parts(args, merge, run_task)
+    if results is not None:
+        print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")
 
 
 if __name__ == "__main__":
