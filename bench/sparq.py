@@ -70,8 +70,7 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
         def fn(site: torch.nn.Module, args: tuple) -> None:
             if name in signed:
                 return
-            scale, _, _ = site.sparq_params()
-            codes = sparq.to_codes(args[0], scale[0]).movedim(site.channel_axis, -1)
+            codes = sparq.to_codes(args[0], site.act_params().scale[0]).movedim(site.channel_axis, -1)
             partner_zero = sparq.partner_is_zero(codes)
             kept = sparq.quantize_codes(codes, "5opt", True, False)
             nz = codes != 0

@@ -278,7 +278,7 @@ def test_integer_conv_equals_the_fake_quantized_conv(groups, channels):
     for name in ["w8-asparq4_5opt_v", "w8-asparq4_3opt_raw"]:
         layer = conv_site(name, x, groups=groups)
         fmt = layer.input_quant.spec.fmt
-        s_x = layer.input_quant.sparq_params()[0]
+        s_x = layer.input_quant.act_params().scale
         w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
         assert torch.equal(layer.weight_quant(layer.weight), w_codes.float() * s_w[:, None, None, None])
         x_codes = sparq.to_codes(x, s_x)
@@ -306,7 +306,7 @@ def test_integer_linear_equals_the_fake_quantized_linear():
     calibrate(q, [x])
     apply(q, Plan({"0": parse_candidate("w8-asparq4_2opt_v")}))
     layer: QLinear = sites(q)["0"]
-    s_x = layer.input_quant.sparq_params()[0]
+    s_x = layer.input_quant.act_params().scale
     w_codes, s_w = weight_codes(layer.weight, layer.weight_quant.spec)
     acc = sparq.int_linear(sparq.to_codes(x, s_x), w_codes, Sparq("2opt", True, True))
     kept = sparq.quantize_codes(sparq.to_codes(x, s_x), "2opt", True, True)

@@ -156,14 +156,6 @@ class Quantizer(nn.Module):
             self._params = kind.act_params(spec, ActStats(self.stats_min, self.stats_max, self.sample))
         return self._params
 
-    def sparq_params(self) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
-        """(scale, zero point, 8-bit base spec) of a SPARQ site: :meth:`act_params`, as a tuple."""
-        spec = self.spec
-        p = self.act_params() if spec is not None else None
-        if p is None or p.base is None or p.scale is None or p.zero is None:
-            raise ValueError(f"site has no SPARQ activation spec (spec: {spec})")
-        return p.scale, p.zero, p.base
-
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
