@@ -83,3 +83,32 @@ def test_cli_runs_hawq(tmp_path, capsys) -> None:
     assert code == 0
     assert (tmp_path / "plan.json").exists()
     assert "hawq" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "method, args, message",
+    [
+        ("clado", {"loss": "mse"}, "unknown loss 'mse'; valid: kl, task"),
+        ("clado", {"solver": "lp"}, "unknown solver 'lp'; valid: ilp, greedy"),
+        ("sensitivity-ilp", {"objective": "mse"}, "unknown objective 'mse'; valid: auto, loss, kl"),
+        ("sensitivity-ilp", {"hutchinson_mode": "row"}, "unknown hutchinson_mode 'row'; valid: block, joint"),
+        ("uniform", {"select": "size"}, "unknown select 'size'; valid: loss, bits"),
+        ("sparq", {"select": "size"}, "unknown select 'size'; valid: loss, bits"),
+        ("multipoint", {"variant": "row"}, "unknown variant 'row'; valid: channel, layer"),
+        ("ddq", {"penalty": "abs"}, "unknown penalty 'abs'; valid: hinge, square"),
+        ("ddq", {"bn": "fold"}, "unknown bn 'fold'; valid: freeze, train"),
+        ("fliqs", {"schedule": "step"}, "unknown schedule 'step'; valid: cosine, linear, constant"),
+    ],
+)
+def test_config_names_an_unknown_choice_and_the_valid_ones(method: str, args: dict, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        METHODS[method].config(**args)
+    assert str(e.value) == message
+
+
+def test_common_doctests() -> None:
+    import doctest
+
+    from mixq.methods import common
+
+    assert doctest.testmod(common).failed == 0

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq import search
-from mixq.methods.common import Context, MethodOutput
+from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.table import Sensitivity
 from mixq.store import Store
@@ -80,10 +80,7 @@ class Config:
     samples: int = 0
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
+        check_choices(("loss", self.loss, LOSSES), ("solver", self.solver, SOLVERS))
         if self.batches < 0:
             raise ValueError(f"batches must be >= 0, got {self.batches}")
         if self.window is not None and self.window < 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,19 @@ from mixq import cost
 from mixq.plan import LayerSpec, Plan
 from mixq.tasks import Task
 from mixq.wrap import applied
+
+
+def check_choices(*checks: tuple[str, Any, Collection[str]]) -> None:
+    """Raise on the first ``(name, value, valid)`` whose value is not one of its valid choices.
+
+    >>> check_choices(("loss", "kl", ("kl", "task")), ("solver", "lp", ("ilp", "greedy")))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown solver 'lp'; valid: ilp, greedy
+    """
+    for name, value, valid in checks:
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mixq import search
-from mixq.methods.common import Context, MethodOutput
+from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.plan import LayerSpec
 from mixq.quant.ddq import LEVEL_MODES, DDQQuantizer, LearnedInt, check_int_spec, init_range
 from mixq.train import BN_MODES, Hook, TrainConfig, train
@@ -92,14 +92,12 @@ class Config:
     time_limit: float | None = 60.0
 
     def __post_init__(self) -> None:
-        for name, value, valid in (
+        check_choices(
             ("levels", self.levels, LEVEL_MODES),
             ("penalty", self.penalty, PENALTIES),
             ("init_bits", self.init_bits, INIT_BITS),
             ("bn", self.bn, BN_MODES),
-        ):
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        )
         if not 0.0 <= self.search_frac < 1.0:
             raise ValueError(
                 f"search_frac must be in [0, 1) (the last steps fine-tune), got {self.search_frac}"

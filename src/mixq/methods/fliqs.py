@@ -45,7 +45,7 @@ from torch import nn
 
 from mixq import cost, search
 from mixq.kinds import kind_of_format
-from mixq.methods.common import Context, MethodOutput
+from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.plan import LayerSpec
 from mixq.search.rl import REWARDS, SCHEDULES, Controller, entropy_coef, reward
 from mixq.train import BN_MODES, TrainConfig, set_train_mode, train
@@ -101,15 +101,13 @@ class Config:
     time_limit: float | None = 60.0
 
     def __post_init__(self) -> None:
-        for name, value, valid in (
+        check_choices(
             ("space", self.space, SPACES),
             ("reward", self.reward, REWARDS),
             ("cost", self.cost, COSTS),
             ("schedule", self.schedule, SCHEDULES),
             ("bn", self.bn, BN_MODES),
-        ):
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        )
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
             raise ValueError(f"need steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
         for name, value in (("warmup", self.warmup), ("fix_frac", self.fix_frac)):
@@ -147,8 +145,7 @@ def kind_of(spec: LayerSpec) -> str:
 
 def space_arms(candidates: list[LayerSpec], space: str) -> list[int]:
     """Return the indices of the candidates in search space ``space`` (``float`` is in every space)."""
-    if space not in SPACES:
-        raise ValueError(f"unknown space {space!r}; valid: {', '.join(SPACES)}")
+    check_choices(("space", space, SPACES))
     arms = [j for j, c in enumerate(candidates) if space == "joint" or kind_of(c) in (space, "float")]
     if not arms:
         names = ", ".join(c.name for c in candidates)

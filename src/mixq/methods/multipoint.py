@@ -44,7 +44,7 @@ from torch import nn
 
 from mixq import cost
 from mixq.formats import Int
-from mixq.methods.common import Context, MethodOutput
+from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.plan import LayerSpec, Plan, QSpec
 from mixq.progress import progress
 from mixq.quant import multipoint as mp
@@ -92,11 +92,11 @@ class Config:
             or not 1 <= self.n_max <= mp.MAX_POINTS
         ):
             raise ValueError(f"n_max must be an integer in 1..{mp.MAX_POINTS}, got {self.n_max!r}")
-        choices = (("a_search", self.a_search, mp.A_SEARCH), ("key", self.key, mp.KEYS),
-                   ("variant", self.variant, tuple(VARIANTS)))  # fmt: skip
-        for name, v, valid in choices:
-            if v not in valid:
-                raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
+        check_choices(
+            ("a_search", self.a_search, mp.A_SEARCH),
+            ("key", self.key, mp.KEYS),
+            ("variant", self.variant, VARIANTS),
+        )
         if self.base_method == "multipoint":
             raise ValueError("base_method cannot be 'multipoint'; use e.g. 'uniform' or 'sensitivity-ilp'")
         if (

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mixq import search, sensitivity
-from mixq.methods.common import Context, MethodOutput
+from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.store import Store
 from mixq.tasks import Task, cross_entropy
 
@@ -59,12 +59,11 @@ class Config:
     objective: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        if self.hutchinson_mode not in ("block", "joint"):
-            raise ValueError(f"unknown hutchinson_mode {self.hutchinson_mode!r}; valid: block, joint")
+        check_choices(
+            ("solver", self.solver, SOLVERS),
+            ("objective", self.objective, OBJECTIVES),
+            ("hutchinson_mode", self.hutchinson_mode, ("block", "joint")),
+        )
         if self.batches < 0 or self.hutchinson_samples < 1:
             raise ValueError("batches must be >= 0 and hutchinson_samples >= 1")
 

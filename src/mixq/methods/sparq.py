@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from mixq import formats
 from mixq.cost import InfeasibleBudgetError, metrics_of
 from mixq.formats import ACT_FORMAT_NAMES, Sparq
-from mixq.methods.common import Context, MethodOutput, calib_loss
+from mixq.methods.common import Context, MethodOutput, calib_loss, check_choices
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec
 from mixq.quant import sparq
 from mixq.wrap import calibrate, sites
@@ -61,8 +61,7 @@ class Config:
             raise ValueError(
                 f"unknown SPARQ activation format {self.act!r}; valid: {', '.join(ACT_FORMAT_NAMES)}"
             )
-        if self.select not in SELECT:
-            raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECT)}")
+        check_choices(("select", self.select, SELECT))
         if not isinstance(self.float_first_last, bool):
             raise ValueError(f"float_first_last must be a bool, got {self.float_first_last!r}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixq.methods.common import Context, MethodOutput, calib_loss, uniform_plan
+from mixq.methods.common import Context, MethodOutput, calib_loss, check_choices, uniform_plan
 
 SELECT = ("loss", "bits")
 
@@ -25,8 +25,7 @@ class Config:
     select: str = "loss"
 
     def __post_init__(self) -> None:
-        if self.select not in SELECT:
-            raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECT)}")
+        check_choices(("select", self.select, SELECT))
 
 
 def search(ctx: Context, cfg: Config) -> MethodOutput:
