@@ -98,6 +98,8 @@ def test_cli_runs_hawq(tmp_path, capsys) -> None:
         ("ddq", {"penalty": "abs"}, "unknown penalty 'abs'; valid: hinge, square"),
         ("ddq", {"bn": "fold"}, "unknown bn 'fold'; valid: freeze, train"),
         ("fliqs", {"schedule": "step"}, "unknown schedule 'step'; valid: cosine, linear, constant"),
+        ("ddq", {"steps": 0, "epochs": 0}, "need steps > 0 or epochs > 0, got steps=0, epochs=0"),
+        ("fliqs", {"steps": -1, "epochs": 1}, "need steps > 0 or epochs > 0, got steps=-1, epochs=1"),
     ],
 )
 def test_config_names_an_unknown_choice_and_the_valid_ones(method: str, args: dict, message: str) -> None:

@@ -29,6 +29,12 @@ def check_choices(*checks: tuple[str, Any, Collection[str]]) -> None:
             raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
+def check_length(steps: int, epochs: int) -> None:
+    """Raise unless a training method is given a length: ``steps`` > 0, or ``epochs`` > 0 with 0 steps."""
+    if steps < 0 or (steps == 0 and epochs <= 0):
+        raise ValueError(f"need steps > 0 or epochs > 0, got steps={steps}, epochs={epochs}")
+
+
 @dataclass
 class Context:
     """The shared state of one run: wrapped model, candidates, cost tables and budget.

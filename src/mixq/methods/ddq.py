@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mixq import search
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.methods.common import Context, MethodOutput, check_choices, check_length
 from mixq.plan import LayerSpec
 from mixq.quant.ddq import LEVEL_MODES, DDQQuantizer, LearnedInt, check_int_spec, init_range
 from mixq.train import BN_MODES, Hook, TrainConfig, train
@@ -102,8 +102,7 @@ class Config:
             raise ValueError(
                 f"search_frac must be in [0, 1) (the last steps fine-tune), got {self.search_frac}"
             )
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(f"need steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
+        check_length(self.steps, self.epochs)
         if min(self.lam, self.alpha, self.lr, self.lr_range, self.lr_bits) < 0:
             raise ValueError("lam, alpha and the learning rates must be >= 0")
 

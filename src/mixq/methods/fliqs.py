@@ -45,7 +45,7 @@ from torch import nn
 
 from mixq import cost, search
 from mixq.kinds import kind_of_format
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.methods.common import Context, MethodOutput, check_choices, check_length
 from mixq.plan import LayerSpec
 from mixq.search.rl import REWARDS, SCHEDULES, Controller, entropy_coef, reward
 from mixq.train import BN_MODES, TrainConfig, set_train_mode, train
@@ -108,8 +108,7 @@ class Config:
             ("schedule", self.schedule, SCHEDULES),
             ("bn", self.bn, BN_MODES),
         )
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            raise ValueError(f"need steps > 0 or epochs > 0, got steps={self.steps}, epochs={self.epochs}")
+        check_length(self.steps, self.epochs)
         for name, value in (("warmup", self.warmup), ("fix_frac", self.fix_frac)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} is a fraction in [0, 1), got {value}")
