@@ -62,6 +62,9 @@ def test_evaluate_sharing_a_cache_prepares_and_searches_once(monkeypatch):
     searched = len(shared)
     alone = mixq.evaluate("synthetic-mlp", plan)
     assert len(built) == 2 and len(shared) == searched
+    with shared.active():  # inside a run: the run's cache by default
+        mixq.evaluate("synthetic-mlp", plan)
+    assert len(built) == 2
     assert results[0].metrics == results[1].metrics.replace(eval_seconds=results[0].metrics.eval_seconds)
     assert alone.metrics.metric == results[0].metrics.metric
     assert cache.current() is None

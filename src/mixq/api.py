@@ -247,8 +247,8 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
     Layers the plan does not name stay float. Raises on a layer name the model does not have.
 
     ``cache``: a :class:`mixq.Cache` shared with other runs and evaluations of the same model
-    (its prepared model and searched ranges are reused; the result is identical); by default a
-    fresh one for this evaluation.
+    (its prepared model and searched ranges are reused; the result is identical); by default the
+    cache of the run in progress, or a fresh one.
 
     Returns:
         A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
@@ -257,6 +257,7 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
         task = tasks.get(task)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    cache = cache if cache is not None else current_cache()
     with (cache if cache is not None else Cache()).active():
         qmodel, infos = prepare(task, list(plan.layers.values()))
         plan.check_layers([i.name for i in infos])
