@@ -106,7 +106,7 @@ def save(new_rows: dict[str, dict[str, Any]], session: dict[str, Any]) -> dict[s
         for r in new_rows.values():
             r.setdefault("session", session["id"])
         rows.update(new_rows)
-        write(NAME, {"note": "one row per tool, task and target; see bench/peers.py", "sessions": sessions,
+        write(NAME, {"note": "one row per tool, task and target; see bench/compare_peers.py", "sessions": sessions,
                      "rows": rows})  # fmt: skip
         (RESULTS / f"{NAME}.md").write_text(render(rows))
         set_section(RESULTS / "summary.md", "peers", summary(rows))

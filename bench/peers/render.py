@@ -105,7 +105,7 @@ def summary(rows: dict[str, dict[str, Any]]) -> str:
     """The peers block of bench/results/summary.md: one line per tool, task and target."""
     points = mixq_points()
     out = ["## Peer tools beside mixq (`make bench-peers`)", "",
-           "Written by `bench/peers.py` from `peers.json` (details, per-layer plans and the columns' "
+           "Written by `bench/compare_peers.py` from `peers.json` (details, per-layer plans and the columns' "
            "meaning: `peers.md`). Sizes are counted by mixq's cost model for every tool (scales and "
            "zero points included); mixq's best is its best post-training result at or below the "
            "tool's mixq-counted size on the same validation items.", "",
@@ -133,7 +133,7 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     out = [
         "# Peers: per-layer precision search of other tools beside mixq",
         "",
-        "Written by `bench/peers.py` from `bench/results/peers.json`. Every tool ran in its own venv on "
+        "Written by `bench/compare_peers.py` from `bench/results/peers.json`. Every tool ran in its own venv on "
         "the same mixq task (model, calibration and validation data, metric). Columns:",
         "",
         "- **tool metric**: the tool's own quantized model; **tool bits**: the tool's own count "

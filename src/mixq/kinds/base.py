@@ -1,9 +1,9 @@
 """The format-kind protocol (:class:`Kind`) and the registry that maps a spec to its kind.
 
-See :mod:`mixq.kinds` for what a kind owns. This module imports no other part of mixq at run
-time, so the plan grammar (:mod:`mixq.plan`) can ask it while the built-in kinds (which build
-specs) import the plan; :mod:`mixq.kinds` registers the built-in kinds when it is imported,
-which ``import mixq`` does first.
+See :mod:`mixq.kinds` for what a kind owns. Of mixq, this module imports only the number
+formats (:mod:`mixq.formats`, the ground floor), so the plan grammar (:mod:`mixq.plan`) can ask
+it while the built-in kinds (which build specs) import the plan. :mod:`mixq.kinds` registers
+the built-in kinds when it is imported, which ``import mixq`` does first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mixq import formats
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -21,7 +23,17 @@ if TYPE_CHECKING:
 
 FLOAT_BITS = 32
 
-__all__ = ["FLOAT_BITS", "ActParams", "ActStats", "Kind", "kind_of", "kind_of_format", "kinds", "register"]
+__all__ = [
+    "FLOAT_BITS",
+    "ActParams",
+    "ActStats",
+    "Kind",
+    "kind_of",
+    "kind_of_format",
+    "kinds",
+    "register",
+    "unregister",
+]
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,6 @@ class Kind:
 
     def elem_bits(self, fmt: Format) -> int:
         """Storage bits of one element."""
-        from mixq import formats
-
         return formats.elem_bits(fmt)
 
     def family(self, fmt: Format) -> str:  # noqa: ARG002
