@@ -106,8 +106,8 @@ def save(new_rows: dict[str, dict[str, Any]], session: dict[str, Any]) -> dict[s
         for r in new_rows.values():
             r.setdefault("session", session["id"])
         rows.update(new_rows)
-        write(NAME, {"note": "one row per tool, task and target; see bench/compare_peers.py", "sessions": sessions,
-                     "rows": rows})  # fmt: skip
+        note = "one row per tool, task and target; see bench/compare_peers.py"
+        write(NAME, {"note": note, "sessions": sessions, "rows": rows})
         (RESULTS / f"{NAME}.md").write_text(render(rows))
         set_section(RESULTS / "summary.md", "peers", summary(rows))
     return rows

@@ -133,8 +133,8 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
     out = [
         "# Peers: per-layer precision search of other tools beside mixq",
         "",
-        "Written by `bench/compare_peers.py` from `bench/results/peers.json`. Every tool ran in its own venv on "
-        "the same mixq task (model, calibration and validation data, metric). Columns:",
+        "Written by `bench/compare_peers.py` from `bench/results/peers.json`. Every tool ran in its own "
+        "venv on the same mixq task (model, calibration and validation data, metric). Columns:",
         "",
         "- **tool metric**: the tool's own quantized model; **tool bits**: the tool's own count "
         "(its own conventions, see peers.json `tool_bits_name`).",
