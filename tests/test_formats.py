@@ -188,9 +188,10 @@ def test_int_grid(name):
 def test_pin_cast_saturation_of_installed_libraries():
     """Pin how plain casts treat overflow: the oracles below clamp first, so they never rely on it.
 
-    methods.md §7.1 expected torch's e4m3fn cast to give NaN; torch 2.13 saturates it to 448,
-    while e5m2 overflows to inf. ml_dtypes overflows e4m3fn to NaN and saturates fp6/fp4, whose
-    NaN input becomes -0 (they have no NaN code), so ml_dtypes is never the NaN oracle here.
+    One might expect torch's e4m3fn cast to give NaN (E4M3 has a NaN code and no inf); torch
+    2.13 saturates it to 448, while e5m2 overflows to inf. ml_dtypes overflows e4m3fn to NaN and
+    saturates fp6/fp4, whose NaN input becomes -0 (they have no NaN code), so ml_dtypes is never
+    the NaN oracle here.
     """
     big = torch.tensor([464.0, 1000.0, 1e30, INF, -INF])
     assert big.to(torch.float8_e4m3fn).float().tolist() == [448, 448, 448, 448, -448]

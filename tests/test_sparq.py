@@ -26,7 +26,7 @@ SETTINGS = [(o, r) for o in OPTIONS for r in (True, False)]
 
 
 def oracle_window_lsb(a: int, option: str) -> int:
-    """The LSB position of the 4-bit window chosen for code ``a`` (methods.md §5.3 table)."""
+    """The LSB position of the 4-bit window chosen for code ``a`` (docs/methods.md §5.3 table)."""
     if option == "5opt":  # first set bit from the top: 7 -> [7:4], 6 -> [6:3], ... else [3:0]
         for top in (7, 6, 5, 4):
             if a >> top & 1:

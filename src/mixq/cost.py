@@ -12,7 +12,7 @@ Conventions (the same for every method, peer tool and export):
   residual additions too), plus every other parameter of the model in float32.
   ``size_ratio`` = size_bytes / the float32 model's size.
 * ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
-  32 for float (methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
+  32 for float (docs/methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
   activation counts window plus window-position bits (:func:`spec_bits`), not just its 4 bits.
 """
 

@@ -1,7 +1,7 @@
 """Batch-norm folding: merge a BatchNorm into the Conv2d or Linear that feeds it.
 
 Deployment runs the folded layer, so quantization must see the folded weights
-(methods.md §6.1): ``W' = W * g / sqrt(var + eps)`` per output channel and
+(docs/methods.md §6.1): ``W' = W * g / sqrt(var + eps)`` per output channel and
 ``b' = beta + (b - mean) * g / sqrt(var + eps)``. The BatchNorm becomes an Identity.
 """
 

@@ -2,7 +2,7 @@
 
 Deng, Wang, Sharify, Orshansky, "Mixed-Precision Quantization with Cross-Layer Dependencies",
 arXiv 2307.05657 (v2: "... for Deep Vision Models with Integer Quadratic Programming", DAC 2025);
-methods.md §3. Symbols: ``Ω_l(s)`` is ``single[l, s]``, ``Ω_lm(s, s')`` is ``pairs[l, s, m, s']``,
+docs/methods.md §3. Symbols: ``Ω_l(s)`` is ``single[l, s]``, ``Ω_lm(s, s')`` is ``pairs[l, s, m, s']``,
 both measured with forward passes only (`mixq.sensitivity.pairs`). With one-hot ``x`` over
 (layer, candidate) and ``N = L·C``, the matrix ``G`` ``# [N, N]`` has
 

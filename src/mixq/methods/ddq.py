@@ -1,7 +1,7 @@
 """DDQ: bit-widths, ranges and steps learned in quantization-aware training.
 
 Zhang et al., "Differentiable Dynamic Quantization with Mixed Precision and Adaptive
-Resolution", ICML 2021 (arXiv 2106.02295); methods.md §2. The quantizer is in
+Resolution", ICML 2021 (arXiv 2106.02295); docs/methods.md §2. The quantizer is in
 :mod:`mixq.quant.ddq`. The method runs in two phases over one training budget
 (``steps`` or ``epochs`` of ``mixq.train``):
 

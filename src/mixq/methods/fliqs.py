@@ -1,7 +1,7 @@
 """FLIQS: one-shot search over integer and floating-point formats by reinforcement learning.
 
 Dotzel et al., "One-Shot Mixed-Precision Floating-Point and Integer Quantization Search",
-AutoML 2024 (arXiv 2308.03290); methods.md §4. The search runs inside one quantization-aware
+AutoML 2024 (arXiv 2308.03290); docs/methods.md §4. The search runs inside one quantization-aware
 training run (``steps`` or ``epochs`` of ``mixq.train``) and ends with a plan and trained
 weights that need no retraining:
 

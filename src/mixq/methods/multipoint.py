@@ -1,7 +1,7 @@
 """Multipoint PTQ: extra low-bit points for the output channels that need them most.
 
 Liu, Ye, Zhou and Liu, "Post-training Quantization with Multiple Points: Mixed Precision
-without Mixed Precision", AAAI 2021 (arXiv 2002.09049); methods.md §1. Numerics in
+without Mixed Precision", AAAI 2021 (arXiv 2002.09049); docs/methods.md §1. Numerics in
 :mod:`mixq.quant.multipoint`. The method:
 
 1. takes a base plan: the plan of another method on the same candidates and budget

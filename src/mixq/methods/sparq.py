@@ -23,7 +23,7 @@ weight bits (``select="bits"``). Per layer:
 Deviations: ranges come from the site's statistics by the spec's clip (default min/max over
 the calibration data), not from the mean of per-image maxima; the weight quantizer is mixq's
 (``max|w| / 127``, not ``/ 127.5``); no BN recalibration pass (mixq's Fashion-MNIST tasks fold
-BN; see methods.md §5.2); vSPARQ pairs channels 2k, 2k+1 of each layer's input (see
+BN; see docs/methods.md §5.2); vSPARQ pairs channels 2k, 2k+1 of each layer's input (see
 :mod:`mixq.quant.sparq`).
 """
 

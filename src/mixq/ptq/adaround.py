@@ -15,7 +15,7 @@ where ``x`` is the layer's input in the float model and ``x~`` its input in the 
 earlier layers are already rounded (and whose activations are quantized as planned), ``b~`` the
 layer's current bias. The regularizer is off for the first 20 % of the iterations, then ``beta``
 falls linearly from 20 to 2; ``lambda = 0.01``; 20000 iterations of batches of 32 by default
-(methods.md §8.1, as in the BRECQ code). At the end ``h = 1[V >= 0]`` and the result is stored on
+(docs/methods.md §8.1, as in the BRECQ code). At the end ``h = 1[V >= 0]`` and the result is stored on
 the layer's weight site (:class:`FixedRounding`, :meth:`mixq.nn.Quantizer.set_rounding`).
 
 Mapping of symbols: ``V`` -> ``v``, ``h`` -> :func:`rectified_sigmoid`, ``lambda`` -> ``reg``.
@@ -50,7 +50,7 @@ ZETA, GAMMA = 1.1, -0.1
 
 @dataclass(frozen=True)
 class Config:
-    """Settings of AdaRound (defaults of methods.md §8.1).
+    """Settings of AdaRound (defaults of docs/methods.md §8.1).
 
     Attributes:
         iters: optimization steps per layer.

@@ -1,7 +1,7 @@
 """DDQ quantizers: learnable levels, Kronecker-merged bit-width gates, and learned-range integers.
 
 Differentiable Dynamic Quantization (Zhang et al., ICML 2021, arXiv 2106.02295) quantizes a
-tensor to ``x_q = qᵀ Z U x_o`` (methods.md §2.2):
+tensor to ``x_q = qᵀ Z U x_o`` (docs/methods.md §2.2):
 
 * ``q`` [2^B]: sorted learnable levels (B the largest bit-width);
 * ``x_o``: the one-hot index of the level nearest to x (ends clip);

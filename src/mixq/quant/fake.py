@@ -2,7 +2,7 @@
 
 Every quantized tensor is handled as a 2-D matrix of rows that share one scale: a row per
 tensor, per output channel or per group (see :func:`to_rows`). Integer grids follow the usual
-affine scheme (methods.md §6.1):
+affine scheme (docs/methods.md §6.1):
 
 * symmetric signed:   s = max|x| / (2^(b-1) - 1),  q = clamp(round(x/s), -2^(b-1), 2^(b-1) - 1)
 * symmetric unsigned: s = max(x) / (2^b - 1),      q = clamp(round(x/s), 0, 2^b - 1)
@@ -121,7 +121,7 @@ def search_range(
     """Search the clipping range [lo, hi] of each row that minimizes the quantization error.
 
     First a joint shrink ``f * [lo, hi]`` for f = 1, 0.99, ..., 0.2 (the linear search of BRECQ
-    and LAPQ, methods.md §6.2); then, for asymmetric ranges, coordinate descent on each end
+    and LAPQ, docs/methods.md §6.2); then, for asymmetric ranges, coordinate descent on each end
     alone (factors 0.71 .. 1.30 of the current end, two rounds), since the best range of a
     skewed row is rarely a scaled copy of its min/max. All rows are searched at once. The error
     of a row is ``error(Q(x) - x)`` (default: its squared error).

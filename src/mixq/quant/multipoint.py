@@ -41,8 +41,8 @@ A_SEARCH = ("greedy", "absmax")
 FIRST = ("channel", "tensor")
 KEYS = ("gain", "error")
 MAX_POINTS = 16
-NUM_CANDIDATES = 256  # values of a in (0, ‖r‖∞] searched per point (methods.md §1.3 [DESIGN])
-NUM_WIDE = 32  # values of a above ‖r‖∞ (a deviation from methods.md §1.3: they can help)
+NUM_CANDIDATES = 256  # values of a in (0, ‖r‖∞] searched per point (docs/methods.md §1.3 [DESIGN])
+NUM_WIDE = 32  # values of a above ‖r‖∞ (a deviation from docs/methods.md §1.3: they can help)
 REFINE = 2  # least-squares refinements of a
 CHUNK = 1 << 22  # elements of one [rows, candidates, d] block of the search
 
@@ -128,7 +128,7 @@ def first_point(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first point: per channel (greedy or absmax), or one layer-wide step (``first="tensor"``).
 
-    The layer-wide step is ``max|W| / K`` (the per-layer baseline quantizer, methods.md §1.4).
+    The layer-wide step is ``max|W| / K`` (the per-layer baseline quantizer, docs/methods.md §1.4).
     """
     _check_choice("first", first, FIRST)
     if first == "channel":
@@ -301,7 +301,7 @@ def allocate(
     ties go to the lower channel index. Allocation stops when ``floor(ratio · C)`` extra points
     are placed (``ratio=None``: no such cap), when ``max_j e_j ≤ tau · mean_j e_j^(1)`` (e^(1):
     errors with one point), or when no channel below ``n_max`` points can improve. The output
-    error of channel j is ``d_j H d_jᵀ`` with ``H`` = ``gram`` (methods.md §1.4); without a
+    error of channel j is ``d_j H d_jᵀ`` with ``H`` = ``gram`` (docs/methods.md §1.4); without a
     Gram, the weight error.
     Deterministic: no randomness, fixed tie-breaking. ``search``: see :class:`Search`.
     """

@@ -1,7 +1,7 @@
 """SPARQ: sparsity-aware activation quantization, as pure functions of 8-bit activation codes.
 
 Shomron, Gabbay, Kurzum and Weiser, "Post-Training Sparsity-Aware Quantization", NeurIPS 2021
-(arXiv 2105.11010); window logic as in the authors' public CUDA kernels (methods.md §5.3-5.4).
+(arXiv 2105.11010); window logic as in the authors' public CUDA kernels (docs/methods.md §5.3-5.4).
 
 An activation is first quantized to an unsigned 8-bit code ``a`` in 0..255 (post-ReLU inputs,
 per-tensor scale). Then:

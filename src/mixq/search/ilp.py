@@ -1,7 +1,7 @@
 """Exact bit allocation with `scipy.optimize.milp` (HiGHS), pairwise terms linearized.
 
-Serves HAWQ-V3's ILP (methods.md §9.2: one-hot over any candidate set, diagonal objective) and
-CLADO's IQP (methods.md §3.2: pairwise terms, solved here as an exact MILP on the unprojected
+Serves HAWQ-V3's ILP (docs/methods.md §9.2: one-hot over any candidate set, diagonal objective) and
+CLADO's IQP (docs/methods.md §3.2: pairwise terms, solved here as an exact MILP on the unprojected
 interactions instead of CVXPY + Gurobi on the PSD projection). The program is described in
 `mixq.search.formulation`.
 """

@@ -10,7 +10,7 @@ is
 and for every budget ``name`` the constraint is ``Σ_l costs[name][l, x_l] ≤ budgets[name]``.
 
 The pairwise term is the symmetric part of ``P`` counted once per unordered layer pair. With
-CLADO's symmetric storage ``P[l, s, m, s'] = P[m, s', l, s] = Ω_lm(s, s')`` (methods.md §3.2)
+CLADO's symmetric storage ``P[l, s, m, s'] = P[m, s', l, s] = Ω_lm(s, s')`` (docs/methods.md §3.2)
 ``f`` is exactly the model ``ΔL ≈ Σ_l Ω_l(s_l) + Σ_{l<m} Ω_lm(s_l, s_m)`` (it equals
 ``½ xᵀ G x`` of CLADO's matrix form with ``G = diag(2·s) + P``). Interactions stored only in the
 upper triangle (``l < m``, zeros below) must be symmetrized first

@@ -8,7 +8,7 @@ The policy is ``π_θ(α) = Π_l softmax(θ_l)[α_l]`` with logits ``θ`` [L, C]
     θ ← Adam(β₁ = 0, β₂ = 0.999, ε = 1e-8) step on L_RL
     b ← m · b + (1 − m) · R
 
-Rewards (methods.md §4.2): ``abs``: ``Q + β |C / C₀ − 1|`` and ``mnas``: ``Q · (C / C₀)^β``,
+Rewards (docs/methods.md §4.2): ``abs``: ``Q + β |C / C₀ − 1|`` and ``mnas``: ``Q · (C / C₀)^β``,
 with ``β ≤ 0`` so that a cost away from the target lowers the reward.
 
 This module imports only torch, so it is tested on bandits without a model.

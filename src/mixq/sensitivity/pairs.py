@@ -1,6 +1,6 @@
 """Pairwise measured sensitivity: CLADO's cross-layer loss changes, with prefix reuse.
 
-For layers ``l ≠ m`` and candidates ``s, s'`` (methods.md §3.2, CLADO's forward-only terms)::
+For layers ``l ≠ m`` and candidates ``s, s'`` (docs/methods.md §3.2, CLADO's forward-only terms)::
 
     single[l, s]        = L(l at s) − L(fp)
     pairs[l, s, m, s']  = L(l at s, m at s') − L(l at s) − L(m at s') + L(fp)      (= Ω_lm(s, s'))

@@ -1,7 +1,7 @@
 """Measured sensitivity: the loss change of quantizing one layer alone (CLADO's singles).
 
 ``single[l, c] = L_D(layer l at candidate c, every other layer float) − L_D(float)``, the mean
-task loss over the batches ``D`` (methods.md §3.2; CLADO's forward-only single terms). Each
+task loss over the batches ``D`` (docs/methods.md §3.2; CLADO's forward-only single terms). Each
 (layer, candidate) loss is one job, and so is the float loss, run through an executor and
 kept in a result store, so an interrupted measurement resumes where it stopped.
 """
