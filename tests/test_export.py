@@ -590,3 +590,17 @@ def test_multipoint_payload_equals_cost_model(tmp_path) -> None:
     x = tasks.get("synthetic-mlp").val[0][0]
     with torch.no_grad():
         assert same_bits(loaded(x), res.model(x))
+
+
+def test_export_modules_are_layered() -> None:
+    """deploy builds models, packed is the file format, ort ORT's surgery below the QDQ writer."""
+    from test_imports import find_cycle, import_graph
+
+    graph = import_graph()
+    e = {n: f"mixq.export.{n}" for n in ("deploy", "packed", "ort", "qdq", "integer")}
+    assert not graph[e["deploy"]] & {e["packed"], e["ort"], e["qdq"], e["integer"]}
+    assert not graph[e["packed"]] & {e["ort"], e["qdq"], e["integer"]}
+    assert not graph[e["ort"]] & {e["packed"], e["qdq"], e["integer"]}  # qdq passes its Graph in
+    assert e["ort"] in graph[e["qdq"]] and not graph[e["qdq"]] & {e["packed"], e["integer"]}
+    export = {m: deps & set(e.values()) for m, deps in graph.items() if m in e.values()}
+    assert find_cycle(export) is None

@@ -7,6 +7,15 @@ model = mixq.export.load("model.safetensors")              # outputs equal res.m
 mixq.export.save(res, "model.onnx", format="onnx")         # QuantizeLinear/DequantizeLinear
 emu = mixq.export.emulate(res, task)                       # ONNX Runtime's integer kernels, in PyTorch
 ```
+
+The package's layers, each importing only those above it in this list:
+
+* :mod:`~mixq.export.codes`, :mod:`~mixq.export.modules`: a weight's codes, the deployed modules;
+* :mod:`~mixq.export.deploy`: the deploy-model builder (``LayerExport`` records, deployed models);
+* :mod:`~mixq.export.packed`: the packed safetensors file format;
+* :mod:`~mixq.export.ort`: ONNX Runtime's graph surgery (where the QDQ nodes go, in which form);
+* :mod:`~mixq.export.qdq`: the generic QDQ writer (graph builder, tracing, ``save_onnx``);
+* :mod:`~mixq.export.integer`: ONNX Runtime's integer kernels emulated in PyTorch.
 """
 
 from __future__ import annotations
@@ -16,19 +25,35 @@ from typing import Any
 
 from torch import nn
 
-from mixq import rundir
+from mixq import rundir, tasks
+from mixq.api import Result, prepare
+from mixq.export.deploy import deploy_model
 from mixq.export.integer import emulate
-from mixq.export.packed import deploy_model, load_safetensors, read_safetensors, save_safetensors
+from mixq.export.packed import load_safetensors, read_safetensors, save_safetensors
+from mixq.export.qdq import save_onnx
+from mixq.metrics import Metrics
+from mixq.plan import as_layer_spec
+from mixq.wrap import apply
 
 FORMATS = ("safetensors", "onnx")
 RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
 
-__all__ = ["FORMATS", "RUN_MODEL", "deploy_model", "emulate", "load", "read_safetensors", "rebuild", "save"]
+__all__ = [
+    "FORMATS",
+    "RUN_MODEL",
+    "deploy_model",
+    "emulate",
+    "load",
+    "load_safetensors",
+    "read_safetensors",
+    "rebuild",
+    "save",
+    "save_onnx",
+    "save_safetensors",
+]
 
 
 def _task_of(result: Any, task: Any) -> Any:
-    from mixq import tasks
-
     if task is not None:
         return tasks.get(task) if isinstance(task, str) else task
     name = result.plan.meta.get("task")
@@ -67,9 +92,7 @@ def save(
         if int4_as_int8:
             raise ValueError("int4_as_int8 applies to format='onnx'; safetensors always packs the codes")
         return save_safetensors(result.model, result.plan, path)
-    from mixq.export import qdq
-
-    return qdq.save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
+    return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -101,10 +124,6 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
         ``(result, task)``: a :class:`mixq.Result` holding the plan and the model (deployed
         when loaded from the run's file, else wrapped with the plan applied).
     """
-    from mixq import tasks
-    from mixq.api import Result, prepare
-    from mixq.wrap import apply
-
     run_dir = Path(run_dir)
     for f in (rundir.PLAN, rundir.METRICS):
         if not (run_dir / f).is_file():
@@ -145,15 +164,11 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
 
 def _rebuilt(metrics: dict[str, Any], value: float, recorded: Any) -> Any:
     """The run's metrics with the rebuilt model's metric, and the recorded one beside it."""
-    from mixq.metrics import Metrics
-
     return Metrics.from_dict({**metrics, "metric": value, "recorded_metric": recorded})
 
 
 def _candidates(metrics: dict[str, Any]) -> list[Any]:
     """The run's candidate specs (they decide what calibration collects, as in the run)."""
-    from mixq.plan import as_layer_spec
-
     cands = metrics.get("candidates") or []
     if not isinstance(cands, list):
         raise ValueError(f"metrics.json 'candidates' must be a list of names, got {cands!r}")

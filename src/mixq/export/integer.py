@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.export.codes import Encoded, code_to_int
+from mixq.export.deploy import LayerExport, collect_adds, deploy_model
 from mixq.export.modules import DeployAdd, DeployConv2d, DeployLinear
-from mixq.export.packed import LayerExport, collect_adds, deploy_model
+from mixq.export.qdq import export_deployed
 from mixq.formats import Int
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,6 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
         Runtime chose (their layers keep the fake-quantized float computation).
     """
     import onnx
-
-    from mixq.export.qdq import export_deployed
 
     qmodel = model if isinstance(model, nn.Module) else model.model  # a module, or a Result
     deployed, layers = deploy_model(qmodel)

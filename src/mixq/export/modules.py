@@ -4,11 +4,13 @@ A :class:`DeployLinear` / :class:`DeployConv2d` computes exactly what the fake-q
 ``QLinear`` / ``QConv2d`` computes (same float operations on the same values), but holds only
 what a deployed model holds: the weight rebuilt from its codes and the input quantizer's
 frozen scale and zero point. During ``torch.onnx.export`` the weight and the input pass
-through marker nodes (domain ``mixq``) that :mod:`mixq.export.onnx` replaces by
+through marker nodes (domain ``mixq``) that :mod:`mixq.export.qdq` replaces by
 QuantizeLinear/DequantizeLinear.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,11 @@ from mixq.kinds import ActParams, kind_of
 from mixq.plan import QSpec
 
 MARKER_DOMAIN = "mixq"
+
+
+def marker_layer(node: Any) -> str:
+    """The layer a ``mixq`` marker node of a traced ONNX graph names."""
+    return next(a.s.decode() for a in node.attribute if a.name == "layer")
 
 
 class _Marker(torch.autograd.Function):

@@ -1,5 +1,9 @@
 """Packed checkpoints: a quantized model as bit-packed codes in one safetensors file.
 
+This module is the file format only: the tensors, the metadata and the structure records of
+the file, written from and read into :class:`~mixq.export.deploy.LayerExport` records; the
+deployed model is built by :mod:`mixq.export.deploy`.
+
 Per quantized layer ``L`` the file holds
 
 * ``L.weight.codes``: element codes packed at the element's width (uint8 bytes);
@@ -27,221 +31,34 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from mixq.export.codes import Encoded, act_export, act_params, decode_weight, encode_weight
-from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
+from mixq import tasks
+from mixq.export.codes import Encoded
+from mixq.export.deploy import LayerExport, collect, collect_adds, deploy, deploy_adds, operand
 from mixq.kinds import kind_of
-from mixq.nn import Add, QAdd, QConv2d, QLinear
 from mixq.plan import Plan, QSpec
+from mixq.ptq.cle import ChannelClamp
 from mixq.quant.packing import pack_bits, unpack_bits
-from mixq.wrap import sites, unwrap
+from mixq.wrap import unwrap
 
 SCHEMA = 1
 META_KEY = "mixq"
 
 
-@dataclass(frozen=True)
-class LayerExport:
-    """Everything a deployed layer holds.
-
-    Attributes:
-        name: exact module name.
-        kind: "linear", "conv", or "add": one operand of a quantized residual addition (the
-            ``act*`` fields only; ``weight`` is empty, see :func:`collect_adds`).
-        weight: the encoded weight, or the float32 weight of a float layer.
-        bias: float32 bias or None.
-        act: the input spec, or None (float input).
-        act_scale, act_zero: per-tensor input scale and zero point [1] (None for MX or float).
-        channel_axis: the input's channel axis (MX blocks run along it, vSPARQ pairs across it).
-        act_base: a SPARQ input's 8-bit code spec (``mixq.quant.sparq.base_spec``), else None.
-    """
-
-    name: str
-    kind: str
-    weight: Encoded | torch.Tensor
-    bias: torch.Tensor | None
-    act: QSpec | None
-    act_scale: torch.Tensor | None
-    act_zero: torch.Tensor | None
-    channel_axis: int
-    act_base: QSpec | None = None
-
-    def float_weight(self) -> torch.Tensor:
-        """The deployed float32 weight (dequantized from the codes for a quantized layer)."""
-        return decode_weight(self.weight) if isinstance(self.weight, Encoded) else self.weight
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.float().view(torch.int32), b.float().view(torch.int32))
-
-
-def deployed_layers(model: nn.Module) -> dict[str, LayerExport]:
-    """The layers of a deployed model (from :func:`deploy` or ``mixq.export.load``), by name."""
-    deployed = (DeployLinear, DeployConv2d)
-    return {n: m.layer_export for n, m in model.named_modules() if isinstance(m, deployed)}
-
-
-@torch.no_grad()
-def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
-    """Encode every quantized layer of a wrapped model with its plan applied.
-
-    A deployed model (:func:`deploy`) gives the layers it was built from.
-
-    Raises:
-        RuntimeError: a decoded weight differs from the fake-quantized one (a mixq bug).
-    """
-    if not sites(qmodel) and deployed_layers(qmodel):
-        return deployed_layers(qmodel)
-    layers = {}
-    for name, m in sites(qmodel).items():
-        wspec, aspec = m.weight_quant.spec, m.input_quant.spec
-        if wspec is not None:
-            gram = m.weight_quant.gram.float() if m.weight_quant.gram is not None else None
-            wq = m.weight_quant(m.weight)
-            weight: Encoded | torch.Tensor = encode_weight(m.weight, wspec, gram, wq)
-            if not _same_bits(decode_weight(weight), wq):
-                raise RuntimeError(f"layer {name}: the codes do not rebuild the fake-quantized weight")
-        else:
-            weight = m.weight.detach().float().clone()
-        try:
-            scale, zero, base = act_export(m.input_quant)  # the site's own values
-        except ValueError as e:
-            raise ValueError(f"layer {name}: {e}") from None
-        layers[name] = LayerExport(
-            name=name,
-            kind="linear" if isinstance(m, QLinear) else "conv",
-            weight=weight,
-            bias=None if m.bias is None else m.bias.detach().float().clone(),
-            act=aspec,
-            act_scale=scale,
-            act_zero=zero,
-            channel_axis=m.input_quant.channel_axis,
-            act_base=base,
-        )
-    return layers
-
-
-@torch.no_grad()
-def collect_adds(model: nn.Module) -> dict[str, LayerExport]:
-    """The quantized operands of a model's residual additions, as input-only layer records.
-
-    Each operand is a :class:`LayerExport` of kind "add" named ``{addition}.quant.{i}`` with its
-    spec, scale and zero point (no weight): from a wrapped model's :class:`~mixq.nn.QAdd` sites
-    with a spec, or a deployed model's :class:`~mixq.export.modules.DeployAdd` modules.
-    """
-    out: dict[str, LayerExport] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QAdd):
-            params = []
-            for i, q in enumerate(m.quant):
-                if q.spec is None:
-                    continue
-                if not kind_of(q.spec).add_operand:
-                    raise ValueError(
-                        f"addition {name}: operand format {q.spec.fmt} is not exportable; "
-                        "supported: integer and fp8 formats per tensor"
-                    )
-                try:
-                    params.append((i, q.spec, *act_params(q), q.channel_axis))
-                except ValueError as e:
-                    raise ValueError(f"addition {name}: {e}") from None
-        elif isinstance(m, DeployAdd):
-            params = [(i, a.spec, a.scale, a.zero, a.channel_axis) for i, a in enumerate(m.quant)]
-        else:
-            continue
-        for i, spec, scale, zero, axis in params:
-            out[f"{name}.quant.{i}"] = _operand(f"{name}.quant.{i}", spec, scale, zero, axis)
-    return out
-
-
-def _operand(name: str, spec: QSpec, scale: torch.Tensor, zero: torch.Tensor, axis: int) -> LayerExport:
-    """The record of one operand of a quantized addition: an input quantizer, no weight."""
-    return LayerExport(name, "add", torch.empty(0), None, spec, scale, zero, axis)
-
-
-def _deploy_adds(skeleton: nn.Module, adds: dict[str, LayerExport]) -> None:
-    """Replace each quantized addition of ``skeleton`` (in place) by a DeployAdd."""
-    names = sorted({op.rpartition(".quant.")[0] for op in adds})
-    for name in names:
-        ops = [adds.get(f"{name}.quant.{i}") for i in range(2)]
-        if any(lx is None for lx in ops):
-            got = [o for o in adds if o.startswith(f"{name}.quant.")]
-            raise ValueError(f"addition {name}: both operands need a quantizer, the export has {got}")
-        try:
-            old = skeleton.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"addition {name!r} of the export is not in the model") from None
-        if not isinstance(old, Add | QAdd | DeployAdd):
-            raise ValueError(f"addition {name}: the model has {type(old).__name__}, the export an Add")
-        acts = [ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, lx.name) for lx in ops]
-        parent_name, _, attr = name.rpartition(".")
-        setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, attr, DeployAdd(acts))
-
-
-def deploy(
-    skeleton: nn.Module, layers: dict[str, LayerExport], adds: dict[str, LayerExport] | None = None
-) -> nn.Module:
-    """Replace each named float layer of ``skeleton`` (in place) by its deployed version.
-
-    ``adds``: the quantized operands of residual additions (:func:`collect_adds`); their
-    additions become DeployAdd modules.
-    """
-    _deploy_adds(skeleton, adds or {})
-    for name, lx in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
-        old = getattr(parent, attr)
-        if isinstance(old, (QLinear, QConv2d)):
-            old = old.float_module
-        expected = nn.Linear if lx.kind == "linear" else nn.Conv2d
-        if not isinstance(old, expected):
-            raise ValueError(f"layer {name}: the model has {type(old).__name__}, the export a {lx.kind}")
-        w = lx.float_weight()
-        if tuple(old.weight.shape) != tuple(w.shape):
-            raise ValueError(
-                f"layer {name}: weight shape {tuple(w.shape)} does not fit the model's "
-                f"{tuple(old.weight.shape)}"
-            )
-        act = None
-        if lx.act is not None:
-            act = ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, name, lx.act_base)
-        quantized = isinstance(lx.weight, Encoded)
-        if lx.kind == "linear":
-            new: nn.Module = DeployLinear(w, lx.bias, act, name, quantized)
-        else:
-            new = DeployConv2d(old, w, lx.bias, act, name, quantized)
-        new.layer_export = lx  # a plain attribute: what the layer was built from
-        setattr(parent, attr, new)
-    return skeleton
-
-
-def deploy_model(qmodel: nn.Module) -> tuple[nn.Module, dict[str, LayerExport]]:
-    """Return a deployed copy of a wrapped model (plan applied) and its encoded layers.
-
-    A model that is already deployed is copied as it is.
-    """
-    layers = collect(qmodel)
-    if not sites(qmodel):
-        return copy.deepcopy(qmodel), layers
-    return deploy(copy.deepcopy(qmodel), layers, collect_adds(qmodel)), layers
-
-
-def _structure_types() -> dict[str, type[nn.Module]]:
-    """Modules that PTQ steps put into a float model, by the type name a file records."""
-    from mixq.ptq.cle import ChannelClamp
-
-    return {"ChannelClamp": ChannelClamp}
+STRUCTURE_TYPES: dict[str, type[nn.Module]] = {"ChannelClamp": ChannelClamp}
+"""Modules that PTQ steps put into a float model, by the type name a file records."""
 
 
 def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The modules mixq added to a model (e.g. CLE's ChannelClamp), by name, with their settings."""
-    types = {cls: name for name, cls in _structure_types().items()}
+    types = {cls: name for name, cls in STRUCTURE_TYPES.items()}
     out = {}
     for name, m in model.named_modules():
         if type(m) in types:
@@ -251,7 +68,7 @@ def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def restore_structure(model: nn.Module, modules: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Put the recorded modules into ``model`` (in place); their buffers come with the state dict."""
-    types = _structure_types()
+    types = STRUCTURE_TYPES
     for name, m in modules.items():
         if not isinstance(m, dict) or m.get("type") not in types:
             raise ValueError(f"module {name!r}: unknown module record {m!r}; known types: {', '.join(types)}")
@@ -266,9 +83,6 @@ def restore_structure(model: nn.Module, modules: dict[str, Any], tensors: dict[s
         except AttributeError:
             raise ValueError(f"module {name!r} of the export is not in the model") from None
         setattr(parent, attr, new)
-
-
-# -- safetensors --------------------------------------------------------------------------------
 
 
 def _layer_tensors(lx: LayerExport) -> dict[str, torch.Tensor]:
@@ -304,8 +118,6 @@ def _layer_meta(lx: LayerExport) -> dict[str, Any]:
 
 def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     """Write a wrapped model with its plan applied as a packed safetensors file."""
-    from safetensors.torch import save_file
-
     layers = collect(qmodel)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in qmodel.state_dict().items():
@@ -378,8 +190,6 @@ def read_safetensors(
     Raises:
         ValueError: the file is missing, corrupt or not a mixq export; the message names it.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no export file at {path}")
@@ -411,7 +221,7 @@ def _read_adds(adds: dict[str, Any]) -> dict[str, LayerExport]:
             spec = QSpec.from_dict(d)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"addition operand {op}: corrupt spec {d!r} ({e})") from None
-        out[op] = _operand(op, spec, torch.zeros(1), torch.zeros(1), 1)
+        out[op] = operand(op, spec, torch.zeros(1), torch.zeros(1), 1)
     return out
 
 
@@ -419,8 +229,6 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Mod
     """Rebuild the deployed model of a packed file; see :func:`mixq.export.load`."""
     meta, layers, rest = read_safetensors(path)
     if model is None:
-        from mixq import tasks
-
         task = meta.get("task")
         if task not in tasks.TASKS:
             raise ValueError(
@@ -432,7 +240,7 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Mod
     unwrap(skeleton)
     restore_structure(skeleton, meta.get("modules") or {}, rest)
     adds = _read_adds(meta.get("adds") or {})
-    _deploy_adds(skeleton, adds)  # placeholders: load_state_dict fills their scales and zeros
+    deploy_adds(skeleton, adds)  # placeholders: load_state_dict fills their scales and zeros
     for op, lx in adds.items():  # the zero points as the DeployAdd's float buffers
         assert lx.act is not None
         if lx.act.symmetric:

@@ -13,7 +13,7 @@ The registry is open: :func:`register` adds a kind (with :func:`mixq.formats.reg
 new format name) without editing generic code; the kind registered last is asked first
 (``tests/test_kinds.py`` adds a power-of-two kind that way).
 
-The ONNX methods receive the writer's graph ``g`` (``mixq.export.qdq._Graph``): ``g.onnx`` the
+The ONNX methods receive the writer's graph ``g`` (``mixq.export.qdq.Graph``): ``g.onnx`` the
 onnx module, ``g.tp`` its TensorProto, ``g.int4_as_int8``, ``g.tensor(name, dtype, values,
 share=True)`` and ``g.add(proto)`` to add initializers (returning their names), and
 ``g.weight_nodes(lx, out, vals)`` for a DequantizeLinear weight (``vals`` from

@@ -1,0 +1,374 @@
+"""ONNX Runtime's graph surgery: the QDQ graph shaped for what ONNX Runtime fuses and runs fast.
+
+The generic writer (:mod:`mixq.export.qdq`) traces the deployed model and builds the nodes of a
+weight or an input from its format kind; :func:`rewrite` puts them into the traced graph in
+place of the ``mixq`` markers, and decides here, from how ONNX Runtime (1.32, CPU) fuses QDQ
+graphs and how its kernels behave, everything that only serves it, the values staying those
+of the simulation:
+
+* which convs run in float32 and get their weight as float32 values (:func:`_float_convs`),
+  and which inputs are dequantized in a form ORT does not fuse (:func:`_integer_kernel`);
+* input quantizers repeated above chains of Relu/MaxPool/reshapes/clamps (``HOIST_OPS``), a
+  ``Relu -> MaxPool`` above a float layer turned around (:func:`_pool_before_relu`);
+* a conv with one input channel as a depthwise conv on the repeated channel
+  (:func:`_as_depthwise`), a Relu next to a non-8-bit QDQ written as ``Max(x, 0)``
+  (:func:`_guard_relus`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mixq.export.codes import Encoded
+from mixq.export.deploy import LayerExport
+from mixq.export.modules import MARKER_DOMAIN, marker_layer
+from mixq.kinds import kind_of
+
+if TYPE_CHECKING:  # the writer passes its graph builder in: qdq imports this module
+    from mixq.export.qdq import Graph
+
+# Ops through which an input quantizer is also applied upstream, exactly: Q->DQ is monotone with
+# QDQ(0) = 0, so it commutes with max (Relu, MaxPool) and with reshapes; QDQ is idempotent. With
+# constant bounds, QDQ(min(QDQ(x), c)) = min(QDQ(x), QDQ(c)) = QDQ(min(x, c)) for a monotone,
+# idempotent QDQ, so clamps (Clip, and Min/Max with a constant: CLE's per-channel clamps) too.
+HOIST_OPS = ("Relu", "MaxPool", "Flatten", "Reshape", "Clip", "Min", "Max")
+BOUNDED_OPS = ("Clip", "Min", "Max")  # hoisted through only when every other input is a constant
+
+
+def _chain_above(
+    x: str, producers: dict[str, Any], consumers: dict[str, list[Any]], constants: set[str] | None = None
+) -> list[Any]:
+    """The chain of HOIST_OPS nodes (top first) that ends in tensor ``x``, each output used once."""
+    constants = constants or set()
+    chain: list[Any] = []
+    while (
+        (p := producers.get(x)) is not None
+        and p.op_type in HOIST_OPS
+        and len(p.output) == 1  # a MaxPool's indices could change where quantization makes ties
+        and len(consumers.get(x, [])) == 1
+        and (p.op_type not in BOUNDED_OPS or all(i in constants or not i for i in p.input[1:]))
+    ):
+        chain.insert(0, p)
+        x = p.input[0]
+    return chain
+
+
+LAYER_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _float_layer(node: Any, producers: dict[str, Any], constants: set[str], float_convs: set[str]) -> bool:
+    """Whether ``node`` (through a bias Add) is a layer that runs in float32.
+
+    That is a layer whose input is not quantized, or a conv of ``float_convs``. Such a layer
+    runs in float32 whatever follows it, so a quantizer hoisted above its output gains no
+    integer kernel; ONNX Runtime would only run the chain between them (a MaxPool) in its slow
+    NCHW uint8 kernel instead of its float one.
+    """
+    if node is not None and node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in LAYER_OPS:
+        return False
+    weight = producers.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is not None and weight.domain == MARKER_DOMAIN and marker_layer(weight) in float_convs:
+        return True
+    src = producers.get(node.input[0])
+    return src is None or not (src.domain == MARKER_DOMAIN and src.op_type == "Act")
+
+
+def _float_convs(
+    graph: Any,
+    layers: dict[str, LayerExport],
+    producers: dict[str, Any],
+    consumers: dict[str, list[Any]],
+    constants: set[str],
+    channels: dict[str, int],
+) -> set[str]:
+    """The conv layers that ONNX Runtime runs in float32: their weights go in as float.
+
+    ORT runs a conv in integers (QLinearConv) only when both its input and its output pass
+    through QDQ: a conv with a float input, or whose output feeds something other than input
+    quantizers with equal parameters (a float residual Add, a pooling), runs in float32. With a
+    DequantizeLinear weight it would then dequantize the weight on every run and miss its NCHWc
+    float kernels, since ORT does not constant-fold DequantizeLinear; the exact dequantized
+    values avoid both. Their inputs are dequantized in the form ORT does not fuse (see
+    :func:`rewrite`): ORT quantizes the float weight of a conv with a DequantizeLinear input to
+    int8 itself, per tensor, which would change the layer's values.
+
+    A conv with a single input channel (an image model's stem on grayscale images) whose output
+    is max-pooled before its next quantizer runs in float32 too, on its dequantized input codes
+    and weight: summing only 9 products per output (3x3), ORT's int8 kernels are slower than its
+    float32 one (on an AVX2 CPU, mnist-cnn at batch 256: 8.9 ms dense, 5.9 ms depthwise on the
+    input repeated per output channel plus 1.7 ms to repeat and transpose it, against 2.1 ms),
+    and the float32 pooling leaves a quarter of the values to convert to ORT's int8 layout. A
+    stem without pooling stays on the int8 depthwise kernel (:func:`_as_depthwise`): converting
+    its whole float32 output costs more than the float32 kernel saves.
+    """
+    heads: dict[str, set[int]] = {}  # tensor -> its users that lead to an input quantizer
+    quantizers: dict[str, set[tuple]] = {}  # tensor -> the parameters of those quantizers
+    for node in graph.node:
+        if node.domain == MARKER_DOMAIN and node.op_type == "Act":
+            chain = _chain_above(node.input[0], producers, consumers, constants)
+            x = chain[0].input[0] if chain else node.input[0]
+            heads.setdefault(x, set()).add(id(chain[0] if chain else node))
+            layer = marker_layer(node)
+            quantizers.setdefault(x, set()).add(_quantizer_key(layers[layer]))
+    # a tensor whose every user leads to an equal quantizer: ORT merges those into one and fuses
+    # the producer (e.g. a projection conv feeding the next block's conv and residual addition),
+    # also through a Relu above the merged quantizer (ORT drops a Relu that feeds a uint8 QDQ
+    # with zero point 0): a stem conv whose Relu feeds the first block's conv and shortcut
+    fed = set()
+    for x, users in heads.items():
+        if len(consumers.get(x, [])) != len(users) or len(quantizers[x]) != 1:
+            continue
+        top = producers.get(x)
+        while (top is not None and top.op_type == "Relu"
+               and len(consumers.get(top.input[0], [])) == 1):  # fmt: skip
+            top = producers.get(top.input[0])
+        if top is not None:
+            fed.add(id(top))
+    out: set[str] = set()
+    for node in graph.node:
+        if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
+            continue
+        layer = marker_layer(node)
+        lx, users = layers[layer], consumers.get(node.output[0], [])
+        summed = isinstance(lx.weight, Encoded) and not kind_of(lx.weight.spec).single_weight
+        if lx.kind != "conv" or summed or len(users) != 1 or users[0].op_type != "Conv":
+            continue
+        stem = channels.get(layer) == 1 and _pooled_below(users[0], consumers)
+        if lx.act is None or (lx.act_base is None and id(users[0]) not in fed) or stem:
+            out.add(layer)
+    return out
+
+
+def _pooled_below(node: Any, consumers: dict[str, list[Any]]) -> bool:
+    """Whether ``node``'s output goes through a MaxPool in a chain of HOIST_OPS (one user each)."""
+    x = node.output[0]
+    while len(users := consumers.get(x, [])) == 1 and users[0].op_type in HOIST_OPS:
+        if users[0].op_type == "MaxPool":
+            return True
+        x = users[0].output[0]
+    return False
+
+
+def _quantizer_key(lx: LayerExport) -> tuple:
+    """What decides an input quantizer's QDQ nodes: equal keys give equal nodes."""
+    spec = lx.act_base or lx.act
+    scale = None if lx.act_scale is None else lx.act_scale.float().numpy().tobytes()
+    zero = None if lx.act_zero is None else lx.act_zero.float().numpy().tobytes()
+    return (repr(spec), lx.act_base is not None, scale, zero)
+
+
+def _pool_before_relu(chain: list[Any], moved: dict[int, Any]) -> None:
+    """Rewire each ``Relu -> MaxPool`` of a chain as ``MaxPool -> Relu`` (the same values).
+
+    Max commutes with the monotone Relu. With the Relu last, ONNX Runtime's QDQ propagation
+    stops at it and cannot move the next QuantizeLinear above the MaxPool, so the pool stays in
+    float32 (its NCHWc kernel). ``moved`` swaps the two nodes' places in the graph's order.
+    """
+    for relu, pool in zip(chain, chain[1:], strict=False):
+        if relu.op_type != "Relu" or pool.op_type != "MaxPool" or id(relu) in moved or id(pool) in moved:
+            continue
+        x, mid, y = relu.input[0], relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0] = x, mid
+        relu.input[0], relu.output[0] = mid, y
+        moved[id(relu)], moved[id(pool)] = pool, relu
+
+
+def _as_depthwise(g: Graph, lx: LayerExport, qdq: list[Any], conv: Any) -> None:
+    """Run a conv with one input channel as a depthwise conv on that channel repeated (in place).
+
+    ``Q -> Expand(1 -> C_out channels) -> DQ -> Conv(group=C_out)`` computes the same dot
+    products (the weight [C_out, 1, kh, kw] fits both), and ONNX Runtime fuses it into its
+    int8 depthwise kernel; its dense int8 kernel runs such a conv (9 terms per output for a
+    3x3 kernel) slower than float32 does. The codes are repeated as uint8/int8 bytes.
+    """
+    onnx = g.onnx
+    out_channels = int(lx.weight.shape[0])
+    grouped = any(a.name == "group" and a.i != 1 for a in conv.attribute)
+    act = lx.act_base or lx.act
+    tp = onnx.TensorProto
+    eight_bit = act is not None and kind_of(act).onnx_act_type(act, tp) in (tp.INT8, tp.UINT8)
+    summed = isinstance(lx.weight, Encoded) and not kind_of(lx.weight.spec).single_weight
+    if conv.op_type != "Conv" or out_channels == 1 or grouped or not eight_bit or summed:
+        return
+    q, dq = qdq[0], qdq[1]
+    assert q.op_type == "QuantizeLinear" and dq.op_type == "DequantizeLinear"
+    shape = torch.tensor([1, out_channels, 1, 1])
+    reps = g.tensor(f"{lx.name}.input.repeat", onnx.TensorProto.INT64, shape)
+    expanded = f"{lx.name}.input.q_repeated"
+    repeat = onnx.helper.make_node("Expand", [q.output[0], reps], [expanded], name=f"{lx.name}.input_repeat")
+    qdq.insert(1, repeat)
+    dq.input[0] = expanded
+    kept = [a for a in conv.attribute if a.name != "group"]
+    del conv.attribute[:]
+    conv.attribute.extend([*kept, onnx.helper.make_attribute("group", out_channels)])
+
+
+def _integer_kernel(lx: LayerExport, g: Graph) -> bool:
+    """Whether ONNX Runtime has an integer kernel for the layer: 8-bit codes of input and weight.
+
+    Layers with 4-bit (INT4/UINT4) or fp8 weights or inputs, multipoint weights and float32
+    weight initializers (no QDQ form) run in float32 on dequantized values; ORT would still
+    round their float biases to int32 (at scale ``s_x * s_w``) when their input is a
+    DequantizeLinear. An addition's operands keep their DequantizeLinear: ORT fuses 8-bit ones
+    into QLinearAdd, and an addition has no weight or bias for ORT to change.
+    """
+    if lx.kind == "add":
+        return True
+    spec = lx.act_base or lx.act
+    w = lx.weight
+    eight_bit = (g.tp.INT8, g.tp.UINT8)
+    if spec is None or kind_of(spec).onnx_act_type(spec, g.tp) not in eight_bit or not isinstance(w, Encoded):
+        return False
+    vals = kind_of(w.spec).onnx_weight(g, w)
+    return vals is not None and vals[2] in eight_bit
+
+
+def _guard_relus(g: Graph, nodes: list[Any], types: dict[str, int]) -> list[Any]:
+    """Write a Relu next to a QDQ of another type than int8/uint8 as ``Max(x, 0)`` (same values).
+
+    ONNX Runtime 1.32's graph optimizations drop a Relu that feeds a QuantizeLinear (or follows
+    a DequantizeLinear) as if every zero point of 0 were the type's minimum: right for uint8,
+    wrong for fp8 and signed int4, whose grids hold negative values.
+    """
+    onnx = g.onnx
+    tp = onnx.TensorProto
+    exact = (tp.UINT8, tp.INT8)
+
+    def other_type(node: Any) -> bool:
+        return (
+            node.op_type in ("QuantizeLinear", "DequantizeLinear") and types.get(node.input[2]) not in exact
+        )
+
+    by_output = {o: n for n in nodes for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    zero = None
+    out = []
+    for n in nodes:
+        src = by_output.get(n.input[0]) if n.op_type == "Relu" else None
+        if n.op_type == "Relu" and (
+            (src is not None and other_type(src)) or any(other_type(u) for u in users.get(n.output[0], []))
+        ):
+            if zero is None:
+                zero = g.tensor("mixq.relu_zero", tp.FLOAT, torch.tensor(0.0))
+            n = onnx.helper.make_node("Max", [n.input[0], zero], list(n.output), name=f"{n.name}_as_max")
+        out.append(n)
+    return out
+
+
+@dataclass
+class _Rewrite:
+    """One rewrite of a traced graph: its index, ORT's decisions and the edits collected."""
+
+    g: Graph
+    layers: dict[str, LayerExport]
+    channels: dict[str, int]
+    producers: dict[str, Any] = field(default_factory=dict)
+    consumers: dict[str, list[Any]] = field(default_factory=dict)
+    constants: set[str] = field(default_factory=set)
+    float_convs: set[str] = field(default_factory=set)  # see _float_convs
+    before: dict[int, list[Any]] = field(default_factory=dict)  # id(node) -> QDQ nodes to emit just before it
+    replace: dict[int, list[Any]] = field(default_factory=dict)  # id(marker) -> its replacement
+    moved: dict[int, Any] = field(default_factory=dict)  # id(node) -> node in its place: _pool_before_relu
+
+    def index(self, graph: Any) -> None:
+        """Each tensor's producer and consumers, and the constant tensors of ``graph``."""
+        self.constants = {t.name for t in graph.initializer} | {
+            o for n in graph.node if n.op_type == "Constant" for o in n.output
+        }
+        for node in graph.node:
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+            for o in node.output:
+                self.producers[o] = node
+        self.float_convs = _float_convs(
+            graph, self.layers, self.producers, self.consumers, self.constants, self.channels
+        )
+
+    def marker(self, node: Any) -> None:
+        """Replace one marker: a weight's nodes, an input's own nodes (its kind's) or its QDQ."""
+        layer = marker_layer(node)
+        lx = self.layers[layer]
+        if node.op_type == "Weight":
+            self.replace[id(node)] = self.g.weight(lx, node.output[0], as_float=layer in self.float_convs)
+        elif node.op_type == "Act" and (own := self.g.own_act_nodes(lx, node, self.channels.get(layer, 0))):
+            self.replace[id(node)] = own  # the kind's own nodes (SPARQ windows)
+        elif node.op_type == "Act":
+            self.input(node, lx)
+        else:
+            raise RuntimeError(f"unknown marker {node.op_type}")
+
+    def input(self, node: Any, lx: LayerExport) -> None:
+        """An input's ``QuantizeLinear -> DequantizeLinear``, in the form ORT runs it best."""
+        g, layer = self.g, lx.name
+        params = g.act_quantizer(lx)
+        float_zero = None
+        if layer in self.float_convs or not _integer_kernel(lx, g):
+            # a layer ORT runs in float32: keep it from quantizing the weight and bias itself
+            assert lx.act_zero is not None
+            float_zero = g.tensor(f"{lx.name}.input.zero_float", g.tp.FLOAT, lx.act_zero.reshape(()))
+        qdq = g.qdq(params, node.input[0], node.output[0], f"{lx.name}.input", float_zero)
+        self.replace[id(node)] = qdq
+        users = self.consumers.get(node.output[0], [])
+        if float_zero is None and self.channels.get(layer) == 1 and lx.kind == "conv" and len(users) == 1:
+            _as_depthwise(g, lx, qdq, users[0])
+        self.hoist(node, lx, params)
+
+    def hoist(self, node: Any, lx: LayerExport, params: tuple[str, str, tuple[str, str] | None]) -> None:
+        """Repeat an input's quantizer above the HOIST_OPS chain that feeds it (see :func:`rewrite`)."""
+        chain = _chain_above(node.input[0], self.producers, self.consumers, self.constants)
+        above = self.producers.get(chain[0].input[0]) if chain else None
+        if chain and _float_layer(above, self.producers, self.constants, self.float_convs):
+            _pool_before_relu(chain, self.moved)  # nothing to fuse above: keep the chain in float
+            return
+        for i, link in enumerate(chain):
+            tag = f"{lx.name}.input_above{i}"
+            self.before[id(link)] = self.g.qdq(params, link.input[0], f"{tag}.out", tag)
+            link.input[0] = f"{tag}.out"
+
+    def nodes(self, graph: Any) -> list[Any]:
+        """The graph's nodes with the edits applied, in order."""
+        out = []
+        for node in graph.node:
+            node = self.moved.get(id(node), node)
+            out.extend(self.before.get(id(node), []))
+            out.extend(self.replace.get(id(node), [node]))
+        return out
+
+
+def rewrite(
+    model: Any, layers: dict[str, LayerExport], g: Graph, channels: dict[str, int] | None = None
+) -> Any:
+    """Replace the ``mixq`` markers of a traced graph by QDQ nodes; return the new ModelProto.
+
+    ``g``: the writer's graph builder (:class:`mixq.export.qdq.Graph`), which makes the nodes
+    of each weight and input. An input quantizer is also repeated before each node of a chain
+    of Relu/MaxPool/Flatten/Reshape/Clip/Min/Max that feeds it (exact, see HOIST_OPS), so that
+    ONNX Runtime sees ``Conv -> QuantizeLinear`` and ``DequantizeLinear -> MaxPool ->
+    QuantizeLinear`` and runs the producing layer and the chain in integers; above a layer that
+    runs in float32 anyway (a float input, a conv of :func:`_float_convs`) nothing is hoisted,
+    and a ``Relu -> MaxPool`` there becomes ``MaxPool -> Relu`` (:func:`_pool_before_relu`).
+    Another conv with a single input channel becomes a depthwise conv on the repeated channel
+    (:func:`_as_depthwise`). A layer that ONNX Runtime runs in float32 (a float32 weight
+    initializer, a conv whose output meets no quantizer or a pooled stem: :func:`_float_convs`,
+    4-bit or fp8 codes: :func:`_integer_kernel`) gets its input dequantized as
+    ``(Cast(q) - zero) * scale`` instead of a DequantizeLinear: after a DequantizeLinear, ONNX
+    Runtime's graph optimizations quantize a conv's or Gemm's float weight to int8 per tensor and
+    its float bias to int32 themselves, which changes the layer's values. ``channels``: the input
+    channels of each layer (see :func:`_float_convs` and :func:`_as_depthwise`; vSPARQ inputs'
+    pairs run along them).
+    """
+    rw = _Rewrite(g, layers, channels or {})
+    rw.index(model.graph)
+    for node in model.graph.node:
+        if node.domain == MARKER_DOMAIN:
+            rw.marker(node)
+    nodes = _guard_relus(g, rw.nodes(model.graph), {t.name: t.data_type for t in g.inits})
+    return g.finish(model, nodes)
