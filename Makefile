@@ -28,11 +28,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(PY) -m mixq demo --out runs/demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
+# ruff's rules (pyproject.toml: style, imports, bugbear, complexity <= 15, <= 8 arguments) and format.
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
 
 # Every method on every benchmark task over a budget sweep; resumes an interrupted run.
 bench: $(STAMP)

@@ -80,9 +80,15 @@ def forward_seconds(ctx: Context, batch: Any, repeats: int = 7) -> tuple[float, 
     return statistics.median(cpu), statistics.median(wall)
 
 
-def run_sensitivity_ilp(  # fmt: skip
-    task: mixq.Task, cands: list[str], layers: list[str], budgets: list[float], table: dict | None,
-    args: argparse.Namespace, out: Path, cache: mixq.Cache,
+def run_sensitivity_ilp(
+    task: mixq.Task,
+    cands: list[str],
+    layers: list[str],
+    budgets: list[float],
+    table: dict | None,
+    args: argparse.Namespace,
+    out: Path,
+    cache: mixq.Cache,
 ) -> tuple[list[dict[str, Any]], float]:
     """The real ``sensitivity-ilp`` method through ``mixq.run`` at every budget.
 
@@ -96,14 +102,23 @@ def run_sensitivity_ilp(  # fmt: skip
     method_args = {"batches": args.ilp_batches, "time_limit": args.time_limit}
     lookup = None
     if table is not None:
+
         def lookup(model: torch.nn.Module, batches: Any) -> float:
             plan = current_plan(model).layers
             return evaluate_table(table, len(cands), [cands.index(plan[n].name) for n in layers])
+
     for b in budgets:
         run_task = task if lookup is None or not rows else dataclasses.replace(task, metric=lookup)
         try:
-            res = mixq.run(run_task, "sensitivity-ilp", cands, {"avg_weight_bits": b},
-                           method_args=method_args, out=out, cache=cache)  # fmt: skip
+            res = mixq.run(
+                run_task,
+                "sensitivity-ilp",
+                cands,
+                {"avg_weight_bits": b},
+                method_args=method_args,
+                out=out,
+                cache=cache,
+            )
         except ValueError as e:  # an infeasible budget
             print(f"sensitivity-ilp {b}: {e}", flush=True)
             continue
@@ -111,11 +126,20 @@ def run_sensitivity_ilp(  # fmt: skip
             first = res.metrics.seconds
         info = res.history[0]
         choices = [cands.index(res.plan.layers[n].name) for n in layers]
-        row = {"method": "sensitivity-ilp", "budget": b, "choices": choices, "metric": res.metrics.metric,
-               "avg_weight_bits": res.metrics.avg_weight_bits, "status": info["status"],
-               "gap": info["gap"], "solve_seconds": info["solve_seconds"], "objective": info["objective"],
-               "via": "mixq.run", "method_args": method_args,
-               "metric_from": "direct" if run_task is task else "exhaustive table"}  # fmt: skip
+        row = {
+            "method": "sensitivity-ilp",
+            "budget": b,
+            "choices": choices,
+            "metric": res.metrics.metric,
+            "avg_weight_bits": res.metrics.avg_weight_bits,
+            "status": info["status"],
+            "gap": info["gap"],
+            "solve_seconds": info["solve_seconds"],
+            "objective": info["objective"],
+            "via": "mixq.run",
+            "method_args": method_args,
+            "metric_from": "direct" if run_task is task else "exhaustive table",
+        }
         if table is not None:
             row["table_metric"] = evaluate_table(table, len(cands), choices)
         rows.append(row)
@@ -176,10 +200,20 @@ def warm_start_study(prob: search.Problem, limits: list[float], time_limit: floa
             lower, upper = np.append(form.constraints.lb, -np.inf), np.append(form.constraints.ub, cut)
             lc = LinearConstraint(rows, lower, upper)
             t0 = time.perf_counter()
-            res = milp(form.c, integrality=form.integrality, bounds=form.bounds, constraints=lc,
-                       options={"mip_rel_gap": 0.0, "time_limit": time_limit})  # fmt: skip
-            out["cutoff"].append({"seconds": time.perf_counter() - t0, "status": int(res.status),
-                                  "objective": float(res.fun) if res.fun is not None else None})  # fmt: skip
+            res = milp(
+                form.c,
+                integrality=form.integrality,
+                bounds=form.bounds,
+                constraints=lc,
+                options={"mip_rel_gap": 0.0, "time_limit": time_limit},
+            )
+            out["cutoff"].append(
+                {
+                    "seconds": time.perf_counter() - t0,
+                    "status": int(res.status),
+                    "objective": float(res.fun) if res.fun is not None else None,
+                }
+            )
         previous = warm.choices
     for k in ("cold", "warm", "cutoff"):
         out[f"{k}_seconds_total"] = sum(r["seconds"] for r in out[k])
@@ -195,16 +229,30 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
     mc = cost.model_costs(qmodel, infos)
     layers = [i.name for i in infos]
     sens_batches = sub_batches(list(task.calib), args.sens_images)
-    ctx = Context(task=dataclasses.replace(task, calib=sens_batches), qmodel=qmodel, layers=layers,
-                  candidates=specs, costs=cost.cost_table(infos, specs), model_costs=mc, budget={},
-                  limits={}, out=Path(args.store) / task.name / set_name)  # fmt: skip
+    ctx = Context(
+        task=dataclasses.replace(task, calib=sens_batches),
+        qmodel=qmodel,
+        layers=layers,
+        candidates=specs,
+        costs=cost.cost_table(infos, specs),
+        model_costs=mc,
+        budget={},
+        limits={},
+        out=Path(args.store) / task.name / set_name,
+    )
     prepare_seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {"candidates": cands, "layers": layers, "sens_images": args.sens_images,
-                           "sens_batches": [len(b[1]) for b in sens_batches],
-                           "calib_images": sum(len(b[1]) for b in task.calib),
-                           "hutchinson_samples": args.hutchinson, "ilp_batches": args.ilp_batches,
-                           "time_limit": args.time_limit, "threads": torch.get_num_threads(),
-                           "prepare_seconds": prepare_seconds}  # fmt: skip
+    out: dict[str, Any] = {
+        "candidates": cands,
+        "layers": layers,
+        "sens_images": args.sens_images,
+        "sens_batches": [len(b[1]) for b in sens_batches],
+        "calib_images": sum(len(b[1]) for b in task.calib),
+        "hutchinson_samples": args.hutchinson,
+        "ilp_batches": args.ilp_batches,
+        "time_limit": args.time_limit,
+        "threads": torch.get_num_threads(),
+        "prepare_seconds": prepare_seconds,
+    }
 
     # Sensitivities (each timed).
     sens: dict[str, sensitivity.Sensitivity] = {}
@@ -217,8 +265,9 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
     t1 = time.perf_counter()
     # The traces do not depend on the candidates: one store per task serves both sets.
     with Store(Path(args.store) / task.name / "store-hawq.sqlite") as store:
-        sens["hawq"] = sensitivity.hawq(qmodel, ctx.task, layers, specs, n_samples=args.hutchinson,
-                                        store=store)  # fmt: skip
+        sens["hawq"] = sensitivity.hawq(
+            qmodel, ctx.task, layers, specs, n_samples=args.hutchinson, store=store
+        )
     times["hawq"] = time.perf_counter() - t1
     meta = sens["clado-kl"].meta
     full_cpu, full_wall = forward_seconds(ctx, sens_batches[0])
@@ -240,7 +289,7 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
         "forward+loss on the same batch (median of 7), one thread; amortized includes the (l, s) passes "
         "that record the reused prefixes; *_wall: the same with wall-clock time, disturbed by the "
         "other processes of a shared machine",
-    }  # fmt: skip
+    }
     out["sensitivity_seconds"] = times
 
     # Problems.
@@ -269,11 +318,15 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
 
     budgets = BUDGETS[set_name]
     t1 = time.perf_counter()
-    ilp_rows, times["sensitivity-ilp"] = run_sensitivity_ilp(task, cands, layers, budgets, table, args,
-                                                             ctx.out / "sensitivity-ilp", cache)  # fmt: skip
+    ilp_rows, times["sensitivity-ilp"] = run_sensitivity_ilp(
+        task, cands, layers, budgets, table, args, ctx.out / "sensitivity-ilp", cache
+    )
     out["sensitivity_ilp_seconds_all_budgets"] = time.perf_counter() - t1
-    print(f"{task.name} {set_name} sensitivity-ilp: " + " ".join(
-        f"{r['budget']}:{r['metric']:.2f}" for r in ilp_rows), flush=True)  # fmt: skip
+    print(
+        f"{task.name} {set_name} sensitivity-ilp: "
+        + " ".join(f"{r['budget']}:{r['metric']:.2f}" for r in ilp_rows),
+        flush=True,
+    )
     limits = [cost.to_limit(mc, "avg_weight_bits", b) for b in budgets]
     wb = {"weight_bits": ctx.costs["weight_bits"]}
     rows = []
@@ -286,18 +339,30 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
         for b, sol in zip(budgets, sols, strict=True):
             if sol is None:
                 continue
-            rows.append({"method": name, "budget": b, "choices": sol.choices,
-                         "metric": evaluate(ctx, sol.choices, cache, table),
-                         "avg_weight_bits": cost.from_limit(mc, "avg_weight_bits", sol.costs["weight_bits"]),
-                         "status": sol.status, "gap": sol.gap, "solve_seconds": sol.seconds,
-                         "objective": sol.objective})  # fmt: skip
+            rows.append(
+                {
+                    "method": name,
+                    "budget": b,
+                    "choices": sol.choices,
+                    "metric": evaluate(ctx, sol.choices, cache, table),
+                    "avg_weight_bits": cost.from_limit(mc, "avg_weight_bits", sol.costs["weight_bits"]),
+                    "status": sol.status,
+                    "gap": sol.gap,
+                    "solve_seconds": sol.seconds,
+                    "objective": sol.objective,
+                }
+            )
         out.setdefault("sweep_seconds", {})[name] = sweep_seconds
-        print(f"{task.name} {set_name} {name}: " + " ".join(
-            f"{r['budget']}:{r['metric']:.2f}" for r in rows if r["method"] == name), flush=True)  # fmt: skip
+        print(
+            f"{task.name} {set_name} {name}: "
+            + " ".join(f"{r['budget']}:{r['metric']:.2f}" for r in rows if r["method"] == name),
+            flush=True,
+        )
     if args.warm_study:
         clado_prob = problems["clado"]
         out["warm_start_study"] = warm_start_study(
-            search.Problem(clado_prob.scores, wb, {}, clado_prob.pairs), limits, args.time_limit)
+            search.Problem(clado_prob.scores, wb, {}, clado_prob.pairs), limits, args.time_limit
+        )
     for b, limit in zip(budgets, limits, strict=True):
         bctx = dataclasses.replace(ctx, budget={"avg_weight_bits": b}, limits={"weight_bits": limit})
         try:
@@ -306,8 +371,15 @@ def run_set(task: mixq.Task, set_name: str, args: argparse.Namespace, cache: mix
             continue
         choices = [cands.index(plan.layers[n].name) for n in layers]
         bits = cost.metrics_of(mc, [specs[c] for c in choices])["avg_weight_bits"]
-        rows.append({"method": "uniform", "budget": b, "choices": choices,
-                     "metric": evaluate(ctx, choices, cache, table), "avg_weight_bits": bits})  # fmt: skip
+        rows.append(
+            {
+                "method": "uniform",
+                "budget": b,
+                "choices": choices,
+                "metric": evaluate(ctx, choices, cache, table),
+                "avg_weight_bits": bits,
+            }
+        )
     out["rows"] = rows + ilp_rows
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -320,8 +392,12 @@ def main() -> None:
     ap.add_argument("--sens-images", type=int, default=512, help="images of the sensitivity set")
     ap.add_argument("--val-images", type=int, default=0, help="validation images (0: all)")
     ap.add_argument("--hutchinson", type=int, default=32, help="Hutchinson samples per batch (hawq)")
-    ap.add_argument("--ilp-batches", type=int, default=0,
-                    help="calibration batches of sensitivity-ilp's own measurement (0: all)")  # fmt: skip
+    ap.add_argument(
+        "--ilp-batches",
+        type=int,
+        default=0,
+        help="calibration batches of sensitivity-ilp's own measurement (0: all)",
+    )
     ap.add_argument("--time-limit", type=float, default=60.0, help="ILP seconds per budget")
     ap.add_argument("--warm-study", action="store_true", help="time cold, warm and cutoff sweeps")
     ap.add_argument("--store", default="/tmp/mixq-bench-clado", help="result stores (resumable)")
@@ -333,8 +409,12 @@ def main() -> None:
         if args.val_images:
             val = sub_batches(list(task.val), args.val_images)
             task = dataclasses.replace(task, val=val, _fp_metric=None)
-        head = {"metric_name": task.metric_name, "fp32": task.fp_metric(), "info": task.info,
-                "val_images": sum(len(b[1]) for b in task.val)}  # fmt: skip
+        head = {
+            "metric_name": task.metric_name,
+            "fp32": task.fp_metric(),
+            "info": task.info,
+            "val_images": sum(len(b[1]) for b in task.val),
+        }
         cache = mixq.Cache()  # the task prepared once for all its sets and runs
         for set_name in args.sets.split(","):
             result = run_set(task, set_name, args, cache)

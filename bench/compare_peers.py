@@ -123,9 +123,15 @@ def loses_without(r: dict[str, Any], field: str, points: list[dict[str, Any]]) -
     return verdict({k: v for k, v in r.items() if k != field}, best_mixq(points, r)).startswith("mixq loses")
 
 
-def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], ptq: bool = False,
-             ptq_steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS,
-             methods: list[str] | None = None) -> int:  # fmt: skip
+def backfill(
+    rows: dict[str, dict[str, Any]],
+    tools: list[str],
+    tasks: list[str],
+    ptq: bool = False,
+    ptq_steps: list[str] | None = None,
+    adaround_iters: int = ADAROUND_ITERS,
+    methods: list[str] | None = None,
+) -> int:
     """Add mixq's own-grid search to finished rows that lack it (the tools do not run again).
 
     With ``ptq``: add the own-grid search with ``ptq_steps`` (default: bias correction) to the rows
@@ -160,8 +166,14 @@ def backfill(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str]
     return 0
 
 
-def backfill_methods(rows: dict[str, dict[str, Any]], tools: list[str], tasks: list[str], methods: list[str],
-                     steps: list[str], adaround_iters: int) -> int:  # fmt: skip
+def backfill_methods(
+    rows: dict[str, dict[str, Any]],
+    tools: list[str],
+    tasks: list[str],
+    methods: list[str],
+    steps: list[str],
+    adaround_iters: int,
+) -> int:
     session = new_session(["backfill-methods"])
     points = mixq_points()
     for key, r in rows.items():
@@ -193,16 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mixq-search", action="store_true", help="skip mixq's search at each peer's size")
     p.add_argument("--redo", action="store_true", help="recompute rows that already exist")
     p.add_argument("--report-only", action="store_true", help="rewrite peers.md from peers.json")
-    p.add_argument("--backfill", action="store_true",
-                   help="add the missing 'mixq search, own grid' to finished rows (no tool runs)")
-    p.add_argument("--backfill-ptq", action="store_true",
-                   help="add 'mixq search, own grid' + PTQ steps to the rows mixq loses (no tool runs)")
-    p.add_argument("--backfill-methods", default="",
-                   help="comma list of mixq methods (e.g. sensitivity-ilp,hawq) run with mixq's sweep "
-                        "candidates at the peer's size, on the rows mixq loses (no tool runs)")
-    p.add_argument("--ptq-steps", default="",
-                   help="mixq PTQ steps (comma list of cle, bias_correction, adaround) of --backfill-ptq "
-                        f"(default: {','.join(PTQ_STEPS)}) and --backfill-methods (default: none)")
+    p.add_argument(
+        "--backfill",
+        action="store_true",
+        help="add the missing 'mixq search, own grid' to finished rows (no tool runs)",
+    )
+    p.add_argument(
+        "--backfill-ptq",
+        action="store_true",
+        help="add 'mixq search, own grid' + PTQ steps to the rows mixq loses (no tool runs)",
+    )
+    p.add_argument(
+        "--backfill-methods",
+        default="",
+        help="comma list of mixq methods (e.g. sensitivity-ilp,hawq) run with mixq's sweep "
+        "candidates at the peer's size, on the rows mixq loses (no tool runs)",
+    )
+    p.add_argument(
+        "--ptq-steps",
+        default="",
+        help="mixq PTQ steps (comma list of cle, bias_correction, adaround) of --backfill-ptq "
+        f"(default: {','.join(PTQ_STEPS)}) and --backfill-methods (default: none)",
+    )
     p.add_argument("--adaround-iters", type=int, default=ADAROUND_ITERS, help="AdaRound steps per layer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -218,10 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown tools {bad}; valid: {', '.join(PEERS)}")
     if args.backfill or args.backfill_ptq or args.backfill_methods:
-        return backfill(rows, tools, [t for t in args.tasks.split(",") if t], ptq=args.backfill_ptq,
-                        ptq_steps=[x for x in args.ptq_steps.split(",") if x],
-                        adaround_iters=args.adaround_iters,
-                        methods=[x for x in args.backfill_methods.split(",") if x])  # fmt: skip
+        return backfill(
+            rows,
+            tools,
+            [t for t in args.tasks.split(",") if t],
+            ptq=args.backfill_ptq,
+            ptq_steps=[x for x in args.ptq_steps.split(",") if x],
+            adaround_iters=args.adaround_iters,
+            methods=[x for x in args.backfill_methods.split(",") if x],
+        )
     settings = json.loads(args.settings)
     jobs = [j for j in JOBS if j.tool in tools]
     if args.tasks:
@@ -246,20 +275,36 @@ def main(argv: list[str] | None = None) -> int:
         val = args.minilm_val if job.task == "minilm" else 0
         val = args.fashion_val if job.task.startswith("fashion-") else val
         res = run_driver(job, val, args.timeout)
-        log.info("%s: tool ok=%s metric=%s bits=%s search=%.1fs", job.key, res.get("ok"), res.get("metric"),
-                 res.get("tool_bits"), res.get("search_seconds") or 0)  # fmt: skip
+        log.info(
+            "%s: tool ok=%s metric=%s bits=%s search=%.1fs",
+            job.key,
+            res.get("ok"),
+            res.get("metric"),
+            res.get("tool_bits"),
+            res.get("search_seconds") or 0,
+        )
         try:
             done[job.key] = process(job, res, val, not args.no_mixq_search)
         except Exception as e:  # noqa: BLE001 - record and go on with the next job
             log.exception("%s: mixq side failed", job.key)
-            done[job.key] = {"tool": job.tool, "task": job.task, "budget": job.budget, "ok": False,
-                             "error": f"mixq side: {type(e).__name__}: {e}"}  # fmt: skip
+            done[job.key] = {
+                "tool": job.tool,
+                "task": job.task,
+                "budget": job.budget,
+                "ok": False,
+                "error": f"mixq side: {type(e).__name__}: {e}",
+            }
         rows = save(done, session)
         claim.close()
         r = done[job.key]
         if r.get("ok"):
-            log.info("%s: mixq bits %.3f, mixq same-grid metric %.4f, mixq-grid %.4f", job.key,
-                     r["mixq_same"]["avg_weight_bits"], r["mixq_same"]["metric"], r["mixq_mixq"]["metric"])
+            log.info(
+                "%s: mixq bits %.3f, mixq same-grid metric %.4f, mixq-grid %.4f",
+                job.key,
+                r["mixq_same"]["avg_weight_bits"],
+                r["mixq_same"]["metric"],
+                r["mixq_mixq"]["metric"],
+            )
     save(done, session)
     print(f"wrote {RESULTS / (NAME + '.json')} and {RESULTS / (NAME + '.md')}")
     return 0

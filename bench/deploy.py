@@ -62,8 +62,10 @@ INT8_STORAGE = {"mixed-w4a8/w7a8-int8-storage": "mixed-w4a8/w7a8"}
 # operands of every residual addition quantized (mixq.with_adds, the plan's input spec "a8"), so
 # that ONNX Runtime runs the additions in integers and fuses the convs that feed them; for the
 # models that have mixq.nn.Add modules (the Fashion ResNet-20 and MobileNetV2).
-ADDS_PLANS = {"int8-w7a8+adds": ("int8-w7a8", False),
-              "mixed-w4a8/w7a8+adds-int8-storage": ("mixed-w4a8/w7a8", True)}  # fmt: skip
+ADDS_PLANS = {
+    "int8-w7a8+adds": ("int8-w7a8", False),
+    "mixed-w4a8/w7a8+adds-int8-storage": ("mixed-w4a8/w7a8", True),
+}
 FULL_W8_TASKS = ("mnist-cnn",)
 REFERENCE_BATCHES = 1  # output agreement with the simulation on the first batches (the metric: all)
 THREADS = 1
@@ -238,8 +240,12 @@ def export_task(name: str, root: Path, val: int | None) -> dict[str, Any]:
         emu = mixq.export.emulate(res, task, int4_as_int8=int8_storage(plan_name))
         emulated = simulated_outputs(task, emu, len(task.val))  # ONNX Runtime's integer kernels
         arrays[deploy_target.sim_key(plan_name, "emu")] = np.concatenate(emulated)
-        plans[plan_name] = {"file": path.name, "simulated_metric": res.metrics.metric,
-                            "plan_summary": res.plan.summary(), **how}  # fmt: skip
+        plans[plan_name] = {
+            "file": path.name,
+            "simulated_metric": res.metrics.metric,
+            "plan_summary": res.plan.summary(),
+            **how,
+        }
         print(f"{name:20s} {plan_name:30s} sim={res.metrics.metric:.4f} -> {path.name}", flush=True)
     np.savez_compressed(root / f"{name}.npz", **arrays)
     return {
@@ -398,18 +404,28 @@ def main() -> None:
                 else:
                     merged["tasks"][k] = v
         merged["speedups_vs_fp32"] = {  # wall-clock median ratios, fp32 and int8 timed interleaved
-            task: {plan: {k.removeprefix("speedup_vs_fp32_"): v for k, v in row.items()
-                          if k.startswith("speedup_vs_fp32_")}
-                   for plan, row in t["plans"].items() if plan != "fp32"}
+            task: {
+                plan: {
+                    k.removeprefix("speedup_vs_fp32_"): v
+                    for k, v in row.items()
+                    if k.startswith("speedup_vs_fp32_")
+                }
+                for plan, row in t["plans"].items()
+                if plan != "fp32"
+            }
             for task, t in merged["tasks"].items()
-        }  # fmt: skip
+        }
         for task, t in merged["tasks"].items():
             if "latency_rerun" in t:
                 merged["speedups_vs_fp32"][f"{task} (latency_rerun)"] = {
-                    plan: {k.removeprefix("speedup_vs_fp32_"): v for k, v in row.items()
-                           if k.startswith("speedup_vs_fp32_")}
-                    for plan, row in t["latency_rerun"]["plans"].items() if plan != "fp32"
-                }  # fmt: skip
+                    plan: {
+                        k.removeprefix("speedup_vs_fp32_"): v
+                        for k, v in row.items()
+                        if k.startswith("speedup_vs_fp32_")
+                    }
+                    for plan, row in t["latency_rerun"]["plans"].items()
+                    if plan != "fp32"
+                }
         merged["goal"] = "int8 mnist-cnn at least 1.5x faster than fp32 at batch 256 in ONNX Runtime"
         print(f"wrote {write(args.out, merged)}")
         return
@@ -442,13 +458,22 @@ def main() -> None:
                 k: {"method": v[0], "candidates": v[1], "budget": v[2], "method_args": v[3]}
                 for k, v in PLANS.items()
             }
-            | {k: {"derived_from": v, "change": "the first layer's input is not quantized (float)"}
-               for k, v in FLOAT_INPUT.items()}
-            | {k: {"derived_from": v, "change": "exported with int4_as_int8=True (same values)"}
-               for k, v in INT8_STORAGE.items()}
-            | {k: {"derived_from": v, "change": "residual additions' operands quantized (mixq.with_adds, "
-                   "'a8')" + (", exported with int4_as_int8=True" if i8 else "")}
-               for k, (v, i8) in ADDS_PLANS.items()},  # fmt: skip
+            | {
+                k: {"derived_from": v, "change": "the first layer's input is not quantized (float)"}
+                for k, v in FLOAT_INPUT.items()
+            }
+            | {
+                k: {"derived_from": v, "change": "exported with int4_as_int8=True (same values)"}
+                for k, v in INT8_STORAGE.items()
+            }
+            | {
+                k: {
+                    "derived_from": v,
+                    "change": "residual additions' operands quantized (mixq.with_adds, "
+                    "'a8')" + (", exported with int4_as_int8=True" if i8 else ""),
+                }
+                for k, (v, i8) in ADDS_PLANS.items()
+            },
             "tasks": results,
         },
     )

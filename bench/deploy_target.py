@@ -147,8 +147,9 @@ def agreement(outs: np.ndarray, ref: np.ndarray, classifier: bool) -> dict[str, 
 def run_all(s: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = VAL_BATCH) -> np.ndarray:
     """The first output of ``s`` on every row of ``inputs`` (arrays of equal length), in batches."""
     n = len(next(iter(inputs.values())))
-    return np.concatenate([s.run(None, {k: v[i : i + batch] for k, v in inputs.items()})[0]
-                           for i in range(0, n, batch)])  # fmt: skip
+    return np.concatenate(
+        [s.run(None, {k: v[i : i + batch] for k, v in inputs.items()})[0] for i in range(0, n, batch)]
+    )
 
 
 def _arrays(data: Any, prefix: str) -> dict[str, np.ndarray]:
@@ -166,8 +167,11 @@ def check_task(root: Path, name: str, spec: dict[str, Any], repeats: int, thread
     fused: dict[str, ort.InferenceSession] = {}
     for plan, p in spec["plans"].items():
         sim = data[sim_key(plan)]
-        row: dict[str, Any] = {"file": p["file"], "simulated_metric": p["simulated_metric"],
-                               "simulated_metric_here": top1(sim, labels)}  # fmt: skip
+        row: dict[str, Any] = {
+            "file": p["file"],
+            "simulated_metric": p["simulated_metric"],
+            "simulated_metric_here": top1(sim, labels),
+        }
         emu = data[sim_key(plan, "emu")] if sim_key(plan, "emu") in data.files else None
         if emu is not None:
             row["emulated_metric"] = top1(emu, labels)
@@ -183,19 +187,27 @@ def check_task(root: Path, name: str, spec: dict[str, Any], repeats: int, thread
                     row["ort_fused_metric_minus_emulated"] = row["ort_fused_metric"] - row["emulated_metric"]
                     row["ort_fused_vs_emulated"] = agreement(outs, emu, classifier=True)
         rows[plan] = row
-        print(f"{name:20s} {plan:30s} sim={p['simulated_metric']:.4f} fused={row['ort_fused_metric']:.4f} "
-              f"ref={row['ort_reference_metric']:.4f}", flush=True)  # fmt: skip
+        print(
+            f"{name:20s} {plan:30s} sim={p['simulated_metric']:.4f} fused={row['ort_fused_metric']:.4f} "
+            f"ref={row['ort_reference_metric']:.4f}",
+            flush=True,
+        )
     load = {"before": os.getloadavg()}
     for bs in spec["latency_batches"]:
         feed = _arrays(data, f"lat{bs}")
-        timed = time_plans({p: (lambda s=s, f=feed: s.run(None, f)) for p, s in fused.items()}, repeats,
-                           suffix=f"_batch{bs}")  # fmt: skip
+        timed = time_plans(
+            {p: (lambda s=s, f=feed: s.run(None, f)) for p, s in fused.items()}, repeats, suffix=f"_batch{bs}"
+        )
         for p, t in timed.items():
             rows[p].update(t)
-        print(f"{name:20s} batch {bs}: " + ", ".join(
-            f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms ({t[f'paired_speedup_vs_fp32_batch{bs}']:.2f}x)"
-            for p, t in timed.items()
-        ), flush=True)  # fmt: skip
+        print(
+            f"{name:20s} batch {bs}: "
+            + ", ".join(
+                f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms ({t[f'paired_speedup_vs_fp32_batch{bs}']:.2f}x)"
+                for p, t in timed.items()
+            ),
+            flush=True,
+        )
     load["after"] = os.getloadavg()
     return {
         "metric_name": spec["metric_name"],
@@ -225,22 +237,25 @@ def main() -> None:
         raise SystemExit(f"tasks {unknown} are not in {path}; it has: {', '.join(manifest['tasks'])}")
     load_before = os.getloadavg()
     results = {n: check_task(args.dir, n, manifest["tasks"][n], args.repeats, args.threads) for n in names}
-    out = write(args.out, {
-        "exported_by": manifest["provenance"],
-        "cpu": cpu_info(),
-        "setup": {
-            "ort_intra_op_num_threads": args.threads,
-            "ort_inter_op_num_threads": 1,
-            "providers": ["CPUExecutionProvider"],
-            "repeats": args.repeats,
-            "timing": "median of interleaved repeats (one run per plan in turn) after one warm-up",
-            "ort_fused": "ORT_ENABLE_ALL (the deployment setting)",
-            "ort_reference": "ORT_DISABLE_ALL (QDQ semantics, no fused kernels)",
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
+    out = write(
+        args.out,
+        {
+            "exported_by": manifest["provenance"],
+            "cpu": cpu_info(),
+            "setup": {
+                "ort_intra_op_num_threads": args.threads,
+                "ort_inter_op_num_threads": 1,
+                "providers": ["CPUExecutionProvider"],
+                "repeats": args.repeats,
+                "timing": "median of interleaved repeats (one run per plan in turn) after one warm-up",
+                "ort_fused": "ORT_ENABLE_ALL (the deployment setting)",
+                "ort_reference": "ORT_DISABLE_ALL (QDQ semantics, no fused kernels)",
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+            },
+            "tasks": results,
         },
-        "tasks": results,
-    })  # fmt: skip
+    )
     print(f"wrote {out}")
 
 

@@ -59,8 +59,20 @@ def row(name: str, kind: str, res: mixq.Result, target: float | None) -> dict:
     }
     h = res.history[0] if res.history and "phase" in res.history[0] else None
     if h is not None:
-        keys = ("steps", "search_steps", "warmup_steps", "fixed_steps", "images", "seconds", "first_loss",
-                "last_loss", "final_entropy", "final_argmax_mass", "readout", "changed_layers")  # fmt: skip
+        keys = (
+            "steps",
+            "search_steps",
+            "warmup_steps",
+            "fixed_steps",
+            "images",
+            "seconds",
+            "first_loss",
+            "last_loss",
+            "final_entropy",
+            "final_argmax_mass",
+            "readout",
+            "changed_layers",
+        )
         out["training"] = {k: h[k] for k in keys if k in h}
         out["plan"] = {n: s.name for n, s in res.plan.layers.items()}
     return out
@@ -81,19 +93,35 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
 
     def record(name: str, kind: str, res: mixq.Result, target: float | None) -> None:
         rows.append(row(name, kind, res, target))
-        print(f"{task_name} {name}: {res.metrics.metric:.2f} bops/bops4={res.metrics.bops / bops4:.3f} "
-              f"plan={res.plan.summary()} t={res.metrics.seconds:.0f}s", flush=True)  # fmt: skip
-        results[task_name] = {"metric_name": task.metric_name, "fp32": fp32, "info": task.info,
-                              "bops_int4": bops4, "targets_bops": targets, "qat_steps": args.steps,
-                              "qat_batch": mixq.tasks.TRAIN_BATCH, "val_images": args.val, "rows": rows,
-                              "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+        print(
+            f"{task_name} {name}: {res.metrics.metric:.2f} bops/bops4={res.metrics.bops / bops4:.3f} "
+            f"plan={res.plan.summary()} t={res.metrics.seconds:.0f}s",
+            flush=True,
+        )
+        results[task_name] = {
+            "metric_name": task.metric_name,
+            "fp32": fp32,
+            "info": task.info,
+            "bops_int4": bops4,
+            "targets_bops": targets,
+            "qat_steps": args.steps,
+            "qat_batch": mixq.tasks.TRAIN_BATCH,
+            "val_images": args.val,
+            "rows": rows,
+            "wall_seconds": time.perf_counter() - t0,
+        }
         write(args.out, {"qat_args": QAT_ARGS, "tasks": results})
 
     runs = args.runs.split(",")
     for factor, target in zip(args.targets.split(","), targets, strict=True):
         for space in args.spaces.split(",") if "fliqs" in runs else ():
-            res = run("fliqs", candidates=INT + FP, budget={"bops": target},
-                      method_args={**steps, **QAT_ARGS, "space": space}, seed=args.seed)  # fmt: skip
+            res = run(
+                "fliqs",
+                candidates=INT + FP,
+                budget={"bops": target},
+                method_args={**steps, **QAT_ARGS, "space": space},
+                seed=args.seed,
+            )
             record(f"fliqs-{space} x{factor}", f"fliqs-{space}", res, target)
     for label in args.qat.split(",") if "qat" in runs else ():
         cand = UNIFORM_QAT[label]
@@ -126,8 +154,14 @@ def pareto_plot(tasks: dict, path: Path) -> None:
         for kind, (marker, color) in style.items():
             pts = [r for r in t["rows"] if r["kind"] == kind]
             if pts:
-                ax.scatter([r["bops"] / 1e6 for r in pts], [r["metric"] for r in pts], marker=marker,
-                           color=color, label=kind, s=60 if marker == "*" else 30)  # fmt: skip
+                ax.scatter(
+                    [r["bops"] / 1e6 for r in pts],
+                    [r["metric"] for r in pts],
+                    marker=marker,
+                    color=color,
+                    label=kind,
+                    s=60 if marker == "*" else 30,
+                )
             for r in pts:
                 if kind == "qat-uniform":
                     ax.annotate(r["run"].split()[-1], (r["bops"] / 1e6, r["metric"]), fontsize=7)
@@ -163,11 +197,16 @@ def main() -> None:
     ap.add_argument("--qat", default=",".join(UNIFORM_QAT), help="uniform QAT formats: int4,int8,fp4,fp6,fp8")
     part_args(ap, "fliqs")
     args = ap.parse_args()
-    bad = (sorted(set(args.qat.split(",")) - set(UNIFORM_QAT)) + sorted(set(args.runs.split(",")) - set(RUNS))
-           + sorted(set(args.spaces.split(",")) - {"joint", "int", "fp"}))  # fmt: skip
+    bad = (
+        sorted(set(args.qat.split(",")) - set(UNIFORM_QAT))
+        + sorted(set(args.runs.split(",")) - set(RUNS))
+        + sorted(set(args.spaces.split(",")) - {"joint", "int", "fp"})
+    )
     if bad:
-        raise ValueError(f"unknown --qat/--runs/--spaces values {bad}; valid: "
-                         f"{', '.join([*UNIFORM_QAT, *RUNS, 'joint', 'int', 'fp'])}")  # fmt: skip
+        raise ValueError(
+            f"unknown --qat/--runs/--spaces values {bad}; valid: "
+            f"{', '.join([*UNIFORM_QAT, *RUNS, 'joint', 'int', 'fp'])}"
+        )
     results = run_parts(args, merge, run_task)
     if results is not None:
         print(f"wrote {write(args.out, {'qat_args': QAT_ARGS, 'tasks': results})}")

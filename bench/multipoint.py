@@ -44,14 +44,26 @@ def row(label: str, res: mixq.Result) -> dict[str, Any]:
     pts = [s.weight.points for s in res.plan.layers.values() if s.weight is not None and s.weight.points]
     points = sum(sum(p) for p in pts)
     channels = sum(len(p) for p in pts)
-    out = {"label": label, "method": m.method, "candidates": m.candidates, "budget": m.budget,
-           "method_args": {k: v for k, v in m.method_args.items() if v is not None},
-           "metric": m.metric, "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
-           "bops": m.bops, "avg_points": points / channels if channels else 1.0,
-           "plan": res.plan.summary() if not pts else None,
-           "seconds": m.seconds, "eval_seconds": m.eval_seconds}  # fmt: skip
-    print(f"  {label:32s} {m.metric:.4f} bits={m.avg_weight_bits:.4f} points={out['avg_points']:.3f} "
-          f"t={m.seconds:.1f}+{m.eval_seconds:.1f}s", flush=True)  # fmt: skip
+    out = {
+        "label": label,
+        "method": m.method,
+        "candidates": m.candidates,
+        "budget": m.budget,
+        "method_args": {k: v for k, v in m.method_args.items() if v is not None},
+        "metric": m.metric,
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "bops": m.bops,
+        "avg_points": points / channels if channels else 1.0,
+        "plan": res.plan.summary() if not pts else None,
+        "seconds": m.seconds,
+        "eval_seconds": m.eval_seconds,
+    }
+    print(
+        f"  {label:32s} {m.metric:.4f} bits={m.avg_weight_bits:.4f} points={out['avg_points']:.3f} "
+        f"t={m.seconds:.1f}+{m.eval_seconds:.1f}s",
+        flush=True,
+    )
     return out
 
 
@@ -60,8 +72,10 @@ def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mix
     run = functools.partial(mixq.run, cache=cache)
     ratios = [float(r) for r in args.ratios.split(",")]
     layer_ratio, ilp_batches, gram = args.layer_ratio, args.ilp_batches, args.gram_batches
-    rows = [row(f"uniform w{bits}", run(task, "uniform", [f"w{bits}"])),
-            row(f"uniform w{bits}+mse", run(task, "uniform", [f"w{bits}+mse"]))]  # fmt: skip
+    rows = [
+        row(f"uniform w{bits}", run(task, "uniform", [f"w{bits}"])),
+        row(f"uniform w{bits}+mse", run(task, "uniform", [f"w{bits}+mse"])),
+    ]
     mp_rows = []
     for a_search in args.a_search.split(","):
         for r in ratios:
@@ -72,10 +86,17 @@ def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mix
             mp_rows.append(row(f"multipoint {a_search} ratio={r:g}", res))
     rows += mp_rows
     if layer_ratio >= 0:  # the per-layer variant and its per-layer (per-tensor) baseline
-        rows.append(row(f"multipoint layer ratio={layer_ratio:g}",
-                        run(task, "multipoint", [f"w{bits}"],
-                            method_args={"ratio": layer_ratio, "variant": "layer",
-                                         "gram_batches": gram})))  # fmt: skip
+        rows.append(
+            row(
+                f"multipoint layer ratio={layer_ratio:g}",
+                run(
+                    task,
+                    "multipoint",
+                    [f"w{bits}"],
+                    method_args={"ratio": layer_ratio, "variant": "layer", "gram_batches": gram},
+                ),
+            )
+        )
         rows.append(row(f"uniform w{bits}+tensor", run(task, "uniform", [f"w{bits}+tensor"])))
     cands = [f"w{b}" + ("+mse" if args.ilp_quant == "mse" else "") for b in (bits, bits + 1, bits + 2)]
     with tempfile.TemporaryDirectory() as d:  # one store: the sensitivity is measured once
@@ -83,8 +104,9 @@ def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mix
             if mpr["method_args"]["ratio"] == 0:
                 continue
             budget = {"avg_weight_bits": mpr["avg_weight_bits"]}
-            res = run(task, "sensitivity-ilp", cands, budget=budget, out=d,
-                      method_args={"batches": ilp_batches})  # fmt: skip
+            res = run(
+                task, "sensitivity-ilp", cands, budget=budget, out=d, method_args={"batches": ilp_batches}
+            )
             rows.append(row(f"sensitivity-ilp @ {mpr['label']}", res))
     return {"rows": rows, "summary": summarize(rows, bits)}
 

@@ -61,8 +61,13 @@ def main() -> None:
     t0 = time.perf_counter()
     task = mixq.tasks.get(args.task, val_size=args.val or None)
     fp = task.fp_metric()
-    grid = [(s, r, q) for s in args.settings.split(",") if s for r in args.recipes.split(",")
-            for q in args.sequences.split(",")]  # fmt: skip
+    grid = [
+        (s, r, q)
+        for s in args.settings.split(",")
+        if s
+        for r in args.recipes.split(",")
+        for q in args.sequences.split(",")
+    ]
     grid += [tuple(x.split(":")) for x in args.extra.split(",") if x]
     ptq_args = {"adaround": {"iters": args.adaround_iters, "batch_size": args.adaround_batch}}
     rows = earlier_rows(args.entry or args.task, task, ptq_args)
@@ -74,16 +79,37 @@ def main() -> None:
     for setting, recipe, seq in grid:
         steps = SEQUENCES[seq]
         cand = candidate(setting, recipe)
-        res = mixq.run(task, method="uniform", candidates=[cand], ptq=steps, seed=0, cache=cache,
-                       ptq_args={k: v for k, v in ptq_args.items() if k in steps})  # fmt: skip
+        res = mixq.run(
+            task,
+            method="uniform",
+            candidates=[cand],
+            ptq=steps,
+            seed=0,
+            cache=cache,
+            ptq_args={k: v for k, v in ptq_args.items() if k in steps},
+        )
         m = res.metrics
         step_rows = [{k: r[k] for k in ("step", "stage", "seconds")} for r in m.ptq]
-        detail = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "stage", "seconds", "config")}
-                  for r in m.ptq}  # fmt: skip
-        rows.append({"setting": setting, "recipe": recipe, "sequence": seq, "steps": steps, "candidate": cand,
-                     "metric": m.metric, "delta_vs_fp32": m.metric - fp,
-                     "avg_weight_bits": m.avg_weight_bits, "ptq": step_rows, "ptq_detail": detail,
-                     "method_seconds": m.seconds, "eval_seconds": m.eval_seconds})  # fmt: skip
+        detail = {
+            r["step"]: {k: v for k, v in r.items() if k not in ("step", "stage", "seconds", "config")}
+            for r in m.ptq
+        }
+        rows.append(
+            {
+                "setting": setting,
+                "recipe": recipe,
+                "sequence": seq,
+                "steps": steps,
+                "candidate": cand,
+                "metric": m.metric,
+                "delta_vs_fp32": m.metric - fp,
+                "avg_weight_bits": m.avg_weight_bits,
+                "ptq": step_rows,
+                "ptq_detail": detail,
+                "method_seconds": m.seconds,
+                "eval_seconds": m.eval_seconds,
+            }
+        )
         times = " ".join(f"{r['step']}={r['seconds']:.1f}s" for r in step_rows)
         print(f"{args.task:20s} {cand:22s} {seq:12s} {m.metric:.4f} {times}", flush=True)
         save(args.entry or args.task, task, fp, rows, ptq_args, t0, complete=len(rows) == total)
@@ -116,9 +142,17 @@ def save(
     prov = provenance()
     for r in rows:
         r.setdefault("command", prov["command"])
-    entry = {"provenance": prov, "complete": complete, "metric_name": task.metric_name, "fp32": fp,
-             "info": task.info, "adaround": ptq_args["adaround"], "val_items": val_items(task),
-             "rows": rows, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+    entry = {
+        "provenance": prov,
+        "complete": complete,
+        "metric_name": task.metric_name,
+        "fp32": fp,
+        "info": task.info,
+        "adaround": ptq_args["adaround"],
+        "val_items": val_items(task),
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - t0,
+    }
     path = RESULTS / "ptq.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {}

@@ -97,16 +97,25 @@ METHOD_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("clado-naive", "minilm"): {"batches": 1, "samples": 8},
     # QAT: short runs from the pretrained weights (batches of 128 training images; minilm trains
     # on its calibration sentences).
-    **{("multipoint", t): {"ratio": None} for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2",
-                                                    "minilm")},  # fmt: skip
-    **{(m, t): {"steps": 40} for m in TRAINED
-       for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")},  # fmt: skip
+    **{
+        ("multipoint", t): {"ratio": None}
+        for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")
+    },
+    **{
+        (m, t): {"steps": 40}
+        for m in TRAINED
+        for t in ("mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm")
+    },
 }
 
 # Validation examples evaluated per task (the first ones of its usual set): the Fashion-MNIST
 # models and MiniLM on subsets so the whole sweep fits two CPU cores; recorded with every row.
-VAL: dict[str, int] = {"mnist-cnn": 10_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000,
-                       "minilm": 256}  # fmt: skip
+VAL: dict[str, int] = {
+    "mnist-cnn": 10_000,
+    "fashion-resnet20": 2_000,
+    "fashion-mobilenetv2": 2_000,
+    "minilm": 256,
+}
 
 # Candidates of the QAT methods where the sweep's differ: the output-error range search (omse) is
 # a post-training calibration; QAT learns its ranges from min/max starting points.
@@ -186,8 +195,11 @@ def candidates_of(task: str, method: str) -> list[str]:
 
 def settings(task: str, method: str) -> dict[str, Any]:
     """Return what must match for a stored row to count as finished."""
-    return {"candidates": candidates_of(task, method), "method_args": METHOD_ARGS.get((method, task), {}),
-            "val": VAL[task]}  # fmt: skip
+    return {
+        "candidates": candidates_of(task, method),
+        "method_args": METHOD_ARGS.get((method, task), {}),
+        "val": VAL[task],
+    }
 
 
 def pick(items: list[str], valid: list[str], what: str) -> list[str]:
@@ -362,8 +374,13 @@ def merge(results: dict[str, Any], disk: dict[str, Any]) -> dict[str, Any]:
     rows = {**disk["rows"], **{k: results["rows"][k] for k in results["mine"]}}
     mine = {s["id"]: s for s in results["sessions"] if s.get("id") == results.get("session")}
     sessions = [mine.pop(s.get("id"), s) for s in disk["sessions"]] + list(mine.values())
-    return {"rows": rows, "sessions": sessions, "tasks": {**disk["tasks"], **results["tasks"]},
-            "mine": results["mine"], "session": results.get("session")}  # fmt: skip
+    return {
+        "rows": rows,
+        "sessions": sessions,
+        "tasks": {**disk["tasks"], **results["tasks"]},
+        "mine": results["mine"],
+        "session": results.get("session"),
+    }
 
 
 def save(results: dict[str, Any]) -> Path:
@@ -420,8 +437,11 @@ def task_summary(task: str, rows: list[dict[str, Any]], info: dict[str, Any]) ->
         f"## {task}",
         "",
         f"Metric: {name}; fp32 {fp:.4f}. Candidates: {', '.join(f'`{c}`' for c in SWEEPS[task].candidates)}"
-        " (" + "; ".join(f"{m}: {', '.join(f'`{c}`' for c in candidates_of(task, m))}"
-                         for m in (*TRAINED, "multipoint")) + ").",
+        " ("
+        + "; ".join(
+            f"{m}: {', '.join(f'`{c}`' for c in candidates_of(task, m))}" for m in (*TRAINED, "multipoint")
+        )
+        + ").",
         "",
     ]
     if info.get("info"):

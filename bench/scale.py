@@ -87,9 +87,16 @@ def setup(name: str, n_layers: int) -> dict[str, Any]:
     every = [i.name for i in infos]
     idx = sorted({round(k * (len(every) - 1) / max(1, n_layers - 1)) for k in range(n_layers)})
     batch = first_items(task.calib[0], suite["items"])
-    return {"task": task, "qmodel": qmodel, "layers": [every[i] for i in idx], "all_layers": every,
-            "candidates": suite["candidates"], "batches": [batch], "items": suite["items"],
-            "prepare_seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "task": task,
+        "qmodel": qmodel,
+        "layers": [every[i] for i in idx],
+        "all_layers": every,
+        "candidates": suite["candidates"],
+        "batches": [batch],
+        "items": suite["items"],
+        "prepare_seconds": time.perf_counter() - t0,
+    }
 
 
 def measure(
@@ -107,17 +114,34 @@ def measure_once(s: dict[str, Any], executor: Any, folder: Path, label: str) -> 
     with Store(folder / f"{s['task'].name}-{label}.sqlite") as store:
         l0 = load()
         t0 = time.perf_counter()
-        sens = pairwise(s["qmodel"], s["task"], s["layers"], s["candidates"], batches=s["batches"],
-                        executor=executor, store=store, progress=False)  # fmt: skip
+        sens = pairwise(
+            s["qmodel"],
+            s["task"],
+            s["layers"],
+            s["candidates"],
+            batches=s["batches"],
+            executor=executor,
+            store=store,
+            progress=False,
+        )
         wall = time.perf_counter() - t0
     m = sens.meta
     jobs = m["row_evals"] + 1
-    row = {"wall_seconds": wall, "map_seconds": m["seconds"], "jobs": jobs,
-           "jobs_per_second": jobs / m["seconds"], "pair_evals": m["pair_evals"],
-           "pair_evals_per_second": m["pair_evals"] / m["seconds"],
-           "job_seconds": m["job_seconds"], "pair_seconds": m["pair_seconds"], "reuse": m["reuse"],
-           "job_cpu_seconds": m["job_cpu_seconds"], "pair_cpu_seconds": m["pair_cpu_seconds"],
-           "load_before": l0, "load_after": load()}  # fmt: skip
+    row = {
+        "wall_seconds": wall,
+        "map_seconds": m["seconds"],
+        "jobs": jobs,
+        "jobs_per_second": jobs / m["seconds"],
+        "pair_evals": m["pair_evals"],
+        "pair_evals_per_second": m["pair_evals"] / m["seconds"],
+        "job_seconds": m["job_seconds"],
+        "pair_seconds": m["pair_seconds"],
+        "reuse": m["reuse"],
+        "job_cpu_seconds": m["job_cpu_seconds"],
+        "pair_cpu_seconds": m["pair_cpu_seconds"],
+        "load_before": l0,
+        "load_after": load(),
+    }
     if isinstance(executor, RayExecutor):
         row["chunks"] = executor.stats["chunks"]
         row["job_seconds_in_workers"] = executor.stats["job_seconds"]
@@ -136,8 +160,12 @@ def trivial_overhead(ex: RayExecutor, n: int = 200) -> dict[str, Any]:
         t0 = time.perf_counter()
         ex.map([Job(f"noop/{i}", len, ()) for i in range(n)], [], progress=False)
         wall = time.perf_counter() - t0
-        out[label] = {"seconds": wall, "chunks": ex.stats["chunks"], "seconds_per_job": wall / n,
-                      "jobs_per_second": n / wall}  # fmt: skip
+        out[label] = {
+            "seconds": wall,
+            "chunks": ex.stats["chunks"],
+            "seconds_per_job": wall / n,
+            "jobs_per_second": n / wall,
+        }
     ex.chunk_size = None
     return out
 
@@ -167,11 +195,14 @@ def projection(ref: dict[str, Any], ray_rows: dict[int, dict[str, Any]], model_l
     out: dict[str, Any] = {
         "label": "PROJECTION, not a measurement: estimated from the measured costs below",
         "model": f"{L} layers x {C} candidates, layers costing like this task's (depth factor {depth:.2f})",
-        "pair_evaluations": n_pairs, "pair_evaluations_(LC)^2/2": n_pairs_brief, "row_jobs": rows + 1,
+        "pair_evaluations": n_pairs,
+        "pair_evaluations_(LC)^2/2": n_pairs_brief,
+        "row_jobs": rows + 1,
         "per_pair_evaluation_cpu_seconds_measured": pair_cost,
         "per_pair_evaluation_wall_seconds_measured_under_load": ref["pair_seconds"] / ref["pair_evals"],
         "per_row_single_cpu_seconds_measured": single_cost,
-        "overhead_per_job_seconds_measured": overhead, "overhead_measured_with_workers": basis,
+        "overhead_per_job_seconds_measured": overhead,
+        "overhead_measured_with_workers": basis,
         "assumptions": [
             "per-pair and per-single costs are the in-process CPU seconds measured here (a dedicated "
             "core per worker), scaled with depth (200 / this model's layer count); one batch",
@@ -183,13 +214,16 @@ def projection(ref: dict[str, Any], ray_rows: dict[int, dict[str, Any]], model_l
             "no cluster start-up, no network transfer of the context beyond what was measured locally",
         ],
         "workers": {},
-    }  # fmt: skip
+    }
     compute = (n_pairs * pair_cost + rows * single_cost) * depth
     longest = ((L - 1) * C * pair_cost + single_cost) * depth
     for w in PROJECT_WORKERS:
         wall = max(compute / w, longest) + overhead * (rows + 1) / w
-        out["workers"][str(w)] = {"wall_seconds": wall, "wall_hours": wall / 3600,
-                                  "bound_by_longest_row": longest > compute / w}  # fmt: skip
+        out["workers"][str(w)] = {
+            "wall_seconds": wall,
+            "wall_hours": wall / 3600,
+            "bound_by_longest_row": longest > compute / w,
+        }
     out["compute_seconds_one_worker"] = compute
     out["longest_row_seconds"] = longest
     return out
@@ -215,12 +249,15 @@ def main() -> None:
         for n, s in setups.items():
             row, tables[n] = measure(s, InProcessExecutor(), folder, "inprocess", args.repeats)
             results[n] = {
-                "layers_measured": s["layers"], "layers_in_model": len(s["all_layers"]),
+                "layers_measured": s["layers"],
+                "layers_in_model": len(s["all_layers"]),
                 "subset": f"{len(s['layers'])} of {len(s['all_layers'])} layers, evenly spread; "
-                          f"1 batch of {s['items']} items",
-                "candidates": s["candidates"], "prepare_seconds": s["prepare_seconds"],
-                "inprocess": row, "ray": {},
-            }  # fmt: skip
+                f"1 batch of {s['items']} items",
+                "candidates": s["candidates"],
+                "prepare_seconds": s["prepare_seconds"],
+                "inprocess": row,
+                "ray": {},
+            }
             print(f"{n}: in-process {row['jobs']} jobs in {row['map_seconds']:.1f} s", flush=True)
         for w in counts:
             t0 = time.perf_counter()
@@ -238,30 +275,36 @@ def main() -> None:
                     row["cluster_start_seconds"] = start
                     row["worker_warmup_seconds"] = warm
                     results[n]["ray"][str(w)] = row
-                    print(f"{n}: ray x{w} {row['map_seconds']:.1f} s, overhead/job "
-                          f"{row['overhead_per_job_seconds']:.3f} s (in run "
-                          f"{row['overhead_per_job_in_run_seconds']:.3f} s), "
-                          f"same={row['same_results_as_inprocess']}", flush=True)  # fmt: skip
+                    print(
+                        f"{n}: ray x{w} {row['map_seconds']:.1f} s, overhead/job "
+                        f"{row['overhead_per_job_seconds']:.3f} s (in run "
+                        f"{row['overhead_per_job_in_run_seconds']:.3f} s), "
+                        f"same={row['same_results_as_inprocess']}",
+                        flush=True,
+                    )
             finally:
                 ex.close()
     for n, r in results.items():
-        r["projection_200_layers"] = projection(r["inprocess"], {int(k): v for k, v in r["ray"].items()},
-                                                r["layers_in_model"])  # fmt: skip
+        r["projection_200_layers"] = projection(
+            r["inprocess"], {int(k): v for k, v in r["ray"].items()}, r["layers_in_model"]
+        )
         for w, p in r["projection_200_layers"]["workers"].items():
             print(f"{n}: PROJECTED 200-layer model on {w} workers: {p['wall_hours']:.2f} h", flush=True)
     payload = {
         "what": "CLADO pairwise sensitivity jobs: in-process vs Ray (local cluster) on this machine",
         "machine_note": "2 cores shared with other jobs (see the load averages): Ray workers and the "
-                        "driver compete with them for the same cores, so 2 workers cannot reach 2x "
-                        "here, and wall times between configurations differ by the load of the "
-                        "moment and the kernel's per-session CPU share (sched_autogroup); CPU "
-                        "seconds are the comparable measure of compute",
+        "driver compete with them for the same cores, so 2 workers cannot reach 2x "
+        "here, and wall times between configurations differ by the load of the "
+        "moment and the kernel's per-session CPU share (sched_autogroup); CPU "
+        "seconds are the comparable measure of compute",
         "sched_autogroup_enabled": autogroup(),
-        "cpus": os.cpu_count(), "load_start": LOAD_START, "load_end": load(),
+        "cpus": os.cpu_count(),
+        "load_start": LOAD_START,
+        "load_end": load(),
         "repeats": args.repeats,
         "trivial_jobs_on_ray": trivial,
         "tasks": results,
-    }  # fmt: skip
+    }
     path = write(args.name, payload)
     print(f"wrote {path}")
 

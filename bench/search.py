@@ -58,8 +58,11 @@ SUITES: dict[str, dict[str, Any]] = {
         # (the joint estimator: one Hessian-vector product per vector instead of one per layer
         # and vector); the metric on the first 256 validation sentences.
         "val": 256,
-        "args": {"hawq": {"batches": 2, "hutchinson_samples": 16, "hutchinson_mode": "joint"},
-                 "sensitivity-ilp": {"batches": 1}, "greedy": {"batches": 1}},
+        "args": {
+            "hawq": {"batches": 2, "hutchinson_samples": 16, "hutchinson_mode": "joint"},
+            "sensitivity-ilp": {"batches": 1},
+            "greedy": {"batches": 1},
+        },
         "exhaustive": False,
     },
 }
@@ -82,21 +85,37 @@ def run_set(
             shutil.rmtree(out, ignore_errors=True)
         reused = (out / "store.sqlite").exists()
         for b in budgets:
-            res = mixq.run(task, method=method, candidates=cands, budget={"avg_weight_bits": b},
-                           method_args={**margs, **args.get(name, {})}, out=out, cache=cache)  # fmt: skip
+            res = mixq.run(
+                task,
+                method=method,
+                candidates=cands,
+                budget={"avg_weight_bits": b},
+                method_args={**margs, **args.get(name, {})},
+                out=out,
+                cache=cache,
+            )
             m = res.metrics
             hist = m.history[0] if m.history and "solve_seconds" in m.history[0] else {}
             row = {
-                "set": label, "method": name, "budget": b, "metric": m.metric,
-                "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
-                "within_budget": m.within["avg_weight_bits"], "seconds": m.seconds,
-                "solve_seconds": hist.get("solve_seconds"), "solver_status": hist.get("status"),
+                "set": label,
+                "method": name,
+                "budget": b,
+                "metric": m.metric,
+                "avg_weight_bits": m.avg_weight_bits,
+                "size_bytes": m.size_bytes,
+                "within_budget": m.within["avg_weight_bits"],
+                "seconds": m.seconds,
+                "solve_seconds": hist.get("solve_seconds"),
+                "solver_status": hist.get("status"),
                 "plan": {k: v.name for k, v in res.plan.layers.items()},
                 "sensitivity_from_earlier_run": reused,
-            }  # fmt: skip
+            }
             rows.append(row)
-            print(f"{task.name:9s} {label:5s} {name:16s} b={b:<4} {m.metric:.4f} "
-                  f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s", flush=True)  # fmt: skip
+            print(
+                f"{task.name:9s} {label:5s} {name:16s} b={b:<4} {m.metric:.4f} "
+                f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s",
+                flush=True,
+            )
     return rows
 
 
@@ -127,9 +146,14 @@ def main() -> None:
         suite = SUITES[task_name]
         t0 = time.perf_counter()
         task = mixq.tasks.get(task_name, val_size=suite.get("val"))
-        entry: dict[str, Any] = {"metric_name": task.metric_name, "fp32": task.fp_metric(),
-                                 "info": task.info, "budgets": suite["budgets"],
-                                 "method_args": suite["args"], "sets": {}}  # fmt: skip
+        entry: dict[str, Any] = {
+            "metric_name": task.metric_name,
+            "fp32": task.fp_metric(),
+            "info": task.info,
+            "budgets": suite["budgets"],
+            "method_args": suite["args"],
+            "sets": {},
+        }
         cache = mixq.Cache()  # the task prepared once for all its sets and methods
         for label, cands in suite["sets"].items():
             rows = run_set(task, label, cands, suite["budgets"], suite["args"], args.fresh, cache)

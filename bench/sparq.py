@@ -74,8 +74,17 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
             partner_zero = sparq.partner_is_zero(codes)
             kept = sparq.quantize_codes(codes, "5opt", True, False)
             nz = codes != 0
-            a = acc.setdefault(name, {"n": 0, "zero": 0, "nonzero_partner_zero": 0, "below16": 0,
-                                      "bsparq_5opt_exact": 0, "nonzero": 0})  # fmt: skip
+            a = acc.setdefault(
+                name,
+                {
+                    "n": 0,
+                    "zero": 0,
+                    "nonzero_partner_zero": 0,
+                    "below16": 0,
+                    "bsparq_5opt_exact": 0,
+                    "nonzero": 0,
+                },
+            )
             a["n"] += codes.numel()
             a["zero"] += int((~nz).sum())
             a["nonzero"] += int(nz.sum())
@@ -116,8 +125,9 @@ def run_task(name: str, val: int) -> dict:
     qlayers = sites(qmodel)
     signed = {n for n, m in qlayers.items() if float(m.input_quant.stats_min) < 0}
     fp_pred, labels = predictions(task.model.eval(), task.val)
-    rows = [{"setting": "fp32", "top1": 100.0 * float((fp_pred == labels).float().mean()),
-             "disagree_fp32": 0.0}]  # fmt: skip
+    rows = [
+        {"setting": "fp32", "top1": 100.0 * float((fp_pred == labels).float().mean()), "disagree_fp32": 0.0}
+    ]
     print(f"{name:20s} {'fp32':22s} {rows[0]['top1']:.2f}", flush=True)
     for setting in (*BASELINES, *(f"a{n}" for n in ACT_FORMAT_NAMES)):
         spec, fallback = setting_specs(setting)
@@ -126,14 +136,23 @@ def run_task(name: str, val: int) -> dict:
         t1 = time.perf_counter()
         pred, _ = predictions(qmodel, task.val)
         m = cost.metrics_of(mc, [plan.get(i.name, FLOAT) for i in infos])
-        rows.append({"setting": setting, "candidate": spec.name,
-                     "top1": 100.0 * float((pred == labels).float().mean()),
-                     "disagree_fp32": 100.0 * float((pred != fp_pred).float().mean()),
-                     "bops": m["bops"], "avg_weight_bits": m["avg_weight_bits"],
-                     "eval_seconds": time.perf_counter() - t1})  # fmt: skip
+        rows.append(
+            {
+                "setting": setting,
+                "candidate": spec.name,
+                "top1": 100.0 * float((pred == labels).float().mean()),
+                "disagree_fp32": 100.0 * float((pred != fp_pred).float().mean()),
+                "bops": m["bops"],
+                "avg_weight_bits": m["avg_weight_bits"],
+                "eval_seconds": time.perf_counter() - t1,
+            }
+        )
         r = rows[-1]
-        print(f"{name:20s} {setting:22s} {r['top1']:.2f} disagree={r['disagree_fp32']:.2f}% "
-              f"t={r['eval_seconds']:.1f}s", flush=True)  # fmt: skip
+        print(
+            f"{name:20s} {setting:22s} {r['top1']:.2f} disagree={r['disagree_fp32']:.2f}% "
+            f"t={r['eval_seconds']:.1f}s",
+            flush=True,
+        )
     layers = sparsity(qmodel, task.calib, signed)
     macs = {i.name: i.macs for i in infos}
     tot = sum(macs[n] for n in layers)
@@ -158,11 +177,13 @@ def main() -> None:
     path = RESULTS / "sparq.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     results = dict(old.get("tasks", {}))  # tasks of earlier runs are kept, with their own command
-    setup = {"weights": f"{WEIGHT}: 8-bit symmetric per output channel, min/max",
-             "activations": "per tensor, min/max over 512 calibration images (sample of training set)",
-             "signed_sites": f"{SIGNED_FALLBACK} in every quantized setting",
-             "val_subsample": "first val_images test images of each task (see each task)",
-             "sparsity": "8-bit codes of the calibration images at each non-negative site"}  # fmt: skip
+    setup = {
+        "weights": f"{WEIGHT}: 8-bit symmetric per output channel, min/max",
+        "activations": "per tensor, min/max over 512 calibration images (sample of training set)",
+        "signed_sites": f"{SIGNED_FALLBACK} in every quantized setting",
+        "val_subsample": "first val_images test images of each task (see each task)",
+        "sparsity": "8-bit codes of the calibration images at each non-negative site",
+    }
     for name in args.tasks.split(","):
         results[name] = {"command": provenance()["command"], **run_task(name, args.val)}
         path = write("sparq", {"setup": setup, "tasks": results, "wall_seconds": time.perf_counter() - t0})

@@ -41,9 +41,18 @@ DEFAULT_OUT = ROOT / "src" / "mixq" / "zoo"
 DEFAULT_CKPT = ROOT / "bench" / "results" / "zoo_ckpt"
 # Settings that must match between a checkpoint and the run resuming it.
 RESUME_KEYS = (
-    "model", "epochs", "seed", "batch_size", "lr", "warmup_epochs", "momentum", "weight_decay",
-    "label_smoothing", "limit_train", "channels_last",
-)  # fmt: skip
+    "model",
+    "epochs",
+    "seed",
+    "batch_size",
+    "lr",
+    "warmup_epochs",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "limit_train",
+    "channels_last",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -54,14 +54,31 @@ def main() -> None:
                     continue  # few layers have rows longer than 128 here; one recipe suffices
                 cand = candidate(bits, group, act, recipe)
                 m = mixq.run(task, method="uniform", candidates=[cand], cache=cache).metrics
-                rows.append({"setting": setting, "recipe": recipe, "candidate": cand,
-                             "metric": m.metric, "avg_weight_bits": m.avg_weight_bits,
-                             "size_bytes": m.size_bytes, "bops": m.bops,
-                             "seconds": m.seconds, "eval_seconds": m.eval_seconds})  # fmt: skip
-                print(f"{task_name:10s} {cand:26s} {m.metric:.4f} "
-                      f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s", flush=True)  # fmt: skip
-        results[task_name] = {"metric_name": task.metric_name, "fp32": fp, "info": task.info,
-                              "rows": rows, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+                rows.append(
+                    {
+                        "setting": setting,
+                        "recipe": recipe,
+                        "candidate": cand,
+                        "metric": m.metric,
+                        "avg_weight_bits": m.avg_weight_bits,
+                        "size_bytes": m.size_bytes,
+                        "bops": m.bops,
+                        "seconds": m.seconds,
+                        "eval_seconds": m.eval_seconds,
+                    }
+                )
+                print(
+                    f"{task_name:10s} {cand:26s} {m.metric:.4f} "
+                    f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s",
+                    flush=True,
+                )
+        results[task_name] = {
+            "metric_name": task.metric_name,
+            "fp32": fp,
+            "info": task.info,
+            "rows": rows,
+            "wall_seconds": time.perf_counter() - t0,
+        }
     path = write("uniform", {"tasks": results})
     print(f"wrote {path}")
 

@@ -56,8 +56,9 @@ def test_driver_environment_puts_this_mixq_and_bench_on_the_path(tmp_path, monke
     monkeypatch.setattr(runner, "VENVS", tmp_path / "venvs")
     env = runner.driver_env()
     code = "import mixq, bench.peers.drivers._common as c; print(mixq.__file__); print(c.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert Path(out[0]).resolve() == ROOT / "src" / "mixq" / "__init__.py"
     assert Path(out[1]).resolve() == ROOT / "bench" / "peers" / "drivers" / "_common.py"
     assert env["HF_HUB_OFFLINE"] == "1" and env["HOME"] == str(tmp_path / "venvs" / "home")

@@ -112,9 +112,12 @@ def test_uncopied_replays_give_the_naive_pairs():
     torch.testing.assert_close(fast.pairs, slow.pairs, rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.single, slow.single, rtol=0, atol=1e-6)
     m, n = layers[1], layers[2]  # stem is replayed for both; one pair against plain passes
-    omega = (direct_loss(q, task, {m: CANDS[0], n: CANDS[1]}, task.calib[:2])
-             - direct_loss(q, task, {m: CANDS[0]}, task.calib[:2])
-             - direct_loss(q, task, {n: CANDS[1]}, task.calib[:2]) + fast.meta["fp_loss"])  # fmt: skip
+    omega = (
+        direct_loss(q, task, {m: CANDS[0], n: CANDS[1]}, task.calib[:2])
+        - direct_loss(q, task, {m: CANDS[0]}, task.calib[:2])
+        - direct_loss(q, task, {n: CANDS[1]}, task.calib[:2])
+        + fast.meta["fp_loss"]
+    )
     assert float(fast.pairs[1, 0, 2, 1]) == pytest.approx(omega, abs=1e-6)
 
 
@@ -132,14 +135,16 @@ class Separable(nn.Module):
 def test_zero_interaction_on_separable_model():
     torch.manual_seed(0)
     x = torch.randn(64, 8)
-    task = tasks.Task(model=Separable(), calib=[(x, x)], val=[(x, x)],
-                      loss=lambda m, b: m(b[0]).sum(1).mean())  # fmt: skip
+    task = tasks.Task(
+        model=Separable(), calib=[(x, x)], val=[(x, x)], loss=lambda m, b: m(b[0]).sum(1).mean()
+    )
     q = wrap(copy.deepcopy(task.model)).eval()
     s = pairwise(q, task, ["a", "b"], ["w2", "w3"], progress=False)
     assert s.single.abs().min() > 1e-3
     assert s.pairs.abs().max() < 1e-5
-    squared = tasks.Task(model=task.model, calib=task.calib, val=task.val,
-                         loss=lambda m, b: (m(b[0]) ** 2).sum(1).mean())  # fmt: skip
+    squared = tasks.Task(
+        model=task.model, calib=task.calib, val=task.val, loss=lambda m, b: (m(b[0]) ** 2).sum(1).mean()
+    )
     assert pairwise(q, squared, ["a", "b"], ["w2", "w3"], progress=False).pairs.abs().max() > 1e-3
 
 
@@ -156,7 +161,8 @@ def test_matrix_form_matches_problem_objective():
         onehot = np.zeros(L * C)
         onehot[np.arange(L) * C + np.array(x)] = 1
         direct = single[np.arange(L), x].sum() + sum(
-            pairs[i, x[i], j, x[j]] for i, j in itertools.combinations(range(L), 2))  # fmt: skip
+            pairs[i, x[i], j, x[j]] for i, j in itertools.combinations(range(L), 2)
+        )
         assert 0.5 * onehot @ g @ onehot == pytest.approx(direct)
         assert prob.objective(list(x)) == pytest.approx(direct)
     gp = clado.psd_projection(g)
@@ -172,8 +178,16 @@ def mlp_ctx():
     specs = [as_layer_spec(c) for c in ["w2", "w4", "w8"]]
     q, infos = prepare(task, specs)
     mc = mixq.cost.model_costs(q, infos)
-    ctx = Context(task=task, qmodel=q, layers=[i.name for i in infos], candidates=specs,
-                  costs=mixq.cost.cost_table(infos, specs), model_costs=mc, budget={}, limits={})  # fmt: skip
+    ctx = Context(
+        task=task,
+        qmodel=q,
+        layers=[i.name for i in infos],
+        candidates=specs,
+        costs=mixq.cost.cost_table(infos, specs),
+        model_costs=mc,
+        budget={},
+        limits={},
+    )
     return ctx, clado.measure(ctx, clado.Config(batches=1))
 
 
@@ -195,8 +209,13 @@ def test_iqp_equals_brute_force_and_sweep_warm_start(mlp_ctx, psd):
 @pytest.mark.parametrize("method", ["clado", "clado-naive"])
 def test_unconstrained_budget_gives_highest_precision(method):
     for psd in (False, True):
-        res = mixq.run("synthetic-mlp", method=method, candidates=["w2", "w4", "w8"], budget={},
-                       method_args={"batches": 1, "psd": psd})  # fmt: skip
+        res = mixq.run(
+            "synthetic-mlp",
+            method=method,
+            candidates=["w2", "w4", "w8"],
+            budget={},
+            method_args={"batches": 1, "psd": psd},
+        )
         assert {s.name for s in res.plan.layers.values()} == {"w8"}
         assert res.history[0]["status"] == "optimal"
 
@@ -205,8 +224,13 @@ def test_tight_budget_stays_feasible():
     cands = ["w2", "w4", "w8"]
     task = tasks.get("synthetic-mlp")
     uniform2 = mixq.run(task, method="uniform", candidates=["w2"]).metrics.avg_weight_bits
-    res = mixq.run(task, method="clado", candidates=cands, budget={"avg_weight_bits": uniform2 + 0.05},
-                   method_args={"batches": 1})  # fmt: skip
+    res = mixq.run(
+        task,
+        method="clado",
+        candidates=cands,
+        budget={"avg_weight_bits": uniform2 + 0.05},
+        method_args={"batches": 1},
+    )
     assert res.metrics.within["avg_weight_bits"]
     assert res.metrics.avg_weight_bits <= uniform2 + 0.05
     with pytest.raises(ValueError, match="smallest feasible"):
@@ -268,8 +292,9 @@ def test_samples_measure_on_the_first_examples(mlp_ctx):
     sens = clado.measure(ctx, clado.Config(batches=1, samples=16, loss="task"), with_pairs=False)
     first = [clado.head(ctx.task.calib[0], 16)]
     assert len(first[0][0]) == 16 < len(ctx.task.calib[0][0])
-    oracle = pairwise(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates, batches=first, progress=False,
-                      with_pairs=False)  # fmt: skip
+    oracle = pairwise(
+        ctx.qmodel, ctx.task, ctx.layers, ctx.candidates, batches=first, progress=False, with_pairs=False
+    )
     torch.testing.assert_close(sens.single, oracle.single, rtol=0, atol=0)
     whole = clado.measure(ctx, clado.Config(batches=1, loss="task"), with_pairs=False)
     assert not torch.equal(sens.single, whole.single)
@@ -290,9 +315,23 @@ def test_bad_settings_are_rejected():
 
 
 def test_cli_runs_clado(tmp_path, capsys):
-    code = cli_main(["run", "--task", "synthetic-cnn", "--method", "clado", "--candidates", "w2,w8",
-                     "--budget", "avg_weight_bits=5", "--method-arg", "batches=1",
-                     "--out", str(tmp_path)])  # fmt: skip
+    code = cli_main(
+        [
+            "run",
+            "--task",
+            "synthetic-cnn",
+            "--method",
+            "clado",
+            "--candidates",
+            "w2,w8",
+            "--budget",
+            "avg_weight_bits=5",
+            "--method-arg",
+            "batches=1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "plan.json").exists() and (tmp_path / "store.sqlite").exists()
     assert "clado" in capsys.readouterr().out

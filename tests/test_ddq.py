@@ -338,8 +338,21 @@ def test_gates_all_combinations_of_small_b():
 def test_cli_runs_ddq_and_a_rerun_resumes_from_the_checkpoints(tmp_path, capsys):
     from mixq.cli import main
 
-    argv = ["run", "--task", "synthetic-mlp", "--method", "ddq", "--candidates", "w2,w4,w8",
-            "--budget", "avg_weight_bits=5", "--method-arg", "epochs=1", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "run",
+        "--task",
+        "synthetic-mlp",
+        "--method",
+        "ddq",
+        "--candidates",
+        "w2,w4,w8",
+        "--budget",
+        "avg_weight_bits=5",
+        "--method-arg",
+        "epochs=1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     assert "ddq" in capsys.readouterr().out
     assert (tmp_path / "plan.json").exists()

@@ -149,24 +149,41 @@ def test_requantization_equals_onnx_runtime_qlinearconv_on_random_codes() -> Non
     sx, zx = np.float32(0.1), np.uint8(3)
     sw = rng.uniform(0.001, 0.01, 64).astype(np.float32)
     sy, zy = np.float32(0.04), np.uint8(128)
-    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in
-             [("sx", sx), ("zx", zx), ("w", w), ("sw", sw), ("zw", np.zeros(64, np.int8)),
-              ("sy", sy), ("zy", zy), ("b", bias)]]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(np.asarray(v), n)
+        for n, v in [
+            ("sx", sx),
+            ("zx", zx),
+            ("w", w),
+            ("sw", sw),
+            ("zw", np.zeros(64, np.int8)),
+            ("sy", sy),
+            ("zy", zy),
+            ("b", bias),
+        ]
+    ]
     node = helper.make_node("QLinearConv", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy", "b"], ["y"])
     io = [helper.make_tensor_value_info(n, TensorProto.UINT8, s) for n, s in (("x", x.shape), ("y", None))]
     graph = helper.make_graph([node], "g", io[:1], io[1:], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = s.run(None, {"x": x})[0]
-    acc = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - float(zx)),
-                                     torch.from_numpy(w.astype(np.float64)))  # fmt: skip
+    acc = torch.nn.functional.conv2d(
+        torch.from_numpy(x.astype(np.float64) - float(zx)), torch.from_numpy(w.astype(np.float64))
+    )
     acc = acc + torch.from_numpy(bias.astype(np.float64)).reshape(1, -1, 1, 1)
     out = Requant(torch.tensor(sy), float(zy), 0, 255)
     multiplier = (torch.tensor(sx) * torch.from_numpy(sw)) / torch.tensor(sy)  # float32, as ORT
     codes = torch.round(_requantize(acc, multiplier.reshape(1, -1, 1, 1), out) / out.scale) + out.zero
     assert np.array_equal(codes.numpy(), y.astype(np.float32))
-    exact = torch.round(torch.clamp(acc * (float(sx) * torch.from_numpy(sw).double() / float(sy))
-                                    .reshape(1, -1, 1, 1), -128, 127)) + 128  # fmt: skip
+    exact = (
+        torch.round(
+            torch.clamp(
+                acc * (float(sx) * torch.from_numpy(sw).double() / float(sy)).reshape(1, -1, 1, 1), -128, 127
+            )
+        )
+        + 128
+    )
     assert (exact.numpy() != y).sum() > 0  # the test can tell float32 from exact requantization
 
 
@@ -183,12 +200,17 @@ def test_matmul_integer_to_float_is_reproduced_bit_for_bit_on_random_codes() -> 
     b = rng.integers(-64, 64, (384, 1024), dtype=np.int8)
     sa, za = np.float32(0.037), np.uint8(11)
     sb = rng.uniform(0.001, 0.01, 1024).astype(np.float32)
-    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in
-             [("b", b), ("sa", sa), ("sb", sb), ("za", za), ("zb", np.zeros(1024, np.int8))]]  # fmt: skip
-    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "sa", "sb", "za", "zb"], ["y"],
-                            domain="com.microsoft")  # fmt: skip
-    io = [helper.make_tensor_value_info("a", TensorProto.UINT8, a.shape),
-          helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(np.asarray(v), n)
+        for n, v in [("b", b), ("sa", sa), ("sb", sb), ("za", za), ("zb", np.zeros(1024, np.int8))]
+    ]
+    node = helper.make_node(
+        "MatMulIntegerToFloat", ["a", "b", "sa", "sb", "za", "zb"], ["y"], domain="com.microsoft"
+    )
+    io = [
+        helper.make_tensor_value_info("a", TensorProto.UINT8, a.shape),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+    ]
     graph = helper.make_graph([node], "g", io[:1], io[1:], inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)

@@ -33,8 +33,15 @@ VARIANTS = (
     + [f"w{n}g8" for n in ("int2", "int3", "int4", "int6", "uint4", "fp4_e2m1", "fp8_e5m2")]
     + ["w4g8+asym", "w3+asym+mse", "w4+p99.9", "wmxfp4_e2m1_b16"]
 )
-ACT_VARIANTS = ["w4a8", "w4a4+sym", "w8-auint6", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2",
-                "wmxfp6_e3m2-amxint8", "wmxfp4_e2m1-amxfp8_e4m3"]  # fmt: skip
+ACT_VARIANTS = [
+    "w4a8",
+    "w4a4+sym",
+    "w8-auint6",
+    "wfp8_e4m3fn-afp8_e4m3fn",
+    "wfp8_e5m2-afp8_e5m2",
+    "wmxfp6_e3m2-amxint8",
+    "wmxfp4_e2m1-amxfp8_e4m3",
+]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -376,8 +383,9 @@ def test_int4_codes_in_int8_storage_fuse_into_integer_kernels_with_the_same_valu
 
 
 def test_evaluate_measures_a_given_plan_as_run_does(tmp_path) -> None:
-    res = mixq.run("synthetic-mlp", method="sensitivity-ilp", candidates=["w4a8", "w8a8"],
-                   budget={"avg_weight_bits": 6})  # fmt: skip
+    res = mixq.run(
+        "synthetic-mlp", method="sensitivity-ilp", candidates=["w4a8", "w8a8"], budget={"avg_weight_bits": 6}
+    )
     res.plan.save(tmp_path / "plan.json")
     again = mixq.evaluate("synthetic-mlp", tmp_path / "plan.json")
     for k in ("metric", "avg_weight_bits", "size_bytes", "bops"):
@@ -448,8 +456,13 @@ def plan_only_outputs(run_dir, x: torch.Tensor) -> torch.Tensor:
 def test_run_dir_with_bias_correction_and_adaround_exports_exactly(tmp_path, capsys) -> None:
     task = tasks.get("synthetic-mlp")
     run_dir = tmp_path / "run"
-    res = mixq.run(task, candidates=["w3-a8"], ptq=["bias_correction", "adaround"],
-                   ptq_args={"adaround": {"iters": 20, "batch_size": 32}}, out=run_dir)  # fmt: skip
+    res = mixq.run(
+        task,
+        candidates=["w3-a8"],
+        ptq=["bias_correction", "adaround"],
+        ptq_args={"adaround": {"iters": 20, "batch_size": 32}},
+        out=run_dir,
+    )
     x = torch.cat([b[0] for b in task.val])
     with torch.no_grad():
         assert not torch.equal(plan_only_outputs(run_dir, x), res.model(x))  # the file is needed
@@ -459,8 +472,14 @@ def test_run_dir_with_bias_correction_and_adaround_exports_exactly(tmp_path, cap
 def test_run_dir_after_qat_exports_exactly(tmp_path, capsys) -> None:
     task = tasks.get("synthetic-mlp")
     run_dir = tmp_path / "run"
-    res = mixq.run(task, "ddq", candidates=["w2a8", "w4a8", "w8a8"], budget={"avg_weight_bits": 4.8},
-                   method_args={"steps": 6}, out=run_dir)  # fmt: skip
+    res = mixq.run(
+        task,
+        "ddq",
+        candidates=["w2a8", "w4a8", "w8a8"],
+        budget={"avg_weight_bits": 4.8},
+        method_args={"steps": 6},
+        out=run_dir,
+    )
     x = torch.cat([b[0] for b in task.val])
     with torch.no_grad():
         assert not torch.equal(plan_only_outputs(run_dir, x), res.model(x))
@@ -505,8 +524,9 @@ def test_cle_channel_clamps_export_to_onnx_and_safetensors(tmp_path) -> None:
     path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
     graph = onnx.load(str(path)).graph
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    consts = [onnx.numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
-              for a in n.attribute]  # fmt: skip
+    consts = [
+        onnx.numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute
+    ]
     uppers = [inits.get(i) for n in graph.node if n.op_type == "Min" for i in n.input]
     uppers += [c for c in consts if c.size == 8]
     assert any(u is not None and np.array_equal(u.reshape(-1), clamps[0].upper.numpy()) for u in uppers)
@@ -532,12 +552,20 @@ def multipoint_plan(qmodel: torch.nn.Module, bits: int, act: str | None) -> Plan
 
     aspec = parse_candidate(f"w8{act}").act if act else None
     points = {n: tuple(i % 3 + 1 for i in range(m.weight.shape[0])) for n, m in mixq.sites(qmodel).items()}
-    return Plan({n: LayerSpec(QSpec(Int(bits), points=p), aspec) for n, p in points.items()},
-                {"task": "synthetic-cnn"})  # fmt: skip
+    return Plan(
+        {n: LayerSpec(QSpec(Int(bits), points=p), aspec) for n, p in points.items()},
+        {"task": "synthetic-cnn"},
+    )
 
 
-MP_SPARQ_CASES = ["mp3-a8", "mp4", "mp2-asparq4_3opt", "w8-asparq4_5opt_v", "w4-asparq4_2opt_raw",
-                  "w6-asparq4_3opt_raw_v"]  # fmt: skip
+MP_SPARQ_CASES = [
+    "mp3-a8",
+    "mp4",
+    "mp2-asparq4_3opt",
+    "w8-asparq4_5opt_v",
+    "w4-asparq4_2opt_raw",
+    "w6-asparq4_3opt_raw_v",
+]
 
 
 def mp_sparq_result(task: tasks.Task, qmodel: torch.nn.Module, case: str) -> mixq.Result:
@@ -572,7 +600,8 @@ def test_multipoint_and_sparq_round_trip_and_run_in_onnx_runtime(cnn, case: str,
     so.intra_op_num_threads = 1
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     optimized = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]  # fmt: skip
+        None, {"input": x.numpy()}
+    )[0]
     scale = np.abs(sim.numpy()).max()
     for out in (reference, optimized):  # float summation order may move a code on a rounding boundary
         diff = np.abs(out - sim.numpy())

@@ -170,8 +170,11 @@ def test_scale_formulas():
 # -- floating-point element formats ----------------------------------------------------------------
 
 TORCH_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-ML_FP = {"fp6_e3m2": ml_dtypes.float6_e3m2fn, "fp6_e2m3": ml_dtypes.float6_e2m3fn,
-         "fp4_e2m1": ml_dtypes.float4_e2m1fn}  # fmt: skip
+ML_FP = {
+    "fp6_e3m2": ml_dtypes.float6_e3m2fn,
+    "fp6_e2m3": ml_dtypes.float6_e2m3fn,
+    "fp4_e2m1": ml_dtypes.float4_e2m1fn,
+}
 
 
 def cast(y: torch.Tensor, name: str) -> torch.Tensor:
@@ -247,17 +250,32 @@ def test_group_scales_are_float16_representable(name):
 def sq_err(w: torch.Tensor, q: torch.Tensor, spec: QSpec) -> torch.Tensor:
     granularity = spec.granularity
     return torch.stack(
-        [(a.double() - b.double()).pow(2).sum() for a, b in
-         zip(rows_of(w, granularity, spec.group_size), rows_of(q, granularity, spec.group_size), strict=True)]
-    )  # fmt: skip
+        [
+            (a.double() - b.double()).pow(2).sum()
+            for a, b in zip(
+                rows_of(w, granularity, spec.group_size),
+                rows_of(q, granularity, spec.group_size),
+                strict=True,
+            )
+        ]
+    )
 
 
 @pytest.mark.parametrize(
     "mse, minmax",
-    [("w2+mse", "w2"), ("w3+mse", "w3"), ("w4+mse", "w4"), ("w8+mse", "w8"), ("w2+asym+mse", "w2+asym"),
-     ("w4+asym+mse", "w4+asym"), ("w3g16+mse", "w3g16"), ("w4+tensor+mse", "w4+tensor"),
-     ("wfp4_e2m1+mse", "wfp4_e2m1"), ("wuint3+mse", "wuint3")],
-)  # fmt: skip
+    [
+        ("w2+mse", "w2"),
+        ("w3+mse", "w3"),
+        ("w4+mse", "w4"),
+        ("w8+mse", "w8"),
+        ("w2+asym+mse", "w2+asym"),
+        ("w4+asym+mse", "w4+asym"),
+        ("w3g16+mse", "w3g16"),
+        ("w4+tensor+mse", "w4+tensor"),
+        ("wfp4_e2m1+mse", "wfp4_e2m1"),
+        ("wuint3+mse", "wuint3"),
+    ],
+)
 def test_mse_never_worse_than_minmax_per_row(mse, minmax):
     g = torch.Generator().manual_seed(7)
     w = torch.randn(32, 64, generator=g)

@@ -198,8 +198,13 @@ def test_trained_weights_are_the_float_modules_and_changed(task: mixq.Task) -> N
 
 
 def test_controller_is_frozen_during_warmup(task: mixq.Task) -> None:
-    res = mixq.run(task, "fliqs", candidates=INT + FP, budget={"bops": bops_budget(task, 2.0)},
-                   method_args={"steps": 8, "warmup": 0.99, "fix_frac": 0.0})  # fmt: skip
+    res = mixq.run(
+        task,
+        "fliqs",
+        candidates=INT + FP,
+        budget={"bops": bops_budget(task, 2.0)},
+        method_args={"steps": 8, "warmup": 0.99, "fix_frac": 0.0},
+    )
     h = res.history[0]
     assert h["warmup_steps"] == h["search_steps"] == 8 and not h["controller"]
     assert h["final_entropy"] == pytest.approx(math.log(6))
@@ -212,8 +217,9 @@ def test_explicit_cost_needs_a_budget_on_it(task: mixq.Task) -> None:
 
 def test_float_is_a_candidate_of_every_space(task: mixq.Task) -> None:
     budget = {"bops": bops_budget(task, 3.0)}
-    res = mixq.run(task, "fliqs", candidates=["w4a4", "float"], budget=budget,
-                   method_args={"steps": 8, "space": "int"})  # fmt: skip
+    res = mixq.run(
+        task, "fliqs", candidates=["w4a4", "float"], budget=budget, method_args={"steps": 8, "space": "int"}
+    )
     assert res.metrics.within["bops"]
     assert res.history[0]["arms"] == ["w4a4", "float"]
 
@@ -225,16 +231,37 @@ def test_single_candidate_is_uniform_qat(task: mixq.Task) -> None:
 
 def test_infeasible_budget_in_the_space_names_the_smallest(task: mixq.Task) -> None:
     with pytest.raises(ValueError, match="smallest feasible bops"):
-        mixq.run(task, "fliqs", candidates=["w8a8", FP[0]], budget={"bops": bops_budget(task, 1.0)},
-                 method_args={"steps": 4, "space": "int"})  # fmt: skip
+        mixq.run(
+            task,
+            "fliqs",
+            candidates=["w8a8", FP[0]],
+            budget={"bops": bops_budget(task, 1.0)},
+            method_args={"steps": 4, "space": "int"},
+        )
 
 
 def test_cli_runs_fliqs(tmp_path, capsys) -> None:
     from mixq.cli import main
 
-    code = main(["run", "--task", "synthetic-mlp", "--method", "fliqs", "--candidates", "w4a8,w8a8",
-                 "--budget", "avg_weight_bits=6", "--method-arg", "steps=6", "--method-arg", "space=int",
-                 "--out", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "--task",
+            "synthetic-mlp",
+            "--method",
+            "fliqs",
+            "--candidates",
+            "w4a8,w8a8",
+            "--budget",
+            "avg_weight_bits=6",
+            "--method-arg",
+            "steps=6",
+            "--method-arg",
+            "space=int",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "plan.json").exists()
     assert "fliqs" in capsys.readouterr().out

@@ -40,8 +40,17 @@ class Residual(nn.Module):
     ("make", "n_pairs"),
     [
         (Residual, 3),
-        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                               nn.Linear(4 * 6 * 6, 3), nn.BatchNorm1d(3)), 2),  # fmt: skip
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(3, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(4 * 6 * 6, 3),
+                nn.BatchNorm1d(3),
+            ),
+            2,
+        ),
     ],
 )
 def test_folded_model_equals_original(make, n_pairs: int) -> None:

@@ -46,8 +46,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
     nan = a.isnan()
     return bool(
-        torch.equal(nan, b.isnan())
-        and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+        torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
     )
 
 
@@ -439,9 +438,7 @@ def test_mx_padding_and_axis(name):
     # Blocks are independent and padding adds only zeros: the 6-element tail is its own block.
     assert torch.equal(mx_quantize(last, f)[..., 64:], mx_quantize(last[..., 64:].contiguous(), f))
     assert torch.equal(mx_quantize(last, f)[..., :64], mx_quantize(last[..., :64].contiguous(), f))
-    assert torch.equal(
-        mx_scales(last, f)[..., 2], mx_scales(last[..., 64:].contiguous(), f)[..., 0]
-    )
+    assert torch.equal(mx_scales(last, f)[..., 2], mx_scales(last[..., 64:].contiguous(), f)[..., 0])
     small = Mx(f.elem, 16)
     assert mx_scales(last, small).shape == (3, 5, 5)
     assert torch.equal(mx_quantize(last, small)[..., :16], mx_quantize(last[..., :16], small))

@@ -155,10 +155,17 @@ def pot_plan(task: tasks.Task, qmodel: torch.nn.Module, cand: str = "wpot4-a8") 
 
 
 def test_builtin_kinds_answer_for_their_specs() -> None:
-    names = {c: kind_of(parse_candidate(c).weight or parse_candidate(c).act).name for c in
-             ("w4", "wfp8_e4m3fn", "wmxfp4_e2m1", "a8", "asparq4_5opt")}  # fmt: skip
-    assert names == {"w4": "integer", "wfp8_e4m3fn": "minifloat", "wmxfp4_e2m1": "mx", "a8": "integer",
-                     "asparq4_5opt": "sparq"}  # fmt: skip
+    names = {
+        c: kind_of(parse_candidate(c).weight or parse_candidate(c).act).name
+        for c in ("w4", "wfp8_e4m3fn", "wmxfp4_e2m1", "a8", "asparq4_5opt")
+    }
+    assert names == {
+        "w4": "integer",
+        "wfp8_e4m3fn": "minifloat",
+        "wmxfp4_e2m1": "mx",
+        "a8": "integer",
+        "asparq4_5opt": "sparq",
+    }
     assert kind_of(QSpec(formats.Int(4), points=(1, 2))).name == "multipoint"
     assert doctest.testmod(kinds).failed == 0
 

@@ -21,10 +21,12 @@ def task() -> mixq.Task:
 @pytest.mark.parametrize("bits", [3.0, 5.0])
 def test_plan_within_budget_and_deterministic(task: mixq.Task, method: str, bits: float) -> None:
     args = TINY_ARGS.get(method)
-    a = mixq.run(task, method=method, candidates=CANDIDATES, budget={"avg_weight_bits": bits},
-                 method_args=args, seed=1)  # fmt: skip
-    b = mixq.run(task, method=method, candidates=CANDIDATES, budget={"avg_weight_bits": bits},
-                 method_args=args, seed=1)  # fmt: skip
+    a = mixq.run(
+        task, method=method, candidates=CANDIDATES, budget={"avg_weight_bits": bits}, method_args=args, seed=1
+    )
+    b = mixq.run(
+        task, method=method, candidates=CANDIDATES, budget={"avg_weight_bits": bits}, method_args=args, seed=1
+    )
     assert a.metrics.avg_weight_bits <= bits
     assert a.metrics.within["avg_weight_bits"]
     assert a.plan.to_dict()["layers"] == b.plan.to_dict()["layers"]
@@ -34,8 +36,13 @@ def test_plan_within_budget_and_deterministic(task: mixq.Task, method: str, bits
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_unconstrained_budget_takes_the_most_precise_candidate(task: mixq.Task, method: str) -> None:
-    res = mixq.run(task, method=method, candidates=["w2", "w8"], budget={"avg_weight_bits": 40},
-                   method_args=TINY_ARGS.get(method))  # fmt: skip
+    res = mixq.run(
+        task,
+        method=method,
+        candidates=["w2", "w8"],
+        budget={"avg_weight_bits": 40},
+        method_args=TINY_ARGS.get(method),
+    )
     if method == "multipoint":  # points go on top of the base plan: w8 everywhere
         assert all(s.weight.bits == 8 and s.weight.points for s in res.plan.layers.values())
         assert len(res.plan.layers) == 3
@@ -49,8 +56,13 @@ def test_infeasible_budget_names_the_smallest(task: mixq.Task, method: str) -> N
     numel, scales = 16 * 64 + 64 * 64 + 64 * 8, 64 + 64 + 8
     smallest = (2 * numel + 32 * scales) / numel
     with pytest.raises(ValueError, match=f"smallest feasible avg_weight_bits is {smallest:.6g}"):
-        mixq.run(task, method=method, candidates=["w2", "w8"], budget={"avg_weight_bits": 1.0},
-                 method_args=TINY_ARGS.get(method))  # fmt: skip
+        mixq.run(
+            task,
+            method=method,
+            candidates=["w2", "w8"],
+            budget={"avg_weight_bits": 1.0},
+            method_args=TINY_ARGS.get(method),
+        )
 
 
 def test_measured_sensitivity_ilp_beats_uniform_at_the_same_budget(task: mixq.Task) -> None:
@@ -64,11 +76,13 @@ def test_measured_sensitivity_ilp_beats_uniform_at_the_same_budget(task: mixq.Ta
 
 
 def test_sensitivity_ilp_run_dir_resumes_from_its_store(task: mixq.Task, tmp_path) -> None:
-    first = mixq.run(task, method="sensitivity-ilp", candidates=CANDIDATES,
-                     budget={"avg_weight_bits": 4}, out=tmp_path)  # fmt: skip
+    first = mixq.run(
+        task, method="sensitivity-ilp", candidates=CANDIDATES, budget={"avg_weight_bits": 4}, out=tmp_path
+    )
     assert (tmp_path / "store.sqlite").exists() and (tmp_path / "sensitivity.safetensors").exists()
-    again = mixq.run(task, method="sensitivity-ilp", candidates=CANDIDATES,
-                     budget={"avg_weight_bits": 4}, out=tmp_path)  # fmt: skip
+    again = mixq.run(
+        task, method="sensitivity-ilp", candidates=CANDIDATES, budget={"avg_weight_bits": 4}, out=tmp_path
+    )
     assert torch.equal(first.sensitivity.single, again.sensitivity.single)
     loaded = mixq.sensitivity.Sensitivity.load(tmp_path / "sensitivity.safetensors")
     assert torch.equal(loaded.single, first.sensitivity.single)
@@ -77,9 +91,23 @@ def test_sensitivity_ilp_run_dir_resumes_from_its_store(task: mixq.Task, tmp_pat
 def test_cli_runs_hawq(tmp_path, capsys) -> None:
     from mixq.cli import main
 
-    code = main(["run", "--task", "synthetic-mlp", "--method", "hawq", "--candidates", "w2,w4,w8",
-                 "--budget", "avg_weight_bits=5", "--method-arg", "hutchinson_samples=8",
-                 "--out", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "--task",
+            "synthetic-mlp",
+            "--method",
+            "hawq",
+            "--candidates",
+            "w2,w4,w8",
+            "--budget",
+            "avg_weight_bits=5",
+            "--method-arg",
+            "hutchinson_samples=8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "plan.json").exists()
     assert "hawq" in capsys.readouterr().out

@@ -34,8 +34,9 @@ F64 = torch.float64
 def weights(draw, max_rows=4, max_cols=12):
     rows = draw(st.integers(1, max_rows))
     cols = draw(st.integers(1, max_cols))
-    vals = draw(st.lists(st.floats(-8, 8, allow_nan=False, width=64), min_size=rows * cols,
-                         max_size=rows * cols))  # fmt: skip
+    vals = draw(
+        st.lists(st.floats(-8, 8, allow_nan=False, width=64), min_size=rows * cols, max_size=rows * cols)
+    )
     w = torch.tensor(vals, dtype=F64).reshape(rows, cols)
     zero_row = draw(st.booleans())
     if zero_row:
@@ -144,8 +145,9 @@ def test_codes_on_grid_and_reconstruction():
     pts = mp.decompose(w.reshape(5, -1), 3, [1, 2, 3, 4, 1])
     assert pts.codes.dtype == torch.int8 and int(pts.codes.abs().max()) <= 3
     assert torch.all(pts.steps[2] == 0) and torch.all(pts.codes[2] == 0)
-    manual = torch.stack([sum(pts.steps[j, i] * pts.codes[j, i].double() for i in range(int(pts.counts[j])))
-                          for j in range(5)])  # fmt: skip
+    manual = torch.stack(
+        [sum(pts.steps[j, i] * pts.codes[j, i].double() for i in range(int(pts.counts[j]))) for j in range(5)]
+    )
     torch.testing.assert_close(pts.reconstruct(), manual)
     assert torch.all(pts.steps[0, 1:] == 0)  # absent points have zero steps
 
@@ -158,7 +160,7 @@ def test_codes_on_grid_and_reconstruction():
         ({"points": 0}, "points"),
         ({"points": 17}, "points"),
         ({"a_search": "best"}, "a_search"),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_arguments(kwargs, match):
     args = {"w": torch.ones(2, 3), "bits": 4, "points": 2, **kwargs}
@@ -387,13 +389,22 @@ def test_variants_and_base_methods(tmp_path):
     task = tasks.get("synthetic-mlp")
     budget = {"avg_weight_bits": 3.5}
     ilp = mixq.run(task, "sensitivity-ilp", ["w2", "w4"], budget=budget)
-    on_ilp = mixq.run(task, "multipoint", ["w2", "w4"], budget=budget,
-                      method_args={"ratio": 0.25, "base_method": "sensitivity-ilp"})  # fmt: skip
+    on_ilp = mixq.run(
+        task,
+        "multipoint",
+        ["w2", "w4"],
+        budget=budget,
+        method_args={"ratio": 0.25, "base_method": "sensitivity-ilp"},
+    )
     assert {n: s.weight.bits for n, s in on_ilp.plan.layers.items()} == {
-        n: s.weight.bits for n, s in ilp.plan.layers.items()}  # fmt: skip
+        n: s.weight.bits for n, s in ilp.plan.layers.items()
+    }
     ilp.plan.save(tmp_path / "base.json")
     from_file = mixq.run(
-        task, "multipoint", ["w2"], budget=budget,
+        task,
+        "multipoint",
+        ["w2"],
+        budget=budget,
         method_args={"ratio": 0.25, "base_plan": str(tmp_path / "base.json")},
     )
     assert from_file.plan.layers == on_ilp.plan.layers
@@ -417,11 +428,14 @@ def test_points_fill_only_the_budget_the_base_plan_leaves():
     # the cut is the largest common fraction: one more point per layer's share breaks the budget
     for name, spec in cut.plan.layers.items():
         extra = sum(spec.weight.points) - len(spec.weight.points)
-        assert extra == min(math.floor(frac * len(spec.weight.points) + 1e-9),
-                            sum(free.plan.layers[name].weight.points) - len(spec.weight.points))  # fmt: skip
+        assert extra == min(
+            math.floor(frac * len(spec.weight.points) + 1e-9),
+            sum(free.plan.layers[name].weight.points) - len(spec.weight.points),
+        )
     # ratio=None: the points spend what the budget leaves, and stay within it
-    fill = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": limit},
-                    method_args={"ratio": None})  # fmt: skip
+    fill = mixq.run(
+        task, "multipoint", ["w3"], budget={"avg_weight_bits": limit}, method_args={"ratio": None}
+    )
     assert uni.metrics.avg_weight_bits < fill.metrics.avg_weight_bits <= limit
     # a budget the base plan alone meets exactly leaves no room for points
     tight = mixq.run(task, "multipoint", ["w3"], budget={"avg_weight_bits": uni.metrics.avg_weight_bits})
@@ -441,7 +455,7 @@ def test_points_fill_only_the_budget_the_base_plan_leaves():
         ({"base_method": "nope"}, "base_method"),
         ({"gram_batches": -1}, "gram_batches"),
         ({"colour": 1}, "unknown method_args"),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_method_args(args, match):
     with pytest.raises(ValueError, match=match):
@@ -476,8 +490,21 @@ def test_no_eligible_layer_keeps_the_base_plan(caplog):
 def test_cli_runs_multipoint(tmp_path):
     assert "multipoint" in METHODS
     out = tmp_path / "run"
-    args = ["run", "--task", "synthetic-mlp", "--method", "multipoint", "--candidates", "w3",
-            "--method-arg", "ratio=0.25", "--method-arg", "n_max=2", "--out", str(out)]  # fmt: skip
+    args = [
+        "run",
+        "--task",
+        "synthetic-mlp",
+        "--method",
+        "multipoint",
+        "--candidates",
+        "w3",
+        "--method-arg",
+        "ratio=0.25",
+        "--method-arg",
+        "n_max=2",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     plan = Plan.load(out / "plan.json")
     assert all(max(s.weight.points) <= 2 for s in plan.layers.values())

@@ -82,7 +82,12 @@ def test_recipe_from_toml_is_strict_and_round_trips(tmp_path):
     f.write_text('task = "synthetic-mlp"\ncache = 1\n')
     with pytest.raises(ValueError, match=r"unknown keys \['cache'\]"):
         Recipe.from_toml(f)
-    assert "cache" not in RECIPE_KEYS and set(RECIPE_KEYS) < {"task", "method", "candidates", "budget",
-                                                               *RunOptions.__dataclass_fields__}  # fmt: skip
+    assert "cache" not in RECIPE_KEYS and set(RECIPE_KEYS) < {
+        "task",
+        "method",
+        "candidates",
+        "budget",
+        *RunOptions.__dataclass_fields__,
+    }
     with pytest.raises(ValueError, match="seed must be an integer"):
         Recipe.from_dict({"task": "t", "seed": "x"})

@@ -45,10 +45,16 @@ def W(bits, gran="channel", group=None, sym=True):
         ({"weight": W(8, sym=False), "act": None}, "w8+asym", "w8+asym+omse"),
         ({"weight": W(8), "act": {"bits": 8, "symmetric": True}}, "w8-a8+sym", "w8+asym+omse-a8+sym"),
         ({"weight": W(2), "act": {"bits": 8, "symmetric": False}}, "w2-a8", "w2+asym+omse-a8"),
-        ({"weight": {**W(2), "clip": "mse"}, "act": {"bits": 8, "symmetric": False}}, "w2+mse-a8",
-         "w2+asym+omse-a8"),
-        ({"weight": W("fp8_e4m3fn", "tensor"), "act": {"bits": "fp8_e4m3fn", "symmetric": True}},
-         "wfp8_e4m3fn+tensor-afp8_e4m3fn", "wfp8_e4m3fn+tensor-afp8_e4m3fn"),
+        (
+            {"weight": {**W(2), "clip": "mse"}, "act": {"bits": 8, "symmetric": False}},
+            "w2+mse-a8",
+            "w2+asym+omse-a8",
+        ),
+        (
+            {"weight": W("fp8_e4m3fn", "tensor"), "act": {"bits": "fp8_e4m3fn", "symmetric": True}},
+            "wfp8_e4m3fn+tensor-afp8_e4m3fn",
+            "wfp8_e4m3fn+tensor-afp8_e4m3fn",
+        ),
         ({"weight": None, "act": None}, "float", "float"),
     ],
 )
@@ -84,8 +90,11 @@ def test_to_candidate_rejects_bad_descriptions():
 def test_converted_plan_is_charged_with_scales_by_an_independent_count():
     """ModelOpt-style INT4 block-128 and INT8 per-channel, and a float layer, on the synthetic MLP."""
     task = tasks.synthetic_mlp()
-    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4, "group", 32), "act": None},
-              "4": {"weight": None, "act": None}}  # fmt: skip
+    layers = {
+        "0": {"weight": W(8), "act": None},
+        "2": {"weight": W(4, "group", 32), "act": None},
+        "4": {"weight": None, "act": None},
+    }
     res = measure.evaluate(task, translate.to_plan(layers))
     # independent count: 0 is 64x16 (int8 + 64 fp32 scales), 2 is 64x64 in groups of 32 (int4 + 128
     # fp16 scales), 4 is 8x64 fp32; biases fp32 everywhere.
@@ -125,8 +134,12 @@ def test_best_mixq_takes_the_best_row_at_or_below_the_size():
         {"task": "mnist-cnn", "val": 2000, "act": False, "size_bytes": 120.0, "metric": 99.9, "method": "e"},
         {"task": "minilm", "val": 1024, "act": False, "size_bytes": 50.0, "metric": 1.0, "method": "f"},
     ]
-    row = {"task": "mnist-cnn", "val_items": 10000, "mixq_same": {"size_bytes": 200.0},
-           "plan_same": {"x": "w4", "y": "float"}}  # fmt: skip
+    row = {
+        "task": "mnist-cnn",
+        "val_items": 10000,
+        "mixq_same": {"size_bytes": 200.0},
+        "plan_same": {"x": "w4", "y": "float"},
+    }
     assert points.best_mixq(pts, row)["method"] == "b"
     row["plan_same"] = {"x": "w4-a8+sym"}
     assert points.best_mixq(pts, row)["method"] == "d"
@@ -135,9 +148,21 @@ def test_best_mixq_takes_the_best_row_at_or_below_the_size():
 
 
 def test_mixq_points_reads_rows_with_their_context(tmp_path, monkeypatch):
-    doc = {"tasks": {"mnist-cnn": {"info": {"val_images": 10000}, "sets": {"ch": {
-        "candidates": ["w2+asym+omse", "w4+asym+omse"],
-        "rows": [{"method": "hawq", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}]}}}}}
+    doc = {
+        "tasks": {
+            "mnist-cnn": {
+                "info": {"val_images": 10000},
+                "sets": {
+                    "ch": {
+                        "candidates": ["w2+asym+omse", "w4+asym+omse"],
+                        "rows": [
+                            {"method": "hawq", "metric": 99.0, "avg_weight_bits": 2.5, "size_bytes": 1e5}
+                        ],
+                    }
+                },
+            }
+        }
+    }
     (tmp_path / "search.json").write_text(json.dumps(doc))
     monkeypatch.setattr(points, "RESULTS", tmp_path)
     (p,) = points.mixq_points()
@@ -171,8 +196,12 @@ def test_driver_protocol_writes_json_and_records_failures(common, tmp_path, monk
     args = common.parser("x").parse_args(["--task", "synthetic-mlp", "--budget", "4", "--out", str(out)])
 
     def tool(a, t, s):  # a stand-in tool: quantizes layer "0" only, to nothing
-        return {"model": t.model, "layers": {"0": {"weight": common.weight_desc(8), "act": None,
-                "tool_format": "W8"}}, "search_seconds": 0.0, "tool_bits": 8.0}  # fmt: skip
+        return {
+            "model": t.model,
+            "layers": {"0": {"weight": common.weight_desc(8), "act": None, "tool_format": "W8"}},
+            "search_seconds": 0.0,
+            "tool_bits": 8.0,
+        }
 
     common.run("stand-in", "torch", tool, args)
     res = json.loads(out.read_text())
@@ -199,8 +228,12 @@ def test_mixq_points_skip_exhaustive_oracles(tmp_path, monkeypatch):
 
 def test_verdict_names_the_quantizer_or_the_search():
     def row(tool, same, search):
-        return {"task": "mnist-cnn", "tool_metric": tool, "mixq_same": {"metric": same},
-                "mixq_search": {"metric": search}}  # fmt: skip
+        return {
+            "task": "mnist-cnn",
+            "tool_metric": tool,
+            "mixq_same": {"metric": same},
+            "mixq_search": {"metric": search},
+        }
 
     assert render.verdict(row(99.0, 99.0, 99.2), None) == "mixq ≥ tool"
     assert render.verdict(row(99.0, 99.0, 99.0), None) == "tie"
@@ -210,12 +243,18 @@ def test_verdict_names_the_quantizer_or_the_search():
     assert "search" in s and "quantizer" not in s
     assert render.verdict(row(99.0, 98.0, 98.0), {"metric": 99.5}) == "mixq ≥ tool"
     assert render.verdict({"task": "minilm", "tool_metric": 0.9, "mixq_same": {"metric": 0.9}}, None) == (
-        "no mixq result at this size")
+        "no mixq result at this size"
+    )
 
 
 def test_verdict_weighs_bias_correction_and_the_sampling_error():
-    row = {"task": "fashion-resnet20", "val_items": 2000, "tool_metric": 94.0, "mixq_same": {"metric": 93.9},
-           "mixq_search": {"metric": 93.9}}  # fmt: skip
+    row = {
+        "task": "fashion-resnet20",
+        "val_items": 2000,
+        "tool_metric": 94.0,
+        "mixq_same": {"metric": 93.9},
+        "mixq_search": {"metric": 93.9},
+    }
     assert "standard error of a top-1 on 2000 images (0.53 points)" in render.verdict(row, None)
     row["mixq_search_mixq_ptq"] = {"metric": 94.2, "avg_weight_bits": 3.9, "ptq": ["bias_correction"]}
     v = render.verdict(row, None)
@@ -251,8 +290,11 @@ def _w8_w4_w8_row(tmp_path, monkeypatch):
     """The synthetic MLP, a W8/W4/W8 peer plan on it and its row (run directories under tmp_path)."""
     monkeypatch.setattr(measure, "ROOT", tmp_path)
     task = tasks.synthetic_mlp()
-    layers = {"0": {"weight": W(8), "act": None}, "2": {"weight": W(4), "act": None},
-              "4": {"weight": W(8), "act": None}}  # fmt: skip
+    layers = {
+        "0": {"weight": W(8), "act": None},
+        "2": {"weight": W(4), "act": None},
+        "4": {"weight": W(8), "act": None},
+    }
     same = measure.evaluate(task, translate.to_plan(layers, "same"))
     row = {"plan_mixq": {n: translate.to_candidate(d, "mixq") for n, d in layers.items()}, "mixq_same": same}
     return task, same, row
@@ -272,8 +314,10 @@ def test_own_grid_records_an_infeasible_size(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "ROOT", tmp_path)
     task = tasks.synthetic_mlp()
     layers = {n: {"weight": W(4), "act": None} for n in ("0", "2", "4")}
-    row = {"plan_mixq": {n: translate.to_candidate(d, "mixq") for n, d in layers.items()},
-           "mixq_same": measure.evaluate(task, translate.to_plan(layers, "same"))}  # fmt: skip
+    row = {
+        "plan_mixq": {n: translate.to_candidate(d, "mixq") for n, d in layers.items()},
+        "mixq_same": measure.evaluate(task, translate.to_plan(layers, "same")),
+    }
     measure.own_grid(row, task)
     assert "infeasible" in row["mixq_search_mixq"]["infeasible"]
 
@@ -287,8 +331,13 @@ def test_aimet_walk_replays_the_cumulative_steps(aimet):
     """Each Pareto entry lowers its modules on top of the entries before it; output-only groups
     (no weights) change nothing; the average is weight-count weighted."""
     sizes = {"a": 100, "b": 300, "c": 600}
-    path = [(0.9, 99.5, ["b"], 4), (0.9, 99.5, [], 4), (0.7, 99.1, ["c"], 4), (0.5, 98.0, ["c"], 2),
-            (0.4, 97.0, ["x.a"], 2)]  # fmt: skip
+    path = [
+        (0.9, 99.5, ["b"], 4),
+        (0.9, 99.5, [], 4),
+        (0.7, 99.1, ["c"], 4),
+        (0.5, 98.0, ["c"], 2),
+        (0.4, 97.0, ["x.a"], 2),
+    ]
     pts = aimet.walk(path, sizes, 8, names={"x.a": "a"})
     assert [p["bits"] for p in pts][-1] == {"a": 2, "b": 4, "c": 2}
     assert [round(p["avg_bits"], 6) for p in pts] == [6.8, 6.8, 4.4, 3.2, 2.6]
@@ -304,8 +353,10 @@ def test_aimet_walk_replays_the_cumulative_steps(aimet):
 
 
 def test_aimet_pick_takes_the_best_score_within_the_budget(aimet):
-    pts = [{"index": i, "score": s, "avg_bits": b, "bitops": 0.0}
-           for i, (s, b) in enumerate([(99.5, 6.8), (99.1, 4.4), (98.0, 3.2), (98.4, 2.9), (98.4, 2.6)])]
+    pts = [
+        {"index": i, "score": s, "avg_bits": b, "bitops": 0.0}
+        for i, (s, b) in enumerate([(99.5, 6.8), (99.1, 4.4), (98.0, 3.2), (98.4, 2.9), (98.4, 2.6)])
+    ]
     assert aimet.pick(pts, 4.4)["index"] == 1  # the budget is inclusive
     assert aimet.pick(pts, 4.0)["index"] == 3  # best score below 4 bits; the tie goes to more bits
     assert aimet.pick(pts, 2.6)["index"] == 4
@@ -353,11 +404,22 @@ def test_nncf219_knob_is_the_smallest_ratio_whose_choice_fits(hawq):
 def test_render_shows_how_a_budgetless_tool_was_picked(tmp_path, monkeypatch):
     monkeypatch.setattr(points, "RESULTS", tmp_path)
     same = {"metric": 98.0, "avg_weight_bits": 2.5, "size_bytes": 1000.0}
-    row = {"tool": "aimet", "tool_version": "2.42.0", "task": "mnist-cnn", "budget": 3.0, "ok": True,
-           "tool_metric": 99.0, "tool_bits": 2.47, "search_seconds": 1.0, "mixq_same": same,
-           "mixq_mixq": same,
-           "plan_same": {"a": "w2-a8"}, "val_items": 10000, "note": "a grid note",
-           "pick": {"rule": "best score within B", "index": 8, "score": 99.61, "pareto": [1, 2]}}  # fmt: skip
+    row = {
+        "tool": "aimet",
+        "tool_version": "2.42.0",
+        "task": "mnist-cnn",
+        "budget": 3.0,
+        "ok": True,
+        "tool_metric": 99.0,
+        "tool_bits": 2.47,
+        "search_seconds": 1.0,
+        "mixq_same": same,
+        "mixq_mixq": same,
+        "plan_same": {"a": "w2-a8"},
+        "val_items": 10000,
+        "note": "a grid note",
+        "pick": {"rule": "best score within B", "index": 8, "score": 99.61, "pareto": [1, 2]},
+    }
     md = render.render({"k": row})
     assert "- aimet 2.42.0 B=3: a=w2-a8 (pick: index=8, score=99.61)" in md
     assert "Note: aimet picks its point by the rule: best score within B." in md
@@ -386,7 +448,9 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(tmp_path, monkeypatch
     monkeypatch.setattr(compare_peers, "get_task", lambda name, val: None)
     monkeypatch.setattr(compare_peers, "render", lambda rows: "")
     monkeypatch.setattr(compare_peers, "summary", lambda rows: "")
-    monkeypatch.setattr(compare_peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc)))  # noqa: E501
+    monkeypatch.setattr(
+        compare_peers, "write", lambda name, doc: (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    )  # noqa: E501
     calls = []
 
     def fake(row, task, steps, iters):
@@ -394,13 +458,22 @@ def test_backfill_ptq_redoes_only_rows_without_these_steps(tmp_path, monkeypatch
         row["mixq_search_mixq_ptq"] = {"metric": 90.0, "ptq": steps}
 
     monkeypatch.setattr(compare_peers, "own_grid_ptq", fake)
-    base = {"ok": True, "tool": "mct", "task": "mnist-cnn", "tool_metric": 99.0, "plan_same": {"a": "w4"},
-            "mixq_same": {"metric": 90.0, "size_bytes": 1e5}, "mixq_search": {"metric": 90.0}}  # fmt: skip
+    base = {
+        "ok": True,
+        "tool": "mct",
+        "task": "mnist-cnn",
+        "tool_metric": 99.0,
+        "plan_same": {"a": "w4"},
+        "mixq_same": {"metric": 90.0, "size_bytes": 1e5},
+        "mixq_search": {"metric": 90.0},
+    }
     earlier = {"metric": 95.0, "ptq": ["bias_correction"]}  # other steps: judged without it, redone
     same = {"metric": 95.0, "ptq": ["adaround"]}  # these very steps: left alone
-    rows = {"mct|mnist-cnn|3": {**base, "budget": 3, "mixq_search_mixq_ptq": earlier},
-            "mct|mnist-cnn|4": {**base, "budget": 4, "mixq_search_mixq_ptq": same},
-            "mct|mnist-cnn|5": {**base, "budget": 5, "tool_metric": 80.0}}  # fmt: skip  (mixq wins: no run)
+    rows = {
+        "mct|mnist-cnn|3": {**base, "budget": 3, "mixq_search_mixq_ptq": earlier},
+        "mct|mnist-cnn|4": {**base, "budget": 4, "mixq_search_mixq_ptq": same},
+        "mct|mnist-cnn|5": {**base, "budget": 5, "tool_metric": 80.0},
+    }  # mixq wins: no run
     compare_peers.backfill(rows, ["mct"], [], ptq=True, ptq_steps=["adaround"], adaround_iters=7)
     assert calls == [(3, ["adaround"], 7)]
     saved = json.loads((tmp_path / "peers.json").read_text())["rows"]
@@ -458,10 +531,17 @@ def test_summary_block_is_replaced_in_place_and_kept_by_other_writers(tmp_path):
 
 def test_peers_summary_has_one_line_per_row(tmp_path, monkeypatch):
     monkeypatch.setattr(points, "RESULTS", tmp_path)
-    ok = {"ok": True, "tool": "mct", "task": "mnist-cnn", "budget": 3.0, "val_items": 10000,
-          "tool_metric": 99.0, "plan_same": {"a": "w4-a8"},
-          "mixq_same": {"metric": 98.0, "avg_weight_bits": 3.1, "size_bytes": 1e5},
-          "mixq_search_mixq": {"metric": 99.2, "avg_weight_bits": 3.0}}  # fmt: skip
+    ok = {
+        "ok": True,
+        "tool": "mct",
+        "task": "mnist-cnn",
+        "budget": 3.0,
+        "val_items": 10000,
+        "tool_metric": 99.0,
+        "plan_same": {"a": "w4-a8"},
+        "mixq_same": {"metric": 98.0, "avg_weight_bits": 3.1, "size_bytes": 1e5},
+        "mixq_search_mixq": {"metric": 99.2, "avg_weight_bits": 3.0},
+    }
     bad = {"ok": False, "tool": "nncf", "task": "minilm", "budget": 4.5, "error": "Boom:\nline two | x"}
     text = render.summary({"a": ok, "b": bad})
     lines = [x for x in text.splitlines() if x.startswith("| ")]

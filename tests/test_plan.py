@@ -15,11 +15,34 @@ from mixq.plan import FLOAT, GRAMMAR, LayerSpec, Plan, QSpec, parse_candidate
 FP_FORMATS = [Fp(4, 3), Fp(5, 2), Fp(3, 2), Fp(2, 3), Fp(2, 1)]
 
 NAMES = [
-    "w2", "w3", "w4", "w5", "w6", "w7", "w8", "a8", "w4a8", "w4g128", "w4g128a8", "w2+asym+mse-a8",
-    "w2+asym+omse", "wfp8_e4m3fn-afp8_e4m3fn", "wmxfp4_e2m1", "w8+tensor", "w4+p99.9",
-    "wuint4+asym", "w4+asym+p99.9-a8+p99", "a8+sym", "a8+mse", "wuint8", "w3g7+asym+mse",
-    "wmxfp4_e2m1-amxfp4_e2m1", "wmxint8_b16", "w4+asym+tensor-a4+sym+p99.5", "afp4_e2m1",
-]  # fmt: skip
+    "w2",
+    "w3",
+    "w4",
+    "w5",
+    "w6",
+    "w7",
+    "w8",
+    "a8",
+    "w4a8",
+    "w4g128",
+    "w4g128a8",
+    "w2+asym+mse-a8",
+    "w2+asym+omse",
+    "wfp8_e4m3fn-afp8_e4m3fn",
+    "wmxfp4_e2m1",
+    "w8+tensor",
+    "w4+p99.9",
+    "wuint4+asym",
+    "w4+asym+p99.9-a8+p99",
+    "a8+sym",
+    "a8+mse",
+    "wuint8",
+    "w3g7+asym+mse",
+    "wmxfp4_e2m1-amxfp4_e2m1",
+    "wmxint8_b16",
+    "w4+asym+tensor-a4+sym+p99.5",
+    "afp4_e2m1",
+]
 
 
 @pytest.mark.parametrize("name", NAMES + [f"w{n}" for n in formats.FORMAT_NAMES])
@@ -215,9 +238,13 @@ def test_plan_save_load_round_trip(tmp_path):
     assert json.loads(path.read_text())["schema"] == 1
     assert Plan.load(path, layer_names=[*plan.layers, "other"]) == plan
     assert loaded.summary() == {
-        "w4a8": 1, "w2+asym+omse-a8+p99.9": 1, "wmxfp4_e2m1": 1, "w4g128+asym": 1,
-        "wfp8_e4m3fn-afp8_e5m2": 1, "a8": 1,
-    }  # fmt: skip
+        "w4a8": 1,
+        "w2+asym+omse-a8+p99.9": 1,
+        "wmxfp4_e2m1": 1,
+        "w4g128+asym": 1,
+        "wfp8_e4m3fn-afp8_e5m2": 1,
+        "a8": 1,
+    }
 
 
 def test_plan_load_corrupt_json_names_file(tmp_path):

@@ -193,8 +193,9 @@ def test_bias_correction_measures_layers_that_share_an_input_in_one_pass():
     x = torch.randn(384, 12)
     model = Branches().eval()
     y = model(x).argmax(1)
-    task = mixq.Task(model=model, calib=[(x[i : i + 128], y[i : i + 128]) for i in (0, 128, 256)],
-                     val=[(x, y)])  # fmt: skip
+    task = mixq.Task(
+        model=model, calib=[(x[i : i + 128], y[i : i + 128]) for i in (0, 128, 256)], val=[(x, y)]
+    )
     qmodel = quantized(task, "w3-a8")
     names = list(sites(qmodel))
     groups = bias_correction.shared_input_groups(qmodel, sites(qmodel), task.calib[:1], task.forward)
@@ -222,8 +223,9 @@ def small_layer(cand: str = "w3+asym"):
 def run_adaround(m, x, target, seed=0, iters=300):
     cfg = adaround.Config(iters=iters, batch_size=16, lr=1e-2)  # a short schedule: a larger step
     with torch.enable_grad():
-        return adaround.learn_rounding(m, x, target, cfg, torch.Generator().manual_seed(seed),
-                                       mixq.progress.Bar(None, "t", show=False))  # fmt: skip
+        return adaround.learn_rounding(
+            m, x, target, cfg, torch.Generator().manual_seed(seed), mixq.progress.Bar(None, "t", show=False)
+        )
 
 
 @pytest.mark.parametrize("cand", ["w3+asym", "w2", "w3g8"])
@@ -330,8 +332,21 @@ def test_registry_and_string_form():
 def test_cli_ptq_writes_records(tmp_path):
     out = tmp_path / "run"
     steps = "cle,bias_correction,adaround"
-    rc = cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w3", "--ptq", steps,
-                   "--ptq-arg", "adaround.iters=50", "--out", str(out)])  # fmt: skip
+    rc = cli.main(
+        [
+            "run",
+            "--task",
+            "synthetic-mlp",
+            "--candidates",
+            "w3",
+            "--ptq",
+            steps,
+            "--ptq-arg",
+            "adaround.iters=50",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in m["ptq"]] == ["cle", "bias_correction", "adaround"]
@@ -342,8 +357,10 @@ def test_cli_ptq_writes_records(tmp_path):
 
 def test_toml_recipe_takes_ptq(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('task = "synthetic-mlp"\ncandidates = ["w3"]\nptq = ["bias_correction"]\n'
-                      '[ptq_args.bias_correction]\nbatches = 1\n')  # fmt: skip
+    recipe.write_text(
+        'task = "synthetic-mlp"\ncandidates = ["w3"]\nptq = ["bias_correction"]\n'
+        "[ptq_args.bias_correction]\nbatches = 1\n"
+    )
     out = tmp_path / "run"
     assert cli.main(["run", "--recipe", str(recipe), "--out", str(out)]) == 0
     (rec,) = json.loads((out / "metrics.json").read_text())["ptq"]

@@ -200,8 +200,16 @@ def test_cli_and_run_send_jobs_to_ray(cluster, tmp_path, monkeypatch):
         return original(self, jobs, context, store, progress)
 
     monkeypatch.setattr(RayExecutor, "map", counted)
-    args = ["--task", "synthetic-cnn", "--method", "clado", "--candidates", ",".join(CANDIDATES),
-            "--budget", "avg_weight_bits=5"]  # fmt: skip
+    args = [
+        "--task",
+        "synthetic-cnn",
+        "--method",
+        "clado",
+        "--candidates",
+        ",".join(CANDIDATES),
+        "--budget",
+        "avg_weight_bits=5",
+    ]
     out = tmp_path / "ray"
     assert cli.main(["run", *args, "--executor", "ray", "--workers", "2", "--out", str(out)]) == 0
     assert maps == [13]
@@ -210,8 +218,14 @@ def test_cli_and_run_send_jobs_to_ray(cluster, tmp_path, monkeypatch):
     a, b = Sensitivity.load(out / "sensitivity.safetensors"), local.sensitivity
     assert torch.equal(a.single, b.single) and torch.equal(a.pairs, b.pairs)
     assert (out / "plan.json").read_text() == (tmp_path / "local" / "plan.json").read_text()
-    res = mixq.run("synthetic-cnn", "sensitivity-ilp", CANDIDATES, {"avg_weight_bits": 5},
-                   executor="ray", executor_args={"chunk_size": 4})  # fmt: skip
+    res = mixq.run(
+        "synthetic-cnn",
+        "sensitivity-ilp",
+        CANDIDATES,
+        {"avg_weight_bits": 5},
+        executor="ray",
+        executor_args={"chunk_size": 4},
+    )
     assert maps == [13, 13] and res.sensitivity.kind == "measured"
     assert ray.is_initialized()  # a cluster the run did not start is left running
 
@@ -227,8 +241,22 @@ def test_factory_and_errors(tmp_path, capsys, monkeypatch):
         RayExecutor(workers=0)
     with pytest.raises(ValueError, match="executor_args need a named executor"):
         mixq.run("synthetic-mlp", candidates=["w4"], executor_args={"workers": 2})
-    assert cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w4", "--workers", "2",
-                     "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "run",
+                "--task",
+                "synthetic-mlp",
+                "--candidates",
+                "w4",
+                "--workers",
+                "2",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "--executor ray" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(ImportError, match=r"pip install 'mixq\[ray\]'"):

@@ -29,8 +29,14 @@ def report(tmp_path_factory):
     dirs = []
     for task, method, budget, args in RUNS:
         d = root / f"{task}-{method}"
-        mixq.run(task, method=method, candidates=["w2", "w4", "w8"], budget={"avg_weight_bits": budget},
-                 method_args=args, out=d)  # fmt: skip
+        mixq.run(
+            task,
+            method=method,
+            candidates=["w2", "w4", "w8"],
+            budget={"avg_weight_bits": budget},
+            method_args=args,
+            out=d,
+        )
         dirs.append(d)
     page = render(dirs, root / "out")
     return dirs, page
@@ -45,9 +51,17 @@ def test_report_links_every_plot(report):
     assert page.name == "report.html"
     srcs = img_sources(page)
     # a Pareto plot per task, a bit-width chart per run, a heat map per run with a sensitivity
-    assert sorted(srcs) == sorted(["pareto-synthetic-mlp.png", "pareto-synthetic-cnn.png", "run00-bits.png",
-                                   "run01-bits.png", "run02-bits.png", "run01-sensitivity.png",
-                                   "run02-sensitivity.png"])  # fmt: skip
+    assert sorted(srcs) == sorted(
+        [
+            "pareto-synthetic-mlp.png",
+            "pareto-synthetic-cnn.png",
+            "run00-bits.png",
+            "run01-bits.png",
+            "run02-bits.png",
+            "run01-sensitivity.png",
+            "run02-sensitivity.png",
+        ]
+    )
     for src in srcs:  # relative paths that resolve next to the page, each a PNG file
         assert (page.parent / src).read_bytes()[:8] == PNG
     has_sensitivity = [(d / "sensitivity.safetensors").exists() for d in dirs]
@@ -59,8 +73,11 @@ def test_report_tables_hold_the_runs(report):
     text = html.unescape(page.read_text())
     for d in dirs:
         m = json.loads((d / "metrics.json").read_text())
-        row = re.search(rf"<td class=\"l\">{m['method']}</td><td class=\"l\">{budget_label(m)}</td>"
-                        rf"<td>([0-9.]+)</td>", text)  # fmt: skip
+        row = re.search(
+            rf"<td class=\"l\">{m['method']}</td><td class=\"l\">{budget_label(m)}</td>"
+            rf"<td>([0-9.]+)</td>",
+            text,
+        )
         assert row is not None and float(row.group(1)) == pytest.approx(m["metric"], abs=1e-4)
         for line in (d / "layers.csv").read_text().splitlines()[1:]:  # every layer in its table
             layer, _, _, params, _, spec, _ = line.split(",")

@@ -71,8 +71,16 @@ def test_a_newer_schema_is_refused(run, tmp_path):
 
 
 def test_metrics_round_trip_keeps_extra_and_absent_fields():
-    d = {"task": "t", "method": "plan", "metric_name": "acc", "metric": 1.5, "eval_seconds": 0.1, "layers": 3,
-         "within_bops": False, "recorded_metric": 1.25}  # fmt: skip
+    d = {
+        "task": "t",
+        "method": "plan",
+        "metric_name": "acc",
+        "metric": 1.5,
+        "eval_seconds": 0.1,
+        "layers": 3,
+        "within_bops": False,
+        "recorded_metric": 1.25,
+    }
     m = Metrics.from_dict(d)
     assert m.within == {"bops": False} and m.extra == {"recorded_metric": 1.25} and m.seed is None
     assert m.to_dict() == d and list(m.to_dict()) == list(d)

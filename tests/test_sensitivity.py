@@ -141,8 +141,10 @@ def test_measured_kl_equals_direct_divergence(tiny):
     with torch.no_grad():
         fp_logp = [F.log_softmax(ref(x).double(), -1) for x, _ in task.calib]
         ref[0].weight.copy_(fake.quantize_weight(ref[0].weight, parse_candidate("w2").weight))
-        kl = [F.kl_div(F.log_softmax(ref(x).double(), -1), lp, log_target=True, reduction="batchmean")
-              for (x, _), lp in zip(task.calib, fp_logp, strict=True)]  # fmt: skip
+        kl = [
+            F.kl_div(F.log_softmax(ref(x).double(), -1), lp, log_target=True, reduction="batchmean")
+            for (x, _), lp in zip(task.calib, fp_logp, strict=True)
+        ]
     assert s.score("0", "w2") == pytest.approx(float(sum(kl)) / len(kl), rel=1e-6)
     assert s.meta["fp_loss"] == pytest.approx(0.0, abs=1e-12) and s.meta["objective"] == "kl"
     assert (s.single >= 0).all()

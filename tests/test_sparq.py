@@ -173,8 +173,11 @@ def test_candidates_round_trip_through_the_grammar_and_json(name, tmp_path):
 
 
 def test_sparq_is_for_activations_only():
-    for bad, needle in [("wsparq4_5opt", "activation format"), ("w8-asparq4_5opt+asym", "asymmetric"),
-                        ("w8-asparq4_5opt+channel", "per tensor")]:  # fmt: skip
+    for bad, needle in [
+        ("wsparq4_5opt", "activation format"),
+        ("w8-asparq4_5opt+asym", "asymmetric"),
+        ("w8-asparq4_5opt+channel", "per tensor"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             parse_candidate(bad)
     d = {"weight": {"fmt": "sparq4_5opt", "granularity": "tensor"}, "act": None}
@@ -330,8 +333,9 @@ def test_fake_quantize_equals_codes_times_scale():
 
 def test_sparq_method_through_run(tmp_path):
     task = mixq.tasks.get("synthetic-cnn")
-    res = mixq.run(task, method="sparq", candidates=["w8-asparq4_5opt_v", "w8-asparq4_2opt_raw"],
-                   out=tmp_path / "run")  # fmt: skip
+    res = mixq.run(
+        task, method="sparq", candidates=["w8-asparq4_5opt_v", "w8-asparq4_2opt_raw"], out=tmp_path / "run"
+    )
     record = res.plan.meta["sparq"]
     assert record["signed_layers"] == ["conv1"]  # fed random normal images
     assert res.plan.layers["conv1"] == parse_candidate("w8a8")
@@ -344,8 +348,13 @@ def test_sparq_method_through_run(tmp_path):
 
 def test_sparq_method_adds_its_format_to_plain_candidates_and_respects_the_budget():
     task = mixq.tasks.get("synthetic-mlp")
-    res = mixq.run(task, method="sparq", candidates=["w4a8", "w8a8"], budget={"avg_weight_bits": 6},
-                   method_args={"act": "sparq4_3opt"})  # fmt: skip
+    res = mixq.run(
+        task,
+        method="sparq",
+        candidates=["w4a8", "w8a8"],
+        budget={"avg_weight_bits": 6},
+        method_args={"act": "sparq4_3opt"},
+    )
     chosen = parse_candidate("w4-asparq4_3opt")
     assert res.plan.layers == {"0": parse_candidate("w4a8"), "2": chosen, "4": chosen}
     assert res.metrics.within["avg_weight_bits"]
@@ -360,8 +369,12 @@ def test_sparq_method_adds_its_format_to_plain_candidates_and_respects_the_budge
 
 def test_sparq_candidates_compose_with_other_methods():
     task = mixq.tasks.get("synthetic-mlp")
-    res = mixq.run(task, method="sensitivity-ilp", candidates=["w4-asparq4_5opt_v", "w8-asparq4_5opt_v"],
-                   budget={"avg_weight_bits": 6})  # fmt: skip
+    res = mixq.run(
+        task,
+        method="sensitivity-ilp",
+        candidates=["w4-asparq4_5opt_v", "w8-asparq4_5opt_v"],
+        budget={"avg_weight_bits": 6},
+    )
     assert res.metrics.within["avg_weight_bits"]
     assert {type(s.act.fmt) for s in res.plan.layers.values()} == {Sparq}
     fallback = [n for n, m in sites(res.model).items() if sparq_kind.fallback(m.input_quant.act_params())]
@@ -370,8 +383,19 @@ def test_sparq_candidates_compose_with_other_methods():
 
 def test_cli_runs_sparq(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["run", "--task", "synthetic-mlp", "--method", "sparq", "--candidates", "w8-asparq4_5opt_v",
-            "--method-arg", "select=bits", "--out", str(out)]  # fmt: skip
+    args = [
+        "run",
+        "--task",
+        "synthetic-mlp",
+        "--method",
+        "sparq",
+        "--candidates",
+        "w8-asparq4_5opt_v",
+        "--method-arg",
+        "select=bits",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     plan = Plan.load(out / "plan.json", layer_names=["0", "2", "4"])
     assert plan.layers["2"] == parse_candidate("w8-asparq4_5opt_v")

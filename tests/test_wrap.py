@@ -63,8 +63,11 @@ def input_ranges(model: nn.Module, batches) -> dict[str, tuple[float, float]]:
 
         return fn
 
-    hs = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-          if isinstance(m, (nn.Linear, nn.Conv2d))]  # fmt: skip
+    hs = [
+        m.register_forward_pre_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     with torch.no_grad():
         for b in batches:
             model(b[0])
@@ -116,8 +119,10 @@ def test_wrap_synthetic_cnn_grouped_depthwise_bit_exact(cnn):
     qm = wrapped(cnn)
     qs = mixq.sites(qm)
     assert [(n, m.groups) for n, m in qs.items() if isinstance(m, QConv2d)] == [
-        ("conv1", 1), ("dw", 16), ("conv2", 2)
-    ]  # fmt: skip
+        ("conv1", 1),
+        ("dw", 16),
+        ("conv2", 2),
+    ]
     with torch.no_grad():
         assert torch.equal(qm(x), ref)
     # gradients flow exactly as in the float model
@@ -154,8 +159,16 @@ def test_wrap_padding_modes_bit_exact():
 
 # -- with specs: the quantized layers compute F.linear / F.conv2d on quantized operands -----------
 
-SPECS = ["w4a8", "w2+asym+mse-a8", "wfp8_e4m3fn-afp8_e4m3fn", "w4g4-a8", "wmxfp4_e2m1-amxfp4_e2m1",
-         "w8+tensor", "w3+asym+omse-a4", "a8"]  # fmt: skip
+SPECS = [
+    "w4a8",
+    "w2+asym+mse-a8",
+    "wfp8_e4m3fn-afp8_e4m3fn",
+    "w4g4-a8",
+    "wmxfp4_e2m1-amxfp4_e2m1",
+    "w8+tensor",
+    "w3+asym+omse-a4",
+    "a8",
+]
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -169,8 +182,11 @@ def test_quantized_layers_equal_functional_ops(cnn, calibrated_cnn, name):
     mixq.apply(qm, Plan({n: spec for n in qs}))
     # each layer alone, on the float inputs it sees in the float model
     inputs = {}
-    hs = [mod.register_forward_pre_hook(lambda mod, i, n=n: inputs.__setitem__(n, i[0]))
-          for n, mod in cnn.model.named_modules() if n in qs]  # fmt: skip
+    hs = [
+        mod.register_forward_pre_hook(lambda mod, i, n=n: inputs.__setitem__(n, i[0]))
+        for n, mod in cnn.model.named_modules()
+        if n in qs
+    ]
     x = cnn.val[0][0]
     with torch.no_grad():
         cnn.model(x)
@@ -257,8 +273,11 @@ def test_apply_sets_specs_and_omitted_layers_are_float(cnn, calibrated_cnn):
     mixq.apply(qm, Plan({n: w4a8 for n in ["conv1", "dw", "conv2", "fc"]}))
     mixq.apply(qm, Plan({"conv1": w2, "fc": w4a8}))
     assert specs_of(qm) == {
-        "conv1": (w2.weight, None), "dw": (None, None), "conv2": (None, None), "fc": (w4a8.weight, w4a8.act)
-    }  # fmt: skip
+        "conv1": (w2.weight, None),
+        "dw": (None, None),
+        "conv2": (None, None),
+        "fc": (w4a8.weight, w4a8.act),
+    }
     assert current_plan(qm) == Plan({"conv1": w2, "fc": w4a8})
     mixq.apply(qm, {})
     assert all(s == (None, None) for s in specs_of(qm).values())
@@ -335,8 +354,11 @@ def test_calibrate_turns_specs_off_while_observing(cnn, calibrated_cnn):
 def test_calibrate_gram_matrices(cnn, calibrated_cnn):
     qm = copy.deepcopy(calibrated_cnn)
     inputs = {}
-    hs = [mod.register_forward_pre_hook(lambda mod, i, n=n: inputs.setdefault(n, []).append(i[0]))
-          for n, mod in cnn.model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]  # fmt: skip
+    hs = [
+        mod.register_forward_pre_hook(lambda mod, i, n=n: inputs.setdefault(n, []).append(i[0]))
+        for n, mod in cnn.model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d))
+    ]
     with torch.no_grad():
         for b in cnn.calib:
             cnn.model(b[0])

@@ -18,20 +18,36 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {
-    "modelopt": Peer("nvidia-modelopt", (("-c", "constraints.txt", "nvidia-modelopt==0.47.0", "requests"),),
-                     "modelopt_driver", "effective_bits = B"),
-    "mct": Peer("model-compression-toolkit",
-                (("-c", "constraints.txt", "model-compression-toolkit==2.6.1"),
-                 ("--no-deps", "torchvision==0.28.0")),
-                "mct_driver", "weights_memory = n_weights * B / 8 bytes", patch_torchvision=True),
-    "nncf": Peer("nncf", (("-c", "constraints.txt", "nncf==3.4.0"),), "nncf_driver",
-                 "ratio = (8 - B) / 4 INT4 share"),
-    "aimet": Peer("aimet-torch", (("-c", "constraints.txt", "aimet-torch==2.42.0"),), "aimet_driver",
-                  "allowed_accuracy_drop=None; the best walk point within n_weights * B bits",
-                  patch_torchvision=True),
-    "nncf219": Peer("nncf", (("-c", "constraints.txt", "nncf==2.19.0"),), "nncf219_driver",
-                    "HAWQ compression_ratio = BitOps(INT8) / BitOps(plan): the smallest that fits B"),
-}  # fmt: skip
+    "modelopt": Peer(
+        "nvidia-modelopt",
+        (("-c", "constraints.txt", "nvidia-modelopt==0.47.0", "requests"),),
+        "modelopt_driver",
+        "effective_bits = B",
+    ),
+    "mct": Peer(
+        "model-compression-toolkit",
+        (("-c", "constraints.txt", "model-compression-toolkit==2.6.1"), ("--no-deps", "torchvision==0.28.0")),
+        "mct_driver",
+        "weights_memory = n_weights * B / 8 bytes",
+        patch_torchvision=True,
+    ),
+    "nncf": Peer(
+        "nncf", (("-c", "constraints.txt", "nncf==3.4.0"),), "nncf_driver", "ratio = (8 - B) / 4 INT4 share"
+    ),
+    "aimet": Peer(
+        "aimet-torch",
+        (("-c", "constraints.txt", "aimet-torch==2.42.0"),),
+        "aimet_driver",
+        "allowed_accuracy_drop=None; the best walk point within n_weights * B bits",
+        patch_torchvision=True,
+    ),
+    "nncf219": Peer(
+        "nncf",
+        (("-c", "constraints.txt", "nncf==2.19.0"),),
+        "nncf219_driver",
+        "HAWQ compression_ratio = BitOps(INT8) / BitOps(plan): the smallest that fits B",
+    ),
+}
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,25 @@ def evaluate(task: Any, plan: Any) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     m = mixq.evaluate(task, plan, cache_of(task)).metrics
-    return {"metric": m.metric, "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
-            "size_ratio": m.size_ratio, "bops": m.bops, "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "metric": m.metric,
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "size_ratio": m.size_ratio,
+        "bops": m.bops,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def mixq_search(
-    task: Any, candidates: list[str], size_bytes: float, ptq: list[str] | None = None,
-    ptq_args: dict[str, dict[str, Any]] | None = None, method: str = "sensitivity-ilp",
+    task: Any,
+    candidates: list[str],
+    size_bytes: float,
+    ptq: list[str] | None = None,
+    ptq_args: dict[str, dict[str, Any]] | None = None,
+    method: str = "sensitivity-ilp",
     method_args: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """mixq's ``method`` (default sensitivity-ilp) with ``candidates``, under the peer's mixq-counted size.
 
     The run directory (``runs/peers/<task>/<candidates>``, git-ignored) keeps the result store, so
@@ -69,23 +79,63 @@ def mixq_search(
     name += f"+ptq={','.join(ptq)}" if ptq else ""
     out = ROOT / "runs" / "peers" / task.name / re.sub(r"[^A-Za-z0-9_.+=-]+", "_", name)
     budget = {"size_bytes": size_bytes * (1 + 1e-9)}
-    res = mixq.run(task, method=method, candidates=candidates, ptq=ptq, ptq_args=ptq_args, budget=budget,
-                   method_args=method_args, out=out, cache=cache_of(task))  # fmt: skip
+    res = mixq.run(
+        task,
+        method=method,
+        candidates=candidates,
+        ptq=ptq,
+        ptq_args=ptq_args,
+        budget=budget,
+        method_args=method_args,
+        out=out,
+        cache=cache_of(task),
+    )
     m = res.metrics
-    return {"metric": m.metric, "avg_weight_bits": m.avg_weight_bits, "size_bytes": m.size_bytes,
-            "seconds": m.seconds, "plan": res.plan.summary(), "candidates": candidates,
-            "method": method, "method_args": method_args, "ptq": ptq or [],
-            **({"ptq_args": ptq_args} if ptq_args else {}),
-            "run_dir": str(out.relative_to(ROOT))}  # fmt: skip
+    return {
+        "metric": m.metric,
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "seconds": m.seconds,
+        "plan": res.plan.summary(),
+        "candidates": candidates,
+        "method": method,
+        "method_args": method_args,
+        "ptq": ptq or [],
+        **({"ptq_args": ptq_args} if ptq_args else {}),
+        "run_dir": str(out.relative_to(ROOT)),
+    }
 
 
 def process(job: Job, res: dict[str, Any], val: int, search: bool) -> dict[str, Any]:
     """Charge and re-measure one peer result with mixq."""
-    row: dict[str, Any] = {"tool": job.tool, "task": job.task, "budget": job.budget, "settings": job.settings,
-                           "knob": PEERS[job.tool].knob, "val_items": val or None}  # fmt: skip
-    keep = ("ok", "error", "version", "metric", "metric_name", "fp_metric", "tool_bits", "tool_bits_name",
-            "search_seconds", "driver_seconds", "wall_seconds", "eval_seconds", "tool_settings", "recipe",
-            "log_tail", "pick", "pareto", "note")  # fmt: skip
+    row: dict[str, Any] = {
+        "tool": job.tool,
+        "task": job.task,
+        "budget": job.budget,
+        "settings": job.settings,
+        "knob": PEERS[job.tool].knob,
+        "val_items": val or None,
+    }
+    keep = (
+        "ok",
+        "error",
+        "version",
+        "metric",
+        "metric_name",
+        "fp_metric",
+        "tool_bits",
+        "tool_bits_name",
+        "search_seconds",
+        "driver_seconds",
+        "wall_seconds",
+        "eval_seconds",
+        "tool_settings",
+        "recipe",
+        "log_tail",
+        "pick",
+        "pareto",
+        "note",
+    )
     row.update({f"tool_{k}" if k in ("metric", "version") else k: res[k] for k in keep if k in res})
     if not res.get("ok"):
         return row
@@ -95,8 +145,9 @@ def process(job: Job, res: dict[str, Any], val: int, search: bool) -> dict[str, 
         plan = to_plan(res["layers"], grid)
         row[f"plan_{grid}"] = {n: to_candidate(d, grid) for n, d in res["layers"].items()}
         row[f"mixq_{grid}"] = evaluate(task, plan)
-    row["val_items"] = sum(len(b[1]) if isinstance(b, (tuple, list)) else len(b["input_ids"])
-                           for b in task.val)  # fmt: skip
+    row["val_items"] = sum(
+        len(b[1]) if isinstance(b, (tuple, list)) else len(b["input_ids"]) for b in task.val
+    )
     if search:
         cands = sorted({c for c in row["plan_same"].values()})
         row["mixq_search"] = mixq_search(task, cands, row["mixq_same"]["size_bytes"])
@@ -128,8 +179,9 @@ def ptq_args_for(steps: list[str], adaround_iters: int = ADAROUND_ITERS) -> dict
     return {"adaround": {"iters": adaround_iters}} if "adaround" in steps else {}
 
 
-def own_grid_ptq(row: dict[str, Any], task: Any, steps: list[str] | None = None,
-                 adaround_iters: int = ADAROUND_ITERS) -> None:  # fmt: skip
+def own_grid_ptq(
+    row: dict[str, Any], task: Any, steps: list[str] | None = None, adaround_iters: int = ADAROUND_ITERS
+) -> None:
     """``own_grid`` plus mixq's PTQ ``steps`` on the plan found (default: bias correction, as MCT's
     default pipeline does). An earlier result with other steps is kept in ``..._ptq_earlier``."""
     from mixq.cost import InfeasibleBudgetError
@@ -150,9 +202,13 @@ def methods_label(method: str, steps: list[str]) -> str:
 
 
 def own_methods(
-    row: dict[str, Any], task: Any, methods: list[str], steps: list[str] | None = None,
-    adaround_iters: int = ADAROUND_ITERS, candidates: list[str] | None = None,
-) -> None:  # fmt: skip
+    row: dict[str, Any],
+    task: Any,
+    methods: list[str],
+    steps: list[str] | None = None,
+    adaround_iters: int = ADAROUND_ITERS,
+    candidates: list[str] | None = None,
+) -> None:
     """mixq's own methods at the peer's mixq-counted size, on the row's validation items: each of
     ``methods`` with the candidates and settings of mixq's sweep (bench/run_all.py) for the task
     (or ``candidates``), then the PTQ ``steps``. Results go to ``row["mixq_methods"][label]``."""

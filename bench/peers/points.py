@@ -60,15 +60,21 @@ def _point(x: dict[str, Any], ctx: dict[str, Any], path: list[str], src: str) ->
     if isinstance(x.get("candidate"), str):
         cands = [x["candidate"]]
     task = x.get("task") or ctx.get("task")
-    label = (x.get("method") or x.get("label") or x.get("setting") or x.get("run")
-             or "/".join(path[-2:]))  # fmt: skip
+    label = x.get("method") or x.get("label") or x.get("setting") or x.get("run") or "/".join(path[-2:])
     if str(label) in trained_methods():
         return None
-    return {"source": f"{src}.json", "task": task, "method": str(label),
-            "metric": float(x["metric"]), "avg_weight_bits": float(x["avg_weight_bits"]),
-            "size_bytes": float(x["size_bytes"]), "val": ctx.get("val"),
-            "act": _has_act(cands), "candidates": cands,
-            "where": "/".join(path)}  # fmt: skip
+    return {
+        "source": f"{src}.json",
+        "task": task,
+        "method": str(label),
+        "metric": float(x["metric"]),
+        "avg_weight_bits": float(x["avg_weight_bits"]),
+        "size_bytes": float(x["size_bytes"]),
+        "val": ctx.get("val"),
+        "act": _has_act(cands),
+        "candidates": cands,
+        "where": "/".join(path),
+    }
 
 
 def _walk(x: Any, ctx: dict[str, Any], path: list[str], src: str, points: list[dict[str, Any]]) -> None:
@@ -106,8 +112,12 @@ def mixq_points() -> list[dict[str, Any]]:
 
 
 def default_val(task: str) -> int | None:
-    return {"mnist-cnn": 10_000, "fashion-resnet20": 10_000, "fashion-mobilenetv2": 10_000,
-            "minilm": 1024}.get(task)  # fmt: skip
+    return {
+        "mnist-cnn": 10_000,
+        "fashion-resnet20": 10_000,
+        "fashion-mobilenetv2": 10_000,
+        "minilm": 1024,
+    }.get(task)
 
 
 def best_mixq(points: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
@@ -115,6 +125,12 @@ def best_mixq(points: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, An
     size = row["mixq_same"]["size_bytes"]
     act = any(v.startswith("a") or "-a" in v or re.search(r"\da\d", v) for v in row["plan_same"].values())
     val = row.get("val_items") or default_val(row["task"])
-    ok = [p for p in points if p["task"] == row["task"] and (p["val"] or default_val(p["task"])) == val
-          and p["act"] == act and p["size_bytes"] <= size * (1 + 1e-6)]  # fmt: skip
+    ok = [
+        p
+        for p in points
+        if p["task"] == row["task"]
+        and (p["val"] or default_val(p["task"])) == val
+        and p["act"] == act
+        and p["size_bytes"] <= size * (1 + 1e-6)
+    ]
     return max(ok, key=lambda p: (p["metric"], -p["size_bytes"])) if ok else None

@@ -36,13 +36,16 @@ def verdict(r: dict[str, Any], best: dict[str, Any] | None) -> str:
     if meth and max(meth.values()) >= tool - tol:  # mixq's own methods and candidates at this size
         k = max(meth, key=lambda k: meth[k])
         m = r["mixq_methods"][k]
-        return (("mixq ≥ tool" if meth[k] > tool + tol else "tie")
-                + f" with mixq {k}: {_m(meth[k], r['task'])} at {m['avg_weight_bits']:.2f} b")  # fmt: skip
+        return (
+            "mixq ≥ tool" if meth[k] > tool + tol else "tie"
+        ) + f" with mixq {k}: {_m(meth[k], r['task'])} at {m['avg_weight_bits']:.2f} b"
     if ptq is not None and ptq >= tool - tol:  # only with the calibration step the tool also runs
         p = r["mixq_search_mixq_ptq"]
-        return (("mixq ≥ tool" if ptq > tool + tol else "tie")
-                + f" with {'+'.join(p['ptq'])}: {_m(ptq, r['task'])} at {p['avg_weight_bits']:.2f} b"
-                + (f" (without: mixq loses by {tool - max(ours):.4g})" if ours else ""))  # fmt: skip
+        return (
+            ("mixq ≥ tool" if ptq > tool + tol else "tie")
+            + f" with {'+'.join(p['ptq'])}: {_m(ptq, r['task'])} at {p['avg_weight_bits']:.2f} b"
+            + (f" (without: mixq loses by {tool - max(ours):.4g})" if ours else "")
+        )
     why = []
     if tool - same > tol:
         why.append(f"quantizer/calibration (+{tool - same:.4g} for the tool's own quantizer on its plan)")
@@ -71,8 +74,11 @@ def _pick(r: dict[str, Any]) -> str:
     pick = r.get("pick")
     if not isinstance(pick, dict):
         return ""
-    vals = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pick.items()
-            if k != "rule" and isinstance(v, (int, float, str))]  # fmt: skip
+    vals = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in pick.items()
+        if k != "rule" and isinstance(v, (int, float, str))
+    ]
     return f" (pick: {', '.join(vals)})" if vals else ""
 
 
@@ -92,8 +98,11 @@ def best_of_mixq(r: dict[str, Any], best: dict[str, Any] | None) -> tuple[float,
     got = []
     if best:
         got.append((best["metric"], f"{best['method']} ({best['source']})"))
-    labels = {"mixq_search": "search, the peer's candidates", "mixq_search_mixq": "search, own grid",
-              "mixq_search_mixq_ptq": "search, own grid + PTQ"}  # fmt: skip
+    labels = {
+        "mixq_search": "search, the peer's candidates",
+        "mixq_search_mixq": "search, own grid",
+        "mixq_search_mixq_ptq": "search, own grid + PTQ",
+    }
     for key, label in labels.items():
         if "metric" in (r.get(key) or {}):
             got.append((r[key]["metric"], label))
@@ -104,17 +113,23 @@ def best_of_mixq(r: dict[str, Any], best: dict[str, Any] | None) -> tuple[float,
 def summary(rows: dict[str, dict[str, Any]]) -> str:
     """The peers block of bench/results/summary.md: one line per tool, task and target."""
     points = mixq_points()
-    out = ["## Peer tools beside mixq (`make bench-peers`)", "",
-           "Written by `bench/compare_peers.py` from `peers.json` (details, per-layer plans and the columns' "
-           "meaning: `peers.md`). Sizes are counted by mixq's cost model for every tool (scales and "
-           "zero points included); mixq's best is its best post-training result at or below the "
-           "tool's mixq-counted size on the same validation items.", "",
-           "| task | tool | target B | val items | tool metric | mixq-counted bits | mixq best ≤ size "
-           "| verdict |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "## Peer tools beside mixq (`make bench-peers`)",
+        "",
+        "Written by `bench/compare_peers.py` from `peers.json` (details, per-layer plans and the columns' "
+        "meaning: `peers.md`). Sizes are counted by mixq's cost model for every tool (scales and "
+        "zero points included); mixq's best is its best post-training result at or below the "
+        "tool's mixq-counted size on the same validation items.",
+        "",
+        "| task | tool | target B | val items | tool metric | mixq-counted bits | mixq best ≤ size "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     order = ["mnist-cnn", "fashion-resnet20", "fashion-mobilenetv2", "minilm"]
-    for r in sorted(rows.values(), key=lambda r: (order.index(r["task"]) if r["task"] in order else 9,
-                                                  r["tool"], r["budget"], _tool(r))):  # fmt: skip
+    for r in sorted(
+        rows.values(),
+        key=lambda r: (order.index(r["task"]) if r["task"] in order else 9, r["tool"], r["budget"], _tool(r)),
+    ):
         head = f"| {r['task']} | {_tool(r)} | {r['budget']:g} | {r.get('val_items') or '–'} |"
         if not r.get("ok"):
             out.append(f"{head} failed: {_cell(_error(r), 100)} ||||")
@@ -168,20 +183,31 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
         mname = next((r.get("metric_name") for r in trs if r.get("metric_name")), "metric")
         vals = [r.get("val_items") for r in trs if r.get("val_items")]
         val = max(set(vals), key=vals.count) if vals else None  # the most rows' (others: marked)
-        fp = next((r.get("fp_metric") for r in trs if r.get("fp_metric") is not None
-                   and r.get("val_items") == val), fp)  # fmt: skip
-        out += [f"## {task}", "", f"{mname}; fp32 {_m(fp, task)}; {val or '?'} validation items"
-                + (" (rows marked [n] on n items)." if len(set(vals)) > 1 else "."), "",
-                "| tool | target B | tool bits | tool metric | search s | mixq bits | mixq size (B) | "
-                "mixq same grid | mixq grid (bits) | mixq search | mixq search, own grid | "
-                "mixq best ≤ size | mixq methods, own candidates | verdict |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        fp = next(
+            (r.get("fp_metric") for r in trs if r.get("fp_metric") is not None and r.get("val_items") == val),
+            fp,
+        )
+        out += [
+            f"## {task}",
+            "",
+            f"{mname}; fp32 {_m(fp, task)}; {val or '?'} validation items"
+            + (" (rows marked [n] on n items)." if len(set(vals)) > 1 else "."),
+            "",
+            "| tool | target B | tool bits | tool metric | search s | mixq bits | mixq size (B) | "
+            "mixq same grid | mixq grid (bits) | mixq search | mixq search, own grid | "
+            "mixq best ≤ size | mixq methods, own candidates | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sorted(trs, key=lambda r: (r["tool"], r["budget"])):
-            mark = f" [{r['val_items']}; fp32 {_m(r.get('fp_metric'), task)}]" if r.get("val_items") not in (
-                None, val) else ""  # fmt: skip
+            mark = (
+                f" [{r['val_items']}; fp32 {_m(r.get('fp_metric'), task)}]"
+                if r.get("val_items") not in (None, val)
+                else ""
+            )
             if not r.get("ok"):
-                out.append(f"| {_tool(r)}{mark} | {r['budget']:g} | failed: "
-                           f"{_cell(_error(r), 120)} ||||||||||||")  # fmt: skip
+                out.append(
+                    f"| {_tool(r)}{mark} | {r['budget']:g} | failed: {_cell(_error(r), 120)} ||||||||||||"
+                )
                 continue
             same, mg = r["mixq_same"], r["mixq_mixq"]
             srch = r.get("mixq_search")
@@ -191,11 +217,19 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
             if own and "metric" in own:
                 o_txt = f"{_m(own['metric'], task)} ({own['avg_weight_bits']:.2f} b)"
             best = best_mixq(points, r)
-            b_txt = (f"{_m(best['metric'], task)} ({best['method']}, {best['avg_weight_bits']:.2f} b, "
-                     f"{best['source']})" if best else "no mixq result at ≤ this size")  # fmt: skip
+            b_txt = (
+                f"{_m(best['metric'], task)} ({best['method']}, {best['avg_weight_bits']:.2f} b, "
+                f"{best['source']})"
+                if best
+                else "no mixq result at ≤ this size"
+            )
             meth = {k: v for k, v in (r.get("mixq_methods") or {}).items() if "metric" in v}
-            m_txt = "; ".join(f"{k} {_m(v['metric'], task)} ({v['avg_weight_bits']:.2f} b)"
-                              for k, v in meth.items()) or "–"  # fmt: skip
+            m_txt = (
+                "; ".join(
+                    f"{k} {_m(v['metric'], task)} ({v['avg_weight_bits']:.2f} b)" for k, v in meth.items()
+                )
+                or "–"
+            )
             out.append(
                 f"| {_tool(r)}{mark} | {r['budget']:g} | "
                 f"{r.get('tool_bits', 0):.2f} | "
@@ -216,8 +250,11 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
                     detail = ", ".join(f"{n}={c}" for n, c in r["plan_same"].items())
                 out.append(f"- {_tool(r)} B={r['budget']:g}: {detail}{_pick(r)}")
         notes = sorted({r["note"] for r in trs if r.get("note")})
-        rules = {f"{r['tool']} picks its point by the rule: {r['pick']['rule']}" for r in trs
-                 if r.get("ok") and isinstance(r.get("pick"), dict) and r["pick"].get("rule")}  # fmt: skip
+        rules = {
+            f"{r['tool']} picks its point by the rule: {r['pick']['rule']}"
+            for r in trs
+            if r.get("ok") and isinstance(r.get("pick"), dict) and r["pick"].get("rule")
+        }
         notes += sorted(rules)
         out += ["", *(f"Note: {n}." for n in notes)] if notes else []
         out.append("")

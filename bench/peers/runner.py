@@ -29,13 +29,21 @@ def driver_env() -> dict[str, str]:
     home = VENVS / "home"
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), "MKL_NUM_THREADS": "1",
-        "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / "mpl"),
-        "TORCH_EXTENSIONS_DIR": str(home / "torch_extensions"), "AR_AUTO_SCHEME_CACHE": str(home / "ar"),
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-    })  # fmt: skip
+    env.update(
+        {
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            "MKL_NUM_THREADS": "1",
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "MPLCONFIGDIR": str(home / "mpl"),
+            "TORCH_EXTENSIONS_DIR": str(home / "torch_extensions"),
+            "AR_AUTO_SCHEME_CACHE": str(home / "ar"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        }
+    )
     return env
 
 
@@ -46,16 +54,29 @@ def run_driver(job: Job, val: int, timeout: float) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", job.key) + ".json")
     out.unlink(missing_ok=True)
-    cmd = [str(venv / "bin" / "python"), "-m", f"{DRIVERS}.{PEERS[job.tool].driver}", "--task", job.task,
-           "--budget", str(job.budget), "--out", str(out), "--val", str(val),
-           "--settings", json.dumps(job.settings)]  # fmt: skip
+    cmd = [
+        str(venv / "bin" / "python"),
+        "-m",
+        f"{DRIVERS}.{PEERS[job.tool].driver}",
+        "--task",
+        job.task,
+        "--budget",
+        str(job.budget),
+        "--out",
+        str(out),
+        "--val",
+        str(val),
+        "--settings",
+        json.dumps(job.settings),
+    ]
     log.info("%s", " ".join(cmd))
     work = VENVS / "work" / job.tool  # tools write files to their working folder (NNCF 2.19: graphs)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=work, env=driver_env(), capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            cmd, cwd=work, env=driver_env(), capture_output=True, text=True, timeout=timeout
+        )
         tail = (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         tail = f"timed out after {timeout:.0f} s\n{(e.stderr or b'')[-2000:]!r}"

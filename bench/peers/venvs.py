@@ -57,8 +57,10 @@ def patch_torchvision(venv: Path) -> None:
         raise FileNotFoundError(f"torchvision is not installed in {venv}")
     text = files[0].read_text()
     new = TV_FAKE.sub(
-        lambda m: f'@(torch.library.register_fake("torchvision::{m[1]}") '
-        "if __import__('torchvision').extension._has_ops() else (lambda f: f))",
+        lambda m: (
+            f'@(torch.library.register_fake("torchvision::{m[1]}") '
+            "if __import__('torchvision').extension._has_ops() else (lambda f: f))"
+        ),
         text,
     )
     files[0].write_text(new)

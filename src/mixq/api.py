@@ -65,8 +65,14 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
 
 def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
     """What a prepared model depends on: weights, architecture, calibration data, forward, needs."""
-    return (fingerprint_model(task.model), repr(task.model), fingerprint_data(task.calib),
-            task.forward, gram, act)  # fmt: skip
+    return (
+        fingerprint_model(task.model),
+        repr(task.model),
+        fingerprint_data(task.calib),
+        task.forward,
+        gram,
+        act,
+    )
 
 
 def prepare(
@@ -153,15 +159,27 @@ def run(
         ctx.qmodel.eval()
         metrics = measure(task, ctx.qmodel, plan, ctx.model_costs, t1)
     metrics = metrics.replace(
-        method=method, method_args=dataclasses.asdict(cfg), candidates=[c.name for c in specs],
-        budget=budget, seed=opts.seed, seconds=seconds, within=_within(metrics, budget),
-        history=output.history, ptq=ptq_records,
+        method=method,
+        method_args=dataclasses.asdict(cfg),
+        candidates=[c.name for c in specs],
+        budget=budget,
+        seed=opts.seed,
+        seconds=seconds,
+        within=_within(metrics, budget),
+        history=output.history,
+        ptq=ptq_records,
     )
     result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
         rundir.write_run(ctx.out, result, ctx.model_costs.infos)
-    log.info("%s %s: %s=%.4f avg_weight_bits=%.3f", task.name, method, task.metric_name,
-             metrics.metric, metrics.avg_weight_bits)  # fmt: skip
+    log.info(
+        "%s %s: %s=%.4f avg_weight_bits=%.3f",
+        task.name,
+        method,
+        task.metric_name,
+        metrics.metric,
+        metrics.avg_weight_bits,
+    )
     return result
 
 

@@ -115,22 +115,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     task = mixq.tasks.get("mnist-cnn")
     t0 = time.perf_counter()
     fp = task.fp_metric()
-    rows = [{"method": "fp32", "budget": "-", "avg_weight_bits": 32.0,
-             "size_bytes": 4.0 * sum(p.numel() for p in task.model.parameters()),
-             "metric": fp, "seconds": time.perf_counter() - t0}]  # fmt: skip
+    rows = [
+        {
+            "method": "fp32",
+            "budget": "-",
+            "avg_weight_bits": 32.0,
+            "size_bytes": 4.0 * sum(p.numel() for p in task.model.parameters()),
+            "metric": fp,
+            "seconds": time.perf_counter() - t0,
+        }
+    ]
     cache = mixq.Cache()  # one model, prepared and searched once for every method and budget
     for method, m in METHODS.items():
         cands = DEMO_QAT_CANDIDATES if m.trains else DEMO_CANDIDATES
         for b in DEMO_BUDGETS:
             budget = {"avg_weight_bits": b}
-            res = mixq.run(task, method=method, candidates=cands, budget=budget, cache=cache,
-                           method_args=dict(m.demo_args), out=out / f"{method}-avg{b:g}")  # fmt: skip
+            res = mixq.run(
+                task,
+                method=method,
+                candidates=cands,
+                budget=budget,
+                cache=cache,
+                method_args=dict(m.demo_args),
+                out=out / f"{method}-avg{b:g}",
+            )
             rows.append({**res.metrics.to_dict(), "budget": f"avg_weight_bits<={b:g}"})
     table = _table(rows)
     trained = [name for name, m in METHODS.items() if m.trains]
-    print(f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
-          f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(trained)}: "
-          f"{', '.join(DEMO_QAT_CANDIDATES)})")  # fmt: skip
+    print(
+        f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
+        f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(trained)}: "
+        f"{', '.join(DEMO_QAT_CANDIDATES)})"
+    )
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
@@ -162,11 +178,22 @@ def _eval_run(run_dir: str) -> int:
     result, task = export.rebuild(run_dir, check=False)
     source = export.RUN_MODEL if (Path(run_dir) / export.RUN_MODEL).is_file() else "plan.json"
     m = result.metrics
-    print(json.dumps({"metric": m.metric, "recorded_metric": m.extra.get("recorded_metric"),
-                      "fp_metric": m.fp_metric, "model": source,
-                      **{k: getattr(m, k) for k in ("avg_weight_bits", "size_bytes", "bops")
-                         if getattr(m, k) is not None}},
-                     indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "metric": m.metric,
+                "recorded_metric": m.extra.get("recorded_metric"),
+                "fp_metric": m.fp_metric,
+                "model": source,
+                **{
+                    k: getattr(m, k)
+                    for k in ("avg_weight_bits", "size_bytes", "bops")
+                    if getattr(m, k) is not None
+                },
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -194,8 +221,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = out  # the run's own packed model, just checked against its metric
     else:
         path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
-    print(f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
-          f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)")  # fmt: skip
+    print(
+        f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
+        f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)"
+    )
     return 0
 
 
@@ -223,10 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/latest)")
     r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
-    r.add_argument("--adds", help="quantize residual additions' operands with this candidate's input "
-                   "spec, e.g. a8 (integer additions in ONNX Runtime)")
-    r.add_argument("--executor", choices=("inprocess", "ray"),
-                   help="where sensitivity jobs run (ray: pip install mixq[ray])")
+    r.add_argument(
+        "--adds",
+        help="quantize residual additions' operands with this candidate's input "
+        "spec, e.g. a8 (integer additions in ONNX Runtime)",
+    )
+    r.add_argument(
+        "--executor",
+        choices=("inprocess", "ray"),
+        help="where sensitivity jobs run (ray: pip install mixq[ray])",
+    )
     r.add_argument("--address", help="with --executor ray: a running Ray cluster (HOST:PORT or auto)")
     r.add_argument("--workers", type=int, help="with --executor ray: CPUs of the local Ray cluster")
     r.set_defaults(fn=cmd_run)
@@ -248,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
     x.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
     x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
-    x.add_argument("--int4-as-int8", action="store_true",
-                   help="ONNX: store 2-4 bit weight codes in INT8 (ONNX Runtime's integer kernels; "
-                        "larger file)")  # fmt: skip
+    x.add_argument(
+        "--int4-as-int8",
+        action="store_true",
+        help="ONNX: store 2-4 bit weight codes in INT8 (ONNX Runtime's integer kernels; larger file)",
+    )
     x.set_defaults(fn=cmd_export)
     return p
 
@@ -258,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -34,8 +34,12 @@ from mixq.wrap import sites
 
 BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
 COST_KEYS = ("weight_bits", "size_bits", "bops")
-BUDGET_COST = {"avg_weight_bits": "weight_bits", "size_bytes": "size_bits",
-               "size_ratio": "size_bits", "bops": "bops"}  # fmt: skip
+BUDGET_COST = {
+    "avg_weight_bits": "weight_bits",
+    "size_bytes": "size_bits",
+    "size_ratio": "size_bits",
+    "bops": "bops",
+}
 
 
 @dataclass(frozen=True)

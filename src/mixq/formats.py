@@ -89,11 +89,7 @@ class Fp:
     man: int
 
     def __post_init__(self) -> None:
-        if (
-            type(self.exp) is not int
-            or type(self.man) is not int
-            or (self.exp, self.man) not in _FP_NAMES
-        ):
+        if type(self.exp) is not int or type(self.man) is not int or (self.exp, self.man) not in _FP_NAMES:
             valid = ", ".join(f"Fp({e}, {m})" for e, m in _FP_NAMES)
             raise ValueError(f"unsupported Fp(exp={self.exp!r}, man={self.man!r}); valid: {valid}")
 

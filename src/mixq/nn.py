@@ -245,8 +245,11 @@ class QConv2d(nn.Module):
     def input_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Return the im2col input patches per group, [G, N * positions, C_in/G * kh * kw]."""
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            x = F.pad(x, self.float_module._reversed_padding_repeated_twice, mode="constant"
-                      if self.padding_mode == "zeros" else self.padding_mode)  # fmt: skip
+            x = F.pad(
+                x,
+                self.float_module._reversed_padding_repeated_twice,
+                mode="constant" if self.padding_mode == "zeros" else self.padding_mode,
+            )
             padding = 0
         else:
             padding = self.padding

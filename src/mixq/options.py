@@ -70,8 +70,20 @@ class RunOptions:
         return opts
 
 
-RECIPE_KEYS = ("task", "method", "candidates", "budget", "method_args", "seed", "out", "ptq", "ptq_args",
-               "executor", "executor_args", "adds")  # fmt: skip
+RECIPE_KEYS = (
+    "task",
+    "method",
+    "candidates",
+    "budget",
+    "method_args",
+    "seed",
+    "out",
+    "ptq",
+    "ptq_args",
+    "executor",
+    "executor_args",
+    "adds",
+)
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 
 

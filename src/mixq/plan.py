@@ -106,9 +106,15 @@ class QSpec:
             raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(valid)}")
         if "fmt" not in d:
             raise ValueError(f"spec {d!r} has no 'fmt'")
-        types = {"fmt": (str,), "granularity": (str,), "group_size": (int, type(None)),
-                 "symmetric": (bool,), "clip": (str,), "percentile": (int, float),
-                 "points": (list,)}  # fmt: skip
+        types = {
+            "fmt": (str,),
+            "granularity": (str,),
+            "group_size": (int, type(None)),
+            "symmetric": (bool,),
+            "clip": (str,),
+            "percentile": (int, float),
+            "points": (list,),
+        }
         for k, v in d.items():
             if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
                 raise ValueError(f"spec key {k!r} has a value of the wrong type: {v!r}")

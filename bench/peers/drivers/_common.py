@@ -49,14 +49,24 @@ def quant_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and type(m) in (nn.Linear, nn.Conv2d)]
 
 
-def weight_desc(bits: int | str | None, granularity: str = "channel", group_size: int | None = None,
-                symmetric: bool = True, clip: str = "minmax") -> dict[str, Any] | None:  # fmt: skip
+def weight_desc(
+    bits: int | str | None,
+    granularity: str = "channel",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip: str = "minmax",
+) -> dict[str, Any] | None:
     """Neutral description of a weight format; ``bits`` an int (integer grid) or a float name;
     ``clip`` how the range is chosen ("minmax": the largest magnitude, "mse": an error search)."""
     if bits is None:
         return None
-    return {"bits": bits, "granularity": granularity, "group_size": group_size, "symmetric": symmetric,
-            "clip": clip}  # fmt: skip
+    return {
+        "bits": bits,
+        "granularity": granularity,
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "clip": clip,
+    }
 
 
 def act_desc(bits: int | str | None, symmetric: bool = False) -> dict[str, Any] | None:
@@ -72,8 +82,12 @@ def version(dist: str) -> str | None:
         return None
 
 
-def run(tool: str, dist: str, body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
-        args: argparse.Namespace) -> None:  # fmt: skip
+def run(
+    tool: str,
+    dist: str,
+    body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
+    args: argparse.Namespace,
+) -> None:
     """Build the task, call ``body(args, task, settings)``, time it, and write the JSON result.
 
     ``body`` returns at least ``layers`` (mixq layer name -> {"weight": desc, "act": desc,
@@ -81,8 +95,14 @@ def run(tool: str, dist: str, body: Callable[[argparse.Namespace, Any, dict[str,
     model, evaluated here with the task's metric). Errors are written to the JSON, not raised.
     """
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"tool": tool, "version": version(dist), "task": args.task, "budget": args.budget,
-                           "torch": torch.__version__, "val": args.val}  # fmt: skip
+    out: dict[str, Any] = {
+        "tool": tool,
+        "version": version(dist),
+        "task": args.task,
+        "budget": args.budget,
+        "torch": torch.__version__,
+        "val": args.val,
+    }
     try:
         settings = json.loads(args.settings)
         if not isinstance(settings, dict):
@@ -137,8 +157,12 @@ def env_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-def main(tool: str, dist: str, body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
-         doc: str | None) -> None:  # fmt: skip
+def main(
+    tool: str,
+    dist: str,
+    body: Callable[[argparse.Namespace, Any, dict[str, Any]], dict[str, Any]],
+    doc: str | None,
+) -> None:
     """A driver's entry point: the benchmark's thread count, the arguments (``parser(doc)``), ``run``."""
     env_threads()
     run(tool, dist, body, parser(doc or tool).parse_args())

@@ -37,9 +37,12 @@ from bench.peers.drivers import _common
 
 
 def walk(
-    path: list[tuple[float, float, list[str], int]], sizes: dict[str, int], start: int,
-    names: dict[str, str] | None = None, uncounted: tuple[str, ...] = (),
-) -> list[dict[str, Any]]:  # fmt: skip
+    path: list[tuple[float, float, list[str], int]],
+    sizes: dict[str, int],
+    start: int,
+    names: dict[str, str] | None = None,
+    uncounted: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
     """The configurations along AMP's phase-2 walk.
 
     Args:
@@ -74,8 +77,16 @@ def walk(
             else:
                 raise ValueError(f"AMP step {i} lowers {m!r}, not one of the counted layers {sorted(bits)}")
         avg = sum(bits[k] * sizes[k] for k in sizes) / n
-        points.append({"index": i, "bitops": float(bitops), "score": float(score), "bits": dict(bits),
-                       "avg_bits": avg, "other": dict(other)})  # fmt: skip
+        points.append(
+            {
+                "index": i,
+                "bitops": float(bitops),
+                "score": float(score),
+                "bits": dict(bits),
+                "avg_bits": avg,
+                "other": dict(other),
+            }
+        )
     return points
 
 
@@ -100,8 +111,13 @@ def walk_cache(args: Any, task: Any, s: dict[str, Any], model: torch.nn.Module) 
     """
     with torch.no_grad():
         checksum = float(sum(p.double().abs().sum() for p in model.parameters()))
-    key = {"aimet": _common.version("aimet-torch"), "task": task.name, "val": args.val,
-           "settings": s, "weights_abs_sum": checksum}  # fmt: skip
+    key = {
+        "aimet": _common.version("aimet-torch"),
+        "task": task.name,
+        "val": args.val,
+        "settings": s,
+        "weights_abs_sum": checksum,
+    }
     tag = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(f"{k}={v}" for k, v in sorted(s.items())))
     results = Path(args.out).parent / f"aimet_{task.name}_val{args.val}{'_' + tag if tag else ''}.amp"
     stamp = results / "key.json"
@@ -121,8 +137,9 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
     unknown = set(s) - {"score", "phase1_batches", "quant_scheme", "weight_bits"}
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: score, phase1_batches, quant_scheme, "
-                         "weight_bits")  # fmt: skip
+        raise ValueError(
+            f"unknown settings {sorted(unknown)}; valid: score, phase1_batches, quant_scheme, weight_bits"
+        )
     score_kind = s.get("score", "metric")
     if score_kind not in ("metric", "loss"):
         raise ValueError(f"unknown score {score_kind!r}; valid: metric, loss")
@@ -161,14 +178,28 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
     results = walk_cache(args, task, s, model)
     cached = (results / ".cache" / "pareto_list.pkl").exists()  # the walk (or part of it) was scored before
     t0 = time.perf_counter()
-    sim = QuantizationSimModel(model, dummy, quant_scheme=scheme, default_param_bw=max(wbits),
-                               default_output_bw=8, config_file=str(cfg))  # fmt: skip
+    sim = QuantizationSimModel(
+        model,
+        dummy,
+        quant_scheme=scheme,
+        default_param_bw=max(wbits),
+        default_output_bw=8,
+        config_file=str(cfg),
+    )
     sim.compute_encodings(fwd, None)
     cands = [((8, QuantizationDataType.int), (b, QuantizationDataType.int)) for b in wbits]
     pareto = choose_mixed_precision(
-        sim, dummy, cands, CallbackFunc(scorer(p1)), CallbackFunc(scorer(calib)), None, str(results),
-        clean_start=False, forward_pass_callback=CallbackFunc(fwd), amp_search_algo=AMPSearchAlgo.BruteForce,
-    )  # fmt: skip
+        sim,
+        dummy,
+        cands,
+        CallbackFunc(scorer(p1)),
+        CallbackFunc(scorer(calib)),
+        None,
+        str(results),
+        clean_start=False,
+        forward_pass_callback=CallbackFunc(fwd),
+        amp_search_algo=AMPSearchAlgo.BruteForce,
+    )
     if not pareto:
         raise RuntimeError("AMP returned no Pareto list (it exits early when one candidate meets the target)")
     path = [(bo, sc, list(g.parameter_quantizers), int(c[1][0])) for bo, sc, g, c in pareto]
@@ -206,15 +237,24 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         "search_seconds": seconds,
         "tool_bits": chosen["avg_bits"],
         "tool_bits_name": "weight-count average of the weight bits (scales not counted)",
-        "tool_settings": {"candidates": [f"W{b}A8" for b in wbits], "score": score_kind,
-                          "phase1_batches": len(p1), "phase2_batches": len(calib),
-                          "quant_scheme": str(scheme),
-                          "allowed_accuracy_drop": None, "amp_search_algo": "BruteForce",
-                          "walk_from_cache": cached},  # fmt: skip
-        "pick": {"rule": "best phase-2 score among the walk's points with average weight bits <= B",
-                 "index": chosen["index"], "score": chosen["score"], "bitops": chosen["bitops"],
-                 "walk_points": len(points),  # weights AIMET quantizes and mixq keeps float:
-                 "uncounted_lowered": chosen["other"]},  # fmt: skip
+        "tool_settings": {
+            "candidates": [f"W{b}A8" for b in wbits],
+            "score": score_kind,
+            "phase1_batches": len(p1),
+            "phase2_batches": len(calib),
+            "quant_scheme": str(scheme),
+            "allowed_accuracy_drop": None,
+            "amp_search_algo": "BruteForce",
+            "walk_from_cache": cached,
+        },
+        "pick": {
+            "rule": "best phase-2 score among the walk's points with average weight bits <= B",
+            "index": chosen["index"],
+            "score": chosen["score"],
+            "bitops": chosen["bitops"],
+            "walk_points": len(points),  # weights AIMET quantizes and mixq keeps float:
+            "uncounted_lowered": chosen["other"],
+        },
         "pareto": [{k: p[k] for k in ("index", "bitops", "score", "avg_bits")} for p in points],
         "note": "AIMET's symmetric weights step by max|w| / 2^(b-1) over the codes -2^(b-1) .. 2^(b-1) - 1 "
         "(W2: -max, -max/2, 0, max/2); mixq's symmetric grid steps by max|w| / (2^(b-1) - 1) (W2: -max, 0, "

@@ -57,8 +57,9 @@ def hawq_choice(metrics: list[float], ratios: list[float], ratio: float) -> int:
     return min(order[start:], key=lambda i: (metrics[i], i))
 
 
-def knob_for_budget(metrics: list[float], ratios: list[float], avg_bits: list[float],
-                    budget: float) -> tuple[float, int]:  # fmt: skip
+def knob_for_budget(
+    metrics: list[float], ratios: list[float], avg_bits: list[float], budget: float
+) -> tuple[float, int]:
     """The smallest ratio (of those the sequences reach) whose HAWQ choice has average weight bits
     at most ``budget``, and that choice's index."""
     for r in sorted(set(ratios)):
@@ -107,8 +108,10 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
 
     unknown = set(s) - {"bits", "iter_number", "num_data_points", "bn_adaptation", "per_channel"}
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: bits, iter_number, num_data_points, "
-                         "bn_adaptation, per_channel")  # fmt: skip
+        raise ValueError(
+            f"unknown settings {sorted(unknown)}; valid: bits, iter_number, num_data_points, "
+            "bn_adaptation, per_channel"
+        )
     bits = sorted(int(b) for b in s.get("bits", [2, 4, 8]))
     per_channel = bool(s.get("per_channel", True))
     model = copy.deepcopy(task.model).eval()
@@ -125,17 +128,27 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         crit, ignored = {"criterion": torch.nn.CrossEntropyLoss()}, []
     init: dict[str, Any] = {
         "range": {"num_init_samples": n_init, "type": "min_max"},
-        "precision": {"type": "hawq", "bits": bits, "compression_ratio": 1.0,
-                      "iter_number": int(s.get("iter_number", 200)),
-                      "num_data_points": int(s.get("num_data_points", 100))},  # fmt: skip
+        "precision": {
+            "type": "hawq",
+            "bits": bits,
+            "compression_ratio": 1.0,
+            "iter_number": int(s.get("iter_number", 200)),
+            "num_data_points": int(s.get("num_data_points", 100)),
+        },
         "batchnorm_adaptation": {"num_bn_adaptation_samples": n_init if s.get("bn_adaptation") else 0},
     }
-    cfg = NNCFConfig.from_dict({
-        "input_info": info, "target_device": "TRIAL",
-        "compression": {"algorithm": "quantization", "initializer": init,
-                        "weights": {"per_channel": per_channel},
-                        **({"ignored_scopes": ignored} if ignored else {})},
-    })  # fmt: skip
+    cfg = NNCFConfig.from_dict(
+        {
+            "input_info": info,
+            "target_device": "TRIAL",
+            "compression": {
+                "algorithm": "quantization",
+                "initializer": init,
+                "weights": {"per_channel": per_channel},
+                **({"ignored_scopes": ignored} if ignored else {}),
+            },
+        }
+    )
     cfg = register_default_init_args(cfg, loader, **crit)
 
     seen: dict[str, Any] = {}
@@ -178,16 +191,18 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
             w_sym = type(wq).__name__.startswith("Symmetric")
             a_sym = a is not None and type(a).__name__.startswith("Symmetric")
             layers[name] = {
-                "weight": _common.weight_desc(int(wq.num_bits), "channel" if wq.per_channel else "tensor",
-                                              symmetric=w_sym),  # fmt: skip
+                "weight": _common.weight_desc(
+                    int(wq.num_bits), "channel" if wq.per_channel else "tensor", symmetric=w_sym
+                ),
                 # an unsigned symmetric activation grid (0 .. 2^b - 1 times max/(2^b - 1), after a
                 # ReLU) is mixq's asymmetric grid on non-negative inputs (zero point 0)
                 "act": _common.act_desc(int(a.num_bits), symmetric=bool(a.signed) and a_sym)
-                if a is not None else None,
+                if a is not None
+                else None,
                 "tool_format": f"W{wq.num_bits}/{'channel' if wq.per_channel else 'tensor'}"
                 f"/{'sym' if w_sym else 'asym'} A{a.num_bits if a is not None else '-'}"
                 + (f"/{'signed' if a.signed else 'unsigned'}" if a is not None else ""),
-            }  # fmt: skip
+            }
     got = {n: layers[n]["weight"]["bits"] for n in layers}
     want = seen["per_layer"][seen["index"]]
     if got != want:
@@ -198,15 +213,24 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         "search_seconds": seconds,
         "tool_bits": sum(got[n] * sizes[n] for n in got) / n_w,
         "tool_bits_name": "weight-count average of the weight bits (scales not counted)",
-        "tool_settings": {"bits": bits, "compression_ratio": seen["knob"], "target_device": "TRIAL",
-                          "iter_number": init["precision"]["iter_number"],
-                          "num_data_points": init["precision"]["num_data_points"],
-                          "range": "min_max", "bn_adaptation": bool(s.get("bn_adaptation")),
-                          "per_channel_weights": per_channel},  # fmt: skip
-        "pick": {"rule": "smallest compression_ratio whose HAWQ choice has average weight bits <= B",
-                 "compression_ratio": seen["knob"], "index": seen["index"], "hawq_metric": seen["metric"],
-                 "sequences": seen["sequences"],
-                 "ratio_range": [min(seen["ratios"]), max(seen["ratios"])]},  # fmt: skip
+        "tool_settings": {
+            "bits": bits,
+            "compression_ratio": seen["knob"],
+            "target_device": "TRIAL",
+            "iter_number": init["precision"]["iter_number"],
+            "num_data_points": init["precision"]["num_data_points"],
+            "range": "min_max",
+            "bn_adaptation": bool(s.get("bn_adaptation")),
+            "per_channel_weights": per_channel,
+        },
+        "pick": {
+            "rule": "smallest compression_ratio whose HAWQ choice has average weight bits <= B",
+            "compression_ratio": seen["knob"],
+            "index": seen["index"],
+            "hawq_metric": seen["metric"],
+            "sequences": seen["sequences"],
+            "ratio_range": [min(seen["ratios"]), max(seen["ratios"])],
+        },
         "note": "NNCF 2.19's HAWQ counts BitOps = FLOPs x max(weight bits, activation bits), so it gives a "
         "layer's input activations the layer's weight bits (A4 at W4, A2 at W2); 'mixq best ≤ size' uses "
         "8-bit activations, so only 'mixq same grid' and 'mixq search' compare at the tool's activation bits",

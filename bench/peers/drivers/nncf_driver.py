@@ -44,10 +44,15 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         qmodel = nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT4_SYM, ratio=ratio, group_size=group,
-            dataset=nncf.Dataset(items), sensitivity_metric=metric,
-            all_layers=bool(s.get("all_layers", True)), **kw,
-        )  # fmt: skip
+            model,
+            mode=nncf.CompressWeightsMode.INT4_SYM,
+            ratio=ratio,
+            group_size=group,
+            dataset=nncf.Dataset(items),
+            sensitivity_metric=metric,
+            all_layers=bool(s.get("all_layers", True)),
+            **kw,
+        )
     seconds = time.perf_counter() - t0
     layers, bits_total, n_total = {}, 0.0, 0
     for n in names:
@@ -62,8 +67,13 @@ def body(args: Any, task: Any, s: dict[str, Any]) -> dict[str, Any]:
         "search_seconds": seconds,
         "tool_bits": bits_total / max(1, n_total),
         "tool_bits_name": "weight-count average of the element bits (scales not counted)",
-        "tool_settings": {"ratio": ratio, "group_size": group, "sensitivity_metric": str(metric),
-                          "all_layers": bool(s.get("all_layers", True)), "calib_batches": len(items)},
+        "tool_settings": {
+            "ratio": ratio,
+            "group_size": group,
+            "sensitivity_metric": str(metric),
+            "all_layers": bool(s.get("all_layers", True)),
+            "calib_batches": len(items),
+        },
     }
 
 

@@ -104,8 +104,9 @@ class _IntegerLayer(nn.Module):
         sx = lx.act_scale.float().reshape(())
         sw = lx.weight.scale.float().reshape(-1)
         self.register_buffer("act_scale", sx)
-        self.register_buffer("bias_int", torch.zeros(sw.numel(), dtype=torch.float64) if bias is None
-                             else bias.double())  # fmt: skip
+        self.register_buffer(
+            "bias_int", torch.zeros(sw.numel(), dtype=torch.float64) if bias is None else bias.double()
+        )
         self.register_buffer("multiplier", (sx * sw) / out.scale)  # float32, as ORT computes it
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,7 @@ def _float_convs(
         if len(consumers.get(x, [])) != len(users) or len(quantizers[x]) != 1:
             continue
         top = producers.get(x)
-        while (top is not None and top.op_type == "Relu"
-               and len(consumers.get(top.input[0], [])) == 1):  # fmt: skip
+        while top is not None and top.op_type == "Relu" and len(consumers.get(top.input[0], [])) == 1:
             top = producers.get(top.input[0])
         if top is not None:
             fed.add(id(top))

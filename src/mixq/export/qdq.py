@@ -89,8 +89,13 @@ def _tensor(name: str, dtype: int, values: torch.Tensor) -> Any:
         return onnx.helper.make_tensor(name, dtype, dims, raw, raw=True)
     if dtype in (tp.INT4, tp.UINT4):
         return onnx.helper.make_tensor(name, dtype, dims, v.to(torch.int64).reshape(-1).tolist())
-    np_dtype = {tp.INT8: np.int8, tp.UINT8: np.uint8, tp.INT32: np.int32, tp.INT64: np.int64,
-                tp.FLOAT: np.float32}[dtype]  # fmt: skip
+    np_dtype = {
+        tp.INT8: np.int8,
+        tp.UINT8: np.uint8,
+        tp.INT32: np.int32,
+        tp.INT64: np.int64,
+        tp.FLOAT: np.float32,
+    }[dtype]
     return onnx.numpy_helper.from_array(v.numpy().astype(np_dtype), name)
 
 
@@ -309,8 +314,11 @@ def export_deployed(
             dynamo=False,
             custom_opsets={MARKER_DOMAIN: 1},
         )
-    channels = {n: int(m.weight.shape[1]) * getattr(m, "groups", 1) for n, m in model.named_modules()
-                if n in layers and layers[n].kind != "add"}  # fmt: skip
+    channels = {
+        n: int(m.weight.shape[1]) * getattr(m, "groups", 1)
+        for n, m in model.named_modules()
+        if n in layers and layers[n].kind != "add"
+    }
     proto = ort.rewrite(onnx.load_from_string(buf.getvalue()), layers, Graph(int4_as_int8), channels)
     onnx.checker.check_model(proto)
     path = Path(path)

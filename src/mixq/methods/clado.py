@@ -193,8 +193,17 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
     stask = sensitivity_task(ctx.task, ctx.qmodel, batches, cfg.loss)
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
-        sens = pairwise(ctx.qmodel, stask, ctx.layers, ctx.candidates, store=store, reuse=cfg.reuse,
-                        with_pairs=with_pairs, executor=ctx.executor, window=cfg.window)  # fmt: skip
+        sens = pairwise(
+            ctx.qmodel,
+            stask,
+            ctx.layers,
+            ctx.candidates,
+            store=store,
+            reuse=cfg.reuse,
+            with_pairs=with_pairs,
+            executor=ctx.executor,
+            window=cfg.window,
+        )
     finally:
         if store is not None:
             store.close()
@@ -225,9 +234,7 @@ def solve(prob: search.Problem, cfg: Config, warm_start: list[int] | None = None
     return search.ilp(prob, time_limit=cfg.time_limit, warm_start=warm_start)
 
 
-def sweep(
-    prob: search.Problem, key: str, limits: list[float], cfg: Config
-) -> list[search.Solution | None]:
+def sweep(prob: search.Problem, key: str, limits: list[float], cfg: Config) -> list[search.Solution | None]:
     """Solve for each bound on cost ``key``, in increasing order, each warm-started from the last.
 
     The solution of a tighter budget is feasible for a looser one, so it is a valid incumbent.
@@ -254,10 +261,19 @@ def _run(ctx: Context, cfg: Config, mode: str) -> MethodOutput:
     sens = measure(ctx, cfg, with_pairs=mode == "clado")
     prob = problem(ctx, sens, mode, cfg.psd)
     sol = solve(prob, cfg)
-    info = {"mode": mode, "psd": cfg.psd and mode == "clado", "loss": cfg.loss, "solver": cfg.solver,
-            "status": sol.status, "gap": sol.gap, "objective": sol.objective,
-            "solve_seconds": sol.seconds, "sensitivity_seconds": sens.meta.get("seconds"),
-            "pair_evals": sens.meta.get("pair_evals"), "reuse": sens.meta.get("reuse")}  # fmt: skip
+    info = {
+        "mode": mode,
+        "psd": cfg.psd and mode == "clado",
+        "loss": cfg.loss,
+        "solver": cfg.solver,
+        "status": sol.status,
+        "gap": sol.gap,
+        "objective": sol.objective,
+        "solve_seconds": sol.seconds,
+        "sensitivity_seconds": sens.meta.get("seconds"),
+        "pair_evals": sens.meta.get("pair_evals"),
+        "reuse": sens.meta.get("reuse"),
+    }
     return MethodOutput(plan=ctx.plan_of(sol.choices), sensitivity=sens, history=[info])
 
 

@@ -278,11 +278,18 @@ class Search:
             self.rl_step += 1
             every = max(1, (self.n_search - self.n_warm) // 20)
             if (step - self.n_warm) % every == 0 or step == self.n_search - 1:
-                self.records.append({
-                    "step": step, "quality": q, "cost_ratio": cst / self.target if self.target else math.nan,
-                    "reward": r, "baseline": u.baseline, "entropy": c.entropy(), "entropy_coef": coef,
-                    "argmax_mass": float(c.probs().max(1).values.mean()),
-                })  # fmt: skip
+                self.records.append(
+                    {
+                        "step": step,
+                        "quality": q,
+                        "cost_ratio": cst / self.target if self.target else math.nan,
+                        "reward": r,
+                        "baseline": u.baseline,
+                        "entropy": c.entropy(),
+                        "entropy_coef": coef,
+                        "argmax_mass": float(c.probs().max(1).values.mean()),
+                    }
+                )
         set_choices(self.qlayers, self.specs(c.sample()))
         return None
 
@@ -297,8 +304,9 @@ def search_fliqs(ctx: Context, cfg: Config) -> MethodOutput:
     tcfg = TrainConfig(steps=total, bn=cfg.bn, seed=ctx.seed, log_every=max(1, total // 20))
     params = [p for p in ctx.qmodel.parameters() if p.requires_grad]
     # No checkpoint: the controller's state is not in it, so a resumed search would differ.
-    res = train(ctx.qmodel, ctx.task.loss, batches, [{"params": params, "lr": cfg.lr}], tcfg, hook=hook,
-                desc="fliqs")  # fmt: skip
+    res = train(
+        ctx.qmodel, ctx.task.loss, batches, [{"params": params, "lr": cfg.lr}], tcfg, hook=hook, desc="fliqs"
+    )
     choices = hook.finish_search()
     plan = ctx.plan_of(choices)
     c = hook.controller
@@ -323,12 +331,20 @@ def search_fliqs(ctx: Context, cfg: Config) -> MethodOutput:
         "probs": {
             n: {ctx.candidates[j].name: float(p) for j, p in zip(arms, row, strict=True)}
             for n, row in zip(ctx.layers, probs, strict=True)
-        },  # fmt: skip
+        },
         "controller": hook.records,
         **hook.readout,
     }
-    plan.meta.update({"fliqs": {"space": cfg.space, "steps": res.steps, "cost": hook.key,
-                                "evaluated": "the trained weights through mixq's sites"}})  # fmt: skip
+    plan.meta.update(
+        {
+            "fliqs": {
+                "space": cfg.space,
+                "steps": res.steps,
+                "cost": hook.key,
+                "evaluated": "the trained weights through mixq's sites",
+            }
+        }
+    )
     log.info("fliqs: plan %s", plan.summary())
     return MethodOutput(plan=plan, history=[info])
 

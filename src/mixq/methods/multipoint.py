@@ -83,8 +83,9 @@ class Config:
 
     def __post_init__(self) -> None:
         for name, v in (("ratio", self.ratio), ("tau", self.tau)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not math.isfinite(v) or v < 0):  # fmt: skip
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+            ):
                 raise ValueError(f"{name} must be None or a finite number >= 0, got {v!r}")
         if (
             isinstance(self.n_max, bool)
@@ -112,8 +113,14 @@ class Config:
 def eligible(spec: LayerSpec | None) -> bool:
     """Whether a layer spec's weights can take points: signed symmetric integer, per channel or tensor."""
     w = spec.weight if spec is not None else None
-    return (w is not None and isinstance(w.fmt, Int) and w.fmt.signed and w.symmetric
-            and w.granularity in ("channel", "tensor") and w.points is None)  # fmt: skip
+    return (
+        w is not None
+        and isinstance(w.fmt, Int)
+        and w.fmt.signed
+        and w.symmetric
+        and w.granularity in ("channel", "tensor")
+        and w.points is None
+    )
 
 
 def base_plan(ctx: Context, cfg: Config) -> tuple[Plan, list[dict[str, Any]]]:
@@ -180,7 +187,9 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
     if layers is None:
         log.warning(
             "multipoint: even one point per channel (variant %r) exceeds the budget %s; the base plan "
-            "is kept", cfg.variant, ctx.budget,
+            "is kept",
+            cfg.variant,
+            ctx.budget,
         )
         history.append({"multipoint": "one point per channel exceeds the budget; base plan kept"})
         meta = {"multipoint": {"layers": 0, "base": cfg.base_plan or cfg.base_method}}
@@ -191,20 +200,38 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         k = sum(counts) - len(counts)
         e1, e = float(alloc.first_errors.sum()), float(alloc.errors.sum())
         total, channels = total + sum(counts), channels + len(counts)
-        history.append({"layer": name, "bits": base.layers[name].weight.bits,  # type: ignore[union-attr]
-                        "channels": len(counts), "extra_points": k, "avg_points": sum(counts) / len(counts),
-                        "max_points": max(counts), "stop": alloc.stop if k == alloc.extra else "total budget",
-                        "output_error_one_point": e1,  # after the cut for the budget: not measured
-                        "output_error": e if k == alloc.extra else None,
-                        "relative_output_error": (e / e1 if e1 > 0 else 0.0) if k == alloc.extra else None})
-    meta = {"multipoint": {"ratio": cfg.ratio, "tau": cfg.tau, "n_max": cfg.n_max, "a_search": cfg.a_search,
-                           "variant": cfg.variant, "key": cfg.key,
-                           "base": cfg.base_plan if cfg.base_plan is not None else cfg.base_method,
-                           "layers": len(targets), "avg_points": total / channels,
-                           "extra_points": total - channels, "step_dtype": "float32",
-                           "budget_ratio": fraction if fraction < full else None,
-                           "gram_batches": cfg.gram_batches,
-                           "error_inputs": "float model, calibration Gram matrices"}}  # fmt: skip
+        history.append(
+            {
+                "layer": name,
+                "bits": base.layers[name].weight.bits,  # type: ignore[union-attr]
+                "channels": len(counts),
+                "extra_points": k,
+                "avg_points": sum(counts) / len(counts),
+                "max_points": max(counts),
+                "stop": alloc.stop if k == alloc.extra else "total budget",
+                "output_error_one_point": e1,  # after the cut for the budget: not measured
+                "output_error": e if k == alloc.extra else None,
+                "relative_output_error": (e / e1 if e1 > 0 else 0.0) if k == alloc.extra else None,
+            }
+        )
+    meta = {
+        "multipoint": {
+            "ratio": cfg.ratio,
+            "tau": cfg.tau,
+            "n_max": cfg.n_max,
+            "a_search": cfg.a_search,
+            "variant": cfg.variant,
+            "key": cfg.key,
+            "base": cfg.base_plan if cfg.base_plan is not None else cfg.base_method,
+            "layers": len(targets),
+            "avg_points": total / channels,
+            "extra_points": total - channels,
+            "step_dtype": "float32",
+            "budget_ratio": fraction if fraction < full else None,
+            "gram_batches": cfg.gram_batches,
+            "error_inputs": "float model, calibration Gram matrices",
+        }
+    }
     return MethodOutput(plan=Plan(layers, meta), history=history)
 
 

@@ -29,7 +29,7 @@ OBJECTIVES = ("auto", "loss", "kl")
 
 
 def resolve_objective(task: Task, objective: str) -> str:
-    """"auto" is "kl" for classifiers (cross-entropy loss) and "loss" otherwise."""
+    """ "auto" is "kl" for classifiers (cross-entropy loss) and "loss" otherwise."""
     if objective != "auto":
         return objective
     return "kl" if task.loss is cross_entropy else "loss"
@@ -76,8 +76,13 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         budgets=dict(ctx.limits),
     )
     sol = search.ilp(problem, time_limit=cfg.time_limit) if cfg.solver == "ilp" else search.greedy(problem)
-    info = {"solver": cfg.solver, "status": sol.status, "gap": sol.gap, "objective": sol.objective,
-            "solve_seconds": sol.seconds}  # fmt: skip
+    info = {
+        "solver": cfg.solver,
+        "status": sol.status,
+        "gap": sol.gap,
+        "objective": sol.objective,
+        "solve_seconds": sol.seconds,
+    }
     return list(sol.choices), info
 
 
@@ -91,9 +96,16 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     ctx.check_feasible()
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
-        sens = sensitivity.measured(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
-                                    batches=_batches(ctx, cfg), store=store, executor=ctx.executor,
-                                    objective=resolve_objective(ctx.task, cfg.objective))  # fmt: skip
+        sens = sensitivity.measured(
+            ctx.qmodel,
+            ctx.task,
+            ctx.layers,
+            ctx.candidates,
+            batches=_batches(ctx, cfg),
+            store=store,
+            executor=ctx.executor,
+            objective=resolve_objective(ctx.task, cfg.objective),
+        )
     finally:
         if store is not None:
             store.close()
@@ -106,9 +118,17 @@ def search_hawq(ctx: Context, cfg: Config) -> MethodOutput:
     ctx.check_feasible()
     store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
     try:
-        sens = sensitivity.hawq(ctx.qmodel, ctx.task, ctx.layers, ctx.candidates,
-                                batches=_batches(ctx, cfg), n_samples=cfg.hutchinson_samples,
-                                seed=ctx.seed, store=store, mode=cfg.hutchinson_mode)  # fmt: skip
+        sens = sensitivity.hawq(
+            ctx.qmodel,
+            ctx.task,
+            ctx.layers,
+            ctx.candidates,
+            batches=_batches(ctx, cfg),
+            n_samples=cfg.hutchinson_samples,
+            seed=ctx.seed,
+            store=store,
+            mode=cfg.hutchinson_mode,
+        )
     finally:
         if store is not None:
             store.close()

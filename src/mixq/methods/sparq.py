@@ -136,9 +136,12 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         history = [{"candidate": cands[j].name, "calib_loss": losses[j]} for j in feasible]
         best = min(feasible, key=lambda j: (losses[j], j))
     plan = plans[best]
-    record = {"candidate": cands[best].name, "signed_layers": signed,
-              "signed_fallback": "a8 (8-bit asymmetric per tensor)",
-              "float_layers": sorted(set(ctx.layers) - set(plan.layers))}  # fmt: skip
+    record = {
+        "candidate": cands[best].name,
+        "signed_layers": signed,
+        "signed_fallback": "a8 (8-bit asymmetric per tensor)",
+        "float_layers": sorted(set(ctx.layers) - set(plan.layers)),
+    }
     plan.meta["sparq"] = record
     history.append(record)
     return MethodOutput(plan=plan, history=history)

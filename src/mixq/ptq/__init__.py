@@ -120,6 +120,13 @@ def apply_ptq(stage: str, model: nn.Module, task: Task, steps: list[Step], seed:
             continue
         t0 = time.perf_counter()
         info = STEPS[step.name].fn(model, task, step.cfg, seed)
-        records.append({"step": step.name, "stage": stage, "seconds": time.perf_counter() - t0,
-                        "config": dataclasses.asdict(step.cfg), **info})  # fmt: skip
+        records.append(
+            {
+                "step": step.name,
+                "stage": stage,
+                "seconds": time.perf_counter() - t0,
+                "config": dataclasses.asdict(step.cfg),
+                **info,
+            }
+        )
     return records

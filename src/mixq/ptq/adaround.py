@@ -264,5 +264,11 @@ def adaround(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 
             kept = cfg.keep_better and after > before
             m.weight_quant.set_rounding(FixedRounding(m.weight_quant.spec, m.weight, rtn if kept else wq))
             errors[name] = {"rtn": before, "adaround": after, "kept_nearest": kept}
-    return {"layers": len(layers), "skipped": skipped, "iters": cfg.iters, "batch_size": cfg.batch_size,
-            "calib_batches": len(batches), "output_error": errors}  # fmt: skip
+    return {
+        "layers": len(layers),
+        "skipped": skipped,
+        "iters": cfg.iters,
+        "batch_size": cfg.batch_size,
+        "calib_batches": len(batches),
+        "output_error": errors,
+    }

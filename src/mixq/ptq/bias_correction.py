@@ -67,8 +67,11 @@ def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0
     """
     del seed
     batches = list(task.calib)[: cfg.batches or None]
-    layers = {n: m for n, m in sites(qmodel).items()
-              if m.weight_quant.spec is not None or m.input_quant.spec is not None}  # fmt: skip
+    layers = {
+        n: m
+        for n, m in sites(qmodel).items()
+        if m.weight_quant.spec is not None or m.input_quant.spec is not None
+    }
     largest = 0.0
     qmodel.eval()
     groups = shared_input_groups(qmodel, layers, batches[:1], task.forward)
@@ -81,8 +84,13 @@ def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0
 
     for group in bar:  # one pass per group: its layers read one input, unchanged by their biases
         accs: dict[str, list] = {n: [0.0, 0] for n in group}
-        run_until_all(qmodel, {n: layers[n] for n in group}, batches, task.forward,
-                      lambda n, i, y: record(i, y, layers[n], accs[n]))  # noqa: B023 - called in this iteration
+        run_until_all(
+            qmodel,
+            {n: layers[n] for n in group},
+            batches,
+            task.forward,
+            lambda n, i, y: record(i, y, layers[n], accs[n]),  # noqa: B023 (called in this iteration)
+        )
         for n in group:
             total, count = accs[n]
             if not count:
@@ -90,8 +98,12 @@ def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0
             shift = total / count  # E[y~ - y] per output channel
             set_bias(layers[n], -shift)
             largest = max(largest, float(shift.abs().max()))
-    return {"layers": len(layers), "passes": len(groups), "max_abs_shift": largest,
-            "calib_batches": len(batches)}  # fmt: skip
+    return {
+        "layers": len(layers),
+        "passes": len(groups),
+        "max_abs_shift": largest,
+        "calib_batches": len(batches),
+    }
 
 
 def shared_input_groups(

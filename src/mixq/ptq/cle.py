@@ -105,9 +105,7 @@ class Pair:
 
 
 def _is_relu6(m: nn.Module) -> bool:
-    return isinstance(m, nn.ReLU6) or (
-        isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0
-    )
+    return isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0)
 
 
 def _link(model: nn.Module, node: fx.Node) -> str | None:
@@ -274,5 +272,8 @@ def equalize(model: nn.Module, cfg: Config = Config()) -> dict:
             change = max(change, float(s.log().abs().max()))
         if change <= cfg.tol:
             break
-    return {"pairs": [[p.first, p.second] for p in pairs], "sweeps": sweeps if pairs else 0,
-            "max_log_scale": change}  # fmt: skip
+    return {
+        "pairs": [[p.first, p.second] for p in pairs],
+        "sweeps": sweeps if pairs else 0,
+        "max_log_scale": change,
+    }

@@ -160,9 +160,12 @@ class Points:
 
 
 def decompose(
-    w: torch.Tensor, bits: int, counts: torch.Tensor | list[int], a_search: str = "greedy",
+    w: torch.Tensor,
+    bits: int,
+    counts: torch.Tensor | list[int],
+    a_search: str = "greedy",
     first: str = "channel",
-) -> Points:  # fmt: skip
+) -> Points:
     """Build ``counts[j]`` greedy points for every row ``j`` of ``w`` [C, d] (rows in parallel)."""
     counts = torch.as_tensor(counts, dtype=torch.long)
     if counts.shape != (w.shape[0],):
@@ -378,8 +381,10 @@ def spec_points(w: torch.Tensor, spec: QSpec) -> Points:
     if spec.points is None:
         raise ValueError("spec has no multipoint points; use mixq.quant.fake.quantize_weight")
     if len(spec.points) != w.shape[0]:
-        raise ValueError(f"spec gives points for {len(spec.points)} output channels, the weight has "
-                         f"{w.shape[0]} (shape {tuple(w.shape)})")  # fmt: skip
+        raise ValueError(
+            f"spec gives points for {len(spec.points)} output channels, the weight has "
+            f"{w.shape[0]} (shape {tuple(w.shape)})"
+        )
     with torch.no_grad():
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         flat = w.detach().to(dtype).reshape(w.shape[0], -1)
@@ -422,8 +427,10 @@ def split_layer(layer: nn.Module, pts: Points) -> ChannelSplit:
         )
     groups = getattr(layer, "groups", 1)
     per = c // groups
-    owners = [[(j, i) for j in range(g * per, (g + 1) * per) for i in range(int(pts.counts[j]))]
-              for g in range(groups)]  # fmt: skip
+    owners = [
+        [(j, i) for j in range(g * per, (g + 1) * per) for i in range(int(pts.counts[j]))]
+        for g in range(groups)
+    ]
     width = max(len(o) for o in owners)  # copies per group after padding
     codes = torch.zeros(groups * width, w[0].numel(), dtype=w.dtype)
     merge = torch.zeros(c, groups * width, dtype=w.dtype)
@@ -433,9 +440,17 @@ def split_layer(layer: nn.Module, pts: Points) -> ChannelSplit:
             merge[j, g * width + t] = pts.steps[j, i].to(w.dtype)
     bias = layer.bias.detach().clone() if layer.bias is not None else None
     if isinstance(layer, nn.Conv2d) or hasattr(layer, "kernel_size"):
-        expand: nn.Module = nn.Conv2d(w.shape[1] * groups, groups * width, layer.kernel_size, layer.stride,
-                                      layer.padding, layer.dilation, groups, bias=False,
-                                      padding_mode=layer.padding_mode)  # fmt: skip
+        expand: nn.Module = nn.Conv2d(
+            w.shape[1] * groups,
+            groups * width,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups,
+            bias=False,
+            padding_mode=layer.padding_mode,
+        )
         expand.weight.data = codes.reshape(groups * width, *w.shape[1:])
         mrg: nn.Module = nn.Conv2d(groups * width, c, 1, bias=bias is not None)
         mrg.weight.data = merge[:, :, None, None]

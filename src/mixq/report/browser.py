@@ -43,8 +43,16 @@ def find_browser() -> str:
 
 def _run(args: list[str], timeout: float) -> str:
     with tempfile.TemporaryDirectory(prefix="mixq-chromium-") as profile:
-        cmd = [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions",
-               "--no-first-run", f"--user-data-dir={profile}", *args]  # fmt: skip
+        cmd = [
+            find_browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-extensions",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            *args,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -67,9 +75,11 @@ def image_count(dom: str) -> tuple[int, int]:
 
 
 def check(
-    page: str | Path, screenshot: str | Path | None = None, size: tuple[int, int] = (1200, 900),
+    page: str | Path,
+    screenshot: str | Path | None = None,
+    size: tuple[int, int] = (1200, 900),
     timeout: float = 90.0,
-) -> BrowserCheck:  # fmt: skip
+) -> BrowserCheck:
     """Load a report in headless Chromium; count the decoded images and optionally take a screenshot.
 
     Args:

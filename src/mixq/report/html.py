@@ -81,16 +81,37 @@ def plan_summary(run: Run) -> str:
 
 def runs_table(runs: Sequence[Run]) -> str:
     """The comparison table of runs of one task."""
-    header = ["method", "budget", "metric", "fp32", "avg w bits", "size (bytes)", "size ratio",
-              "BOPs", "search s", "eval s", "plan"]  # fmt: skip
+    header = [
+        "method",
+        "budget",
+        "metric",
+        "fp32",
+        "avg w bits",
+        "size (bytes)",
+        "size ratio",
+        "BOPs",
+        "search s",
+        "eval s",
+        "plan",
+    ]
     rows = []
     for run in runs:
         m = run.metrics
-        rows.append([
-            m["method"], budget_label(m), m["metric"], m.get("fp_metric", ""), m["avg_weight_bits"],
-            f"{float(m['size_bytes']):.0f}", m.get("size_ratio", ""), f"{float(m.get('bops', 0)):.3g}",
-            fmt(m.get("seconds", ""), 1), fmt(m.get("eval_seconds", ""), 1), plan_summary(run),
-        ])  # fmt: skip
+        rows.append(
+            [
+                m["method"],
+                budget_label(m),
+                m["metric"],
+                m.get("fp_metric", ""),
+                m["avg_weight_bits"],
+                f"{float(m['size_bytes']):.0f}",
+                m.get("size_ratio", ""),
+                f"{float(m.get('bops', 0)):.3g}",
+                fmt(m.get("seconds", ""), 1),
+                fmt(m.get("eval_seconds", ""), 1),
+                plan_summary(run),
+            ]
+        )
     return table(header, rows, left=2)
 
 
@@ -110,16 +131,23 @@ def task_section(task: str, runs: Sequence[Run], out: Path) -> str:
     name = f"pareto-{slug(task)}.png"
     plots.pareto_plot([r.metrics for r in runs], out / name, f"{task}: metric vs size")
     metric_name = runs[0].metrics.get("metric_name", "metric")
-    return "\n".join([f"<h2>{html.escape(task)}</h2>",
-                      f"<p>metric: {html.escape(str(metric_name))}; {len(runs)} runs.</p>",
-                      image(name, f"Pareto plot of {task}"), runs_table(runs)])  # fmt: skip
+    return "\n".join(
+        [
+            f"<h2>{html.escape(task)}</h2>",
+            f"<p>metric: {html.escape(str(metric_name))}; {len(runs)} runs.</p>",
+            image(name, f"Pareto plot of {task}"),
+            runs_table(runs),
+        ]
+    )
 
 
 def run_section(i: int, run: Run, out: Path) -> str:
     """Bit-width chart, sensitivity heat map and per-layer table of one run."""
-    parts = [f'<h3 id="run-{i}">{html.escape(run.label)}</h3>',
-             f"<p>run directory: <code>{html.escape(str(run.path))}</code>; candidates: "
-             f"{html.escape(', '.join(map(str, run.metrics.get('candidates', []))))}</p>"]  # fmt: skip
+    parts = [
+        f'<h3 id="run-{i}">{html.escape(run.label)}</h3>',
+        f"<p>run directory: <code>{html.escape(str(run.path))}</code>; candidates: "
+        f"{html.escape(', '.join(map(str, run.metrics.get('candidates', []))))}</p>",
+    ]
     if run.layers:
         name = f"run{i:02d}-bits.png"
         plots.bits_plot(run.layers, out / name, f"{run.label}\nbits per weight of each layer")
@@ -128,12 +156,13 @@ def run_section(i: int, run: Run, out: Path) -> str:
         parts.append("<p>no layers.csv: no per-layer chart.</p>")
     if run.sensitivity is not None:
         name = f"run{i:02d}-sensitivity.png"
-        plots.sensitivity_plot(run.sensitivity, {r.name: r.spec for r in run.layers}, out / name,
-                               run.label)  # fmt: skip
+        plots.sensitivity_plot(run.sensitivity, {r.name: r.spec for r in run.layers}, out / name, run.label)
         parts.append(image(name, f"sensitivity of {run.label}"))
     if run.layers:
-        parts.append(f"<details><summary>per-layer plan ({len(run.layers)} layers)</summary>\n"
-                     f"{layers_table(run)}\n</details>")  # fmt: skip
+        parts.append(
+            f"<details><summary>per-layer plan ({len(run.layers)} layers)</summary>\n"
+            f"{layers_table(run)}\n</details>"
+        )
     return "\n".join(parts)
 
 
@@ -159,14 +188,30 @@ def render(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     by_task: dict[str, list[Run]] = {}
     for run in runs:
         by_task.setdefault(str(run.metrics["task"]), []).append(run)
-    body = [f"<h1>mixq report: {len(runs)} runs, {len(by_task)} tasks</h1>",
-            '<p id="image-check" data-loaded="0" data-total="0">images not checked yet</p>']  # fmt: skip
+    body = [
+        f"<h1>mixq report: {len(runs)} runs, {len(by_task)} tasks</h1>",
+        '<p id="image-check" data-loaded="0" data-total="0">images not checked yet</p>',
+    ]
     body += [task_section(task, task_runs, out) for task, task_runs in by_task.items()]
     body.append("<h2>Runs</h2>")
     body += [run_section(i, run, out) for i, run in enumerate(runs)]
-    page = "\n".join(["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-                      "<title>mixq report</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
-                      *body, f"<script>{_CHECK_SCRIPT}</script>", "</body>", "</html>", ""])  # fmt: skip
+    page = "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            "<title>mixq report</title>",
+            f"<style>{_STYLE}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            f"<script>{_CHECK_SCRIPT}</script>",
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
     path = out / REPORT
     path.write_text(page, encoding="utf-8")
     return path

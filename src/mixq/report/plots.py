@@ -68,14 +68,29 @@ def pareto_plot(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     div, unit = size_unit(max(float(r["size_bytes"]) for r in records))
     methods = list(dict.fromkeys(str(r["method"]) for r in records))
     for k, method in enumerate(methods):
-        pts = sorted((float(r["size_bytes"]) / div, float(r["metric"]), float(r["avg_weight_bits"]))
-                     for r in records if r["method"] == method)  # fmt: skip
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[k % len(_MARKERS)],
-                label=method, alpha=0.85)  # fmt: skip
+        pts = sorted(
+            (float(r["size_bytes"]) / div, float(r["metric"]), float(r["avg_weight_bits"]))
+            for r in records
+            if r["method"] == method
+        )
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker=_MARKERS[k % len(_MARKERS)],
+            label=method,
+            alpha=0.85,
+        )
     points = [(float(r["size_bytes"]) / div, float(r["metric"])) for r in records]
     front = [points[i] for i in pareto_front(points)]
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linestyle="--",
-            linewidth=1, label="Pareto front")  # fmt: skip
+    ax.step(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        where="post",
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label="Pareto front",
+    )
     fp = [float(r["fp_metric"]) for r in records if isinstance(r.get("fp_metric"), (int, float))]
     if fp and math.isfinite(fp[0]):
         ax.axhline(fp[0], color="grey", linestyle=":", linewidth=1, label="fp32")
@@ -142,8 +157,11 @@ def sensitivity_plot(sens: Sensitivity, chosen: dict[str, str], path: Path, titl
     peak = peak if peak > 0 else 1.0
     norm = SymLogNorm(linthresh=peak * 1e-2, vmin=-peak, vmax=peak)
     im = ax.imshow(data, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
-    marks = [(sens.candidates.index(c), sens.layers.index(n)) for n, c in chosen.items()
-             if n in sens.layers and c in sens.candidates]  # fmt: skip
+    marks = [
+        (sens.candidates.index(c), sens.layers.index(n))
+        for n, c in chosen.items()
+        if n in sens.layers and c in sens.candidates
+    ]
     if marks:
         ax.scatter([m[0] for m in marks], [m[1] for m in marks], s=18, c="black", marker="o", label="chosen")
         ax.legend(fontsize="small", loc="upper right")

@@ -151,8 +151,10 @@ def trace(model: nn.Module, run: Callable[[], Any]) -> Trace:
     finally:
         for h in handles:
             h.remove()
-    children = {name: [f"{name}.{c}" if name else c for c, _ in mod.named_children()]
-                for name, mod in model.named_modules()}  # fmt: skip
+    children = {
+        name: [f"{name}.{c}" if name else c for c, _ in mod.named_children()]
+        for name, mod in model.named_modules()
+    }
     once = frozenset(n for n, c in calls.items() if c == 1 and n and ok.get(n, False) and n in end)
     return Trace(start, end, once, children)
 
@@ -383,8 +385,9 @@ def _verify(ctx: PairContext, names: list[str]) -> bool:
         if m is not None:
             fast = ctx.evaluate(0, quant, _prefix(ctx, 0, ctx.begin(m), rec, t_l))[0]
         if abs(fast - plain) > VERIFY_RTOL * max(1.0, abs(plain)):
-            log.warning("prefix reuse changed a loss (%r: %.9g vs %.9g); reuse switched off", quant,
-                        fast, plain)  # fmt: skip
+            log.warning(
+                "prefix reuse changed a loss (%r: %.9g vs %.9g); reuse switched off", quant, fast, plain
+            )
             return False
     return True
 
@@ -503,8 +506,9 @@ def pairwise(
         if with_pairs and window is not None:
             key += f"/window{window}"
         jobs = [Job(FP_KEY, fp_job)]
-        jobs += [Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order
-                 for c in names]  # fmt: skip
+        jobs += [
+            Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order for c in names
+        ]
         scope = None
         if store is not None:
             meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(batches)

@@ -87,8 +87,13 @@ class Sensitivity:
 
     def save(self, path: str | Path) -> None:
         """Write the tensors as safetensors, with names, kind and meta as JSON metadata."""
-        header = {"schema": SCHEMA, "layers": self.layers, "candidates": self.candidates,
-                  "kind": self.kind, "meta": self.meta}  # fmt: skip
+        header = {
+            "schema": SCHEMA,
+            "layers": self.layers,
+            "candidates": self.candidates,
+            "kind": self.kind,
+            "meta": self.meta,
+        }
         tensors = {"single": self.single.detach().cpu().contiguous()}
         if self.pairs is not None:
             tensors["pairs"] = self.pairs.detach().cpu().contiguous()
