@@ -20,30 +20,10 @@ share=True)`` and ``g.add(proto)`` to add initializers (returning their names), 
 :meth:`Kind.onnx_weight`) or, with ``vals=None``, a float32 initializer.
 """
 
-from mixq.kinds import integer, minifloat, multipoint, mx, sparq
-from mixq.kinds.base import (
-    FLOAT_BITS,
-    ActParams,
-    ActStats,
-    Kind,
-    kind_of,
-    kind_of_format,
-    kinds,
-    register,
-    unregister,
-)
+from mixq.kinds import base, integer, minifloat, multipoint, mx, sparq
+from mixq.kinds.base import *  # noqa: F403 (the protocol and the registry: the names of base.__all__)
 
 for _module in (integer, minifloat, mx, sparq, multipoint):  # the last registered is asked first
-    register(_module.KIND)
+    base.register(_module.KIND)
 
-__all__ = [
-    "FLOAT_BITS",
-    "ActParams",
-    "ActStats",
-    "Kind",
-    "kind_of",
-    "kind_of_format",
-    "kinds",
-    "register",
-    "unregister",
-]
+__all__ = list(base.__all__)
