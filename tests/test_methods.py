@@ -1,10 +1,15 @@
 """Conformance tests run over every method in METHODS, on a tiny real-numerics task."""
 
+import dataclasses
+import sqlite3
+
 import pytest
 import torch
 
 import mixq
 from mixq.methods import METHODS
+from mixq.methods.common import Context
+from mixq.store import Store
 
 CANDIDATES = ["w2+asym", "w4", "w8"]
 TINY_ARGS = {"hawq": {"hutchinson_samples": 8}, "fliqs": {"steps": 60, "rl_lr": 0.2}}
@@ -142,3 +147,16 @@ def test_common_doctests() -> None:
     from mixq.methods import common
 
     assert doctest.testmod(common).failed == 0
+
+
+def test_context_store_is_the_run_directorys_and_closed_on_leaving(tmp_path) -> None:
+    ctx = Context(None, None, [], [], {}, None, {}, {}, out=tmp_path)
+    with ctx.store() as store:
+        store.put("model", "data", "job", 1.5)
+    assert store.path == tmp_path / "store.sqlite"
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        store.get("model", "data", "job")
+    with Store(tmp_path / "store.sqlite") as again:
+        assert again.get("model", "data", "job") == 1.5
+    with dataclasses.replace(ctx, out=None).store() as none:
+        assert none is None

@@ -44,7 +44,6 @@ from mixq import search
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.table import Sensitivity
-from mixq.store import Store
 from mixq.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -191,8 +190,7 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
     if cfg.samples:
         batches = [head(b, cfg.samples) for b in batches]
     stask = sensitivity_task(ctx.task, ctx.qmodel, batches, cfg.loss)
-    store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
-    try:
+    with ctx.store() as store:
         sens = pairwise(
             ctx.qmodel,
             stask,
@@ -204,9 +202,6 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
             executor=ctx.executor,
             window=cfg.window,
         )
-    finally:
-        if store is not None:
-            store.close()
     sens.meta["loss"] = cfg.loss
     return sens
 

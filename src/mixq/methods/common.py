@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 
 from mixq import cost
 from mixq.plan import LayerSpec, Plan
+from mixq.store import Store
 from mixq.tasks import Task
 from mixq.wrap import applied
 
@@ -65,6 +67,10 @@ class Context:
     out: Path | None = None
     executor: Any = None
     methods: Mapping[str, Any] = field(default_factory=dict)
+
+    def store(self) -> contextlib.AbstractContextManager[Store | None]:
+        """The run's resumable job store (``out/store.sqlite``), closed on leaving; None without ``out``."""
+        return Store(self.out / "store.sqlite") if self.out is not None else contextlib.nullcontext()
 
     def check_feasible(self, uniform: bool = False) -> None:
         """Raise if no (uniform) choice of candidates meets the budget."""

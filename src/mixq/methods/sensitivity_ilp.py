@@ -17,11 +17,12 @@ minimizing the summed score under the budgets with an exact integer program (sci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mixq import search, sensitivity
 from mixq.methods.common import Context, MethodOutput, check_choices
-from mixq.store import Store
 from mixq.tasks import Task, cross_entropy
 
 SOLVERS = ("ilp", "greedy")
@@ -91,46 +92,32 @@ def _batches(ctx: Context, cfg: Config) -> list:
     return calib[: cfg.batches] if cfg.batches else calib
 
 
-def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
-    """The ``sensitivity-ilp`` method."""
+def _measure_and_solve(
+    ctx: Context, cfg: Config, measure: Callable[..., Any], **options: Any
+) -> MethodOutput:
+    """Check the budget, measure the sensitivity with ``measure`` (with the run's store) and solve."""
     ctx.check_feasible()
-    store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
-    try:
-        sens = sensitivity.measured(
+    with ctx.store() as store:
+        sens = measure(
             ctx.qmodel,
             ctx.task,
             ctx.layers,
             ctx.candidates,
             batches=_batches(ctx, cfg),
             store=store,
-            executor=ctx.executor,
-            objective=resolve_objective(ctx.task, cfg.objective),
+            **options,
         )
-    finally:
-        if store is not None:
-            store.close()
     choices, info = solve(ctx, sens, cfg)
     return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])
+
+
+def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
+    """The ``sensitivity-ilp`` method."""
+    objective = resolve_objective(ctx.task, cfg.objective)
+    return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)
 
 
 def search_hawq(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``hawq`` method."""
-    ctx.check_feasible()
-    store = Store(ctx.out / "store.sqlite") if ctx.out is not None else None
-    try:
-        sens = sensitivity.hawq(
-            ctx.qmodel,
-            ctx.task,
-            ctx.layers,
-            ctx.candidates,
-            batches=_batches(ctx, cfg),
-            n_samples=cfg.hutchinson_samples,
-            seed=ctx.seed,
-            store=store,
-            mode=cfg.hutchinson_mode,
-        )
-    finally:
-        if store is not None:
-            store.close()
-    choices, info = solve(ctx, sens, cfg)
-    return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])
+    options = {"n_samples": cfg.hutchinson_samples, "seed": ctx.seed, "mode": cfg.hutchinson_mode}
+    return _measure_and_solve(ctx, cfg, sensitivity.hawq, **options)
