@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,27 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"provenance": provenance(), **payload}, indent=2) + "\n")
     return path
+
+
+MEASURES = ("metric", "avg_weight_bits", "size_bytes", "bops", "seconds", "eval_seconds")
+
+
+def measures(metrics: Metrics) -> dict[str, Any]:
+    """A run's measures as a results row lists them (:data:`MEASURES`, in that order)."""
+    return {k: getattr(metrics, k) for k in MEASURES}
+
+
+def task_entry(task: Any, fp32: float, rows: list[dict], t0: float, **fields: Any) -> dict[str, Any]:
+    """A task's entry in a results JSON: its metric, fp32 value and info, ``fields``, the rows and
+    the wall seconds since ``t0`` (``time.perf_counter()``), in that order."""
+    return {
+        "metric_name": task.metric_name,
+        "fp32": fp32,
+        "info": task.info,
+        **fields,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - t0,
+    }
 
 
 def merge_parts(

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import mixq
-from bench.common import merge_parts, part_args, run_parts, within, write
+from bench.common import measures, merge_parts, part_args, run_parts, task_entry, within, write
 
 QAT_ARGS = {"lr": 1e-4, "lr_range": 3e-3, "lr_bits": 0.2}
 
@@ -40,12 +40,7 @@ def row(name: str, res: mixq.Result) -> dict:
     out = {
         "run": name,
         "method": m.method,
-        "metric": m.metric,
-        "avg_weight_bits": m.avg_weight_bits,
-        "size_bytes": m.size_bytes,
-        "bops": m.bops,
-        "seconds": m.seconds,
-        "eval_seconds": m.eval_seconds,
+        **measures(m),
         "method_args": m.method_args,
         "plan": {n: s.name for n, s in res.plan.layers.items()},
         **within(m),
@@ -103,15 +98,9 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
                 f"bits={res.metrics.avg_weight_bits:.3f} t={res.metrics.seconds:.0f}s",
                 flush=True,
             )
-            results[task_name] = {
-                "metric_name": task.metric_name,
-                "fp32": fp,
-                "info": task.info,
-                "qat_steps": args.steps,
-                "qat_batch": mixq.tasks.TRAIN_BATCH,
-                "rows": rows,
-                "wall_seconds": time.perf_counter() - t0,
-            }
+            results[task_name] = task_entry(
+                task, fp, rows, t0, qat_steps=args.steps, qat_batch=mixq.tasks.TRAIN_BATCH
+            )
             write(args.out, {"qat_args": QAT_ARGS, "tasks": results})  # partial results kept
 
 

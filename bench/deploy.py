@@ -330,21 +330,10 @@ def bench_task(
     inputs = latency_batches(task)
     load: dict[str, Any] = {"before": os.getloadavg()}
     for bs, batch in inputs.items():
-        f = feeds(batch)
-        timed = deploy_target.time_plans(
-            {p: (lambda s=s, f=f: s.run(None, f)) for p, s in sessions.items()},
-            repeats if name != "minilm" else min(repeats, 5),
-            suffix=f"_batch{bs}",
-        )
-        for p, t in timed.items():
-            rows[p].update(t)
-        print(
-            f"{name:20s} batch {bs}: "
-            + ", ".join(
-                f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms (cpu {t[f'cpu_ms_batch{bs}']:.2f})"
-                for p, t in timed.items()
-            ),
-            flush=True,
+        cpu = f"cpu_ms_batch{bs}"
+        reps = repeats if name != "minilm" else min(repeats, 5)
+        deploy_target.time_batch(
+            name, sessions, feeds(batch), bs, reps, rows, lambda t, k=cpu: f"cpu {t[k]:.2f}"
         )
     load["after"] = os.getloadavg()
     if profile:  # where the time goes, per node, at the largest batch

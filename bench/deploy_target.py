@@ -126,6 +126,29 @@ def time_plans(
     return rows
 
 
+def time_batch(
+    name: str,
+    sessions: dict[str, ort.InferenceSession],
+    feed: dict[str, np.ndarray],
+    bs: int,
+    repeats: int,
+    rows: dict[str, dict[str, Any]],
+    detail: Callable[[dict[str, float]], str],
+) -> None:
+    """Time every plan's session on one batch (:func:`time_plans`), add the times to the plan's row
+    and print them, each latency followed by ``detail`` of the plan's times in brackets."""
+    timed = time_plans(
+        {p: (lambda s=s: s.run(None, feed)) for p, s in sessions.items()}, repeats, suffix=f"_batch{bs}"
+    )
+    for p, t in timed.items():
+        rows[p].update(t)
+    print(
+        f"{name:20s} batch {bs}: "
+        + ", ".join(f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms ({detail(t)})" for p, t in timed.items()),
+        flush=True,
+    )
+
+
 def top1(outs: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy in percent of logits ``outs`` [N, classes] against integer ``labels`` [N]."""
     return float(100.0 * (outs.argmax(1) == labels).mean())
@@ -194,19 +217,9 @@ def check_task(root: Path, name: str, spec: dict[str, Any], repeats: int, thread
         )
     load = {"before": os.getloadavg()}
     for bs in spec["latency_batches"]:
-        feed = _arrays(data, f"lat{bs}")
-        timed = time_plans(
-            {p: (lambda s=s, f=feed: s.run(None, f)) for p, s in fused.items()}, repeats, suffix=f"_batch{bs}"
-        )
-        for p, t in timed.items():
-            rows[p].update(t)
-        print(
-            f"{name:20s} batch {bs}: "
-            + ", ".join(
-                f"{p} {t[f'latency_ms_batch{bs}']:.2f} ms ({t[f'paired_speedup_vs_fp32_batch{bs}']:.2f}x)"
-                for p, t in timed.items()
-            ),
-            flush=True,
+        speedup = f"paired_speedup_vs_fp32_batch{bs}"
+        time_batch(
+            name, fused, _arrays(data, f"lat{bs}"), bs, repeats, rows, lambda t, k=speedup: f"{t[k]:.2f}x"
         )
     load["after"] = os.getloadavg()
     return {

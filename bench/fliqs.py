@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import mixq
-from bench.common import RESULTS, merge_parts, part_args, run_parts, within, write
+from bench.common import RESULTS, merge_parts, part_args, run_parts, task_entry, within, write
 
 INT = ["w4a4", "w8a8"]
 FP = ["wfp4_e2m1-afp4_e2m1", "wfp6_e3m2-afp6_e3m2", "wfp8_e4m3fn-afp8_e4m3fn", "wfp8_e5m2-afp8_e5m2"]
@@ -98,18 +98,17 @@ def run_task(task_name: str, args: argparse.Namespace, results: dict) -> None:
             f"plan={res.plan.summary()} t={res.metrics.seconds:.0f}s",
             flush=True,
         )
-        results[task_name] = {
-            "metric_name": task.metric_name,
-            "fp32": fp32,
-            "info": task.info,
-            "bops_int4": bops4,
-            "targets_bops": targets,
-            "qat_steps": args.steps,
-            "qat_batch": mixq.tasks.TRAIN_BATCH,
-            "val_images": args.val,
-            "rows": rows,
-            "wall_seconds": time.perf_counter() - t0,
-        }
+        results[task_name] = task_entry(
+            task,
+            fp32,
+            rows,
+            t0,
+            bops_int4=bops4,
+            targets_bops=targets,
+            qat_steps=args.steps,
+            qat_batch=mixq.tasks.TRAIN_BATCH,
+            val_images=args.val,
+        )
         write(args.out, {"qat_args": QAT_ARGS, "tasks": results})
 
     runs = args.runs.split(",")

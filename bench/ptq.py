@@ -24,7 +24,7 @@ import time
 import torch
 
 import mixq
-from bench.common import RESULTS, provenance
+from bench.common import RESULTS, provenance, task_entry
 
 SEQUENCES = {
     "none": [],
@@ -145,13 +145,7 @@ def save(
     entry = {
         "provenance": prov,
         "complete": complete,
-        "metric_name": task.metric_name,
-        "fp32": fp,
-        "info": task.info,
-        "adaround": ptq_args["adaround"],
-        "val_items": val_items(task),
-        "rows": rows,
-        "wall_seconds": time.perf_counter() - t0,
+        **task_entry(task, fp, rows, t0, adaround=ptq_args["adaround"], val_items=val_items(task)),
     }
     path = RESULTS / "ptq.json"
     RESULTS.mkdir(parents=True, exist_ok=True)

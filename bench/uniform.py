@@ -14,7 +14,7 @@ import argparse
 import time
 
 import mixq
-from bench.common import write
+from bench.common import measures, task_entry, write
 
 SETTINGS = {  # name -> (weight bits, group, activation bits)
     "w8a8": (8, None, 8),
@@ -59,12 +59,7 @@ def main() -> None:
                         "setting": setting,
                         "recipe": recipe,
                         "candidate": cand,
-                        "metric": m.metric,
-                        "avg_weight_bits": m.avg_weight_bits,
-                        "size_bytes": m.size_bytes,
-                        "bops": m.bops,
-                        "seconds": m.seconds,
-                        "eval_seconds": m.eval_seconds,
+                        **measures(m),
                     }
                 )
                 print(
@@ -72,13 +67,7 @@ def main() -> None:
                     f"bits={m.avg_weight_bits:.3f} t={m.seconds:.1f}s",
                     flush=True,
                 )
-        results[task_name] = {
-            "metric_name": task.metric_name,
-            "fp32": fp,
-            "info": task.info,
-            "rows": rows,
-            "wall_seconds": time.perf_counter() - t0,
-        }
+        results[task_name] = task_entry(task, fp, rows, t0)
     path = write("uniform", {"tasks": results})
     print(f"wrote {path}")
 

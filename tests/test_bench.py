@@ -87,3 +87,25 @@ def test_merge_parts_keeps_the_first_entry_and_adds_new_rows(tmp_path, monkeypat
     assert tasks["u"]["wall_seconds"] == 1 and [p["command"] for p in prov] == ["a", "b"]
     tasks, _ = common.merge_parts(["a", "b"], lambda r: r["run"])  # by run alone: b adds nothing to t
     assert tasks["t"] == {"rows": [{"run": "x", "acts": 8}], "wall_seconds": 2}
+
+
+def test_task_entry_and_measures_keep_the_order_of_the_results_files():
+    task = SimpleNamespace(metric_name="top1", info={"params": 3})
+    t0 = common.time.perf_counter()
+    entry = common.task_entry(task, 99.0, [{"run": "x"}], t0, qat_steps=2, val_images=5)
+    assert list(entry) == ["metric_name", "fp32", "info", "qat_steps", "val_images", "rows", "wall_seconds"]
+    assert entry["metric_name"] == "top1" and entry["fp32"] == 99.0 and entry["qat_steps"] == 2
+    assert entry["rows"] == [{"run": "x"}] and entry["wall_seconds"] >= 0.0
+    m = common.Metrics(
+        task="t", method="uniform", metric=98.5, avg_weight_bits=4.0, size_bytes=10.0, bops=7.0
+    )
+    got = common.measures(m.replace(seconds=1.5, eval_seconds=0.5))
+    assert got == {
+        "metric": 98.5,
+        "avg_weight_bits": 4.0,
+        "size_bytes": 10.0,
+        "bops": 7.0,
+        "seconds": 1.5,
+        "eval_seconds": 0.5,
+    }
+    assert list(got) == list(common.MEASURES)

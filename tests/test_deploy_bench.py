@@ -89,3 +89,30 @@ def test_export_dir_reproduces_the_simulation_in_onnx_runtime(deploy, target, tm
 def test_check_task_names_a_kind_it_does_not_check(target, tmp_path):
     with pytest.raises(SystemExit, match="kind 'embedding' is not checked here; valid: classifier"):
         target.check_task(tmp_path, "minilm", {"kind": "embedding"}, repeats=1, threads=1)
+
+
+def test_time_batch_adds_each_plans_times_to_its_row_and_prints_them(target, monkeypatch, capsys):
+    fed = []
+
+    class Session:
+        def run(self, outputs, feed):
+            fed.append((outputs, feed))
+
+    def time_plans(runs, repeats, suffix):
+        for run in runs.values():
+            run()
+        return {p: {f"latency_ms{suffix}": 2.0, f"cpu_ms{suffix}": 1.0 + (p == "int8")} for p in runs}
+
+    monkeypatch.setattr(target, "time_plans", time_plans)
+    rows = {"fp32": {"metric": 1.0}, "int8": {}}
+    feed = {"x": np.zeros(2)}
+    sessions = {"fp32": Session(), "int8": Session()}
+    target.time_batch("net", sessions, feed, 4, 3, rows, lambda t: f"cpu {t['cpu_ms_batch4']:.2f}")
+    assert rows == {
+        "fp32": {"metric": 1.0, "latency_ms_batch4": 2.0, "cpu_ms_batch4": 1.0},
+        "int8": {"latency_ms_batch4": 2.0, "cpu_ms_batch4": 2.0},
+    }
+    assert fed == [(None, feed), (None, feed)]
+    assert (
+        capsys.readouterr().out == f"{'net':20s} batch 4: fp32 2.00 ms (cpu 1.00), int8 2.00 ms (cpu 2.00)\n"
+    )
