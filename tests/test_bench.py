@@ -109,3 +109,18 @@ def test_task_entry_and_measures_keep_the_order_of_the_results_files():
         "eval_seconds": 0.5,
     }
     assert list(got) == list(common.MEASURES)
+
+
+def test_compare_sweeps_names_every_differing_field_and_missing_row():
+    from bench.compare_sweeps import differences, rows_of
+
+    a = {"t|m|1": {"metric": 1.0, "plan": {"w4": 2}}, "t|m|2": {"metric": 2.0}}
+    b = {"t|m|1": {"metric": 1.5, "plan": {"w4": 2}}, "t|m|3": {"metric": 3.0}}
+    assert differences(a, b) == [
+        {"row": "t|m|1", "field": "metric", "before": 1.0, "after": 1.5},
+        {"row": "t|m|2", "field": "row", "before": "present", "after": None},
+        {"row": "t|m|3", "field": "row", "before": None, "after": "present"},
+    ]
+    assert differences(a, a) == []
+    results = {"rows": {"t|m|1": {"task": "t"}, "u|m|1": {"task": "u"}}}
+    assert list(rows_of(results, "t")) == ["t|m|1"]
