@@ -363,22 +363,32 @@ TARGETS = [
     "deploy_target_local_mnist_run4",
     "deploy_target_h200host_mnist",
     "deploy_target_h200host_mnist_run2",
+    "deploy_target_h200host_fashion",
 ]
 
 
 def deploy_target(results: Path) -> Lines:
-    """mnist-cnn's exported files timed on two CPUs: paired speed-up over fp32 at batch 256."""
-    runs = [(stem, load(results, stem)) for stem in TARGETS]
-    plans = ordered(p for _, d in runs for p in d["tasks"]["mnist-cnn"]["plans"] if p != "fp32")
-    head = [f"`{stem.removeprefix('deploy_target_')}` ({d['cpu']['model']})" for stem, d in runs]
-    body = []
-    for p in plans:
-        cells = []
-        for _, d in runs:
-            r = d["tasks"]["mnist-cnn"]["plans"].get(p)
-            cells.append(f"{r['paired_speedup_vs_fp32_batch256']:.2f}" if r else "–")
-        body.append([PLAN_NAMES.get(p, p), *cells])
-    return table(["plan", *head], body)
+    """Exported files timed on other CPUs: speed-up over fp32 at batch 256, median / paired."""
+    runs = [(stem.removeprefix("deploy_target_"), load(results, stem)) for stem in TARGETS]
+    out: Lines = []
+    for task in ordered(t for _, d in runs for t in d["tasks"]):
+        have = [
+            (name, d["cpu"]["model"], d["tasks"][task]["plans"]) for name, d in runs if task in d["tasks"]
+        ]
+        body = []
+        for p in ordered(p for *_, plans in have for p in plans if p != "fp32"):
+            cells = []
+            for *_, plans in have:
+                r = plans.get(p)
+                cells.append(
+                    f"{r['speedup_vs_fp32_batch256']:.2f} / {r['paired_speedup_vs_fp32_batch256']:.2f}"
+                    if r
+                    else "–"
+                )
+            body.append([PLAN_NAMES.get(p, p), *cells])
+        out += [f"**{task}**", ""]
+        out += table(["plan", *(f"`{name}` ({cpu})" for name, cpu, _ in have)], body) + [""]
+    return out[:-1]
 
 
 BLOCKS: dict[str, Callable[[JSON], Lines]] = {
