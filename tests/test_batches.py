@@ -1,4 +1,4 @@
-"""Batches, outputs and the default loss and metric of a user's own task (issue #25, 4-6).
+"""Batches, outputs, dtypes and the default loss and metric of a user's own task (issue #25, 4-6).
 
 Hugging Face models are built from a ``transformers`` config with random weights (hidden 32,
 2 layers): nothing is downloaded.
@@ -6,8 +6,10 @@ Hugging Face models are built from a ``transformers`` config with random weights
 
 from __future__ import annotations
 
+import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mixq
+import mixq.export
 from mixq import tasks
 from mixq.methods.sensitivity_ilp import resolve_objective
+from mixq.plan import parse_candidate
+from mixq.quant import fake
+from mixq.wrap import wrap
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,3 +271,81 @@ def test_resolving_outputs_leaves_the_models_modes_alone():
     task = mixq.Task(model, [x], [x], loss=lambda m, b: m(b).sum())
     assert task.outputs == "values"
     assert model.training and not model[0].training and model[2].training
+
+
+# -- dtypes --------------------------------------------------------------------------------------
+
+
+def low_precision_task(dtype: torch.dtype) -> mixq.Task:
+    base = tasks.synthetic_cnn()
+    model = copy.deepcopy(base.model).to(dtype)
+    cast = [(x.to(dtype), y) for x, y in base.calib[:2]]
+    return mixq.Task(model, cast, [(x.to(dtype), y) for x, y in base.val[:1]])
+
+
+def test_a_low_precision_site_computes_in_float32():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).to(torch.bfloat16)
+    q = wrap(nn.Sequential(lin))
+    site = q[0]
+    site.weight_quant.set_spec(parse_candidate("w4").weight)
+    got = site.weight_quant(lin.weight)
+    want = fake.quantize_weight(lin.weight.detach().float(), parse_candidate("w4").weight)  # the oracle
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_through_w4a8_sensitivity_ilp_and_packed_round_trip(dtype, tmp_path):
+    task = low_precision_task(dtype)
+    before = state(task.model)
+    x = task.val[0][0]
+    for res in (
+        mixq.run(task, "uniform", ["w4a8"]),
+        mixq.run(task, "sensitivity-ilp", ["w4a8", "w8a8"], {"avg_weight_bits": 6}),
+    ):
+        out = res.model(x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        path = mixq.export.save(res, tmp_path / "m.safetensors")
+        loaded = mixq.export.load(path, model=task.model)
+        assert torch.equal(loaded(x), out)  # bit for bit
+        assert all(v.dtype == dtype for k, v in loaded.state_dict().items() if k.endswith("weight"))
+    assert same_state(task.model, before)
+
+
+def test_bf16_onnx_export_is_a_float32_graph_of_the_same_codes(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    task = low_precision_task(torch.bfloat16)
+    res = mixq.run(task, "uniform", ["w8a8"])
+    path = mixq.export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    x = task.val[0][0][:4]
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.float().numpy()})[0]
+    with torch.no_grad():
+        fp32 = copy.deepcopy(res.model).float()(x.float()).numpy()  # the same codes, in float32
+    np.testing.assert_allclose(got, fp32, atol=1e-4)
+
+
+def test_a_dtype_mixq_cannot_quantize_is_a_one_line_error():
+    model, x, y = mlp_data()
+    model[2].weight = nn.Parameter(model[2].weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    task = mixq.Task(model, [(x, y)], [(x, y)], loss=lambda m, b: 0, metric=lambda m, bs: 0.0)
+    with pytest.raises(
+        ValueError, match=r"^2.weight has dtype float8_e4m3fn, which mixq cannot quantize; valid"
+    ):
+        mixq.run(task, "uniform", ["w8"])
+
+
+def test_hf_model_output_exports_to_onnx_from_batch_encoding_batches(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny_bert()
+    task = mixq.Task(model, bert_batches(1, 0, encoding=True), bert_batches(1, 1, encoding=True))
+    res = mixq.run(task, "uniform", ["w8"])
+    path = mixq.export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
+    b = task.val[0]
+    feeds = {k: b[k][:4].numpy() for k in ("input_ids", "attention_mask")}
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]  # "labels" left out
+    got = session.run(None, feeds)[0]
+    with torch.no_grad():
+        want = res.model(input_ids=b["input_ids"][:4], attention_mask=b["attention_mask"][:4]).logits
+    assert got.shape == (4, 3)  # the ModelOutput's logits
+    np.testing.assert_allclose(got, want.numpy(), atol=5e-4)  # ONNX Runtime's float kernels
