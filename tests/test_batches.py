@@ -294,8 +294,9 @@ def test_a_low_precision_site_computes_in_float32():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_precision_model_through_w4a8_sensitivity_ilp_and_packed_round_trip(dtype, tmp_path):
+    """bf16 and fp16 sites compute in float32; a float64 model keeps computing in float64."""
     task = low_precision_task(dtype)
     before = state(task.model)
     x = task.val[0][0]

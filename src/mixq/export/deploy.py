@@ -19,7 +19,7 @@ from torch import nn
 from mixq.export.codes import Encoded, act_export, act_params, decode_weight, encode_weight
 from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
-from mixq.nn import Add, QAdd, QConv2d, QLinear
+from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
 from mixq.plan import QSpec
 from mixq.wrap import sites
 
@@ -81,7 +81,8 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
         wspec, aspec = m.weight_quant.spec, m.input_quant.spec
         if wspec is not None:
             gram = m.weight_quant.gram.float() if m.weight_quant.gram is not None else None
-            w = m.weight.detach().float()  # the site computes in float32 (bf16, fp16 models too)
+            w = m.weight.detach()
+            w = w.float() if w.dtype in LOW_PRECISION else w  # as the site computes (Quantizer.forward)
             wq = m.weight_quant(w)
             weight: Encoded | torch.Tensor = encode_weight(w, wspec, gram, wq)
             if not _same_bits(decode_weight(weight), wq):
