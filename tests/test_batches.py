@@ -350,3 +350,31 @@ def test_hf_model_output_exports_to_onnx_from_batch_encoding_batches(tmp_path):
         want = res.model(input_ids=b["input_ids"][:4], attention_mask=b["attention_mask"][:4]).logits
     assert got.shape == (4, 3)  # the ModelOutput's logits
     np.testing.assert_allclose(got, want.numpy(), atol=5e-4)  # ONNX Runtime's float kernels
+
+
+def test_causal_lm_logits_per_token_through_kl_objectives():
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    before = state(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 8), generator=g)} for _ in range(2)]
+    task = mixq.Task(model, batches, batches)
+    assert task.outputs == "logits" and task.metric_name == "-KL to float outputs (nats)"
+    res = mixq.run(task, "sensitivity-ilp", ["w2", "w8"], {"avg_weight_bits": 5}, {"batches": 1})
+    assert res.sensitivity.meta["objective"] == "kl"
+    assert set(res.plan.layers) == linear_names(model) and res.metrics.within["avg_weight_bits"]
+    with torch.no_grad():  # oracle: the KL per token position, averaged over every position
+        p = torch.cat([F.log_softmax(model(**b).logits.double(), -1).reshape(-1, 64) for b in batches])
+        q = torch.cat([F.log_softmax(res.model(**b).logits.double(), -1).reshape(-1, 64) for b in batches])
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    assert p.shape[0] == 2 * 4 * 8 and res.metrics.metric == pytest.approx(-kl, rel=1e-9)
+    assert same_state(model, before)
