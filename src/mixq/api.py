@@ -48,6 +48,24 @@ def check_finite(model: nn.Module) -> None:
             raise ValueError(f"{name} holds {bad} NaN or Inf values; quantization needs finite weights")
 
 
+MODEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_dtypes(model: nn.Module) -> None:
+    """Raise if a floating parameter of ``model`` has a dtype mixq cannot quantize, naming it.
+
+    Quantizers compute in float32 and return the model's dtype (bfloat16 and float16 models
+    too); a float8 or complex weight cannot be requantized.
+    """
+    for name, t in model.named_parameters():
+        if (t.is_floating_point() or t.is_complex()) and t.dtype not in MODEL_DTYPES:
+            valid = ", ".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+            raise ValueError(
+                f"{name} has dtype {str(t.dtype).removeprefix('torch.')}, which mixq cannot quantize; "
+                f"valid model dtypes: {valid} (cast the model, e.g. model.float())"
+            )
+
+
 def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
     if method not in METHODS:
@@ -98,6 +116,7 @@ def prepare(
 
 def _prepare(task: tasks.Task, gram: bool, act: bool) -> tuple[nn.Module, list[cost.LayerInfo]]:
     model = copy.deepcopy(task.model).eval()
+    check_dtypes(model)
     check_finite(model)
     qmodel = wrap(model)
     if not sites(qmodel):

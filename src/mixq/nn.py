@@ -31,6 +31,7 @@ from mixq.quant import fake
 
 SAMPLE_SIZE = 1 << 16  # activation values kept per site for percentile and MSE ranges
 SAMPLE_PER_BATCH = 1 << 13
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # model dtypes whose sites compute in float32
 
 
 class Rounding(Protocol):
@@ -163,6 +164,11 @@ class Quantizer(nn.Module):
         spec = self.spec
         if spec is None:
             return x
+        if x.dtype in LOW_PRECISION:  # computed in float32, returned in the model's dtype
+            return self._quantize(x.float(), spec).to(x.dtype)
+        return self._quantize(x, spec)
+
+    def _quantize(self, x: torch.Tensor, spec: QSpec) -> torch.Tensor:
         if self.kind == "weight":
             return self._weight(x, spec)
         kind = kind_of(spec)

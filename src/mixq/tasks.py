@@ -11,12 +11,25 @@ Built-in tasks use real pretrained models and real data that install offline:
 * ``synthetic-mlp`` and ``synthetic-cnn``: tiny random models with teacher labels, for tests.
 
 A user's own model enters as ``mixq.Task(model=..., calib=..., val=..., loss=..., metric=...)``.
+
+Batches and outputs (the default forward, :func:`default_forward`): a batch is a tensor (the
+inputs), a tuple or list ``(inputs, labels, ...)``, or a mapping (a dict, transformers'
+``BatchEncoding``) whose entries are passed as keyword arguments, less the label keys
+``LABEL_KEYS``. Calibration, validation and training data may be any iterable of batches (a
+list, a ``DataLoader``, a generator): a source that is not a list is read once into a list, at
+most ``Task.max_batches`` batches. A model may return a tensor, a ``ModelOutput``, a dict or a
+tuple: :func:`logits_of` takes ``.logits`` / ``["logits"]`` / a tuple's first element.
+
+Defaults (docs/architecture.md, "A task"): batches labelled with integer class labels and
+logit outputs get the classifier's loss and metric (:func:`cross_entropy`, :func:`top1`);
+any other task gets the divergence of its outputs from the float model's, KL for logits and
+MSE otherwise (:class:`ToFloat`), named in ``metric_name``, unless it names its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,25 +42,248 @@ from mixq import datasets
 
 Batch = Any
 
+LABEL_KEYS = ("labels", "label", "target")  # a mapping batch's entries that are not model inputs
+OUTPUTS = ("auto", "logits", "values")
+MAX_BATCHES = 1000  # the default cap on the batches read from a source that is not a list
+BATCH_HELP = (
+    "a batch is a tensor of inputs, a tuple (inputs, labels, ...) or a dict of the model's "
+    "keyword arguments; give Task(forward=...) for any other"
+)
 
-def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run the model on the inputs of a batch: ``batch[0]`` of a tuple, or the batch itself."""
-    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+def describe(batch: Batch) -> str:
+    """A batch's type and keys (or length), for error messages."""
+    name = type(batch).__name__
+    if isinstance(batch, Mapping):
+        return f"a {name} batch with keys {list(batch.keys())}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {name} batch of {len(batch)} items"
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor batch of shape {tuple(batch.shape)}"
+    return f"a {name} batch"
+
+
+def model_inputs(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments the default forward passes to the model.
+
+    >>> model_inputs({"input_ids": 1, "labels": 2})
+    ((), {'input_ids': 1})
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return (batch[0],), {}
+    if isinstance(batch, Mapping) and len(batch) > 0:
+        return (), {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    raise TypeError(f"the default forward cannot take {describe(batch)}: {BATCH_HELP}")
+
+
+def default_forward(model: nn.Module, batch: Batch) -> Any:
+    """Run the model on the inputs of a batch (see :func:`model_inputs`).
+
+    Raises:
+        TypeError: the model does not take the batch; the message names the batch's type and
+            keys and what the default forward passes.
+    """
+    args, kwargs = model_inputs(batch)
+    try:
+        return model(*args, **kwargs)
+    except TypeError as e:
+        how = "as keyword arguments" if kwargs else "as its one positional input"
+        raise TypeError(
+            f"{type(model).__name__} cannot take {describe(batch)} ({how}): {e}; {BATCH_HELP}"
+        ) from e
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, ``.logits``, ``["logits"]`` or a tuple's first element.
+
+    Raises:
+        TypeError: the output names no logits (e.g. a ``ModelOutput`` of hidden states).
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and len(out) > 0:
+        logits = out[0]
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(logits, (tuple, list)):
+        return logits_of(logits)
+    keys = f" with keys {list(out.keys())}" if isinstance(out, Mapping) else ""
+    raise TypeError(
+        f"the forward returned a {type(out).__name__}{keys}; logits are a tensor, an output's "
+        ".logits or ['logits'], or a tuple's first element"
+    )
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: its logits, else a mapping's first tensor
+    (``last_hidden_state`` of a ``ModelOutput``), else a tuple's first element."""
+    try:
+        return logits_of(out)
+    except TypeError:
+        first = next((v for v in out.values() if v is not None), None) if isinstance(out, Mapping) else None
+        if isinstance(first, torch.Tensor):
+            return first
+        if first is not None:
+            return output_tensor(first)
+        raise
+
+
+def labels_of(batch: Batch) -> torch.Tensor | None:
+    """A batch's labels: ``batch[1]`` of a tuple, a mapping's ``labels``/``label``, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        y = batch[1]
+    elif isinstance(batch, Mapping):
+        y = next((batch[k] for k in ("labels", "label") if k in batch), None)
+    else:
+        return None
+    return y if isinstance(y, torch.Tensor) else None
+
+
+def has_class_labels(batch: Batch) -> bool:
+    """Whether a batch carries integer class labels (what top-1 and cross-entropy need)."""
+    y = labels_of(batch)
+    return y is not None and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
 
 
 def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of a classifier on an (inputs, labels) batch."""
-    return F.cross_entropy(model(batch[0]), batch[1])
+    """Cross-entropy of a classifier's logits on a batch with integer class labels."""
+    logits, y = logits_of(default_forward(model, batch)), labels_of(batch)
+    if logits.dim() > 2:  # per-token classes: [..., C] against labels [...]
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return F.cross_entropy(logits, y)
+
+
+cross_entropy.outputs = "logits"  # type: ignore[attr-defined]  # the outputs the loss declares
 
 
 def top1(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """Top-1 accuracy in percent over (inputs, labels) batches."""
+    """Top-1 accuracy in percent over batches with integer class labels."""
     correct = total = 0
     with torch.inference_mode():
-        for x, y in batches:
-            correct += int((model(x).argmax(-1) == y).sum())
+        for b in batches:
+            y = labels_of(b)
+            correct += int((logits_of(default_forward(model, b)).argmax(-1) == y).sum())
             total += int(y.numel())
     return 100.0 * correct / max(1, total)
+
+
+top1.outputs = "logits"  # type: ignore[attr-defined]
+
+
+class _EvalMode:
+    """Every module in eval mode inside the block, each one's own mode restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modes: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def output_kind(out: Any) -> str:
+    """ "logits" for an output that names its logits (``.logits``, ``["logits"]``), else "values"."""
+    if getattr(out, "logits", None) is not None:
+        return "logits"
+    if isinstance(out, Mapping) and out.get("logits") is not None:
+        return "logits"
+    return "values"
+
+
+@dataclass(eq=False)
+class ToFloat:
+    """The divergence of a model's outputs from the float model's, as a loss or a metric.
+
+    ``outputs="logits"``: the mean over rows of ``KL(softmax(fp) ‖ softmax(out))`` (nats);
+    ``"values"``: the mean squared error of the outputs (:func:`output_tensor` of each). As a
+    metric (``metric=True``, higher is better) it is the negated divergence over all batches:
+    0 for the float model. The float model's outputs are computed on each call (nothing is
+    kept: a language model's logits over a validation set are large), under ``torch.no_grad``
+    in eval mode.
+    """
+
+    reference: nn.Module
+    forward: Callable[[nn.Module, Batch], Any]
+    outputs: str
+    metric: bool = False
+
+    @property
+    def name(self) -> str:
+        what = "KL to float outputs (nats)" if self.outputs == "logits" else "MSE to float outputs"
+        return f"-{what}" if self.metric else what
+
+    def tensor(self, out: Any) -> torch.Tensor:
+        """The output compared: the logits, or the main tensor of a "values" output."""
+        return logits_of(out) if self.outputs == "logits" else output_tensor(out)
+
+    def _ref(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), _EvalMode(self.reference) as ref:
+            return self.tensor(self.forward(ref, batch)).detach()
+
+    def divergence(self, out: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The summed divergence and the count it is a mean over."""
+        out, ref = out.double(), ref.double()
+        if self.outputs == "values":
+            return ((out - ref) ** 2).sum(), out.numel()
+        logp = F.log_softmax(ref.reshape(-1, ref.shape[-1]), -1)
+        logq = F.log_softmax(out.reshape(-1, out.shape[-1]), -1)
+        return (logp.exp() * (logp - logq)).sum(), logp.shape[0]
+
+    def __call__(self, model: nn.Module, data: Any) -> Any:
+        if not self.metric:
+            total, n = self.divergence(self.tensor(self.forward(model, data)), self._ref(data))
+            return (total / n).float()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for b in data:
+                s, n = self.divergence(self.tensor(self.forward(model, b)), self._ref(b))
+                total, count = total + float(s), count + n
+        return 0.0 - total / max(1, count)
+
+
+def materialize(data: Any, what: str, max_batches: int) -> list:
+    """The batches of an iterable as a list (a list as it is), at most ``max_batches`` of them.
+
+    Raises:
+        TypeError: ``data`` is not an iterable of batches.
+        ValueError: the source has more than ``max_batches`` batches (or never ends).
+    """
+    if isinstance(data, list):
+        return data
+    if isinstance(data, (str, bytes, Mapping, torch.Tensor)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"Task.{what} must be an iterable of batches (a list, a DataLoader, a generator), "
+            f"got a {type(data).__name__}"
+        )
+    try:
+        size: int | None = len(data)  # type: ignore[arg-type]
+    except TypeError:  # a generator, a DataLoader over an IterableDataset
+        size = None
+    if size is not None and size > max_batches:
+        raise ValueError(
+            f"Task.{what} has {size} batches, more than max_batches={max_batches}; pass fewer "
+            "or raise Task(max_batches=...)"
+        )
+    out = []
+    for batch in data:
+        if len(out) == max_batches:
+            raise ValueError(
+                f"Task.{what} yields more than max_batches={max_batches} batches (an endless "
+                "iterator?); pass a finite source or raise Task(max_batches=...)"
+            )
+        out.append(batch)
+    return out
 
 
 @dataclass
@@ -56,36 +292,101 @@ class Task:
 
     Attributes:
         model: the float model (never modified: methods work on a copy).
-        calib: calibration batches (from training data), used for ranges and sensitivity.
-        val: validation batches on which ``metric`` is reported.
-        loss: ``loss(model, batch)`` -> scalar tensor, lower is better.
-        metric: ``metric(model, batches)`` -> float, higher is better.
+        calib: calibration batches (from training data), used for ranges and sensitivity; any
+            iterable of batches (read once into a list, see ``max_batches``).
+        val: validation batches on which ``metric`` is reported (any iterable, as ``calib``).
+        loss: ``loss(model, batch)`` -> scalar tensor, lower is better. Default: cross-entropy
+            for batches with integer class labels (and logit outputs), else :class:`ToFloat`.
+        metric: ``metric(model, batches)`` -> float, higher is better. Default: top-1 (%) for
+            batches with integer class labels, else the negated :class:`ToFloat` divergence.
         forward: ``forward(model, batch)`` runs the model on a batch's inputs.
         name: the task's name in reports.
-        metric_name: what ``metric`` measures.
+        metric_name: what ``metric`` measures (set by the default metric when left "metric").
         train: training batches for quantization-aware training (empty: methods that train use
             ``calib``).
+        outputs: what the forward returns: "logits" (a classifier's; KL objectives apply),
+            "values" (anything else; MSE) or "auto": what the loss declares (its ``outputs``
+            attribute, as :func:`cross_entropy`'s), else "logits" when the float model's output
+            names its logits (a ``ModelOutput`` with ``.logits``), else "values".
+        max_batches: the most batches read from a source that is not a list.
     """
 
     model: nn.Module
     calib: Sequence[Batch]
     val: Sequence[Batch]
-    loss: Callable[[nn.Module, Batch], torch.Tensor] = cross_entropy
-    metric: Callable[[nn.Module, Sequence[Batch]], float] = top1
+    loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    metric: Callable[[nn.Module, Sequence[Batch]], float] | None = None
     forward: Callable[[nn.Module, Batch], Any] = default_forward
     name: str = "custom"
     metric_name: str = "metric"
     info: dict[str, Any] = field(default_factory=dict)
     _fp_metric: float | None = field(default=None, repr=False)
     train: Sequence[Batch] = field(default_factory=list, repr=False)
+    outputs: str = "auto"
+    max_batches: int = MAX_BATCHES
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"Task.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.outputs not in OUTPUTS:
+            raise ValueError(f"Task.outputs must be one of {', '.join(OUTPUTS)}; got {self.outputs!r}")
+        if (
+            isinstance(self.max_batches, bool)
+            or not isinstance(self.max_batches, int)
+            or self.max_batches < 1
+        ):
+            raise ValueError(f"Task.max_batches must be a positive int, got {self.max_batches!r}")
+        self.calib = materialize(self.calib, "calib", self.max_batches)
+        self.val = materialize(self.val, "val", self.max_batches)
+        self.train = materialize(self.train, "train", self.max_batches)
         if len(self.calib) == 0:
             raise ValueError("Task.calib is empty: pass at least one calibration batch")
         if len(self.val) == 0:
             raise ValueError("Task.val is empty: pass at least one validation batch")
+        if self.forward is default_forward:
+            for what, batch in (("calib", self.calib[0]), ("val", self.val[0])):
+                try:
+                    model_inputs(batch)
+                except TypeError as e:
+                    raise TypeError(f"Task.{what}[0]: {e}") from None
+        self._defaults()
+
+    def _defaults(self) -> None:
+        """Resolve ``outputs``, and the loss and metric left out (docs in the class)."""
+        if self.outputs == "auto":
+            self.outputs = getattr(self.loss, "outputs", None) or getattr(self.metric, "outputs", "auto")
+        classifier = (
+            self.outputs != "values" and has_class_labels(self.calib[0]) and has_class_labels(self.val[0])
+        )
+        for fn, what, batch in ((self.loss, "loss", self.calib[0]), (self.metric, "metric", self.val[0])):
+            if fn in (cross_entropy, top1) and not has_class_labels(batch):
+                raise ValueError(
+                    f"Task {what} {fn.__name__} needs batches with integer class labels, got "
+                    f"{describe(batch)}; name a {what} (Task({what}=...)) or leave it out: the "
+                    "default is then the divergence from the float model's outputs"
+                )
+        if classifier and self.outputs == "auto" and (self.loss is None or self.metric is None):
+            self.outputs = "logits"
+        if self.loss is not None and self.metric is not None:
+            return
+        if classifier:
+            self.loss = self.loss or cross_entropy
+            if self.metric is None:
+                self.metric = top1
+                self.metric_name = "top1 (%)" if self.metric_name == "metric" else self.metric_name
+            return
+        kind = self.output_kind()
+        self.loss = self.loss or ToFloat(self.model, self.forward, kind)
+        if self.metric is None:
+            self.metric = ToFloat(self.model, self.forward, kind, metric=True)
+            self.metric_name = self.metric.name if self.metric_name == "metric" else self.metric_name
+
+    def output_kind(self) -> str:
+        """ "logits" or "values": ``outputs``, resolved on a forward of the float model if "auto"."""
+        if self.outputs == "auto":
+            with torch.no_grad(), _EvalMode(self.model) as model:
+                self.outputs = output_kind(self.forward(model, self.calib[0]))
+        return self.outputs
 
     def fp_metric(self) -> float:
         """Return (and cache) the metric of the float model."""

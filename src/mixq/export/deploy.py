@@ -19,7 +19,7 @@ from torch import nn
 from mixq.export.codes import Encoded, act_export, act_params, decode_weight, encode_weight
 from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
-from mixq.nn import Add, QAdd, QConv2d, QLinear
+from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
 from mixq.plan import QSpec
 from mixq.wrap import sites
 
@@ -81,8 +81,10 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
         wspec, aspec = m.weight_quant.spec, m.input_quant.spec
         if wspec is not None:
             gram = m.weight_quant.gram.float() if m.weight_quant.gram is not None else None
-            wq = m.weight_quant(m.weight)
-            weight: Encoded | torch.Tensor = encode_weight(m.weight, wspec, gram, wq)
+            w = m.weight.detach()
+            w = w.float() if w.dtype in LOW_PRECISION else w  # as the site computes (Quantizer.forward)
+            wq = m.weight_quant(w)
+            weight: Encoded | torch.Tensor = encode_weight(w, wspec, gram, wq)
             if not _same_bits(decode_weight(weight), wq):
                 raise RuntimeError(f"layer {name}: the codes do not rebuild the fake-quantized weight")
         else:
@@ -180,7 +182,8 @@ def deploy(
         expected = nn.Linear if lx.kind == "linear" else nn.Conv2d
         if not isinstance(old, expected):
             raise ValueError(f"layer {name}: the model has {type(old).__name__}, the export a {lx.kind}")
-        w = lx.float_weight()
+        dtype = old.weight.dtype  # the model's: decoded in float32, cast as the site casts
+        w = lx.float_weight().to(dtype)
         if tuple(old.weight.shape) != tuple(w.shape):
             raise ValueError(
                 f"layer {name}: weight shape {tuple(w.shape)} does not fit the model's "
@@ -190,10 +193,11 @@ def deploy(
         if lx.act is not None:
             act = ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, name, lx.act_base)
         quantized = isinstance(lx.weight, Encoded)
+        bias = None if lx.bias is None else lx.bias.to(dtype)
         if lx.kind == "linear":
-            new: nn.Module = DeployLinear(w, lx.bias, act, name, quantized)
+            new: nn.Module = DeployLinear(w, bias, act, name, quantized)
         else:
-            new = DeployConv2d(old, w, lx.bias, act, name, quantized)
+            new = DeployConv2d(old, w, bias, act, name, quantized)
         new.layer_export = lx  # a plain attribute: what the layer was built from
         setattr(parent, attr, new)
     return skeleton

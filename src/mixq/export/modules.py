@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.kinds import ActParams, kind_of
+from mixq.nn import LOW_PRECISION
 from mixq.plan import QSpec
 
 MARKER_DOMAIN = "mixq"
@@ -78,6 +79,10 @@ class ActQuant(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return mark(x, "Act", self.layer)
         params = ActParams(self.scale, self.zero, self.base)  # as the site computes it (Quantizer.forward)
+        if x.dtype in LOW_PRECISION:
+            return (
+                kind_of(self.spec).quantize_act(x.float(), self.spec, params, self.channel_axis).to(x.dtype)
+            )
         return kind_of(self.spec).quantize_act(x, self.spec, params, self.channel_axis)
 
     def extra_repr(self) -> str:

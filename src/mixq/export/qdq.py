@@ -46,9 +46,11 @@ itself recommends (``reduce_range``).
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ from mixq.export.deploy import LayerExport, collect_adds, deploy_model
 from mixq.export.modules import MARKER_DOMAIN
 from mixq.kinds import kind_of
 from mixq.plan import QSpec
+from mixq.tasks import output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +267,7 @@ class _Forward(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         batch: Any = dict(zip(self.keys, xs, strict=True)) if self.keys is not None else (xs[0],)
-        return self.fn(self.model, batch)
+        return output_tensor(self.fn(self.model, batch))  # a ModelOutput's logits (or first tensor)
 
 
 def model_inputs(batch: Any) -> tuple[list[str], list[torch.Tensor], list[str] | None]:
@@ -272,7 +275,7 @@ def model_inputs(batch: Any) -> tuple[list[str], list[torch.Tensor], list[str] |
 
     A dict's tensors named ``target``, ``label`` or ``labels`` are labels, not inputs.
     """
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         keys = [
             k
             for k, v in batch.items()
@@ -281,6 +284,10 @@ def model_inputs(batch: Any) -> tuple[list[str], list[torch.Tensor], list[str] |
         return keys, [batch[k] for k in keys], keys
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     return ["input"], [x], None
+
+
+def _not_fp32(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dtype != torch.float32
 
 
 def export_deployed(
@@ -295,6 +302,11 @@ def export_deployed(
     onnx = _onnx()
     names, xs, keys = model_inputs(task.calib[0])
     xs = [x[:batch_size] for x in xs]
+    if any(_not_fp32(t) for t in (*model.parameters(), *model.buffers(), *xs)):
+        # QDQ nodes take float32 scales: a bfloat16, float16 or float64 model is exported as a
+        # float32 graph (the same codes and scales; the float layers run in float32)
+        model = copy.deepcopy(model).float()
+        xs = [x.float() if _not_fp32(x) else x for x in xs]
     dynamic = {
         n: ({0: "batch", 1: "seq"} if not x.is_floating_point() and x.dim() > 1 else {0: "batch"})
         for n, x in zip(names, xs, strict=True)

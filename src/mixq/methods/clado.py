@@ -44,7 +44,7 @@ from mixq import search
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.table import Sensitivity
-from mixq.tasks import Task
+from mixq.tasks import Task, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,16 @@ class KlToFloat:
 
 
 def _logits(out: Any) -> torch.Tensor:
+    """The logits of a forward's output (:func:`mixq.tasks.logits_of`), as rows [N, classes]."""
+    try:
+        out = logits_of(out)
+    except TypeError:
+        pass
     if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.is_floating_point():
         return out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.reshape(1, -1)
     raise ValueError(
-        f"loss='kl' needs the task's forward to return a tensor of logits, got {type(out).__name__}; "
-        f"valid losses: {', '.join(LOSSES)}"
+        f"loss='kl' needs the task's forward to return logits (a tensor or an output with "
+        f".logits), got {type(out).__name__}; valid losses: {', '.join(LOSSES)}"
     )
 
 

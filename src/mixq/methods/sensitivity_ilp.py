@@ -23,17 +23,17 @@ from typing import Any
 
 from mixq import search, sensitivity
 from mixq.methods.common import Context, MethodOutput, check_choices
-from mixq.tasks import Task, cross_entropy
+from mixq.tasks import Task
 
 SOLVERS = ("ilp", "greedy")
 OBJECTIVES = ("auto", "loss", "kl")
 
 
 def resolve_objective(task: Task, objective: str) -> str:
-    """ "auto" is "kl" for classifiers (cross-entropy loss) and "loss" otherwise."""
+    """ "auto" is "kl" when the task's outputs are logits (``Task.output_kind``), else "loss"."""
     if objective != "auto":
         return objective
-    return "kl" if task.loss is cross_entropy else "loss"
+    return "kl" if task.output_kind() == "logits" else "loss"
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Config:
             L times fewer Hessian-vector products, more variance; hawq only).
         objective: what the measured sensitivity measures (sensitivity-ilp only): "loss" (the
             task's loss), "kl" (a classifier's output KL divergence from the float model) or
-            "auto" ("kl" when the task's loss is cross-entropy, else "loss").
+            "auto" ("kl" when the task's outputs are logits, ``Task.outputs``, else "loss").
     """
 
     batches: int = 0

@@ -22,7 +22,7 @@ from mixq.plan import LayerSpec, as_layer_spec, parse_candidate
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, options_of
 from mixq.store import Store, fingerprint_data, fingerprint_model
-from mixq.tasks import Task
+from mixq.tasks import Task, logits_of
 from mixq.wrap import applied, sites
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ OBJECTIVES = ("loss", "kl")
 
 @dataclass(frozen=True)
 class OutputKL:
-    """``KL(softmax(fp) ‖ softmax(q))`` of a classifier's outputs on ``(batch, fp_logits)`` items.
+    """``KL(softmax(fp) ‖ softmax(q))`` of a classifier's logits on ``(batch, fp_logits)`` items.
+
+    The logits are :func:`mixq.tasks.logits_of` the forward's output (a tensor, a ``ModelOutput``).
 
     Never negative, zero for the float model, and sensitive to changes the task loss misses:
     on a model that fits its calibration data, quantization noise can lower the cross-entropy
@@ -55,7 +57,7 @@ class OutputKL:
 
     def __call__(self, model: nn.Module, item: tuple[Any, torch.Tensor]) -> torch.Tensor:
         batch, ref = item
-        logq = torch.log_softmax(self.forward(model, batch).double(), -1)
+        logq = torch.log_softmax(logits_of(self.forward(model, batch)).double(), -1)
         logp = torch.log_softmax(ref.double(), -1)
         return (logp.exp() * (logp - logq)).sum(-1).mean()
 
@@ -72,7 +74,7 @@ def objective_data(
     if objective == "loss":
         return task.loss, list(batches)
     with applied(qmodel, {}), torch.inference_mode():
-        refs = [task.forward(qmodel, b).clone() for b in batches]
+        refs = [logits_of(task.forward(qmodel, b)).clone() for b in batches]
     return OutputKL(task.forward), list(zip(batches, refs, strict=True))
 
 
