@@ -189,8 +189,9 @@ def _norms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, NORMS)]
 
 
-def _differ(a: Any, b: Any) -> float | None:
-    """Max |a - b| over the outputs' tensors, or None when it is within the fp32 tolerance."""
+def outputs_differ(a: Any, b: Any) -> float | None:
+    """Max |a - b| over two outputs' tensors, or None when every one is within the fp32 tolerance
+    (``|a - b| <= RTOL * max |b| + ATOL``; other tensors must be equal)."""
     ta, tb = _tensors(a), _tensors(b)
     if len(ta) != len(tb):
         return float("inf")
@@ -264,14 +265,14 @@ def _checked(
     originals = {n: copy.deepcopy(model.get_submodule(n)) for p in pairs for n in p}
     _fold(model, pairs)
     out = example(model)
-    if _differ(out, ref) is None:
-        return pairs, {}, _max_diff(out, ref)
+    if outputs_differ(out, ref) is None:
+        return pairs, {}, max_abs_diff(out, ref)
     for n, m in originals.items():
         _set(model, n, copy.deepcopy(m))
     ok, kept = [], {}
     for pair in pairs:
         _fold(model, [pair])
-        d = _differ(example(model), ref)
+        d = outputs_differ(example(model), ref)
         if d is None:
             ok.append(pair)
             continue
@@ -279,10 +280,11 @@ def _checked(
         log.warning("batch norm %s not folded into %s: the outputs changed by %.3g", pair[1], pair[0], d)
         for n in pair:
             _set(model, n, copy.deepcopy(originals[n]))
-    return ok, kept, _max_diff(example(model), ref)
+    return ok, kept, max_abs_diff(example(model), ref)
 
 
-def _max_diff(a: Any, b: Any) -> float:
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Max |a - b| over the tensors of two outputs."""
     pairs = zip(_tensors(a), _tensors(b), strict=False)
     return max((float((x.double() - y.double()).abs().max()) for x, y in pairs if x.numel()), default=0.0)
 
