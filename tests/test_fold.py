@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixq
-from mixq import zoo
-from mixq.fold import fold_batchnorm, fold_model
+from mixq import export, zoo
+from mixq.fold import FoldedNorm, fold_batchnorm, fold_model
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -253,3 +253,22 @@ def test_folding_a_folded_model_changes_nothing() -> None:
         "max_abs_diff": None,
     }
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_folded_run_exports_and_loads_into_the_users_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    model = model.eval()
+    _randomize_bn(model)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)
+    ]
+    res = mixq.run(mixq.Task(model, calib=data[:1], val=data[1:], name="bn"), candidates=["w4a8"])
+    assert res.metrics.extra["fold_bn"]["folded"] == [["0", "1"]]
+    loaded = export.load(export.save(res, tmp_path / "m.safetensors"), model)
+    assert isinstance(loaded[1], FoldedNorm) and isinstance(model[1], nn.BatchNorm2d)
+    x = data[1][0]
+    assert torch.equal(loaded(x), res.model(x))

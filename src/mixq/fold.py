@@ -57,6 +57,11 @@ def fold_pair(layer: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
         layer.bias.copy_(new_bias)
 
 
+class FoldedNorm(nn.Identity):
+    """Where a batch norm was folded into the layer before it: an identity that a packed export
+    records (``mixq.export.packed.STRUCTURE_TYPES``), so loading into the original model folds it."""
+
+
 def _set(model: nn.Module, name: str, child: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, child)
@@ -172,7 +177,7 @@ def _forward_pairs(model: nn.Module, example: Callable[[nn.Module], Any]) -> lis
 def _fold(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     for layer_name, bn_name in pairs:
         fold_pair(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        _set(model, bn_name, nn.Identity())
+        _set(model, bn_name, FoldedNorm())
 
 
 def _foldable(model: nn.Module, pair: tuple[str, str]) -> str | None:
@@ -294,7 +299,13 @@ def fold_batchnorm(
 ) -> list[tuple[str, str]]:
     """Fold every BatchNorm that directly follows a conv or linear layer used nowhere else (in place).
 
+    The folded norms become plain ``nn.Identity`` modules, as the built-in tasks' models hold
+    them (:func:`fold_model`, which ``mixq.run`` calls, leaves a :class:`FoldedNorm`).
+
     Returns:
         The folded (layer name, batch-norm name) pairs (:func:`fold_model` says what was kept).
     """
-    return [tuple(p) for p in fold_model(model, example)["folded"]]
+    pairs = [(layer, bn) for layer, bn in fold_model(model, example)["folded"]]
+    for _, bn in pairs:
+        _set(model, bn, nn.Identity())
+    return pairs
