@@ -272,3 +272,14 @@ def test_a_folded_run_exports_and_loads_into_the_users_model(tmp_path) -> None:
     assert isinstance(loaded[1], FoldedNorm) and isinstance(model[1], nn.BatchNorm2d)
     x = data[1][0]
     assert torch.equal(loaded(x), res.model(x))
+
+
+def test_a_bf16_model_is_folded_within_its_own_tolerance() -> None:
+    model = _mixed(Residual).to(torch.bfloat16)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.bfloat16)
+    ref = model(x)
+    rec = fold_model(model, lambda m: m(x))
+    assert len(rec["folded"]) == 3 and rec["kept"] == {}
+    assert model.conv1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))

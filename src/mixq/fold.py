@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-RTOL = 1e-4  # the check of the folded outputs: |folded - original| <= RTOL * max |original| + ATOL
-ATOL = 1e-5
+RTOL = 1e-4  # the check of the folded outputs: |folded - original| <= rtol * max |original| + ATOL,
+ATOL = 1e-5  # rtol = max(RTOL, EPS_RTOL * the eps of the outputs' dtype) (bf16 and fp16 round more)
+EPS_RTOL = 8
 # functions that read a tensor's metadata, not its values: not a use of a layer's output
 _META = frozenset({"__get__", "dim", "size", "numel", "ndimension", "is_floating_point", "type"})
 
@@ -196,7 +197,7 @@ def _norms(model: nn.Module) -> list[str]:
 
 def outputs_differ(a: Any, b: Any) -> float | None:
     """Max |a - b| over two outputs' tensors, or None when every one is within the fp32 tolerance
-    (``|a - b| <= RTOL * max |b| + ATOL``; other tensors must be equal)."""
+    (``|a - b| <= rtol * max |b| + ATOL``, ``rtol`` per dtype; other tensors must be equal)."""
     ta, tb = _tensors(a), _tensors(b)
     if len(ta) != len(tb):
         return float("inf")
@@ -207,7 +208,8 @@ def outputs_differ(a: Any, b: Any) -> float | None:
             continue
         d = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
         worst = max(worst, d)
-        bad = bad or d > RTOL * float(y.double().abs().max() if y.numel() else 0.0) + ATOL
+        rtol = max(RTOL, EPS_RTOL * torch.finfo(y.dtype).eps)
+        bad = bad or d > rtol * float(y.double().abs().max() if y.numel() else 0.0) + ATOL
     return worst if bad else None
 
 
