@@ -128,6 +128,143 @@ def test_cle_leaves_a_layer_with_two_users_alone():
     assert cle.find_pairs(Residual().eval()) == []
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, ReLU6, ZeroPad2d, 3x3 depthwise, ReLU6, 1x1 project (+ x)."""
+
+    def __init__(self, c: int, act: nn.Module | None, stride: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(c, 4 * c, 1)
+        self.act1 = act or nn.ReLU6()
+        self.pad = nn.ZeroPad2d(1) if stride == 1 else nn.ZeroPad2d((0, 1, 0, 1))  # TF "same"
+        self.dw = nn.Conv2d(4 * c, 4 * c, 3, stride=stride, groups=4 * c)
+        self.act2 = act or nn.ReLU6()
+        self.project = nn.Conv2d(4 * c, c, 1)
+        self.residual = stride == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.act2(self.dw(self.pad(self.act1(self.expand(x))))))
+        return x + y if self.residual else y
+
+
+class MobileNetLike(nn.Module):
+    """Stem, a residual and a strided inverted-residual block, a head, pass-through modules
+    (Dropout, MaxPool2d, Identity, pooling, Flatten) and a two-layer classifier; ``shared``: one
+    ReLU6 module called at every ReLU6 site (a shared ReLU is called twice in both variants)."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.act = nn.ReLU6()
+        act = self.act if shared else None
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.b1 = InvertedResidual(8, act, 1)
+        self.b2 = InvertedResidual(8, act, 2)
+        self.head = nn.Conv2d(8, 24, 1)
+        self.relu = nn.ReLU()
+        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc1 = nn.Linear(24, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b2(self.b1(self.drop(self.act(self.stem(x)))))
+        return self.fc2(self.relu(self.fc1(self.pool(self.relu(self.head(x))))))
+
+
+def spread_model(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every layer output channels of very different ranges and random biases."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                n = m.weight.shape[0]
+                m.weight.mul_(
+                    torch.logspace(-1.5, 1.5, n)[torch.randperm(n)].reshape(-1, *[1] * (m.weight.dim() - 1))
+                )
+                m.bias.normal_()
+    return model.eval()
+
+
+MNV2_PAIRS = [["b2.project", "head"], ["head", "fc1"], ["fc1", "fc2"]]
+MNV2_RELU6_PAIRS = [
+    ["b1.expand", "b1.dw"],
+    ["b1.dw", "b1.project"],
+    ["b2.expand", "b2.dw"],
+    ["b2.dw", "b2.project"],
+]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cle_keeps_the_function_of_a_mobilenet_like_model(shared: bool):
+    model = spread_model(MobileNetLike(shared))
+    x = torch.randn(16, 3, 8, 8)
+    ref = model(x)
+    rec = cle.equalize(model, example=lambda m: m(x))
+    assert sorted(rec["pairs"]) == sorted(MNV2_PAIRS + ([] if shared else MNV2_RELU6_PAIRS))
+    if shared:  # rescaling the one ReLU6 for one pair would change it at its 5 other places
+        why = "called at more than one place: act (5 places)"
+        assert sorted(rec["skipped"]) == sorted([*p, why] for p in MNV2_RELU6_PAIRS)
+        assert type(model.act) is nn.ReLU6
+    else:
+        assert rec["skipped"] == [] and isinstance(model.b1.act1, cle.ChannelClamp)
+    assert rec["max_log_scale"] <= 1e-4 and rec["max_abs_diff"] < 1e-4 * float(ref.abs().max())
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert not torch.allclose(model.fc1.weight, spread_model(MobileNetLike(shared)).fc1.weight)
+
+
+class OwnForward(nn.Conv2d):
+    """A conv subclass whose forward standardizes its weight: rescaling its rows is undone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight / self.weight.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        return F.conv2d(x, w, self.bias)
+
+
+def test_cle_skips_and_names_pairs_it_cannot_equalize():
+    layers = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), OwnForward(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    rec = cle.equalize(spread_model(layers))
+    why = "has its own forward (the rescaled weight may not act linearly)"
+    assert rec["pairs"] == [] and rec["skipped"] == [["0", "2", f"2 {why}"], ["2", "4", f"2 {why}"]]
+    interleaved = spread_model(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2)))
+    x = torch.randn(5, 3, 4)
+    ref = interleaved(x)
+    rec = cle.equalize(interleaved, example=lambda m: m(x))
+    assert rec["skipped"] == [
+        ["0", "3", "a linear layer's outputs are flattened (features interleave its channels)"]
+    ]
+    torch.testing.assert_close(interleaved(x), ref, rtol=0, atol=0)
+
+
+def test_cle_undoes_everything_when_the_outputs_change(monkeypatch, caplog):
+    """The check on a batch: a pair through a GELU (not homogeneous) wrongly let through is undone."""
+    link = cle._link
+    monkeypatch.setattr(
+        cle, "_link", lambda model, node: "through" if node.target == "1" else link(model, node)
+    )
+    model = spread_model(nn.Sequential(nn.Conv2d(3, 6, 1), nn.GELU(), nn.Conv2d(6, 2, 1)))
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    with caplog.at_level("WARNING", logger="mixq.ptq.cle"):
+        rec = cle.equalize(model, example=lambda m: m(x))
+    assert rec["pairs"] == [] and rec["skipped"][0][:2] == ["0", "2"]
+    assert rec["skipped"][0][2].startswith("equalizing changed the outputs by") and rec["max_abs_diff"] > 1e-3
+    assert "CLE: equalizing changed the outputs" in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_cle_in_run_on_a_shared_relu6_model_keeps_the_float_model():
+    """The issue's crash: calibration after CLE on a model that calls one ReLU6 at several places."""
+    model = spread_model(MobileNetLike(shared=True))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    task = mixq.Task(model, calib=data[:1], val=data[1:], name="mnv2-like")
+    state = copy.deepcopy(model.state_dict())
+    res = mixq.run(task, candidates=["w8a8"], ptq=["cle"])
+    rec = res.metrics.ptq[0]
+    assert sorted(rec["pairs"]) == sorted(MNV2_PAIRS) and len(rec["skipped"]) == 4
+    assert rec["max_abs_diff"] < 1e-4 * float(model(data[0][0]).abs().max())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 # -- bias correction ---------------------------------------------------------------------------
 
 

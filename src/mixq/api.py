@@ -18,6 +18,7 @@ from mixq import executor as executors
 from mixq import ptq as ptq_steps
 from mixq.cache import Cache
 from mixq.cache import current as current_cache
+from mixq.fold import NORMS, fold_model
 from mixq.methods import METHODS
 from mixq.methods.common import Context, MethodOutput
 from mixq.metrics import Metrics
@@ -165,7 +166,7 @@ def run(
     runner = _executor(opts)
     torch.manual_seed(opts.seed)
     with (opts.cache if opts.cache is not None else Cache()).active():
-        work, ptq_records = _float_steps(task, steps, opts.seed)
+        work, ptq_records, folded = _float_steps(task, steps, opts.seed, opts.fold_bn)
         t0 = time.perf_counter()
         ctx = _context(work, specs, budget, opts, runner)
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
@@ -187,6 +188,7 @@ def run(
         within=_within(metrics, budget),
         history=output.history,
         ptq=ptq_records,
+        extra={"fold_bn": folded} if folded else {},
     )
     result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
@@ -243,13 +245,18 @@ def _executor(opts: RunOptions) -> Any:
     return opts.executor
 
 
-def _float_steps(task: tasks.Task, steps: list[ptq_steps.Step], seed: int) -> tuple[tasks.Task, list[dict]]:
-    """Run the float-model PTQ steps (before calibration and search: see mixq.ptq) on a copy."""
-    if not any(s.stage == "float" for s in steps):
-        return task, []
+def _float_steps(
+    task: tasks.Task, steps: list[ptq_steps.Step], seed: int, fold: bool = True
+) -> tuple[tasks.Task, list[dict], dict | None]:
+    """Fold batch norm (``fold``), then run the float-model PTQ steps (before calibration and
+    search: see mixq.ptq), on a copy of the model; the fold's record is None without batch norm."""
+    has_bn = fold and any(isinstance(m, NORMS) for m in task.model.modules())
+    if not has_bn and not any(s.stage == "float" for s in steps):
+        return task, [], None
     model = copy.deepcopy(task.model).eval()
+    folded = fold_model(model, lambda m: task.forward(m, task.calib[0])) if has_bn else None
     records = ptq_steps.apply_ptq("float", model, task, steps, seed)
-    return dataclasses.replace(task, model=model, _fp_metric=None), records
+    return dataclasses.replace(task, model=model, _fp_metric=None), records, folded
 
 
 def _context(
@@ -277,7 +284,9 @@ def _context(
     return ctx
 
 
-def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | None = None) -> Result:
+def evaluate(
+    task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | None = None, fold_bn: bool = True
+) -> Result:
     """Quantize a task's model by a given plan (a Plan or a plan.json) and measure it.
 
     The plan may come from any run, edited by hand: e.g. one layer moved to another candidate.
@@ -286,6 +295,7 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
     ``cache``: a :class:`mixq.Cache` shared with other runs and evaluations of the same model
     (its prepared model and searched ranges are reused; the result is identical); by default the
     cache of the run in progress, or a fresh one.
+    ``fold_bn``: fold batch norm first, as ``mixq.run`` does by default.
 
     Returns:
         A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
@@ -294,6 +304,7 @@ def evaluate(task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | Non
         task = tasks.get(task)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    task = _float_steps(task, [], 0, fold_bn)[0]
     cache = cache if cache is not None else current_cache()
     with (cache if cache is not None else Cache()).active():
         qmodel, infos = prepare(task, list(plan.layers.values()))

@@ -39,6 +39,9 @@ class RunOptions:
             search sees float additions; the returned model and its metric have them quantized.
         cache: prepared models and searched ranges to reuse (:class:`mixq.Cache`); pass one
             to every run of a sweep. None: the run uses a fresh one.
+        fold_bn: fold every batch norm that follows a conv or linear layer into it, on the
+            run's copy of the model, before anything else (:func:`mixq.fold.fold_model`);
+            recorded in ``metrics.extra["fold_bn"]`` when the model has batch norm.
     """
 
     method_args: dict[str, Any] | None = None
@@ -50,6 +53,7 @@ class RunOptions:
     executor_args: dict[str, Any] | None = None
     adds: Any = None
     cache: Cache | None = None
+    fold_bn: bool = True
 
     @classmethod
     def build(cls, options: RunOptions | None = None, **changes: Any) -> RunOptions:
@@ -67,6 +71,8 @@ class RunOptions:
         opts = dataclasses.replace(options or cls(), **changes)
         if opts.method_args is not None and not isinstance(opts.method_args, dict):
             raise ValueError(f"method_args must be a dict of the method's settings, got {opts.method_args!r}")
+        if not isinstance(opts.fold_bn, bool):
+            raise ValueError(f"fold_bn must be True or False, got {opts.fold_bn!r}")
         return opts
 
 
@@ -83,6 +89,7 @@ RECIPE_KEYS = (
     "executor",
     "executor_args",
     "adds",
+    "fold_bn",
 )
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 

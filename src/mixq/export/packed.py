@@ -22,7 +22,8 @@ Per quantized layer ``L`` the file holds
 and every other tensor of the model's state dict as it is. The metadata key ``mixq`` holds a
 JSON object: the schema, the plan, the task's name, each layer's kind, shape and specs, and
 the modules a PTQ step put into the float model (``modules``: CLE's per-channel ``ChannelClamp``
-by name, its bounds in the state dict), which loading puts back into the original architecture.
+by name, its bounds in the state dict; the run's ``FoldedNorm`` where a batch norm was folded),
+which loading puts back into the original architecture.
 The payload therefore has the size that :func:`mixq.cost.metrics_of` counts, up to the
 padding of each packed tensor to whole bytes.
 """
@@ -42,6 +43,7 @@ from torch import nn
 from mixq import tasks
 from mixq.export.codes import Encoded
 from mixq.export.deploy import LayerExport, collect, collect_adds, deploy, deploy_adds, operand
+from mixq.fold import FoldedNorm
 from mixq.kinds import kind_of
 from mixq.plan import Plan, QSpec
 from mixq.ptq.cle import ChannelClamp
@@ -52,7 +54,7 @@ SCHEMA = 1
 META_KEY = "mixq"
 
 
-STRUCTURE_TYPES: dict[str, type[nn.Module]] = {"ChannelClamp": ChannelClamp}
+STRUCTURE_TYPES: dict[str, type[nn.Module]] = {"ChannelClamp": ChannelClamp, "FoldedNorm": FoldedNorm}
 """Modules that PTQ steps put into a float model, by the type name a file records."""
 
 
@@ -62,7 +64,9 @@ def structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     out = {}
     for name, m in model.named_modules():
         if type(m) in types:
-            out[name] = {"type": types[type(m)], "axis": int(m.axis)}
+            out[name] = {"type": types[type(m)]}
+            if isinstance(m, ChannelClamp):
+                out[name]["axis"] = int(m.axis)
     return out
 
 
@@ -72,10 +76,7 @@ def restore_structure(model: nn.Module, modules: dict[str, Any], tensors: dict[s
     for name, m in modules.items():
         if not isinstance(m, dict) or m.get("type") not in types:
             raise ValueError(f"module {name!r}: unknown module record {m!r}; known types: {', '.join(types)}")
-        upper = tensors.get(f"{name}.upper")
-        if upper is None:
-            raise ValueError(f"export file lacks tensor {name + '.upper'!r} of module {name!r}")
-        new = types[m["type"]](torch.zeros_like(upper), int(m["axis"]))
+        new = FoldedNorm() if m["type"] == "FoldedNorm" else _clamp(name, m, tensors)
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -83,6 +84,13 @@ def restore_structure(model: nn.Module, modules: dict[str, Any], tensors: dict[s
         except AttributeError:
             raise ValueError(f"module {name!r} of the export is not in the model") from None
         setattr(parent, attr, new)
+
+
+def _clamp(name: str, m: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ChannelClamp:
+    upper = tensors.get(f"{name}.upper")
+    if upper is None:
+        raise ValueError(f"export file lacks tensor {name + '.upper'!r} of module {name!r}")
+    return ChannelClamp(torch.zeros_like(upper), int(m["axis"]))
 
 
 def _layer_tensors(lx: LayerExport) -> dict[str, torch.Tensor]:
