@@ -39,6 +39,9 @@ class RunOptions:
             search sees float additions; the returned model and its metric have them quantized.
         cache: prepared models and searched ranges to reuse (:class:`mixq.Cache`); pass one
             to every run of a sweep. None: the run uses a fresh one.
+        embeddings: quantize nn.Embedding weights too (weight-only, per row; see
+            :func:`mixq.wrap.wrap`); without it they stay float, listed in
+            ``metrics.float_layers``.
     """
 
     method_args: dict[str, Any] | None = None
@@ -50,6 +53,7 @@ class RunOptions:
     executor_args: dict[str, Any] | None = None
     adds: Any = None
     cache: Cache | None = None
+    embeddings: bool = False
 
     @classmethod
     def build(cls, options: RunOptions | None = None, **changes: Any) -> RunOptions:
@@ -67,6 +71,8 @@ class RunOptions:
         opts = dataclasses.replace(options or cls(), **changes)
         if opts.method_args is not None and not isinstance(opts.method_args, dict):
             raise ValueError(f"method_args must be a dict of the method's settings, got {opts.method_args!r}")
+        if not isinstance(opts.embeddings, bool):
+            raise ValueError(f"embeddings must be True or False, got {opts.embeddings!r}")
         return opts
 
 
@@ -83,6 +89,7 @@ RECIPE_KEYS = (
     "executor",
     "executor_args",
     "adds",
+    "embeddings",
 )
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 
