@@ -43,20 +43,26 @@ def is_hf_conv1d(m: nn.Module) -> bool:
     return t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
 
 
-def _site(m: nn.Module, parent: nn.Module | None, embeddings: bool) -> nn.Module | str:
-    """The site that quantizes ``m``, or why ``m`` stays float."""
-    t = type(m)
+def _why_float(m: nn.Module, parent: nn.Module | None, embeddings: bool) -> str | None:
+    """Why layer ``m`` (child of ``parent``) stays float, or None: it gets a site."""
     if isinstance(parent, nn.MultiheadAttention):
         return "read directly by MultiheadAttention (its forward never calls the layer)"
-    if t in QUANT_MODULES:
-        return QUANT_MODULES[t](m)
+    if isinstance(m, LAYER_TYPES) or is_hf_conv1d(m):
+        return None
+    if isinstance(m, nn.Embedding):
+        return None if embeddings else "embedding (embeddings=False)"
+    return f"not a supported layer type: {type(m).__name__}"
+
+
+def _site(m: nn.Module) -> nn.Module:
+    """The site that quantizes layer ``m`` (one :func:`_why_float` gives no reason for)."""
+    if type(m) in QUANT_MODULES:
+        return QUANT_MODULES[type(m)](m)
     if is_hf_conv1d(m):
         return QLinear(m, transposed=True)
-    if isinstance(m, LAYER_TYPES):
-        return QCall(m, "linear" if isinstance(m, nn.Linear) else "conv")
     if isinstance(m, nn.Embedding):
-        return QCall(m, "embedding") if embeddings else "embedding (embeddings=False)"
-    return f"not a supported layer type: {t.__name__}"
+        return QCall(m, "embedding")
+    return QCall(m, "linear" if isinstance(m, nn.Linear) else "conv")
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -100,9 +106,8 @@ def wrap(model: nn.Module, skip: Iterable[str] = (), embeddings: bool = False) -
     for name, m in modules.items():
         if not name or name in skip or not _is_layer(m) or any(name.startswith(d + ".") for d in done):
             continue
-        site = _site(m, modules[name.rpartition(".")[0]], embeddings)
-        if isinstance(site, nn.Module):
-            _set_child(model, name, site)
+        if _why_float(m, modules[name.rpartition(".")[0]], embeddings) is None:
+            _set_child(model, name, _site(m))
             done.append(name)
     if not done:
         seen = sorted({type(m).__name__ for n, m in modules.items() if n})
@@ -149,8 +154,8 @@ def _float_reason(model: nn.Module, name: str, pname: str, tied: str | None, ski
     if name in skip or any(name.startswith(s + ".") for s in skip):
         return "skipped by name"
     if _is_layer(m) and pname == "weight" and name:
-        reason = _site(m, model.get_submodule(name.rpartition(".")[0]), embeddings=False)
-        if isinstance(reason, str):
+        reason = _why_float(m, model.get_submodule(name.rpartition(".")[0]), embeddings=False)
+        if reason is not None:
             return reason
     return f"not a supported layer type: {type(m).__name__}"
 
@@ -234,6 +239,7 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
     """Set every site of a wrapped model from ``plan``; layers the plan omits become float.
 
     The residual additions take ``plan.meta["adds"]`` (float when absent, or for a plain dict).
+    A weight-only site (an embedding: its input is indices) takes only the weight spec.
     """
     layers = plan.layers if isinstance(plan, Plan) else plan
     add = adds_spec(plan) if isinstance(plan, Plan) else None
