@@ -441,7 +441,7 @@ def test_embedding_weight_only_per_row():
         assert torch.allclose((table / scale[:, None]).round() * scale[:, None], table, atol=1e-6)
 
 
-def test_run_with_embeddings_option():
+def test_run_with_embeddings_option(tmp_path):
     task = bag_task()
     r = mixq.run(task, "uniform", ["w4"], embeddings=True)
     assert sorted(r.plan.layers) == ["emb", "fc"] and r.metrics.float_layers == {}
@@ -449,10 +449,11 @@ def test_run_with_embeddings_option():
     assert info["emb"].kind == "embedding" and info["emb"].macs == 0
     assert mixq.evaluate(task, r.plan).metrics.metric == r.metrics.metric  # evaluate wraps it again
     with pytest.warns(UserWarning, match="emb.weight"):
-        r = mixq.run(task, "uniform", ["w4"])
+        r = mixq.run(task, "uniform", ["w4"], out=tmp_path)
     assert list(r.plan.layers) == ["fc"] and r.metrics.float_layers == {
         "emb.weight": "embedding (embeddings=False)"
     }
+    assert "| `emb.weight` | embedding (embeddings=False) |" in (tmp_path / "report.md").read_text()
     assert r.metrics.size_bytes == pytest.approx((16 * 5 * 4 + 5 * 32) / 8 + 5 * 4 + 50 * 16 * 4)
     with pytest.raises(ValueError, match="embeddings must be True or False"):
         mixq.run(task, "uniform", ["w4"], embeddings="yes")

@@ -9,7 +9,9 @@ Conventions (the same for every method, peer tool and export):
 * ``avg_weight_bits`` = sum of weight storage bits / sum of weights, over the quantizable layers.
 * ``size_bytes`` = the whole model: quantizable weights as above, plus float32 biases, plus the
   activation scale (32 bits) and zero point of each quantized input (the operands of quantized
-  residual additions too), plus every other parameter of the model in float32.
+  residual additions too), plus every other parameter of the model in float32 (the weights
+  that stay float, ``metrics.float_layers``, among them; a float copy tied to a quantized
+  layer's weight counts too).
   ``size_ratio`` = size_bytes / the float32 model's size.
 * ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
   32 for float (docs/methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
