@@ -74,6 +74,14 @@ def test_adds_reach_the_run_and_a_model_without_additions_says_so(tmp_path, caps
     assert "mixq.nn.Add()" in capsys.readouterr().err
 
 
+def test_embeddings_option_reaches_the_run_and_its_recipe(tmp_path):
+    assert cli.main(["run", *ARGS, "--embeddings", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "recipe.json").read_text())["embeddings"] is True
+    recipe = tmp_path / "emb.toml"
+    recipe.write_text('task = "synthetic-mlp"\ncandidates = ["w4"]\nembeddings = "yes"\n')
+    assert cli.main(["run", "--recipe", str(recipe), "--out", str(tmp_path / "f")]) == 2
+
+
 def test_bad_candidate_exits_2(tmp_path, capsys):
     code = cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w4,w9", "--out", str(tmp_path / "y")])
     assert code == 2

@@ -15,7 +15,7 @@ from mixq.options import Recipe, RunOptions
 from mixq.plan import LayerSpec, Plan, QSpec, parse_candidate
 from mixq.search.problem import InfeasibleBudgetError
 from mixq.tasks import Task
-from mixq.wrap import applied, apply, calibrate, sites, unwrap, with_adds, wrap
+from mixq.wrap import applied, apply, calibrate, float_layers, sites, unwrap, with_adds, wrap
 
 __all__ = [
     "Cache",
@@ -34,6 +34,7 @@ __all__ = [
     "cost",
     "evaluate",
     "export",
+    "float_layers",
     "formats",
     "kinds",
     "sensitivity",

@@ -25,7 +25,7 @@ from mixq.metrics import Metrics
 from mixq.options import RunOptions
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
-from mixq.wrap import ADDS, adds_spec, apply, calibrate, sites, with_adds, wrap
+from mixq.wrap import ADDS, adds_spec, apply, calibrate, float_layers, with_adds, wrap
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     return cfg_cls(**args)
 
 
-def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
+def _prepare_key(task: tasks.Task, gram: bool, act: bool, embeddings: bool) -> tuple:
     """What a prepared model depends on: weights, architecture, calibration data, forward, needs."""
     return (
         fingerprint_model(task.model),
@@ -91,11 +91,12 @@ def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
         task.forward,
         gram,
         act,
+        embeddings,
     )
 
 
 def prepare(
-    task: tasks.Task, candidates: list[LayerSpec], cache: Cache | None = None
+    task: tasks.Task, candidates: list[LayerSpec], cache: Cache | None = None, embeddings: bool = False
 ) -> tuple[nn.Module, list[cost.LayerInfo]]:
     """Copy, check, wrap and calibrate the task's model; probe its layers.
 
@@ -105,23 +106,26 @@ def prepare(
     progress, :func:`mixq.cache.current`) keeps the last prepared model, keyed by the
     fingerprints of the weights, the architecture and the calibration batches, and a fresh
     deep copy of it is returned when they match: the result is identical.
+
+    ``embeddings``: wrap nn.Embedding layers too (:func:`mixq.wrap.wrap`).
     """
     gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
     act = any(c.act is not None for c in candidates)
     cache = cache if cache is not None else current_cache()
     if cache is None or not task.calib:
-        return _prepare(task, gram, act)
-    qmodel, infos = cache.prepared(_prepare_key(task, gram, act), lambda: _prepare(task, gram, act))
+        return _prepare(task, gram, act, embeddings)
+    key = _prepare_key(task, gram, act, embeddings)
+    qmodel, infos = cache.prepared(key, lambda: _prepare(task, gram, act, embeddings))
     return qmodel, list(infos)
 
 
-def _prepare(task: tasks.Task, gram: bool, act: bool) -> tuple[nn.Module, list[cost.LayerInfo]]:
+def _prepare(
+    task: tasks.Task, gram: bool, act: bool, embeddings: bool = False
+) -> tuple[nn.Module, list[cost.LayerInfo]]:
     model = copy.deepcopy(task.model).eval()
     check_dtypes(model)
     check_finite(model)
-    qmodel = wrap(model)
-    if not sites(qmodel):
-        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to quantize")
+    qmodel = wrap(model, embeddings=embeddings)  # raises, naming the module types, if nothing to quantize
     if not task.calib:
         raise ValueError("calibration data is empty: pass at least one batch")
     if gram or act:
@@ -149,8 +153,8 @@ def run(
         budget: upper bounds, keys in ``mixq.cost.BUDGET_KEYS``; empty means unconstrained.
         method_args: the method's own settings (fields of its Config); also an option.
         options: a :class:`mixq.RunOptions`; keywords (its fields: ``method_args``, ``seed``,
-            ``out``, ``ptq``, ``ptq_args``, ``executor``, ``executor_args``, ``adds``, ``cache``)
-            set fields of it, or of the defaults.
+            ``out``, ``ptq``, ``ptq_args``, ``executor``, ``executor_args``, ``adds``, ``cache``,
+            ``embeddings``) set fields of it, or of the defaults.
 
     Returns:
         A Result with ``.plan``, ``.model`` (the quantized model) and ``.metrics``.
@@ -263,7 +267,7 @@ def _context(
     task: tasks.Task, specs: list[LayerSpec], budget: dict[str, float], opts: RunOptions, runner: Any
 ) -> Context:
     """Prepare the model and build what the method receives."""
-    qmodel, infos = prepare(task, specs)
+    qmodel, infos = prepare(task, specs, embeddings=opts.embeddings)
     mc = cost.model_costs(qmodel, infos)
     ctx = Context(
         task=task,
@@ -307,7 +311,7 @@ def evaluate(
     task = _float_steps(task, [], 0, fold_bn)[0]
     cache = cache if cache is not None else current_cache()
     with (cache if cache is not None else Cache()).active():
-        qmodel, infos = prepare(task, list(plan.layers.values()))
+        qmodel, infos = prepare(task, list(plan.layers.values()), embeddings=names_embeddings(task, plan))
         plan.check_layers([i.name for i in infos])
         apply(qmodel, plan)
         qmodel.eval()
@@ -328,4 +332,11 @@ def measure(task: tasks.Task, qmodel: nn.Module, plan: Plan, mc: cost.ModelCosts
     metrics.eval_seconds = time.perf_counter() - t0
     metrics.layers = len(mc.infos)
     metrics.adds = plan.meta.get(ADDS)
+    metrics.float_layers = float_layers(qmodel)
     return metrics
+
+
+def names_embeddings(task: tasks.Task, plan: Plan) -> bool:
+    """Whether ``plan`` names an nn.Embedding of the task's model (it was made with embeddings=True)."""
+    modules = dict(task.model.named_modules())
+    return any(isinstance(modules.get(n), nn.Embedding) for n in plan.layers)

@@ -70,6 +70,7 @@ _RUN_OPTIONS: dict[str, tuple[str, Any]] = {
     "ptq_args": ("ptq_arg", _ptq_args),
     "executor": ("executor", None),
     "adds": ("adds", None),
+    "embeddings": ("embeddings", None),
 }
 _EMPTY_IS_GIVEN = ("seed", "ptq")  # --seed 0 and --ptq "" (no steps) are settings too
 
@@ -256,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--adds",
         help="quantize residual additions' operands with this candidate's input "
         "spec, e.g. a8 (integer additions in ONNX Runtime)",
+    )
+    r.add_argument(
+        "--embeddings",
+        action="store_true",
+        default=None,
+        help="quantize nn.Embedding weights too (weight-only, per row)",
     )
     r.add_argument(
         "--executor",

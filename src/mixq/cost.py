@@ -9,7 +9,9 @@ Conventions (the same for every method, peer tool and export):
 * ``avg_weight_bits`` = sum of weight storage bits / sum of weights, over the quantizable layers.
 * ``size_bytes`` = the whole model: quantizable weights as above, plus float32 biases, plus the
   activation scale (32 bits) and zero point of each quantized input (the operands of quantized
-  residual additions too), plus every other parameter of the model in float32.
+  residual additions too), plus every other parameter of the model in float32 (the weights
+  that stay float, ``metrics.float_layers``, among them; a float copy tied to a quantized
+  layer's weight counts too).
   ``size_ratio`` = size_bytes / the float32 model's size.
 * ``bops`` = sum over layers of MACs per sample * weight element bits * activation element bits,
   32 for float (docs/methods.md §6.3). MACs come from a probe forward on one batch. A SPARQ
@@ -27,10 +29,10 @@ import torch
 from torch import nn
 
 from mixq.kinds import FLOAT_BITS, kind_of
-from mixq.nn import QAdd, QConv2d, QLinear
+from mixq.nn import QAdd, QCall, QLinear
 from mixq.plan import LayerSpec, QSpec
 from mixq.search.problem import InfeasibleBudgetError
-from mixq.wrap import sites
+from mixq.wrap import float_layers, sites
 
 BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
 COST_KEYS = ("weight_bits", "size_bits", "bops")
@@ -47,7 +49,7 @@ class LayerInfo:
     """Static facts about one quantizable layer."""
 
     name: str
-    kind: str  # "linear" | "conv"
+    kind: str  # "linear" | "conv" | "embedding"
     weight_shape: tuple[int, ...]
     bias: int  # number of bias elements
     macs: float  # per sample
@@ -103,22 +105,30 @@ def probe(
         numel_out, first_dim = outs.get(name, (0, 1))
         # The batch is the first dimension of the model's input (a layer may see [B * T, ...]).
         batch_size = batch_sizes[0] if batch_sizes else first_dim
-        if isinstance(m, QLinear):
-            per_out = m.in_features
-            macs = numel_out * per_out  # numel_out counts every token
-        else:
-            assert isinstance(m, QConv2d)
+        kind = layer_kind(m)
+        if kind == "linear":
+            macs = numel_out * shape[1]  # numel_out counts every token
+        elif kind == "conv":
             macs = numel_out * math.prod(shape[1:])
+        else:
+            macs = 0  # an embedding looks rows up: no multiply-accumulate
         infos.append(
             LayerInfo(
                 name=name,
-                kind="linear" if isinstance(m, QLinear) else "conv",
+                kind=kind,
                 weight_shape=shape,
                 bias=0 if m.bias is None else m.bias.numel(),
                 macs=macs / max(1, batch_size),
             )
         )
     return infos
+
+
+def layer_kind(m: nn.Module) -> str:
+    """A site's kind in the cost model: "linear", "conv" or "embedding"."""
+    if isinstance(m, QCall):
+        return m.layout
+    return "linear" if isinstance(m, QLinear) else "conv"
 
 
 def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
@@ -216,9 +226,15 @@ class ModelCosts:
 
 
 def model_costs(model: nn.Module, infos: Sequence[LayerInfo]) -> ModelCosts:
-    """Count the parameters outside the quantizable layers of a wrapped model."""
+    """Count the parameters outside the quantizable layers of a wrapped model.
+
+    A float tensor tied to a quantized layer's weight (:func:`mixq.wrap.float_layers`, "tied
+    to ...") counts too: the module that reads it needs the float copy.
+    """
     inside = {id(p) for m in sites(model).values() for p in (m.weight, m.bias) if p is not None}
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    other += sum(params[n].numel() for n, why in float_layers(model).items() if why.startswith("tied to"))
     return ModelCosts(tuple(infos), other, sum(isinstance(m, QAdd) for m in model.modules()))
 
 

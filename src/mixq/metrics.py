@@ -28,6 +28,9 @@ class Metrics:
         avg_weight_bits, size_bytes, size_ratio, bops: the cost model's numbers of the plan.
         seconds: the method's time (preparation and search); eval_seconds: the metric's time.
         layers: quantizable layers; adds: the residual additions' operand spec, if quantized.
+        float_layers: every parameter tensor with two or more dimensions that stays float, by
+            name, with its reason (:func:`mixq.wrap.float_layers`); counted in ``size_bytes``
+            at 32 bits per element.
         within: per budget, whether the plan meets it (``within_<budget>`` in the file).
         history: the method's search record; ptq: the records of the PTQ steps.
         extra: any other value, by name.
@@ -50,6 +53,7 @@ class Metrics:
     eval_seconds: float | None = None
     layers: int | None = None
     adds: str | None = None
+    float_layers: dict[str, str] | None = None
     within: dict[str, bool] | None = None
     history: list[dict[str, Any]] | None = None
     ptq: list[dict[str, Any]] | None = None

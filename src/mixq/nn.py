@@ -1,9 +1,11 @@
 """Quantization sites and the quantized layers that hold them.
 
 A :class:`Quantizer` is a site that applies one :class:`~mixq.plan.QSpec` (or nothing) to a
-tensor. :class:`QLinear` and :class:`QConv2d` share their parameters with the float module they
-replace and hold two sites: ``weight_quant`` and ``input_quant``. With no spec on either site
-they compute exactly what the float module computes.
+tensor. :class:`QLinear`, :class:`QConv2d`, :class:`QConv1d` and :class:`QCall` (any layer whose
+own forward reads its weight: subclasses, embeddings) share their parameters with the float
+module they replace and hold two sites: ``weight_quant`` and ``input_quant``. With no spec on
+either site they compute exactly what the float module computes. :mod:`mixq.wrap` picks the
+class for each layer.
 
 A residual addition written as an :class:`Add` module (``self.add(out, shortcut)``, as the zoo's
 ResNet and MobileNetV2 blocks do) becomes a :class:`QAdd` with one activation site per operand:
@@ -18,12 +20,14 @@ be switched without calibrating again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mixq.kinds import ActParams, ActStats, kind_of
 from mixq.plan import QSpec
@@ -208,19 +212,40 @@ class Quantizer(nn.Module):
 
 
 class QLinear(nn.Module):
-    """A Linear layer with a weight site and an input-activation site; shares ``m``'s parameters."""
+    """A Linear layer with a weight site and an input-activation site; shares ``m``'s parameters.
 
-    def __init__(self, m: nn.Linear) -> None:
+    ``transposed``: ``m`` stores its weight as [in, out] and computes ``x @ weight + bias``
+    (transformers' ``Conv1D``, GPT-2's layers). The site's weight is then a Parameter on the
+    same storage seen as [out, in], so per-output-channel scales run along the output axis and
+    every method sees a Linear; an in-place change reaches ``m``'s weight. It exports as a
+    Linear layer (:class:`mixq.export.modules.DeployLinear` in place of ``m``).
+    """
+
+    exportable = True  # the packed and ONNX exports take it (mixq.export.deploy)
+
+    def __init__(self, m: nn.Module, transposed: bool = False) -> None:
         super().__init__()
-        self.in_features, self.out_features = m.in_features, m.out_features
-        self.weight = m.weight
+        if transposed:
+            self.in_features, self.out_features = m.weight.shape
+            self.weight = nn.Parameter(m.weight.detach().t(), requires_grad=m.weight.requires_grad)
+        else:
+            self.in_features, self.out_features = m.in_features, m.out_features
+            self.weight = m.weight
+        self.transposed = transposed
         self.bias = m.bias
         self.weight_quant = Quantizer("weight")
         self.input_quant = Quantizer("act", channel_axis=-1)
         object.__setattr__(self, "float_module", m)  # not a submodule: unwrap puts it back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        w = self.weight_quant(self.weight)
+        if self.transposed:  # a contiguous [out, in] weight, as the deployed layer's (same kernel, same bits)
+            w = w.contiguous()
+        return F.linear(self.input_quant(x), w, self.bias)
+
+    def forward_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for input ``x`` with weight ``w`` and bias ``b`` (no input site)."""
+        return F.linear(x, w, b)
 
     def input_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Return the input rows as one group, float64 [1, N, in_features] (see QConv2d.input_columns)."""
@@ -233,7 +258,9 @@ class QLinear(nn.Module):
 class QConv2d(nn.Module):
     """A Conv2d (grouped and depthwise too) with weight and input sites; shares ``m``'s parameters."""
 
-    def __init__(self, m: nn.Conv2d) -> None:
+    exportable = True
+
+    def __init__(self, m: nn.Conv2d | nn.Conv1d) -> None:
         super().__init__()
         self.in_channels, self.out_channels = m.in_channels, m.out_channels
         self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
@@ -247,6 +274,10 @@ class QConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: nn.Conv2d = self.float_module
         return m._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def forward_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for input ``x`` with weight ``w`` and bias ``b`` (no input site)."""
+        return self.float_module._conv_forward(x, w, b)
 
     def input_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Return the im2col input patches per group, [G, N * positions, C_in/G * kh * kw]."""
@@ -271,6 +302,151 @@ class QConv2d(nn.Module):
         )
 
 
+class QConv1d(QConv2d):
+    """A Conv1d (weight [out, in/groups, k]) with weight and input sites; shares ``m``'s parameters.
+
+    No packed or ONNX export yet (``exportable`` is False).
+    """
+
+    exportable = False
+
+    def input_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the input patches per group, [G, N * positions, C_in/G * k] (a Conv2d of height 1)."""
+        m = self.float_module
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x, padding = F.pad(x, m._reversed_padding_repeated_twice, mode=mode), 0
+        else:
+            padding = self.padding[0]
+        x = x.double().unsqueeze(2)  # [N, C, 1, L]
+        cols = F.unfold(x, (1, *self.kernel_size), (1, *self.dilation), (0, padding), (1, *self.stride))
+        n, k, positions = cols.shape
+        cols = cols.reshape(n, self.groups, k // self.groups, positions)
+        return cols.permute(1, 0, 3, 2).reshape(self.groups, n * positions, k // self.groups)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_WEIGHT_FUNCS: dict[Callable, tuple[str, ...]] = {
+    F.linear: ("input", "weight", "bias"),
+    F.conv1d: _CONV_ARGS,
+    F.conv2d: _CONV_ARGS,
+}  # the calls whose weight operand QCall.input_columns looks for, with their arguments in order
+
+LAYOUTS = ("linear", "conv", "embedding")  # what a QCall's weight is: [out, in], [out, in/g, *k], [rows, dim]
+
+
+class QCall(nn.Module):
+    """A site around any layer whose own ``forward`` reads ``self.weight``: subclasses of
+    nn.Linear, nn.Conv1d and nn.Conv2d with a forward of their own (e.g. a "same"-padding conv
+    that pads, then calls ``F.conv2d(x, self.weight, ...)``), and nn.Embedding (weight-only).
+
+    The layer's own forward runs (``torch.func.functional_call``) with the fake-quantized
+    weight in place of ``weight``, after the input site. The site holds the layer's parameters,
+    buffers and children under their own names, so the wrapped model's state_dict keys are the
+    float model's; the layer itself is ``float_module`` (not a submodule; unwrap puts it back).
+    With no spec it computes exactly what the layer computes.
+
+    An embedding's input is indices: its input site is never applied (``weight_only``). No packed
+    or ONNX export yet (``exportable`` is False).
+    """
+
+    exportable = False
+
+    def __init__(self, m: nn.Module, layout: str) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+        self.layout = layout
+        self.weight_only = layout == "embedding"
+        for name, p in m._parameters.items():
+            setattr(self, name, p)
+        for name, b in m._buffers.items():
+            self.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+        for name, child in m._modules.items():
+            self.add_module(name, child)
+        if "bias" not in m._parameters:
+            self.bias = None
+        if layout == "linear":
+            self.in_features, self.out_features = m.in_features, m.out_features
+        elif layout == "conv":
+            self.in_channels, self.out_channels, self.groups = m.in_channels, m.out_channels, m.groups
+        self.weight_quant = Quantizer("weight")
+        self.input_quant = Quantizer("act", channel_axis=1 if layout == "conv" else -1)
+        object.__setattr__(self, "float_module", m)
+
+    def _tensors(self, w: torch.Tensor, b: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        m = self.float_module
+        out: dict[str, torch.Tensor | None] = {n: getattr(self, n) for n in m._parameters}
+        out.update({n: getattr(self, n) for n in m._buffers})
+        out["weight"] = w
+        if "bias" in m._parameters:
+            out["bias"] = b
+        return {k: v for k, v in out.items() if v is not None}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.weight_only:
+            x = self.input_quant(x)
+        w = self.weight_quant(self.weight)
+        return torch.func.functional_call(self.float_module, self._tensors(w, self.bias), (x, *args), kwargs)
+
+    def forward_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's own output for input ``x`` with weight ``w`` and bias ``b`` (no input site)."""
+        return torch.func.functional_call(self.float_module, self._tensors(w, b), (x,))
+
+    def input_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The input columns of the conv or linear operation the layer's own forward runs on
+        input ``x`` (see QConv2d.input_columns): its forward runs once more, and the call that
+        reads the weight (``F.linear``, ``F.conv1d``, ``F.conv2d``) gives the operand and the
+        stride, padding, dilation and groups, a padding the forward adds itself included."""
+        if self.layout == "embedding":
+            raise ValueError("an embedding's input is indices: it has no input Gram matrix")
+        func, a = self._weight_call(x)
+        if func is F.linear:
+            return a["input"].reshape(1, -1, self.in_features).double()
+        cls, plain = (QConv1d, nn.Conv1d) if func is F.conv1d else (QConv2d, nn.Conv2d)
+        w = a["weight"]
+        conv = plain(
+            w.shape[1] * a.get("groups", 1),
+            w.shape[0],
+            tuple(w.shape[2:]),
+            a.get("stride", 1),
+            a.get("padding", 0),
+            a.get("dilation", 1),
+            a.get("groups", 1),
+            bias=False,
+            device="meta",
+        )
+        return cls(conv).input_columns(a["input"])
+
+    @torch.no_grad()
+    def _weight_call(self, x: torch.Tensor) -> tuple[Callable, dict[str, object]]:
+        """The function and the arguments, by name, of the first linear or conv call that reads
+        the weight while the layer's own forward runs on ``x``."""
+        calls: list[tuple[Callable, dict[str, object]]] = []
+        weight = self.weight
+
+        class Capture(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in _WEIGHT_FUNCS and not calls:
+                    named = dict(zip(_WEIGHT_FUNCS[func], args, strict=False)) | kwargs
+                    if named.get("weight") is weight:
+                        calls.append((func, named))
+                return func(*args, **kwargs)
+
+        with Capture():
+            torch.func.functional_call(self.float_module, self._tensors(weight, self.bias), (x,))
+        if not calls:
+            raise ValueError(
+                f"the forward of {type(self.float_module).__name__} calls no F.linear, F.conv1d or "
+                "F.conv2d with its weight: mixq cannot find its input columns (clip 'omse')"
+            )
+        return calls[0]
+
+    def extra_repr(self) -> str:
+        return f"{type(self.float_module).__name__}, layout={self.layout}"
+
+
 class Add(nn.Module):
     """``a + b`` as a module, so that :func:`mixq.wrap` can quantize both operands of the sum."""
 
@@ -293,4 +469,4 @@ class QAdd(nn.Module):
         return self.quant[0](a) + self.quant[1](b)
 
 
-QModule = QLinear | QConv2d
+QModule = QLinear | QConv2d | QCall

@@ -42,6 +42,9 @@ class RunOptions:
         fold_bn: fold every batch norm that follows a conv or linear layer into it, on the
             run's copy of the model, before anything else (:func:`mixq.fold.fold_model`);
             recorded in ``metrics.extra["fold_bn"]`` when the model has batch norm.
+        embeddings: quantize nn.Embedding weights too (weight-only, per row; see
+            :func:`mixq.wrap.wrap`); without it they stay float, listed in
+            ``metrics.float_layers``.
     """
 
     method_args: dict[str, Any] | None = None
@@ -54,6 +57,7 @@ class RunOptions:
     adds: Any = None
     cache: Cache | None = None
     fold_bn: bool = True
+    embeddings: bool = False
 
     @classmethod
     def build(cls, options: RunOptions | None = None, **changes: Any) -> RunOptions:
@@ -73,6 +77,8 @@ class RunOptions:
             raise ValueError(f"method_args must be a dict of the method's settings, got {opts.method_args!r}")
         if not isinstance(opts.fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False, got {opts.fold_bn!r}")
+        if not isinstance(opts.embeddings, bool):
+            raise ValueError(f"embeddings must be True or False, got {opts.embeddings!r}")
         return opts
 
 
@@ -90,6 +96,7 @@ RECIPE_KEYS = (
     "executor_args",
     "adds",
     "fold_bn",
+    "embeddings",
 )
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 

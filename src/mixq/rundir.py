@@ -166,6 +166,9 @@ def render_report(metrics: Metrics, rows: Sequence[LayerRow]) -> str:
     out += [
         f"| `{r.name}` | {r.kind} | {r.weight_shape} | {r.spec} | {r.bits_per_weight:.3f} |" for r in rows
     ]
+    if metrics.float_layers:  # weights no site quantizes (mixq.wrap.float_layers)
+        out += ["", "## Float weights", "", "| parameter | why float |", "|---|---|"]
+        out += [f"| `{n}` | {why} |" for n, why in metrics.float_layers.items()]
     return "\n".join([*out, ""])
 
 

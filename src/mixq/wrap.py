@@ -9,18 +9,26 @@ a plan without it leaves the additions in float.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixq.nn import Add, QAdd, QConv2d, QLinear, QModule, Quantizer
+from mixq.nn import Add, QAdd, QCall, QConv1d, QConv2d, QLinear, QModule, Quantizer
 from mixq.plan import LayerSpec, Plan, QSpec
 
 ADDS = "adds"  # the plan meta key of the residual additions' operand spec
 
-QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QLinear, nn.Conv2d: QConv2d}
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QLinear,
+    nn.Conv2d: QConv2d,
+    nn.Conv1d: QConv1d,
+}  # exact types replaced by their own site class (the packed and ONNX exports know the first two)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # their subclasses become QCall sites
+SITE_TYPES = (QLinear, QConv2d, QCall)
+FLOAT_SHARE = 0.01  # float tensors holding more of the weights than this raise a warning
 
 
 def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
@@ -29,48 +37,156 @@ def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def wrap(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
-    """Replace every nn.Linear and nn.Conv2d in ``model`` (in place) by its quantized version.
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is transformers' ``Conv1D`` (GPT-2's layers), matched without importing transformers."""
+    t = type(m)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
 
-    The quantized layers share the float layers' parameters and start with no spec, so the
-    wrapped model computes exactly what the float model computes.
+
+def _why_float(m: nn.Module, parent: nn.Module | None, embeddings: bool) -> str | None:
+    """Why layer ``m`` (child of ``parent``) stays float, or None: it gets a site."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "read directly by MultiheadAttention (its forward never calls the layer)"
+    if isinstance(m, LAYER_TYPES) or is_hf_conv1d(m):
+        return None
+    if isinstance(m, nn.Embedding):
+        return None if embeddings else "embedding (embeddings=False)"
+    return f"not a supported layer type: {type(m).__name__}"
+
+
+def _site(m: nn.Module) -> nn.Module:
+    """The site that quantizes layer ``m`` (one :func:`_why_float` gives no reason for)."""
+    if type(m) in QUANT_MODULES:
+        return QUANT_MODULES[type(m)](m)
+    if is_hf_conv1d(m):
+        return QLinear(m, transposed=True)
+    if isinstance(m, nn.Embedding):
+        return QCall(m, "embedding")
+    return QCall(m, "linear" if isinstance(m, nn.Linear) else "conv")
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (*LAYER_TYPES, nn.Embedding)) or is_hf_conv1d(m)
+
+
+def wrap(model: nn.Module, skip: Iterable[str] = (), embeddings: bool = False) -> nn.Module:
+    """Give every quantizable layer of ``model`` (in place) its quantization sites.
+
+    Exact nn.Linear, nn.Conv2d and nn.Conv1d become QLinear, QConv2d and QConv1d; transformers'
+    ``Conv1D`` (weight [in, out]) a transposed QLinear; subclasses of nn.Linear, nn.Conv1d and
+    nn.Conv2d a QCall that runs their own forward with the fake-quantized weight; with
+    ``embeddings``, nn.Embedding (and subclasses) a weight-only QCall, per row. A linear layer
+    of nn.MultiheadAttention stays float (its parent reads the weight directly). The sites
+    share the float layers' parameters and start with no spec, so the wrapped model computes
+    exactly what the float model computes.
+
+    Every other parameter tensor with two or more dimensions stays float and is listed, with
+    its reason, by :func:`float_layers`; a warning names them when they hold more than 1 % of
+    the model's weights.
 
     Args:
         model: the float model; modified in place and returned.
         skip: exact module names to leave as they are.
+        embeddings: quantize nn.Embedding weights too (weight-only; the input is indices).
 
     Returns:
         The same model object, wrapped.
+
+    Raises:
+        ValueError: the model is wrapped already, is a bare layer, or has nothing to quantize
+            (the message names the module types it saw).
     """
     skip = set(skip)
-    if any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
+    if any(isinstance(m, SITE_TYPES) for m in model.modules()):
         raise ValueError("model is already wrapped; call mixq.unwrap(model) first")
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if type(m) in QUANT_MODULES and name and name not in skip
-    ]
-    if not targets and type(model) in QUANT_MODULES:
+    if _is_layer(model):
         raise ValueError("wrap a model that contains the layer, not a bare layer")
-    for name, m in targets:
-        _set_child(model, name, QUANT_MODULES[type(m)](m))
+    modules = dict(model.named_modules())
+    done: list[str] = []
+    for name, m in modules.items():
+        if not name or name in skip or not _is_layer(m) or any(name.startswith(d + ".") for d in done):
+            continue
+        if _why_float(m, modules[name.rpartition(".")[0]], embeddings) is None:
+            _set_child(model, name, _site(m))
+            done.append(name)
+    if not done:
+        seen = sorted({type(m).__name__ for n, m in modules.items() if n})
+        raise ValueError(
+            f"the model has nothing to quantize: it holds {', '.join(seen) or 'no modules'}; "
+            "mixq quantizes nn.Linear, nn.Conv1d, nn.Conv2d (and subclasses), transformers' Conv1D "
+            "and, with embeddings=True, nn.Embedding"
+        )
     for name, m in list(model.named_modules()):
         if type(m) is Add and name not in skip:
             _set_child(model, name, QAdd(m))
+    _warn_float(model, skip)
     return model
+
+
+def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, str]:
+    """Every parameter tensor of a wrapped model with two or more dimensions that stays float,
+    by parameter name, with its reason ("not a supported layer type: X", "skipped by name",
+    "embedding (embeddings=False)", "tied to <site>.weight (quantized there)", ...)."""
+    skip = set(skip)
+    qsites = sites(model)
+    owner = {id(m.weight): n for n, m in qsites.items()}
+    owner.update({id(m.float_module.weight): n for n, m in qsites.items() if getattr(m, "transposed", False)})
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SITE_TYPES):
+            continue  # its weight is quantized; its other tensors are its own (below)
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                full = f"{name}.{pname}" if name else pname
+                out[full] = _float_reason(model, name, pname, owner.get(id(p)), skip)
+    for name, m in qsites.items():
+        for pname, p in m.named_parameters(recurse=False):
+            if p is not m.weight and p.dim() >= 2:
+                out[f"{name}.{pname}"] = f"a parameter of {type(m.float_module).__name__} besides its weight"
+    return out
+
+
+def _float_reason(model: nn.Module, name: str, pname: str, tied: str | None, skip: set[str]) -> str:
+    """Why parameter ``pname`` of module ``name`` stays float (``tied``: the site sharing it)."""
+    m = model.get_submodule(name)
+    if tied is not None:
+        return f"tied to {tied}.weight (quantized there; this module reads the float weight)"
+    if name in skip or any(name.startswith(s + ".") for s in skip):
+        return "skipped by name"
+    if _is_layer(m) and pname == "weight" and name:
+        reason = _why_float(m, model.get_submodule(name.rpartition(".")[0]), embeddings=False)
+        if reason is not None:
+            return reason
+    return f"not a supported layer type: {type(m).__name__}"
+
+
+def _weights(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+
+
+def _warn_float(model: nn.Module, skip: Iterable[str]) -> None:
+    floats = float_layers(model, skip)
+    params = dict(model.named_parameters())
+    held = sum(params[n].numel() for n in floats if n in params)
+    total = _weights(model)
+    if total and held > FLOAT_SHARE * total:
+        named = "; ".join(f"{n} ({r})" for n, r in floats.items())
+        warnings.warn(
+            f"{held / total:.1%} of the model's weights stay float: {named}", UserWarning, stacklevel=3
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Put the float layers back (in place); parameters are shared, so nothing is copied."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, (QLinear, QConv2d, QAdd)):
+        if isinstance(m, (*SITE_TYPES, QAdd)):
             _set_child(model, name, m.float_module)
     return model
 
 
 def sites(model: nn.Module) -> dict[str, QModule]:
     """Return the quantized layers of a wrapped model by exact module name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, SITE_TYPES)}
 
 
 def add_sites(model: nn.Module) -> dict[str, QAdd]:
@@ -123,6 +239,7 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
     """Set every site of a wrapped model from ``plan``; layers the plan omits become float.
 
     The residual additions take ``plan.meta["adds"]`` (float when absent, or for a plain dict).
+    A weight-only site (an embedding: its input is indices) takes only the weight spec.
     """
     layers = plan.layers if isinstance(plan, Plan) else plan
     add = adds_spec(plan) if isinstance(plan, Plan) else None
@@ -133,7 +250,7 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
     for name, m in qlayers.items():
         spec = layers.get(name)
         m.weight_quant.set_spec(spec.weight if spec else None)
-        m.input_quant.set_spec(spec.act if spec else None)
+        m.input_quant.set_spec(spec.act if spec and not getattr(m, "weight_only", False) else None)
     adds = add_sites(model)
     if add is not None and not adds:
         raise ValueError(
@@ -178,7 +295,8 @@ def calibrate(
     run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
     seen = 0
     acts = [m.input_quant for m in qlayers.values()] + [q for m in add_sites(model).values() for q in m.quant]
-    with applied(model, {}), recording_grams(model, list(qlayers) if gram else []):
+    grams = [n for n, m in qlayers.items() if not getattr(m, "weight_only", False)] if gram else []
+    with applied(model, {}), recording_grams(model, grams):
         for m in qlayers.values():
             if isinstance(m.weight_quant, Quantizer):
                 m.weight_quant.set_gram(None)

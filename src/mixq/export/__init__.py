@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from mixq import rundir, tasks
-from mixq.api import Result, prepare
+from mixq.api import Result, names_embeddings, prepare
 from mixq.export.deploy import deploy_model
 from mixq.export.integer import emulate
 from mixq.export.packed import load_safetensors, read_safetensors, save_safetensors
@@ -148,7 +148,7 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
             )
         return Result(plan, model, _rebuilt(metrics, value, recorded)), task
     specs = list(plan.layers.values()) + _candidates(metrics)
-    qmodel, infos = prepare(task, specs)
+    qmodel, infos = prepare(task, specs, embeddings=names_embeddings(task, plan))
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()

@@ -21,7 +21,7 @@ from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
 from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
 from mixq.plan import QSpec
-from mixq.wrap import sites
+from mixq.wrap import is_hf_conv1d, sites
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
         return deployed_layers(qmodel)
     layers = {}
     for name, m in sites(qmodel).items():
+        if not m.exportable:
+            float_type = type(m.float_module).__name__
+            raise ValueError(
+                f"layer {name}: a {float_type} cannot be exported yet; the packed and ONNX exports "
+                "take nn.Linear, nn.Conv2d and transformers' Conv1D layers"
+            )
         wspec, aspec = m.weight_quant.spec, m.input_quant.spec
         if wspec is not None:
             gram = m.weight_quant.gram.float() if m.weight_quant.gram is not None else None
@@ -179,16 +185,15 @@ def deploy(
         old = getattr(parent, attr)
         if isinstance(old, (QLinear, QConv2d)):
             old = old.float_module
+        transposed = lx.kind == "linear" and is_hf_conv1d(old)  # x @ W + b, W [in, out]: a Linear
         expected = nn.Linear if lx.kind == "linear" else nn.Conv2d
-        if not isinstance(old, expected):
+        if not (transposed or isinstance(old, expected)):
             raise ValueError(f"layer {name}: the model has {type(old).__name__}, the export a {lx.kind}")
         dtype = old.weight.dtype  # the model's: decoded in float32, cast as the site casts
         w = lx.float_weight().to(dtype)
-        if tuple(old.weight.shape) != tuple(w.shape):
-            raise ValueError(
-                f"layer {name}: weight shape {tuple(w.shape)} does not fit the model's "
-                f"{tuple(old.weight.shape)}"
-            )
+        shape = tuple(old.weight.shape)[::-1] if transposed else tuple(old.weight.shape)
+        if shape != tuple(w.shape):
+            raise ValueError(f"layer {name}: weight shape {tuple(w.shape)} does not fit the model's {shape}")
         act = None
         if lx.act is not None:
             act = ActQuant(lx.act, lx.act_scale, lx.act_zero, lx.channel_axis, name, lx.act_base)

@@ -278,6 +278,8 @@ def deploy(qmodel: nn.Module) -> nn.Module:
         spec = m.weight_quant.spec
         if spec is None or spec.points is None:
             continue
+        if not m.exportable:
+            raise ValueError(f"layer {name}: a {type(m.float_module).__name__} has no channel-split form yet")
         split = mp.split_layer(m, mp.spec_points(m.weight, spec))
         new: nn.Module = split if m.input_quant.spec is None else nn.Sequential(m.input_quant, split)
         parent_name, _, attr = name.rpartition(".")

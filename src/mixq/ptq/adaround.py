@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixq.formats import Int
@@ -144,9 +143,7 @@ def grid_of(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> G
 
 
 def _layer_fn(m: nn.Module):
-    if hasattr(m, "in_channels"):
-        return lambda x, w, b: m.float_module._conv_forward(x, w, b)
-    return lambda x, w, b: F.linear(x, w, b)
+    return m.forward_with  # (x, w, b) -> the layer's output, as the site's float layer computes it
 
 
 @dataclass(frozen=True)

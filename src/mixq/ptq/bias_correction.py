@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixq.progress import progress
@@ -48,9 +47,7 @@ class Config:
 
 def float_output(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Return quantized layer ``m``'s output with float weights and no input quantization."""
-    if hasattr(m, "in_channels"):
-        return m.float_module._conv_forward(x, m.weight, m.bias)
-    return F.linear(x, m.weight, m.bias)
+    return m.forward_with(x, m.weight, m.bias)
 
 
 def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -> dict:
@@ -70,7 +67,8 @@ def correct(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0
     layers = {
         n: m
         for n, m in sites(qmodel).items()
-        if m.weight_quant.spec is not None or m.input_quant.spec is not None
+        if (m.weight_quant.spec is not None or m.input_quant.spec is not None)
+        and not getattr(m, "weight_only", False)  # an embedding has no bias to correct
     }
     largest = 0.0
     qmodel.eval()
