@@ -21,7 +21,7 @@ from mixq.cache import current as current_cache
 from mixq.methods import METHODS
 from mixq.methods.common import Context, MethodOutput
 from mixq.metrics import Metrics
-from mixq.options import RunOptions
+from mixq.options import RunOptions, check_types
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
 from mixq.wrap import ADDS, adds_spec, apply, calibrate, sites, with_adds, wrap
@@ -49,8 +49,9 @@ def check_finite(model: nn.Module) -> None:
 
 
 def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
-    """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
-    if method not in METHODS:
+    """Build a method's Config from ``method_args``, rejecting unknown methods and keys, and
+    values of the wrong type (by the Config's annotations)."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     cfg_cls = METHODS[method].config
     args = dict(method_args or {})
@@ -60,7 +61,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
         raise ValueError(
             f"unknown method_args {unknown} for method {method!r}; valid: {', '.join(valid) or 'none'}"
         )
-    return cfg_cls(**args)
+    return cfg_cls(**check_types(cfg_cls, args, f"method_args of {method!r}"))
 
 
 def _prepare_key(task: tasks.Task, gram: bool, act: bool) -> tuple:
@@ -212,7 +213,18 @@ def _candidates(candidates: list[str | LayerSpec] | str | None) -> list[LayerSpe
         candidates = [c for c in candidates.split(",") if c]
     if not candidates:
         raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
-    return [as_layer_spec(c) for c in candidates]
+    if not isinstance(candidates, (list, tuple)):
+        raise ValueError(f"candidates must be a list of candidate names, got {candidates!r}")
+    specs = [as_layer_spec(c) for c in candidates]
+    seen: dict[str, Any] = {}
+    for given, spec in zip(candidates, specs, strict=True):
+        if spec.name in seen:
+            raise ValueError(
+                f"candidate {spec.name!r} is given twice ({seen[spec.name]!r} and {given!r}); "
+                "each candidate once"
+            )
+        seen[spec.name] = given
+    return specs
 
 
 def _executor(opts: RunOptions) -> Any:
