@@ -144,12 +144,71 @@ def run(
     specs = _candidates(candidates)
     budget = cost.check_budget(budget if budget is not None else {})
     steps = ptq_steps.resolve(opts.ptq, opts.ptq_args)
+    if opts.out is None:
+        result, _ = _run(task, method, cfg, specs, budget, steps, opts, key="")
+        return result
+    out = rundir.check_out(opts.out)
+    config = run_config(task, method, cfg, specs, budget, steps, opts)
+    with rundir.writing(out, config, overwrite=opts.overwrite) as key:
+        result, infos = _run(task, method, cfg, specs, budget, steps, opts, key=key)
+        rundir.write_run(out, result, infos, key)
+    return result
+
+
+def run_config(
+    task: tasks.Task,
+    method: str,
+    cfg: Any,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    steps: list[ptq_steps.Step],
+    opts: RunOptions,
+) -> dict[str, Any]:
+    """Everything a run's outcome depends on, as JSON: the key of its run directory's artifacts.
+
+    The task by name and by the fingerprints of its weights and data, the method and its
+    settings, the candidates, the budget, the PTQ steps and their settings, the seed, the
+    additions' spec and mixq's version (not the executor: where jobs run changes no result).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mixq_version = version("mixq")
+    except PackageNotFoundError:
+        mixq_version = "unknown"
+    return {
+        "task": task.name,
+        "model": fingerprint_model(task.model),
+        "calib": fingerprint_data(task.calib),
+        "val": fingerprint_data(task.val),
+        "method": method,
+        "method_args": dataclasses.asdict(cfg),
+        "candidates": [c.name for c in specs],
+        "budget": budget,
+        "ptq": [{"step": s.name, **dataclasses.asdict(s.cfg)} for s in steps],
+        "seed": opts.seed,
+        "adds": str(opts.adds) if opts.adds is not None else None,
+        "mixq": mixq_version,
+    }
+
+
+def _run(
+    task: tasks.Task,
+    method: str,
+    cfg: Any,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    steps: list[ptq_steps.Step],
+    opts: RunOptions,
+    key: str,
+) -> tuple[Result, list[cost.LayerInfo]]:
+    """One run after its checks (in its run directory, when ``opts.out`` is set)."""
     runner = _executor(opts)
     torch.manual_seed(opts.seed)
     with (opts.cache if opts.cache is not None else Cache()).active():
         work, ptq_records = _float_steps(task, steps, opts.seed)
         t0 = time.perf_counter()
-        ctx = _context(work, specs, budget, opts, runner)
+        ctx = _context(work, specs, budget, opts, runner, key)
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
         seconds = time.perf_counter() - t0
         plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
@@ -170,9 +229,6 @@ def run(
         history=output.history,
         ptq=ptq_records,
     )
-    result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
-    if ctx.out is not None:
-        rundir.write_run(ctx.out, result, ctx.model_costs.infos)
     log.info(
         "%s %s: %s=%.4f avg_weight_bits=%.3f",
         task.name,
@@ -181,7 +237,7 @@ def run(
         metrics.metric,
         metrics.avg_weight_bits,
     )
-    return result
+    return Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history), ctx.model_costs.infos
 
 
 def _search(ctx: Context, method: str, cfg: Any, owned: bool) -> MethodOutput:
@@ -246,7 +302,12 @@ def _float_steps(task: tasks.Task, steps: list[ptq_steps.Step], seed: int) -> tu
 
 
 def _context(
-    task: tasks.Task, specs: list[LayerSpec], budget: dict[str, float], opts: RunOptions, runner: Any
+    task: tasks.Task,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    opts: RunOptions,
+    runner: Any,
+    key: str,
 ) -> Context:
     """Prepare the model and build what the method receives."""
     qmodel, infos = prepare(task, specs)
@@ -264,6 +325,7 @@ def _context(
         out=Path(opts.out) if opts.out is not None else None,
         executor=runner,
         methods=METHODS,
+        key=key,
     )
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)
