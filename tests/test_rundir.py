@@ -184,10 +184,19 @@ def test_two_concurrent_writers_the_second_fails_at_once(tmp_path, capsys):
         done.set()
         writer.join()
     assert not (d / rundir.LOCK).exists()  # released
-    with pytest.raises(rundir.RunDirError, match="holds another run"):  # the first's directory now
-        mixq.run("synthetic-mlp", "uniform", CANDS, out=d)
-    mixq.run("synthetic-mlp", "uniform", CANDS, out=d, overwrite=True)
+    mixq.run("synthetic-mlp", "uniform", CANDS, out=d)  # the first wrote nothing but run.json
     assert rundir.load_metrics(d).method == "uniform"
+
+
+def test_a_run_that_stopped_before_writing_anything_leaves_the_directory_free(tmp_path):
+    d = tmp_path / "run"
+    with pytest.raises(mixq.search.InfeasibleBudgetError):
+        mixq.run("synthetic-mlp", "uniform", CANDS, {"avg_weight_bits": 1}, out=d)
+    assert sorted(p.name for p in d.iterdir()) == [rundir.CONFIG]  # no lock left, no result
+    with pytest.raises(rundir.RunDirError, match="incomplete run"):
+        load_run(d)
+    mixq.run("synthetic-mlp", "uniform", CANDS, {"avg_weight_bits": 5}, out=d)
+    assert rundir.load_metrics(d).budget == {"avg_weight_bits": 5.0}
 
 
 def test_a_stale_lock_is_replaced(tmp_path, caplog):

@@ -241,6 +241,8 @@ def _store_reusable(out: Path, config: dict[str, Any]) -> bool:
 def _claim(out: Path, config: dict[str, Any], key: str, overwrite: bool) -> None:
     """Make ``out`` (locked by this process) ready for the run of ``config``, or refuse."""
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if entries == [CONFIG]:  # a run that stopped before it wrote anything (e.g. an infeasible budget)
+        entries = []
     if entries and overwrite:
         if not any(e in _KNOWN for e in entries):
             raise RunDirError(
