@@ -180,7 +180,7 @@ def run_config(
         "task": task.name,
         "model": fingerprint_model(task.model),
         "calib": fingerprint_data(task.calib),
-        "val": fingerprint_data(task.val),
+        "val": _val_fingerprint(task),
         "method": method,
         "method_args": dataclasses.asdict(cfg),
         "candidates": [c.name for c in specs],
@@ -190,6 +190,15 @@ def run_config(
         "adds": str(opts.adds) if opts.adds is not None else None,
         "mixq": mixq_version,
     }
+
+
+def _val_fingerprint(task: tasks.Task) -> str | None:
+    """The validation batches' fingerprint; None for batches of elements it cannot hash (the
+    metric then is the task's own affair, as before run directories were keyed)."""
+    try:
+        return fingerprint_data(task.val)
+    except TypeError:
+        return None
 
 
 def _run(
