@@ -117,6 +117,7 @@ def run_sensitivity_ilp(
                 {"avg_weight_bits": b},
                 method_args=method_args,
                 out=out,
+                overwrite=True,  # the last budget's run; its store is kept (jobs keyed per job)
                 cache=cache,
             )
         except ValueError as e:  # an infeasible budget

@@ -105,7 +105,13 @@ def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mix
                 continue
             budget = {"avg_weight_bits": mpr["avg_weight_bits"]}
             res = run(
-                task, "sensitivity-ilp", cands, budget=budget, out=d, method_args={"batches": ilp_batches}
+                task,
+                "sensitivity-ilp",
+                cands,
+                budget=budget,
+                out=d,
+                overwrite=True,  # the last budget's run; its store is kept (jobs keyed per job)
+                method_args={"batches": ilp_batches},
             )
             rows.append(row(f"sensitivity-ilp @ {mpr['label']}", res))
     return {"rows": rows, "summary": summarize(rows, bits)}

@@ -276,6 +276,7 @@ def run_one(
         budget={"avg_weight_bits": budget},
         method_args=METHOD_ARGS.get((method, task.name)),
         out=out,
+        overwrite=True,  # cleared above but for its store, which mixq.run keeps (jobs keyed per job)
         cache=cache,
     )
     wall = time.perf_counter() - t0

@@ -92,6 +92,7 @@ def run_set(
                 budget={"avg_weight_bits": b},
                 method_args={**margs, **args.get(name, {})},
                 out=out,
+                overwrite=True,  # the last budget's run; its store is kept (jobs keyed per job)
                 cache=cache,
             )
             m = res.metrics

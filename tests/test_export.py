@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mixq
-from mixq import cli, export, formats, tasks
+from mixq import cli, export, formats, rundir, tasks
 from mixq.export import packing
 from mixq.export.codes import decode_weight, encode_weight
 from mixq.plan import Plan, parse_candidate
@@ -412,7 +412,7 @@ def test_cli_exports_a_run_directory(tmp_path, capsys) -> None:
     assert (out.argmax(1) == res.model(x).detach().numpy().argmax(1)).all()
     capsys.readouterr()
     assert cli.main(["export", str(tmp_path / "nowhere")]) == 2
-    assert "no plan.json" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 # -- run directories hold their model: PTQ and QAT weights come back exactly ------------------------
@@ -441,8 +441,12 @@ def check_run_dir(run_dir, res: mixq.Result, task: tasks.Task, capsys) -> None:
 
 
 def plan_only_outputs(run_dir, x: torch.Tensor) -> torch.Tensor:
-    """What the run's plan alone rebuilds (its stored model set aside)."""
+    """What the run's plan alone rebuilds (its stored model set aside, as a run whose plan had no
+    packed form: the manifest does not list it)."""
     (run_dir / "model.safetensors").rename(run_dir / "aside.safetensors")
+    manifest = (run_dir / rundir.MANIFEST).read_text()
+    files = [f for f in json.loads(manifest)["files"] if f != rundir.MODEL]
+    rundir.write_manifest(run_dir, json.loads(manifest)["key"], files)
     try:
         with pytest.raises(ValueError, match="cannot be rebuilt from its plan"):
             export.rebuild(run_dir)
@@ -451,6 +455,7 @@ def plan_only_outputs(run_dir, x: torch.Tensor) -> torch.Tensor:
             return res.model(x)
     finally:
         (run_dir / "aside.safetensors").rename(run_dir / "model.safetensors")
+        (run_dir / rundir.MANIFEST).write_text(manifest)
 
 
 def test_run_dir_with_bias_correction_and_adaround_exports_exactly(tmp_path, capsys) -> None:

@@ -1,12 +1,17 @@
-"""Test mixq.run's options object, TOML recipes and the explicit cache a sweep shares."""
+"""Test mixq.run's options object, TOML recipes, the explicit cache a sweep shares, and typed
+settings at every boundary (method and PTQ configs, recipes, the command line, the Python API)."""
 
+import dataclasses
 import doctest
+import functools
+import typing
+from pathlib import Path
 
 import pytest
 
 import mixq
-from mixq import api, cache, options
-from mixq.options import RECIPE_KEYS, Recipe, RunOptions
+from mixq import api, cache, cli, options
+from mixq.options import RECIPE_KEYS, Recipe, RunOptions, check_types
 
 CANDS = ["w3+asym+mse", "w4+asym+omse", "w8"]
 MLP = ("synthetic-mlp", "uniform", CANDS, {"avg_weight_bits": 5})
@@ -89,5 +94,119 @@ def test_recipe_from_toml_is_strict_and_round_trips(tmp_path):
         "budget",
         *RunOptions.__dataclass_fields__,
     }
-    with pytest.raises(ValueError, match="seed must be an integer"):
+    with pytest.raises(ValueError, match=r"seed must be int, got .x."):
         Recipe.from_dict({"task": "t", "seed": "x"})
+
+
+# -- typed settings (issue #29) -------------------------------------------------------------------
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixq: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["--method", "ddq", "--method-arg", "steps=abc"],
+            "method_args of 'ddq': steps must be int, got 'abc' (str)",
+        ),
+        (
+            ["--method", "sensitivity-ilp", "--method-arg", "batches=1.5"],
+            "method_args of 'sensitivity-ilp': batches must be int, got 1.5 (float)",
+        ),
+        (
+            ["--ptq", "adaround", "--ptq-arg", "adaround.iters=lots"],
+            "ptq_args of 'adaround': iters must be int",
+        ),
+        (["--candidates", "w4+sym+asym"], "candidate 'w4+sym+asym' sets the symmetric twice (+sym+asym)"),
+        (["--candidates", "w4a8,w4a8"], "candidate 'w4a8' is given twice ('w4a8' and 'w4a8')"),
+        (["--candidates", "w4a8,w4-a8"], "candidate 'w4a8' is given twice ('w4a8' and 'w4-a8')"),
+    ],
+)
+def test_wrong_values_on_the_command_line_are_one_line_errors(argv, said, tmp_path, capsys):
+    base = {"--task": "synthetic-mlp", "--candidates": "w4,w8", "--out": str(tmp_path / "run")}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    assert cli.main(["run", *[x for kv in base.items() for x in kv]]) == 2
+    assert said in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # checked before the run directory is touched
+
+
+@pytest.mark.parametrize(
+    ("toml", "said"),
+    [
+        ('method = ["uniform"]', "method must be str, got ['uniform'] (list)"),
+        ("out = 5", "out must be str or Path or None, got 5 (int)"),
+        ('seed = "zero"', "seed must be int, got 'zero' (str)"),
+        ("seed = true", "seed must be int, got True (bool)"),
+        ('budget = {avg_weight_bits = "4"}', "budget must be dict[str, float] or None"),
+        ("candidates = [4, 8]", "candidates must be list[str] or str or None, got [4, 8]"),
+        ("ptq_args = {adaround = 3}", "ptq_args must be dict[str, dict[str, Any]] or None"),
+        ("method_args = 3", "method_args must be dict[str, Any] or None, got 3 (int)"),
+    ],
+)
+def test_wrong_types_in_a_recipe_name_the_key_the_type_and_the_value(toml, said, tmp_path, capsys):
+    f = tmp_path / "r.toml"
+    f.write_text(f'task = "synthetic-mlp"\n{toml}\n')
+    with pytest.raises(ValueError, match="recipe .*r.toml: ") as e:
+        Recipe.from_toml(f)
+    assert said in str(e.value)
+    assert cli.main(["run", "--recipe", str(f)]) == 2
+    assert said in one_error_line(capsys)
+
+
+def test_wrong_types_in_the_python_api_are_named():
+    run = functools.partial(mixq.run, "synthetic-mlp", "uniform", ["w4", "w8"])
+    cases = [
+        (dict(method_args={"select": 3}), "method_args of 'uniform': select must be str, got 3 (int)"),
+        (dict(seed="0"), "mixq.run: seed must be int, got '0' (str)"),
+        (dict(out=5), "mixq.run: out must be str or Path or None, got 5"),
+        (dict(overwrite="yes"), "mixq.run: overwrite must be bool, got 'yes'"),
+        (
+            dict(ptq=["cle"], ptq_args={"cle": {"max_sweeps": 2.5}}),
+            "ptq_args of 'cle': max_sweeps must be int",
+        ),
+    ]
+    for kwargs, said in cases:
+        with pytest.raises(ValueError) as e:
+            run(**kwargs)
+        assert said in str(e.value), (kwargs, str(e.value))
+    with pytest.raises(ValueError, match=r"method_args of 'ddq': steps must be int, got '3' \(str\)"):
+        mixq.run("synthetic-mlp", "ddq", ["w4", "w8"], method_args={"steps": "3"})
+    with pytest.raises(ValueError, match=r"unknown method \['uniform'\]"):
+        mixq.run("synthetic-mlp", ["uniform"], ["w4"])
+    with pytest.raises(ValueError, match="candidate 'w4' is given twice"):
+        mixq.run("synthetic-mlp", "uniform", ["w4", "w4+sym"])
+
+
+def test_every_config_annotation_is_checkable():
+    """check_types reads each method's and PTQ step's Config annotations: none may be unreadable
+    (an unreadable one would silently skip the check), and the defaults conform to them."""
+    from mixq.methods import METHODS
+    from mixq.ptq import STEPS
+
+    for cls in [m.config for m in METHODS.values()] + [s.config for s in STEPS.values()] + [RunOptions]:
+        hints = typing.get_type_hints(cls)
+        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        assert set(hints) >= set(defaults)
+        assert check_types(cls, defaults, cls.__name__) == defaults
+
+
+def test_check_types_accepts_what_the_annotations_allow():
+    assert check_types(RunOptions, {"seed": 3, "out": Path("x"), "ptq": "cle"}, "t") == {
+        "seed": 3,
+        "out": Path("x"),
+        "ptq": "cle",
+    }
+    from mixq.methods.ddq import Config
+
+    converted = check_types(Config, {"epochs": 2, "time_limit": None}, "t")
+    assert converted == {"epochs": 2.0, "time_limit": None} and isinstance(converted["epochs"], float)
+    with pytest.raises(ValueError, match=r"t: learn_bits must be bool, got 1 \(int\)"):
+        check_types(Config, {"learn_bits": 1}, "t")
+    with pytest.raises(ValueError, match=r"t: time_limit must be float or None, got 'soon'"):
+        check_types(Config, {"time_limit": "soon"}, "t")

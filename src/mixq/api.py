@@ -22,7 +22,7 @@ from mixq.fold import NORMS, fold_model
 from mixq.methods import METHODS
 from mixq.methods.common import Context, MethodOutput
 from mixq.metrics import Metrics
-from mixq.options import RunOptions
+from mixq.options import RunOptions, check_types
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
 from mixq.wrap import ADDS, adds_spec, apply, calibrate, float_layers, with_adds, wrap
@@ -68,8 +68,9 @@ def check_dtypes(model: nn.Module) -> None:
 
 
 def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
-    """Build a method's Config from ``method_args``, rejecting unknown methods and keys."""
-    if method not in METHODS:
+    """Build a method's Config from ``method_args``, rejecting unknown methods and keys, and
+    values of the wrong type (by the Config's annotations)."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     cfg_cls = METHODS[method].config
     args = dict(method_args or {})
@@ -79,7 +80,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
         raise ValueError(
             f"unknown method_args {unknown} for method {method!r}; valid: {', '.join(valid) or 'none'}"
         )
-    return cfg_cls(**args)
+    return cfg_cls(**check_types(cfg_cls, args, f"method_args of {method!r}"))
 
 
 def _prepare_key(task: tasks.Task, gram: bool, act: bool, embeddings: bool) -> tuple:
@@ -167,12 +168,80 @@ def run(
     specs = _candidates(candidates)
     budget = cost.check_budget(budget if budget is not None else {})
     steps = ptq_steps.resolve(opts.ptq, opts.ptq_args)
+    if opts.out is None:
+        result, _ = _run(task, method, cfg, specs, budget, steps, opts, key="")
+        return result
+    out = rundir.check_out(opts.out)
+    config = run_config(task, method, cfg, specs, budget, steps, opts)
+    with rundir.writing(out, config, overwrite=opts.overwrite) as key:
+        result, infos = _run(task, method, cfg, specs, budget, steps, opts, key=key)
+        rundir.write_run(out, result, infos, key)
+    return result
+
+
+def run_config(
+    task: tasks.Task,
+    method: str,
+    cfg: Any,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    steps: list[ptq_steps.Step],
+    opts: RunOptions,
+) -> dict[str, Any]:
+    """Everything a run's outcome depends on, as JSON: the key of its run directory's artifacts.
+
+    The task by name and by the fingerprints of its weights and data, the method and its
+    settings, the candidates, the budget, the PTQ steps and their settings, the seed, the
+    additions' spec and mixq's version (not the executor: where jobs run changes no result).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mixq_version = version("mixq")
+    except PackageNotFoundError:
+        mixq_version = "unknown"
+    return {
+        "task": task.name,
+        "model": fingerprint_model(task.model),
+        "calib": fingerprint_data(task.calib),
+        "val": _val_fingerprint(task),
+        "method": method,
+        "method_args": dataclasses.asdict(cfg),
+        "candidates": [c.name for c in specs],
+        "budget": budget,
+        "ptq": [{"step": s.name, **dataclasses.asdict(s.cfg)} for s in steps],
+        "seed": opts.seed,
+        "adds": str(opts.adds) if opts.adds is not None else None,
+        "mixq": mixq_version,
+    }
+
+
+def _val_fingerprint(task: tasks.Task) -> str | None:
+    """The validation batches' fingerprint; None for batches of elements it cannot hash (the
+    metric then is the task's own affair, as before run directories were keyed)."""
+    try:
+        return fingerprint_data(task.val)
+    except TypeError:
+        return None
+
+
+def _run(
+    task: tasks.Task,
+    method: str,
+    cfg: Any,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    steps: list[ptq_steps.Step],
+    opts: RunOptions,
+    key: str,
+) -> tuple[Result, list[cost.LayerInfo]]:
+    """One run after its checks (in its run directory, when ``opts.out`` is set)."""
     runner = _executor(opts)
     torch.manual_seed(opts.seed)
     with (opts.cache if opts.cache is not None else Cache()).active():
         work, ptq_records, folded = _float_steps(task, steps, opts.seed, opts.fold_bn)
         t0 = time.perf_counter()
-        ctx = _context(work, specs, budget, opts, runner)
+        ctx = _context(work, specs, budget, opts, runner, key)
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
         seconds = time.perf_counter() - t0
         plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
@@ -194,9 +263,6 @@ def run(
         ptq=ptq_records,
         extra={"fold_bn": folded} if folded else {},
     )
-    result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
-    if ctx.out is not None:
-        rundir.write_run(ctx.out, result, ctx.model_costs.infos)
     log.info(
         "%s %s: %s=%.4f avg_weight_bits=%.3f",
         task.name,
@@ -205,7 +271,7 @@ def run(
         metrics.metric,
         metrics.avg_weight_bits,
     )
-    return result
+    return Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history), ctx.model_costs.infos
 
 
 def _search(ctx: Context, method: str, cfg: Any, owned: bool) -> MethodOutput:
@@ -237,7 +303,18 @@ def _candidates(candidates: list[str | LayerSpec] | str | None) -> list[LayerSpe
         candidates = [c for c in candidates.split(",") if c]
     if not candidates:
         raise ValueError("give at least one candidate, e.g. candidates=['w4a8', 'w8a8']")
-    return [as_layer_spec(c) for c in candidates]
+    if not isinstance(candidates, (list, tuple)):
+        raise ValueError(f"candidates must be a list of candidate names, got {candidates!r}")
+    specs = [as_layer_spec(c) for c in candidates]
+    seen: dict[str, Any] = {}
+    for given, spec in zip(candidates, specs, strict=True):
+        if spec.name in seen:
+            raise ValueError(
+                f"candidate {spec.name!r} is given twice ({seen[spec.name]!r} and {given!r}); "
+                "each candidate once"
+            )
+        seen[spec.name] = given
+    return specs
 
 
 def _executor(opts: RunOptions) -> Any:
@@ -264,7 +341,12 @@ def _float_steps(
 
 
 def _context(
-    task: tasks.Task, specs: list[LayerSpec], budget: dict[str, float], opts: RunOptions, runner: Any
+    task: tasks.Task,
+    specs: list[LayerSpec],
+    budget: dict[str, float],
+    opts: RunOptions,
+    runner: Any,
+    key: str,
 ) -> Context:
     """Prepare the model and build what the method receives."""
     qmodel, infos = prepare(task, specs, embeddings=opts.embeddings)
@@ -282,6 +364,7 @@ def _context(
         out=Path(opts.out) if opts.out is not None else None,
         executor=runner,
         methods=METHODS,
+        key=key,
     )
     if ctx.out is not None:
         ctx.out.mkdir(parents=True, exist_ok=True)

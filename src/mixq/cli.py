@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mixq import rundir
 from mixq.options import Recipe
-from mixq.rundir import RECIPE
 
 DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
 DEMO_BUDGETS = [2.5, 4.5, 8.5]
@@ -99,9 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recipe.task is None:
         raise ValueError("name a task with --task or in the recipe")
     out = Path(recipe.options.out if recipe.options.out is not None else "runs/latest")
-    options = dataclasses.replace(recipe.options, out=out)
+    options = dataclasses.replace(recipe.options, out=out, overwrite=args.overwrite)
     res = mixq.run(recipe.task, recipe.method, recipe.candidates, recipe.budget, options=options)
-    (out / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n")
+    text = json.dumps(recipe.to_dict(), indent=2, default=str) + "\n"
+    rundir.add_file(out, rundir.RECIPE, lambda path: path.write_text(text))
     m = res.metrics
     print(_table([{**m.to_dict(), "budget": json.dumps(m.budget)}]))
     print(f"wrote {out}/plan.json, metrics.json, layers.csv, report.md")
@@ -177,7 +178,7 @@ def _eval_run(run_dir: str) -> int:
     from mixq import export
 
     result, task = export.rebuild(run_dir, check=False)
-    source = export.RUN_MODEL if (Path(run_dir) / export.RUN_MODEL).is_file() else "plan.json"
+    source = export.RUN_MODEL if rundir.listed(run_dir, export.RUN_MODEL) is not None else "plan.json"
     m = result.metrics
     print(
         json.dumps(
@@ -220,6 +221,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     stored = Path(args.run_dir) / export.RUN_MODEL
     if out.exists() and stored.is_file() and out.resolve() == stored.resolve():
         path = out  # the run's own packed model, just checked against its metric
+    elif out.resolve().parent == Path(args.run_dir).resolve():  # into the run directory: listed
+
+        def write(file: Path) -> Path:
+            return export.save(result, file, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
+
+        path = rundir.add_file(args.run_dir, out.name, write)
     else:
         path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
     print(
@@ -251,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's Config")
     r.add_argument("--seed", type=int)
     r.add_argument("--out", help="run directory (default runs/latest)")
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear --out when it holds another run (a run of the same settings resumes without it)",
+    )
     r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
     r.add_argument(

@@ -8,13 +8,105 @@ file (:meth:`Recipe.from_toml`) and the command line, and runs it.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import tomllib
 
 from mixq.cache import Cache
+
+# -- typed settings ------------------------------------------------------------------------------
+
+
+def type_name(hint: Any) -> str:
+    """A readable name of a type annotation: ``int``, ``float``, ``list[str] or None``.
+
+    >>> type_name(int | None), type_name(dict[str, float]), type_name(Literal["a", "b"])
+    ('int or None', 'dict[str, float]', "one of 'a', 'b'")
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return "None"
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]" if args else origin.__name__
+    return getattr(hint, "__name__", str(hint))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is float:  # an int is a float (the numeric tower); a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, set, frozenset):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this check does not understand (a TypeVar, a Callable): not checked
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """A conforming value in the annotation's own type where that is plain: int -> float, list -> tuple."""
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check ``values`` against the field annotations of the dataclass ``cls``; return them converted.
+
+    Only the keys given are checked (unknown keys are the caller's to reject). A value of the
+    wrong type raises a ValueError naming ``where``, the key, the expected type and the value:
+
+    >>> @dataclass
+    ... class C:
+    ...     steps: int = 1
+    >>> check_types(C, {"steps": "abc"}, "method_args of 'x'")
+    Traceback (most recent call last):
+    ...
+    ValueError: method_args of 'x': steps must be int, got 'abc' (str)
+    """
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that names what the module does not import
+        hints = {}
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if not _conforms(value, hint):
+            raise ValueError(
+                f"{where}: {key} must be {type_name(hint)}, got {value!r} ({type(value).__name__})"
+            )
+        out[key] = _convert(value, hint)
+    return out
 
 
 @dataclass(frozen=True)
@@ -45,6 +137,8 @@ class RunOptions:
         embeddings: quantize nn.Embedding weights too (weight-only, per row; see
             :func:`mixq.wrap.wrap`); without it they stay float, listed in
             ``metrics.float_layers``.
+        overwrite: clear ``out`` when it holds another run (else such a directory is refused;
+            one of the same configuration is resumed: see :mod:`mixq.rundir`).
     """
 
     method_args: dict[str, Any] | None = None
@@ -58,6 +152,7 @@ class RunOptions:
     cache: Cache | None = None
     fold_bn: bool = True
     embeddings: bool = False
+    overwrite: bool = False
 
     @classmethod
     def build(cls, options: RunOptions | None = None, **changes: Any) -> RunOptions:
@@ -73,13 +168,8 @@ class RunOptions:
         if options is not None and not isinstance(options, cls):
             raise ValueError(f"options must be a mixq.RunOptions, got {options!r}")
         opts = dataclasses.replace(options or cls(), **changes)
-        if opts.method_args is not None and not isinstance(opts.method_args, dict):
-            raise ValueError(f"method_args must be a dict of the method's settings, got {opts.method_args!r}")
-        if not isinstance(opts.fold_bn, bool):
-            raise ValueError(f"fold_bn must be True or False, got {opts.fold_bn!r}")
-        if not isinstance(opts.embeddings, bool):
-            raise ValueError(f"embeddings must be True or False, got {opts.embeddings!r}")
-        return opts
+        values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(cls)}
+        return dataclasses.replace(opts, **check_types(cls, values, "mixq.run"))
 
 
 RECIPE_KEYS = (
@@ -113,7 +203,7 @@ class Recipe:
 
     task: str | None = None
     method: str = "uniform"
-    candidates: list[str] | None = None
+    candidates: list[str] | str | None = None
     budget: dict[str, float] | None = None
     options: RunOptions = field(default_factory=RunOptions)
     given: tuple[str, ...] = field(default=(), compare=False)
@@ -126,13 +216,9 @@ class Recipe:
         unknown = sorted(set(data) - set(RECIPE_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; valid: {', '.join(RECIPE_KEYS)}")
-        if "seed" in data:
-            try:
-                data = {**data, "seed": int(data["seed"])}
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}: seed must be an integer, got {data['seed']!r}") from None
-        opts = RunOptions.build(**{k: v for k, v in data.items() if k not in _RUN_KEYS})
-        return cls(**{k: v for k, v in data.items() if k in _RUN_KEYS}, options=opts, given=tuple(data))
+        run = check_types(cls, {k: v for k, v in data.items() if k in _RUN_KEYS}, source)
+        opts = check_types(RunOptions, {k: v for k, v in data.items() if k not in _RUN_KEYS}, source)
+        return cls(**run, options=RunOptions.build(**opts), given=tuple(data))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Recipe:

@@ -224,13 +224,28 @@ def _parse_fmt(token: str, text: str) -> Format:
         raise ValueError(f"candidate {text!r}: {e}") from None
 
 
+_MOD_SETS = {
+    **dict.fromkeys(("sym", "asym"), "symmetric"),
+    **dict.fromkeys(("minmax", "mse", "omse"), "clip"),
+    **dict.fromkeys(("tensor", "channel"), "granularity"),
+}
+
+
 def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, text: str) -> QSpec:
     fmt = _parse_fmt(fmt_token, text)
     kw: dict[str, Any] = dict(defaults)
     kw.update(kind_of_format(fmt).parse_defaults())  # e.g. MX: "block"; only integers take a zero point
     if group is not None:
         kw["granularity"], kw["group_size"] = "group", int(group)
+    given: dict[str, str] = {}  # what each modifier sets: symmetric, clip or granularity, once
     for mod in filter(None, mods.split("+")):
+        what = _MOD_SETS.get(mod, "clip" if re.fullmatch(r"p\d+(\.\d+)?", mod) else None)
+        if what in given:
+            raise ValueError(
+                f"candidate {text!r} sets the {what} twice (+{given[what]}+{mod}); give one of them"
+            )
+        if what is not None:
+            given[what] = mod
         if mod in ("sym", "asym"):
             kw["symmetric"] = mod == "sym"
         elif mod in ("minmax", "mse", "omse"):

@@ -7,8 +7,9 @@ or regularizer that returns an extra loss term) and progress through :mod:`mixq.
 
 With a checkpoint directory, the model, the optimizer and the loop's position are saved after
 every epoch (and at the end) as plain tensors and numbers, read back with
-``torch.load(weights_only=True)``; calling ``train`` again with the same settings resumes where
-the last checkpoint stopped. Batches are visited in a per-epoch order drawn from ``cfg.seed``,
+``torch.load(weights_only=True)``; calling ``train`` again with the same settings (and ``key``) resumes
+where the last checkpoint stopped, announced by a warning; a checkpoint of another ``key`` is
+refused. Batches are visited in a per-epoch order drawn from ``cfg.seed``,
 so a resumed run sees the same batches as an uninterrupted one.
 """
 
@@ -82,6 +83,16 @@ class TrainConfig:
         return self.steps if self.steps else max(1, math.ceil(self.epochs * batches_per_epoch))
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where :func:`train` checkpoints (``dir``) and what produced it (``key``, e.g. the run's
+    configuration key: recorded in the checkpoint, and a checkpoint of another key is refused;
+    None: not checked)."""
+
+    dir: str | Path
+    key: str | None = None
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` did: steps run (in total and in this call), losses, wall time."""
@@ -146,6 +157,7 @@ def _save(
     step: int,
     total: int,
     history: list[dict[str, float]],
+    key: str | None,
 ) -> None:
     tmp = path.with_suffix(".tmp")
     keys = sorted({k for h in history for k in h})
@@ -157,14 +169,23 @@ def _save(
             "step": step,
             "total": total,
             "history": hist,
+            "key": key or "",
         },
         tmp,
     )
     tmp.replace(path)
 
 
-def _load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int) -> tuple[int, list]:
+def _load(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, key: str | None
+) -> tuple[int, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if key is not None and state.get("key", "") != key:
+        raise ValueError(
+            f"checkpoint {path} was written by another configuration (key "
+            f"{state.get('key', '')[:16] or 'none'!r}, this run's {key[:16]!r}): pass overwrite=True "
+            "(mixq run --overwrite) to start over, or use another checkpoint directory"
+        )
     if int(state["total"]) != total:
         raise ValueError(
             f"checkpoint {path} is for {int(state['total'])} steps, this run has {total}; "
@@ -185,7 +206,7 @@ def train(
     groups: list[dict[str, Any]],
     cfg: TrainConfig,
     hook: Hook | None = None,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | Checkpoint | None = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` on ``batches`` and return what was done.
@@ -203,7 +224,8 @@ def train(
         hook: called at the start of each step with (step, model), before the forward pass; may
             return an extra loss term (a regularizer) or None, and may update its own state or
             the model's configuration (a controller).
-        checkpoint_dir: where to save after each epoch and at the end, and to resume from.
+        checkpoint_dir: where to save after each epoch and at the end, and to resume from; a
+            :class:`Checkpoint` also gives the key the checkpoint records and must match.
         desc: the progress bar's label.
 
     Returns:
@@ -218,12 +240,15 @@ def train(
     warmup = int(cfg.warmup * total)
     step, history = 0, []
     ckpt = None
+    if not isinstance(checkpoint_dir, Checkpoint):
+        checkpoint_dir = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    key = checkpoint_dir.key if checkpoint_dir is not None else None
     if checkpoint_dir is not None:
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT
+        Path(checkpoint_dir.dir).mkdir(parents=True, exist_ok=True)
+        ckpt = Path(checkpoint_dir.dir) / CHECKPOINT
         if ckpt.exists():
-            step, history = _load(ckpt, model, opt, total)
-            log.info("resumed %s at step %d of %d from %s", desc, step, total, ckpt)
+            step, history = _load(ckpt, model, opt, total, key)
+            log.warning("resumed %s at step %d of %d from %s", desc, step, total, ckpt)
     resumed_from = step
     params = [p for g in opt.param_groups for p in g["params"]]
     set_train_mode(model, cfg.bn)
@@ -254,7 +279,7 @@ def train(
                 bar.set(loss=f"{float(loss.detach()):.4f}")
             bar.update()
             if ckpt is not None and (step % n == 0 or step == total):
-                _save(ckpt, model, opt, step, total, history)
+                _save(ckpt, model, opt, step, total, history, key)
     model.eval()
     return TrainResult(
         steps=step, resumed_from=resumed_from, history=history, seconds=time.perf_counter() - t0

@@ -20,20 +20,21 @@ The package's layers, each importing only those above it in this list:
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from mixq import rundir, tasks
+from mixq import cost, rundir, tasks
 from mixq.api import Result, names_embeddings, prepare
 from mixq.export.deploy import deploy_model
 from mixq.export.integer import emulate
-from mixq.export.packed import load_safetensors, read_safetensors, save_safetensors
+from mixq.export.packed import deployed, load_safetensors, read_safetensors, save_safetensors
 from mixq.export.qdq import save_onnx
 from mixq.metrics import Metrics
-from mixq.plan import as_layer_spec
-from mixq.wrap import apply
+from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
+from mixq.wrap import adds_spec, apply, wrap
 
 FORMATS = ("safetensors", "onnx")
 RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
@@ -95,18 +96,27 @@ def save(
     return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the deployed model from a packed safetensors export.
+def load(
+    path: str | Path, model: nn.Module | None = None, plan: Plan | str | Path | None = None
+) -> nn.Module:
+    """Rebuild the deployed model from a packed safetensors export, verified.
+
+    The file records a checksum of its payload and the hash of its plan: both are checked
+    (a file altered or damaged after it was written is refused, naming what differs), and with
+    ``plan`` (a Plan or a plan.json) the file must hold that plan's model.
 
     Args:
         path: a file written by ``save(..., format="safetensors")``.
         model: the float model the export came from (its architecture is reused, its weights
             replaced); by default the built-in task named in the file is rebuilt.
+        plan: the plan the file must hold (e.g. the run's plan.json); None: not compared.
 
     Returns:
         A model whose outputs equal the fake-quantized model's bit for bit.
     """
-    return load_safetensors(path, model)
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    return load_safetensors(path, model, plan)
 
 
 def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
@@ -125,10 +135,8 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
         when loaded from the run's file, else wrapped with the plan applied).
     """
     run_dir = Path(run_dir)
-    for f in (rundir.PLAN, rundir.METRICS):
-        if not (run_dir / f).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory: no {f}")
     metrics = rundir.read_metrics(run_dir, required=())
+    plan = rundir.read_plan(run_dir)
     name = metrics.get("task")
     if name not in tasks.TASKS:
         raise ValueError(
@@ -136,30 +144,69 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
             f"mixq.export.save(result, path); built-in tasks: {', '.join(tasks.TASKS)}"
         )
     task = tasks.get(name)
-    plan = rundir.read_plan(run_dir)
     recorded = metrics.get("metric")
-    if (run_dir / RUN_MODEL).is_file():
-        model = load_safetensors(run_dir / RUN_MODEL, task.model)
+    file = rundir.listed(run_dir, RUN_MODEL)
+    if file is not None:
+        read = read_safetensors(file, plan)  # checksum and plan hash verified
+        sizes = file_costs(file, read[0], plan, task)
+        model = deployed(file, *read, task.model)
         value = float(task.metric(model, task.val))
         if check and value != recorded:
             raise ValueError(
-                f"the model loaded from {run_dir / RUN_MODEL} scores {value!r}, the run recorded "
+                f"the model loaded from {file} scores {value!r}, the run recorded "
                 f"{recorded!r}: the file does not hold this run's model"
             )
-        return Result(plan, model, _rebuilt(metrics, value, recorded)), task
+        return Result(plan, model, _rebuilt({**metrics, **sizes}, value, recorded)), task
     specs = list(plan.layers.values()) + _candidates(metrics)
     qmodel, infos = prepare(task, specs, embeddings=names_embeddings(task, plan))
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
     value = float(task.metric(qmodel, task.val))
+    sizes = cost.metrics_of(
+        cost.model_costs(qmodel, infos), [plan.layers.get(i.name, FLOAT) for i in infos], adds_spec(plan)
+    )
     if check and value != recorded:
         raise ValueError(
             f"the model rebuilt from {run_dir / rundir.PLAN} scores {value!r}, the run "
             f"recorded {recorded!r}: this run cannot be rebuilt from its plan (its "
             f"weights were changed by PTQ steps or training, and the directory has no {RUN_MODEL})"
         )
-    return Result(plan, qmodel, _rebuilt(metrics, value, recorded)), task
+    return Result(plan, qmodel, _rebuilt({**metrics, **sizes}, value, recorded)), task
+
+
+def file_costs(path: Path, meta: dict[str, Any], plan: Plan, task: Any) -> dict[str, float]:
+    """``avg_weight_bits``, ``size_bytes``, ``size_ratio`` and ``bops`` of the specs a packed file
+    holds (its layers' metadata) on the task's layers, each layer checked against ``plan``.
+
+    Raises:
+        ValueError: a layer of the file has another shape than the model's, or another spec
+            than the plan's (naming the file, the layer and both).
+    """
+    qmodel = wrap(copy.deepcopy(task.model).eval())
+    infos = cost.probe(qmodel, task.calib[0], task.forward)
+    layers = meta.get("layers") or {}
+    specs = []
+    for info in infos:
+        m = layers.get(info.name)
+        if m is None:
+            raise ValueError(f"{path} has no layer {info.name!r} of the task's model")
+        if tuple(m["shape"]) != tuple(info.weight_shape):
+            raise ValueError(
+                f"{path}: layer {info.name!r} has shape {m['shape']}, the model's {info.weight_shape}"
+            )
+        spec = LayerSpec(
+            QSpec.from_dict(m["weight"]) if m["weight"] is not None else None,
+            QSpec.from_dict(m["act"]) if m["act"] is not None else None,
+        )
+        planned = plan.layers.get(info.name, FLOAT)
+        if spec != planned:
+            raise ValueError(
+                f"{path}: layer {info.name!r} holds {spec.name}, the run's plan says {planned.name}"
+            )
+        specs.append(spec)
+    sizes = cost.metrics_of(cost.model_costs(qmodel, infos), specs, adds_spec(plan))
+    return {k: sizes[k] for k in ("avg_weight_bits", "size_bytes", "size_ratio", "bops") if k in sizes}
 
 
 def _rebuilt(metrics: dict[str, Any], value: float, recorded: Any) -> Any:

@@ -31,6 +31,7 @@ padding of each packed tensor to whole bytes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,25 @@ from mixq.ptq.cle import ChannelClamp
 from mixq.quant.packing import pack_bits, unpack_bits
 from mixq.wrap import unwrap
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the metadata records plan_hash and payload; 1 (still read): neither
 META_KEY = "mixq"
+
+
+def plan_hash(plan: Plan | dict[str, Any]) -> str:
+    """The sha256 of a plan (its canonical JSON): what a packed file records of its plan."""
+    data = plan.to_dict() if isinstance(plan, Plan) else plan
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def payload_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a file's tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 STRUCTURE_TYPES: dict[str, type[nn.Module]] = {"ChannelClamp": ChannelClamp, "FoldedNorm": FoldedNorm}
@@ -144,6 +162,8 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     meta = {
         "schema": SCHEMA,
         "task": plan.meta.get("task"),
+        "plan_hash": plan_hash(plan),
+        "payload": payload_hash(tensors),
         "plan": plan.to_dict(),
         "layers": {n: _layer_meta(lx) for n, lx in layers.items()},
         "modules": structure(qmodel),
@@ -190,13 +210,43 @@ def _finish_layer(name: str, m: dict[str, Any], weight: Encoded | torch.Tensor, 
     return LayerExport(name, m["kind"], weight, bias, act, scale_a, zero_a, int(m["channel_axis"]), base)
 
 
+def verify(meta: dict[str, Any], tensors: dict[str, torch.Tensor], plan: Plan | None = None) -> None:
+    """Check a file's payload against its recorded checksum, its plan against its recorded hash,
+    and (given) ``plan`` against the file's; a schema-1 file records neither and is not checked.
+
+    Raises:
+        ValueError: what differs.
+    """
+    if meta.get("schema", 1) < 2:
+        if plan is not None and plan_hash(meta["plan"]) != plan_hash(plan):
+            raise ValueError("it holds the model of another plan (its plan differs from the run's plan.json)")
+        return
+    found = payload_hash(tensors)
+    if found != meta.get("payload"):
+        raise ValueError(
+            f"its payload checksum is {found[:12]}…, the file recorded {str(meta.get('payload'))[:12]}…: "
+            "the file is damaged or was altered"
+        )
+    if plan_hash(meta["plan"]) != meta.get("plan_hash"):
+        raise ValueError("its plan does not match the plan hash it recorded: the metadata was altered")
+    if plan is not None and meta["plan_hash"] != plan_hash(plan):
+        raise ValueError(
+            f"it holds the model of another plan (plan hash {meta['plan_hash'][:12]}…, the run's "
+            f"plan.json {plan_hash(plan)[:12]}…): it is not this run's model file"
+        )
+
+
 def read_safetensors(
-    path: str | Path,
+    path: str | Path, plan: Plan | None = None
 ) -> tuple[dict[str, Any], dict[str, LayerExport], dict[str, torch.Tensor]]:
     """Read a packed file: its metadata, its layers, and the rest of the state dict.
 
+    The payload is checked against the checksum the file records, and the file's plan against
+    its recorded hash and against ``plan`` when given (:func:`verify`).
+
     Raises:
-        ValueError: the file is missing, corrupt or not a mixq export; the message names it.
+        ValueError: the file is missing, corrupt, altered, of another plan or not a mixq export;
+            the message names it.
     """
     path = Path(path)
     if not path.is_file():
@@ -211,8 +261,11 @@ def read_safetensors(
         raise ValueError(f"{path} is a safetensors file but not a mixq export (no '{META_KEY}' metadata)")
     try:
         meta = json.loads(header[META_KEY])
-        if meta.get("schema") != SCHEMA:
-            raise ValueError(f"unsupported export schema {meta.get('schema')!r}; this mixq reads {SCHEMA}")
+        if meta.get("schema") not in (1, SCHEMA):
+            raise ValueError(
+                f"unsupported export schema {meta.get('schema')!r}; this mixq reads 1 to {SCHEMA}"
+            )
+        verify(meta, tensors, plan)
         layers = {n: _read_layer(n, m, tensors) for n, m in meta["layers"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: corrupt mixq metadata or tensors: {e!r}") from None
@@ -233,9 +286,20 @@ def _read_adds(adds: dict[str, Any]) -> dict[str, LayerExport]:
     return out
 
 
-def load_safetensors(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the deployed model of a packed file; see :func:`mixq.export.load`."""
-    meta, layers, rest = read_safetensors(path)
+def load_safetensors(path: str | Path, model: nn.Module | None = None, plan: Plan | None = None) -> nn.Module:
+    """Rebuild the deployed model of a packed file (verified: see :func:`read_safetensors`);
+    see :func:`mixq.export.load`."""
+    return deployed(path, *read_safetensors(path, plan), model)
+
+
+def deployed(
+    path: str | Path,
+    meta: dict[str, Any],
+    layers: dict[str, LayerExport],
+    rest: dict[str, torch.Tensor],
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """The deployed model of what :func:`read_safetensors` read from ``path``."""
     if model is None:
         task = meta.get("task")
         if task not in tasks.TASKS:

@@ -50,6 +50,8 @@ class Context:
         model_costs: fixed costs for budget conversions.
         budget: the user's budget; limits: the same as bounds on sums of ``costs``.
         seed: random seed; out: the run directory or None.
+        key: the key of the run's configuration (:func:`mixq.rundir.config_key`) when it
+            writes a run directory: what its resumable artifacts (QAT checkpoints) record.
         executor: runs the methods' sensitivity jobs (``mixq.executor``); None: in-process.
         methods: the registry of methods (``mixq.methods.METHODS``), for a method that runs
             another (multipoint's base method).
@@ -67,6 +69,7 @@ class Context:
     out: Path | None = None
     executor: Any = None
     methods: Mapping[str, Any] = field(default_factory=dict)
+    key: str = ""
 
     def store(self) -> contextlib.AbstractContextManager[Store | None]:
         """The run's resumable job store (``out/store.sqlite``), closed on leaving; None without ``out``."""

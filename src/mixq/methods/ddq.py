@@ -46,7 +46,7 @@ from mixq import search
 from mixq.methods.common import Context, MethodOutput, check_choices, check_length
 from mixq.plan import LayerSpec
 from mixq.quant.ddq import LEVEL_MODES, DDQQuantizer, LearnedInt, check_int_spec, init_range
-from mixq.train import BN_MODES, Hook, TrainConfig, train
+from mixq.train import BN_MODES, Checkpoint, Hook, TrainConfig, train
 from mixq.wrap import apply, sites
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def _phase(
             param_groups(ctx.qmodel, quantizers, cfg),
             tcfg,
             hook=hook,
-            checkpoint_dir=ckpt,
+            checkpoint_dir=Checkpoint(ckpt, f"{ctx.key}:{name}" if ctx.key else None) if ckpt else None,
             desc=f"ddq {name}",
         )
     except BaseException:

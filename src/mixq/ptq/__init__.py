@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from mixq.options import check_types
 from mixq.ptq import adaround, bias_correction, cle
 from mixq.tasks import Task
 
@@ -98,7 +99,7 @@ def resolve(ptq: list[str] | str | None, ptq_args: dict[str, dict[str, Any]] | N
         unknown = sorted(set(kw) - set(valid))
         if unknown:
             raise ValueError(f"unknown settings {unknown} for PTQ step {p!r}; valid: {', '.join(valid)}")
-        steps.append(Step(p, stage, cfg_cls(**kw)))
+        steps.append(Step(p, stage, cfg_cls(**check_types(cfg_cls, kw, f"ptq_args of {p!r}"))))
     return steps
 
 

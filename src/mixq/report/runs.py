@@ -69,9 +69,9 @@ def load_run(path: str | Path) -> Run:
     """
     path = Path(path)
     metrics = rundir.read_metrics(path)
-    sens_file = path / rundir.SENSITIVITY
-    sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
-    return Run(path, metrics, rundir.read_layers(path / rundir.LAYERS), sens)
+    sens_file = rundir.listed(path, rundir.SENSITIVITY)  # only the run's own, checked
+    sens = Sensitivity.load(sens_file) if sens_file is not None else None
+    return Run(path, metrics, rundir.read_layers(rundir.listed(path, rundir.LAYERS)), sens)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
