@@ -455,7 +455,7 @@ def test_run_with_embeddings_option(tmp_path):
     }
     assert "| `emb.weight` | embedding (embeddings=False) |" in (tmp_path / "report.md").read_text()
     assert r.metrics.size_bytes == pytest.approx((16 * 5 * 4 + 5 * 32) / 8 + 5 * 4 + 50 * 16 * 4)
-    with pytest.raises(ValueError, match="embeddings must be True or False"):
+    with pytest.raises(ValueError, match="embeddings must be bool"):
         mixq.run(task, "uniform", ["w4"], embeddings="yes")
 
 
