@@ -237,6 +237,16 @@ def test_stale_files_of_an_earlier_run_are_not_read(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("option", [{"fold_bn": False}, {"embeddings": True}])
+def test_every_setting_that_changes_the_outcome_keys_the_directory(tmp_path, option):
+    d = tmp_path / "run"
+    mixq.run("synthetic-mlp", "uniform", CANDS, out=d)
+    ((name, value),) = option.items()
+    with pytest.raises(rundir.RunDirError, match=f"{name}: {not value!r} there, {value!r} here"):
+        mixq.run("synthetic-mlp", "uniform", CANDS, out=d, **option)
+    mixq.run("synthetic-mlp", "uniform", CANDS, out=d)  # the same settings resume
+
+
 def test_out_that_is_a_file_or_below_one_is_a_one_line_error(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

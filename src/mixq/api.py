@@ -163,36 +163,45 @@ def run(
     if method_args is not None:
         kwargs["method_args"] = method_args
     opts = RunOptions.build(options, **kwargs)
-    task = _task(task)
-    cfg = method_config(method, opts.method_args)
-    specs = _candidates(candidates)
-    budget = cost.check_budget(budget if budget is not None else {})
-    steps = ptq_steps.resolve(opts.ptq, opts.ptq_args)
+    req = Request(
+        task=_task(task),
+        method=method,
+        cfg=method_config(method, opts.method_args),
+        specs=_candidates(candidates),
+        budget=cost.check_budget(budget if budget is not None else {}),
+        steps=ptq_steps.resolve(opts.ptq, opts.ptq_args),
+        opts=opts,
+    )
     if opts.out is None:
-        result, _ = _run(task, method, cfg, specs, budget, steps, opts, key="")
+        result, _ = _run(req, key="")
         return result
     out = rundir.check_out(opts.out)
-    config = run_config(task, method, cfg, specs, budget, steps, opts)
-    with rundir.writing(out, config, overwrite=opts.overwrite) as key:
-        result, infos = _run(task, method, cfg, specs, budget, steps, opts, key=key)
+    with rundir.writing(out, run_config(req), overwrite=opts.overwrite) as key:
+        result, infos = _run(req, key=key)
         rundir.write_run(out, result, infos, key)
     return result
 
 
-def run_config(
-    task: tasks.Task,
-    method: str,
-    cfg: Any,
-    specs: list[LayerSpec],
-    budget: dict[str, float],
-    steps: list[ptq_steps.Step],
-    opts: RunOptions,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Request:
+    """One run's checked settings: what :func:`run` was asked, before anything is computed."""
+
+    task: tasks.Task
+    method: str
+    cfg: Any  # the method's Config
+    specs: list[LayerSpec]  # the candidates
+    budget: dict[str, float]
+    steps: list[ptq_steps.Step]
+    opts: RunOptions
+
+
+def run_config(req: Request) -> dict[str, Any]:
     """Everything a run's outcome depends on, as JSON: the key of its run directory's artifacts.
 
     The task by name and by the fingerprints of its weights and data, the method and its
     settings, the candidates, the budget, the PTQ steps and their settings, the seed, the
-    additions' spec and mixq's version (not the executor: where jobs run changes no result).
+    additions' spec, batch-norm folding, embeddings and mixq's version (not the executor or
+    the cache: where jobs run and what is reused change no result).
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -200,18 +209,21 @@ def run_config(
         mixq_version = version("mixq")
     except PackageNotFoundError:
         mixq_version = "unknown"
+    task, opts = req.task, req.opts
     return {
         "task": task.name,
         "model": fingerprint_model(task.model),
         "calib": fingerprint_data(task.calib),
         "val": _val_fingerprint(task),
-        "method": method,
-        "method_args": dataclasses.asdict(cfg),
-        "candidates": [c.name for c in specs],
-        "budget": budget,
-        "ptq": [{"step": s.name, **dataclasses.asdict(s.cfg)} for s in steps],
+        "method": req.method,
+        "method_args": dataclasses.asdict(req.cfg),
+        "candidates": [c.name for c in req.specs],
+        "budget": req.budget,
+        "ptq": [{"step": s.name, **dataclasses.asdict(s.cfg)} for s in req.steps],
         "seed": opts.seed,
         "adds": str(opts.adds) if opts.adds is not None else None,
+        "fold_bn": opts.fold_bn,
+        "embeddings": opts.embeddings,
         "mixq": mixq_version,
     }
 
@@ -225,17 +237,10 @@ def _val_fingerprint(task: tasks.Task) -> str | None:
         return None
 
 
-def _run(
-    task: tasks.Task,
-    method: str,
-    cfg: Any,
-    specs: list[LayerSpec],
-    budget: dict[str, float],
-    steps: list[ptq_steps.Step],
-    opts: RunOptions,
-    key: str,
-) -> tuple[Result, list[cost.LayerInfo]]:
-    """One run after its checks (in its run directory, when ``opts.out`` is set)."""
+def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
+    """One run after its checks (in its run directory, when ``req.opts.out`` is set)."""
+    task, method, cfg, opts = req.task, req.method, req.cfg, req.opts
+    specs, budget, steps = req.specs, req.budget, req.steps
     runner = _executor(opts)
     torch.manual_seed(opts.seed)
     with (opts.cache if opts.cache is not None else Cache()).active():
