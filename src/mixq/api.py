@@ -153,6 +153,8 @@ def run(
         seconds = time.perf_counter() - t0
         plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
         plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": opts.seed})
+        if "reference" in task.info:  # a task of one's own, rebuilt by module:function
+            plan.meta["task_reference"] = task.info["reference"]
         apply(ctx.qmodel, plan)
         ptq_records += ptq_steps.apply_ptq("plan", ctx.qmodel, work, steps, opts.seed)
         t1 = time.perf_counter()
@@ -168,6 +170,7 @@ def run(
         within=_within(metrics, budget),
         history=output.history,
         ptq=ptq_records,
+        extra={"task_reference": task.info["reference"]} if "reference" in task.info else {},
     )
     result = Result(plan, ctx.qmodel, metrics, output.sensitivity, output.history)
     if ctx.out is not None:
