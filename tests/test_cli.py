@@ -256,6 +256,10 @@ def test_task_of_ones_own_runs_evaluates_and_exports_by_reference(tmp_path, caps
     assert cli.main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0
     assert cli.main(["eval", "--task", own_task, "--plan", str(out / "plan.json")]) == 0
+    recipe = tmp_path / "own.toml"  # a recipe names it the same way
+    recipe.write_text(f'task = "{own_task}"\ncandidates = ["w4"]\nout = "{(tmp_path / "r").as_posix()}"\n')
+    assert cli.main(["run", "--recipe", str(recipe)]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["task_reference"] == own_task
 
 
 def test_a_python_run_with_a_task_object_is_named_on_the_command_line(tmp_path, capsys, own_task):

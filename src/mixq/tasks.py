@@ -358,13 +358,18 @@ def from_reference(ref: str) -> Task:
     records ``ref``, so a run directory of it can be evaluated and exported again by reference.
     """
     module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is None or module_name.split(".")[0] != e.name.split(".")[0] or "" in sys.path:
-            raise
-        sys.path.insert(0, "")  # the current directory, as for `python -m`
-        module = importlib.import_module(module_name)
+    for attempt in (0, 1):
+        try:
+            module = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError as e:
+            if e.name is None or module_name.split(".")[0] != e.name.split(".")[0]:
+                raise  # the module was found; something it imports is missing
+            if attempt or "" in sys.path:
+                raise ValueError(
+                    f"task {ref!r}: no module {module_name!r} on sys.path or in the current directory"
+                ) from None
+            sys.path.insert(0, "")  # the current directory, as for `python -m`
     fn: Any = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
