@@ -292,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log every step (INFO messages of all modules)"
     )
     p.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress lines (MIXQ_PROGRESS=0 does the same)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines in logs (MIXQ_PROGRESS=0 also hides a terminal's bars)",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
     _run_parser(sub)
