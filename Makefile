@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  echo "warning: could not install chromium (tests/test_report.py checks the HTML report in it)"
 	touch $(STAMP)
 
+# About two minutes after setup on 2 cores (bench/results/demo.json: python -m bench.demo measures it).
 demo: $(STAMP)
 	$(PY) -m mixq demo --out runs/demo
+	@echo "the mixq command is in $(VENV): $(VENV)/bin/mixq --help (or . $(VENV)/bin/activate first)"
 
 test: lint
 	$(PY) -m pytest -q

@@ -1,12 +1,15 @@
 """Test the command-line interface in-process (mixq.cli.main) and once as `python -m mixq`."""
 
+import argparse
 import json
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from mixq import cli, formats, tasks
+import mixq
+from mixq import cli, cost, formats, ptq, tasks
 from mixq.methods import METHODS
 from mixq.plan import Plan
 
@@ -148,13 +151,145 @@ def test_python_m_mixq_list():
     assert "synthetic-mlp" in r.stdout and "uniform" in r.stdout and "mxfp4_e2m1" in r.stdout
 
 
-def test_demo_covers_every_method_with_valid_settings():
+def test_demo_settings_are_valid():
     from mixq.api import method_config
-    from mixq.cli import DEMO_CANDIDATES, DEMO_QAT_CANDIDATES
-    from mixq.methods import METHODS
+    from mixq.cli import DEMO_BUDGETS, DEMO_CANDIDATES, DEMO_METHODS, DEMO_QAT_CANDIDATES, DEMO_TASK
     from mixq.plan import parse_candidate
 
     for method, m in METHODS.items():
         method_config(method, m.demo_args)  # raises on an unknown setting
     for c in DEMO_CANDIDATES + DEMO_QAT_CANDIDATES:
         parse_candidate(c)
+    assert set(DEMO_METHODS) <= set(METHODS) and 1 <= len(DEMO_BUDGETS) <= 2
+    assert DEMO_TASK in tasks.TASKS and set(tasks.SIZES[DEMO_TASK]) == {"val_size", "calib_size"}
+
+
+def test_demo_runs_prints_progress_and_ends_with_the_report_and_make_bench(tmp_path, capsys, monkeypatch):
+    small = tasks.get("synthetic-mlp")
+    small.info["val_images"] = 64
+    monkeypatch.setattr(tasks, "get", lambda name, **sizes: small)  # the demo's flow on a tiny task
+    monkeypatch.setattr(cli, "DEMO_METHODS", ["uniform"])
+    monkeypatch.setattr(cli, "DEMO_BUDGETS", [6.0, 8.0])
+    monkeypatch.setattr(cli, "DEMO_CANDIDATES", ["w4", "w8"])
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] uniform at avg_weight_bits <= 6" in printed and "[2/2] uniform" in printed
+    last = printed.strip().splitlines()[-4:]
+    assert (
+        last[0].startswith(f"run directories: {out}/") and (out / "uniform-avg6" / "metrics.json").is_file()
+    )
+    assert last[1] == f"HTML report:     {out / 'report' / 'report.html'}"
+    assert (out / "report" / "report.html").is_file()
+    assert last[2].endswith("make bench") and last[3].startswith("done in ")
+    # the folder stands for its run directories in `mixq report` (summary files and report/ skipped)
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert "(2 runs;" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mixq {mixq.__version__}"
+
+
+def test_every_option_has_help_and_names_its_choices():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, p in [("mixq", parser), *sub.choices.items()]:
+        for action in p._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    helps = {name: p.format_help() for name, p in sub.choices.items()}
+    flat = {name: " ".join(text.split()) for name, text in helps.items()}
+    for word in [*METHODS, *tasks.TASKS, *ptq.STEPS, *cost.BUDGET_KEYS, "module:function"]:
+        assert word in flat["run"], word
+    for word in ["safetensors", "onnx", "module:function"]:
+        assert word in flat["export"], word
+    assert "module:function" in flat["eval"]
+
+
+def test_budget_of_a_flag_is_an_error(tmp_path, capsys):
+    args = ["run", "--task", "synthetic-mlp", "--candidates", "w4", "--budget", "avg_weight_bits=true"]
+    assert cli.main([*args, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixq: error: budget avg_weight_bits=True is not a number")
+
+
+def test_quiet_silences_progress_lines():
+    progress_log = logging.getLogger("mixq.progress")
+    try:
+        cli.main(["list"])
+        assert progress_log.getEffectiveLevel() == logging.INFO  # one line per unit of work in logs
+        cli.main(["-q", "list"])
+        assert progress_log.getEffectiveLevel() == logging.WARNING  # slow-stage warnings stay
+    finally:
+        progress_log.setLevel(logging.NOTSET)
+
+
+TASK_MODULE = """
+import mixq
+
+
+def make():
+    task = mixq.tasks.get("synthetic-mlp")
+    task.name = "my-mlp"
+    return task
+
+
+def not_a_task():
+    return 3
+"""
+
+
+@pytest.fixture
+def own_task(tmp_path, monkeypatch):
+    """A module of one's own in the current directory (not on sys.path: found as `python -m` would)."""
+    (tmp_path / "fd_own_tasks.py").write_text(TASK_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "fd_own_tasks", raising=False)
+    return "fd_own_tasks:make"
+
+
+def test_task_of_ones_own_runs_evaluates_and_exports_by_reference(tmp_path, capsys, own_task):
+    out = tmp_path / "run"
+    args = ["--candidates", "w4,w8", "--budget", "avg_weight_bits=6", "--out", str(out)]
+    assert cli.main(["run", "--task", own_task, *args]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "my-mlp" and metrics["task_reference"] == own_task
+    assert json.loads((out / "recipe.json").read_text())["task"] == own_task
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == metrics["metric"]
+    assert cli.main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert cli.main(["eval", "--task", own_task, "--plan", str(out / "plan.json")]) == 0
+    recipe = tmp_path / "own.toml"  # a recipe names it the same way
+    recipe.write_text(f'task = "{own_task}"\ncandidates = ["w4"]\nout = "{(tmp_path / "r").as_posix()}"\n')
+    assert cli.main(["run", "--recipe", str(recipe)]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["task_reference"] == own_task
+
+
+def test_a_python_run_with_a_task_object_is_named_on_the_command_line(tmp_path, capsys, own_task):
+    task = tasks.get("synthetic-mlp")
+    task.name = "my-mlp"
+    out = tmp_path / "py"
+    mixq.run(task, candidates=["w4", "w8"], budget={"avg_weight_bits": 6}, out=out)
+    assert cli.main(["eval", str(out)]) == 2
+    assert "'my-mlp', not a built-in one: name it as module:function" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--task", own_task]) == 0
+    assert cli.main(["export", str(out), "--task", own_task, "--out", str(tmp_path / "m.safetensors")]) == 0
+
+
+@pytest.mark.parametrize(
+    "ref, needle",
+    [
+        ("fd_own_tasks:nope", "has no 'nope'"),
+        ("fd_own_tasks:not_a_task", "must be a function returning a mixq.Task, got int"),
+        ("fd_no_such_module:make", "fd_no_such_module"),
+    ],
+)
+def test_bad_task_reference_exits_2(tmp_path, capsys, own_task, ref, needle):
+    assert cli.main(["run", "--task", ref, "--candidates", "w4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixq: error:") and needle in err and len(err.strip().splitlines()) == 1

@@ -436,8 +436,8 @@ def check_run_dir(run_dir, res: mixq.Result, task: tasks.Task, capsys) -> None:
     assert cli.main(["eval", str(run_dir)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["model"] == "model.safetensors" and shown["metric"] == res.metrics.metric
-    assert cli.main(["eval", str(run_dir), "--task", task.name]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert cli.main(["eval", str(run_dir), "--plan", str(run_dir / "plan.json")]) == 2
+    assert "either a RUN_DIR" in capsys.readouterr().err
 
 
 def plan_only_outputs(run_dir, x: torch.Tensor) -> torch.Tensor:

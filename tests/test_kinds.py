@@ -191,7 +191,7 @@ def test_registered_names_parse_and_leave_again(pot: PotKind) -> None:
         parse_candidate("wpot4+asym")
     kinds.unregister(pot)
     formats.unregister(Pot(4))
-    with pytest.raises(ValueError, match="cannot parse candidate"):
+    with pytest.raises(ValueError, match="'pot4' after 'w' is not a format"):
         parse_candidate("wpot4-a8")
     formats.register(Pot(4))
     kinds.register(pot)

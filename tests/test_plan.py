@@ -165,7 +165,30 @@ def test_bad_names_raise_naming_value_and_grammar(bad, named):
     msg = str(e.value)
     assert repr(bad) in msg, msg  # the whole candidate is quoted
     assert named.strip("'") in msg or named in msg, msg
-    assert GRAMMAR in msg, msg
+    # the rule it broke, not the whole grammar (that stays in `mixq list`)
+    assert GRAMMAR not in msg and "`mixq list`" in msg and len(msg) < 320, msg
+
+
+@pytest.mark.parametrize(
+    "bad, token, rule",
+    [
+        ("wfp5", "'fp5'", "is not a format; a format is a bit count 2..8 or a format name"),
+        ("w4g-1", "'g-1'", "a group size after 'g' is a positive integer"),
+        ("W4A8", "'W4A8'", "names are lower case (did you mean 'w4a8'?)"),
+        ("w4a8x", "'x' after 'w4a8'", "a candidate ends there"),
+        ("q4", "'q'", "a candidate starts with 'w' (weights) or 'a'"),
+        ("w4+", "'+'", "a modifier follows '+'"),
+        ("w4+foo-a8", "'foo'", "unknown modifier"),
+        ("w4-a", "after 'w4-a'", "no format"),
+        ("wint4_b16", "'int4_b16'", "is not a format"),
+    ],
+)
+def test_bad_names_quote_the_token_and_the_rule_it_broke(bad, token, rule):
+    with pytest.raises(ValueError) as e:
+        parse_candidate(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"candidate {bad!r}: ") and token in msg and rule in msg, msg
+    assert len(msg.splitlines()) == 1
 
 
 def test_bits_out_of_range_names_valid_range():

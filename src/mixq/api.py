@@ -251,6 +251,8 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
         seconds = time.perf_counter() - t0
         plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
         plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": opts.seed})
+        if "reference" in task.info:  # a task of one's own, rebuilt by module:function
+            plan.meta["task_reference"] = task.info["reference"]
         apply(ctx.qmodel, plan)
         ptq_records += ptq_steps.apply_ptq("plan", ctx.qmodel, work, steps, opts.seed)
         t1 = time.perf_counter()
@@ -266,7 +268,10 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
         within=_within(metrics, budget),
         history=output.history,
         ptq=ptq_records,
-        extra={"fold_bn": folded} if folded else {},
+        extra={
+            **({"fold_bn": folded} if folded else {}),
+            **({"task_reference": task.info["reference"]} if "reference" in task.info else {}),
+        },
     )
     log.info(
         "%s %s: %s=%.4f avg_weight_bits=%.3f",

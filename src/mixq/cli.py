@@ -11,12 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixq import rundir
+from mixq import __version__, cost, ptq, rundir, tasks
+from mixq.export import FORMATS
+from mixq.methods import METHODS
 from mixq.options import Recipe
 
-DEMO_CANDIDATES = ["w2+asym+omse-a8", "w4+asym+omse-a8", "w8a8"]
-DEMO_BUDGETS = [2.5, 4.5, 8.5]
-DEMO_QAT_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]  # training methods learn their ranges
+# `mixq demo` (`make demo`): about two minutes on 2 cores. The real MNIST CNN on the first
+# DEMO_VAL_SIZE test images (calibrated on DEMO_CALIB_SIZE training images), a few methods at two
+# budgets; every method on every task over a budget sweep is the benchmark (`make bench`).
+DEMO_TASK = "mnist-cnn"
+DEMO_VAL_SIZE, DEMO_CALIB_SIZE = 2000, 256
+DEMO_METHODS = ["uniform", "sensitivity-ilp"]
+DEMO_CANDIDATES = ["w2+asym-a8", "w4+asym-a8", "w8a8"]
+DEMO_BUDGETS = [3.0, 5.0]
+DEMO_QAT_CANDIDATES = DEMO_CANDIDATES  # training methods (not in the demo) learn these ranges
 
 
 def _key_values(items: list[str], what: str) -> dict[str, Any]:
@@ -111,10 +119,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import mixq
-    from mixq.methods import METHODS
+    from mixq.progress import duration
+    from mixq.report import render
 
     out = Path(args.out)
-    task = mixq.tasks.get("mnist-cnn")
+    start = time.perf_counter()
+    task = mixq.tasks.get(DEMO_TASK, val_size=DEMO_VAL_SIZE, calib_size=DEMO_CALIB_SIZE)
+    n_runs = len(DEMO_METHODS) * len(DEMO_BUDGETS)
+    print(
+        f"mixq demo: the real MNIST CNN ({DEMO_TASK}, top-1 % on the first {task.info['val_images']} "
+        f"MNIST test images), {', '.join(DEMO_METHODS)} at avg_weight_bits <= "
+        f"{', '.join(f'{b:g}' for b in DEMO_BUDGETS)}: {n_runs} runs, "
+        f"candidates {', '.join(DEMO_CANDIDATES)}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     fp = task.fp_metric()
     rows = [
@@ -127,33 +145,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "seconds": time.perf_counter() - t0,
         }
     ]
+    print(f"fp32: {fp:.2f} % ({duration(rows[0]['seconds'])})", flush=True)
     cache = mixq.Cache()  # one model, prepared and searched once for every method and budget
-    for method, m in METHODS.items():
-        cands = DEMO_QAT_CANDIDATES if m.trains else DEMO_CANDIDATES
+    run_dirs = []
+    for method in DEMO_METHODS:
+        m = METHODS[method]
         for b in DEMO_BUDGETS:
-            budget = {"avg_weight_bits": b}
+            run_dirs.append(out / f"{method}-avg{b:g}")
             res = mixq.run(
                 task,
                 method=method,
-                candidates=cands,
-                budget=budget,
+                candidates=DEMO_QAT_CANDIDATES if m.trains else DEMO_CANDIDATES,
+                budget={"avg_weight_bits": b},
                 cache=cache,
                 method_args=dict(m.demo_args),
-                out=out / f"{method}-avg{b:g}",
+                out=run_dirs[-1],
             )
             rows.append({**res.metrics.to_dict(), "budget": f"avg_weight_bits<={b:g}"})
+            print(
+                f"[{len(run_dirs)}/{n_runs}] {method} at avg_weight_bits <= {b:g}: "
+                f"top-1 {res.metrics.metric:.2f} %, {res.metrics.avg_weight_bits:.2f} bits "
+                f"({duration(time.perf_counter() - start)} so far)",
+                flush=True,
+            )
     table = _table(rows)
-    trained = [name for name, m in METHODS.items() if m.trains]
-    print(
-        f"mnist-cnn (real MNIST test set, {task.info['val_images']} images), metric top-1 %,"
-        f" candidates {', '.join(DEMO_CANDIDATES)} ({', '.join(trained)}: "
-        f"{', '.join(DEMO_QAT_CANDIDATES)})"
-    )
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     (out / "summary.txt").write_text(table + "\n")
-    print(f"wrote {out}/ (one run directory per method and budget, summary.json, summary.txt)")
+    report = render(run_dirs, out / "report")
+    print(
+        f"run directories: {out}/<method>-avg<bits>/ (plan.json, metrics.json, layers.csv, report.md, "
+        f"model.safetensors; summary.txt beside them)\n"
+        f"HTML report:     {report}\n"
+        f"the full table, every method on every task over a budget sweep: make bench\n"
+        f"done in {duration(time.perf_counter() - start)}"
+    )
     return 0
 
 
@@ -161,9 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mixq.api import evaluate
 
     if args.run_dir is not None:
-        if args.task or args.plan:
-            raise ValueError("give either a RUN_DIR or --task and --plan, not both")
-        return _eval_run(args.run_dir)
+        if args.plan:
+            raise ValueError("give either a RUN_DIR (and --task if it needs one) or --task and --plan")
+        return _eval_run(args.run_dir, args.task)
     if not args.task or not args.plan:
         raise ValueError("give a RUN_DIR, or --task and --plan")
     result = evaluate(args.task, args.plan)
@@ -173,11 +199,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_run(run_dir: str) -> int:
+def _eval_run(run_dir: str, task: str | None) -> int:
     """Evaluate a run directory's model: its model.safetensors (else its plan, rebuilt)."""
     from mixq import export
 
-    result, task = export.rebuild(run_dir, check=False)
+    result, task = export.rebuild(run_dir, check=False, task=task)
     source = export.RUN_MODEL if rundir.listed(run_dir, export.RUN_MODEL) is not None else "plan.json"
     m = result.metrics
     print(
@@ -200,10 +226,9 @@ def _eval_run(run_dir: str) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mixq import cost, formats, plan, ptq, tasks
-    from mixq.methods import METHODS
+    from mixq import formats, plan
 
-    print("tasks:   ", ", ".join(tasks.TASKS))
+    print("tasks:   ", ", ".join(tasks.TASKS), "(or module:function returning a mixq.Task)")
     print("methods: ", ", ".join(METHODS))
     print("formats: ", ", ".join(formats.FORMAT_NAMES))
     print("budgets: ", ", ".join(cost.BUDGET_KEYS))
@@ -215,7 +240,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mixq import export
 
-    result, task = export.rebuild(args.run_dir)
+    result, task = export.rebuild(args.run_dir, task=args.task)
     ext = "safetensors" if args.format == "safetensors" else "onnx"
     out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{ext}"
     stored = Path(args.run_dir) / export.RUN_MODEL
@@ -239,31 +264,109 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mixq.report import render
 
-    path = render(args.run_dirs, args.out)
-    print(f"wrote {path} ({len(args.run_dirs)} runs; PNG plots beside it)")
+    run_dirs = _run_dirs(args.run_dirs)
+    path = render(run_dirs, args.out)
+    print(f"wrote {path} ({len(run_dirs)} runs; PNG plots beside it)")
     return 0
+
+
+def _run_dirs(paths: list[str]) -> list[Path]:
+    """Run directories, a folder of them (e.g. runs/demo) standing for the run directories in it."""
+    from mixq.rundir import METRICS
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        inner = sorted(d for d in p.iterdir() if (d / METRICS).is_file()) if p.is_dir() else []
+        out += inner if inner and not (p / METRICS).is_file() else [p]
+    return out
+
+
+_TASK_HELP = (
+    f"a built-in task ({', '.join(tasks.TASKS)}) or module:function, an importable function "
+    "returning a mixq.Task (recorded in the run directory, so eval and export find it again)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser."""
-    p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(
+        prog="mixq",
+        description="Mixed-precision quantization of PyTorch models: every method behind one interface.",
+        epilog="`mixq COMMAND --help` describes a command; `mixq list` the names and the candidate grammar.",
+    )
+    p.add_argument("--version", action="version", version=f"mixq {__version__}")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log every step (INFO messages of all modules)"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines in logs (MIXQ_PROGRESS=0 also hides a terminal's bars)",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
+    _run_parser(sub)
+    d = sub.add_parser("demo", help="a few methods on the real MNIST CNN at two budgets (about two minutes)")
+    d.add_argument(
+        "--out", default="runs/demo", help="folder for the run directories and the report (runs/demo)"
+    )
+    d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("eval", help="evaluate a run directory's model, or a saved plan on a task")
+    e.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
+    e.add_argument("--task", help=_TASK_HELP + "; with RUN_DIR: replaces the task the run recorded")
+    e.add_argument("--plan", help="a plan.json to evaluate on --task (instead of a RUN_DIR)")
+    e.set_defaults(fn=cmd_eval)
+    ls = sub.add_parser("list", help="list tasks, methods, formats, budgets, PTQ steps, candidate grammar")
+    ls.set_defaults(fn=cmd_list)
+    rp = sub.add_parser("report", help="render run directories as an HTML report with PNG plots")
+    rp.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="directories written by `mixq run --out`, or folders of them (e.g. runs/demo)",
+    )
+    rp.add_argument("--out", default="runs/report", help="folder for report.html and the plots (runs/report)")
+    rp.set_defaults(fn=cmd_report)
+    x = sub.add_parser("export", help="export a run's quantized model: packed safetensors or ONNX QDQ")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
+    x.add_argument("--format", choices=FORMATS, default="safetensors", help="file format (safetensors)")
+    x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
+    x.add_argument("--task", help=_TASK_HELP + "; replaces the task the run recorded")
+    x.add_argument(
+        "--int4-as-int8",
+        action="store_true",
+        help="ONNX: store 2-4 bit weight codes in INT8 (ONNX Runtime's integer kernels; larger file)",
+    )
+    x.set_defaults(fn=cmd_export)
+    return p
+
+
+def _run_parser(sub: Any) -> None:
     r = sub.add_parser("run", help="quantize a task's model with one method under a budget")
     r.add_argument("--recipe", help="a TOML recipe (command-line options override it)")
-    r.add_argument("--task")
-    r.add_argument("--method")
-    r.add_argument("--candidates", help="comma-separated candidate names, e.g. w2,w4,w8")
-    r.add_argument("--budget", action="append", help="KEY=VALUE, e.g. avg_weight_bits=3")
-    r.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's Config")
-    r.add_argument("--seed", type=int)
+    r.add_argument("--task", help=_TASK_HELP)
+    r.add_argument("--method", help=f"one of {', '.join(METHODS)} (default uniform)")
+    r.add_argument(
+        "--candidates", help="comma-separated candidate names, e.g. w2,w4,w8 (grammar: `mixq list`)"
+    )
+    r.add_argument(
+        "--budget",
+        action="append",
+        help=f"KEY=VALUE, e.g. avg_weight_bits=3; keys: {', '.join(cost.BUDGET_KEYS)}",
+    )
+    r.add_argument("--method-arg", action="append", help="KEY=VALUE for a field of the method's Config")
+    r.add_argument("--seed", type=int, help="random seed of the run (default 0)")
     r.add_argument("--out", help="run directory (default runs/latest)")
     r.add_argument(
         "--overwrite",
         action="store_true",
         help="clear --out when it holds another run (a run of the same settings resumes without it)",
     )
-    r.add_argument("--ptq", help="comma-separated PTQ steps in order, e.g. cle,bias_correction,adaround")
+    r.add_argument(
+        "--ptq",
+        help=f"comma-separated PTQ steps in order, of {', '.join(ptq.STEPS)}; adaround's default "
+        "20000 iterations per layer take long on a CPU (--ptq-arg adaround.iters=2000)",
+    )
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
     r.add_argument(
         "--adds",
@@ -279,36 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--executor",
         choices=("inprocess", "ray"),
-        help="where sensitivity jobs run (ray: pip install mixq[ray])",
+        help="where sensitivity jobs run (inprocess, the default; ray: pip install mixq[ray])",
     )
     r.add_argument("--address", help="with --executor ray: a running Ray cluster (HOST:PORT or auto)")
     r.add_argument("--workers", type=int, help="with --executor ray: CPUs of the local Ray cluster")
     r.set_defaults(fn=cmd_run)
-    d = sub.add_parser("demo", help="every method on the real MNIST CNN at a few budgets")
-    d.add_argument("--out", default="runs/demo")
-    d.set_defaults(fn=cmd_demo)
-    e = sub.add_parser("eval", help="evaluate a run directory's model, or a saved plan on a task")
-    e.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
-    e.add_argument("--task")
-    e.add_argument("--plan")
-    e.set_defaults(fn=cmd_eval)
-    ls = sub.add_parser("list", help="list tasks, methods, formats, budgets, candidate grammar")
-    ls.set_defaults(fn=cmd_list)
-    rp = sub.add_parser("report", help="render run directories as an HTML report with PNG plots")
-    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by `mixq run --out`")
-    rp.add_argument("--out", default="runs/report", help="folder for report.html and the plots")
-    rp.set_defaults(fn=cmd_report)
-    x = sub.add_parser("export", help="export a run's quantized model: packed safetensors or ONNX QDQ")
-    x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
-    x.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
-    x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
-    x.add_argument(
-        "--int4-as-int8",
-        action="store_true",
-        help="ONNX: store 2-4 bit weight codes in INT8 (ONNX Runtime's integer kernels; larger file)",
-    )
-    x.set_defaults(fn=cmd_export)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # progress lines (mixq.progress: one per unit of work, where no bar is drawn) unless --quiet
+    logging.getLogger("mixq.progress").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

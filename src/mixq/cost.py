@@ -267,6 +267,8 @@ def check_budget(budget: dict[str, float]) -> dict[str, float]:
         if k not in BUDGET_KEYS:
             raise ValueError(f"unknown budget {k!r}; valid: {', '.join(BUDGET_KEYS)}")
         try:
+            if isinstance(v, bool):  # float(True) is 1.0: a flag is no budget
+                raise TypeError
             v = float(v)
         except (TypeError, ValueError):
             raise ValueError(f"budget {k}={v!r} is not a number") from None

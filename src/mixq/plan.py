@@ -30,6 +30,12 @@ from mixq.kinds.base import kind_of, kind_of_format
 GRANULARITIES = ("tensor", "channel", "group", "block")
 CLIPS = ("minmax", "mse", "omse", "percentile")
 SCHEMA = 1
+MODIFIERS = "sym, asym, minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel"
+FMT_RULE = (
+    "a format is a bit count 2..8 or a format name such as int4, fp8_e4m3fn or mxfp4_e2m1 "
+    "(an MX name may end in _b<block>)"
+)
+SEE_GRAMMAR = "(the candidate grammar: `mixq list`)"
 GRAMMAR = (
     "candidate := w<FMT>[g<N>][+MOD...][-][a<FMT>[+MOD...]]; FMT is a bit count (2..8, "
     f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
@@ -203,11 +209,16 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
 _MODS = r"(?:\+[a-z0-9.]+)*"
 
 
+def _fmt_pattern(names: tuple[str, ...]) -> str:
+    """The regex of FMT: a bit count or one of ``names`` (an MX name may end in _b<block>)."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return "(?:(?:" + alternatives + r")(?:_b\d+)?|\d+)"
+
+
 @functools.cache
 def _candidate_re(names: tuple[str, ...]) -> re.Pattern[str]:
     """The candidate grammar's regex over the format names ``names`` (registered ones too)."""
-    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    fmt = "(?:(?:" + alternatives + r")(?:_b\d+)?|\d+)"  # MX: _b<block>
+    fmt = _fmt_pattern(names)
     weight = rf"(?:w(?P<wf>{fmt})(?:g(?P<g>\d+))?(?P<wm>{_MODS}))?"
     return re.compile(rf"{weight}-?(?:a(?P<af>{fmt})(?P<am>{_MODS}))?")
 
@@ -220,8 +231,8 @@ def _parse_fmt(token: str, text: str) -> Format:
         return Int(bits)
     try:
         return formats.parse(token)
-    except ValueError as e:
-        raise ValueError(f"candidate {text!r}: {e}") from None
+    except ValueError:
+        raise ValueError(f"candidate {text!r}: {token!r} is not a format; {FMT_RULE}") from None
 
 
 _MOD_SETS = {
@@ -255,7 +266,7 @@ def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, te
         elif re.fullmatch(r"p\d+(\.\d+)?", mod):
             kw["clip"], kw["percentile"] = "percentile", float(mod[1:])
         else:
-            raise ValueError(f"unknown modifier {mod!r} in candidate {text!r}; grammar: {GRAMMAR}")
+            raise ValueError(f"candidate {text!r}: unknown modifier {mod!r} after '+'; valid: {MODIFIERS}")
     try:
         return QSpec(fmt=fmt, **kw)
     except ValueError as e:
@@ -274,9 +285,9 @@ def parse_candidate(text: str) -> LayerSpec:
         raise ValueError(f"a candidate name must be a string, got {text!r}")
     if text == "float":
         return FLOAT
-    m = _candidate_re((*formats.names(), *formats.names(act_only=True))).fullmatch(text.strip())
+    m = _candidate_re(_all_names()).fullmatch(text.strip())
     if m is None or not text.strip().startswith(("w", "a")) or (m["wf"] is None and m["af"] is None):
-        raise ValueError(f"cannot parse candidate {text!r}; grammar: {GRAMMAR}")
+        raise ValueError(f"candidate {text!r}: {_diagnose(text)} {SEE_GRAMMAR}")
     try:
         w = _parse_part(m["wf"], m["g"], m["wm"], WEIGHT_DEFAULTS, text) if m["wf"] else None
         a = _parse_part(m["af"], None, m["am"], ACT_DEFAULTS, text) if m["af"] else None
@@ -287,10 +298,55 @@ def parse_candidate(text: str) -> LayerSpec:
         if w is not None and kind_of(w).act_only:
             raise ValueError(f"candidate {text!r}: {w.fmt} is an activation format (use a{w.fmt})")
     except ValueError as e:
-        if GRAMMAR in str(e):
-            raise
-        raise ValueError(f"{e}; grammar: {GRAMMAR}") from None
+        raise ValueError(f"{e} {SEE_GRAMMAR}") from None
     return LayerSpec(w, a)
+
+
+def _all_names() -> tuple[str, ...]:
+    return (*formats.names(), *formats.names(act_only=True))
+
+
+def _diagnose(text: str) -> str:
+    """The first token of a candidate name that breaks the grammar, and the rule it breaks."""
+    t = text.strip()
+    if not t:
+        return "the name is empty; a candidate looks like w4a8, w2+asym+mse-a8 or a8"
+    if t != t.lower():
+        return f"{t!r} has capitals; names are lower case (did you mean {t.lower()!r}?)"
+    if t[0] not in "wa":
+        return f"{t[0]!r} starts it; a candidate starts with 'w' (weights) or 'a' (input activations)"
+    fmt_re = re.compile(_fmt_pattern(_all_names()))
+    pos = 0
+    for part in ("w", "a"):
+        if not t.startswith(part, pos):
+            continue
+        pos += 1
+        f = fmt_re.match(t, pos)
+        if f is None:
+            bad = re.match(r"[\w.]*", t[pos:])[0] or t[pos : pos + 1]  # type: ignore[index]
+            return (
+                f"{bad!r} after {t[:pos]!r} is not a format; {FMT_RULE}"
+                if bad
+                else f"no format after {t!r}; {FMT_RULE}"
+            )
+        pos = f.end()
+        if part == "w" and t.startswith("g", pos):
+            g = re.match(r"g(\d+)", t[pos:])
+            if g is None:
+                bad = re.match(r"g[^+]*", t[pos:])[0]  # type: ignore[index]
+                return f"{bad!r}: a group size after 'g' is a positive integer, e.g. w4g128"
+            pos += g.end()
+        while t.startswith("+", pos):
+            mod = re.match(r"\+([a-z0-9.]+)", t[pos:])
+            if mod is None:
+                return f"{t[pos:]!r}: a modifier follows '+'; valid: {MODIFIERS}"
+            pos += mod.end()
+        if part == "w" and t.startswith("-a", pos):
+            pos += 1
+    rest = t[pos:]
+    if rest.startswith("-") and pos == 0:
+        return f"{rest!r}: '-' separates a weight part from an activation part (w4-a8, or just a8)"
+    return f"{rest!r} after {t[:pos]!r}: a candidate ends there, or goes on with an activation part -a<FMT>"
 
 
 def as_layer_spec(c: str | LayerSpec) -> LayerSpec:

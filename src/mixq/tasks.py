@@ -28,7 +28,10 @@ MSE otherwise (:class:`ToFloat`), named in ``metric_name``, unless it names its 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -643,15 +646,56 @@ SIZES: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_reference(name: Any) -> bool:
+    """Whether ``name`` names a task of one's own as ``module:function`` (``pkg.mod:make_task``)."""
+    return isinstance(name, str) and bool(re.fullmatch(r"[\w.]+:[\w.]+", name))
+
+
+def from_reference(ref: str) -> Task:
+    """Build a task of one's own: import ``module`` of ``module:function`` and call the function.
+
+    The module is found on ``sys.path``, then in the current directory (as ``python -m`` would).
+    The function takes no arguments and returns a :class:`Task`; ``task.info["reference"]``
+    records ``ref``, so a run directory of it can be evaluated and exported again by reference.
+    """
+    module_name, _, attr = ref.partition(":")
+    for attempt in (0, 1):
+        try:
+            module = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError as e:
+            if e.name is None or module_name.split(".")[0] != e.name.split(".")[0]:
+                raise  # the module was found; something it imports is missing
+            if attempt or "" in sys.path:
+                raise ValueError(
+                    f"task {ref!r}: no module {module_name!r} on sys.path or in the current directory"
+                ) from None
+            sys.path.insert(0, "")  # the current directory, as for `python -m`
+    fn: Any = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"task {ref!r}: module {module_name!r} has no {attr!r}")
+    task = fn() if callable(fn) else fn
+    if not isinstance(task, Task):
+        raise ValueError(f"task {ref!r} must be a function returning a mixq.Task, got {type(task).__name__}")
+    task.info["reference"] = ref
+    return task
+
+
 def get(name: str, val_size: int | None = None, calib_size: int | None = None) -> Task:
-    """Build a built-in task by name.
+    """Build a built-in task by name, or a task of one's own by ``module:function``.
 
     ``val_size`` keeps the first ``val_size`` validation examples (images or sentences) and
     ``calib_size`` draws that many calibration examples; None keeps the task's default. Only the
     real-data tasks have these knobs (see ``SIZES``).
     """
+    if is_reference(name) and val_size is None and calib_size is None:
+        return from_reference(name)
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
+        raise ValueError(
+            f"unknown task {name!r}; valid: {', '.join(TASKS)}, or module:function returning a mixq.Task"
+        )
     sizes = {k: v for k, v in (("val_size", val_size), ("calib_size", calib_size)) if v is not None}
     for knob, value in sizes.items():
         if knob not in SIZES[name]:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "sgd")
 BN_MODES = ("freeze", "train")
 CHECKPOINT = "train_state.pt"
+_HINT = "a method's steps or epochs setting shortens it (e.g. --method-arg steps=200)"
 
 Hook = Callable[[int, nn.Module], "torch.Tensor | None"]
 
@@ -253,8 +254,7 @@ def train(
     params = [p for g in opt.param_groups for p in g["params"]]
     set_train_mode(model, cfg.bn)
     t0 = time.perf_counter()
-    with Bar(total, desc, unit="step") as bar:
-        bar.update(step)
+    with Bar(total, desc, unit="step", per_line=n, line_unit="epoch", start=step, hint=_HINT) as bar:
         while step < total:
             epoch, pos = divmod(step, n)
             batch = batches[batch_order(n, epoch, cfg.seed)[pos]]

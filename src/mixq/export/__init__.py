@@ -57,11 +57,11 @@ __all__ = [
 def _task_of(result: Any, task: Any) -> Any:
     if task is not None:
         return tasks.get(task) if isinstance(task, str) else task
-    name = result.plan.meta.get("task")
-    if name not in tasks.TASKS:
+    name = result.plan.meta.get("task_reference") or result.plan.meta.get("task")
+    if name not in tasks.TASKS and not tasks.is_reference(name):
         raise ValueError(
             f"ONNX export needs example inputs: pass task= (the run's task {name!r} is not "
-            f"built-in; built-in: {', '.join(tasks.TASKS)})"
+            f"built-in nor module:function; built-in: {', '.join(tasks.TASKS)})"
         )
     return tasks.get(name)
 
@@ -119,7 +119,7 @@ def load(
     return load_safetensors(path, model, plan)
 
 
-def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
+def rebuild(run_dir: str | Path, check: bool = True, task: Any = None) -> tuple[Any, Any]:
     """Rebuild the quantized model of a run directory (plan.json, metrics.json) and its task.
 
     A run directory holds its quantized model as a packed export (``model.safetensors``, written
@@ -130,6 +130,10 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
     is deterministic) and the plan applied. With ``check``, the model's metric must equal the
     one in metrics.json, or a ValueError says why it cannot.
 
+    The task is the one the run recorded: a built-in task's name, or the ``module:function`` of a
+    task of one's own (a run given ``task="module:function"``). ``task`` (a Task, a name or a
+    reference) replaces it, e.g. for a run made from Python with a Task object.
+
     Returns:
         ``(result, task)``: a :class:`mixq.Result` holding the plan and the model (deployed
         when loaded from the run's file, else wrapped with the plan applied).
@@ -137,13 +141,14 @@ def rebuild(run_dir: str | Path, check: bool = True) -> tuple[Any, Any]:
     run_dir = Path(run_dir)
     metrics = rundir.read_metrics(run_dir, required=())
     plan = rundir.read_plan(run_dir)
-    name = metrics.get("task")
-    if name not in tasks.TASKS:
+    name = metrics.get("task_reference") or metrics.get("task")
+    if task is None and name not in tasks.TASKS and not tasks.is_reference(name):
         raise ValueError(
-            f"run {run_dir} is of task {name!r}, not a built-in one; export it from Python with "
-            f"mixq.export.save(result, path); built-in tasks: {', '.join(tasks.TASKS)}"
+            f"run {run_dir} is of task {name!r}, not a built-in one: name it as module:function (a "
+            f"function returning the Task; --task on the command line, task= in Python); built-in "
+            f"tasks: {', '.join(tasks.TASKS)}"
         )
-    task = tasks.get(name)
+    task = tasks.get(name if task is None else task) if not isinstance(task, tasks.Task) else task
     recorded = metrics.get("metric")
     file = rundir.listed(run_dir, RUN_MODEL)
     if file is not None:

@@ -245,7 +245,10 @@ def adaround(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 
     ref = copy.deepcopy(task.model).eval()
     qmodel.eval()
     errors = {}
-    with Bar(len(layers) * cfg.iters, "adaround", unit="step") as bar:
+    hint = f"--ptq-arg adaround.iters=N sets the {cfg.iters} iterations per layer (2000 is often enough)"
+    with Bar(
+        len(layers) * cfg.iters, "adaround", unit="step", per_line=cfg.iters, line_unit="layer", hint=hint
+    ) as bar:
         for i, name in enumerate(layers):
             m = all_sites[name]
             target = layer_io(ref, name, batches, task.forward, "output")
