@@ -211,8 +211,11 @@ def test_every_option_has_help_and_names_its_choices():
 def test_budget_of_a_flag_is_an_error(tmp_path, capsys):
     args = ["run", "--task", "synthetic-mlp", "--candidates", "w4", "--budget", "avg_weight_bits=true"]
     assert cli.main([*args, "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mixq: error: budget avg_weight_bits=True is not a number")
+    err = capsys.readouterr().err  # one line naming the budget, the expected type and the value
+    assert err.count("\n") == 1 and err.startswith("mixq: error: recipe: budget must be dict[str, float]")
+    assert "'avg_weight_bits': True" in err
+    with pytest.raises(ValueError, match="budget avg_weight_bits=True is not a number"):  # the Python API
+        mixq.run("synthetic-mlp", "uniform", ["w4"], {"avg_weight_bits": True})
 
 
 def test_quiet_silences_progress_lines():
