@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, write
+from mixq.cost import BUDGET_KEYS
 
 # What a row measures (its timings excepted): equal fields mean an equal result.
 FIELDS = (
     "metric",
     "fp_metric",
-    "avg_weight_bits",
-    "size_bytes",
-    "size_ratio",
-    "bops",
+    *BUDGET_KEYS,  # avg_weight_bits, size_bytes, size_ratio, bops
     "plan",
     "layers",
     "within_budget",

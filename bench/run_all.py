@@ -51,7 +51,7 @@ import torch
 
 import mixq
 from bench.common import RESULTS, provenance, section, write
-from mixq.cost import InfeasibleBudgetError
+from mixq.cost import BUDGET_KEYS, InfeasibleBudgetError
 from mixq.methods import METHODS as REGISTERED
 from mixq.progress import Bar
 from mixq.store import Store
@@ -148,10 +148,7 @@ ROW_KEYS = (
     "metric",
     "fp_metric",
     "metric_name",
-    "avg_weight_bits",
-    "size_bytes",
-    "size_ratio",
-    "bops",
+    *BUDGET_KEYS,  # avg_weight_bits, size_bytes, size_ratio, bops
     "seconds",
     "eval_seconds",
     "layers",

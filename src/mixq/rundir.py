@@ -440,10 +440,7 @@ REPORT_KEYS = (
     "metric_name",
     "metric",
     "fp_metric",
-    "avg_weight_bits",
-    "size_bytes",
-    "size_ratio",
-    "bops",
+    *cost.BUDGET_KEYS,  # avg_weight_bits, size_bytes, size_ratio, bops
     "seconds",
     "eval_seconds",
 )
