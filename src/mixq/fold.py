@@ -293,7 +293,8 @@ def _checked(
 def max_abs_diff(a: Any, b: Any) -> float:
     """Max |a - b| over the tensors of two outputs."""
     pairs = zip(_tensors(a), _tensors(b), strict=False)
-    return max((float((x.double() - y.double()).abs().max()) for x, y in pairs if x.numel()), default=0.0)
+    diffs = ((x.detach().double() - y.detach().double()).abs().max() for x, y in pairs if x.numel())
+    return max((float(d) for d in diffs), default=0.0)
 
 
 def fold_batchnorm(
