@@ -283,3 +283,51 @@ def test_a_bf16_model_is_folded_within_its_own_tolerance() -> None:
     assert model.conv1.weight.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+
+
+def _bn_task(outputs: str = "auto") -> mixq.Task:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    _randomize_bn(model)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)
+    ]
+    return mixq.Task(model, calib=data[:1], val=data[1:], name="bn", outputs=outputs)
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_a_plan_measures_again_as_its_run_folded(tmp_path, fold_bn: bool) -> None:
+    task, d = _bn_task(), tmp_path / "run"
+    res = mixq.run(task, "uniform", ["w3+tensor"], out=d, fold_bn=fold_bn)
+    assert res.plan.meta["fold_bn"] is fold_bn
+    again = mixq.evaluate(task, mixq.Plan.load(d / "plan.json"))  # as the run folded, by its plan
+    assert (again.metrics.metric, again.metrics.size_bytes) == (res.metrics.metric, res.metrics.size_bytes)
+    other = mixq.evaluate(task, res.plan, fold_bn=not fold_bn)  # the other model: another size
+    assert other.metrics.size_bytes != res.metrics.size_bytes
+    rebuilt, _ = export.rebuild(d, task=task)  # the file's costs, on the model the run quantized
+    assert (rebuilt.metrics.metric, rebuilt.metrics.size_bytes) == (
+        res.metrics.metric,
+        res.metrics.size_bytes,
+    )
+
+
+def test_the_task_outputs_key_the_run_directory(tmp_path) -> None:
+    d = tmp_path / "run"
+    mixq.run(_bn_task("logits"), "uniform", ["w4"], out=d)
+    with pytest.raises(ValueError, match="outputs: 'logits' there, 'values' here"):
+        mixq.run(_bn_task("values"), "uniform", ["w4"], out=d)
+
+
+def test_the_command_line_keeps_batch_norm_on_request(tmp_path, monkeypatch) -> None:
+    from mixq import cli
+
+    monkeypatch.setattr(mixq.tasks, "TASKS", {**mixq.tasks.TASKS, "bn-test": _bn_task})
+    for flag, folded in (([], True), (["--no-fold-bn"], False)):
+        d = tmp_path / f"run{len(flag)}"
+        args = ["run", "--task", "bn-test", "--candidates", "w4", "--out", str(d), *flag]
+        assert cli.main(args) == 0
+        assert mixq.Plan.load(d / "plan.json").meta["fold_bn"] is folded
+        assert ("fold_bn" in json.loads((d / "metrics.json").read_text())) is folded

@@ -224,6 +224,7 @@ def run_config(req: Request) -> dict[str, Any]:
         "adds": str(opts.adds) if opts.adds is not None else None,
         "fold_bn": opts.fold_bn,
         "embeddings": opts.embeddings,
+        "outputs": task.output_kind(),  # chooses objectives (e.g. sensitivity-ilp's kl or loss)
         "mixq": mixq_version,
     }
 
@@ -250,7 +251,9 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
         seconds = time.perf_counter() - t0
         plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
-        plan.meta.update({"task": task.name, "method": method, "budget": budget, "seed": opts.seed})
+        plan.meta.update(
+            {"task": task.name, "method": method, "budget": budget, "seed": opts.seed, FOLD_BN: opts.fold_bn}
+        )
         if "reference" in task.info:  # a task of one's own, rebuilt by module:function
             plan.meta["task_reference"] = task.info["reference"]
         apply(ctx.qmodel, plan)
@@ -336,6 +339,17 @@ def _executor(opts: RunOptions) -> Any:
     return opts.executor
 
 
+FOLD_BN = "fold_bn"  # the plan meta key: whether the run folded batch norm
+
+
+def folded_task(task: tasks.Task, plan: Plan, fold_bn: bool | None = None) -> tasks.Task:
+    """The task with batch norm folded as the run that made ``plan`` folded it (``fold_bn``
+    overrides; a plan that does not say: fold, ``mixq.run``'s default), so a plan measures again
+    on the model its run quantized."""
+    fold = plan.meta.get(FOLD_BN, True) if fold_bn is None else fold_bn
+    return _float_steps(task, [], 0, bool(fold))[0]
+
+
 def _float_steps(
     task: tasks.Task, steps: list[ptq_steps.Step], seed: int, fold: bool = True
 ) -> tuple[tasks.Task, list[dict], dict | None]:
@@ -382,7 +396,7 @@ def _context(
 
 
 def evaluate(
-    task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | None = None, fold_bn: bool = True
+    task: tasks.Task | str, plan: Plan | str | Path, cache: Cache | None = None, fold_bn: bool | None = None
 ) -> Result:
     """Quantize a task's model by a given plan (a Plan or a plan.json) and measure it.
 
@@ -392,7 +406,8 @@ def evaluate(
     ``cache``: a :class:`mixq.Cache` shared with other runs and evaluations of the same model
     (its prepared model and searched ranges are reused; the result is identical); by default the
     cache of the run in progress, or a fresh one.
-    ``fold_bn``: fold batch norm first, as ``mixq.run`` does by default.
+    ``fold_bn``: fold batch norm first, as ``mixq.run`` does by default; None: as the run that
+    made the plan did (its ``meta["fold_bn"]``; a plan without it: fold).
 
     Returns:
         A Result whose metrics hold the metric, the fp32 metric and the cost model's sizes.
@@ -401,7 +416,7 @@ def evaluate(
         task = tasks.get(task)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    task = _float_steps(task, [], 0, fold_bn)[0]
+    task = folded_task(task, plan, fold_bn)
     cache = cache if cache is not None else current_cache()
     with (cache if cache is not None else Cache()).active():
         qmodel, infos = prepare(task, list(plan.layers.values()), embeddings=names_embeddings(task, plan))

@@ -79,8 +79,9 @@ _RUN_OPTIONS: dict[str, tuple[str, Any]] = {
     "executor": ("executor", None),
     "adds": ("adds", None),
     "embeddings": ("embeddings", None),
+    "fold_bn": ("fold_bn", None),
 }
-_EMPTY_IS_GIVEN = ("seed", "ptq")  # --seed 0 and --ptq "" (no steps) are settings too
+_EMPTY_IS_GIVEN = ("seed", "ptq", "fold_bn")  # --seed 0, --ptq "" (no steps), --no-fold-bn are settings too
 
 
 def _command_line_settings(args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
@@ -378,6 +379,13 @@ def _run_parser(sub: Any) -> None:
         action="store_true",
         default=None,
         help="quantize nn.Embedding weights too (weight-only, per row)",
+    )
+    r.add_argument(
+        "--no-fold-bn",
+        dest="fold_bn",
+        action="store_false",
+        default=None,
+        help="keep batch norm as it is (by default it is folded into the conv or linear layer before it)",
     )
     r.add_argument(
         "--executor",

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from mixq import cost, rundir, tasks
-from mixq.api import Result, names_embeddings, prepare
+from mixq.api import Result, folded_task, names_embeddings, prepare
 from mixq.export.deploy import deploy_model
 from mixq.export.integer import emulate
 from mixq.export.packed import deployed, load_safetensors, read_safetensors, save_safetensors
@@ -149,11 +149,12 @@ def rebuild(run_dir: str | Path, check: bool = True, task: Any = None) -> tuple[
             f"tasks: {', '.join(tasks.TASKS)}"
         )
     task = tasks.get(name if task is None else task) if not isinstance(task, tasks.Task) else task
+    folded = folded_task(task, plan)  # the model the run quantized: batch norm folded as it was
     recorded = metrics.get("metric")
     file = rundir.listed(run_dir, RUN_MODEL)
     if file is not None:
         read = read_safetensors(file, plan)  # checksum and plan hash verified
-        sizes = file_costs(file, read[0], plan, task)
+        sizes = file_costs(file, read[0], plan, folded)
         model = deployed(file, *read, task.model)
         value = float(task.metric(model, task.val))
         if check and value != recorded:
@@ -163,7 +164,7 @@ def rebuild(run_dir: str | Path, check: bool = True, task: Any = None) -> tuple[
             )
         return Result(plan, model, _rebuilt({**metrics, **sizes}, value, recorded)), task
     specs = list(plan.layers.values()) + _candidates(metrics)
-    qmodel, infos = prepare(task, specs, embeddings=names_embeddings(task, plan))
+    qmodel, infos = prepare(folded, specs, embeddings=names_embeddings(folded, plan))
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
