@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 import mixq
 from bench.common import RESULTS, provenance
 from mixq import cost
 from mixq.api import prepare
-from mixq.nn import QConv2d, QLinear
+from mixq.nn import QCall, QConv2d, QLinear
 from mixq.plan import as_layer_spec
 
 MAX_PLANS = 1 << 16
@@ -42,14 +41,12 @@ MAX_PLANS = 1 << 16
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QLinear, QConv2d)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QLinear, QConv2d, QCall)) or super().is_leaf_module(m, qualname)
 
 
 def _layer_forward(m: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """The quantized layer's forward with a precomputed quantized weight."""
-    if isinstance(m, QConv2d):
-        return m.float_module._conv_forward(m.input_quant(x), wq, m.bias)
-    return F.linear(m.input_quant(x), wq, m.bias)
+    """The quantized layer's forward with a precomputed quantized weight (every site type)."""
+    return m.forward_with(m.input_quant(x), wq, m.bias)
 
 
 class Walker:

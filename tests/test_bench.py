@@ -124,3 +124,32 @@ def test_compare_sweeps_names_every_differing_field_and_missing_row():
     assert differences(a, a) == []
     results = {"rows": {"t|m|1": {"task": "t"}, "u|m|1": {"task": "u"}}}
     assert list(rows_of(results, "t")) == ["t|m|1"]
+
+
+def test_exhaustive_walker_counts_every_plan_of_a_model_with_a_conv_subclass():
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import mixq
+    from bench.exhaustive import Walker
+    from mixq.api import prepare
+    from mixq.plan import Plan, as_layer_spec
+
+    class SameConv(nn.Conv2d):  # its own forward: a QCall site
+        def forward(self, x):
+            return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SameConv(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x, y = torch.randn(32, 1, 6, 6), torch.randint(0, 3, (32,))
+    task = mixq.Task(model, calib=[(x, y)], val=[(x, y)])
+    specs = [as_layer_spec(c) for c in ("w2a8", "w8a8")]
+    qmodel, infos = prepare(task, specs)
+    layers = [i.name for i in infos]
+    counts = Walker(qmodel, layers, specs).correct(x, y)
+    for idx in itertools.product(range(len(specs)), repeat=len(layers)):
+        plan = Plan({n: specs[j] for n, j in zip(layers, idx, strict=True)})
+        assert counts[idx] == round(mixq.evaluate(task, plan).metrics.metric * len(y) / 100), idx
