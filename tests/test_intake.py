@@ -8,6 +8,7 @@ what it holds; the user's model object never changes. Tiny models, random weight
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -524,3 +525,82 @@ def test_plain_layers_keep_their_sites():
     qm = mixq.wrap(model)
     assert [type(m).__name__ for m in mixq.sites(qm).values()] == ["QConv2d", "QLinear"]
     assert all(m.exportable for m in mixq.sites(qm).values())
+
+
+# -- embedding sites in every method and PTQ step (weight-only: no activation path) --------------
+
+
+class EmbConvNet(nn.Module):
+    """Embedding -> Conv1d -> a Conv2d subclass with its own forward -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 8)
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.same = SameConv(6, 6, (1, 3))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(self.emb(ids).transpose(1, 2)))
+        return self.fc(torch.relu(self.same(x[:, :, None])).mean((2, 3)))
+
+
+def emb_task() -> mixq.Task:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(40, (4, 9), generator=g), torch.randint(4, (4,), generator=g)) for _ in range(2)]
+    return mixq.Task(EmbConvNet().eval(), data, data, cross_entropy, top1, name="emb-conv")
+
+
+# BOPs between all-w4a8 (73,344) and all-w8a8: the embedding has no MACs, so the budget binds the
+# other layers alone, as with embeddings=False.
+EMB_CASES = {
+    "sparq": ("sparq", None, None, ["w4a8", "w8a8"]),
+    "ddq": ("ddq", {"steps": 10}, None, ["w4a8", "w8a8"]),
+    "ddq-act-bits": ("ddq", {"steps": 10}, None, ["w4a4", "w8a8"]),  # input bits learned too
+    "multipoint": ("multipoint", None, None, ["w4a8", "w8a8"]),
+    "adaround": ("uniform", None, ["adaround"], ["w4a8", "w8a8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMB_CASES))
+def test_embedding_sites_take_no_activation_path(case):
+    method, args, ptq, cands = EMB_CASES[case]
+    kw = {"method_args": args, "ptq": ptq, "ptq_args": {"adaround": {"iters": 10}} if ptq else None}
+    budget = {"bops": 110_000}
+    with pytest.warns(UserWarning, match="emb.weight"):
+        plain = mixq.run(emb_task(), method, cands, budget, **kw)
+    r = mixq.run(emb_task(), method, cands, budget, embeddings=True, **kw)
+    emb = r.plan.layers["emb"]
+    assert emb.weight is not None and emb.act is None  # in the plan, weight-only
+    site = mixq.sites(r.model)["emb"]
+    assert site.weight_only and site.weight_quant.spec == emb.weight and site.input_quant.spec is None
+    assert {n: s for n, s in r.plan.layers.items() if n != "emb"} == plain.plan.layers
+    assert r.metrics.float_layers == {} and r.metrics.bops == plain.metrics.bops
+    assert math.isfinite(r.metrics.metric)
+    if case == "ddq-act-bits":
+        (search,) = [h for h in r.history if h.get("phase") == "search"]
+        assert set(search["learned_bits"]) == {"emb", "conv", "same", "fc"}
+        assert set(search["learned_act_bits"]) == {"conv", "same", "fc"}
+        assert len({s.act.bits for s in r.plan.layers.values() if s.act}) == 2  # the budget mixes them
+    if case == "multipoint":
+        assert {"multipoint": "weight-only layers keep the base plan", "layers": ["emb"]} in r.history
+        assert r.plan.meta["multipoint"]["weight_only_kept"] == ["emb"]
+        assert "weight_only_kept" not in plain.plan.meta["multipoint"]
+    if case == "adaround":
+        (ada,) = r.metrics.ptq
+        assert ada["skipped"] == ["emb"] and set(ada["output_error"]) == {"conv", "same", "fc"}
+        assert set(plain.metrics.ptq[0]["output_error"]) == {"conv", "same", "fc"}
+
+
+def test_omse_on_an_embedding_is_refused_naming_the_layer_and_the_clips():
+    want = r"layer 'emb' is an embedding .*valid clips for it: minmax, mse, p<percentile>"
+    with pytest.raises(ValueError, match=want):
+        mixq.run(emb_task(), "uniform", ["w4+omse"], embeddings=True)
+    with pytest.warns(UserWarning, match="emb.weight"):
+        plain = mixq.run(emb_task(), "uniform", ["w4+omse"])
+    assert set(plain.plan.layers) == {"conv", "same", "fc"}
+    r = mixq.run(emb_task(), "uniform", ["w4+mse"], embeddings=True)
+    assert r.plan.layers["emb"] == parse_candidate("w4+mse")
+    with pytest.raises(ValueError, match=want):  # a plan applied by hand is refused the same way
+        mixq.apply(r.model, Plan({"emb": parse_candidate("w4+omse")}))

@@ -25,7 +25,18 @@ from mixq.metrics import Metrics
 from mixq.options import RunOptions, check_types
 from mixq.plan import FLOAT, LayerSpec, Plan, as_layer_spec
 from mixq.store import fingerprint_data, fingerprint_model
-from mixq.wrap import ADDS, adds_spec, apply, calibrate, float_layers, with_adds, wrap
+from mixq.wrap import (
+    ADDS,
+    adds_spec,
+    apply,
+    calibrate,
+    check_weight_only,
+    float_layers,
+    sites,
+    weight_only_plan,
+    with_adds,
+    wrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +138,9 @@ def _prepare(
     check_dtypes(model)
     check_finite(model)
     qmodel = wrap(model, embeddings=embeddings)  # raises, naming the module types, if nothing to quantize
+    for name, m in sites(qmodel).items() if gram else ():
+        if getattr(m, "weight_only", False):  # an embedding: refused before any search
+            check_weight_only(name, "omse")
     if not task.calib:
         raise ValueError("calibration data is empty: pass at least one batch")
     if gram or act:
@@ -250,7 +264,8 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
         ctx = _context(work, specs, budget, opts, runner, key)
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
         seconds = time.perf_counter() - t0
-        plan = output.plan if opts.adds is None else with_adds(output.plan, opts.adds)
+        plan = weight_only_plan(ctx.qmodel, output.plan)  # an embedding's spec without an input spec
+        plan = plan if opts.adds is None else with_adds(plan, opts.adds)
         plan.meta.update(
             {"task": task.name, "method": method, "budget": budget, "seed": opts.seed, FOLD_BN: opts.fold_bn}
         )

@@ -249,6 +249,8 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
     Plan(dict(layers)).check_layers(list(qlayers))
     for name, m in qlayers.items():
         spec = layers.get(name)
+        if spec and spec.weight and getattr(m, "weight_only", False):
+            check_weight_only(name, spec.weight.clip)
         m.weight_quant.set_spec(spec.weight if spec else None)
         m.input_quant.set_spec(spec.act if spec and not getattr(m, "weight_only", False) else None)
     adds = add_sites(model)
@@ -261,6 +263,28 @@ def apply(model: nn.Module, plan: Plan | dict[str, LayerSpec]) -> nn.Module:
         for q in m.quant:
             q.set_spec(add)
     return model
+
+
+def weight_only_plan(model: nn.Module, plan: Plan) -> Plan:
+    """``plan`` with the activation spec of each weight-only site (an embedding) dropped, as
+    :func:`apply` drops it: the plan records what the site computes."""
+    qlayers = sites(model)
+    layers = {
+        n: LayerSpec(s.weight, None)
+        if s.act is not None and getattr(qlayers.get(n), "weight_only", False)
+        else s
+        for n, s in plan.layers.items()
+    }
+    return plan if layers == plan.layers else Plan(layers, plan.meta)
+
+
+def check_weight_only(name: str, clip: str) -> None:
+    """Refuse weight clip "omse" on weight-only site ``name`` (an embedding: no float input to measure by)."""
+    if clip == "omse":
+        raise ValueError(
+            f"layer {name!r} is an embedding (its input is indices): clip 'omse' needs float inputs; "
+            "valid clips for it: minmax, mse, p<percentile> (or run with embeddings=False)"
+        )
 
 
 @contextlib.contextmanager

@@ -30,6 +30,8 @@ Deviations [DESIGN]: monotone gates ``g_i = H(β − i + ½)`` with a triangular
 H'; deployment on mixq's integer grids (restricted symmetric weights, affine activations) after
 a fine-tune instead of DDQ's merged grid; training batches are ``task.train`` (or the
 calibration batches when a task has none); batch norm is expected folded (frozen otherwise).
+A weight-only site (an embedding, ``embeddings=True``: its input is indices) gets no input
+quantizer; with learned input bits its own are left out of the projection's distance.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def project(
     cw, ca = bits_of(ctx.candidates)
     scores = (wbits[:, None] - cw[None, :]) ** 2
     if abits is not None and ca is not None:
-        scores = scores + (abits[:, None] - ca[None, :]) ** 2
+        scores = scores + ((abits[:, None] - ca[None, :]) ** 2).nan_to_num(0.0)  # NaN: weight-only
     if not ctx.limits:
         choices = scores.argmin(1).tolist()
         return choices, {
@@ -206,7 +208,7 @@ def deploy_quantizers(ctx: Context, choices: list[int]) -> dict[str, tuple[nn.Mo
         lo, hi = init_range(m.weight, spec.weight, rows)
         wq = LearnedInt(spec.weight, "weight", lo, hi)
         aq: nn.Module = nn.Identity()
-        if spec.act is not None:
+        if spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
             alo, ahi = init_range(m.input_quant.sample, spec.act, 1)
             aq = LearnedInt(spec.act, "act", alo, ahi)
         out[name] = (wq, aq)
@@ -228,7 +230,7 @@ def search_quantizers(ctx: Context, cfg: Config, start_bits: float) -> dict[str,
         with torch.no_grad():
             wq.beta.fill_(start_bits)
         aq: nn.Module = nn.Identity()
-        if ca is not None:
+        if ca is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
             aspec = ctx.candidates[int(ca.argmax())].act
             alo, ahi = init_range(m.input_quant.sample, aspec, 1)
             if int(ca.max()) == int(ca.min()):
@@ -290,14 +292,22 @@ def finish(ctx: Context, installed: Installed) -> None:
 def learned_bits(
     quantizers: dict[str, tuple[nn.Module, nn.Module]],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return the clamped β of each layer's weight quantizer [L] and input quantizer (or None)."""
+    """Return the clamped β of each layer's weight quantizer [L] and input quantizer (or None).
+
+    A weight-only layer (an embedding) among layers with learned input bits gets NaN input bits:
+    :func:`project` then leaves its activation out of the distance.
+    """
     w, a = [], []
     for wq, aq in quantizers.values():
         w.append(float(wq.beta.detach().clamp(wq.min_bits, wq.max_bits)))
-        if isinstance(aq, DDQQuantizer):
-            a.append(float(aq.beta.detach().clamp(aq.min_bits, aq.max_bits)))
+        a.append(
+            float(aq.beta.detach().clamp(aq.min_bits, aq.max_bits))
+            if isinstance(aq, DDQQuantizer)
+            else math.nan
+        )
     wt = torch.tensor(w, dtype=torch.float64)
-    return wt, (torch.tensor(a, dtype=torch.float64) if a else None)
+    learned = any(isinstance(aq, DDQQuantizer) for _, aq in quantizers.values())
+    return wt, (torch.tensor(a, dtype=torch.float64) if learned else None)
 
 
 def regularizer(ctx: Context, cfg: Config, quantizers: dict[str, tuple[nn.Module, nn.Module]]):  # noqa: ANN201
@@ -313,9 +323,14 @@ def regularizer(ctx: Context, cfg: Config, quantizers: dict[str, tuple[nn.Module
         if not ctx.limits or cfg.lam == 0:
             return None
         wb = torch.stack([p[0].soft_bits() for p in pairs]).double()
-        ab = (
-            torch.stack([p[1].soft_bits() for p in pairs]).double()
-            if isinstance(pairs[0][1], DDQQuantizer)
+        ab = (  # a weight-only layer (an embedding, no MACs) has no input quantizer: 0 bits
+            torch.stack(
+                [
+                    p[1].soft_bits().double() if isinstance(p[1], DDQQuantizer) else wb.new_zeros(())
+                    for p in pairs
+                ]
+            )
+            if any(isinstance(p[1], DDQQuantizer) for p in pairs)
             else None
         )
         total = torch.zeros((), dtype=torch.float64)
@@ -397,7 +412,9 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
             seconds_with_projection=time.perf_counter() - t0,
         )
         if ab is not None:
-            info["learned_act_bits"] = {n: float(b) for n, b in zip(ctx.layers, ab, strict=True)}
+            info["learned_act_bits"] = {
+                n: float(b) for n, b in zip(ctx.layers, ab, strict=True) if not math.isnan(b)
+            }
         history.append(info)
         n_tune = total - n_search
     else:

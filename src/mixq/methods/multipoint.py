@@ -28,6 +28,8 @@ leaves, e.g. candidates ``["w3"]`` and ``avg_weight_bits=3.3``: w3 everywhere pl
 
 Deviations [DESIGN]: layers are processed independently on the float model's inputs (not
 sequentially on the quantized prefix). Activation specs of the base plan are kept as they are.
+A weight-only site (an embedding, ``embeddings=True``) has no float input, hence no Gram matrix:
+it keeps its base spec, named in the history and in ``meta["multipoint"]["weight_only_kept"]``.
 """
 
 from __future__ import annotations
@@ -149,7 +151,12 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
     """Put multipoint weights on top of the base plan, layer by layer."""
     base, history = base_plan(ctx, cfg)
     qlayers = sites(ctx.qmodel)
-    targets = [n for n in ctx.layers if eligible(base.layers.get(n))]
+    # A weight-only site (an embedding) reads indices: no input Gram matrix, so no output error to
+    # place points by; it keeps its base spec, named in the history and the plan's meta.
+    weight_only = [n for n in ctx.layers if getattr(qlayers[n], "weight_only", False)]
+    if weight_only:
+        history.append({"multipoint": "weight-only layers keep the base plan", "layers": weight_only})
+    targets = [n for n in ctx.layers if eligible(base.layers.get(n)) and n not in weight_only]
     if not targets:  # e.g. the budget forced asymmetric or float-format weights everywhere
         log.warning(
             "multipoint: no layer of the base plan has a signed symmetric integer weight spec per "
@@ -232,6 +239,8 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
             "error_inputs": "float model, calibration Gram matrices",
         }
     }
+    if weight_only:
+        meta["multipoint"]["weight_only_kept"] = weight_only
     return MethodOutput(plan=Plan(layers, meta), history=history)
 
 

@@ -24,7 +24,9 @@ Deviations: ranges come from the site's statistics by the spec's clip (default m
 the calibration data), not from the mean of per-image maxima; the weight quantizer is mixq's
 (``max|w| / 127``, not ``/ 127.5``); no BN recalibration pass (mixq's Fashion-MNIST tasks fold
 BN; see docs/methods.md §5.2); vSPARQ pairs channels 2k, 2k+1 of each layer's input (see
-:mod:`mixq.quant.sparq`).
+:mod:`mixq.quant.sparq`). A weight-only site (an embedding, ``embeddings=True``: its input is
+indices) has no input statistics: it is never a signed-input exception, and its plan entry keeps
+the weight spec only.
 """
 
 from __future__ import annotations
@@ -84,11 +86,13 @@ def signed_layers(ctx: Context) -> list[str]:
     """Return the layers whose calibrated input has negative values (outside SPARQ).
 
     Calibrates the model first when no candidate had an activation spec (then mixq.run did not).
+    A weight-only site (an embedding: its input is indices) has no input statistics and is left out.
     """
     qlayers = sites(ctx.qmodel)
-    if any(qlayers[n].input_quant.stats_min is None for n in ctx.layers):
+    names = [n for n in ctx.layers if not getattr(qlayers[n], "weight_only", False)]
+    if any(qlayers[n].input_quant.stats_min is None for n in names):
         calibrate(ctx.qmodel, ctx.task.calib, ctx.task.forward)
-    return [n for n in ctx.layers if float(qlayers[n].input_quant.stats_min) < 0]
+    return [n for n in names if float(qlayers[n].input_quant.stats_min) < 0]
 
 
 def sparq_plan(ctx: Context, candidate: LayerSpec, signed: list[str], float_first_last: bool) -> Plan:

@@ -21,7 +21,8 @@ the layer's weight site (:class:`FixedRounding`, :meth:`mixq.nn.Quantizer.set_ro
 Mapping of symbols: ``V`` -> ``v``, ``h`` -> :func:`rectified_sigmoid`, ``lambda`` -> ``reg``.
 Deviations: the squared error is summed over output channels and averaged over samples and
 positions (as in the BRECQ code); for linear layers every row (a token of a sequence) is a sample.
-Only integer grids are learned; layers with float or MX weight formats keep plain rounding. With
+Only integer grids are learned; layers with float or MX weight formats, and weight-only layers
+(embeddings: their input is indices), keep plain rounding. With
 ``keep_better`` (default) a layer whose learned rounding has a larger calibration output error
 than round-to-nearest keeps round-to-nearest (short schedules can end worse on small layers,
 where the regularizer outweighs the reconstruction error).
@@ -240,7 +241,13 @@ def adaround(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 
     """
     batches = list(task.calib)[: cfg.batches or None]
     all_sites = sites(qmodel)
-    layers = [n for n, m in all_sites.items() if supported(m.weight_quant.spec)]
+    # A weight-only site (an embedding) reads indices, and its output is its rows: it keeps plain
+    # rounding (listed in "skipped").
+    layers = [
+        n
+        for n, m in all_sites.items()
+        if supported(m.weight_quant.spec) and not getattr(m, "weight_only", False)
+    ]
     skipped = [n for n, m in all_sites.items() if m.weight_quant.spec is not None and n not in layers]
     ref = copy.deepcopy(task.model).eval()
     qmodel.eval()
