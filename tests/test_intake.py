@@ -22,20 +22,12 @@ from mixq.nn import QCall, QConv1d, QLinear
 from mixq.plan import Plan, parse_candidate
 from mixq.quant import fake
 from mixq.tasks import cross_entropy, top1
+from test_architectures import SameConv2d
+
+SameConv = SameConv2d  # a conv whose own forward pads as TensorFlow's "same" (test_architectures.py)
+
 
 # -- models ------------------------------------------------------------------------------------
-
-
-class SameConv(nn.Conv2d):
-    """A conv whose own forward pads as TensorFlow's "same" (asymmetric for even kernels)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class SubclassCNN(nn.Module):
@@ -160,7 +152,7 @@ def test_run_uniform_w4_quantizes_every_subclass_conv_and_leaves_the_model(tmp_p
     assert m.avg_weight_bits == pytest.approx((4 * n + 32 * rows) / n)  # every weight at 4 bits
     assert unchanged(task.model, snap)
     # The exports name the layer they cannot take yet; the run directory says so and goes on.
-    with pytest.raises(ValueError, match="layer stem: a SameConv cannot be exported yet"):
+    with pytest.raises(ValueError, match="layer stem: a SameConv2d cannot be exported yet"):
         mixq.export.save(result, tmp_path / "m.safetensors")
     mixq.run(task, "uniform", ["w4"], out=tmp_path / "run")
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["float_layers"] == {}
