@@ -31,14 +31,17 @@ from mixq.wrap import (
     apply,
     calibrate,
     check_weight_only,
+    excluded_layers,
     float_layers,
     sites,
+    tie_plan,
     weight_only_plan,
     with_adds,
     wrap,
 )
 
 log = logging.getLogger(__name__)
+EXCLUDE = "exclude"  # the plan meta key of the run's exclude patterns
 
 
 @dataclass
@@ -94,7 +97,7 @@ def method_config(method: str, method_args: dict[str, Any] | None) -> Any:
     return cfg_cls(**check_types(cfg_cls, args, f"method_args of {method!r}"))
 
 
-def _prepare_key(task: tasks.Task, gram: bool, act: bool, embeddings: bool) -> tuple:
+def _prepare_key(task: tasks.Task, gram: bool, act: bool, embeddings: bool, exclude: tuple = ()) -> tuple:
     """What a prepared model depends on: weights, architecture, calibration data, forward, needs."""
     return (
         fingerprint_model(task.model),
@@ -104,11 +107,16 @@ def _prepare_key(task: tasks.Task, gram: bool, act: bool, embeddings: bool) -> t
         gram,
         act,
         embeddings,
+        exclude,
     )
 
 
 def prepare(
-    task: tasks.Task, candidates: list[LayerSpec], cache: Cache | None = None, embeddings: bool = False
+    task: tasks.Task,
+    candidates: list[LayerSpec],
+    cache: Cache | None = None,
+    embeddings: bool = False,
+    exclude: list[str] | tuple[str, ...] | None = None,
 ) -> tuple[nn.Module, list[cost.LayerInfo]]:
     """Copy, check, wrap and calibrate the task's model; probe its layers.
 
@@ -119,25 +127,29 @@ def prepare(
     fingerprints of the weights, the architecture and the calibration batches, and a fresh
     deep copy of it is returned when they match: the result is identical.
 
-    ``embeddings``: wrap nn.Embedding layers too (:func:`mixq.wrap.wrap`).
+    ``embeddings``: wrap nn.Embedding layers too (:func:`mixq.wrap.wrap`). ``exclude``: fnmatch
+    patterns of layers left float (:func:`mixq.wrap.excluded_layers`; a pattern matching none raises).
     """
+    exclude = tuple(exclude or ())
     gram = any(c.weight is not None and c.weight.clip == "omse" for c in candidates)
     act = any(c.act is not None for c in candidates)
     cache = cache if cache is not None else current_cache()
     if cache is None or not task.calib:
-        return _prepare(task, gram, act, embeddings)
-    key = _prepare_key(task, gram, act, embeddings)
-    qmodel, infos = cache.prepared(key, lambda: _prepare(task, gram, act, embeddings))
+        return _prepare(task, gram, act, embeddings, exclude)
+    key = _prepare_key(task, gram, act, embeddings, exclude)
+    qmodel, infos = cache.prepared(key, lambda: _prepare(task, gram, act, embeddings, exclude))
     return qmodel, list(infos)
 
 
 def _prepare(
-    task: tasks.Task, gram: bool, act: bool, embeddings: bool = False
+    task: tasks.Task, gram: bool, act: bool, embeddings: bool = False, exclude: tuple = ()
 ) -> tuple[nn.Module, list[cost.LayerInfo]]:
     model = copy.deepcopy(task.model).eval()
     check_dtypes(model)
     check_finite(model)
-    qmodel = wrap(model, embeddings=embeddings)  # raises, naming the module types, if nothing to quantize
+    excluded = excluded_layers(model, exclude, embeddings)  # a pattern matching no layer raises
+    model.mixq_excluded = tuple(excluded)  # float, counted so in every budget (cost.probe)
+    qmodel = wrap(model, skip=excluded, embeddings=embeddings)  # raises if nothing to quantize
     for name, m in sites(qmodel).items() if gram else ():
         if getattr(m, "weight_only", False):  # an embedding: refused before any search
             check_weight_only(name, "omse")
@@ -238,6 +250,7 @@ def run_config(req: Request) -> dict[str, Any]:
         "adds": str(opts.adds) if opts.adds is not None else None,
         "fold_bn": opts.fold_bn,
         "embeddings": opts.embeddings,
+        **({"exclude": list(opts.exclude)} if opts.exclude else {}),
         "outputs": task.output_kind(),  # chooses objectives (e.g. sensitivity-ilp's kl or loss)
         "mixq": mixq_version,
     }
@@ -265,10 +278,13 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
         output = _search(ctx, method, cfg, owned=isinstance(opts.executor, str))
         seconds = time.perf_counter() - t0
         plan = weight_only_plan(ctx.qmodel, output.plan)  # an embedding's spec without an input spec
+        plan = tie_plan(ctx.qmodel, plan)  # a tied tensor: one weight spec, the leader's
         plan = plan if opts.adds is None else with_adds(plan, opts.adds)
         plan.meta.update(
             {"task": task.name, "method": method, "budget": budget, "seed": opts.seed, FOLD_BN: opts.fold_bn}
         )
+        if opts.exclude:
+            plan.meta[EXCLUDE] = list(opts.exclude)
         if "reference" in task.info:  # a task of one's own, rebuilt by module:function
             plan.meta["task_reference"] = task.info["reference"]
         apply(ctx.qmodel, plan)
@@ -388,7 +404,7 @@ def _context(
     key: str,
 ) -> Context:
     """Prepare the model and build what the method receives."""
-    qmodel, infos = prepare(task, specs, embeddings=opts.embeddings)
+    qmodel, infos = prepare(task, specs, embeddings=opts.embeddings, exclude=opts.exclude)
     mc = cost.model_costs(qmodel, infos)
     ctx = Context(
         task=task,
@@ -434,8 +450,11 @@ def evaluate(
     task = folded_task(task, plan, fold_bn)
     cache = cache if cache is not None else current_cache()
     with (cache if cache is not None else Cache()).active():
-        qmodel, infos = prepare(task, list(plan.layers.values()), embeddings=names_embeddings(task, plan))
+        qmodel, infos = prepare(
+            task, list(plan.layers.values()), embeddings=names_embeddings(task, plan), exclude=excludes(plan)
+        )
         plan.check_layers([i.name for i in infos])
+        tie_plan(qmodel, plan, strict=True)  # tied sites at different weight specs raise
         apply(qmodel, plan)
         qmodel.eval()
         metrics = measure(task, qmodel, plan, cost.model_costs(qmodel, infos), time.perf_counter())
@@ -450,6 +469,10 @@ def measure(task: tasks.Task, qmodel: nn.Module, plan: Plan, mc: cost.ModelCosts
     value = float(task.metric(qmodel, task.val))
     sizes = cost.metrics_of(mc, [plan.layers.get(i.name, FLOAT) for i in mc.infos], adds_spec(plan))
     metrics = Metrics(task.name, "", metric_name=task.metric_name, metric=value, fp_metric=task.fp_metric())
+    report = getattr(task.metric, "report", None)  # e.g. a causal LM's perplexity beside -perplexity
+    if callable(report):
+        metrics.extra.update(report(value))
+        metrics.extra.update({f"fp_{k}": v for k, v in report(metrics.fp_metric).items()})
     for k, v in sizes.items():
         setattr(metrics, k, v)
     metrics.eval_seconds = time.perf_counter() - t0
@@ -457,6 +480,12 @@ def measure(task: tasks.Task, qmodel: nn.Module, plan: Plan, mc: cost.ModelCosts
     metrics.adds = plan.meta.get(ADDS)
     metrics.float_layers = float_layers(qmodel)
     return metrics
+
+
+def excludes(plan: Plan) -> list[str]:
+    """The exclude patterns a plan was made with (``meta["exclude"]``), else none."""
+    value = plan.meta.get(EXCLUDE) or []
+    return [str(p) for p in value] if isinstance(value, list) else []
 
 
 def names_embeddings(task: tasks.Task, plan: Plan) -> bool:

@@ -79,6 +79,7 @@ _RUN_OPTIONS: dict[str, tuple[str, Any]] = {
     "executor": ("executor", None),
     "adds": ("adds", None),
     "embeddings": ("embeddings", None),
+    "exclude": ("exclude", None),
     "fold_bn": ("fold_bn", None),
 }
 _EMPTY_IS_GIVEN = ("seed", "ptq", "fold_bn")  # --seed 0, --ptq "" (no steps), --no-fold-bn are settings too
@@ -379,6 +380,12 @@ def _run_parser(sub: Any) -> None:
         action="store_true",
         default=None,
         help="quantize nn.Embedding weights too (weight-only, per row)",
+    )
+    r.add_argument(
+        "--exclude",
+        action="append",
+        help="keep layers matching this pattern float (fnmatch on qualified names, e.g. lm_head or "
+        "'*.embed_tokens'; repeatable); counted as float in every budget",
     )
     r.add_argument(
         "--no-fold-bn",

@@ -32,7 +32,7 @@ from mixq.kinds import FLOAT_BITS, kind_of
 from mixq.nn import QAdd, QCall, QLinear
 from mixq.plan import LayerSpec, QSpec
 from mixq.search.problem import InfeasibleBudgetError
-from mixq.wrap import float_layers, sites
+from mixq.wrap import float_layers, is_hf_conv1d, sites, tied_sites
 
 BUDGET_KEYS = ("avg_weight_bits", "size_bytes", "size_ratio", "bops")
 COST_KEYS = ("weight_bits", "size_bits", "bops")
@@ -53,6 +53,7 @@ class LayerInfo:
     weight_shape: tuple[int, ...]
     bias: int  # number of bias elements
     macs: float  # per sample
+    tied_to: str | None = None  # the site whose weight tensor this one shares: counted there, once
 
     @property
     def numel(self) -> int:
@@ -73,9 +74,17 @@ class LayerInfo:
 def probe(
     model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> list[LayerInfo]:
-    """Run one batch through a wrapped model and record each layer's shape and MACs per sample."""
+    """Run one batch through a wrapped model and record each layer's shape and MACs per sample.
+
+    A site sharing its weight tensor with another (:func:`mixq.wrap.tied_sites`) gets ``tied_to``:
+    its weights are counted once, at the other. The layers excluded from quantization (the
+    model's ``mixq_excluded``, set by :func:`mixq.api.prepare`) are probed too and kept as the
+    model's ``mixq_fixed`` (:func:`model_costs` counts them as float).
+    """
     run = forward or (lambda m, b: m(b[0] if isinstance(b, (tuple, list)) else b))
-    qlayers = sites(model)
+    excluded = getattr(model, "mixq_excluded", ())
+    tied = tied_sites(model)
+    qlayers = {**sites(model), **{n: model.get_submodule(n) for n in excluded}}
     outs: dict[str, tuple[int, int]] = {}  # name -> (output elements over all calls, first dim)
     batch_sizes: list[int] = []
 
@@ -102,6 +111,8 @@ def probe(
     infos = []
     for name, m in qlayers.items():
         shape = tuple(m.weight.shape)
+        if is_hf_conv1d(m):
+            shape = shape[::-1]  # [out, in], as its site sees it
         numel_out, first_dim = outs.get(name, (0, 1))
         # The batch is the first dimension of the model's input (a layer may see [B * T, ...]).
         batch_size = batch_sizes[0] if batch_sizes else first_dim
@@ -119,16 +130,20 @@ def probe(
                 weight_shape=shape,
                 bias=0 if m.bias is None else m.bias.numel(),
                 macs=macs / max(1, batch_size),
+                tied_to=tied.get(name),
             )
         )
-    return infos
+    model.mixq_fixed = tuple(i for i in infos if i.name in excluded)
+    return [i for i in infos if i.name not in excluded]
 
 
 def layer_kind(m: nn.Module) -> str:
-    """A site's kind in the cost model: "linear", "conv" or "embedding"."""
+    """A site's (or an excluded float layer's) kind in the cost model: "linear", "conv" or "embedding"."""
     if isinstance(m, QCall):
         return m.layout
-    return "linear" if isinstance(m, QLinear) else "conv"
+    if isinstance(m, nn.Embedding):
+        return "embedding"
+    return "linear" if isinstance(m, (QLinear, nn.Linear)) or is_hf_conv1d(m) else "conv"
 
 
 def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
@@ -187,8 +202,11 @@ def layer_bops(info: LayerInfo, spec: LayerSpec) -> float:
 
 
 def layer_costs(info: LayerInfo, spec: LayerSpec) -> dict[str, float]:
-    """Return the weight bits, the size bits and the BOPs of one layer at ``spec``."""
-    wb = weight_bits(info, spec.weight)
+    """Return the weight bits, the size bits and the BOPs of one layer at ``spec``.
+
+    A layer tied to another (``info.tied_to``) stores no weights of its own: 0 weight bits.
+    """
+    wb = 0.0 if info.tied_to else weight_bits(info, spec.weight)
     return {
         "weight_bits": wb,
         "size_bits": wb + info.bias * FLOAT_BITS + act_param_bits(spec.act),
@@ -213,16 +231,27 @@ class ModelCosts:
     infos: tuple[LayerInfo, ...]
     other_params: int  # parameters outside the quantizable layers' weights and biases
     n_adds: int = 0  # residual additions (mixq.nn.QAdd sites), two quantizable operands each
+    fixed: tuple[LayerInfo, ...] = ()  # excluded layers: float, in every budget (their params in other_params)
 
     @property
     def n_weights(self) -> int:
-        """Weights in the quantizable layers."""
-        return sum(i.numel for i in self.infos)
+        """Weights in the quantizable layers (a tied tensor once), the excluded ones included."""
+        return sum(i.numel for i in self.infos if not i.tied_to) + sum(i.numel for i in self.fixed)
+
+    @property
+    def fixed_weight_bits(self) -> float:
+        """Weight bits of the excluded layers (float32)."""
+        return float(sum(i.numel for i in self.fixed) * FLOAT_BITS)
+
+    @property
+    def fixed_bops(self) -> float:
+        """BOPs of the excluded layers (float weights and inputs)."""
+        return float(sum(i.macs for i in self.fixed) * FLOAT_BITS * FLOAT_BITS)
 
     @property
     def fp32_bytes(self) -> float:
         """Size of the float32 model in bytes."""
-        return 4.0 * (self.other_params + sum(i.numel + i.bias for i in self.infos))
+        return 4.0 * (self.other_params + sum((0 if i.tied_to else i.numel) + i.bias for i in self.infos))
 
 
 def model_costs(model: nn.Module, infos: Sequence[LayerInfo]) -> ModelCosts:
@@ -235,7 +264,8 @@ def model_costs(model: nn.Module, infos: Sequence[LayerInfo]) -> ModelCosts:
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     params = dict(model.named_parameters(remove_duplicate=False))
     other += sum(params[n].numel() for n, why in float_layers(model).items() if why.startswith("tied to"))
-    return ModelCosts(tuple(infos), other, sum(isinstance(m, QAdd) for m in model.modules()))
+    n_adds = sum(isinstance(m, QAdd) for m in model.modules())
+    return ModelCosts(tuple(infos), other, n_adds, tuple(getattr(model, "mixq_fixed", ())))
 
 
 def metrics_of(mc: ModelCosts, specs: Sequence[LayerSpec], adds: QSpec | None = None) -> dict[str, float]:
@@ -251,10 +281,10 @@ def metrics_of(mc: ModelCosts, specs: Sequence[LayerSpec], adds: QSpec | None = 
     tot["size_bits"] += 2 * mc.n_adds * act_param_bits(adds)
     size_bytes = tot["size_bits"] / 8 + 4.0 * mc.other_params
     return {
-        "avg_weight_bits": tot["weight_bits"] / mc.n_weights,
+        "avg_weight_bits": (tot["weight_bits"] + mc.fixed_weight_bits) / mc.n_weights,
         "size_bytes": size_bytes,
         "size_ratio": size_bytes / mc.fp32_bytes,
-        "bops": tot["bops"],
+        "bops": tot["bops"] + mc.fixed_bops,
     }
 
 
@@ -281,12 +311,12 @@ def check_budget(budget: dict[str, float]) -> dict[str, float]:
 def to_limit(mc: ModelCosts, key: str, value: float) -> float:
     """Express budget ``key`` = ``value`` as a bound on a sum of per-layer costs (BUDGET_COST)."""
     if key == "avg_weight_bits":
-        return value * mc.n_weights
+        return value * mc.n_weights - mc.fixed_weight_bits
     if key == "size_bytes":
         return 8 * (value - 4.0 * mc.other_params)
     if key == "size_ratio":
         return 8 * (value * mc.fp32_bytes - 4.0 * mc.other_params)
-    return value
+    return value - mc.fixed_bops
 
 
 def budget_limits(mc: ModelCosts, budget: dict[str, float]) -> dict[str, float]:
@@ -301,12 +331,12 @@ def budget_limits(mc: ModelCosts, budget: dict[str, float]) -> dict[str, float]:
 def from_limit(mc: ModelCosts, key: str, total: float) -> float:
     """Express a sum of per-layer costs ``total`` in the units of budget ``key``."""
     if key == "avg_weight_bits":
-        return total / mc.n_weights
+        return (total + mc.fixed_weight_bits) / mc.n_weights
     if key == "size_bytes":
         return total / 8 + 4.0 * mc.other_params
     if key == "size_ratio":
         return (total / 8 + 4.0 * mc.other_params) / mc.fp32_bytes
-    return total
+    return total + mc.fixed_bops
 
 
 def check_feasible(

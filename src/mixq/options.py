@@ -140,6 +140,9 @@ class RunOptions:
         embeddings: quantize nn.Embedding weights too (weight-only, per row; see
             :func:`mixq.wrap.wrap`); without it they stay float, listed in
             ``metrics.float_layers``.
+        exclude: layers to keep float, as fnmatch patterns on qualified layer names (e.g.
+            ``["lm_head", "*.embed_tokens"]``); listed in ``metrics.float_layers`` and counted
+            at 32 bits in every budget. A pattern that matches no layer raises.
         overwrite: clear ``out`` when it holds another run (else such a directory is refused;
             one of the same configuration is resumed: see :mod:`mixq.rundir`).
     """
@@ -155,6 +158,7 @@ class RunOptions:
     cache: Cache | None = None
     fold_bn: bool = True
     embeddings: bool = False
+    exclude: list[str] | None = None
     overwrite: bool = False
 
     @classmethod
@@ -190,6 +194,7 @@ RECIPE_KEYS = (
     "adds",
     "fold_bn",
     "embeddings",
+    "exclude",
 )
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 

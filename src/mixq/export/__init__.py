@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from mixq import cost, rundir, tasks
-from mixq.api import Result, folded_task, names_embeddings, prepare
+from mixq.api import Result, excludes, folded_task, names_embeddings, prepare
 from mixq.export.deploy import deploy_model
 from mixq.export.integer import emulate
 from mixq.export.packed import deployed, load_safetensors, read_safetensors, save_safetensors
@@ -164,7 +164,7 @@ def rebuild(run_dir: str | Path, check: bool = True, task: Any = None) -> tuple[
             )
         return Result(plan, model, _rebuilt({**metrics, **sizes}, value, recorded)), task
     specs = list(plan.layers.values()) + _candidates(metrics)
-    qmodel, infos = prepare(folded, specs, embeddings=names_embeddings(folded, plan))
+    qmodel, infos = prepare(folded, specs, embeddings=names_embeddings(folded, plan), exclude=excludes(plan))
     plan.check_layers([i.name for i in infos])
     apply(qmodel, plan)
     qmodel.eval()
