@@ -61,7 +61,9 @@ def build(name: str):
             layer_types=["sliding_attention", "full_attention"],
         )
         return transformers.Gemma3ForCausalLM(cfg)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)  # Conv1D layers, wte tied to lm_head
 
 

@@ -128,7 +128,7 @@ def probe(
                 name=name,
                 kind=kind,
                 weight_shape=shape,
-                bias=0 if m.bias is None else m.bias.numel(),
+                bias=0 if getattr(m, "bias", None) is None else m.bias.numel(),
                 macs=macs / max(1, batch_size),
                 tied_to=tied.get(name),
             )

@@ -21,7 +21,7 @@ from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
 from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
 from mixq.plan import QSpec
-from mixq.wrap import is_hf_conv1d, sites
+from mixq.wrap import is_hf_conv1d, sites, tied_sites
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,10 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
     if not sites(qmodel) and deployed_layers(qmodel):
         return deployed_layers(qmodel)
     layers = {}
+    tied = tied_sites(qmodel)  # a follower is stored as its leader's weight (export.packed)
     for name, m in sites(qmodel).items():
+        if name in tied and getattr(m, "weight_only", False):  # an embedding tied to a layer: no record
+            continue
         if not m.exportable:
             float_type = type(m.float_module).__name__
             raise ValueError(

@@ -49,7 +49,7 @@ from mixq.kinds import kind_of
 from mixq.plan import Plan, QSpec
 from mixq.ptq.cle import ChannelClamp
 from mixq.quant.packing import pack_bits, unpack_bits
-from mixq.wrap import unwrap
+from mixq.wrap import sites, unwrap
 
 SCHEMA = 2  # 2: the metadata records plan_hash and payload; 1 (still read): neither
 META_KEY = "mixq"
@@ -142,12 +142,52 @@ def _layer_meta(lx: LayerExport) -> dict[str, Any]:
     }
 
 
+def _tied_weights(qmodel: nn.Module, layers: dict[str, LayerExport]) -> dict[str, str]:
+    """State-dict entries outside the layers that hold a layer's weight tensor and read it as the
+    layer's deployed weight: entry -> layer. Such a tensor is stored once (the layer's codes) and
+    tied again on loading. An entry is tied when the module holding it is a site quantizing the
+    tensor to the very same values (one plan entry: :func:`mixq.wrap.tie_plan`), or a module of a
+    deployed model (it reads the deployed weight), or the layer's weight is float; a float module
+    reading the float tensor of a quantized layer keeps its own copy.
+    """
+    qsites = sites(qmodel)
+    weight_of = {id(m.weight): n for n, m in qsites.items() if n in layers}
+    weight_of.update({id(m.weight): n for n, m in qmodel.named_modules() if n in layers and n not in qsites})
+    out: dict[str, str] = {}
+    for k, v in qmodel.state_dict(keep_vars=True).items():
+        owner, _, attr = k.rpartition(".")
+        leader = weight_of.get(id(v))
+        if leader is None or owner == leader or attr != "weight":
+            continue
+        lx = layers[leader]
+        if owner in qsites:
+            m = qsites[owner]
+            with torch.no_grad():
+                own = m.weight_quant(m.weight.detach().float())
+            if not (own.shape == lx.float_weight().shape and torch.equal(own, lx.float_weight())):
+                raise ValueError(
+                    f"layers {owner!r} and {leader!r} share one weight tensor but quantize it differently; "
+                    "a tied tensor has one precision (mixq.wrap.tie_plan)"
+                )
+            out[k] = leader
+        elif not qsites or not isinstance(lx.weight, Encoded):
+            out[k] = leader
+    return out
+
+
 def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
-    """Write a wrapped model with its plan applied as a packed safetensors file."""
+    """Write a wrapped model with its plan applied as a packed safetensors file.
+
+    A weight tensor tied to a layer's (:func:`_tied_weights`) is stored once, as the layer's
+    codes; the metadata's ``tied`` names it, and loading ties it again.
+    """
     layers = collect(qmodel)
+    tied = _tied_weights(qmodel, layers)
     tensors: dict[str, torch.Tensor] = {}
     for k, v in qmodel.state_dict().items():
         owner = k.rpartition(".")[0]
+        if k in tied:
+            continue
         if owner not in layers and owner.removesuffix(".act") not in layers:  # a deployed layer's input
             tensors[k] = v.detach().clone().contiguous()
     for lx in layers.values():
@@ -167,6 +207,7 @@ def save_safetensors(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
         "plan": plan.to_dict(),
         "layers": {n: _layer_meta(lx) for n, lx in layers.items()},
         "modules": structure(qmodel),
+        **({"tied": tied} if tied else {}),
         **({"adds": {n: lx.act.to_dict() for n, lx in adds.items() if lx.act is not None}} if adds else {}),
     }
     path = Path(path)
@@ -319,9 +360,29 @@ def deployed(
             rest[f"{op}.zero"] = torch.zeros(1)
         elif f"{op}.zero" in rest:
             rest[f"{op}.zero"] = unpack_bits(rest[f"{op}.zero"], lx.act.bits, 1).float()
-    expected = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers}
+    tied = meta.get("tied") or {}
+    expected = {k for k in skeleton.state_dict() if k.rpartition(".")[0] not in layers and k not in tied}
     missing, unknown = sorted(expected - set(rest)), sorted(set(rest) - expected)
     if missing or unknown:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
     skeleton.load_state_dict(rest, strict=False)
-    return deploy(skeleton, layers).eval()
+    return tie(deploy(skeleton, layers), tied).eval()
+
+
+def tie(model: nn.Module, tied: dict[str, str]) -> nn.Module:
+    """Make each entry of ``tied`` (a parameter name -> a deployed layer) that layer's weight tensor
+    itself (in place): one tensor, as in the model that was saved."""
+    for key, leader in tied.items():
+        owner, _, attr = key.rpartition(".")
+        try:
+            layer, module = model.get_submodule(leader), model.get_submodule(owner)
+        except AttributeError:
+            raise ValueError(f"tied weight {key!r} -> {leader!r}: not in the model") from None
+        w = layer.weight
+        old = getattr(module, attr, None)
+        if not isinstance(old, torch.Tensor) or tuple(old.shape) != tuple(w.shape):
+            raise ValueError(f"tied weight {key!r} does not fit {leader!r}'s weight of shape {tuple(w.shape)}")
+        p = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+        layer._buffers["weight"] = p
+        setattr(module, attr, p)
+    return model
