@@ -105,7 +105,9 @@ def logits(model: nn.Module, batch: Any) -> torch.Tensor:
     if got is None and isinstance(out, (tuple, list)):
         got = out[0]
     if not isinstance(got, torch.Tensor):
-        raise TypeError(f"the model returned a {type(out).__name__} without .logits; a causal LM returns logits")
+        raise TypeError(
+            f"the model returned a {type(out).__name__} without .logits; a causal LM returns logits"
+        )
     return got
 
 

@@ -381,7 +381,9 @@ def tie(model: nn.Module, tied: dict[str, str]) -> nn.Module:
         w = layer.weight
         old = getattr(module, attr, None)
         if not isinstance(old, torch.Tensor) or tuple(old.shape) != tuple(w.shape):
-            raise ValueError(f"tied weight {key!r} does not fit {leader!r}'s weight of shape {tuple(w.shape)}")
+            raise ValueError(
+                f"tied weight {key!r} does not fit {leader!r}'s weight of shape {tuple(w.shape)}"
+            )
         p = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
         layer._buffers["weight"] = p
         setattr(module, attr, p)

@@ -1,0 +1,214 @@
+"""SmolLM2-135M (Q4_1-derived fp32) perplexity under uniform and mixed weight quantization.
+
+The ``smollm2`` task (:func:`mixq.tasks.smollm2`): 512-token windows of ``pydoc_data.topics``
+text, windows 8-11 validation, the first 4 other windows calibration. Rows, by name:
+
+* ``fp``: the float model;
+* ``uniform/<setting>/<steps>``: every Linear layer (lm_head included; the tied embedding stays
+  a float copy, counted in ``size_bytes``) at one of w8g64, w4g128, w4g32, w3g32, each
+  symmetric and ``+asym``; steps ``rtn`` (round to nearest, min-max ranges), ``omse`` (clip by
+  the output MSE), ``gptq`` (PTQ step ``gptq``) and ``awq+gptq`` (``awq`` then ``gptq``);
+* ``mixed/<method>/<bits>``: ``embeddings=True`` (lm_head and the embedding are one tied
+  tensor, counted once), candidates w3g32+asym, w4g32+asym, w8g64 (and w3g32 so that 3.5 bits
+  is feasible), searched by sensitivity-ilp, hawq and clado at 3.5, 4.0 and 4.25 average bits.
+
+A row whose PTQ step or method is not registered is recorded as "pending: step not available"
+(or method) and runs once it is. Each row runs in its own process (its peak resident memory is
+that process's ``ru_maxrss``) and is written to bench/results/llm.json as it finishes; a rerun
+skips the rows there (``--redo`` runs them again).
+
+    OMP_NUM_THREADS=1 python -m bench.llm --rows 'uniform/*/rtn'      # the RTN uniform rows
+    OMP_NUM_THREADS=1 python -m bench.llm                             # every row
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import RESULTS, provenance
+
+NAME = "llm"
+SETTINGS = ("w8g64", "w4g128", "w4g32", "w3g32")
+STEPS: dict[str, dict[str, Any]] = {
+    "rtn": {"ptq": [], "clip": ""},
+    "omse": {"ptq": [], "clip": "+omse"},
+    "gptq": {"ptq": ["gptq"], "clip": ""},
+    "awq+gptq": {"ptq": ["awq", "gptq"], "clip": ""},
+}
+MIXED_CANDIDATES = ["w3g32", "w3g32+asym", "w4g32+asym", "w8g64"]
+MIXED_METHODS = ("sensitivity-ilp", "hawq", "clado")
+MIXED_BITS = (3.5, 4.0, 4.25)
+
+
+def rows() -> dict[str, dict[str, Any]]:
+    """Every row by name: what ``mixq.run`` gets (or ``fp``)."""
+    out: dict[str, dict[str, Any]] = {"fp": {"kind": "fp"}}
+    for s in SETTINGS:
+        for asym in ("", "+asym"):
+            for step, how in STEPS.items():
+                out[f"uniform/{s}{asym}/{step}"] = {
+                    "kind": "run",
+                    "method": "uniform",
+                    "candidates": [f"{s}{asym}{how['clip']}"],
+                    "budget": {},
+                    "ptq": how["ptq"],
+                    "embeddings": False,
+                }
+    for method in MIXED_METHODS:
+        for bits in MIXED_BITS:
+            out[f"mixed/{method}/{bits}"] = {
+                "kind": "run",
+                "method": method,
+                "candidates": MIXED_CANDIDATES,
+                "budget": {"avg_weight_bits": bits},
+                "ptq": [],
+                "embeddings": True,
+            }
+    return out
+
+
+def pending(row: dict[str, Any]) -> str | None:
+    """Why a row cannot run yet (a PTQ step or a method not registered), else None."""
+    if row["kind"] == "fp":
+        return None
+    from mixq.methods import METHODS
+    from mixq.ptq import STEPS as REGISTERED
+
+    missing = [s for s in row["ptq"] if s not in REGISTERED]
+    if missing:
+        return f"pending: step not available ({', '.join(missing)})"
+    if row["method"] not in METHODS:
+        return f"pending: method not available ({row['method']})"
+    return None
+
+
+def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
+    """Run one row in this process and return its record."""
+    import torch
+
+    import mixq
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    row = rows()[name]
+    t0 = time.perf_counter()
+    task = mixq.tasks.get("smollm2")
+    load = time.perf_counter() - t0
+    out: dict[str, Any] = {"row": name, "load_seconds": load, "from_cache": task.info.get("from_cache")}
+    if row["kind"] == "fp":
+        t1 = time.perf_counter()
+        value = task.fp_metric()
+        out.update({"perplexity": -value, "metric": value, "eval_seconds": time.perf_counter() - t1})
+        return out
+    if fp_metric is not None:
+        task._fp_metric = fp_metric  # measured by the fp row: the float model's windows, once
+    res = mixq.run(
+        task,
+        row["method"],
+        row["candidates"],
+        row["budget"],
+        ptq=row["ptq"],
+        embeddings=row["embeddings"],
+    )
+    m = res.metrics
+    out.update(
+        {
+            "perplexity": m.extra.get("perplexity"),
+            "fp_perplexity": m.extra.get("fp_perplexity"),
+            "metric": m.metric,
+            "avg_weight_bits": m.avg_weight_bits,
+            "size_bytes": m.size_bytes,
+            "bops": m.bops,
+            "search_seconds": m.seconds,
+            "eval_seconds": m.eval_seconds,
+            "ptq": m.ptq,
+            "plan_counts": _counts(res.plan),
+            "float_layers": m.float_layers,
+        }
+    )
+    return out
+
+
+def _counts(plan: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for spec in plan.layers.values():
+        key = spec.name if hasattr(spec, "name") else str(spec)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def load_results() -> dict[str, Any]:
+    path = RESULTS / f"{NAME}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"rows": {}}
+
+
+def save(doc: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc["provenance"] = provenance()
+    path = RESULTS / f"{NAME}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="*", help="fnmatch pattern(s) of row names, comma-separated")
+    ap.add_argument("--redo", action="store_true", help="run rows already in the results again")
+    ap.add_argument("--list", action="store_true", help="print the rows and whether each can run")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row, print its record
+    ap.add_argument("--fp-metric", type=float, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        rec = run_one(args.one, args.fp_metric)
+        rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("ROW " + json.dumps(rec))
+        return
+    patterns = args.rows.split(",")
+    chosen = [n for n in rows() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if args.list:
+        for n in chosen:
+            print(n, pending(rows()[n]) or "runs")
+        return
+    doc = load_results()
+    if "fp" not in chosen and "fp" not in doc["rows"]:
+        chosen.insert(0, "fp")  # the float perplexity first: every other row reuses it
+    for name in chosen:
+        done = doc["rows"].get(name)
+        if done and not args.redo and "pending" not in str(done.get("status", "")):
+            continue
+        why = pending(rows()[name])
+        if why:
+            doc["rows"][name] = {"row": name, "status": why}
+            save(doc)
+            print(name, why, flush=True)
+            continue
+        fp = doc["rows"].get("fp", {}).get("metric")
+        cmd = [sys.executable, "-m", "bench.llm", "--one", name]
+        cmd += ["--fp-metric", repr(fp)] if fp is not None and name != "fp" else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+        if proc.returncode != 0 or line is None:
+            rec = {"row": name, "status": "failed", "error": proc.stderr.strip().splitlines()[-3:]}
+        else:
+            rec = {**json.loads(line[4:]), "status": "done"}
+        rec["wall_seconds"] = wall
+        rec["command"] = " ".join(["python", *cmd[1:]])
+        doc["rows"][name] = rec
+        save(doc)
+        print(name, rec.get("status"), rec.get("perplexity"), f"{wall:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
