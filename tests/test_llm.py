@@ -279,3 +279,15 @@ def test_cli_and_recipe_take_exclude(tmp_path):
     assert main(["run", "--recipe", str(rec), "--exclude", "0", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["float_layers"]["0.weight"].startswith("excluded")
+
+
+def test_smollm2_cache_is_read_from_mixq_cache_dir(tmp_path, monkeypatch):
+    """A complete cache entry is returned as it is (no GGUF load); an incomplete one is not used."""
+    monkeypatch.setenv(llm.CACHE_ENV, str(tmp_path))
+    assert llm.cache_dir() == tmp_path
+    size = llm._gguf_dir()[1].stat().st_size
+    entry = tmp_path / f"smollm2-135m-instruct-fp32-{size}"
+    entry.mkdir()
+    (entry / "config.json").write_text("{}")
+    (entry / "model.safetensors").write_bytes(b"")
+    assert llm.smollm2_files() == (entry, False)
