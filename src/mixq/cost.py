@@ -231,9 +231,8 @@ class ModelCosts:
     infos: tuple[LayerInfo, ...]
     other_params: int  # parameters outside the quantizable layers' weights and biases
     n_adds: int = 0  # residual additions (mixq.nn.QAdd sites), two quantizable operands each
-    fixed: tuple[
-        LayerInfo, ...
-    ] = ()  # excluded layers: float, in every budget (their params in other_params)
+    # The excluded layers (exclude=...): float in every budget; their parameters are in other_params.
+    fixed: tuple[LayerInfo, ...] = ()
 
     @property
     def n_weights(self) -> int:
