@@ -8,6 +8,8 @@ text, windows 8-11 validation, the first 4 other windows calibration. Rows, by n
   a float copy, counted in ``size_bytes``) at one of w8g64, w4g128, w4g32, w3g32, each
   symmetric and ``+asym``; steps ``rtn`` (round to nearest, min-max ranges), ``omse`` (clip by
   the output MSE), ``gptq`` (PTQ step ``gptq``) and ``awq+gptq`` (``awq`` then ``gptq``);
+* ``export/w4g32+asym/embeddings``: uniform w4g32+asym with the tied embedding quantized too,
+  saved as a packed file and loaded again (its size, the tie, the outputs);
 * ``mixed/<method>/<bits>``: ``embeddings=True`` (lm_head and the embedding are one tied
   tensor, counted once), candidates w3g32+asym, w4g32+asym, w8g64 (and w3g32 so that 3.5 bits
   is feasible), searched by sensitivity-ilp, hawq and clado at 3.5, 4.0 and 4.25 average bits.
@@ -72,6 +74,14 @@ def rows() -> dict[str, dict[str, Any]]:
                 "ptq": [],
                 "embeddings": True,
             }
+    out["export/w4g32+asym/embeddings"] = {
+        "kind": "export",
+        "method": "uniform",
+        "candidates": ["w4g32+asym"],
+        "budget": {},
+        "ptq": [],
+        "embeddings": True,
+    }
     return out
 
 
@@ -118,6 +128,8 @@ def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
         embeddings=row["embeddings"],
     )
     m = res.metrics
+    if row["kind"] == "export":  # the packed file: a tied tensor stored once, tied again on loading
+        out.update(_export_check(res, task))
     out.update(
         {
             "perplexity": m.extra.get("perplexity"),
@@ -136,6 +148,29 @@ def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
     return out
 
 
+def _export_check(res: Any, task: Any) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    import mixq
+
+    with tempfile.TemporaryDirectory() as d:
+        path = mixq.export.save(res, Path(d) / "model.safetensors")
+        size = path.stat().st_size
+        model = mixq.export.load(path)
+    ids = task.val[0]["input_ids"]
+    with torch.no_grad():
+        equal = torch.equal(model(input_ids=ids).logits, res.model(input_ids=ids).logits)
+    return {
+        "file_bytes": size,
+        "tied_after_load": model.get_input_embeddings().weight is model.get_output_embeddings().weight,
+        "outputs_equal_after_load": equal,
+        "tied": res.plan.meta.get("tied"),
+    }
+
+
 def _counts(plan: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in plan.layers.values():
@@ -151,13 +186,17 @@ def load_results() -> dict[str, Any]:
     return {"rows": {}}
 
 
-def save(doc: dict[str, Any]) -> None:
+def save_row(name: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """Add one row to the results file as it is now (another bench.llm process may add others)."""
+    doc = load_results()
+    doc["rows"][name] = rec
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc["provenance"] = provenance()
     path = RESULTS / f"{NAME}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
+    return doc
 
 
 def main() -> None:
@@ -188,8 +227,7 @@ def main() -> None:
             continue
         why = pending(rows()[name])
         if why:
-            doc["rows"][name] = {"row": name, "status": why}
-            save(doc)
+            doc = save_row(name, {"row": name, "status": why})
             print(name, why, flush=True)
             continue
         fp = doc["rows"].get("fp", {}).get("metric")
@@ -205,8 +243,7 @@ def main() -> None:
             rec = {**json.loads(line[4:]), "status": "done"}
         rec["wall_seconds"] = wall
         rec["command"] = " ".join(["python", *cmd[1:]])
-        doc["rows"][name] = rec
-        save(doc)
+        doc = save_row(name, rec)
         print(name, rec.get("status"), rec.get("perplexity"), f"{wall:.0f}s", flush=True)
 
 
