@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from mixq.plan import LayerSpec, as_layer_spec
-from mixq.sensitivity.perturb import objective_data, state_fingerprint, warn_below_noise
+from mixq.sensitivity.perturb import objective_data, split_batches, state_fingerprint, warn_below_noise
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
@@ -216,6 +216,7 @@ class BlockwiseOptions:
     objective: str = "kl"
     store: Store | None = None
     blocks: tuple[str, ...] | None = None
+    min_batches: int = 8
 
 
 @dataclass
@@ -303,6 +304,8 @@ def blockwise(
         store: finished layers keyed by the model state and the data; stored layers are not
             measured again (a block whose layers are all stored is not run either).
         blocks: the block names (default: :func:`find_blocks`).
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow, for the standard errors (``perturb.split_batches``).
 
     Returns:
         A Sensitivity of kind "blockwise" with ``se`` [L, C]; ``meta`` holds the objective,
@@ -322,7 +325,7 @@ def blockwise(
         raise ValueError(
             "the model has no repeated blocks (a ModuleList of one class); use sensitivity.measured"
         )
-    batches = list(task.calib if batches is None else batches)
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("block-wise sensitivity needs at least one batch")
     t0 = time.perf_counter()

@@ -59,7 +59,7 @@ from torch import nn
 
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec
-from mixq.sensitivity.perturb import per_batch, state_fingerprint, warn_below_noise
+from mixq.sensitivity.perturb import per_batch, split_batches, state_fingerprint, warn_below_noise
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
@@ -444,6 +444,7 @@ class PairwiseOptions:
     progress: bool = True
     with_pairs: bool = True
     window: int | None = None
+    min_batches: int = 4
 
 
 def pairwise(
@@ -472,6 +473,8 @@ def pairwise(
             (None: all pairs). Pairs farther apart are taken as independent (Ω = 0, the
             diagonal model's assumption): ``L·window`` instead of ``L(L-1)/2`` layer pairs, for
             models whose all-pairs cost is out of reach.
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow, for the standard errors (``perturb.split_batches``; 4 by default).
 
     Returns:
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
@@ -489,7 +492,7 @@ def pairwise(
         raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
     if len(set(names)) != len(names) or len(set(layers)) != len(layers):
         raise ValueError(f"layers and candidates must be unique; got {layers} and {names}")
-    batches = list(task.calib if batches is None else batches)
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("pairwise sensitivity needs at least one batch")
     if window is not None and window < 1:

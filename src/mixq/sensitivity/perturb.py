@@ -84,6 +84,62 @@ def objective_data(
     return OutputKL(task.forward), list(zip(batches, refs, strict=True))
 
 
+def _rows(batch: Any) -> int | None:
+    """The common first-axis size of a batch's tensors (None: none, or sizes that differ)."""
+    sizes: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            sizes.add(x.shape[0])
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(batch)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _rows_slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _rows_slice(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows_slice(v, start, stop) for v in batch)
+    return batch
+
+
+def split_batches(batches: Sequence[Any], at_least: int) -> list[Any]:
+    """Cut each batch into equal parts (first axis) so that there are ``at_least`` of them if possible.
+
+    Only for the error bars: a mean loss (cross-entropy, KL) averaged over equal parts is the
+    loss of the whole batch, so the scores keep their value while the spread over the parts
+    gives their standard error. A batch is cut into the largest number of equal parts not above
+    ``ceil(at_least / len(batches))`` that divides its size (a batch of one example stays whole).
+
+    >>> [b.tolist() for b in split_batches([torch.arange(4)], 2)]
+    [[0, 1], [2, 3]]
+    """
+    batches = list(batches)
+    if at_least < 1:
+        raise ValueError(f"min_batches must be at least 1, got {at_least}")
+    if not batches or len(batches) >= at_least:
+        return batches
+    want = -(-at_least // len(batches))
+    out = []
+    for b in batches:
+        n = _rows(b)
+        parts = min(want, n or 1)
+        while n and n % parts:
+            parts -= 1
+        size = (n or 1) // parts
+        out += [b] if parts == 1 else [_rows_slice(b, i * size, (i + 1) * size) for i in range(parts)]
+    return out
+
+
 def job_key(layer: str, candidate: str) -> str:
     """Return the store key of the loss of ``layer`` quantized at ``candidate``."""
     return f"measured/{layer}/{candidate}"
@@ -159,6 +215,7 @@ class MeasureOptions:
     store: Store | None = None
     progress: bool = True
     objective: str = "loss"
+    min_batches: int = 8
 
 
 def measured(
@@ -190,6 +247,9 @@ def measured(
         objective: "loss" (the task's loss) or "kl" (KL divergence of a classifier's output
             distribution from the float model's: :class:`OutputKL`). The float outputs enter
             the data fingerprint, so each objective has its own stored jobs.
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow (:func:`split_batches`): the same scores, with standard errors
+            over enough parts to mean something.
 
     Returns:
         A Sensitivity of kind "measured" with ``se`` [L, C], the standard errors over the
@@ -202,7 +262,7 @@ def measured(
     names = [as_layer_spec(c).name for c in candidates]
     if not names:
         raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
-    batches = list(task.calib if batches is None else batches)
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("measured sensitivity needs at least one batch")
     jobs = [Job(FP_KEY, loss_job, (None, None))]
