@@ -22,6 +22,7 @@ from mixq.sensitivity.hessian import hutchinson_samples
 from mixq.wrap import applied, sites
 
 CANDS = ["w2", "w4", "w8"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*weights stay float")
 
 
 def hand_se(values: list[float]) -> float:
@@ -287,3 +288,31 @@ def full_block_output(q, task, block, batch, plan):
     finally:
         handle.remove()
     return seen[0]
+
+
+def test_block_local_pairs_equal_all_pairs_within_blocks_and_zero_across(llama):
+    task, q = llama
+    layers = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.v_proj",
+        "lm_head",
+    ]
+    full = pairwise(q, task, layers, LM_CANDS, progress=False, min_batches=1)
+    local = pairwise(q, task, layers, LM_CANDS, progress=False, min_batches=1, blocks=tuple(find_blocks(q)))
+    torch.testing.assert_close(local.single, full.single)
+    torch.testing.assert_close(local.pairs[0, :, 1], full.pairs[0, :, 1], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(local.pairs_se[1, :, 0], full.pairs_se[1, :, 0], rtol=1e-4, atol=1e-9)
+    assert full.pairs[0, :, 2].abs().sum() > 0 and full.pairs[2, :, 3].abs().sum() > 0
+    for a, b in [(0, 2), (1, 2), (0, 3), (2, 3)]:
+        assert (local.pairs[a, :, b] == 0).all() and (local.pairs[b, :, a] == 0).all()
+    assert local.meta["pair_evals"] < full.meta["pair_evals"]
+
+
+def test_sensitivity_ilp_measures_a_causal_lm_block_by_block(llama):
+    import mixq
+
+    task, _ = llama
+    res = mixq.run(task, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
+    assert res.sensitivity.kind == "blockwise" and res.sensitivity.meta["objective"] == "kl"
+    assert res.sensitivity.se is not None and torch.isfinite(res.sensitivity.se).all()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -59,6 +60,7 @@ from torch import nn
 
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec
+from mixq.sensitivity.blockwise import block_of
 from mixq.sensitivity.perturb import per_batch, split_batches, state_fingerprint, warn_below_noise
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, mean_se, options_of
@@ -210,6 +212,7 @@ class PairContext:
         float_cache: per batch, the float outputs of the modules on the float frontiers.
         fronts: the frontiers, by event.
         copy_replays: copy replayed outputs on every pass (needed when the model mutates them).
+        block: the block index of each layer (None outside blocks): pairs only within a block.
     """
 
     qmodel: nn.Module
@@ -221,6 +224,7 @@ class PairContext:
     float_cache: dict[int, dict[str, Any]] = field(default_factory=dict)
     fronts: dict[int, list[str]] = field(default_factory=dict)
     copy_replays: bool = True
+    block: dict[str, int | None] | None = None
 
     def begin(self, layer: str) -> int:
         """Return the event at which ``layer`` first starts."""
@@ -312,6 +316,9 @@ def row_job(
     """
     first = ctx.order.index(layer) + 1
     later = ctx.order[first : None if window is None else first + window] if with_pairs else []
+    if ctx.block is not None:  # a block's layers run contiguously: the pairs stay a prefix
+        mine = ctx.block[layer]
+        later = [] if mine is None else list(itertools.takewhile(lambda m: ctx.block[m] == mine, later))
     single: list[float] = []  # per batch
     pairs: list[list[list[float]]] = [[[] for _ in names] for _ in later]  # [later][cand][batch]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -445,6 +452,7 @@ class PairwiseOptions:
     with_pairs: bool = True
     window: int | None = None
     min_batches: int = 4
+    blocks: tuple[str, ...] | None = None
 
 
 def pairwise(
@@ -475,6 +483,10 @@ def pairwise(
             models whose all-pairs cost is out of reach.
         min_batches: cut the batches into equal parts until there are this many where the
             batch sizes allow, for the standard errors (``perturb.split_batches``; 4 by default).
+        blocks: names of the model's repeated blocks (``blockwise.find_blocks``): measure the
+            pairs of layers of one block only (block-local pairs, for LLMs: ``L·C²·(block size)``
+            pairs instead of ``L²·C²/2``); pairs across blocks, and of layers outside every
+            block, count as independent (Ω = 0). Combines with ``window``.
 
     Returns:
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
@@ -497,7 +509,7 @@ def pairwise(
         raise ValueError("pairwise sensitivity needs at least one batch")
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {window}")
-    meta: dict[str, Any] = {"batches": len(batches), "window": window}
+    meta: dict[str, Any] = {"batches": len(batches), "window": window, "block_local": opts.blocks is not None}
     with applied(qmodel, {}):
         qmodel.eval()
         sw = {(n, s.name): switches(qmodel, n, s) for n in layers for s in specs}
@@ -507,6 +519,8 @@ def pairwise(
             raise ValueError(f"layers {missing[:5]} are never called by the task's loss; pass used layers")
         order = sorted(layers, key=lambda n: tr.start[n])
         ctx = PairContext(qmodel, task.loss, batches, order, sw, tr if reuse else None)
+        if opts.blocks is not None:
+            ctx.block = block_of(order, list(opts.blocks))
         if reuse:
             ctx.copy_replays = _mutates(ctx)
         if reuse and not _verify(ctx, names):
@@ -517,6 +531,8 @@ def pairwise(
         key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
         if with_pairs and window is not None:
             key += f"/window{window}"
+        if with_pairs and opts.blocks is not None:
+            key += "/blocks" + _fmt_key(list(opts.blocks), [])
         jobs = [Job(FP_KEY, fp_job)]
         jobs += [
             Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order for c in names
