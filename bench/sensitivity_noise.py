@@ -54,7 +54,8 @@ def first_images(batches: list, n: int) -> list:
 
 
 def noise_stats(single: torch.Tensor, se: torch.Tensor) -> dict[str, float]:
-    """Median SE/gap ratio of adjacent candidates, fraction resolved, median relative SE."""
+    """Median SE/gap ratio of adjacent candidates (overall and per pair), fraction resolved, median
+    relative SE."""
     gap = (single[:, 1:] - single[:, :-1]).abs()  # candidates ordered by bits
     comb = (se[:, 1:] ** 2 + se[:, :-1] ** 2).sqrt()
     ratio = (comb / gap).flatten()
@@ -64,6 +65,7 @@ def noise_stats(single: torch.Tensor, se: torch.Tensor) -> dict[str, float]:
         "resolved": float((gap > 2 * comb).double().mean()),
         "median_rel_se": float(rel.nanmedian()),
         "max_se_gap_ratio": float(ratio.nan_to_num(nan=0.0).max()),
+        "median_se_gap_ratio_by_pair": [float(r.nanmedian()) for r in (comb / gap).T],
     }
 
 
@@ -95,14 +97,18 @@ def main() -> None:
     ap.add_argument("--tasks", default="mnist-cnn,fashion-resnet20,fashion-mobilenetv2")
     ap.add_argument("--images", default="64,128,256,512")
     ap.add_argument("--candidates", default="w2,w3,w4,w8")
+    ap.add_argument("--calib", type=int, default=0, help="calibration images of the task (0: its default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     path = RESULTS / f"{NAME}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     results: dict[str, Any] = doc.get("tasks", {})
     candidates = args.candidates.split(",")
+    for entry in results.values():  # statistics of rows written by an earlier version
+        for r in entry["rows"]:
+            r.update(noise_stats(torch.tensor(r["single"]), torch.tensor(r["se"])))
     for name in args.tasks.split(","):
-        task = mixq.tasks.get(name)
+        task = mixq.tasks.get(name, calib_size=args.calib or None)
         entry = results.setdefault(name, {"candidates": candidates, "rows": []})
         done = {r["images"] for r in entry["rows"]}
         for images in map(int, args.images.split(",")):

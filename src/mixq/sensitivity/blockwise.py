@@ -15,13 +15,24 @@ A layer in block ``k`` at candidate ``c`` then costs:
   of the output distribution to the float one (:class:`~mixq.sensitivity.perturb.OutputKL`),
   equal to the full-model measurement without the prefix's work.
 
+* ``objective="fisher"`` (the model's output, to second order): one forward of block ``k`` as for
+  "mse", and the change ``δ`` of its output weighed by the output distribution's Fisher
+  information carried back to ``h_k``: ``KL ≈ E_y[(g_k·δ)²] / (2N)``, with ``g_k`` the gradient
+  at ``h_k`` of the log-likelihood of labels sampled from the float model (``N`` output rows,
+  ``fisher_samples`` backward passes per batch, once for all layers; :func:`fisher_grads`). The
+  KL's scale at the cost of the local objective; the linearization of the blocks after ``k``
+  is its approximation (good for small changes, rougher for 2-3 bit weights). The gradients
+  of every block are held (``blocks × batches × samples`` hidden-state tensors).
+
 Layers outside every block (an embedding, the head) are measured with full forwards on the same
-objective's data (for "mse": the squared change of the model's logits).
+objective's data (for "mse": the squared change of the model's logits; for "fisher": the exact KL).
 
 The default is "kl" ([DESIGN]): the search adds the scores of layers of different blocks, and
 only an objective measured at the model's output puts them on one scale (the residual stream's
 magnitude grows from block to block, so block-local MSEs of different blocks are not
-comparable); "mse" is the cheap ranking within a block, offered for very deep models.
+comparable). Its cost is that of the blocks after the layer and the head, about half a model
+forward per score. "fisher" keeps the output scale at one block forward per score, for models
+where that is out of reach; "mse" is the cheap ranking within a block.
 
 Every score keeps its per-batch values, so ``Sensitivity.se`` holds the standard errors over
 the batches, as for :func:`~mixq.sensitivity.perturb.measured`.
@@ -60,7 +71,7 @@ from mixq.wrap import SITE_TYPES, applied
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("kl", "mse")
+OBJECTIVES = ("kl", "mse", "fisher")
 _CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
 
 
@@ -217,6 +228,8 @@ class BlockwiseOptions:
     store: Store | None = None
     blocks: tuple[str, ...] | None = None
     min_batches: int = 8
+    fisher_samples: int = 4
+    seed: int = 0
 
 
 @dataclass
@@ -231,10 +244,13 @@ class _Run:
     items: list[Any]
     specs: list[LayerSpec]
     batches: list[Any]
+    grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
+    rows: list[int] | None = None  # fisher: output rows (tokens) of each batch
+    seed: int = 0
 
 
 def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> list[list[float]]:
-    """Per candidate, per batch: the block-output MSE (mse) or the model's KL (kl)."""
+    """Per candidate, per batch: the block-output MSE (mse), the model's KL (kl) or its Fisher estimate."""
     block = run.qmodel.get_submodule(run.blocks[k])
     out: list[list[float]] = []
     for spec in run.specs:
@@ -244,6 +260,13 @@ def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> lis
                 y = run_block(block, x)
                 if run.objective == "mse":
                     values.append(float((hidden_of(y).double() - hidden_of(ref[b]).double()).pow(2).mean()))
+                    continue
+                if run.objective == "fisher":
+                    assert run.grads is not None and run.rows is not None
+                    delta = (hidden_of(y) - hidden_of(ref[b])).double()
+                    g = run.grads[k][b].double()  # [S, *hidden]
+                    v = (g * delta).flatten(1).sum(1)  # [S]
+                    values.append(float(v.pow(2).mean()) / (2 * run.rows[b]))
                     continue
                 with _skipping(run.qmodel, run.blocks, k, y), torch.inference_mode():
                     values.append(float(run.loss(run.qmodel, run.items[b])))
@@ -265,6 +288,69 @@ def _full_losses(run: _Run, layer: str, refs: list[torch.Tensor]) -> list[list[f
                 vals = [float(run.loss(run.qmodel, item)) for item in run.items]
         out.append(vals)
     return out
+
+
+def fisher_grads(run: _Run, samples: int, seed: int) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """Gradients of sampled log-likelihoods at every block's output: one backward pass per sample.
+
+    For batch ``b`` and sample ``s``, labels ``y ~ softmax(float logits)`` are drawn per output
+    row and ``g_{k,b,s} = ∂ Σ_rows log p(y) / ∂h_k`` (``h_k`` the output of block ``k``). Then
+    ``E_y[(g·δ)²] = δᵀ Jᵀ F J δ`` (the cross-row terms have zero mean), twice the second-order
+    expansion of the summed KL divergence for a change ``δ`` of ``h_k``.
+
+    Returns:
+        ``grads[k][b]`` [samples, *hidden] (float32) and the rows of each batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    grads: list[list[torch.Tensor]] = [[] for _ in run.blocks]
+    rows = []
+    for batch in run.batches:
+        per_block, n = _batch_grads(run, batch, samples, gen)
+        for k, g in enumerate(per_block):
+            grads[k].append(g)
+        rows.append(n)
+    return grads, rows
+
+
+def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> tuple[list[torch.Tensor], int]:
+    """:func:`fisher_grads` of one batch: per block [samples, *hidden], and the output rows."""
+    hs: list[torch.Tensor] = []
+
+    def leaf(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+        return with_hidden(
+            (tuple(args), dict(kwargs)), hidden_of_input(args, kwargs).detach().requires_grad_()
+        )
+
+    def keep(mod: nn.Module, args: Any, out: Any) -> None:
+        hs.append(hidden_of(out))
+
+    handles = [run.qmodel.get_submodule(run.blocks[0]).register_forward_pre_hook(leaf, with_kwargs=True)]
+    handles += [run.qmodel.get_submodule(b).register_forward_hook(keep) for b in run.blocks]
+    per_block: list[list[torch.Tensor]] = [[] for _ in run.blocks]
+    try:
+        with torch.enable_grad():
+            logits = logits_of(run.task.forward(run.qmodel, batch))
+            logp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])  # [N, V]
+            probs = logp.detach().exp()
+            for s in range(samples):
+                y = torch.multinomial(probs, 1, generator=gen)  # [N, 1]
+                ll = logp.gather(1, y).sum()
+                gs = torch.autograd.grad(ll, hs[: len(run.blocks)], retain_graph=s + 1 < samples)
+                for k, g in enumerate(gs):
+                    per_block[k].append(g.detach().float())
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.stack(g) for g in per_block], logp.shape[0]
+
+
+def hidden_of_input(args: Any, kwargs: Any) -> torch.Tensor:
+    """The hidden states a block is called with: its first positional argument, else ``hidden_states=``."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
 
 
 def _check_stream(run: _Run, batch: Any, streamed_last: tuple) -> None:
@@ -299,11 +385,14 @@ def blockwise(
         candidates: candidate names or specs.
         batches: the data; the task's calibration batches by default.
         options: :class:`BlockwiseOptions` as keywords:
-        objective: "kl" (the model's output distribution vs the float one; default) or "mse"
-            (the mean squared change of the block's output).
+        objective: "kl" (the model's output distribution vs the float one; default), "fisher"
+            (its second-order estimate from the block's output change and one backward pass per
+            sample, :func:`fisher_grads`) or "mse" (the mean squared change of the block's output).
         store: finished layers keyed by the model state and the data; stored layers are not
             measured again (a block whose layers are all stored is not run either).
         blocks: the block names (default: :func:`find_blocks`).
+        fisher_samples: sampled label sets (backward passes) per batch, for "fisher".
+        seed: seed of the sampled labels, for "fisher".
         min_batches: cut the batches into equal parts until there are this many where the
             batch sizes allow, for the standard errors (``perturb.split_batches``).
 
@@ -334,18 +423,25 @@ def blockwise(
         loss, items = objective_data(qmodel, task, batches, "kl")
         refs = [item[1] for item in items]
         run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
+        if opts.objective == "fisher":
+            t1 = time.perf_counter()
+            run.grads, run.rows = fisher_grads(run, opts.fisher_samples, opts.seed)
+            run.seed = opts.seed
+            meta_fisher = {"fisher_seconds": time.perf_counter() - t1, "fisher_samples": opts.fisher_samples}
         scope = None
         meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
         if opts.store is not None:
             meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(items)
             scope = opts.store.scope(meta["model_fp"], meta["data_fp"])
+        if opts.objective == "fisher":
+            meta.update(meta_fisher, seed=opts.seed)
         results = _measure(run, layers, refs, batches, scope, meta)
     losses = torch.tensor([results[n] for n in layers], dtype=torch.float64)  # [L, C, B]
     single, se = mean_se(losses)
     meta["seconds"] = time.perf_counter() - t0
     meta["peak_rss_bytes"] = peak_rss_bytes()
     sens = Sensitivity(list(layers), names, single, kind="blockwise", meta=meta, se=se)
-    if opts.objective == "kl":
+    if opts.objective != "mse":
         meta["below_noise"] = warn_below_noise(sens)
     log.info(
         "block-wise (%s): %d layers x %d candidates in %.1f s",
@@ -357,8 +453,9 @@ def blockwise(
     return sens
 
 
-def _key(objective: str, layer: str, names: list[str]) -> str:
-    return f"blockwise/{objective}/{layer}/" + ",".join(names)
+def _key(run: _Run, layer: str, names: list[str]) -> str:
+    what = run.objective if run.grads is None else f"fisher{len(run.grads[0][0])}s{run.seed}"
+    return f"blockwise/{what}/{layer}/" + ",".join(names)
 
 
 def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any, meta: dict) -> dict:
@@ -367,7 +464,7 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     where = block_of(layers, run.blocks)
     stored = set(scope.keys()) if scope is not None else set()
     results: dict[str, list[list[float]]] = {
-        n: scope.get(_key(run.objective, n, names)) for n in layers if _key(run.objective, n, names) in stored
+        n: scope.get(_key(run, n, names)) for n in layers if _key(run, n, names) in stored
     }
     t0 = time.perf_counter()
     inputs = [
@@ -383,7 +480,7 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
         for layer in (n for n in layers if where[n] == k and n not in results):
             results[layer] = _local_losses(run, k, layer, inputs, outs)
             if scope is not None:
-                scope.put(_key(run.objective, layer, names), results[layer])
+                scope.put(_key(run, layer, names), results[layer])
         if k + 1 < len(run.blocks):
             inputs = [with_hidden(x, hidden_of(y)) for x, y in zip(inputs, outs, strict=True)]
             if k + 2 == len(run.blocks):
@@ -392,6 +489,6 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     for layer in (n for n in layers if where[n] is None and n not in results):
         results[layer] = _full_losses(run, layer, refs)
         if scope is not None:
-            scope.put(_key(run.objective, layer, names), results[layer])
+            scope.put(_key(run, layer, names), results[layer])
     meta["peak_activation_bytes"] = peak
     return results
