@@ -316,3 +316,28 @@ def test_sensitivity_ilp_measures_a_causal_lm_block_by_block(llama):
     res = mixq.run(task, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
     assert res.sensitivity.kind == "blockwise" and res.sensitivity.meta["objective"] == "kl"
     assert res.sensitivity.se is not None and torch.isfinite(res.sensitivity.se).all()
+
+
+def test_fisher_objective_ranks_like_the_measured_kl(llama):
+    """The second-order estimate from one block forward agrees with the measured KL: same order,
+    same scale; a layer outside the blocks (lm_head) gets the exact KL."""
+    from scipy.stats import spearmanr
+
+    task, q = llama
+    layers = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.2.self_attn.v_proj",
+        "model.layers.2.mlp.up_proj",
+        "lm_head",
+    ]
+    cands = ["w2g8", "w4g8", "w8g8"]
+    kl = blockwise(q, task, layers, cands, objective="kl", min_batches=1)
+    fi = blockwise(q, task, layers, cands, objective="fisher", fisher_samples=16, min_batches=1)
+    torch.testing.assert_close(fi.single[-1], kl.single[-1])
+    assert spearmanr(fi.single[:-1].flatten(), kl.single[:-1].flatten()).statistic > 0.9
+    ratio = fi.single[:-1, 1:] / kl.single[:-1, 1:]  # 4 and 8 bits: small changes
+    assert 0.5 < float(ratio.median()) < 2.0
+    assert fi.meta["fisher_samples"] == 16 and torch.isfinite(fi.se).all()
