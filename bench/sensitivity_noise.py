@@ -82,6 +82,7 @@ def run_row(task: mixq.Task, candidates: list[str], images: int) -> dict[str, An
     seconds = time.perf_counter() - t0
     return {
         "images": images,
+        "task_calib_images": sum(len(b[1]) for b in task.calib),
         "parts": sens.meta["batches"],
         "layers": len(layers),
         "seconds": seconds,
