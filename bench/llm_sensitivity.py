@@ -11,7 +11,8 @@ skips finished stages):
   subset of layers (``--kl-layers``), the reference the others are ranked against.
 
 Then Spearman rank correlations (over the subset's (layer, candidate) scores, and across layers
-per candidate), wall seconds, peak memory and the scores negative beyond noise.
+per candidate), wall and CPU seconds (CPU seconds are what a shared machine's load disturbs
+least), peak memory and the scores negative beyond noise.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.llm_sensitivity
 """
@@ -94,9 +95,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
 
 
-def stage_row(sens: Any, seconds: float) -> dict[str, Any]:
+def stage_row(sens: Any, seconds: float, cpu_seconds: float) -> dict[str, Any]:
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "layers": len(sens.layers),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_activation_bytes": sens.meta.get("peak_activation_bytes"),
@@ -133,11 +135,11 @@ def main() -> None:
     for stage in args.stages.split(","):
         if stage in stages:
             continue
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         which = subset if stage == "kl" else layers
         opts = {"fisher_samples": args.fisher_samples} if stage == "fisher" else {}
         sens = blockwise(qmodel, task, which, CANDIDATES, objective=stage, **opts)
-        stages[stage] = stage_row(sens, time.perf_counter() - t1)
+        stages[stage] = stage_row(sens, time.perf_counter() - t1, time.process_time() - c1)
         print(f"{stage}: {len(which)} layers in {stages[stage]['seconds']:.0f} s", flush=True)
         write(
             NAME,
