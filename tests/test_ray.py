@@ -157,7 +157,8 @@ def slow_loss(model, batch):
 if __name__ == "__main__":
     task, qmodel, layers = setup_cnn(slow_loss)
     ex = RayExecutor(address=sys.argv[2], chunk_size=1)
-    pairwise(qmodel, task, layers, CANDIDATES, executor=ex, store=Store(sys.argv[1]), progress=False)
+    store = Store(sys.argv[1])
+    pairwise(qmodel, task, layers, CANDIDATES, executor=ex, store=store, progress=False, min_batches=1)
 '''
 
 
@@ -183,12 +184,14 @@ def test_killed_driver_resumes_from_the_store(cluster, tmp_path, sigkill_when):
     assert 3 <= stored < total
     ex = RayExecutor(chunk_size=2)
     with Store(db) as s:
-        resumed = pairwise(qmodel, task, layers, CANDIDATES, executor=ex, store=s, progress=False)
+        resumed = pairwise(
+            qmodel, task, layers, CANDIDATES, executor=ex, store=s, progress=False, min_batches=1
+        )
         assert ex.stats["stored"] == stored and ex.stats["ran"] == total - stored
         assert len(s) == total
-        pairwise(qmodel, task, layers, CANDIDATES, executor=ex, store=s, progress=False)
+        pairwise(qmodel, task, layers, CANDIDATES, executor=ex, store=s, progress=False, min_batches=1)
         assert ex.stats["ran"] == 0  # nothing recomputed
-    fresh = pairwise(qmodel, task, layers, CANDIDATES, progress=False)
+    fresh = pairwise(qmodel, task, layers, CANDIDATES, progress=False, min_batches=1)
     assert torch.equal(resumed.single, fresh.single) and torch.equal(resumed.pairs, fresh.pairs)
 
 
