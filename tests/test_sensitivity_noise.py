@@ -100,11 +100,13 @@ def test_injected_noise_gives_a_larger_se():
     assert (noisy.se[0, :2] > 3 * clean.se[0, :2]).all()
 
 
-def test_one_batch_gives_unknown_se_and_table_round_trips(tmp_path):
+def test_one_batch_gives_unknown_se_and_table_round_trips(tmp_path, caplog):
     task, q = mlp_task()
     one = task.calib[:1]
-    s = measured(q, task, ["0", "2"], CANDS, batches=one, objective="loss", progress=False, min_batches=1)
+    with caplog.at_level(logging.WARNING):
+        s = measured(q, task, ["0", "2"], CANDS, batches=one, objective="loss", progress=False, min_batches=1)
     assert torch.isnan(s.se).all()
+    assert "measured on 1 batch(es): its standard errors are unknown" in caplog.text
     s2 = pairwise(q, task, ["0", "2"], CANDS, progress=False)
     s2.save(tmp_path / "s.safetensors")
     back = Sensitivity.load(tmp_path / "s.safetensors")

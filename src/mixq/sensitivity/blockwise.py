@@ -62,7 +62,13 @@ import torch
 from torch import nn
 
 from mixq.plan import LayerSpec, as_layer_spec
-from mixq.sensitivity.perturb import objective_data, split_batches, state_fingerprint, warn_below_noise
+from mixq.sensitivity.perturb import (
+    objective_data,
+    split_batches,
+    state_fingerprint,
+    warn_below_noise,
+    warn_few_batches,
+)
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
@@ -417,6 +423,7 @@ def blockwise(
     batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("block-wise sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
     t0 = time.perf_counter()
     qmodel.eval()
     with applied(qmodel, {}):

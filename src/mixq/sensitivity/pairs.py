@@ -61,7 +61,13 @@ from torch import nn
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.blockwise import block_of
-from mixq.sensitivity.perturb import per_batch, split_batches, state_fingerprint, warn_below_noise
+from mixq.sensitivity.perturb import (
+    per_batch,
+    split_batches,
+    state_fingerprint,
+    warn_below_noise,
+    warn_few_batches,
+)
 from mixq.sensitivity.proxies import check_layers
 from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
@@ -507,6 +513,7 @@ def pairwise(
     batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("pairwise sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {window}")
     meta: dict[str, Any] = {"batches": len(batches), "window": window, "block_local": opts.blocks is not None}

@@ -172,6 +172,22 @@ def differences(results: dict[str, Any], layers: list[str], names: list[str]) ->
     return torch.stack([torch.stack(row) for row in rows]) - fp  # [L, C, B]
 
 
+MIN_BATCHES_FOR_SE = 4
+
+
+def warn_few_batches(n: int) -> None:
+    """Warn when the standard errors rest on fewer than 4 batches (parts of batches)."""
+    if n < MIN_BATCHES_FOR_SE:
+        log.warning(
+            "sensitivity measured on %d batch(es): its standard errors are %s; give at least %d "
+            "calibration batches (for a causal LM, %d windows)",
+            n,
+            "unknown" if n == 1 else "unreliable",
+            MIN_BATCHES_FOR_SE,
+            MIN_BATCHES_FOR_SE,
+        )
+
+
 def warn_below_noise(sens: Sensitivity, k: float = 2.0) -> list[dict[str, Any]]:
     """Log (warning) and return the scores below ``−k`` standard errors (``Sensitivity.below_noise``)."""
     hits = sens.below_noise(k)
@@ -265,6 +281,7 @@ def measured(
     batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("measured sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
     jobs = [Job(FP_KEY, loss_job, (None, None))]
     jobs += [Job(job_key(n, c), loss_job, (n, c)) for n in layers for c in names]
     loss_fn, batches = objective_data(qmodel, task, batches, objective)
