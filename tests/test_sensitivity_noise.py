@@ -316,7 +316,7 @@ def test_sensitivity_ilp_measures_a_causal_lm_block_by_block(llama):
 
     task, _ = llama
     res = mixq.run(task, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
-    assert res.sensitivity.kind == "blockwise" and res.sensitivity.meta["objective"] == "kl"
+    assert res.sensitivity.kind == "blockwise" and res.sensitivity.meta["objective"] == "fisher"
     assert res.sensitivity.se is not None and torch.isfinite(res.sensitivity.se).all()
 
 

@@ -28,7 +28,7 @@ from mixq.tasks import Task
 
 SOLVERS = ("ilp", "greedy")
 OBJECTIVES = ("auto", "loss", "kl")
-BLOCKWISE = ("auto", "off", "kl", "mse")
+BLOCKWISE = ("auto", "off", "kl", "fisher", "mse")
 
 
 def resolve_objective(task: Task, objective: str) -> str:
@@ -54,9 +54,12 @@ class Config:
             "auto" ("kl" when the task's outputs are logits, ``Task.outputs``, else "loss").
         blockwise: measure block by block on a model of repeated blocks
             (`mixq.sensitivity.blockwise`): "kl" (the same scores as full passes, the prefix's
-            blocks not recomputed), "mse" (block-local output error: one block forward per
-            score, cheaper, not comparable across blocks), "off" (full forwards), or "auto"
-            ("kl" when the objective is "kl" and the model has repeated blocks, else "off").
+            blocks not recomputed: about half a model forward per score), "fisher" (the KL's
+            second-order estimate at one block forward per score), "mse" (block-local output
+            error, not comparable across blocks), "off" (full forwards), or "auto" ("fisher"
+            when the objective is "kl" and the model has repeated blocks, else "off"): on
+            SmolLM2 it ranks the layers like the measured KL (Spearman 0.94) at a twentieth of
+            its cost (bench/results/llm_sensitivity.json).
     """
 
     batches: int = 0
@@ -125,7 +128,7 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     objective = resolve_objective(ctx.task, cfg.objective)
     mode = cfg.blockwise
     if mode == "auto":
-        mode = "kl" if objective == "kl" and find_blocks(ctx.qmodel) else "off"
+        mode = "fisher" if objective == "kl" and find_blocks(ctx.qmodel) else "off"
     if mode != "off":
         return _measure_and_solve(ctx, cfg, sensitivity.blockwise, objective=mode)
     return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)
