@@ -117,12 +117,13 @@ def main() -> None:
     ap.add_argument("--fisher-samples", type=int, default=2)
     ap.add_argument("--kl-layers", type=int, default=12, help="layers of the KL reference subset")
     ap.add_argument("--stages", default="fisher,mse,kl")
+    ap.add_argument("--out", default=NAME, help="result name under bench/results/")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{args.out}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     stages: dict[str, Any] = doc.get("stages", {})
-    settings = {k: v for k, v in vars(args).items() if k != "stages"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("stages", "out")}
     if doc.get("settings", settings) != settings:
         stages = {}
     t0 = time.perf_counter()
@@ -142,11 +143,11 @@ def main() -> None:
         stages[stage] = stage_row(sens, time.perf_counter() - t1, time.process_time() - c1)
         print(f"{stage}: {len(which)} layers in {stages[stage]['seconds']:.0f} s", flush=True)
         write(
-            NAME,
+            args.out,
             {"settings": settings, "candidates": CANDIDATES, "load_seconds": load_seconds, "stages": stages},
         )
     write(
-        NAME,
+        args.out,
         {
             "settings": settings,
             "candidates": CANDIDATES,
