@@ -57,7 +57,9 @@ def residual():
 def test_pairs_match_direct_losses_and_are_symmetric(residual):
     task, q, layers = residual
     batches = task.calib[:1]
-    s = pairwise(q, task, layers, CANDS, batches=batches, progress=False)
+    s = pairwise(
+        q, task, layers, CANDS, batches=batches, progress=False, min_batches=1
+    )  # the oracle: whole batch
     assert s.meta["reuse"] is True and s.pairs is not None
     torch.testing.assert_close(s.pairs, s.pairs.permute(2, 3, 0, 1), rtol=0, atol=0)
     fp = direct_loss(q, task, {}, batches)

@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 import mixq
 from mixq import cli
@@ -159,3 +160,17 @@ def test_pareto_front_matches_brute_force():
         expected = [i for i, p in enumerate(pts) if not dominated[i] and pts.index(p) == i]
         assert sorted(front) == sorted(expected)
         assert [pts[i][0] for i in front] == sorted(pts[i][0] for i in front)
+
+
+def test_report_shows_each_chosen_score_with_its_standard_error(report):
+    from mixq.sensitivity import Sensitivity
+
+    dirs, page = report
+    text = html.unescape(page.read_text())
+    assert "sensitivity ± SE" in text
+    sens = Sensitivity.load(dirs[1] / "sensitivity.safetensors")
+    assert sens.se is not None and torch.isfinite(sens.se).all()
+    for line in (dirs[1] / "layers.csv").read_text().splitlines()[1:]:
+        layer, *_, spec, _ = line.split(",")
+        shown = f"{sens.score(layer, spec):.3g} ± {sens.error(layer, spec):.2g}"
+        assert f"<td>{shown}" in text

@@ -99,13 +99,13 @@ def test_hawq_traces_are_stored_and_reused(tiny, tmp_path, monkeypatch):
 
     task, q = tiny
     calls = []
-    real = hessian.hutchinson_trace
+    real = hessian.hutchinson_samples
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hessian, "hutchinson_trace", counting)
+    monkeypatch.setattr(hessian, "hutchinson_samples", counting)
     with Store(tmp_path / "s.sqlite") as store:
         first = hawq(q, task, ["0", "2"], ["w2", "w4"], n_samples=4, seed=1, store=store)
         again = hawq(q, task, ["0", "2"], ["w2", "w8"], n_samples=4, seed=1, store=store)

@@ -42,6 +42,7 @@ from torch import nn
 
 from mixq import search
 from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.sensitivity.blockwise import find_blocks
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.table import Sensitivity
 from mixq.tasks import Task, logits_of
@@ -67,6 +68,9 @@ class Config:
             (None: all pairs, the paper's method); farther pairs count as independent. For models
             whose L(L-1)/2 layer pairs are out of reach (MiniLM: 630 pairs x 16 candidate pairs).
         samples: examples of each sensitivity batch used (0: the whole batch): the first ones.
+        block_local: on a model of repeated blocks (decoder layers: ``blockwise.find_blocks``)
+            measure the pairs within each block only; pairs across blocks count as independent.
+            No effect on a model without such blocks.
     """
 
     batches: int = 0
@@ -77,6 +81,7 @@ class Config:
     reuse: bool = True
     window: int | None = None
     samples: int = 0
+    block_local: bool = True
 
     def __post_init__(self) -> None:
         check_choices(("loss", self.loss, LOSSES), ("solver", self.solver, SOLVERS))
@@ -206,6 +211,7 @@ def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
             with_pairs=with_pairs,
             executor=ctx.executor,
             window=cfg.window,
+            blocks=(tuple(find_blocks(ctx.qmodel)) or None) if cfg.block_local and with_pairs else None,
         )
     sens.meta["loss"] = cfg.loss
     return sens

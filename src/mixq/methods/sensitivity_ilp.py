@@ -23,10 +23,12 @@ from typing import Any
 
 from mixq import search, sensitivity
 from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.sensitivity.blockwise import find_blocks
 from mixq.tasks import Task
 
 SOLVERS = ("ilp", "greedy")
 OBJECTIVES = ("auto", "loss", "kl")
+BLOCKWISE = ("auto", "off", "kl", "fisher", "mse")
 
 
 def resolve_objective(task: Task, objective: str) -> str:
@@ -50,6 +52,14 @@ class Config:
         objective: what the measured sensitivity measures (sensitivity-ilp only): "loss" (the
             task's loss), "kl" (a classifier's output KL divergence from the float model) or
             "auto" ("kl" when the task's outputs are logits, ``Task.outputs``, else "loss").
+        blockwise: measure block by block on a model of repeated blocks
+            (`mixq.sensitivity.blockwise`): "kl" (the same scores as full passes, the prefix's
+            blocks not recomputed: about half a model forward per score), "fisher" (the KL's
+            second-order estimate at one block forward per score), "mse" (block-local output
+            error, not comparable across blocks), "off" (full forwards), or "auto" ("fisher"
+            when the objective is "kl" and the model has repeated blocks, else "off"): on
+            SmolLM2 it ranks the layers like the measured KL (Spearman 0.94) at a twentieth of
+            its cost (bench/results/llm_sensitivity.json).
     """
 
     batches: int = 0
@@ -58,11 +68,13 @@ class Config:
     hutchinson_samples: int = 64
     hutchinson_mode: str = "block"
     objective: str = "auto"
+    blockwise: str = "auto"
 
     def __post_init__(self) -> None:
         check_choices(
             ("solver", self.solver, SOLVERS),
             ("objective", self.objective, OBJECTIVES),
+            ("blockwise", self.blockwise, BLOCKWISE),
             ("hutchinson_mode", self.hutchinson_mode, ("block", "joint")),
         )
         if self.batches < 0 or self.hutchinson_samples < 1:
@@ -114,6 +126,11 @@ def _measure_and_solve(
 def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``sensitivity-ilp`` method."""
     objective = resolve_objective(ctx.task, cfg.objective)
+    mode = cfg.blockwise
+    if mode == "auto":
+        mode = "fisher" if objective == "kl" and find_blocks(ctx.qmodel) else "off"
+    if mode != "off":
+        return _measure_and_solve(ctx, cfg, sensitivity.blockwise, objective=mode)
     return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)
 
 

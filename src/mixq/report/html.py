@@ -19,6 +19,7 @@ from typing import Any
 
 from mixq.report import plots
 from mixq.report.runs import Run, budget_label, load_run
+from mixq.sensitivity.table import Sensitivity
 
 REPORT = "report.html"
 
@@ -116,9 +117,25 @@ def runs_table(runs: Sequence[Run]) -> str:
 
 
 def layers_table(run: Run) -> str:
-    """The per-layer table of one run."""
+    """The per-layer table of one run; with a sensitivity table, the chosen candidate's score ± SE."""
     rows = [[r.name, r.kind, r.weight_shape, r.params, r.spec, fmt(r.bits_per_weight, 3)] for r in run.layers]
-    return table(["layer", "kind", "weight shape", "params", "candidate", "bits/weight"], rows, left=3)
+    head = ["layer", "kind", "weight shape", "params", "candidate", "bits/weight"]
+    sens = run.sensitivity
+    if sens is not None:
+        head.append("sensitivity ± SE")
+        below = {(h["layer"], h["candidate"]) for h in sens.below_noise()}
+        for row, r in zip(rows, run.layers, strict=True):
+            row.append(score_text(sens, r.name, r.spec, (r.name, r.spec) in below))
+    return table(head, rows, left=3)
+
+
+def score_text(sens: Sensitivity, layer: str, candidate: str, below: bool) -> str:
+    """``score ± se`` of one layer at its candidate ("" when not in the table); below −2 SE marked."""
+    if layer not in sens.layers or candidate not in sens.candidates:
+        return ""
+    score, se = sens.score(layer, candidate), sens.error(layer, candidate)
+    text = f"{score:.3g}" if math.isnan(se) else f"{score:.3g} ± {se:.2g}"
+    return text + (" (below −2 SE)" if below else "")
 
 
 def image(src: str, alt: str) -> str:

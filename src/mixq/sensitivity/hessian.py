@@ -32,7 +32,7 @@ from mixq.plan import LayerSpec, as_layer_spec
 from mixq.progress import Bar
 from mixq.sensitivity.perturb import state_fingerprint
 from mixq.sensitivity.proxies import check_layers, weight_error
-from mixq.sensitivity.table import Sensitivity, options_of
+from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
 from mixq.tasks import Task
 from mixq.wrap import applied
@@ -60,6 +60,26 @@ def hutchinson_trace(
 ) -> dict[str, float]:
     """Estimate ``tr(H_l)`` of the float model's loss for each layer's weight.
 
+    The mean of :func:`hutchinson_samples` (see there for the arguments).
+
+    Returns:
+        ``{layer: trace}`` (not normalized by the layer's size).
+    """
+    samples = hutchinson_samples(qmodel, task, layers, batches, n_samples, seed, mode)
+    return {n: float(v.mean()) for n, v in samples.items()}
+
+
+def hutchinson_samples(
+    qmodel: nn.Module,
+    task: Task,
+    layers: list[str],
+    batches: Sequence[Any] | None = None,
+    n_samples: int = 64,
+    seed: int = 0,
+    mode: str = "block",
+) -> dict[str, torch.Tensor]:
+    """Hutchinson's single-vector estimates of ``tr(H_l)`` for each layer's weight.
+
     ``tr(H_l) ≈ 1/(m·B) Σ_b Σ_i v_iᵀ H_l^{(b)} v_i`` over ``m = n_samples`` Rademacher vectors
     and the ``B`` batches, ``H_l^{(b)}`` the Hessian of ``task.loss`` on batch ``b`` w.r.t.
     ``W_l`` alone (other layers' blocks are not mixed in). Every site is float meanwhile;
@@ -76,7 +96,9 @@ def hutchinson_trace(
         mode: "block" (a vector per layer) or "joint" (one vector over all layers; see the module).
 
     Returns:
-        ``{layer: trace}`` (not normalized by the layer's size).
+        ``{layer: samples}``, the ``m·B`` single-vector estimates ``v_iᵀ H_l^{(b)} v_i`` of
+        each layer [m·B] (float64), batch-major: their mean is the trace, their spread gives
+        its standard error for free.
     """
     if mode not in MODES:
         raise ValueError(f"unknown Hutchinson mode {mode!r}; valid: {', '.join(MODES)}")
@@ -89,7 +111,7 @@ def hutchinson_trace(
     weights = [qlayers[n].weight for n in layers]
     flags = [w.requires_grad for w in weights]
     gen = torch.Generator().manual_seed(seed)
-    sums = [0.0] * len(layers)
+    sums: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer, per-vector estimates
     try:
         for w in weights:
             w.requires_grad_(True)
@@ -108,7 +130,7 @@ def hutchinson_trace(
                         vs = [_rademacher(tuple(w.shape), w, gen) for w in weights]
                         hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
                         for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
-                            sums[i] += float((hv.double() * v.double()).sum())
+                            sums[i].append((hv.double() * v.double()).sum().reshape(1))
                         bar.update()
                     continue
                 for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
@@ -118,15 +140,14 @@ def hutchinson_trace(
                         (hv,) = torch.autograd.grad(  # H_l v for m vectors at once
                             g, w, grad_outputs=v, retain_graph=True, is_grads_batched=True
                         )
-                        sums[i] += float((hv.double() * v.double()).sum())
+                        sums[i].append((hv.double() * v.double()).flatten(1).sum(1))  # [m]
                     bar.update()
     finally:
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
-    count = n_samples * len(batches)
-    traces = {n: s / count for n, s in zip(layers, sums, strict=True)}
-    log.debug("Hutchinson traces: %s", traces)
-    return traces
+    samples = {n: torch.cat(s) for n, s in zip(layers, sums, strict=True)}
+    log.debug("Hutchinson traces: %s", {n: float(v.mean()) for n, v in samples.items()})
+    return samples
 
 
 @dataclass(frozen=True)
@@ -168,8 +189,11 @@ def hawq(
         mode: the Hutchinson estimator, "block" or "joint" (:func:`hutchinson_trace`).
 
     Returns:
-        A Sensitivity of kind "hawq"; ``meta["trace"]`` holds the traces and
-        ``meta["avg_trace"]`` the traces divided by the layer sizes.
+        A Sensitivity of kind "hawq" with ``se`` [L, C], the standard errors of the Hutchinson
+        estimate over its ``m·B`` vectors carried through the weight errors; ``meta["trace"]``
+        holds the traces (``meta["trace_se"]`` their standard errors), ``meta["avg_trace"]``
+        the traces divided by the layer sizes, negative ones clamped at 0 with a warning
+        (named in ``meta["clamped"]``).
     """
     opts = options_of(HawqOptions, options)
     n_samples, seed, store, mode = opts.n_samples, opts.seed, opts.store, opts.mode
@@ -177,19 +201,49 @@ def hawq(
     specs = [as_layer_spec(c) for c in candidates]
     batches = list(task.calib if batches is None else batches)
     prefix = "hutchinson" if mode == "block" else f"hutchinson-{mode}"  # block keys predate modes
-    key = f"{prefix}:{n_samples}:{seed}:" + ",".join(layers)
+    key = f"{prefix}-se:{n_samples}:{seed}:" + ",".join(layers)
     scope = None
     if store is not None:
         scope = store.scope(state_fingerprint(qmodel), fingerprint_data(batches))
     if scope is not None and key in scope.keys():
-        traces = {n: float(v) for n, v in scope.get(key).items()}
+        stored = scope.get(key)
+        traces, ses = stored["trace"], stored["se"]
     else:
-        traces = hutchinson_trace(qmodel, task, layers, batches, n_samples, seed, mode)
+        samples = hutchinson_samples(qmodel, task, layers, batches, n_samples, seed, mode)
+        stats = {n: mean_se(v) for n, v in samples.items()}
+        traces = {n: float(m) for n, (m, _) in stats.items()}
+        ses = {n: float(e) for n, (_, e) in stats.items()}
         if scope is not None:
-            scope.put(key, {n: float(v) for n, v in traces.items()})
-    avg = {n: traces[n] / qlayers[n].weight.numel() for n in layers}
-    single = torch.tensor(
-        [[avg[n] * weight_error(qlayers[n], s) for s in specs] for n in layers], dtype=torch.float64
-    )  # [L, C]
-    meta = {"trace": traces, "avg_trace": avg, "n_samples": n_samples, "seed": seed, "mode": mode}
-    return Sensitivity(list(layers), [s.name for s in specs], single, kind="hawq", meta=meta)
+            scope.put(key, {"trace": traces, "se": ses})
+    clamped = clamp_traces(traces)
+    size = {n: qlayers[n].weight.numel() for n in layers}
+    avg = {n: max(traces[n], 0.0) / size[n] for n in layers}
+    errors = torch.tensor([[weight_error(qlayers[n], s) for s in specs] for n in layers], dtype=torch.float64)
+    single = torch.tensor([avg[n] for n in layers], dtype=torch.float64)[:, None] * errors  # [L, C]
+    se = torch.tensor([ses[n] / size[n] for n in layers], dtype=torch.float64)[:, None] * errors  # [L, C]
+    meta = {
+        "trace": traces,
+        "trace_se": ses,
+        "avg_trace": avg,
+        "clamped": clamped,
+        "n_samples": n_samples,
+        "seed": seed,
+        "mode": mode,
+    }
+    return Sensitivity(list(layers), [s.name for s in specs], single, kind="hawq", meta=meta, se=se)
+
+
+def clamp_traces(traces: dict[str, float]) -> list[str]:
+    """Name the layers whose estimated trace is negative, with a warning; their scores use 0.
+
+    A loss Hessian is not PSD away from a minimum, and a Hutchinson estimate of a small trace
+    can fall below zero by noise; a negative curvature weight would reward quantization error.
+    """
+    neg = [n for n, t in traces.items() if t < 0]
+    if neg:
+        shown = ", ".join(f"{n} ({traces[n]:.3g})" for n in neg[:8])
+        more = f" and {len(neg) - 8} more" if len(neg) > 8 else ""
+        log.warning(
+            "HAWQ: %d Hessian trace(s) estimated below zero, clamped at 0: %s%s", len(neg), shown, more
+        )
+    return neg

@@ -33,6 +33,10 @@ input in place) the reuse is switched off with a warning.
 Timings (``meta``) are wall-clock and CPU seconds of this process; the CPU seconds are what a
 shared machine's load disturbs least.
 
+Error bars. Every loss is kept per batch and every term computed per batch before averaging,
+so ``se`` and ``pairs_se`` (standard errors over the batches) sit beside ``single`` and
+``pairs`` in the table: a pair term within a few standard errors of zero is noise.
+
 Every row (l, s), i.e. ``L(l at s)`` and the pair losses with every later layer, is one job of
 an executor kept in a result store, so an interrupted measurement resumes where it stopped.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -55,9 +60,16 @@ from torch import nn
 
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec
-from mixq.sensitivity.perturb import state_fingerprint
+from mixq.sensitivity.blockwise import block_of
+from mixq.sensitivity.perturb import (
+    per_batch,
+    split_batches,
+    state_fingerprint,
+    warn_below_noise,
+    warn_few_batches,
+)
 from mixq.sensitivity.proxies import check_layers
-from mixq.sensitivity.table import Sensitivity, options_of
+from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data
 from mixq.tasks import Task
 from mixq.wrap import applied, sites
@@ -206,6 +218,7 @@ class PairContext:
         float_cache: per batch, the float outputs of the modules on the float frontiers.
         fronts: the frontiers, by event.
         copy_replays: copy replayed outputs on every pass (needed when the model mutates them).
+        block: the block index of each layer (None outside blocks): pairs only within a block.
     """
 
     qmodel: nn.Module
@@ -217,6 +230,7 @@ class PairContext:
     float_cache: dict[int, dict[str, Any]] = field(default_factory=dict)
     fronts: dict[int, list[str]] = field(default_factory=dict)
     copy_replays: bool = True
+    block: dict[str, int | None] | None = None
 
     def begin(self, layer: str) -> int:
         """Return the event at which ``layer`` first starts."""
@@ -302,41 +316,47 @@ def row_job(
 
     Returns:
         ``{"single": loss, "pairs": [[loss per candidate] per later layer], "seconds": ...}``,
-        losses averaged over the batches; ``pair_seconds`` (``pair_cpu_seconds``) is the
+        losses averaged over the batches, and the same per batch (``single_batches`` [B],
+        ``pairs_batches`` [later][candidate][B]); ``pair_seconds`` (``pair_cpu_seconds``) is the
         wall-clock (CPU) time of the pair passes alone.
     """
     first = ctx.order.index(layer) + 1
     later = ctx.order[first : None if window is None else first + window] if with_pairs else []
-    single = 0.0
-    pairs = [[0.0] * len(names) for _ in later]
+    if ctx.block is not None:  # a block's layers run contiguously: the pairs stay a prefix
+        mine = ctx.block[layer]
+        later = [] if mine is None else list(itertools.takewhile(lambda m: ctx.block[m] == mine, later))
+    single: list[float] = []  # per batch
+    pairs: list[list[list[float]]] = [[[] for _ in names] for _ in later]  # [later][cand][batch]
     t0, c0 = time.perf_counter(), time.process_time()
     pair_seconds = pair_cpu = 0.0
     for b in range(len(ctx.batches)):
         if ctx.tr is None:
             value, _ = ctx.evaluate(b, {layer: cand}, {})
-            single += value
+            single.append(value)
             t1, c1 = time.perf_counter(), time.process_time()
             for i, m in enumerate(later):
                 for j, c in enumerate(names):
-                    pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, {})[0]
+                    pairs[i][j].append(ctx.evaluate(b, {layer: cand, m: c}, {})[0])
             pair_seconds += time.perf_counter() - t1
             pair_cpu += time.process_time() - c1
             continue
         t_l = ctx.begin(layer)
         need = {n for m in later for n in ctx.frontier(ctx.begin(m)) if ctx.tr.end[n] >= t_l}
         value, rec = ctx.evaluate(b, {layer: cand}, _prefix(ctx, b, t_l, None, t_l), need)
-        single += value
+        single.append(value)
         t1, c1 = time.perf_counter(), time.process_time()
         for i, m in enumerate(later):
             replay = _prefix(ctx, b, ctx.begin(m), rec, t_l)
             for j, c in enumerate(names):
-                pairs[i][j] += ctx.evaluate(b, {layer: cand, m: c}, replay)[0]
+                pairs[i][j].append(ctx.evaluate(b, {layer: cand, m: c}, replay)[0])
         pair_seconds += time.perf_counter() - t1
         pair_cpu += time.process_time() - c1
     n = len(ctx.batches)
     return {
-        "single": single / n,
-        "pairs": [[v / n for v in row] for row in pairs],
+        "single": sum(single) / n,
+        "pairs": [[sum(v) / n for v in row] for row in pairs],
+        "single_batches": single,
+        "pairs_batches": pairs,
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
         "pair_seconds": pair_seconds,
@@ -345,9 +365,9 @@ def row_job(
     }
 
 
-def fp_job(ctx: PairContext) -> float:
-    """Return the float loss averaged over the batches."""
-    return sum(ctx.evaluate(b, {}, {})[0] for b in range(len(ctx.batches))) / len(ctx.batches)
+def fp_job(ctx: PairContext) -> list[float]:
+    """Return the float loss of each batch."""
+    return [ctx.evaluate(b, {}, {})[0] for b in range(len(ctx.batches))]
 
 
 # -- preparation ---------------------------------------------------------------------------------
@@ -437,6 +457,8 @@ class PairwiseOptions:
     progress: bool = True
     with_pairs: bool = True
     window: int | None = None
+    min_batches: int = 4
+    blocks: tuple[str, ...] | None = None
 
 
 def pairwise(
@@ -465,10 +487,18 @@ def pairwise(
             (None: all pairs). Pairs farther apart are taken as independent (Ω = 0, the
             diagonal model's assumption): ``L·window`` instead of ``L(L-1)/2`` layer pairs, for
             models whose all-pairs cost is out of reach.
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow, for the standard errors (``perturb.split_batches``; 4 by default).
+        blocks: names of the model's repeated blocks (``blockwise.find_blocks``): measure the
+            pairs of layers of one block only (block-local pairs, for LLMs: ``L·C²·(block size)``
+            pairs instead of ``L²·C²/2``); pairs across blocks, and of layers outside every
+            block, count as independent (Ω = 0). Combines with ``window``.
 
     Returns:
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
-        [L, C, L, C]; ``meta`` holds the float loss and timings.
+        [L, C, L, C], and their standard errors over the batches beside them, ``se`` [L, C]
+        and ``pairs_se`` [L, C, L, C] (each term computed per batch, then averaged: see
+        :func:`assemble`); ``meta`` holds the float loss, timings and the singles below −2 SE.
     """
     opts = options_of(PairwiseOptions, options)
     executor, store, reuse, progress = opts.executor, opts.store, opts.reuse, opts.progress
@@ -480,12 +510,13 @@ def pairwise(
         raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
     if len(set(names)) != len(names) or len(set(layers)) != len(layers):
         raise ValueError(f"layers and candidates must be unique; got {layers} and {names}")
-    batches = list(task.calib if batches is None else batches)
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("pairwise sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {window}")
-    meta: dict[str, Any] = {"batches": len(batches), "window": window}
+    meta: dict[str, Any] = {"batches": len(batches), "window": window, "block_local": opts.blocks is not None}
     with applied(qmodel, {}):
         qmodel.eval()
         sw = {(n, s.name): switches(qmodel, n, s) for n in layers for s in specs}
@@ -495,6 +526,8 @@ def pairwise(
             raise ValueError(f"layers {missing[:5]} are never called by the task's loss; pass used layers")
         order = sorted(layers, key=lambda n: tr.start[n])
         ctx = PairContext(qmodel, task.loss, batches, order, sw, tr if reuse else None)
+        if opts.blocks is not None:
+            ctx.block = block_of(order, list(opts.blocks))
         if reuse:
             ctx.copy_replays = _mutates(ctx)
         if reuse and not _verify(ctx, names):
@@ -505,6 +538,8 @@ def pairwise(
         key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
         if with_pairs and window is not None:
             key += f"/window{window}"
+        if with_pairs and opts.blocks is not None:
+            key += "/blocks" + _fmt_key(list(opts.blocks), [])
         jobs = [Job(FP_KEY, fp_job)]
         jobs += [
             Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order for c in names
@@ -517,15 +552,23 @@ def pairwise(
         t0 = time.perf_counter()
         results = runner.map(jobs, ctx, store=scope, progress=progress)
         meta["seconds"] = time.perf_counter() - t0
-    fp = float(results[FP_KEY])
     rows = {(n, c): results[f"{key}/{n}/{c}"] for n in order for c in names}
-    single, pairs = assemble(layers, order, names, rows, fp)
-    if not with_pairs:
-        pairs = None
-    meta.update(fp_loss=fp, **timings(rows.values()))
+    single, pairs, single_se, pairs_se = assemble(layers, order, names, rows, results[FP_KEY])
+    meta.update(fp_loss=float(per_batch(results[FP_KEY]).mean()), **timings(rows.values()))
     log.info("pairwise: %d layers x %d candidates in %.1f s", len(layers), len(names), meta["seconds"])
     kind = "pairwise" if with_pairs else "measured"
-    return Sensitivity(list(layers), names, single, kind=kind, pairs=pairs, meta=meta)
+    sens = Sensitivity(
+        list(layers),
+        names,
+        single,
+        kind=kind,
+        pairs=pairs if with_pairs else None,
+        meta=meta,
+        se=single_se,
+        pairs_se=pairs_se if with_pairs else None,
+    )
+    meta["below_noise"] = warn_below_noise(sens)
+    return sens
 
 
 def _run_float(qmodel: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> None:
@@ -550,23 +593,46 @@ def timings(rows: Any) -> dict[str, float]:
 
 
 def assemble(
-    layers: list[str], order: list[str], names: list[str], rows: dict[tuple[str, str], dict], fp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn row-job losses into ``single`` [L, C] and symmetric ``pairs`` [L, C, L, C] (Ω)."""
+    layers: list[str], order: list[str], names: list[str], rows: dict[tuple[str, str], dict], fp: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn row-job losses into ``single`` [L, C], symmetric ``pairs`` [L, C, L, C] (Ω) and their SEs.
+
+    Every term is computed per batch from the same batch's losses (``Ω_b = L_b(l,m) − L_b(l) −
+    L_b(m) + L_b(fp)``), then averaged; its standard error is that of the per-batch terms (NaN
+    with one batch, or for rows stored by an older mixq without per-batch losses).
+    """
     L, C = len(layers), len(names)
+    fp_b = per_batch(fp)  # [B]
+    B = fp_b.numel()
+    if B == 1 or any(len(r.get("single_batches", ())) != B for r in rows.values()):
+        fp_b = fp_b.mean().reshape(1)
+        rows = {k: _means_only(r) for k, r in rows.items()}
+        B = 1
     pos = {n: i for i, n in enumerate(layers)}
-    loss1 = torch.zeros(L, C, dtype=torch.float64)
+    loss1 = torch.zeros(L, C, B, dtype=torch.float64)
     for (n, c), r in rows.items():
-        loss1[pos[n], names.index(c)] = r["single"]
-    single = loss1 - fp  # [L, C]
+        loss1[pos[n], names.index(c)] = torch.tensor(r["single_batches"], dtype=torch.float64)
+    single, single_se = mean_se(loss1 - fp_b)  # [L, C] each
     pairs = torch.zeros(L, C, L, C, dtype=torch.float64)
+    pairs_se = torch.zeros(L, C, L, C, dtype=torch.float64)
     for k, n in enumerate(order):
         for j, c in enumerate(names):
             for i, m in enumerate(order[k + 1 :]):
                 if i >= len(rows[(n, c)]["pairs"]):  # outside the window, or singles only
                     break
-                lm = torch.tensor(rows[(n, c)]["pairs"][i], dtype=torch.float64)  # [C]
-                omega = lm - loss1[pos[n], j] - loss1[pos[m]] + fp
+                lm = torch.tensor(rows[(n, c)]["pairs_batches"][i], dtype=torch.float64)  # [C, B]
+                omega, se = mean_se(lm - loss1[pos[n], j] - loss1[pos[m]] + fp_b)  # [C] each
                 pairs[pos[n], j, pos[m]] = omega
                 pairs[pos[m], :, pos[n], j] = omega
-    return single, pairs
+                pairs_se[pos[n], j, pos[m]] = se
+                pairs_se[pos[m], :, pos[n], j] = se
+    return single, pairs, single_se, pairs_se
+
+
+def _means_only(row: dict) -> dict:
+    """A row reduced to its batch means, as one batch (rows of an older mixq hold only those)."""
+    return {
+        **row,
+        "single_batches": [row["single"]],
+        "pairs_batches": [[[v] for v in cands] for cands in row["pairs"]],
+    }

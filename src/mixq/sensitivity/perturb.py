@@ -4,6 +4,12 @@
 task loss over the batches ``D`` (docs/methods.md §3.2; CLADO's forward-only single terms). Each
 (layer, candidate) loss is one job, and so is the float loss, run through an executor and
 kept in a result store, so an interrupted measurement resumes where it stopped.
+
+Error bars. A job keeps the loss of every batch, so each score is the mean of the per-batch
+differences ``d_b = L_b(l at c) − L_b(fp)`` (paired: the batch-to-batch spread of the loss
+itself cancels) and its standard error ``s(d)/√B`` goes into ``Sensitivity.se``. A score below
+``−2·se`` (the layer "works better quantized" beyond noise) is logged as a warning and listed in
+``meta["below_noise"]``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 from mixq.executor import Executor, InProcessExecutor, Job
 from mixq.plan import LayerSpec, as_layer_spec, parse_candidate
 from mixq.sensitivity.proxies import check_layers
-from mixq.sensitivity.table import Sensitivity, options_of
+from mixq.sensitivity.table import Sensitivity, mean_se, options_of
 from mixq.store import Store, fingerprint_data, fingerprint_model
 from mixq.tasks import Task, logits_of
 from mixq.wrap import applied, sites
@@ -78,22 +84,127 @@ def objective_data(
     return OutputKL(task.forward), list(zip(batches, refs, strict=True))
 
 
+def _rows(batch: Any) -> int | None:
+    """The common first-axis size of a batch's tensors (None: none, or sizes that differ)."""
+    sizes: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            sizes.add(x.shape[0])
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(batch)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _rows_slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _rows_slice(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows_slice(v, start, stop) for v in batch)
+    return batch
+
+
+def split_batches(batches: Sequence[Any], at_least: int) -> list[Any]:
+    """Cut each batch into equal parts (first axis) so that there are ``at_least`` of them if possible.
+
+    Only for the error bars: a mean loss (cross-entropy, KL) averaged over equal parts is the
+    loss of the whole batch, so the scores keep their value while the spread over the parts
+    gives their standard error. A batch is cut into the largest number of equal parts not above
+    ``ceil(at_least / len(batches))`` that divides its size (a batch of one example stays whole).
+
+    >>> [b.tolist() for b in split_batches([torch.arange(4)], 2)]
+    [[0, 1], [2, 3]]
+    """
+    batches = list(batches)
+    if at_least < 1:
+        raise ValueError(f"min_batches must be at least 1, got {at_least}")
+    if not batches or len(batches) >= at_least:
+        return batches
+    want = -(-at_least // len(batches))
+    out = []
+    for b in batches:
+        n = _rows(b)
+        parts = min(want, n or 1)
+        while n and n % parts:
+            parts -= 1
+        size = (n or 1) // parts
+        out += [b] if parts == 1 else [_rows_slice(b, i * size, (i + 1) * size) for i in range(parts)]
+    return out
+
+
 def job_key(layer: str, candidate: str) -> str:
     """Return the store key of the loss of ``layer`` quantized at ``candidate``."""
     return f"measured/{layer}/{candidate}"
 
 
-def loss_job(ctx: LossContext, layer: str | None, candidate: str | None) -> float:
-    """Return the mean loss over ``ctx.batches`` with only ``layer`` at ``candidate`` (None: float).
+def loss_job(ctx: LossContext, layer: str | None, candidate: str | None) -> list[float]:
+    """Return the loss of each batch of ``ctx.batches`` with only ``layer`` at ``candidate`` (None: float).
 
     A module-level function of simple arguments, so that any executor can run it.
     """
     plan = {} if layer is None else {layer: parse_candidate(candidate)}
-    total = 0.0
     with applied(ctx.qmodel, plan), torch.inference_mode():
-        for batch in ctx.batches:
-            total += float(ctx.loss(ctx.qmodel, batch))
-    return total / len(ctx.batches)
+        return [float(ctx.loss(ctx.qmodel, batch)) for batch in ctx.batches]
+
+
+def per_batch(value: Any) -> torch.Tensor:
+    """The per-batch losses of a job result [B]; a stored mean of an older mixq is one value [1]."""
+    if isinstance(value, (int, float)):
+        return torch.tensor([float(value)], dtype=torch.float64)
+    return torch.tensor([float(v) for v in value], dtype=torch.float64)
+
+
+def differences(results: dict[str, Any], layers: list[str], names: list[str]) -> torch.Tensor:
+    """The per-batch loss changes ``L_b(l at c) − L_b(fp)`` [L, C, B] (B = 1 for stored means)."""
+    fp = per_batch(results[FP_KEY])
+    rows = [[per_batch(results[job_key(n, c)]) for c in names] for n in layers]
+    if any(r.numel() != fp.numel() for row in rows for r in row):  # a store of an older mixq
+        fp = fp.mean().reshape(1)
+        rows = [[r.mean().reshape(1) for r in row] for row in rows]
+    return torch.stack([torch.stack(row) for row in rows]) - fp  # [L, C, B]
+
+
+MIN_BATCHES_FOR_SE = 4
+
+
+def warn_few_batches(n: int) -> None:
+    """Warn when the standard errors rest on fewer than 4 batches (parts of batches)."""
+    if n < MIN_BATCHES_FOR_SE:
+        log.warning(
+            "sensitivity measured on %d batch(es): its standard errors are %s; give at least %d "
+            "calibration batches (for a causal LM, %d windows)",
+            n,
+            "unknown" if n == 1 else "unreliable",
+            MIN_BATCHES_FOR_SE,
+            MIN_BATCHES_FOR_SE,
+        )
+
+
+def warn_below_noise(sens: Sensitivity, k: float = 2.0) -> list[dict[str, Any]]:
+    """Log (warning) and return the scores below ``−k`` standard errors (``Sensitivity.below_noise``)."""
+    hits = sens.below_noise(k)
+    if hits:
+        shown = ", ".join(
+            f"{h['layer']} at {h['candidate']} ({h['score']:.3g} ± {h['se']:.2g})" for h in hits[:8]
+        )
+        more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+        log.warning(
+            "%d sensitivity score(s) are negative beyond noise (< -%g SE): the layer scores better "
+            "quantized than float on the calibration data: %s%s",
+            len(hits),
+            k,
+            shown,
+            more,
+        )
+    return hits
 
 
 def state_fingerprint(qmodel: nn.Module) -> str:
@@ -120,6 +231,7 @@ class MeasureOptions:
     store: Store | None = None
     progress: bool = True
     objective: str = "loss"
+    min_batches: int = 8
 
 
 def measured(
@@ -151,9 +263,14 @@ def measured(
         objective: "loss" (the task's loss) or "kl" (KL divergence of a classifier's output
             distribution from the float model's: :class:`OutputKL`). The float outputs enter
             the data fingerprint, so each objective has its own stored jobs.
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow (:func:`split_batches`): the same scores, with standard errors
+            over enough parts to mean something.
 
     Returns:
-        A Sensitivity of kind "measured"; ``meta["fp_loss"]`` is ``L(fp)``.
+        A Sensitivity of kind "measured" with ``se`` [L, C], the standard errors over the
+        batches; ``meta["fp_loss"]`` is ``L(fp)``, ``meta["below_noise"]`` the scores below
+        −2 standard errors.
     """
     opts = options_of(MeasureOptions, options)
     executor, store, progress, objective = opts.executor, opts.store, opts.progress, opts.objective
@@ -161,9 +278,10 @@ def measured(
     names = [as_layer_spec(c).name for c in candidates]
     if not names:
         raise ValueError("give at least one candidate, e.g. ['w4a8', 'w8a8']")
-    batches = list(task.calib if batches is None else batches)
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("measured sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
     jobs = [Job(FP_KEY, loss_job, (None, None))]
     jobs += [Job(job_key(n, c), loss_job, (n, c)) for n in layers for c in names]
     loss_fn, batches = objective_data(qmodel, task, batches, objective)
@@ -175,10 +293,10 @@ def measured(
     runner = executor if executor is not None else InProcessExecutor(desc="sensitivity")
     ctx = LossContext(qmodel, loss_fn, batches)
     results = runner.map(jobs, ctx, store=scope, progress=progress)
-    fp = float(results[FP_KEY])
-    single = torch.tensor(
-        [[float(results[job_key(n, c)]) - fp for c in names] for n in layers], dtype=torch.float64
-    )  # [L, C]
+    fp = float(per_batch(results[FP_KEY]).mean())
+    single, se = mean_se(differences(results, layers, names))  # [L, C] each
     meta["fp_loss"] = fp
     log.info("measured %d layers x %d candidates; fp loss %.6g", len(layers), len(names), fp)
-    return Sensitivity(list(layers), names, single, kind="measured", meta=meta)
+    sens = Sensitivity(list(layers), names, single, kind="measured", meta=meta, se=se)
+    meta["below_noise"] = warn_below_noise(sens)
+    return sens

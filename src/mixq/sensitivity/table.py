@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,10 +27,28 @@ def options_of(cls: type[T], given: dict[str, Any]) -> T:
     return cls(**given)
 
 
+def mean_se(values: Any, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of the mean of per-batch estimates along ``dim``.
+
+    ``se = s / √n`` with ``s`` the sample standard deviation (``n − 1`` in the denominator);
+    NaN with fewer than two estimates, where the spread is unknown.
+
+    >>> m, s = mean_se(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    >>> float(m), round(float(s), 6)
+    (3.0, 1.080123)
+    """
+    x = torch.as_tensor(values, dtype=torch.float64)
+    n = x.shape[dim]
+    mean = x.mean(dim)
+    if n < 2:
+        return mean, torch.full_like(mean, math.nan)
+    return mean, x.std(dim, correction=1) / math.sqrt(n)
+
+
 SCHEMA = 1
 _META_KEY = "mixq.sensitivity"
 _META_FIELDS = {"schema", "layers", "candidates", "kind", "meta"}
-_TENSORS = {"single", "pairs"}
+_TENSORS = {"single", "pairs", "se", "pairs_se"}
 
 
 def _check_names(names: Any, what: str) -> list[str]:
@@ -51,6 +70,9 @@ class Sensitivity:
         kind: how the scores were obtained ("measured", "hawq", "proxy", ...).
         pairs: optional pairwise scores [L, C, L, C].
         meta: JSON-serializable details (losses, traces, fingerprints, settings).
+        se: optional standard errors of ``single`` [L, C] over the calibration batches (or
+            the Hutchinson samples); NaN where unknown (one batch, a table of an older mixq).
+        pairs_se: optional standard errors of ``pairs`` [L, C, L, C], the same way.
     """
 
     layers: list[str]
@@ -59,6 +81,8 @@ class Sensitivity:
     kind: str
     pairs: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    se: torch.Tensor | None = None
+    pairs_se: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_names(self.layers, "Sensitivity.layers")
@@ -73,6 +97,12 @@ class Sensitivity:
         self._check_tensor("single", self.single, shape)
         if self.pairs is not None:
             self._check_tensor("pairs", self.pairs, shape + shape)
+        if self.se is not None:
+            self._check_tensor("se", self.se, shape)
+        if self.pairs_se is not None:
+            if self.pairs is None:
+                raise ValueError("Sensitivity.pairs_se needs Sensitivity.pairs")
+            self._check_tensor("pairs_se", self.pairs_se, shape + shape)
 
     @staticmethod
     def _check_tensor(name: str, t: Any, shape: tuple[int, ...]) -> None:
@@ -85,6 +115,32 @@ class Sensitivity:
         """Return the single score of one layer at one candidate."""
         return float(self.single[self.layers.index(layer), self.candidates.index(candidate)])
 
+    def error(self, layer: str, candidate: str) -> float:
+        """Return the standard error of one single score (NaN when unknown)."""
+        if self.se is None:
+            return math.nan
+        return float(self.se[self.layers.index(layer), self.candidates.index(candidate)])
+
+    def below_noise(self, k: float = 2.0) -> list[dict[str, Any]]:
+        """The (layer, candidate) scores negative beyond noise: ``single < −k·se``.
+
+        A loss change below zero by more than ``k`` standard errors says the layer works
+        *better* quantized on the calibration data: an over-fitted float model or a wrong
+        objective, worth a look before trusting a plan built on it.
+        """
+        if self.se is None:
+            return []
+        hits = (self.single < -k * self.se.nan_to_num(nan=math.inf)).nonzero().tolist()
+        return [
+            {
+                "layer": self.layers[i],
+                "candidate": self.candidates[j],
+                "score": float(self.single[i, j]),
+                "se": float(self.se[i, j]),
+            }
+            for i, j in hits
+        ]
+
     def save(self, path: str | Path) -> None:
         """Write the tensors as safetensors, with names, kind and meta as JSON metadata."""
         header = {
@@ -95,8 +151,10 @@ class Sensitivity:
             "meta": self.meta,
         }
         tensors = {"single": self.single.detach().cpu().contiguous()}
-        if self.pairs is not None:
-            tensors["pairs"] = self.pairs.detach().cpu().contiguous()
+        for name in ("pairs", "se", "pairs_se"):
+            t = getattr(self, name)
+            if t is not None:
+                tensors[name] = t.detach().cpu().contiguous()
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(header)})
 
     @classmethod
@@ -125,7 +183,9 @@ class Sensitivity:
         if set(metadata) != {_META_KEY}:
             raise ValueError(f"metadata keys {sorted(metadata)}; expected only [{_META_KEY!r}]")
         if names - _TENSORS or "single" not in names:
-            raise ValueError(f"tensors {sorted(names)}; expected 'single' and optionally 'pairs'")
+            raise ValueError(
+                f"tensors {sorted(names)}; expected 'single' and optionally 'pairs', 'se', 'pairs_se'"
+            )
         try:
             header = json.loads(metadata[_META_KEY])
         except json.JSONDecodeError as e:
@@ -142,4 +202,6 @@ class Sensitivity:
             kind=header["kind"],
             pairs=tensors.get("pairs"),
             meta=header["meta"],
+            se=tensors.get("se"),
+            pairs_se=tensors.get("pairs_se"),
         )

@@ -1,0 +1,501 @@
+"""Block-wise single-layer sensitivity for models built from repeated blocks (decoder layers).
+
+A full forward per (layer, candidate) costs ``L·C`` model passes; on a model of ``K`` repeated
+blocks most of each pass recomputes float blocks that the quantized layer does not touch. Here
+the float model runs once to capture the inputs of the first block (per calibration batch);
+the float inputs of block ``k+1`` are then block ``k``'s float output, computed block by block,
+so only two blocks' activations are held at any time and a block's are freed when it is done.
+A layer in block ``k`` at candidate ``c`` then costs:
+
+* ``objective="mse"`` (local): one forward of block ``k`` on its captured inputs, scored by the
+  mean squared change of the block's output, ``mean((B_k^{l,c}(X_k) − B_k(X_k))²)``;
+* ``objective="kl"`` (the model's output): block ``k``'s perturbed output is computed the same
+  way and then carried through blocks ``k+1 … K−1`` and the rest of the model (final norm, head)
+  by the task's own forward, with blocks ``0 … k`` replaced by that constant: the KL divergence
+  of the output distribution to the float one (:class:`~mixq.sensitivity.perturb.OutputKL`),
+  equal to the full-model measurement without the prefix's work.
+
+* ``objective="fisher"`` (the model's output, to second order): one forward of block ``k`` as for
+  "mse", and the change ``δ`` of its output weighed by the output distribution's Fisher
+  information carried back to ``h_k``: ``KL ≈ E_y[(g_k·δ)²] / (2N)``, with ``g_k`` the gradient
+  at ``h_k`` of the log-likelihood of labels sampled from the float model (``N`` output rows,
+  ``fisher_samples`` backward passes per batch, once for all layers; :func:`fisher_grads`). The
+  KL's scale at the cost of the local objective; the linearization of the blocks after ``k``
+  is its approximation (good for small changes, rougher for 2-3 bit weights). The gradients
+  of every block are held (``blocks × batches × samples`` hidden-state tensors).
+
+Layers outside every block (an embedding, the head) are measured with full forwards on the same
+objective's data (for "mse": the squared change of the model's logits; for "fisher": the exact KL).
+
+The default is "kl" ([DESIGN]): the search adds the scores of layers of different blocks, and
+only an objective measured at the model's output puts them on one scale (the residual stream's
+magnitude grows from block to block, so block-local MSEs of different blocks are not
+comparable). Its cost is that of the blocks after the layer and the head, about half a model
+forward per score. "fisher" keeps the output scale at one block forward per score, for models
+where that is out of reach; "mse" is the cheap ranking within a block.
+
+Every score keeps its per-batch values, so ``Sensitivity.se`` holds the standard errors over
+the batches, as for :func:`~mixq.sensitivity.perturb.measured`.
+
+Capture ([DESIGN], generic over transformers models, no model-specific code): the first block's
+positional and keyword arguments are recorded by a forward pre-hook (the forward is stopped
+there); a key-value cache argument is dropped and ``use_cache`` set False, so that re-running a
+block has no side effect. The next block's arguments are the same with the hidden states (the
+first positional argument, else ``hidden_states=``) replaced by the previous block's output (its
+first element when it returns a tuple). This streaming is checked once against a hooked plain
+pass on the first batch (the last block's inputs); a model that does not pass hidden states this
+way is refused, naming the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixq.plan import LayerSpec, as_layer_spec
+from mixq.sensitivity.perturb import (
+    objective_data,
+    split_batches,
+    state_fingerprint,
+    warn_below_noise,
+    warn_few_batches,
+)
+from mixq.sensitivity.proxies import check_layers
+from mixq.sensitivity.table import Sensitivity, mean_se, options_of
+from mixq.store import Store, fingerprint_data
+from mixq.tasks import Task, logits_of
+from mixq.wrap import SITE_TYPES, applied
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("kl", "mse", "fisher")
+_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks: the ``nn.ModuleList`` of ≥ 2 modules of one class
+    holding the most quantized sites (e.g. ``model.layers.0 …``); [] when there is none.
+
+    >>> from torch import nn
+    >>> find_blocks(nn.Sequential(nn.Linear(2, 2)))
+    []
+    """
+    best: tuple[int, str, int] = (0, "", 0)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({type(c) for c in mod}) != 1:
+            continue
+        count = sum(isinstance(m, SITE_TYPES) for m in mod.modules())
+        if count > best[0]:
+            best = (count, name, len(mod))
+    _, name, n = best
+    return [f"{name}.{i}" if name else str(i) for i in range(n)]
+
+
+def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | None]:
+    """The index of the block holding each layer (None: outside every block)."""
+    out: dict[str, int | None] = {}
+    for layer in layers:
+        out[layer] = next((k for k, b in enumerate(blocks) if layer.startswith(b + ".")), None)
+    return out
+
+
+# -- capture ----------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward at the hooked block."""
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if type(x) in (tuple, list):
+        return type(x)(_detach(v) for v in x)
+    if type(x) is dict:
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (None if k in _CACHE_KEYS else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def capture_inputs(
+    model: nn.Module, block: str, run: Callable[[], Any], stop: bool = True
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of ``block``'s first call in ``run()`` (copied).
+
+    With ``stop`` the forward ends there (nothing after the block is computed).
+    """
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        if not seen:
+            seen.append((_detach(tuple(args)), _clean(_detach(dict(kwargs)))))
+        if stop:
+            raise _Stop
+
+    handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"block {block!r} is never called by the task's forward")
+    return seen[0]
+
+
+def hidden_of(out: Any) -> torch.Tensor:
+    """The hidden states of a block's output: the output, or its first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(f"a block returned {type(out).__name__}; block-wise sensitivity needs hidden states")
+
+
+def with_hidden(inputs: tuple[tuple[Any, ...], dict[str, Any]], hidden: torch.Tensor) -> tuple:
+    """A block's arguments with the hidden states replaced."""
+    args, kwargs = inputs
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
+
+
+def run_block(block: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    """Run one block on captured arguments."""
+    args, kwargs = inputs
+    with torch.inference_mode():
+        return block(*args, **kwargs)
+
+
+@contextmanager
+def _skipping(model: nn.Module, blocks: Sequence[str], k: int, out: Any) -> Iterator[None]:
+    """Blocks ``0 … k`` return ``out`` without computing (their successors ignore their input)."""
+    mods = [model.get_submodule(b) for b in blocks[: k + 1]]
+    saved = [m.__dict__.get("forward") for m in mods]
+
+    def constant(*args: Any, **kwargs: Any) -> Any:
+        return out
+
+    try:
+        for m in mods:
+            m.forward = constant
+        yield
+    finally:
+        for m, before in zip(mods, saved, strict=True):
+            if before is None:
+                del m.forward
+            else:
+                m.forward = before
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# -- measurement ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockwiseOptions:
+    """How :func:`blockwise` measures (see its arguments)."""
+
+    objective: str = "kl"
+    store: Store | None = None
+    blocks: tuple[str, ...] | None = None
+    min_batches: int = 8
+    fisher_samples: int = 4
+    seed: int = 0
+
+
+@dataclass
+class _Run:
+    """What the per-block measurement shares."""
+
+    qmodel: nn.Module
+    task: Task
+    blocks: list[str]
+    objective: str
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    items: list[Any]
+    specs: list[LayerSpec]
+    batches: list[Any]
+    grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
+    rows: list[int] | None = None  # fisher: output rows (tokens) of each batch
+    seed: int = 0
+
+
+def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> list[list[float]]:
+    """Per candidate, per batch: the block-output MSE (mse), the model's KL (kl) or its Fisher estimate."""
+    block = run.qmodel.get_submodule(run.blocks[k])
+    out: list[list[float]] = []
+    for spec in run.specs:
+        values = []
+        with applied(run.qmodel, {layer: spec}):
+            for b, x in enumerate(inputs):
+                y = run_block(block, x)
+                if run.objective == "mse":
+                    values.append(float((hidden_of(y).double() - hidden_of(ref[b]).double()).pow(2).mean()))
+                    continue
+                if run.objective == "fisher":
+                    assert run.grads is not None and run.rows is not None
+                    delta = (hidden_of(y) - hidden_of(ref[b])).double()
+                    g = run.grads[k][b].double()  # [S, *hidden]
+                    v = (g * delta).flatten(1).sum(1)  # [S]
+                    values.append(float(v.pow(2).mean()) / (2 * run.rows[b]))
+                    continue
+                with _skipping(run.qmodel, run.blocks, k, y), torch.inference_mode():
+                    values.append(float(run.loss(run.qmodel, run.items[b])))
+        out.append(values)
+    return out
+
+
+def _full_losses(run: _Run, layer: str, refs: list[torch.Tensor]) -> list[list[float]]:
+    """Per candidate, per batch, with full forwards (layers outside the blocks)."""
+    out = []
+    for spec in run.specs:
+        with applied(run.qmodel, {layer: spec}), torch.inference_mode():
+            if run.objective == "mse":
+                vals = [
+                    float((logits_of(run.task.forward(run.qmodel, b)).double() - r.double()).pow(2).mean())
+                    for b, r in zip(run.batches, refs, strict=True)
+                ]
+            else:
+                vals = [float(run.loss(run.qmodel, item)) for item in run.items]
+        out.append(vals)
+    return out
+
+
+def fisher_grads(run: _Run, samples: int, seed: int) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """Gradients of sampled log-likelihoods at every block's output: one backward pass per sample.
+
+    For batch ``b`` and sample ``s``, labels ``y ~ softmax(float logits)`` are drawn per output
+    row and ``g_{k,b,s} = ∂ Σ_rows log p(y) / ∂h_k`` (``h_k`` the output of block ``k``). Then
+    ``E_y[(g·δ)²] = δᵀ Jᵀ F J δ`` (the cross-row terms have zero mean), twice the second-order
+    expansion of the summed KL divergence for a change ``δ`` of ``h_k``.
+
+    Returns:
+        ``grads[k][b]`` [samples, *hidden] (float32) and the rows of each batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    grads: list[list[torch.Tensor]] = [[] for _ in run.blocks]
+    rows = []
+    for batch in run.batches:
+        per_block, n = _batch_grads(run, batch, samples, gen)
+        for k, g in enumerate(per_block):
+            grads[k].append(g)
+        rows.append(n)
+    return grads, rows
+
+
+def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> tuple[list[torch.Tensor], int]:
+    """:func:`fisher_grads` of one batch: per block [samples, *hidden], and the output rows."""
+    hs: list[torch.Tensor] = []
+
+    def leaf(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+        return with_hidden(
+            (tuple(args), dict(kwargs)), hidden_of_input(args, kwargs).detach().requires_grad_()
+        )
+
+    def keep(mod: nn.Module, args: Any, out: Any) -> None:
+        hs.append(hidden_of(out))
+
+    handles = [run.qmodel.get_submodule(run.blocks[0]).register_forward_pre_hook(leaf, with_kwargs=True)]
+    handles += [run.qmodel.get_submodule(b).register_forward_hook(keep) for b in run.blocks]
+    per_block: list[list[torch.Tensor]] = [[] for _ in run.blocks]
+    try:
+        with torch.enable_grad():
+            logits = logits_of(run.task.forward(run.qmodel, batch))
+            logp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])  # [N, V]
+            probs = logp.detach().exp()
+            for s in range(samples):
+                y = torch.multinomial(probs, 1, generator=gen)  # [N, 1]
+                ll = logp.gather(1, y).sum()
+                gs = torch.autograd.grad(ll, hs[: len(run.blocks)], retain_graph=s + 1 < samples)
+                for k, g in enumerate(gs):
+                    per_block[k].append(g.detach().float())
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.stack(g) for g in per_block], logp.shape[0]
+
+
+def hidden_of_input(args: Any, kwargs: Any) -> torch.Tensor:
+    """The hidden states a block is called with: its first positional argument, else ``hidden_states=``."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
+
+
+def _check_stream(run: _Run, batch: Any, streamed_last: tuple) -> None:
+    """Compare the streamed inputs of the last block with a hooked plain pass on one batch."""
+    plain = capture_inputs(run.qmodel, run.blocks[-1], lambda: run.task.forward(run.qmodel, batch))
+    a, b = (
+        hidden_of(plain[0][0] if plain[0] else plain[1]["hidden_states"]),
+        hidden_of(streamed_last[0][0] if streamed_last[0] else streamed_last[1]["hidden_states"]),
+    )
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max()))):
+        raise ValueError(
+            f"block-wise capture: the streamed inputs of {run.blocks[-1]!r} differ from a plain pass "
+            f"(max |diff| {float((a - b).abs().max()) if a.shape == b.shape else 'shape'}): the blocks "
+            "do not pass their hidden states to each other as arguments; use sensitivity.measured"
+        )
+
+
+def blockwise(
+    qmodel: nn.Module,
+    task: Task,
+    layers: list[str],
+    candidates: list[str | LayerSpec],
+    batches: Sequence[Any] | None = None,
+    **options: Any,
+) -> Sensitivity:
+    """Measure each layer alone at each candidate, block by block (see the module).
+
+    Args:
+        qmodel: a wrapped (and, for activation candidates, calibrated) model with repeated blocks.
+        task: gives ``forward(model, batch)`` returning logits.
+        layers: exact names of the layers.
+        candidates: candidate names or specs.
+        batches: the data; the task's calibration batches by default.
+        options: :class:`BlockwiseOptions` as keywords:
+        objective: "kl" (the model's output distribution vs the float one; default), "fisher"
+            (its second-order estimate from the block's output change and one backward pass per
+            sample, :func:`fisher_grads`) or "mse" (the mean squared change of the block's output).
+        store: finished layers keyed by the model state and the data; stored layers are not
+            measured again (a block whose layers are all stored is not run either).
+        blocks: the block names (default: :func:`find_blocks`).
+        fisher_samples: sampled label sets (backward passes) per batch, for "fisher".
+        seed: seed of the sampled labels, for "fisher".
+        min_batches: cut the batches into equal parts until there are this many where the
+            batch sizes allow, for the standard errors (``perturb.split_batches``).
+
+    Returns:
+        A Sensitivity of kind "blockwise" with ``se`` [L, C]; ``meta`` holds the objective,
+        the blocks, timings (``seconds``, ``capture_seconds``), ``peak_activation_bytes`` (the
+        most captured block inputs and outputs held at once) and ``peak_rss_bytes``.
+    """
+    opts = options_of(BlockwiseOptions, options)
+    if opts.objective not in OBJECTIVES:
+        raise ValueError(f"unknown block-wise objective {opts.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    check_layers(qmodel, layers)
+    specs = [as_layer_spec(c) for c in candidates]
+    names = [s.name for s in specs]
+    if not names:
+        raise ValueError("give at least one candidate, e.g. ['w4g32', 'w8g64']")
+    blocks = list(opts.blocks) if opts.blocks is not None else find_blocks(qmodel)
+    if not blocks:
+        raise ValueError(
+            "the model has no repeated blocks (a ModuleList of one class); use sensitivity.measured"
+        )
+    batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
+    if not batches:
+        raise ValueError("block-wise sensitivity needs at least one batch")
+    warn_few_batches(len(batches))
+    t0 = time.perf_counter()
+    qmodel.eval()
+    with applied(qmodel, {}):
+        loss, items = objective_data(qmodel, task, batches, "kl")
+        refs = [item[1] for item in items]
+        run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
+        if opts.objective == "fisher":
+            t1 = time.perf_counter()
+            run.grads, run.rows = fisher_grads(run, opts.fisher_samples, opts.seed)
+            run.seed = opts.seed
+            meta_fisher = {"fisher_seconds": time.perf_counter() - t1, "fisher_samples": opts.fisher_samples}
+        scope = None
+        meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
+        if opts.store is not None:
+            meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(items)
+            scope = opts.store.scope(meta["model_fp"], meta["data_fp"])
+        if opts.objective == "fisher":
+            meta.update(meta_fisher, seed=opts.seed)
+        results = _measure(run, layers, refs, batches, scope, meta)
+    losses = torch.tensor([results[n] for n in layers], dtype=torch.float64)  # [L, C, B]
+    single, se = mean_se(losses)
+    meta["seconds"] = time.perf_counter() - t0
+    meta["peak_rss_bytes"] = peak_rss_bytes()
+    sens = Sensitivity(list(layers), names, single, kind="blockwise", meta=meta, se=se)
+    if opts.objective != "mse":
+        meta["below_noise"] = warn_below_noise(sens)
+    log.info(
+        "block-wise (%s): %d layers x %d candidates in %.1f s",
+        opts.objective,
+        len(layers),
+        len(names),
+        meta["seconds"],
+    )
+    return sens
+
+
+def _key(run: _Run, layer: str, names: list[str]) -> str:
+    what = run.objective if run.grads is None else f"fisher{len(run.grads[0][0])}s{run.seed}"
+    return f"blockwise/{what}/{layer}/" + ",".join(names)
+
+
+def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any, meta: dict) -> dict:
+    """Per layer [C][B] losses, block by block, then the layers outside the blocks."""
+    names = [s.name for s in run.specs]
+    where = block_of(layers, run.blocks)
+    stored = set(scope.keys()) if scope is not None else set()
+    results: dict[str, list[list[float]]] = {
+        n: scope.get(_key(run, n, names)) for n in layers if _key(run, n, names) in stored
+    }
+    t0 = time.perf_counter()
+    inputs = [
+        capture_inputs(run.qmodel, run.blocks[0], lambda b=b: run.task.forward(run.qmodel, b))
+        for b in batches
+    ]
+    meta["capture_seconds"] = time.perf_counter() - t0
+    peak = 0
+    for k, name in enumerate(run.blocks):
+        block = run.qmodel.get_submodule(name)
+        outs = [run_block(block, x) for x in inputs]  # the float outputs of block k
+        peak = max(peak, _nbytes(inputs) + _nbytes(outs))
+        for layer in (n for n in layers if where[n] == k and n not in results):
+            results[layer] = _local_losses(run, k, layer, inputs, outs)
+            if scope is not None:
+                scope.put(_key(run, layer, names), results[layer])
+        if k + 1 < len(run.blocks):
+            inputs = [with_hidden(x, hidden_of(y)) for x, y in zip(inputs, outs, strict=True)]
+            if k + 2 == len(run.blocks):
+                _check_stream(run, batches[0], inputs[0])
+        del outs
+    for layer in (n for n in layers if where[n] is None and n not in results):
+        results[layer] = _full_losses(run, layer, refs)
+        if scope is not None:
+            scope.put(_key(run, layer, names), results[layer])
+    meta["peak_activation_bytes"] = peak
+    return results
