@@ -56,10 +56,9 @@ class MultipointKind(Kind):
             raise ValueError(f"points per channel must be integers in 1..{MAX_POINTS}, got {bad[:5]}")
         if not (isinstance(spec.fmt, Int) and spec.fmt.signed and spec.symmetric):
             raise ValueError(f"multipoint points need a signed symmetric integer format, got {spec.fmt}")
-        if spec.granularity not in ("channel", "tensor") or spec.clip not in ("minmax", "mse"):
+        if spec.granularity not in ("channel", "tensor"):
             raise ValueError(
-                f"multipoint points take granularity 'channel' or 'tensor' and clip 'minmax' or 'mse', "
-                f"got {spec.granularity!r} and {spec.clip!r}"
+                f"multipoint points take granularity 'channel' or 'tensor', got {spec.granularity!r}"
             )
 
     def name_mods(self, spec: QSpec) -> list[str]:
@@ -89,8 +88,8 @@ class MultipointKind(Kind):
         return low + outputs * (total - c) / c * FLOAT_BITS * FLOAT_BITS
 
     # -- simulation (nothing is clipped: the default all-true mask)
-    def quantize_weight(self, w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG002
-        return multipoint.quantize_weight(w, spec)
+    def quantize_weight(self, w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None) -> torch.Tensor:
+        return multipoint.quantize_weight(w, spec, gram)
 
     # -- packed codes
     def encode(
@@ -99,7 +98,7 @@ class MultipointKind(Kind):
         """The points of ``w``, found by the simulation's own search."""
         if w.dtype != torch.float32:
             raise ValueError(f"multipoint export needs a float32 weight, got {w.dtype}")
-        pts = multipoint.spec_points(w, spec)
+        pts = multipoint.spec_points(w, spec, gram)
         codes = int_to_code(pts.codes.to(torch.int64), Int(spec.bits), True)
         return Encoded(spec, tuple(w.shape), codes, pts.steps.float(), None)
 
@@ -132,7 +131,8 @@ class MultipointKind(Kind):
         flat = unpack_bits(take(f"{prefix}.codes"), spec.bits, total * d).reshape(total, d)
         q = code_to_int(flat, Int(spec.bits), True)
         k = 2 ** (spec.bits - 1) - 1
-        if q.numel() and float(q.abs().max()) > k:
+        first = mask.cumsum(1)[mask] == 1  # each channel's first point may use -2^(b-1)
+        if q.numel() and (float(q.max()) > k or bool((q[~first] < -k).any())):
             raise ValueError(f"{name}: multipoint codes outside the symmetric grid [-{k}, {k}]")
         codes = torch.zeros(*mask.shape, d, dtype=torch.int64)
         codes[mask] = int_to_code(q, Int(spec.bits), True)
