@@ -52,7 +52,6 @@ from mixq.methods.common import Context, MethodOutput, calib_loss, check_choices
 from mixq.plan import LayerSpec, Plan, QSpec
 from mixq.progress import progress
 from mixq.quant import multipoint as mp
-from mixq.search import InfeasibleBudgetError
 from mixq.wrap import applied, recording_grams, sites
 
 VARIANTS = {"channel": "channel", "layer": "tensor"}  # variant -> granularity of the first point
@@ -149,16 +148,16 @@ def collect_gram(ctx: Context, names: list[str], batches: int) -> None:
             ctx.task.forward(ctx.qmodel, batch)
 
 
-def point_bits(ctx: Context, plan: Plan, cfg: Config) -> float:
-    """Weight bits that ``ratio`` extra points per eligible layer of ``plan`` add (codes and steps)."""
-    if cfg.ratio is None:
+def point_bits(ctx: Context, cfg: Config) -> float:
+    """Weight bits that ``ratio`` extra points per layer add at the fewest bits of an eligible
+    candidate (codes and float32 steps): what the base gives up under ``base_method="auto"``."""
+    bits = [c.weight.bits for c in ctx.candidates if eligible(c)]  # type: ignore[union-attr]
+    if cfg.ratio is None or not bits:
         return 0.0
     total = 0.0
-    for info, name in zip(ctx.model_costs.infos, ctx.layers, strict=True):
-        spec = plan.layers.get(name)
-        if eligible(spec):
-            extra = math.floor(cfg.ratio * info.out_channels + 1e-9)
-            total += extra * (info.row_len * spec.weight.bits + FLOAT_BITS)  # type: ignore[union-attr]
+    for info in ctx.model_costs.infos:
+        extra = math.floor(cfg.ratio * info.out_channels + 1e-9)
+        total += extra * (info.row_len * min(bits) + FLOAT_BITS)
     return total
 
 
@@ -173,21 +172,23 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         return on_base(ctx, cfg, plan, history, cfg.base_method, memo)
     bases = AUTO_BASES if len(ctx.candidates) > 1 and ctx.limits else AUTO_BASES[:1]
     tried = []
+    extra = point_bits(ctx, cfg) if "weight_bits" in ctx.limits else 0.0
     for name in bases:
-        plan, history = run_base(ctx, name)
         reduced = None
-        if "weight_bits" in ctx.limits and (extra := point_bits(ctx, plan, cfg)) > 0:
+        if extra > 0:
             limits = {**ctx.limits, "weight_bits": ctx.limits["weight_bits"] - extra}
             try:  # the base at the budget less the points' bits, so the points fit beside it
                 plan, history = run_base(dataclasses.replace(ctx, limits=limits), name)
                 reduced = limits["weight_bits"] / ctx.model_costs.n_weights
-            except (InfeasibleBudgetError, ValueError):  # no plan fits the reduced budget: keep the first
+            except ValueError:  # InfeasibleBudgetError, or no candidate fits: the full budget
                 pass
+        if reduced is None:
+            plan, history = run_base(ctx, name)
         out = on_base(ctx, cfg, plan, history, name, memo)
         loss = calib_loss(ctx, out.plan)
         tried.append((loss, name, reduced, out))
     loss, name, _, out = min(tried, key=lambda t: t[0])
-    choice = [{"base_method": n, "calib_loss": lo, "base_avg_weight_bits": r} for lo, n, r, _ in tried]
+    choice = [{"base_method": n, "calib_loss": lo, "base_budget_avg_weight_bits": r} for lo, n, r, _ in tried]
     why = "lowest calibration loss with the points added" if len(tried) > 1 else "one candidate or no budget"
     out.plan.meta["multipoint"]["base_choice"] = {"tried": choice, "chosen": name, "why": why}
     return MethodOutput(
