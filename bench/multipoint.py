@@ -36,6 +36,7 @@ from bench.common import RESULTS, provenance, write
 from mixq import tasks
 
 PATH = RESULTS / "multipoint.json"
+PROVENANCE: dict[str, Any] = {}
 
 
 def std_error(task: tasks.Task, metric: float, n: int) -> float | None:
@@ -71,7 +72,7 @@ def row(label: str, res: mixq.Result, task: tasks.Task, n: int, wall: float) -> 
         "seconds": m.seconds,
         "eval_seconds": m.eval_seconds,
         "wall_seconds": wall,
-        "provenance": provenance(),
+        "provenance": PROVENANCE,  # of the command's start (the tree may move on while it runs)
     }
     se = out["std_error"]
     print(
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--gram-batches", type=int, default=1, help="multipoint Gram batches (0: all)")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip multipoint auto")
     args = ap.parse_args()
+    PROVENANCE.update(provenance())
     torch.set_num_threads(1)
     for name in args.tasks.split(","):
         t0 = time.perf_counter()

@@ -210,8 +210,9 @@ def test_allocation_budget_cap_and_determinism():
     w, _, gram = layer_problem(seed=2, c=20)
     spec = QSpec(Int(2), clip="mse")
     start = mp.base_start(w, spec)
-    a = mp.allocate(w, 2, gram, ratio=0.5, n_max=3, start=start)
-    b = mp.allocate(w, 2, gram, ratio=0.5, n_max=3, start=start)
+    search = mp.Search(step_dtype=mp.STEP_DTYPE)  # the steps the spec's simulation uses
+    a = mp.allocate(w, 2, gram, ratio=0.5, n_max=3, search=search, start=start)
+    b = mp.allocate(w, 2, gram, ratio=0.5, n_max=3, search=search, start=start)
     assert a.extra == 10 and int(a.points.counts.sum()) == 30
     assert int(a.points.counts.max()) <= 3 and int(a.points.counts.min()) >= 1
     assert torch.equal(a.points.counts, b.points.counts) and torch.equal(a.points.codes, b.points.codes)
@@ -282,9 +283,10 @@ def test_cost_counts_every_point_and_step():
     info = cost.LayerInfo("fc", "linear", (4, 100), 4, 400.0)
     counts = (1, 3, 1, 2)
     ch = QSpec(Int(4), clip="mse", points=counts)
-    assert cost.weight_bits(info, ch) == 7 * 100 * 4 + 7 * 32
+    # a float32 first step per channel, a float16 step per extra point
+    assert cost.weight_bits(info, ch) == 7 * 100 * 4 + 4 * 32 + 3 * 16
     lay = QSpec(Int(4), granularity="tensor", clip="mse", points=counts)
-    assert cost.weight_bits(info, lay) == 7 * 100 * 4 + (1 + 3) * 32
+    assert cost.weight_bits(info, lay) == 7 * 100 * 4 + 1 * 32 + 3 * 16
     one = QSpec(Int(4), clip="mse", points=(1, 1, 1, 1))
     plain = QSpec(Int(4))
     assert cost.weight_bits(info, one) == cost.weight_bits(info, plain)
@@ -380,7 +382,10 @@ def test_method_through_run_counts_points_and_reproduces_from_plan(tmp_path):
     extra = {n: sum(p) - len(p) for n, p in pts.items()}
     assert extra == {"0": 32, "2": 32, "4": 4}  # floor(0.5 * C_out) per layer
     n_w = 16 * 64 + 64 * 64 + 64 * 8
-    bits = sum((sum(p) * k * 3 + sum(p) * 32) for p, k in zip(pts.values(), (16, 64, 64), strict=True))
+    bits = sum(
+        (sum(p) * k * 3 + len(p) * 32 + (sum(p) - len(p)) * 16)
+        for p, k in zip(pts.values(), (16, 64, 64), strict=True)
+    )
     assert math.isclose(res.metrics.avg_weight_bits, bits / n_w, rel_tol=1e-12)
     assert res.metrics.metric > uni.metrics.metric  # extra points help here
     assert res.plan.meta["multipoint"]["extra_points"] == 68

@@ -47,7 +47,7 @@ from torch import nn
 
 from mixq import cost
 from mixq.formats import Int
-from mixq.kinds.base import FLOAT_BITS
+from mixq.kinds.multipoint import STEP_BITS
 from mixq.methods.common import Context, MethodOutput, calib_loss, check_choices
 from mixq.plan import LayerSpec, Plan, QSpec
 from mixq.progress import progress
@@ -157,7 +157,7 @@ def point_bits(ctx: Context, cfg: Config) -> float:
     total = 0.0
     for info in ctx.model_costs.infos:
         extra = math.floor(cfg.ratio * info.out_channels + 1e-9)
-        total += extra * (info.row_len * min(bits) + FLOAT_BITS)
+        total += extra * (info.row_len * min(bits) + STEP_BITS)
     return total
 
 
@@ -229,7 +229,7 @@ def on_base(
             w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
             gram = m.weight_quant.gram
             start = mp.base_start(w, wspec, gram)
-            search = mp.Search("best", first, cfg.key)
+            search = mp.Search("best", first, cfg.key, mp.STEP_DTYPE)
             memo[key] = mp.allocate(w, wspec.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, search, start)
         allocs[name], wspecs[name] = memo[key], wspec
 
@@ -286,7 +286,7 @@ def on_base(
             "layers": len(targets),
             "avg_points": total / channels,
             "extra_points": total - channels,
-            "step_dtype": "float32",
+            "step_dtype": f"first point: the base scale (float32); extra points: {mp.STEP_DTYPE}",
             "budget_ratio": fraction if fraction < full else None,
             "gram_batches": cfg.gram_batches,
             "error_inputs": "float model, calibration Gram matrices",

@@ -45,6 +45,7 @@ NUM_CANDIDATES = 256  # values of a in (0, ‖r‖∞] searched per point (docs/
 NUM_WIDE = 32  # values of a above ‖r‖∞ (a deviation from docs/methods.md §1.3: they can help)
 REFINE = 2  # least-squares refinements of a
 REFIT = 4  # alternations of the joint step refit and re-rounding ("best")
+STEP_DTYPE = torch.float16  # the extra points' steps (the first point keeps its base scale, float32)
 CHUNK = 1 << 22  # elements of one [rows, candidates, d] block of the search
 
 
@@ -204,6 +205,26 @@ def refit(
     return steps, codes
 
 
+def to_step_dtype(
+    w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor, bits: int, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the extra points' steps (points 1..) to ``dtype`` and re-round their codes against the
+    other points, twice (coordinate descent with the steps fixed); None: unchanged."""
+    if dtype is None or steps.shape[1] < 2:
+        return steps, codes
+    k = levels(bits)
+    s = steps.clone()
+    s[:, 1:] = s[:, 1:].to(dtype).to(s.dtype)
+    q = codes.to(s.dtype).clone()
+    for _ in range(2):
+        for i in range(1, s.shape[1]):
+            r = w - (s[..., None] * q).sum(1) + s[:, i : i + 1] * q[:, i]
+            safe = torch.where(s[:, i] > 0, s[:, i], torch.ones_like(s[:, i]))
+            qi = torch.clamp(torch.round(r / safe[:, None]), -k, k)
+            q[:, i] = torch.where(s[:, i : i + 1] > 0, qi, torch.zeros_like(qi))
+    return s, q.to(codes.dtype)
+
+
 def _extend(
     w: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], bits: int, a_search: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,11 +334,13 @@ def decompose(
     a_search: str = "best",
     first: str = "channel",
     start: Start | None = None,
+    step_dtype: torch.dtype | None = None,
 ) -> Points:
     """Build ``counts[j]`` points for every row ``j`` of ``w`` [C, d] (rows in parallel).
 
     Row j's points are those of :func:`chain_levels` at level ``counts[j]`` (a row's points do
     not depend on the other rows). ``start``: the first point, given (see :class:`Start`).
+    ``step_dtype``: the extra points' steps rounded to it (:func:`to_step_dtype`; None: as ``w``).
     """
     counts = torch.as_tensor(counts, dtype=torch.long)
     if counts.shape != (w.shape[0],):
@@ -332,8 +355,9 @@ def decompose(
     active = [counts >= i + 1 for i in range(n)]
     for i, (rows, s, q) in enumerate(chain_levels(w, bits, n, a_search, first, start, active)):
         done = counts[rows] == i + 1
-        steps[rows[done], : i + 1] = s[done]
-        codes[rows[done], : i + 1] = q[done].to(torch.int8)
+        s, q = to_step_dtype(w[rows[done]], s[done], q[done], bits, step_dtype)
+        steps[rows[done], : i + 1] = s
+        codes[rows[done], : i + 1] = q.to(torch.int8)
     return Points(bits, steps, codes, counts)
 
 
@@ -432,11 +456,13 @@ class Allocation:
 class Search:
     """How :func:`allocate` searches: the step search of the points (``a_search``, see
     :func:`chain_levels`), the first point's scale (``first``: "channel" or "tensor") and the
-    channel that gets the next point (``key``: "gain" or "error")."""
+    channel that gets the next point (``key``: "gain" or "error"), the dtype of the extra points'
+    steps (``step_dtype``, see :func:`to_step_dtype`; None: that of ``w``)."""
 
     a_search: str = "best"
     first: str = "channel"
     key: str = "gain"
+    step_dtype: torch.dtype | None = None
 
 
 def allocate(
@@ -458,7 +484,8 @@ def allocate(
     current output error), among channels whose next point lowers their error; ties go to the
     lower channel index. Allocation stops when ``floor(ratio · C)`` extra points are placed
     (``ratio=None``: no such cap), when ``max_j e_j ≤ tau · mean_j e_j^(1)``, or when no
-    channel can improve. Deterministic. ``start``: the first point (see :class:`Start`).
+    channel can improve. Deterministic. ``start``: the first point (see :class:`Start`);
+    ``search.step_dtype``: as in :func:`decompose`.
     """
     a_search, first, key = search.a_search, search.first, search.key
     _check_choice("key", key, KEYS)
@@ -479,6 +506,7 @@ def allocate(
     table_q = torch.zeros(levels_n, c, levels_n, d, dtype=torch.int8)
     errs = torch.zeros(levels_n, c, dtype=torch.float64)
     for i, (_, s, q) in enumerate(chain_levels(w, bits, levels_n, a_search, first, start)):
+        s, q = to_step_dtype(w, s, q, bits, search.step_dtype)
         table_s[i, :, : i + 1], table_q[i, :, : i + 1] = s, q
         errs[i] = err(w - (s[..., None] * q.to(s.dtype)).sum(1), all_rows)
     counts = torch.ones(c, dtype=torch.long)
@@ -535,7 +563,8 @@ def base_start(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -
     step = scale.expand(w.shape[0]).clone() if base.granularity == "tensor" else scale
     qmin, qmax = fake.int_grid(base.fmt, True)
     codes = torch.clamp(torch.round(w / step[:, None]), qmin, qmax)
-    step = torch.where(codes.abs().amax(1) > 0, step, torch.zeros_like(step))  # zero rows: no point
+    if base.granularity == "channel":  # a zero row: no point (a shared step stays shared)
+        step = torch.where(codes.abs().amax(1) > 0, step, torch.zeros_like(step))
     return Start(step.to(w.dtype), codes.to(torch.int8), qmin)
 
 
@@ -545,7 +574,7 @@ def spec_points(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) 
     The spec fixes everything: ``fmt`` the bits, ``points`` the count per output channel, and
     the first point is the spec's own integer quantizer (``granularity`` "channel" or "tensor",
     ``clip`` its range method; ``gram`` for "omse"), see :func:`base_start`; the extra points
-    are the "best" search of :func:`chain_levels`.
+    are the "best" search of :func:`chain_levels`, their steps in ``STEP_DTYPE`` (float16).
     """
     if spec.points is None:
         raise ValueError("spec has no multipoint points; use mixq.quant.fake.quantize_weight")
@@ -558,7 +587,7 @@ def spec_points(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) 
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         flat = w.detach().to(dtype).reshape(w.shape[0], -1)
         start = base_start(flat, spec, gram)
-        return decompose(flat, spec.bits, list(spec.points), "best", spec.granularity, start)
+        return decompose(flat, spec.bits, list(spec.points), "best", spec.granularity, start, STEP_DTYPE)
 
 
 def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
