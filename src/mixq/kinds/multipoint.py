@@ -115,14 +115,14 @@ class MultipointKind(Kind):
         """Only the points each channel has; symmetric: no zero points. The first steps float32
         (one per channel; "tensor": one), the extra steps float16 (exactly what was simulated)."""
         mask = point_mask(enc.spec)
-        first = enc.scale[:, 0].float()
+        first = enc.scale[:, 0].float().contiguous()
         extra = enc.scale[:, 1:][mask[:, 1:]]
         if not torch.equal(extra.half().float(), extra.float()):
             raise ValueError(f"{prefix}: multipoint extra steps are not float16 values")
         return {
             f"{prefix}.codes": pack_bits(enc.codes[mask], enc.spec.bits),
             f"{prefix}.steps": first[:1] if enc.spec.granularity == "tensor" else first,
-            f"{prefix}.extra_steps": extra.half(),
+            f"{prefix}.extra_steps": extra.half().contiguous(),
         }
 
     def read_weight(
