@@ -93,7 +93,8 @@ def save(key: str, value: dict[str, Any], task_info: dict[str, Any]) -> None:
     rows = data.get("rows", {})
     rows[key] = value
     infos = {**data.get("tasks", {}), **task_info}
-    write("multipoint", {"notes": NOTES, "tasks": infos, "rows": rows})
+    extra = {k: v for k, v in data.items() if k not in ("provenance", "notes", "tasks", "rows")}
+    write("multipoint", {"notes": NOTES, "tasks": infos, "rows": rows, **extra})
 
 
 def bench_task(name: str, args: argparse.Namespace) -> None:
@@ -156,6 +157,35 @@ def bench_task(name: str, args: argparse.Namespace) -> None:
                 )
 
 
+def step_check(names: list[str]) -> None:
+    """ℓ2 of two points per channel with float32 vs float16 extra steps on every layer's weights."""
+    from mixq.formats import Int
+    from mixq.plan import QSpec
+    from mixq.quant import multipoint as mp
+
+    data = load()
+    out = data.get("step_dtype_check", {})
+    for name in names:
+        model = tasks.get(name, val_size=10).model
+        for bits in (3, 4):
+            e = {"float32": 0.0, "float16": 0.0, "one_point": 0.0}
+            for m in model.modules():
+                w = getattr(m, "weight", None)
+                if not isinstance(w, torch.Tensor) or w.dim() < 2:
+                    continue
+                w = w.detach().double().reshape(w.shape[0], -1)
+                start = mp.base_start(w, QSpec(Int(bits)))
+                e["one_point"] += float(mp.sq_error(w, start.steps[:, None], start.codes[:, None]).sum())
+                for key, dt in (("float32", None), ("float16", torch.float16)):
+                    p = mp.decompose(w, bits, [2] * w.shape[0], "best", "channel", start, dt)
+                    e[key] += float(mp.sq_error(w, p.steps, p.codes).sum())
+            e["relative_increase"] = e["float16"] / e["float32"] - 1
+            out[f"{name}|w{bits}"] = e
+            print(f"  steps {name} w{bits}: {e}", flush=True)
+    data["step_dtype_check"] = out
+    write("multipoint", {k: v for k, v in data.items() if k != "provenance"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="mnist-cnn")
@@ -166,8 +196,12 @@ def main() -> None:
     ap.add_argument("--ilp-batches", type=int, default=0, help="sensitivity calibration batches (0: all)")
     ap.add_argument("--gram-batches", type=int, default=1, help="multipoint Gram batches (0: all)")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip multipoint auto")
+    ap.add_argument("--step-check", action="store_true", help="only the float16-step ℓ2 check")
     args = ap.parse_args()
     PROVENANCE.update(provenance())
+    if args.step_check:
+        step_check(args.tasks.split(","))
+        return
     torch.set_num_threads(1)
     for name in args.tasks.split(","):
         t0 = time.perf_counter()
