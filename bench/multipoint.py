@@ -23,6 +23,7 @@ as soon as it is measured, keyed ``task|w{b}{r}|label``; a rerun skips the rows 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import tempfile
@@ -88,13 +89,15 @@ def load() -> dict[str, Any]:
 
 
 def save(key: str, value: dict[str, Any], task_info: dict[str, Any]) -> None:
-    """Add one row (re-reading the file: other commands may have added rows meanwhile)."""
-    data = load()
-    rows = data.get("rows", {})
-    rows[key] = value
-    infos = {**data.get("tasks", {}), **task_info}
-    extra = {k: v for k, v in data.items() if k not in ("provenance", "notes", "tasks", "rows")}
-    write("multipoint", {"notes": NOTES, "tasks": infos, "rows": rows, **extra})
+    """Add one row, re-reading the file under a lock (several commands may run at once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "multipoint.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load()
+        rows = data.get("rows", {})
+        rows[key] = value
+        infos = {**data.get("tasks", {}), **task_info}
+        write("multipoint", {"notes": NOTES, "tasks": infos, "rows": rows})
 
 
 def bench_task(name: str, args: argparse.Namespace) -> None:
@@ -163,8 +166,8 @@ def step_check(names: list[str]) -> None:
     from mixq.plan import QSpec
     from mixq.quant import multipoint as mp
 
-    data = load()
-    out = data.get("step_dtype_check", {})
+    path = RESULTS / "multipoint_steps.json"
+    out = json.loads(path.read_text()).get("layers_l2", {}) if path.exists() else {}
     for name in names:
         model = tasks.get(name, val_size=10).model
         for bits in (3, 4):
@@ -182,8 +185,7 @@ def step_check(names: list[str]) -> None:
             e["relative_increase"] = e["float16"] / e["float32"] - 1
             out[f"{name}|w{bits}"] = e
             print(f"  steps {name} w{bits}: {e}", flush=True)
-    data["step_dtype_check"] = out
-    write("multipoint", {k: v for k, v in data.items() if k != "provenance"})
+            write("multipoint_steps", {"notes": STEP_NOTES, "layers_l2": out})
 
 
 def main() -> None:
@@ -196,7 +198,9 @@ def main() -> None:
     ap.add_argument("--ilp-batches", type=int, default=0, help="sensitivity calibration batches (0: all)")
     ap.add_argument("--gram-batches", type=int, default=1, help="multipoint Gram batches (0: all)")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip multipoint auto")
-    ap.add_argument("--step-check", action="store_true", help="only the float16-step ℓ2 check")
+    ap.add_argument(
+        "--step-check", action="store_true", help="only the float16-step ℓ2 check (multipoint_steps.json)"
+    )
     args = ap.parse_args()
     PROVENANCE.update(provenance())
     if args.step_check:
@@ -216,6 +220,11 @@ NOTES = (
     "b+2 bits at the multipoint row's avg_weight_bits), multipoint-auto (base chosen among uniform "
     "and sensitivity-ilp at the same budget). Multipoint steps are float32 and counted in "
     "avg_weight_bits. std_error: one binomial standard error of the accuracy (%)."
+)
+
+STEP_NOTES = (
+    "Summed squared weight error over every layer (weights [C, d]) with one point (the per-channel "
+    "min/max quantizer) and with two points per channel, the extra step float32 or float16."
 )
 
 if __name__ == "__main__":
