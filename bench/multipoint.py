@@ -1,31 +1,33 @@
-"""Multipoint PTQ vs per-channel PTQ vs mixed precision at the same size, on the real models.
+"""Multipoint PTQ vs per-channel PTQ on the same grid vs mixed precision at the same size.
 
-For each task and weight bit-width b (weights only; activations float):
+For each task, weight bit-width b and range method r (``minmax``: ``w{b}``; ``mse``:
+``w{b}+mse``), weights only (activations float), on the task's full validation set (10,000 test
+images for the image tasks):
 
-* ``uniform``: per-channel PTQ at b bits, min/max ranges (``w{b}``) and MSE-searched ranges
-  (``w{b}+mse``);
-* ``multipoint``: on top of ``w{b}``, extra points for ``ratio`` of each layer's output channels
-  with the greedy least-squares step a and with a = max|r| (``absmax``; at ratio 0 it is exactly
-  ``w{b}``), channel variant, and the layer variant at one ratio;
-* ``sensitivity-ilp``: mixed precision over ``w{b}, w{b+1}, w{b+2}`` (``--ilp-quant``: min/max or
-  MSE ranges) with the
-  budget ``avg_weight_bits`` equal to what each multipoint run used (points and steps counted),
-  i.e. at the same total weight bits.
+* ``uniform``: per-channel PTQ ``w{b}{r}`` (a);
+* ``multipoint``: points on top of ``w{b}{r}`` (``base_method="uniform"``), ``ratio`` extra points
+  per layer; its first point is the base quantizer itself, so a channel with one point is exactly
+  ``w{b}{r}``; it uses B bits per weight (points and float32 steps counted);
+* ``sensitivity-ilp``: mixed precision over ``w{b}{r}, w{b+1}{r}, w{b+2}{r}`` at
+  ``avg_weight_bits = B`` (b), the same size;
+* ``multipoint auto``: the same candidates and budget B, ``base_method="auto"`` (uniform or
+  sensitivity-ilp at B less the points' bits, chosen by calibration loss; the choice recorded).
 
-Results merge into bench/results/multipoint.json by (task, bits), so tasks can run as separate
-commands (each under ~15 minutes on one thread)::
+Every row carries the metric's standard error (accuracy: sqrt(p (1 − p) / N); minilm: the standard
+deviation of the per-sentence cosine over sqrt(N)) and is written to bench/results/multipoint.json
+as soon as it is measured, keyed ``task|w{b}{r}|label``; a rerun skips the rows already there::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.multipoint --tasks mnist-cnn --bits 3,4
+    OMP_NUM_THREADS=1 python -m bench.multipoint --tasks mnist-cnn,fashion-resnet20 --bits 3,4
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import fcntl
 import json
+import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,16 +36,25 @@ import mixq
 from bench.common import RESULTS, provenance, write
 from mixq import tasks
 
-# Validation subsets keep each command under ~15 minutes on one busy thread (recorded per task).
-VAL = {"mnist-cnn": 2_000, "fashion-resnet20": 2_000, "fashion-mobilenetv2": 2_000, "minilm": 256}
+PATH = RESULTS / "multipoint.json"
+PROVENANCE: dict[str, Any] = {}
 
 
-def row(label: str, res: mixq.Result) -> dict[str, Any]:
+def std_error(task: tasks.Task, metric: float, n: int) -> float | None:
+    """One standard error of the metric: binomial for an accuracy in %, else None."""
+    if "top1" in task.metric_name or "acc" in task.metric_name:
+        p = metric / 100.0
+        return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / n)
+    return None
+
+
+def row(label: str, res: mixq.Result, task: tasks.Task, n: int, wall: float) -> dict[str, Any]:
     """The numbers of one run."""
     m = res.metrics
     pts = [s.weight.points for s in res.plan.layers.values() if s.weight is not None and s.weight.points]
     points = sum(sum(p) for p in pts)
     channels = sum(len(p) for p in pts)
+    meta = res.plan.meta.get("multipoint", {})
     out = {
         "label": label,
         "method": m.method,
@@ -51,136 +62,169 @@ def row(label: str, res: mixq.Result) -> dict[str, Any]:
         "budget": m.budget,
         "method_args": {k: v for k, v in m.method_args.items() if v is not None},
         "metric": m.metric,
+        "std_error": std_error(task, m.metric, n),
+        "val_examples": n,
         "avg_weight_bits": m.avg_weight_bits,
         "size_bytes": m.size_bytes,
-        "bops": m.bops,
         "avg_points": points / channels if channels else 1.0,
+        "base": meta.get("base"),
+        "base_choice": meta.get("base_choice"),
         "plan": res.plan.summary() if not pts else None,
         "seconds": m.seconds,
         "eval_seconds": m.eval_seconds,
+        "wall_seconds": wall,
+        "provenance": PROVENANCE,  # of the command's start (the tree may move on while it runs)
     }
+    se = out["std_error"]
     print(
-        f"  {label:32s} {m.metric:.4f} bits={m.avg_weight_bits:.4f} points={out['avg_points']:.3f} "
-        f"t={m.seconds:.1f}+{m.eval_seconds:.1f}s",
+        f"  {label:40s} {m.metric:.3f} ± {se if se is not None else float('nan'):.3f} "
+        f"bits={m.avg_weight_bits:.4f} points={out['avg_points']:.3f} t={wall:.0f}s",
         flush=True,
     )
     return out
 
 
-def bench_bits(task: tasks.Task, bits: int, args: argparse.Namespace, cache: mixq.Cache) -> dict:
-    """All runs of one task at one bit-width (``cache``: the task's, shared by its runs)."""
-    run = functools.partial(mixq.run, cache=cache)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    layer_ratio, ilp_batches, gram = args.layer_ratio, args.ilp_batches, args.gram_batches
-    rows = [
-        row(f"uniform w{bits}", run(task, "uniform", [f"w{bits}"])),
-        row(f"uniform w{bits}+mse", run(task, "uniform", [f"w{bits}+mse"])),
-    ]
-    mp_rows = []
-    for a_search in args.a_search.split(","):
-        for r in ratios:
-            if a_search == "absmax" and r == 0:
-                continue  # one absmax point per channel is exactly ``uniform w{bits}``
-            margs = {"ratio": r, "a_search": a_search, "gram_batches": gram}
-            res = run(task, "multipoint", [f"w{bits}"], method_args=margs)
-            mp_rows.append(row(f"multipoint {a_search} ratio={r:g}", res))
-    rows += mp_rows
-    if layer_ratio >= 0:  # the per-layer variant and its per-layer (per-tensor) baseline
-        rows.append(
-            row(
-                f"multipoint layer ratio={layer_ratio:g}",
-                run(
-                    task,
-                    "multipoint",
-                    [f"w{bits}"],
-                    method_args={"ratio": layer_ratio, "variant": "layer", "gram_batches": gram},
-                ),
+def load() -> dict[str, Any]:
+    return json.loads(PATH.read_text()) if PATH.exists() else {}
+
+
+def save(key: str, value: dict[str, Any], task_info: dict[str, Any]) -> None:
+    """Add one row, re-reading the file under a lock (several commands may run at once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "multipoint.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load()
+        rows = data.get("rows", {})
+        rows[key] = value
+        infos = {**data.get("tasks", {}), **task_info}
+        write("multipoint", {"notes": NOTES, "tasks": infos, "rows": rows})
+
+
+def bench_task(name: str, args: argparse.Namespace) -> None:
+    task = tasks.get(name, val_size=args.val or None)
+    n = sum(len(b[-1]) if isinstance(b, (tuple, list)) else 1 for b in task.val)
+    info = {name: {"metric_name": task.metric_name, "fp32": task.fp_metric(), "val_examples": n}}
+    cache = mixq.Cache()
+    store = tempfile.mkdtemp(prefix=f"mixq-mp-{name}-")  # one store: sensitivities measured once
+
+    def run(key: str, label: str, *a: Any, **kw: Any) -> dict[str, Any]:
+        done = load().get("rows", {})
+        if key in done:
+            print(f"  {label:40s} (done)", flush=True)
+            return done[key]
+        t0 = time.perf_counter()
+        res = mixq.run(task, *a, cache=cache, **kw)
+        out = row(label, res, task, n, time.perf_counter() - t0)
+        save(key, out, info)
+        return out
+
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for rng in args.ranges.split(","):
+            suffix = "" if rng == "minmax" else f"+{rng}"
+            grid = f"w{bits}{suffix}"
+            pre = f"{name}|{grid}|"
+            print(f"{name} {grid} (val {n})", flush=True)
+            run(pre + "uniform", f"uniform {grid}", "uniform", [grid])
+            margs = {"ratio": args.ratio, "base_method": "uniform", "gram_batches": args.gram_batches}
+            mpr = run(
+                pre + "multipoint",
+                f"multipoint {grid} ratio={args.ratio:g}",
+                "multipoint",
+                [grid],
+                method_args=margs,
             )
-        )
-        rows.append(row(f"uniform w{bits}+tensor", run(task, "uniform", [f"w{bits}+tensor"])))
-    cands = [f"w{b}" + ("+mse" if args.ilp_quant == "mse" else "") for b in (bits, bits + 1, bits + 2)]
-    with tempfile.TemporaryDirectory() as d:  # one store: the sensitivity is measured once
-        for mpr in mp_rows:
-            if mpr["method_args"]["ratio"] == 0:
-                continue
+            cands = [f"w{b}{suffix}" for b in (bits, bits + 1, bits + 2)]
             budget = {"avg_weight_bits": mpr["avg_weight_bits"]}
-            res = run(
-                task,
+            ilp_args = {"batches": args.ilp_batches}
+            run(
+                pre + "sensitivity-ilp",
+                "sensitivity-ilp same size",
                 "sensitivity-ilp",
                 cands,
                 budget=budget,
-                out=d,
-                overwrite=True,  # the last budget's run; its store is kept (jobs keyed per job)
-                method_args={"batches": ilp_batches},
+                method_args=ilp_args,
+                out=store + "/ilp",
+                overwrite=True,
             )
-            rows.append(row(f"sensitivity-ilp @ {mpr['label']}", res))
-    return {"rows": rows, "summary": summarize(rows, bits)}
+            if args.auto:
+                aargs = {"ratio": args.ratio, "base_method": "auto", "gram_batches": args.gram_batches}
+                run(
+                    pre + "multipoint-auto",
+                    "multipoint auto same size",
+                    "multipoint",
+                    cands,
+                    budget=budget,
+                    method_args=aargs,
+                    out=store + "/auto",
+                    overwrite=True,
+                )
 
 
-def summarize(rows: list[dict], bits: int) -> dict[str, Any]:
-    """Differences in the metric against the baselines, per multipoint run."""
-    by = {r["label"]: r for r in rows}
-    base, mse = by[f"uniform w{bits}"], by[f"uniform w{bits}+mse"]
-    out = {}
-    for r in rows:
-        if r["method"] != "multipoint":
-            continue
-        ilp = by.get(f"sensitivity-ilp @ {r['label']}")
-        out[r["label"]] = {
-            "avg_weight_bits": r["avg_weight_bits"],
-            "bits_overhead_vs_uniform": r["avg_weight_bits"] - base["avg_weight_bits"],
-            "metric_minus_uniform_minmax": r["metric"] - base["metric"],
-            "metric_minus_uniform_mse": r["metric"] - mse["metric"],
-            "metric_minus_ilp_same_bits": None if ilp is None else r["metric"] - ilp["metric"],
-        }
-    return out
+def step_check(names: list[str]) -> None:
+    """ℓ2 of two points per channel with float32 vs float16 extra steps on every layer's weights."""
+    from mixq.formats import Int
+    from mixq.plan import QSpec
+    from mixq.quant import multipoint as mp
 
-
-def load(path: Path) -> dict[str, Any]:
-    """The tasks already in the results file."""
-    return json.loads(path.read_text()).get("tasks", {}) if path.exists() else {}
+    path = RESULTS / "multipoint_steps.json"
+    out = json.loads(path.read_text()).get("layers_l2", {}) if path.exists() else {}
+    for name in names:
+        model = tasks.get(name, val_size=10).model
+        for bits in (3, 4):
+            e = {"float32": 0.0, "float16": 0.0, "one_point": 0.0}
+            for m in model.modules():
+                w = getattr(m, "weight", None)
+                if not isinstance(w, torch.Tensor) or w.dim() < 2:
+                    continue
+                w = w.detach().double().reshape(w.shape[0], -1)
+                start = mp.base_start(w, QSpec(Int(bits)))
+                e["one_point"] += float(mp.sq_error(w, start.steps[:, None], start.codes[:, None]).sum())
+                for key, dt in (("float32", None), ("float16", torch.float16)):
+                    p = mp.decompose(w, bits, [2] * w.shape[0], "best", "channel", start, dt)
+                    e[key] += float(mp.sq_error(w, p.steps, p.codes).sum())
+            e["relative_increase"] = e["float16"] / e["float32"] - 1
+            out[f"{name}|w{bits}"] = e
+            print(f"  steps {name} w{bits}: {e}", flush=True)
+            write("multipoint_steps", {"notes": STEP_NOTES, "layers_l2": out})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="mnist-cnn")
     ap.add_argument("--bits", default="3,4")
-    ap.add_argument("--ratios", default="0,0.05,0.25")
-    ap.add_argument("--layer-ratio", type=float, default=0.05, help="ratio of the layer variant (<0: skip)")
-    ap.add_argument("--val", type=int, default=0, help="validation examples (0: the VAL default per task)")
+    ap.add_argument("--ranges", default="minmax,mse", help="range methods of the grids (minmax, mse)")
+    ap.add_argument("--ratio", type=float, default=0.25, help="extra points per layer / output channels")
+    ap.add_argument("--val", type=int, default=0, help="validation examples (0: the task's full set)")
     ap.add_argument("--ilp-batches", type=int, default=0, help="sensitivity calibration batches (0: all)")
     ap.add_argument("--gram-batches", type=int, default=1, help="multipoint Gram batches (0: all)")
-    ap.add_argument("--ilp-quant", default="minmax", choices=("minmax", "mse"), help="ILP candidates' ranges")
-    ap.add_argument("--a-search", default="greedy,absmax", help="multipoint step searches to run")
+    ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip multipoint auto")
+    ap.add_argument(
+        "--step-check", action="store_true", help="only the float16-step ℓ2 check (multipoint_steps.json)"
+    )
     args = ap.parse_args()
+    PROVENANCE.update(provenance())
+    if args.step_check:
+        step_check(args.tasks.split(","))
+        return
     torch.set_num_threads(1)
-    path = RESULTS / "multipoint.json"
     for name in args.tasks.split(","):
         t0 = time.perf_counter()
-        val = args.val or VAL[name]
-        task = tasks.get(name, val_size=val)
-        entry = load(path).get(name, {"metric_name": task.metric_name, "bits": {}})
-        entry.update({"fp32": task.fp_metric(), "val_examples": val, "info": task.info})
-        cache = mixq.Cache()  # the task prepared once for all its bit-widths and runs
-        for bits in [int(b) for b in args.bits.split(",")]:
-            print(f"{name} w{bits} (val {val})", flush=True)
-            tb = time.perf_counter()
-            res = bench_bits(task, bits, args, cache)
-            res["wall_seconds"] = time.perf_counter() - tb
-            res["provenance"] = provenance()
-            entry["bits"][str(bits)] = res
-            results = load(path)  # re-read: other commands may have added tasks or bit-widths meanwhile
-            entry["bits"] = {**results.get(name, {}).get("bits", {}), **entry["bits"]}
-            results[name] = entry
-            write("multipoint", {"tasks": results, "notes": NOTES})  # after every bit-width
+        bench_task(name, args)
         print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
-    print(f"wrote {path}")
+    print(f"wrote {PATH}")
 
 
 NOTES = (
-    "Weights only (activations float). Multipoint steps are float32 and counted in avg_weight_bits "
-    "(every point's codes and every step); sensitivity-ilp runs at the avg_weight_bits each multipoint "
-    "run used. Validation subsets: the first val_examples of each task's usual validation set."
+    "Weights only (activations float). Rows keyed task|grid|label: uniform (per-channel PTQ on the "
+    "grid), multipoint (points on that uniform base), sensitivity-ilp (mixed precision over b, b+1, "
+    "b+2 bits at the multipoint row's avg_weight_bits), multipoint-auto (base chosen among uniform "
+    "and sensitivity-ilp at the same budget). Multipoint steps are float32 and counted in "
+    "avg_weight_bits. std_error: one binomial standard error of the accuracy (%)."
+)
+
+STEP_NOTES = (
+    "Summed squared weight error over every layer (weights [C, d]) with one point (the per-channel "
+    "min/max quantizer) and with two points per channel, the extra step float32 or float16."
 )
 
 if __name__ == "__main__":

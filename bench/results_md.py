@@ -222,22 +222,24 @@ def _rows_table(tasks: dict[str, Any], head: list[str], cells: Callable[[dict, b
 
 
 def multipoint(data: JSON) -> Lines:
-    """Per task and bit-width: every run (metric, achieved avg weight bits)."""
+    """Per task and grid: every run (metric ± one standard error, achieved avg weight bits, base)."""
     body = []
-    for task, t in data["tasks"].items():
+    for key, r in data["rows"].items():
+        task, grid, _ = key.split("|")
+        t = data["tasks"][task]
         top1 = is_top1(t["metric_name"])
-        for bits, b in t["bits"].items():
-            for r in b["rows"]:
-                body.append(
-                    [
-                        f"{task} ({t['val_examples']})",
-                        bits,
-                        r["label"],
-                        metric(r["metric"], top1),
-                        f"{r['avg_weight_bits']:.2f}",
-                    ]
-                )
-    return table(["task (examples)", "bits", "run", "metric", "avg w bits"], body)
+        se = f" ± {r['std_error']:.2f}" if r.get("std_error") is not None else ""
+        body.append(
+            [
+                f"{task} ({t['val_examples']})",
+                grid,
+                r["label"],
+                metric(r["metric"], top1) + se,
+                f"{r['avg_weight_bits']:.3f}",
+                r.get("base") or "–",
+            ]
+        )
+    return table(["task (examples)", "grid", "run", "metric", "avg w bits", "base"], body)
 
 
 def ddq(data: JSON) -> Lines:

@@ -166,15 +166,15 @@ def weight_bits(info: LayerInfo, spec: QSpec | None) -> float:
 def multipoint_bits(info: LayerInfo, spec: QSpec) -> float:
     """Storage bits of multipoint weights (QSpec.points): every point's codes and every step.
 
-    Channel j with n_j points stores n_j * row_len codes of ``elem`` bits and n_j float32 steps;
-    with granularity "tensor" the first point of every channel shares one float32 step
-    (:mod:`mixq.kinds.multipoint`).
+    Channel j with n_j points stores n_j * row_len codes of ``elem`` bits, a float32 first step
+    and n_j − 1 float16 extra steps; with granularity "tensor" the first point of every channel
+    shares one float32 step (:mod:`mixq.kinds.multipoint`).
 
     >>> from mixq.plan import QSpec
     >>> from mixq.formats import Int
     >>> info = LayerInfo("fc", "linear", (4, 256), 4, 1024.0)
-    >>> multipoint_bits(info, QSpec(Int(4), points=(1, 1, 2, 1)))  # 5 * 256 * 4 + 5 * 32
-    5280.0
+    >>> multipoint_bits(info, QSpec(Int(4), points=(1, 1, 2, 1)))  # 5 * 256 * 4 + 4 * 32 + 16
+    5264.0
     """
     return weight_bits(info, spec)
 

@@ -11,7 +11,8 @@ Per quantized layer ``L`` the file holds
   (``e + 127``) of each MX block;
 * ``L.weight.zero``: asymmetric zero points, packed at the element's width;
 * multipoint weights: ``L.weight.codes`` the codes of every point of every channel (channel
-  by channel, point by point), ``L.weight.steps`` their float32 steps;
+  by channel, point by point), ``L.weight.steps`` the first points' float32 steps (one per
+  channel, or one per layer) and ``L.weight.extra_steps`` the extra points' float16 steps;
 * ``L.input.scale`` (float32) and ``L.input.zero`` (packed) of a quantized input (a SPARQ input:
   those of its 8-bit code, whose spec the metadata holds as ``act_base``);
 * ``L.bias`` (float32), or ``L.weight`` (float32) for a float layer;

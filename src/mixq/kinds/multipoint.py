@@ -1,8 +1,9 @@
 """Multipoint weights (``QSpec.points``, :mod:`mixq.quant.multipoint`): a sum of points per channel.
 
 Channel j is ``sum_i step_i * q_i`` over its ``points[j]`` points, each a signed symmetric
-integer vector with a float32 step. Storage: every point's codes and every step (with
-granularity "tensor" the first point of every channel shares one step). BOPs: a low-bit dot
+integer vector with a step: the first point is the base integer quantizer (its float32 scale;
+granularity "tensor": one for the layer), the extra points have float16 steps. Storage: every
+point's codes and every step. BOPs: a low-bit dot
 product per point plus a float32 merge per extra point. The packed file holds the codes and
 steps of the points each channel has; ONNX sums one DequantizeLinear per point.
 """
@@ -24,6 +25,7 @@ from mixq.quant.codes import Encoded, code_to_int, int_to_code
 from mixq.quant.packing import pack_bits, unpack_bits
 
 MAX_POINTS = 16
+STEP_BITS = 16  # an extra point's step is float16 (mixq.quant.multipoint.STEP_DTYPE)
 
 
 def point_mask(spec: QSpec) -> torch.Tensor:
@@ -56,10 +58,9 @@ class MultipointKind(Kind):
             raise ValueError(f"points per channel must be integers in 1..{MAX_POINTS}, got {bad[:5]}")
         if not (isinstance(spec.fmt, Int) and spec.fmt.signed and spec.symmetric):
             raise ValueError(f"multipoint points need a signed symmetric integer format, got {spec.fmt}")
-        if spec.granularity not in ("channel", "tensor") or spec.clip not in ("minmax", "mse"):
+        if spec.granularity not in ("channel", "tensor"):
             raise ValueError(
-                f"multipoint points take granularity 'channel' or 'tensor' and clip 'minmax' or 'mse', "
-                f"got {spec.granularity!r} and {spec.clip!r}"
+                f"multipoint points take granularity 'channel' or 'tensor', got {spec.granularity!r}"
             )
 
     def name_mods(self, spec: QSpec) -> list[str]:
@@ -69,7 +70,8 @@ class MultipointKind(Kind):
 
     # -- cost
     def weight_bits(self, spec: QSpec, info: Any) -> float:
-        """Channel j stores n_j * row_len codes and n_j float32 steps ("tensor": one shared first step)."""
+        """Channel j stores n_j * row_len codes, a float32 first step ("tensor": one for the layer)
+        and n_j − 1 float16 extra steps."""
         assert spec.points is not None
         if len(spec.points) != info.out_channels:
             raise ValueError(
@@ -77,8 +79,9 @@ class MultipointKind(Kind):
                 f"points for {len(spec.points)}"
             )
         total = sum(spec.points)
-        steps = total if spec.granularity == "channel" else 1 + total - info.out_channels
-        return float(total * info.row_len * self.elem_bits(spec.fmt) + steps * FLOAT_BITS)
+        first = info.out_channels if spec.granularity == "channel" else 1
+        extra = total - info.out_channels
+        return float(total * info.row_len * self.elem_bits(spec.fmt) + first * FLOAT_BITS + extra * STEP_BITS)
 
     def bops(self, info: Any, weight: QSpec, act_bits: float) -> float:
         """``row_len`` MACs per point at (weight x input bits), a float32 merge per extra point."""
@@ -89,8 +92,8 @@ class MultipointKind(Kind):
         return low + outputs * (total - c) / c * FLOAT_BITS * FLOAT_BITS
 
     # -- simulation (nothing is clipped: the default all-true mask)
-    def quantize_weight(self, w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG002
-        return multipoint.quantize_weight(w, spec)
+    def quantize_weight(self, w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None) -> torch.Tensor:
+        return multipoint.quantize_weight(w, spec, gram)
 
     # -- packed codes
     def encode(
@@ -99,7 +102,7 @@ class MultipointKind(Kind):
         """The points of ``w``, found by the simulation's own search."""
         if w.dtype != torch.float32:
             raise ValueError(f"multipoint export needs a float32 weight, got {w.dtype}")
-        pts = multipoint.spec_points(w, spec)
+        pts = multipoint.spec_points(w, spec, gram)
         codes = int_to_code(pts.codes.to(torch.int64), Int(spec.bits), True)
         return Encoded(spec, tuple(w.shape), codes, pts.steps.float(), None)
 
@@ -109,11 +112,17 @@ class MultipointKind(Kind):
         return (enc.scale[..., None] * q).sum(1).reshape(enc.shape)
 
     def weight_tensors(self, enc: Encoded, prefix: str) -> dict[str, torch.Tensor]:
-        """Only the points each channel has; symmetric: no zero points."""
+        """Only the points each channel has; symmetric: no zero points. The first steps float32
+        (one per channel; "tensor": one), the extra steps float16 (exactly what was simulated)."""
         mask = point_mask(enc.spec)
+        first = enc.scale[:, 0].float().contiguous()
+        extra = enc.scale[:, 1:][mask[:, 1:]]
+        if not torch.equal(extra.half().float(), extra.float()):
+            raise ValueError(f"{prefix}: multipoint extra steps are not float16 values")
         return {
             f"{prefix}.codes": pack_bits(enc.codes[mask], enc.spec.bits),
-            f"{prefix}.steps": enc.scale[mask].float(),
+            f"{prefix}.steps": first[:1] if enc.spec.granularity == "tensor" else first,
+            f"{prefix}.extra_steps": extra.half().contiguous(),
         }
 
     def read_weight(
@@ -126,18 +135,30 @@ class MultipointKind(Kind):
         mask = point_mask(spec)
         d = math.prod(shape[1:])
         total = int(mask.sum())
-        steps = take(f"{prefix}.steps").float()
-        if tuple(steps.shape) != (total,):
-            raise ValueError(f"{prefix}.steps has shape {tuple(steps.shape)}, expected ({total},)")
+        c = shape[0]
+        first = take(f"{prefix}.steps").float()
+        n_first = 1 if spec.granularity == "tensor" else c
+        if tuple(first.shape) != (n_first,):
+            raise ValueError(f"{prefix}.steps has shape {tuple(first.shape)}, expected ({n_first},)")
+        extra = take(f"{prefix}.extra_steps")
+        if extra.dtype != torch.float16 or tuple(extra.shape) != (total - c,):
+            raise ValueError(
+                f"{prefix}.extra_steps must be float16 of shape ({total - c},), got {extra.dtype} "
+                f"{tuple(extra.shape)}"
+            )
         flat = unpack_bits(take(f"{prefix}.codes"), spec.bits, total * d).reshape(total, d)
         q = code_to_int(flat, Int(spec.bits), True)
         k = 2 ** (spec.bits - 1) - 1
-        if q.numel() and float(q.abs().max()) > k:
+        is_first = mask.cumsum(1)[mask] == 1  # each channel's first point may use -2^(b-1)
+        if q.numel() and (float(q.max()) > k or bool((q[~is_first] < -k).any())):
             raise ValueError(f"{name}: multipoint codes outside the symmetric grid [-{k}, {k}]")
         codes = torch.zeros(*mask.shape, d, dtype=torch.int64)
         codes[mask] = int_to_code(q, Int(spec.bits), True)
         scale = torch.zeros(mask.shape)
-        scale[mask] = steps
+        scale[:, 0] = first.expand(c)
+        extra_slots = mask.clone()
+        extra_slots[:, 0] = False
+        scale[extra_slots] = extra.float()
         return Encoded(spec, tuple(shape), codes, scale, None)
 
     # -- ONNX

@@ -35,6 +35,7 @@ it keeps its base spec, named in the history and in ``meta["multipoint"]["weight
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -46,7 +47,8 @@ from torch import nn
 
 from mixq import cost
 from mixq.formats import Int
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.kinds.multipoint import STEP_BITS
+from mixq.methods.common import Context, MethodOutput, calib_loss, check_choices
 from mixq.plan import LayerSpec, Plan, QSpec
 from mixq.progress import progress
 from mixq.quant import multipoint as mp
@@ -57,6 +59,9 @@ VARIANTS = {"channel": "channel", "layer": "tensor"}  # variant -> granularity o
 log = logging.getLogger(__name__)
 
 
+AUTO_BASES = ("uniform", "sensitivity-ilp")  # the base methods ``base_method="auto"`` measures
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings of multipoint PTQ.
@@ -65,10 +70,11 @@ class Config:
         ratio: extra points per layer as a fraction of its output channels (ρ); None: no cap.
         tau: stop a layer when max_j e_j <= tau * mean_j e_j^(1) (None: off).
         n_max: the most points a channel may get.
-        a_search: "greedy" (least-squares a per point) or "absmax" (a = max|r|).
         variant: "channel" or "layer" (the first point's step is per channel or layer-wide).
         key: which channel gets the next point: "gain" (largest error reduction) or "error".
-        base_method: the method whose plan the points go on top of (not "multipoint").
+        base_method: the method whose plan the points go on top of (not "multipoint"), or
+            "auto": each of ``AUTO_BASES`` at the budget less the points' bits, points added,
+            the one with the lowest calibration loss kept (recorded in the history and meta).
         base_plan: a plan JSON file to use as the base instead of ``base_method``.
         gram_batches: calibration batches for the layers' input Gram matrices (0: all).
     """
@@ -76,10 +82,9 @@ class Config:
     ratio: float | None = 0.05
     tau: float | None = None
     n_max: int = 4
-    a_search: str = "greedy"
     variant: str = "channel"
     key: str = "gain"
-    base_method: str = "uniform"
+    base_method: str = "auto"
     base_plan: str | None = None
     gram_batches: int = 0
 
@@ -95,13 +100,11 @@ class Config:
             or not 1 <= self.n_max <= mp.MAX_POINTS
         ):
             raise ValueError(f"n_max must be an integer in 1..{mp.MAX_POINTS}, got {self.n_max!r}")
-        check_choices(
-            ("a_search", self.a_search, mp.A_SEARCH),
-            ("key", self.key, mp.KEYS),
-            ("variant", self.variant, VARIANTS),
-        )
+        check_choices(("key", self.key, mp.KEYS), ("variant", self.variant, VARIANTS))
         if self.base_method == "multipoint":
-            raise ValueError("base_method cannot be 'multipoint'; use e.g. 'uniform' or 'sensitivity-ilp'")
+            raise ValueError(
+                "base_method cannot be 'multipoint'; use e.g. 'auto', 'uniform' or 'sensitivity-ilp'"
+            )
         if (
             isinstance(self.gram_batches, bool)
             or not isinstance(self.gram_batches, int)
@@ -125,18 +128,16 @@ def eligible(spec: LayerSpec | None) -> bool:
     )
 
 
-def base_plan(ctx: Context, cfg: Config) -> tuple[Plan, list[dict[str, Any]]]:
-    """Return the plan the points go on top of, and the base method's history."""
-    if cfg.base_plan is not None:
-        return Plan.load(cfg.base_plan, ctx.layers), [{"base_plan": cfg.base_plan}]
+def run_base(ctx: Context, name: str) -> tuple[Plan, list[dict[str, Any]]]:
+    """Return the plan of base method ``name`` on ``ctx`` and its history."""
     METHODS = ctx.methods  # the registry, passed in: it imports this module
 
-    if cfg.base_method not in METHODS or cfg.base_method == "multipoint":
-        valid = [m for m in METHODS if m != "multipoint"]
-        raise ValueError(f"unknown base_method {cfg.base_method!r}; valid: {', '.join(valid)}")
-    base = METHODS[cfg.base_method]
+    if name not in METHODS or name == "multipoint":
+        valid = ["auto", *(m for m in METHODS if m != "multipoint")]
+        raise ValueError(f"unknown base_method {name!r}; valid: {', '.join(valid)}")
+    base = METHODS[name]
     out = base.search(ctx, base.config())
-    return out.plan, [{"base_method": cfg.base_method, "history": out.history}]
+    return out.plan, [{"base_method": name, "history": out.history}]
 
 
 def collect_gram(ctx: Context, names: list[str], batches: int) -> None:
@@ -147,9 +148,58 @@ def collect_gram(ctx: Context, names: list[str], batches: int) -> None:
             ctx.task.forward(ctx.qmodel, batch)
 
 
+def point_bits(ctx: Context, cfg: Config) -> float:
+    """Weight bits that ``ratio`` extra points per layer add at the fewest bits of an eligible
+    candidate (codes and float32 steps): what the base gives up under ``base_method="auto"``."""
+    bits = [c.weight.bits for c in ctx.candidates if eligible(c)]  # type: ignore[union-attr]
+    if cfg.ratio is None or not bits:
+        return 0.0
+    total = 0.0
+    for info in ctx.model_costs.infos:
+        extra = math.floor(cfg.ratio * info.out_channels + 1e-9)
+        total += extra * (info.row_len * min(bits) + STEP_BITS)
+    return total
+
+
 def search(ctx: Context, cfg: Config) -> MethodOutput:
-    """Put multipoint weights on top of the base plan, layer by layer."""
-    base, history = base_plan(ctx, cfg)
+    """Put multipoint weights on top of the base plan (``auto``: the better of the measured bases)."""
+    memo: dict[tuple, mp.Allocation] = {}
+    if cfg.base_plan is not None:
+        plan = Plan.load(cfg.base_plan, ctx.layers)
+        return on_base(ctx, cfg, plan, [{"base_plan": cfg.base_plan}], cfg.base_plan, memo)
+    if cfg.base_method != "auto":
+        plan, history = run_base(ctx, cfg.base_method)
+        return on_base(ctx, cfg, plan, history, cfg.base_method, memo)
+    bases = AUTO_BASES if len(ctx.candidates) > 1 and ctx.limits else AUTO_BASES[:1]
+    tried = []
+    extra = point_bits(ctx, cfg) if "weight_bits" in ctx.limits else 0.0
+    for name in bases:
+        reduced = None
+        if extra > 0:
+            limits = {**ctx.limits, "weight_bits": ctx.limits["weight_bits"] - extra}
+            try:  # the base at the budget less the points' bits, so the points fit beside it
+                plan, history = run_base(dataclasses.replace(ctx, limits=limits), name)
+                reduced = limits["weight_bits"] / ctx.model_costs.n_weights
+            except ValueError:  # InfeasibleBudgetError, or no candidate fits: the full budget
+                pass
+        if reduced is None:
+            plan, history = run_base(ctx, name)
+        out = on_base(ctx, cfg, plan, history, name, memo)
+        loss = calib_loss(ctx, out.plan)
+        tried.append((loss, name, reduced, out))
+    loss, name, _, out = min(tried, key=lambda t: t[0])
+    choice = [{"base_method": n, "calib_loss": lo, "base_budget_avg_weight_bits": r} for lo, n, r, _ in tried]
+    why = "lowest calibration loss with the points added" if len(tried) > 1 else "one candidate or no budget"
+    out.plan.meta["multipoint"]["base_choice"] = {"tried": choice, "chosen": name, "why": why}
+    return MethodOutput(
+        plan=out.plan, history=[{"base_choice": choice, "chosen": name, "why": why}, *out.history]
+    )
+
+
+def on_base(
+    ctx: Context, cfg: Config, base: Plan, history: list[dict[str, Any]], base_name: str, memo: dict
+) -> MethodOutput:
+    """Put multipoint weights on top of the plan ``base``, layer by layer."""
     qlayers = sites(ctx.qmodel)
     # A weight-only site (an embedding) reads indices: no input Gram matrix, so no output error to
     # place points by; it keeps its base spec, named in the history and the plan's meta.
@@ -163,30 +213,33 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
             "channel or per tensor (candidates such as 'w4' or 'w3a8'); the base plan is kept"
         )
         history.append({"multipoint": "no eligible layer; base plan kept"})
-        meta = {"multipoint": {"layers": 0, "base": cfg.base_plan or cfg.base_method}}
+        meta = {"multipoint": {"layers": 0, "base": base_name}}
         return MethodOutput(plan=Plan(dict(base.layers), meta), history=history)
     if any(qlayers[n].weight_quant.gram is None for n in targets):
         collect_gram(ctx, targets, cfg.gram_batches)
     first = VARIANTS[cfg.variant]
-    clip = "mse" if cfg.a_search == "greedy" else "minmax"
     allocs: dict[str, mp.Allocation] = {}
+    wspecs: dict[str, QSpec] = {}
     for name in progress(targets, "multipoint", unit="layer"):
         m, spec = qlayers[name], base.layers[name]
         assert spec.weight is not None
-        w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-        search = mp.Search(cfg.a_search, first, cfg.key)
-        gram = m.weight_quant.gram
-        allocs[name] = mp.allocate(w, spec.weight.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, search)
+        wspec = dataclasses.replace(spec.weight, granularity=first)
+        key = (name, wspec)
+        if key not in memo:
+            w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
+            gram = m.weight_quant.gram
+            start = mp.base_start(w, wspec, gram)
+            search = mp.Search("best", first, cfg.key, mp.STEP_DTYPE)
+            memo[key] = mp.allocate(w, wspec.bits, gram, cfg.ratio, cfg.tau, cfg.n_max, search, start)
+        allocs[name], wspecs[name] = memo[key], wspec
 
     def plan_at(fraction: float) -> dict[str, LayerSpec]:
         """The plan with each layer's allocation stopped at ``fraction`` of its output channels."""
         layers = dict(base.layers)
         for name, alloc in allocs.items():
-            spec = base.layers[name]
-            assert spec.weight is not None
             k = min(alloc.extra, math.floor(fraction * len(alloc.points.counts) + 1e-9))
-            wspec = QSpec(spec.weight.fmt, granularity=first, clip=clip, points=alloc.counts_at(k))
-            layers[name] = LayerSpec(wspec, spec.act)
+            wspec = dataclasses.replace(wspecs[name], points=alloc.counts_at(k))
+            layers[name] = LayerSpec(wspec, base.layers[name].act)
         return layers
 
     full = max(a.extra / len(a.points.counts) for a in allocs.values())
@@ -199,7 +252,7 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
             ctx.budget,
         )
         history.append({"multipoint": "one point per channel exceeds the budget; base plan kept"})
-        meta = {"multipoint": {"layers": 0, "base": cfg.base_plan or cfg.base_method}}
+        meta = {"multipoint": {"layers": 0, "base": base_name}}
         return MethodOutput(plan=Plan(dict(base.layers), meta), history=history)
     total = channels = 0
     for name, alloc in allocs.items():
@@ -210,7 +263,8 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
         history.append(
             {
                 "layer": name,
-                "bits": base.layers[name].weight.bits,  # type: ignore[union-attr]
+                "bits": wspecs[name].bits,
+                "clip": wspecs[name].clip,
                 "channels": len(counts),
                 "extra_points": k,
                 "avg_points": sum(counts) / len(counts),
@@ -226,14 +280,13 @@ def search(ctx: Context, cfg: Config) -> MethodOutput:
             "ratio": cfg.ratio,
             "tau": cfg.tau,
             "n_max": cfg.n_max,
-            "a_search": cfg.a_search,
             "variant": cfg.variant,
             "key": cfg.key,
-            "base": cfg.base_plan if cfg.base_plan is not None else cfg.base_method,
+            "base": base_name,
             "layers": len(targets),
             "avg_points": total / channels,
             "extra_points": total - channels,
-            "step_dtype": "float32",
+            "step_dtype": f"first point: the base scale (float32); extra points: {mp.STEP_DTYPE}",
             "budget_ratio": fraction if fraction < full else None,
             "gram_batches": cfg.gram_batches,
             "error_inputs": "float model, calibration Gram matrices",
@@ -289,7 +342,7 @@ def deploy(qmodel: nn.Module) -> nn.Module:
             continue
         if not m.exportable:
             raise ValueError(f"layer {name}: a {type(m.float_module).__name__} has no channel-split form yet")
-        split = mp.split_layer(m, mp.spec_points(m.weight, spec))
+        split = mp.split_layer(m, mp.spec_points(m.weight, spec, m.weight_quant.gram))
         new: nn.Module = split if m.input_quant.spec is None else nn.Sequential(m.input_quant, split)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)

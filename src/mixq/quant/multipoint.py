@@ -30,20 +30,22 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from mixq.plan import QSpec
 
-A_SEARCH = ("greedy", "absmax")
+A_SEARCH = ("best", "greedy", "absmax")
 FIRST = ("channel", "tensor")
 KEYS = ("gain", "error")
 MAX_POINTS = 16
 NUM_CANDIDATES = 256  # values of a in (0, ‖r‖∞] searched per point (docs/methods.md §1.3 [DESIGN])
 NUM_WIDE = 32  # values of a above ‖r‖∞ (a deviation from docs/methods.md §1.3: they can help)
 REFINE = 2  # least-squares refinements of a
+REFIT = 4  # alternations of the joint step refit and re-rounding ("best")
+STEP_DTYPE = torch.float16  # the extra points' steps (the first point keeps its base scale, float32)
 CHUNK = 1 << 22  # elements of one [rows, candidates, d] block of the search
 
 
@@ -129,13 +131,178 @@ def first_point(
     """The first point: per channel (greedy or absmax), or one layer-wide step (``first="tensor"``).
 
     The layer-wide step is ``max|W| / K`` (the per-layer baseline quantizer, docs/methods.md §1.4).
+    ``a_search="best"`` starts from the greedy (ℓ2-optimal) point.
     """
     _check_choice("first", first, FIRST)
     if first == "channel":
-        return next_point(w, bits, a_search)
+        return next_point(w, bits, "greedy" if a_search == "best" else a_search)
     k = levels(bits)
     step = (w.abs().amax() / k).expand(w.shape[0]).clone() if w.numel() else w.new_zeros(w.shape[0])
     return step, round_codes(w, step, k)
+
+
+@dataclass(frozen=True)
+class Start:
+    """A given first point (the base quantizer of a plan's spec): steps [C], codes [C, d] and the
+    smallest code ``qmin`` of its grid (−2^(b−1) for mixq's symmetric integer grid, which keeps the
+    most negative code; the extra points use the restricted grid [−K, K])."""
+
+    steps: torch.Tensor
+    codes: torch.Tensor
+    qmin: int
+
+
+def sq_error(w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """‖w_j − Σ_i steps[j, i] codes[j, i]‖² of every row ``j`` (float64)."""
+    wt = (steps[..., None].double() * codes.double()).sum(1)
+    return (w.double() - wt).pow(2).sum(1)
+
+
+def refit(
+    w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor, bits: int, qmin0: int, fixed_first: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternate a joint least-squares refit of all steps (codes fixed) with re-rounding every
+    point's codes given the other points (steps fixed), ``REFIT`` times, rows in parallel.
+
+    Both moves minimise ‖w − Σ_i s_i q_i‖² over their own variables, and a row keeps a new
+    (steps, codes) only when its error fell, so the error never grows. A negative step is turned
+    positive by negating its codes (clamped to the grid). ``fixed_first``: step 0 is shared by the
+    layer (``first="tensor"``) and stays. Point 0's codes lie in [qmin0, K], the others' in [−K, K].
+    """
+    k = levels(bits)
+    n = steps.shape[1]
+    lo = torch.full((n,), -k, dtype=steps.dtype)
+    lo[0] = qmin0
+    best_e = sq_error(w, steps, codes)
+    steps, codes = steps.clone(), codes.clone()
+    free = slice(1 if fixed_first else 0, n)
+    for _ in range(REFIT):
+        q = codes.double()
+        target = w.double() - (steps[:, 0:1].double() * q[:, 0] if fixed_first else 0.0)
+        qf = q[:, free]
+        if qf.shape[1] == 0:
+            break
+        gram = qf @ qf.transpose(1, 2)
+        rhs = (qf @ target[..., None]).squeeze(-1)
+        s = (torch.linalg.pinv(gram) @ rhs[..., None]).squeeze(-1)
+        ns, nq = steps.clone(), codes.clone().to(steps.dtype)
+        ns[:, free] = s.to(steps.dtype)
+        neg = ns < 0
+        ns, nq = ns.abs(), torch.where(neg[..., None], -nq, nq)
+        nq = torch.maximum(torch.minimum(nq, torch.full_like(nq, k)), lo[None, :, None].expand_as(nq))
+        for i in range(n):  # re-round point i against the rest
+            r = w - (ns[..., None] * nq).sum(1) + ns[:, i : i + 1] * nq[:, i]
+            safe = torch.where(ns[:, i] > 0, ns[:, i], torch.ones_like(ns[:, i]))
+            qi = torch.clamp(torch.round(r / safe[:, None]), int(lo[i]), k)
+            nq[:, i] = torch.where(ns[:, i : i + 1] > 0, qi, torch.zeros_like(qi))
+        e = sq_error(w, ns, nq)
+        better = e < best_e
+        if not bool(better.any()):
+            break
+        best_e = torch.where(better, e, best_e)
+        steps = torch.where(better[:, None], ns, steps)
+        codes = torch.where(better[:, None, None], nq.to(codes.dtype), codes)
+    return steps, codes
+
+
+def to_step_dtype(
+    w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor, bits: int, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the extra points' steps (points 1..) to ``dtype`` and re-round their codes against the
+    other points, twice (coordinate descent with the steps fixed); None: unchanged."""
+    if dtype is None or steps.shape[1] < 2:
+        return steps, codes
+    k = levels(bits)
+    s = steps.clone()
+    s[:, 1:] = s[:, 1:].to(dtype).to(s.dtype)
+    q = codes.to(s.dtype).clone()
+    for _ in range(2):
+        for i in range(1, s.shape[1]):
+            r = w - (s[..., None] * q).sum(1) + s[:, i : i + 1] * q[:, i]
+            safe = torch.where(s[:, i] > 0, s[:, i], torch.ones_like(s[:, i]))
+            qi = torch.clamp(torch.round(r / safe[:, None]), -k, k)
+            q[:, i] = torch.where(s[:, i : i + 1] > 0, qi, torch.zeros_like(qi))
+    return s, q.to(codes.dtype)
+
+
+def _extend(
+    w: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], bits: int, a_search: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``state`` (steps [R, i], codes [R, i, d]) plus the next point on its residual."""
+    steps, codes = state
+    r = w - (steps[..., None] * codes.to(steps.dtype)).sum(1)
+    s, q = next_point(r, bits, a_search)
+    return torch.cat([steps, s[:, None]], 1), torch.cat([codes, q.to(codes.dtype)[:, None]], 1)
+
+
+def _pick(
+    cands: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the candidate (steps, codes) with the smallest ℓ2 error (the first on ties)."""
+    errs = torch.stack([sq_error(w, s, q) for s, q in cands])  # [m, R]
+    idx = errs.argmin(0)
+    steps = torch.stack([s for s, _ in cands])[idx, torch.arange(w.shape[0])]
+    codes = torch.stack([q for _, q in cands])[idx, torch.arange(w.shape[0])]
+    return steps, codes
+
+
+def chain_levels(
+    w: torch.Tensor,
+    bits: int,
+    n: int,
+    a_search: str = "best",
+    first: str = "channel",
+    start: Start | None = None,
+    active: torch.Tensor | None = None,
+):
+    """Yield ``(rows, steps [R, i], codes [R, i, d])`` of the i-point decomposition, i = 1..n.
+
+    ``rows`` are the rows still active (``active[i]``: the rows that need an i-th point; all by
+    default). ``greedy`` and ``absmax`` are plain chains: each point is the greedy (ℓ2-optimal) or
+    the a = ‖r‖∞ point on the residual. ``best`` (per row, the best of the known choices): at
+    level i the candidates are the best (i−1)-point form plus a greedy point, plus an absmax
+    point, the plain absmax chain and the plain greedy chain of i points, each refined by
+    :func:`refit`; the smallest ℓ2 error wins. So ``best`` is never worse than either plain chain
+    nor than its own i−1 points (a greedy or absmax point never raises the error).
+    """
+    _check_choice("a_search", a_search, A_SEARCH)
+    k = levels(bits)
+    if start is not None:
+        s0, q0, qmin0 = start.steps, start.codes.to(torch.int8), start.qmin
+    else:
+        s0, q0 = first_point(w, bits, a_search, first)
+        q0, qmin0 = q0.to(torch.int8), -k
+    rows = torch.arange(w.shape[0])
+    best = (s0[:, None], q0[:, None])
+    yield rows, best[0], best[1]
+    if a_search != "best":
+        for i in range(1, n):
+            if active is not None:
+                sel = active[i][rows]
+                rows, best = rows[sel], (best[0][sel], best[1][sel])
+            best = _extend(w[rows], best, bits, a_search)
+            yield rows, best[0], best[1]
+        return
+    fixed = first == "tensor"
+    if fixed:
+        plain = {"absmax": best, "greedy": best}
+    else:
+        plain = {
+            "absmax": tuple(x[:, None] for x in next_point(w, bits, "absmax")),
+            "greedy": tuple(x[:, None] for x in next_point(w, bits, "greedy")),
+        }
+        plain = {a: (s, q.to(torch.int8)) for a, (s, q) in plain.items()}
+    for i in range(1, n):
+        if active is not None:
+            sel = active[i][rows]
+            rows, best = rows[sel], (best[0][sel], best[1][sel])
+            plain = {a: (s[sel], q[sel]) for a, (s, q) in plain.items()}
+        wr = w[rows]
+        plain = {a: _extend(wr, st, bits, a) for a, st in plain.items()}
+        cands = [_extend(wr, best, bits, "greedy"), _extend(wr, best, bits, "absmax"), *plain.values()]
+        cands = [refit(wr, s, q, bits, qmin0, fixed) for s, q in cands]
+        best = _pick(cands, wr)
+        yield rows, best[0], best[1]
 
 
 @dataclass(frozen=True)
@@ -145,7 +312,8 @@ class Points:
     Attributes:
         bits: bits of every code.
         steps: [C, n] float steps ``a_i / K`` (0 for points a channel does not have).
-        codes: [C, n, d] integer codes in [−K, K] (int8).
+        codes: [C, n, d] integer codes in [−K, K] (int8; point 0 may use −2^(b−1) when it is a
+            base quantizer's point, see :class:`Start`).
         counts: [C] points per channel.
     """
 
@@ -163,10 +331,17 @@ def decompose(
     w: torch.Tensor,
     bits: int,
     counts: torch.Tensor | list[int],
-    a_search: str = "greedy",
+    a_search: str = "best",
     first: str = "channel",
+    start: Start | None = None,
+    step_dtype: torch.dtype | None = None,
 ) -> Points:
-    """Build ``counts[j]`` greedy points for every row ``j`` of ``w`` [C, d] (rows in parallel)."""
+    """Build ``counts[j]`` points for every row ``j`` of ``w`` [C, d] (rows in parallel).
+
+    Row j's points are those of :func:`chain_levels` at level ``counts[j]`` (a row's points do
+    not depend on the other rows). ``start``: the first point, given (see :class:`Start`).
+    ``step_dtype``: the extra points' steps rounded to it (:func:`to_step_dtype`; None: as ``w``).
+    """
     counts = torch.as_tensor(counts, dtype=torch.long)
     if counts.shape != (w.shape[0],):
         raise ValueError(
@@ -177,25 +352,25 @@ def decompose(
     n = int(counts.max()) if counts.numel() else 1
     steps = w.new_zeros(w.shape[0], n)
     codes = torch.zeros(w.shape[0], n, w.shape[1], dtype=torch.int8)
-    s, q = first_point(w, bits, a_search, first)
-    steps[:, 0], codes[:, 0] = s, q.to(torch.int8)
-    r = w - s[:, None] * q
-    for i in range(1, n):
-        rows = (counts > i).nonzero().squeeze(1)
-        s, q = next_point(r[rows], bits, a_search)
-        steps[rows, i], codes[rows, i] = s, q.to(torch.int8)
-        r[rows] -= s[:, None] * q
+    active = [counts >= i + 1 for i in range(n)]
+    for i, (rows, s, q) in enumerate(chain_levels(w, bits, n, a_search, first, start, active)):
+        done = counts[rows] == i + 1
+        s, q = to_step_dtype(w[rows[done]], s[done], q[done], bits, step_dtype)
+        steps[rows[done], : i + 1] = s
+        codes[rows[done], : i + 1] = q.to(torch.int8)
     return Points(bits, steps, codes, counts)
 
 
-def approximate(w: torch.Tensor, bits: int, points: int, a_search: str = "greedy") -> torch.Tensor:
+def approximate(w: torch.Tensor, bits: int, points: int, a_search: str = "best") -> torch.Tensor:
     """Return w̃, the ``points``-point approximation of ``w`` (one output channel per row of dim 0).
 
     Args:
         w: weight [C, ...]; each ``w[j]`` is flattened into one vector.
         bits: bits of the symmetric grid (2..8, 2^b − 1 levels).
         points: points per channel (1..MAX_POINTS).
-        a_search: "greedy" (ℓ2-optimal a per point) or "absmax" (a = ‖r‖∞, the bound's choice).
+        a_search: "best" (per channel the best of the known choices, see :func:`chain_levels`),
+            "greedy" (the plain chain of ℓ2-optimal points) or "absmax" (the plain chain of
+            a = ‖r‖∞ points, the bound's choice).
 
     >>> w = torch.tensor([[0.9, -0.3, 0.05]], dtype=torch.float64)
     >>> approximate(w, 2, 1, "absmax").tolist()       # codes round(w / 0.9) = 1, 0, 0
@@ -279,13 +454,15 @@ class Allocation:
 
 @dataclass(frozen=True)
 class Search:
-    """How :func:`allocate` searches: the step search of each point (``a_search``, see
-    :func:`search_step`), the first point's scale (``first``: "channel" or "tensor") and the
-    channel that gets the next point (``key``: "gain" or "error")."""
+    """How :func:`allocate` searches: the step search of the points (``a_search``, see
+    :func:`chain_levels`), the first point's scale (``first``: "channel" or "tensor") and the
+    channel that gets the next point (``key``: "gain" or "error"), the dtype of the extra points'
+    steps (``step_dtype``, see :func:`to_step_dtype`; None: that of ``w``)."""
 
-    a_search: str = "greedy"
+    a_search: str = "best"
     first: str = "channel"
     key: str = "gain"
+    step_dtype: torch.dtype | None = None
 
 
 def allocate(
@@ -296,17 +473,19 @@ def allocate(
     tau: float | None = None,
     n_max: int = 4,
     search: Search = Search(),
+    start: Start | None = None,
 ) -> Allocation:
     """Give every channel of ``w`` [C, d] one point, then add points where the output error falls most.
 
-    Extra points go one at a time to the channel with the largest ``key``: "gain" (the output
-    error removed by its next point, computed exactly) or "error" (its current output error);
-    ties go to the lower channel index. Allocation stops when ``floor(ratio · C)`` extra points
-    are placed (``ratio=None``: no such cap), when ``max_j e_j ≤ tau · mean_j e_j^(1)`` (e^(1):
-    errors with one point), or when no channel below ``n_max`` points can improve. The output
-    error of channel j is ``d_j H d_jᵀ`` with ``H`` = ``gram`` (docs/methods.md §1.4); without a
-    Gram, the weight error.
-    Deterministic: no randomness, fixed tie-breaking. ``search``: see :class:`Search`.
+    Every channel's i-point form (i = 1..``n_max``) is that of :func:`decompose` (so the plan's
+    counts alone rebuild it); its output error ``e_j(i) = d_j H d_jᵀ`` with ``H`` = ``gram``
+    (docs/methods.md §1.4; without a Gram, the weight error). Extra points go one at a time to
+    the channel with the largest ``key``: "gain" (``e_j(n_j) − e_j(n_j + 1)``) or "error" (its
+    current output error), among channels whose next point lowers their error; ties go to the
+    lower channel index. Allocation stops when ``floor(ratio · C)`` extra points are placed
+    (``ratio=None``: no such cap), when ``max_j e_j ≤ tau · mean_j e_j^(1)``, or when no
+    channel can improve. Deterministic. ``start``: the first point (see :class:`Start`);
+    ``search.step_dtype``: as in :func:`decompose`.
     """
     a_search, first, key = search.a_search, search.first, search.key
     _check_choice("key", key, KEYS)
@@ -321,32 +500,28 @@ def allocate(
         raise ValueError(f"gram must be [G, {d}, {d}] with G dividing {c}, got {tuple(gram.shape)}")
     err = channel_error(gram, c)
     all_rows = torch.arange(c)
-    steps = w.new_zeros(c, n_max)
-    codes = torch.zeros(c, n_max, d, dtype=torch.int8)
-    counts = torch.ones(c, dtype=torch.long)
-    s, q = first_point(w, bits, a_search, first)
-    steps[:, 0], codes[:, 0] = s, q.to(torch.int8)
-    r = w - s[:, None] * q
-    e = err(r, all_rows)
-    first_errors = e.clone()
     budget = None if ratio is None else math.floor(ratio * c + 1e-9)
-    target = None if tau is None else tau * float(first_errors.mean())
+    levels_n = n_max if (budget is None or budget > 0) else 1
+    table_s = w.new_zeros(levels_n, c, levels_n)
+    table_q = torch.zeros(levels_n, c, levels_n, d, dtype=torch.int8)
+    errs = torch.zeros(levels_n, c, dtype=torch.float64)
+    for i, (_, s, q) in enumerate(chain_levels(w, bits, levels_n, a_search, first, start)):
+        s, q = to_step_dtype(w, s, q, bits, search.step_dtype)
+        table_s[i, :, : i + 1], table_q[i, :, : i + 1] = s, q
+        errs[i] = err(w - (s[..., None] * q.to(s.dtype)).sum(1), all_rows)
+    counts = torch.ones(c, dtype=torch.long)
+    e = errs[0].clone()
+    target = None if tau is None else tau * float(errs[0].mean())
     heap: list[tuple[float, int]] = []
-    cand: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
 
-    def push(rows: torch.Tensor) -> None:
-        ns, nq = next_point(r[rows], bits, a_search)
-        nr = r[rows] - ns[:, None] * nq
-        ne = err(nr, rows)
-        for t, j in enumerate(rows.tolist()):
-            gain = float(e[j] - ne[t])
-            if gain > 0:
-                cand[j] = (ns[t], nq[t], nr[t], float(ne[t]))
-                heapq.heappush(heap, (-(gain if key == "gain" else float(e[j])), j))
+    def push(j: int) -> None:
+        i = int(counts[j])
+        if i < levels_n and float(errs[i, j]) < float(e[j]):
+            heapq.heappush(heap, (-(float(e[j] - errs[i, j]) if key == "gain" else float(e[j])), j))
 
+    for j in range(c):
+        push(j)
     extra, stop, order = 0, "exhausted", []
-    if n_max > 1 and (budget is None or budget > 0):
-        push(all_rows)
     while True:
         if target is not None and float(e.max()) <= target:
             stop = "tau"
@@ -357,26 +532,49 @@ def allocate(
         if not heap:
             break
         _, j = heapq.heappop(heap)
-        ns, nq, nr, ne = cand.pop(j)
         i = int(counts[j])
-        steps[j, i], codes[j, i] = ns, nq.to(torch.int8)
-        r[j], e[j] = nr, ne
+        e[j] = errs[i, j]
         counts[j] = i + 1
         extra += 1
         order.append(j)
-        if i + 1 < n_max:
-            push(torch.tensor([j]))
+        push(j)
     n = int(counts.max())
-    pts = Points(bits, steps[:, :n].clone(), codes[:, :n].clone(), counts)
-    return Allocation(pts, first_errors, e, extra, stop, tuple(order))
+    pick = counts - 1
+    steps = table_s[pick, all_rows, :n].clone()
+    codes = table_q[pick, all_rows, :n].clone()
+    pts = Points(bits, steps, codes, counts)
+    return Allocation(pts, errs[0].clone(), e, extra, stop, tuple(order))
 
 
-def spec_points(w: torch.Tensor, spec: QSpec) -> Points:
+def base_start(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> Start:
+    """The first point of ``w`` [C, d] as the spec's own integer quantizer (points ignored).
+
+    Its range method (``clip``: minmax, mse, omse with ``gram``, percentile) and granularity
+    ("channel", or "tensor": one step for the layer) are those of :mod:`mixq.quant.fake`, on
+    mixq's symmetric grid [−2^(b−1), 2^(b−1) − 1]: a channel with one point is exactly the
+    spec without points.
+    """
+    from mixq.quant import fake
+
+    base = replace(spec, points=None)
+    rows = fake.to_rows(w, base)
+    error = fake.output_error(gram, base, w.shape[0]) if gram is not None and base.clip == "omse" else None
+    scale, _ = fake.calibrate_rows(rows.data, base, error)
+    step = scale.expand(w.shape[0]).clone() if base.granularity == "tensor" else scale
+    qmin, qmax = fake.int_grid(base.fmt, True)
+    codes = torch.clamp(torch.round(w / step[:, None]), qmin, qmax)
+    if base.granularity == "channel":  # a zero row: no point (a shared step stays shared)
+        step = torch.where(codes.abs().amax(1) > 0, step, torch.zeros_like(step))
+    return Start(step.to(w.dtype), codes.to(torch.int8), qmin)
+
+
+def spec_points(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> Points:
     """Return the multipoint form of weight ``w`` [C, ...] under a spec with ``points``.
 
-    The spec fixes everything: ``fmt`` the bits, ``points`` the count per output channel,
-    ``granularity`` the first point's scale ("channel", or "tensor": one per layer) and ``clip``
-    the search of a ("mse": greedy least squares; "minmax": a = ‖r‖∞).
+    The spec fixes everything: ``fmt`` the bits, ``points`` the count per output channel, and
+    the first point is the spec's own integer quantizer (``granularity`` "channel" or "tensor",
+    ``clip`` its range method; ``gram`` for "omse"), see :func:`base_start`; the extra points
+    are the "best" search of :func:`chain_levels`, their steps in ``STEP_DTYPE`` (float16).
     """
     if spec.points is None:
         raise ValueError("spec has no multipoint points; use mixq.quant.fake.quantize_weight")
@@ -388,13 +586,13 @@ def spec_points(w: torch.Tensor, spec: QSpec) -> Points:
     with torch.no_grad():
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         flat = w.detach().to(dtype).reshape(w.shape[0], -1)
-        a_search = "greedy" if spec.clip == "mse" else "absmax"
-        return decompose(flat, spec.bits, list(spec.points), a_search, spec.granularity)
+        start = base_start(flat, spec, gram)
+        return decompose(flat, spec.bits, list(spec.points), "best", spec.granularity, start, STEP_DTYPE)
 
 
-def quantize_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Return the multipoint weight w̃ (shape and dtype of ``w``) of a spec with ``points``."""
-    return spec_points(w, spec).reconstruct().reshape(w.shape).to(w.dtype)
+    return spec_points(w, spec, gram).reconstruct().reshape(w.shape).to(w.dtype)
 
 
 class ChannelSplit(nn.Module):
