@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixq import search, sensitivity
+from mixq.methods import refine as refining
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.tasks import Task
 
@@ -50,6 +51,9 @@ class Config:
         objective: what the measured sensitivity measures (sensitivity-ilp only): "loss" (the
             task's loss), "kl" (a classifier's output KL divergence from the float model) or
             "auto" ("kl" when the task's outputs are logits, ``Task.outputs``, else "loss").
+        refine: after the solver, measure at most this many plans (the solver's and its
+            neighbours', `mixq.methods.refine`) on the calibration batches and keep the best
+            (0: off). The objective measured is ``objective`` resolved ("auto" for hawq).
     """
 
     batches: int = 0
@@ -58,6 +62,7 @@ class Config:
     hutchinson_samples: int = 64
     hutchinson_mode: str = "block"
     objective: str = "auto"
+    refine: int = 0
 
     def __post_init__(self) -> None:
         check_choices(
@@ -67,10 +72,11 @@ class Config:
         )
         if self.batches < 0 or self.hutchinson_samples < 1:
             raise ValueError("batches must be >= 0 and hutchinson_samples >= 1")
+        refining.check_refine(self.refine)
 
 
 def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[list[int], dict]:
-    """Pick one candidate per layer minimizing the summed scores within the budget."""
+    """Pick one candidate per layer minimizing the summed scores within the budget (then refine)."""
     problem = search.Problem(
         scores=scores.single.double(),
         costs={k: ctx.costs[k] for k in ctx.limits},
@@ -84,7 +90,12 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         "objective": sol.objective,
         "solve_seconds": sol.seconds,
     }
-    return list(sol.choices), info
+    choices = list(sol.choices)
+    if cfg.refine:
+        loss = "kl" if resolve_objective(ctx.task, cfg.objective) == "kl" else "task"
+        measure = refining.calib_objective(ctx, loss)
+        choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
+    return choices, info
 
 
 def _batches(ctx: Context, cfg: Config) -> list:
