@@ -238,20 +238,38 @@ def calib_kl(task_name: str, candidates: list[str]) -> list[float]:
     The objective a calibration-only method can see: the plan minimizing it within a budget is
     the best any such method can pick with this data (the "calibration oracle").
     """
-    task = mixq.tasks.get(task_name)
+    return calib_objectives(task_name, candidates)["kl"]
+
+
+def calib_objectives(task_name: str, candidates: list[str], calib_size: int | None = None) -> dict[str, list]:
+    """Every plan's mean KL to the float outputs ("kl") and cross-entropy ("ce") on calibration data.
+
+    ``calib_size``: calibration images of the task (None: its default); the task draws them in a
+    fixed order, so a larger set holds the smaller ones.
+    """
+    task = (
+        mixq.tasks.get(task_name) if calib_size is None else mixq.tasks.get(task_name, calib_size=calib_size)
+    )
     specs = [as_layer_spec(c) for c in candidates]
     qmodel, infos = prepare(task, specs)
     walker = Walker(qmodel, [i.name for i in infos], specs)
-    total = np.zeros([len(specs)] * len(infos))
-    for x, _ in task.calib:
+    kl_total = np.zeros([len(specs)] * len(infos))
+    ce_total = np.zeros([len(specs)] * len(infos))
+    images = 0
+    for x, y in task.calib:
         with torch.inference_mode():
             logp = torch.log_softmax(task.model.eval()(x).float(), -1)
 
         def kl(out: torch.Tensor, logp: torch.Tensor = logp) -> float:
-            return float((logp.exp() * (logp - torch.log_softmax(out.float(), -1))).sum(-1).mean())
+            return float((logp.exp() * (logp - torch.log_softmax(out.float(), -1))).sum(-1).sum())
 
-        total += walker.scores(x, kl)
-    return (total.reshape(-1) / len(task.calib)).tolist()
+        def ce(out: torch.Tensor, y: torch.Tensor = y) -> float:
+            return float(torch.nn.functional.cross_entropy(out.float(), y, reduction="sum"))
+
+        kl_total += walker.scores(x, kl)
+        ce_total += walker.scores(x, ce)
+        images += len(y)
+    return {"kl": (kl_total.reshape(-1) / images).tolist(), "ce": (ce_total.reshape(-1) / images).tolist()}
 
 
 def nominal_bits(task_name: str, candidates: list[str]) -> list[float]:
@@ -386,6 +404,33 @@ def compare(args: argparse.Namespace, cands: list[str], budgets: list[float]) ->
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def oracles(args: argparse.Namespace, cands: list[str], budgets: list[float]) -> None:
+    """The calibration oracles: per calibration size and objective, the plan a perfect search of
+    that objective picks within each budget, and its test metric (bench/results/OUT_oracles.json).
+    """
+    path = RESULTS / f"{args.out}_oracles.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    table = enumerate_plans(args.task, cands)
+    plans = list(itertools.product(range(len(cands)), repeat=len(table["layers"])))
+    result.update(provenance=provenance(), task=args.task, candidates=cands, budgets=budgets)
+    sizes = result.setdefault("sizes", {})
+    for size in [int(v) for v in args.calib_sizes.split(",")]:
+        if str(size) in sizes:
+            continue
+        t0 = time.perf_counter()
+        values = calib_objectives(args.task, cands, size)
+        entry: dict[str, Any] = {"seconds": time.perf_counter() - t0}
+        for objective, v in values.items():
+            entry[objective] = {}
+            for b in budgets:
+                ok = [i for i, c in enumerate(table["avg_weight_bits"]) if c <= b * (1 + 1e-9)]
+                i = min(ok, key=lambda i: (v[i], i))
+                entry[objective][str(b)] = {"metric": table["metric"][i], "choices": list(plans[i])}
+            print(size, objective, {b: r["metric"] for b, r in entry[objective].items()}, flush=True)
+        sizes[str(size)] = entry
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mnist-cnn")
@@ -395,6 +440,7 @@ def main() -> None:
     ap.add_argument("--methods", default="", help=f"labels of VARIANTS ({', '.join(VARIANTS)}), +refine")
     ap.add_argument("--out", default="exhaustive_methods", help="result name under bench/results")
     ap.add_argument("--runs", default="/tmp/mixq-bench-exhaustive", help="run directories (stores)")
+    ap.add_argument("--calib-sizes", default="", help="calibration sizes of the oracles, e.g. 512,2048")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cands = args.candidates.split(",")
@@ -405,6 +451,8 @@ def main() -> None:
         print(f"budget {b}: best {r['metric']:.2f} at {r['avg_weight_bits']} bits: {r['choices']}")
     if args.methods:
         compare(args, cands, budgets)
+    if args.calib_sizes:
+        oracles(args, cands, budgets)
 
 
 if __name__ == "__main__":

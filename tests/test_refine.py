@@ -20,9 +20,9 @@ from mixq.wrap import applied
 CANDS = ["w2", "w4", "w8"]
 ARGS = {
     "sensitivity-ilp": {"batches": 1},
-    "hawq": {"batches": 1, "hutchinson_samples": 2},
-    "clado": {"batches": 1},
-    "clado-naive": {"batches": 1},
+    "hawq": {"batches": 1, "hutchinson_samples": 1},
+    "clado": {"batches": 1, "splits": 2},
+    "clado-naive": {"batches": 1, "splits": 1},
 }
 
 
@@ -51,12 +51,9 @@ def calib_kl(task, plan):
 
 
 @pytest.mark.parametrize("method", list(ARGS))
-def test_refine_never_worse_within_budget_and_zero_is_today(task, budget, method):
+def test_refine_starts_from_today_never_worse_within_budget(task, budget, method):
     plain = mixq.run(task, method=method, candidates=CANDS, budget=budget, method_args=ARGS[method])
-    zero = mixq.run(
-        task, method=method, candidates=CANDS, budget=budget, method_args={**ARGS[method], "refine": 0}
-    )
-    assert zero.plan.layers == plain.plan.layers and "refined" not in zero.history[0]
+    assert "refined" not in plain.history[0]  # refine=0 (the default) measures nothing
     n = 6
     res = mixq.run(
         task, method=method, candidates=CANDS, budget=budget, method_args={**ARGS[method], "refine": n}

@@ -10,12 +10,18 @@ both measured with forward passes only (`mixq.sensitivity.pairs`). With one-hot 
 
 so ``½ xᵀGx = Σ_l Ω_l(s_l) + Σ_{l<m} Ω_lm(s_l, s_m)`` estimates the loss change of the plan.
 The IQP ``min ½ xᵀGx`` under the budgets is solved exactly by `mixq.search.ilp` (HiGHS, the
-pair products linearized), which needs no convexity, so both ``G`` and its PSD projection
-``G⁺`` (eigenvalues clipped at 0, as in the paper's code) are offered (``psd``).
-``clado-naive`` keeps only the diagonal (the paper's cross-layer-unaware ablation).
+pair products linearized), which needs no convexity. ``clado-naive`` keeps only the diagonal
+(the paper's cross-layer-unaware ablation).
+
+The measured ``G`` is repaired before solving (``repair``, ``snr``, ``splits``): every term is
+measured on ``splits`` parts of the sensitivity set, a pair term within ``snr`` standard errors
+of 0 is set to 0 (most measured pair terms are noise), and the matrix is replaced by its PSD
+projection ``G⁺`` (eigenvalues clipped at 0, as in the paper's code; "psd-diag": the nearest PSD
+matrix that keeps the measured singles). bench/exhaustive.py measures which repair works.
 
 Deviations from the paper's code (labelled [DESIGN]):
 
+* Pair terms within noise are set to 0 (``snr``); the paper keeps every measured term.
 * Solver: an exact MILP linearization with HiGHS instead of CVXPY + Gurobi; with a time limit
   the best incumbent, polished by local search, is returned with its gap.
 * Loss: ``loss="kl"`` measures ``KL(softmax(fp logits) ‖ softmax(quantized logits))`` (the
