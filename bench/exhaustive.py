@@ -347,9 +347,11 @@ def compare(args: argparse.Namespace, cands: list[str], budgets: list[float]) ->
     task.fp_metric()
     result["fp32"] = task.fp_metric()
 
+    names = [as_layer_spec(c).name for c in cands]  # "w8-a8" is named "w8a8"
+
     def lookup(model: nn.Module, batches: Any) -> float:
         plan = current_plan(model).layers
-        return table["metric"][plans.index(tuple(cands.index(plan[n].name) for n in layers))]
+        return table["metric"][plans.index(tuple(names.index(plan[n].name) for n in layers))]
 
     table_task = dataclasses.replace(task, metric=lookup)
     cache = mixq.Cache()
@@ -370,7 +372,7 @@ def compare(args: argparse.Namespace, cands: list[str], budgets: list[float]) ->
                 overwrite=True,  # one directory per label: its store serves every budget
                 cache=cache,
             )
-            choices = [cands.index(res.plan.layers[n].name) for n in layers]
+            choices = [names.index(res.plan.layers[n].name) for n in layers]
             metric = table["metric"][plans.index(tuple(choices))]
             if direct and abs(metric - res.metrics.metric) > 1e-9:
                 raise AssertionError(f"direct {res.metrics.metric} != exhaustive table {metric}")
@@ -431,6 +433,26 @@ def oracles(args: argparse.Namespace, cands: list[str], budgets: list[float]) ->
         path.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def markdown(name: str) -> str:
+    """The table of bench/results/NAME.json: top-1 % per method and budget beside the optimum."""
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    budgets = list(d["optimum"])
+    lines = ["| plan | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+
+    def line(label: str, values: dict[str, float]) -> None:
+        lines.append(
+            f"| {label} | " + " | ".join(f"{values[b]:.2f}" if b in values else "" for b in budgets) + " |"
+        )
+
+    line("exhaustive optimum", {b: v["metric"] for b, v in d["optimum"].items()})
+    line("calibration oracle (KL, 512 images)", {b: v["metric"] for b, v in d["calib_oracle"].items()})
+    line("optimum at nominal bits (no scales)", {b: v["metric"] for b, v in d["nominal_optimum"].items()})
+    labels = list(dict.fromkeys(r["label"] for r in d["rows"]))
+    for label in labels:
+        line(label, {str(r["budget"]): r["metric"] for r in d["rows"] if r["label"] == label})
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mnist-cnn")
@@ -441,7 +463,11 @@ def main() -> None:
     ap.add_argument("--out", default="exhaustive_methods", help="result name under bench/results")
     ap.add_argument("--runs", default="/tmp/mixq-bench-exhaustive", help="run directories (stores)")
     ap.add_argument("--calib-sizes", default="", help="calibration sizes of the oracles, e.g. 512,2048")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.out))
+        return
     torch.set_num_threads(1)
     cands = args.candidates.split(",")
     budgets = [float(v) for v in args.budgets.split(",")]
