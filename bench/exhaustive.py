@@ -12,6 +12,19 @@ The table of all plans is cached under bench/results/ keyed by task and candidat
 search and CLADO benchmarks share one enumeration.
 
     .venv/bin/python -m bench.exhaustive --task mnist-cnn --candidates w2+asym+omse,w3+asym+omse,...
+
+With ``--methods`` the searches run through ``mixq.run`` at each budget and are recorded beside
+the optimum, the calibration oracle (the best plan of the KL on the calibration images) and the
+optimum at nominal bits (elements only, no scales), in bench/results/OUT.json; ``--calib-sizes``
+adds the oracles of the KL and the cross-entropy at other calibration sizes (OUT_oracles.json):
+
+    python -m bench.exhaustive --candidates w2,w3,w4,w8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric --methods clado,clado-naive,sensitivity-ilp,hawq,clado+refine
+    python -m bench.exhaustive --candidates w2,w3,w4,w8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric --calib-sizes 512,2048
+    python -m bench.exhaustive --candidates w2-a8,w3-a8,w4-a8,w8-a8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric_a8 --methods clado,clado-naive,sensitivity-ilp,hawq
+    python -m bench.exhaustive --candidates x --out exhaustive_symmetric --markdown
 """
 
 from __future__ import annotations
