@@ -12,17 +12,33 @@ The table of all plans is cached under bench/results/ keyed by task and candidat
 search and CLADO benchmarks share one enumeration.
 
     .venv/bin/python -m bench.exhaustive --task mnist-cnn --candidates w2+asym+omse,w3+asym+omse,...
+
+With ``--methods`` the searches run through ``mixq.run`` at each budget and are recorded beside
+the optimum, the calibration oracle (the best plan of the KL on the calibration images) and the
+optimum at nominal bits (elements only, no scales), in bench/results/OUT.json; ``--calib-sizes``
+adds the oracles of the KL and the cross-entropy at other calibration sizes (OUT_oracles.json):
+
+    python -m bench.exhaustive --candidates w2,w3,w4,w8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric --methods clado,clado-naive,sensitivity-ilp,hawq,clado+refine
+    python -m bench.exhaustive --candidates w2,w3,w4,w8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric --calib-sizes 512,2048
+    python -m bench.exhaustive --candidates w2-a8,w3-a8,w4-a8,w8-a8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric_a8 --methods clado,clado-naive,sensitivity-ilp,hawq
+    python -m bench.exhaustive --candidates x --out exhaustive_symmetric --markdown
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import math
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +51,7 @@ from mixq import cost
 from mixq.api import prepare
 from mixq.nn import QCall, QConv2d, QLinear
 from mixq.plan import as_layer_spec
+from mixq.wrap import current_plan
 
 MAX_PLANS = 1 << 16
 
@@ -117,8 +134,12 @@ class Walker:
 
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         """Correct predictions on one batch for every plan, shape [C] * L in the user's layer order."""
+        return self.scores(x, lambda out: float((out.argmax(-1) == y).sum())).astype(np.int64)
+
+    def scores(self, x: torch.Tensor, score: Any) -> np.ndarray:
+        """``score(outputs)`` on one batch for every plan, shape [C] * L in the user's layer order."""
         n_layers, n_cands = len(self.mods), len(self.candidates)
-        counts = np.zeros([n_cands] * n_layers, dtype=np.int64)
+        values = np.zeros([n_cands] * n_layers, dtype=np.float64)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         env0: dict = {placeholders[0]: x}
         self._run(env0, 0, self.pos[0], None, None)
@@ -132,13 +153,13 @@ class Walker:
                     idx = [0] * n_layers
                     for kk, jj in enumerate((*prefix, j)):
                         idx[self.order[kk]] = jj
-                    counts[tuple(idx)] = int((out.argmax(-1) == y).sum())
+                    values[tuple(idx)] = score(out)
                 else:
                     walk(k + 1, self._live(e, self.pos[k + 1]), (*prefix, j))
 
         with torch.inference_mode():
             walk(0, env0, ())
-        return counts
+        return values
 
 
 def _key(task: str, candidates: list[str], val_images: int) -> str:
@@ -224,19 +245,253 @@ def best_by_budget(
     return out
 
 
+def calib_kl(task_name: str, candidates: list[str]) -> list[float]:
+    """Every plan's mean KL divergence to the float outputs on the task's calibration batches.
+
+    The objective a calibration-only method can see: the plan minimizing it within a budget is
+    the best any such method can pick with this data (the "calibration oracle").
+    """
+    return calib_objectives(task_name, candidates)["kl"]
+
+
+def calib_objectives(task_name: str, candidates: list[str], calib_size: int | None = None) -> dict[str, list]:
+    """Every plan's mean KL to the float outputs ("kl") and cross-entropy ("ce") on calibration data.
+
+    ``calib_size``: calibration images of the task (None: its default); the task draws them in a
+    fixed order, so a larger set holds the smaller ones.
+    """
+    task = (
+        mixq.tasks.get(task_name) if calib_size is None else mixq.tasks.get(task_name, calib_size=calib_size)
+    )
+    specs = [as_layer_spec(c) for c in candidates]
+    qmodel, infos = prepare(task, specs)
+    walker = Walker(qmodel, [i.name for i in infos], specs)
+    kl_total = np.zeros([len(specs)] * len(infos))
+    ce_total = np.zeros([len(specs)] * len(infos))
+    images = 0
+    for x, y in task.calib:
+        with torch.inference_mode():
+            logp = torch.log_softmax(task.model.eval()(x).float(), -1)
+
+        def kl(out: torch.Tensor, logp: torch.Tensor = logp) -> float:
+            return float((logp.exp() * (logp - torch.log_softmax(out.float(), -1))).sum(-1).sum())
+
+        def ce(out: torch.Tensor, y: torch.Tensor = y) -> float:
+            return float(torch.nn.functional.cross_entropy(out.float(), y, reduction="sum"))
+
+        kl_total += walker.scores(x, kl)
+        ce_total += walker.scores(x, ce)
+        images += len(y)
+    return {"kl": (kl_total.reshape(-1) / images).tolist(), "ce": (ce_total.reshape(-1) / images).tolist()}
+
+
+def nominal_bits(task_name: str, candidates: list[str]) -> list[float]:
+    """Every plan's nominal average weight bits: element bits only (no scales), weighted by size."""
+    task = mixq.tasks.get(task_name)
+    specs = [as_layer_spec(c) for c in candidates]
+    _, infos = prepare(task, specs)
+    bits = []
+    for c in candidates:
+        m = re.match(r"w(\d+)", c)
+        if m is None:
+            raise ValueError(f"nominal bits need candidates named w<bits>..., got {c!r}")
+        bits.append(int(m.group(1)))
+    numel = np.array([i.numel for i in infos], dtype=np.float64)
+    plans = itertools.product(range(len(candidates)), repeat=len(infos))
+    return [float((numel * np.array([bits[j] for j in p])).sum() / numel.sum()) for p in plans]
+
+
+# Methods compared with the optimum: label -> (method, method_args).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "clado": ("clado", {}),
+    "clado-raw": ("clado", {"repair": "none", "snr": 0.0, "splits": 1}),
+    "clado-psd": ("clado", {"repair": "psd", "snr": 0.0, "splits": 1}),
+    "clado-snr": ("clado", {"repair": "none", "snr": 2.0}),
+    "clado-snr-psd-diag": ("clado", {"repair": "psd-diag", "snr": 2.0}),
+    "clado-naive": ("clado-naive", {}),
+    "sensitivity-ilp": ("sensitivity-ilp", {}),
+    "hawq": ("hawq", {"hutchinson_samples": 16}),
+}
+REFINE = 24  # measured plans of the "+refine" variants
+
+
+def variant(label: str) -> tuple[str, dict[str, Any]]:
+    """The method and method_args of a label of VARIANTS, with "+refine" for ``refine=REFINE``."""
+    base, _, extra = label.partition("+")
+    if base not in VARIANTS or extra not in ("", "refine"):
+        raise ValueError(
+            f"unknown variant {label!r}; valid: {', '.join(VARIANTS)}, each with or without +refine"
+        )
+    method, args = VARIANTS[base]
+    return method, {**args, **({"refine": REFINE} if extra else {})}
+
+
+def compare(args: argparse.Namespace, cands: list[str], budgets: list[float]) -> None:
+    """Run each method at each budget through ``mixq.run`` and record it beside the optimum.
+
+    Resumable: rows already in the result file are kept. The first run's metric is evaluated
+    directly and checked against the exhaustive table; the others read their plan's metric
+    from the table (the same quantizers and validation images).
+    """
+    path = RESULTS / f"{args.out}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    table = enumerate_plans(args.task, cands)
+    layers = table["layers"]
+    result.update(provenance=provenance(), task=args.task, candidates=cands, val_images=table["val_images"])
+    if "calib_kl" not in result:
+        result["calib_kl"] = calib_kl(args.task, cands)
+    if "nominal_bits" not in result:
+        result["nominal_bits"] = nominal_bits(args.task, cands)
+    plans = list(itertools.product(range(len(cands)), repeat=len(layers)))
+    optimum, oracle, nominal = {}, {}, {}
+    for b in budgets:
+        ok = [i for i, v in enumerate(table["avg_weight_bits"]) if v <= b * (1 + 1e-9)]
+        best = max(ok, key=lambda i: (table["metric"][i], table["avg_weight_bits"][i], -i))
+        cal = min(ok, key=lambda i: (result["calib_kl"][i], i))
+        okn = [i for i, v in enumerate(result["nominal_bits"]) if v <= b * (1 + 1e-9)]
+        nom = max(okn, key=lambda i: (table["metric"][i], -i))
+        optimum[str(b)] = {"metric": table["metric"][best], "choices": list(plans[best])}
+        oracle[str(b)] = {"metric": table["metric"][cal], "choices": list(plans[cal])}
+        nominal[str(b)] = {"metric": table["metric"][nom], "choices": list(plans[nom])}
+    result.update(optimum=optimum, calib_oracle=oracle, nominal_optimum=nominal)
+    rows = result.setdefault("rows", [])
+    done = {(r["label"], r["budget"]) for r in rows}
+    task = mixq.tasks.get(args.task)
+    task.fp_metric()
+    result["fp32"] = task.fp_metric()
+
+    names = [as_layer_spec(c).name for c in cands]  # "w8-a8" is named "w8a8"
+
+    def lookup(model: nn.Module, batches: Any) -> float:
+        plan = current_plan(model).layers
+        return table["metric"][plans.index(tuple(names.index(plan[n].name) for n in layers))]
+
+    table_task = dataclasses.replace(task, metric=lookup)
+    cache = mixq.Cache()
+    for label in args.methods.split(","):
+        method, margs = variant(label)
+        for b in budgets:
+            if (label, b) in done:
+                continue
+            direct = not rows
+            t0 = time.perf_counter()
+            res = mixq.run(
+                task if direct else table_task,
+                method,
+                cands,
+                {"avg_weight_bits": b},
+                method_args=margs,
+                out=Path(args.runs) / label,
+                overwrite=True,  # one directory per label: its store serves every budget
+                cache=cache,
+            )
+            choices = [names.index(res.plan.layers[n].name) for n in layers]
+            metric = table["metric"][plans.index(tuple(choices))]
+            if direct and abs(metric - res.metrics.metric) > 1e-9:
+                raise AssertionError(f"direct {res.metrics.metric} != exhaustive table {metric}")
+            info = res.history[0]
+            refined = info.get("refined", {})
+            rows.append(
+                {
+                    "label": label,
+                    "method": method,
+                    "method_args": margs,
+                    "budget": b,
+                    "metric": metric,
+                    "optimum": optimum[str(b)]["metric"],
+                    "gap": optimum[str(b)]["metric"] - metric,
+                    "avg_weight_bits": res.metrics.avg_weight_bits,
+                    "choices": choices,
+                    "calib_kl": result["calib_kl"][plans.index(tuple(choices))],
+                    "status": info.get("status"),
+                    "pairs_kept": info.get("pairs_kept"),
+                    "pairs_measured": info.get("pairs_measured"),
+                    "refine_measured": len(refined.get("measured", [])),
+                    "refine_improved": refined.get("improved"),
+                    "search_seconds": res.metrics.seconds,
+                    "wall_seconds": time.perf_counter() - t0,
+                    "metric_from": "direct" if direct else "exhaustive table",
+                }
+            )
+            r = rows[-1]
+            print(f"{label} {b}: {r['metric']:.2f} (optimum {r['optimum']:.2f}) {choices}", flush=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def oracles(args: argparse.Namespace, cands: list[str], budgets: list[float]) -> None:
+    """The calibration oracles: per calibration size and objective, the plan a perfect search of
+    that objective picks within each budget, and its test metric (bench/results/OUT_oracles.json).
+    """
+    path = RESULTS / f"{args.out}_oracles.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    table = enumerate_plans(args.task, cands)
+    plans = list(itertools.product(range(len(cands)), repeat=len(table["layers"])))
+    result.update(provenance=provenance(), task=args.task, candidates=cands, budgets=budgets)
+    sizes = result.setdefault("sizes", {})
+    for size in [int(v) for v in args.calib_sizes.split(",")]:
+        if str(size) in sizes:
+            continue
+        t0 = time.perf_counter()
+        values = calib_objectives(args.task, cands, size)
+        entry: dict[str, Any] = {"seconds": time.perf_counter() - t0}
+        for objective, v in values.items():
+            entry[objective] = {}
+            for b in budgets:
+                ok = [i for i, c in enumerate(table["avg_weight_bits"]) if c <= b * (1 + 1e-9)]
+                i = min(ok, key=lambda i: (v[i], i))
+                entry[objective][str(b)] = {"metric": table["metric"][i], "choices": list(plans[i])}
+            print(size, objective, {b: r["metric"] for b, r in entry[objective].items()}, flush=True)
+        sizes[str(size)] = entry
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def markdown(name: str) -> str:
+    """The table of bench/results/NAME.json: top-1 % per method and budget beside the optimum."""
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    budgets = list(d["optimum"])
+    lines = ["| plan | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+
+    def line(label: str, values: dict[str, float]) -> None:
+        lines.append(
+            f"| {label} | " + " | ".join(f"{values[b]:.2f}" if b in values else "" for b in budgets) + " |"
+        )
+
+    line("exhaustive optimum", {b: v["metric"] for b, v in d["optimum"].items()})
+    line("calibration oracle (KL, 512 images)", {b: v["metric"] for b, v in d["calib_oracle"].items()})
+    line("optimum at nominal bits (no scales)", {b: v["metric"] for b, v in d["nominal_optimum"].items()})
+    labels = list(dict.fromkeys(r["label"] for r in d["rows"]))
+    for label in labels:
+        line(label, {str(r["budget"]): r["metric"] for r in d["rows"] if r["label"] == label})
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mnist-cnn")
     ap.add_argument("--candidates", required=True, help="comma-separated candidate names")
     ap.add_argument("--budgets", default="2.5,3,3.5,4", help="average weight bits")
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--methods", default="", help=f"labels of VARIANTS ({', '.join(VARIANTS)}), +refine")
+    ap.add_argument("--out", default="exhaustive_methods", help="result name under bench/results")
+    ap.add_argument("--runs", default="/tmp/mixq-bench-exhaustive", help="run directories (stores)")
+    ap.add_argument("--calib-sizes", default="", help="calibration sizes of the oracles, e.g. 512,2048")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.out))
+        return
     torch.set_num_threads(1)
     cands = args.candidates.split(",")
+    budgets = [float(v) for v in args.budgets.split(",")]
     table = enumerate_plans(args.task, cands, use_cache=not args.no_cache)
     print(f"{table['plans']} plans in {table['seconds']:.1f} s")
-    for b, r in best_by_budget(args.task, cands, [float(v) for v in args.budgets.split(",")]).items():
+    for b, r in best_by_budget(args.task, cands, budgets).items():
         print(f"budget {b}: best {r['metric']:.2f} at {r['avg_weight_bits']} bits: {r['choices']}")
+    if args.methods:
+        compare(args, cands, budgets)
+    if args.calib_sizes:
+        oracles(args, cands, budgets)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,38 @@ def test_exhaustive_walker_counts_every_plan_of_a_model_with_a_conv_subclass():
     for idx in itertools.product(range(len(specs)), repeat=len(layers)):
         plan = Plan({n: specs[j] for n, j in zip(layers, idx, strict=True)})
         assert counts[idx] == round(mixq.evaluate(task, plan).metrics.metric * len(y) / 100), idx
+
+
+def test_exhaustive_walker_scores_equal_direct_losses_and_variants_are_checked():
+    import itertools
+
+    import pytest
+    import torch
+    from torch import nn
+
+    import mixq
+    from bench.exhaustive import Walker, variant
+    from mixq.api import prepare
+    from mixq.plan import as_layer_spec
+    from mixq.wrap import applied
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    task = mixq.Task(model, calib=[(x, y)], val=[(x, y)])
+    specs = [as_layer_spec(c) for c in ("w2", "w3", "w8")]
+    qmodel, infos = prepare(task, specs)
+    layers = [i.name for i in infos]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(x), -1)
+
+    def kl(out):
+        return float((logp.exp() * (logp - torch.log_softmax(out, -1))).sum(-1).mean())
+
+    values = Walker(qmodel, layers, specs).scores(x, kl)
+    for idx in itertools.product(range(len(specs)), repeat=len(layers)):
+        with applied(qmodel, {n: specs[j] for n, j in zip(layers, idx, strict=True)}), torch.inference_mode():
+            assert values[idx] == pytest.approx(kl(qmodel(x)), rel=1e-5, abs=1e-9), idx
+    assert variant("clado+refine")[1]["refine"] > 0 and "refine" not in variant("hawq")[1]
+    with pytest.raises(ValueError, match="unknown variant 'clado-x'"):
+        variant("clado-x")

@@ -216,7 +216,7 @@ def test_unconstrained_budget_gives_highest_precision(method):
             method=method,
             candidates=["w2", "w4", "w8"],
             budget={},
-            method_args={"batches": 1, "psd": psd},
+            method_args={"batches": 1, "repair": "psd" if psd else "none"},
         )
         assert {s.name for s in res.plan.layers.values()} == {"w8"}
         assert res.history[0]["status"] == "optimal"
@@ -291,7 +291,7 @@ def test_window_measures_near_pairs_only(residual):
 
 def test_samples_measure_on_the_first_examples(mlp_ctx):
     ctx, _ = mlp_ctx
-    sens = clado.measure(ctx, clado.Config(batches=1, samples=16, loss="task"), with_pairs=False)
+    sens = clado.measure(ctx, clado.Config(batches=1, samples=16, loss="task", splits=1), with_pairs=False)
     first = [clado.head(ctx.task.calib[0], 16)]
     assert len(first[0][0]) == 16 < len(ctx.task.calib[0][0])
     oracle = pairwise(

@@ -10,12 +10,18 @@ both measured with forward passes only (`mixq.sensitivity.pairs`). With one-hot 
 
 so ``½ xᵀGx = Σ_l Ω_l(s_l) + Σ_{l<m} Ω_lm(s_l, s_m)`` estimates the loss change of the plan.
 The IQP ``min ½ xᵀGx`` under the budgets is solved exactly by `mixq.search.ilp` (HiGHS, the
-pair products linearized), which needs no convexity, so both ``G`` and its PSD projection
-``G⁺`` (eigenvalues clipped at 0, as in the paper's code) are offered (``psd``).
-``clado-naive`` keeps only the diagonal (the paper's cross-layer-unaware ablation).
+pair products linearized), which needs no convexity. ``clado-naive`` keeps only the diagonal
+(the paper's cross-layer-unaware ablation).
+
+The measured ``G`` is repaired before solving (``repair``, ``snr``, ``splits``): every term is
+measured on ``splits`` parts of the sensitivity set, a pair term within ``snr`` standard errors
+of 0 is set to 0 (most measured pair terms are noise), and the matrix is replaced by its PSD
+projection ``G⁺`` (eigenvalues clipped at 0, as in the paper's code; "psd-diag": the nearest PSD
+matrix that keeps the measured singles). bench/exhaustive.py measures which repair works.
 
 Deviations from the paper's code (labelled [DESIGN]):
 
+* Pair terms within noise are set to 0 (``snr``); the paper keeps every measured term.
 * Solver: an exact MILP linearization with HiGHS instead of CVXPY + Gurobi; with a time limit
   the best incumbent, polished by local search, is returned with its gap.
 * Loss: ``loss="kl"`` measures ``KL(softmax(fp logits) ‖ softmax(quantized logits))`` (the
@@ -30,6 +36,7 @@ Deviations from the paper's code (labelled [DESIGN]):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq import search
+from mixq.methods import refine as refining
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.blockwise import find_blocks
 from mixq.sensitivity.pairs import pairwise
@@ -51,6 +59,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("kl", "task")
 SOLVERS = ("ilp", "greedy")
+REPAIRS = ("none", "psd", "psd-diag")
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,14 @@ class Config:
     Attributes:
         batches: calibration batches of the sensitivity set (0: all of them).
         loss: "kl" (KL divergence of the outputs to the float ones) or "task" (the task loss).
-        psd: solve with the PSD projection of G instead of G itself (clado only).
+        repair: how the measured ``G`` is repaired before solving (clado only): "none" (as
+            measured), "psd" (eigenvalues clipped at 0, the paper's code) or "psd-diag" (the
+            nearest PSD matrix that keeps the measured singles on its diagonal).
+        snr: a pair term ``Ω_lm(s, s')`` is kept only when ``|Ω| ≥ snr · SE(Ω)``, its standard
+            error over ``splits`` parts of the sensitivity set; smaller terms are noise and set
+            to 0 (0: keep every term).
+        splits: parts of the sensitivity set (each batch cut into equal slices of rows) over
+            which the standard errors are estimated (1: no estimate, ``snr`` unused).
         solver: "ilp" (exact, with ``time_limit``) or "greedy" (ignores the pairs).
         time_limit: seconds for the ILP (None: until proven optimal).
         reuse: replay unchanged prefixes while measuring (exact; checked at run time).
@@ -71,20 +87,28 @@ class Config:
         block_local: on a model of repeated blocks (decoder layers: ``blockwise.find_blocks``)
             measure the pairs within each block only; pairs across blocks count as independent.
             No effect on a model without such blocks.
+        refine: after the solver, measure at most this many plans (the solver's and its
+            neighbours', `mixq.methods.refine`) on the calibration batches with ``loss`` and keep
+            the best (0: off).
     """
 
     batches: int = 0
     loss: str = "kl"
-    psd: bool = False
+    repair: str = "psd"
+    snr: float = 2.0
+    splits: int = 8
     solver: str = "ilp"
     time_limit: float | None = 60.0
     reuse: bool = True
     window: int | None = None
     samples: int = 0
     block_local: bool = True
+    refine: int = 0
 
     def __post_init__(self) -> None:
-        check_choices(("loss", self.loss, LOSSES), ("solver", self.solver, SOLVERS))
+        check_choices(
+            ("loss", self.loss, LOSSES), ("solver", self.solver, SOLVERS), ("repair", self.repair, REPAIRS)
+        )
         if self.batches < 0:
             raise ValueError(f"batches must be >= 0, got {self.batches}")
         if self.window is not None and self.window < 1:
@@ -93,6 +117,9 @@ class Config:
             raise ValueError(f"samples must be >= 0 (0: whole batches), got {self.samples}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be positive seconds or None, got {self.time_limit}")
+        if self.snr < 0 or self.splits < 1:
+            raise ValueError(f"snr must be >= 0 and splits >= 1, got snr={self.snr}, splits={self.splits}")
+        refining.check_refine(self.refine)
 
 
 # -- the quadratic model ---------------------------------------------------------------------------
@@ -123,6 +150,52 @@ def psd_projection(g: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh(sym)
     out = (vectors * np.clip(values, 0.0, None)) @ vectors.T
     return 0.5 * (out + out.T)
+
+
+def psd_keep_diagonal(g: np.ndarray, iters: int = 200, tol: float = 1e-10) -> np.ndarray:
+    """Return the nearest PSD matrix to ``g`` whose diagonal is ``g``'s (negative entries as 0).
+
+    Dykstra's alternating projections between the PSD cone and the matrices with that diagonal
+    (Higham's method for the nearest correlation matrix, with the measured diagonal in place of
+    ones). The diagonal is kept exactly; the smallest eigenvalue is ≥ −``tol``·scale on convergence.
+
+    >>> out = psd_keep_diagonal(np.array([[1.0, 2.0], [2.0, 1.0]]))
+    >>> np.round(out, 6).tolist(), bool(np.linalg.eigvalsh(out).min() > -1e-8)
+    ([[1.0, 1.0], [1.0, 1.0]], True)
+    """
+    d = np.clip(np.diag(g), 0.0, None)
+    y = 0.5 * (g + g.T)
+    correction = np.zeros_like(y)
+    scale = max(1.0, float(np.abs(y).max()))
+    for _ in range(iters):
+        r = y - correction
+        x = psd_projection(r)
+        correction = x - r
+        y = x.copy()
+        y[np.diag_indices_from(y)] = d
+        if np.linalg.norm(y - x) <= tol * scale:
+            break
+    return y
+
+
+def shrink_pairs(pairs: np.ndarray, se: np.ndarray, snr: float) -> np.ndarray:
+    """Set to 0 the pair terms within noise: ``|Ω| < snr · SE(Ω)`` (``snr`` = 0 keeps them all).
+
+    >>> shrink_pairs(np.array([1.0, -0.1, 0.3]), np.array([0.1, 0.1, 0.2]), 2.0).tolist()
+    [1.0, 0.0, 0.0]
+    """
+    return np.where(np.abs(pairs) >= snr * se, pairs, 0.0)
+
+
+def repaired(g: np.ndarray, repair: str | bool) -> np.ndarray:
+    """``g`` repaired: "none" (or False), "psd" (or True) or "psd-diag" (see :class:`Config`)."""
+    repair = {False: "none", True: "psd"}.get(repair, repair) if isinstance(repair, bool) else repair
+    check_choices(("repair", repair, REPAIRS))
+    if repair == "psd":
+        return psd_projection(g)
+    if repair == "psd-diag":
+        return psd_keep_diagonal(g)
+    return g
 
 
 def objective_terms(g: np.ndarray, L: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,44 +266,153 @@ def sensitivity_task(task: Task, qmodel: nn.Module, batches: Sequence[Any], loss
     return dataclasses.replace(task, calib=items, loss=KlToFloat(task.forward))
 
 
+def n_rows(batch: Any) -> int:
+    """The number of examples of a batch: the length of its first tensor (any nesting)."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in items:
+        n = n_rows(v)
+        if n:
+            return n
+    return 0
+
+
+def rows(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch (tensors sliced on their first axis, in any nesting).
+
+    >>> rows((torch.arange(6), 1), 2, 4)[0].tolist()
+    [2, 3]
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() else batch
+    if isinstance(batch, dict):
+        return {k: rows(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(rows(v, start, stop) for v in batch)
+    return batch
+
+
+def split(batches: Sequence[Any], parts: int) -> list[list[Any]]:
+    """Cut every batch into ``ceil(parts / len(batches))`` equal slices of rows: the parts.
+
+    >>> [[len(b[0]) for b in p] for p in split([(torch.zeros(8),), (torch.zeros(8),)], 4)]
+    [[4], [4], [4], [4]]
+    """
+    per = max(1, -(-parts // len(batches)))
+    out = []
+    for b in batches:
+        n = n_rows(b)
+        cuts = [round(i * n / per) for i in range(per + 1)]
+        out += [[rows(b, lo, hi)] for lo, hi in itertools.pairwise(cuts) if hi > lo]
+    return out
+
+
 def measure(ctx: Context, cfg: Config, with_pairs: bool = True) -> Sensitivity:
     """Measure the single (and pairwise) terms on the sensitivity set (resumable with ``ctx.out``)."""
+    return measure_with_noise(ctx, cfg, with_pairs)[0]
+
+
+def measure_with_noise(
+    ctx: Context, cfg: Config, with_pairs: bool = True
+) -> tuple[Sensitivity, torch.Tensor | None, torch.Tensor | None]:
+    """Measure the terms and their standard errors over ``cfg.splits`` parts of the sensitivity set.
+
+    Returns:
+        The Sensitivity (its terms the means over the parts: equal-sized parts give the same
+        terms as one measurement on the whole set), and the standard errors of ``single``
+        [L, C] and ``pairs`` [L, C, L, C] (None with ``splits`` = 1, or a single part).
+    """
     calib = list(ctx.task.calib)
     batches = calib[: cfg.batches] if cfg.batches else calib
     if cfg.samples:
         batches = [head(b, cfg.samples) for b in batches]
     stask = sensitivity_task(ctx.task, ctx.qmodel, batches, cfg.loss)
+    parts = split(stask.calib, cfg.splits) if cfg.splits > 1 else [list(stask.calib)]
+    found = []
+    blocks = (tuple(find_blocks(ctx.qmodel)) or None) if cfg.block_local and with_pairs else None
     with ctx.store() as store:
-        sens = pairwise(
-            ctx.qmodel,
-            stask,
-            ctx.layers,
-            ctx.candidates,
-            store=store,
-            reuse=cfg.reuse,
-            with_pairs=with_pairs,
-            executor=ctx.executor,
-            window=cfg.window,
-            blocks=(tuple(find_blocks(ctx.qmodel)) or None) if cfg.block_local and with_pairs else None,
+        for part in parts:
+            found.append(
+                pairwise(
+                    ctx.qmodel,
+                    stask,
+                    ctx.layers,
+                    ctx.candidates,
+                    batches=part,
+                    store=store,
+                    reuse=cfg.reuse,
+                    with_pairs=with_pairs,
+                    executor=ctx.executor,
+                    window=cfg.window,
+                    blocks=blocks,
+                    progress=len(parts) == 1,
+                    **({"min_batches": 1} if len(parts) > 1 else {}),
+                )
+            )
+    sens = found[0]
+    single_se = pair_se = None
+    if len(found) > 1:
+        weights = torch.tensor([float(n_rows(p[0])) for p in parts], dtype=torch.float64)
+        weights = weights / weights.sum()
+        singles = torch.stack([f.single.double() for f in found])  # [K, L, C]
+        single_se = singles.std(0) / len(found) ** 0.5
+        pairs = None
+        if with_pairs:
+            stack = torch.stack([f.pairs.double() for f in found])  # [K, L, C, L, C]
+            pairs = torch.einsum("k,k...->...", weights, stack)
+            pair_se = stack.std(0) / len(found) ** 0.5
+        meta = {
+            **sens.meta,
+            "splits": len(found),
+            "fp_loss": float(sum(w * f.meta["fp_loss"] for w, f in zip(weights, found, strict=True))),
+            "seconds": sum(f.meta["seconds"] for f in found),
+        }
+        for k in ("pair_evals", "row_evals"):
+            if k in sens.meta:
+                meta[k] = sum(f.meta[k] for f in found)
+        sens = Sensitivity(
+            sens.layers,
+            sens.candidates,
+            torch.einsum("k,k...->...", weights, singles),
+            kind=sens.kind,
+            pairs=pairs,
+            meta=meta,
+            se=single_se.float(),
+            pairs_se=None if pair_se is None else pair_se.float(),
         )
+    else:  # one part: the standard errors over its batches (pairwise's own)
+        single_se, pair_se = sens.se, sens.pairs_se
     sens.meta["loss"] = cfg.loss
-    return sens
+    return sens, single_se, pair_se
 
 
 # -- solving ----------------------------------------------------------------------------------------
 
 
-def problem(ctx: Context, sens: Sensitivity, mode: str, psd: bool) -> search.Problem:
-    """Build the search problem of ``mode`` ("clado" or "naive") under the context's budgets."""
+def problem(
+    ctx: Context,
+    sens: Sensitivity,
+    mode: str,
+    psd: str | bool,
+    pair_se: torch.Tensor | None = None,
+    snr: float = 0.0,
+) -> search.Problem:
+    """Build the search problem of ``mode`` ("clado" or "naive") under the context's budgets.
+
+    ``psd`` is the repair of ``G`` ("none", "psd", "psd-diag"; False and True for the first two);
+    with ``pair_se``, the pair terms within ``snr`` standard errors are set to 0 first.
+    """
     costs = {k: ctx.costs[k] for k in ctx.limits}
     if mode == "naive" or sens.pairs is None:
         return search.Problem(scores=sens.single.double(), costs=costs, budgets=dict(ctx.limits))
     L, C = sens.single.shape
-    g = interaction_matrix(sens.single.double().numpy(), sens.pairs.double().numpy())
-    if psd:
-        g = psd_projection(g)
-    scores, pairs = objective_terms(g, L, C)
-    return search.Problem(scores=scores, costs=costs, budgets=dict(ctx.limits), pairs=pairs)
+    pairs = sens.pairs.double().numpy()
+    if pair_se is not None and snr > 0:
+        pairs = shrink_pairs(pairs, pair_se.double().numpy(), snr)
+    g = repaired(interaction_matrix(sens.single.double().numpy(), pairs), psd)
+    scores, pair_terms = objective_terms(g, L, C)
+    return search.Problem(scores=scores, costs=costs, budgets=dict(ctx.limits), pairs=pair_terms)
 
 
 def solve(prob: search.Problem, cfg: Config, warm_start: list[int] | None = None) -> search.Solution:
@@ -264,12 +446,12 @@ def sweep(prob: search.Problem, key: str, limits: list[float], cfg: Config) -> l
 
 def _run(ctx: Context, cfg: Config, mode: str) -> MethodOutput:
     ctx.check_feasible()
-    sens = measure(ctx, cfg, with_pairs=mode == "clado")
-    prob = problem(ctx, sens, mode, cfg.psd)
+    sens, _, pair_se = measure_with_noise(ctx, cfg, with_pairs=mode == "clado")
+    prob = problem(ctx, sens, mode, cfg.repair, pair_se, cfg.snr)
     sol = solve(prob, cfg)
     info = {
         "mode": mode,
-        "psd": cfg.psd and mode == "clado",
+        "repair": cfg.repair if mode == "clado" else "none",
         "loss": cfg.loss,
         "solver": cfg.solver,
         "status": sol.status,
@@ -279,8 +461,18 @@ def _run(ctx: Context, cfg: Config, mode: str) -> MethodOutput:
         "sensitivity_seconds": sens.meta.get("seconds"),
         "pair_evals": sens.meta.get("pair_evals"),
         "reuse": sens.meta.get("reuse"),
+        "splits": sens.meta.get("splits", 1),
     }
-    return MethodOutput(plan=ctx.plan_of(sol.choices), sensitivity=sens, history=[info])
+    if mode == "clado" and pair_se is not None and sens.pairs is not None:
+        measured = sens.pairs.double().numpy() != 0
+        kept = shrink_pairs(sens.pairs.double().numpy(), pair_se.double().numpy(), cfg.snr) != 0
+        info["pairs_measured"] = int(measured.sum()) // 2
+        info["pairs_kept"] = int(kept.sum()) // 2
+    choices = list(sol.choices)
+    if cfg.refine:
+        measure_plan = refining.calib_objective(ctx, cfg.loss)
+        choices, info["refined"] = refining.refine(ctx, prob, choices, cfg.refine, measure_plan)
+    return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])
 
 
 def search_clado(ctx: Context, cfg: Config) -> MethodOutput:

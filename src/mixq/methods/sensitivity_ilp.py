@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixq import search, sensitivity
+from mixq.methods import refine as refining
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.blockwise import find_blocks
 from mixq.tasks import Task
@@ -60,6 +61,9 @@ class Config:
             when the objective is "kl" and the model has repeated blocks, else "off"): on
             SmolLM2 it ranks the layers like the measured KL (Spearman 0.94) at a twentieth of
             its cost (bench/results/llm_sensitivity.json).
+        refine: after the solver, measure at most this many plans (the solver's and its
+            neighbours', `mixq.methods.refine`) on the calibration batches and keep the best
+            (0: off). The objective measured is ``objective`` resolved ("auto" for hawq).
     """
 
     batches: int = 0
@@ -69,6 +73,7 @@ class Config:
     hutchinson_mode: str = "block"
     objective: str = "auto"
     blockwise: str = "auto"
+    refine: int = 0
 
     def __post_init__(self) -> None:
         check_choices(
@@ -79,10 +84,11 @@ class Config:
         )
         if self.batches < 0 or self.hutchinson_samples < 1:
             raise ValueError("batches must be >= 0 and hutchinson_samples >= 1")
+        refining.check_refine(self.refine)
 
 
 def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[list[int], dict]:
-    """Pick one candidate per layer minimizing the summed scores within the budget."""
+    """Pick one candidate per layer minimizing the summed scores within the budget (then refine)."""
     problem = search.Problem(
         scores=scores.single.double(),
         costs={k: ctx.costs[k] for k in ctx.limits},
@@ -96,7 +102,12 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         "objective": sol.objective,
         "solve_seconds": sol.seconds,
     }
-    return list(sol.choices), info
+    choices = list(sol.choices)
+    if cfg.refine:
+        loss = "kl" if resolve_objective(ctx.task, cfg.objective) == "kl" else "task"
+        measure = refining.calib_objective(ctx, loss)
+        choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
+    return choices, info
 
 
 def _batches(ctx: Context, cfg: Config) -> list:
