@@ -9,6 +9,7 @@ a plan without it leaves the additions in float.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -120,7 +121,39 @@ def wrap(model: nn.Module, skip: Iterable[str] = (), embeddings: bool = False) -
         if type(m) is Add and name not in skip:
             _set_child(model, name, QAdd(m))
     _warn_float(model, skip)
+    guard_save_pretrained(model)
     return model
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make a transformers model's ``save_pretrained`` refuse (in place) while mixq quantizes it.
+
+    ``save_pretrained`` writes the float weights with no ``quantization_config``: the quantization
+    would be lost without a word. The guard raises, naming the export that keeps it; a model
+    whose sites hold no spec saves as before, and :func:`unwrap` removes the guard.
+    """
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    quantized = [n for n, m in self.named_modules() if _holds_quantization(m)]
+    if not quantized:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    raise ValueError(
+        f"save_pretrained would write float weights and lose mixq's quantization of {len(quantized)} "
+        f"layer(s) ({', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''}); write a "
+        "checkpoint transformers loads with mixq.export.save(result, DIR, format='hf') or "
+        "`mixq export RUN_DIR --format hf` (compressed-tensors)"
+    )
+
+
+def _holds_quantization(m: nn.Module) -> bool:
+    if isinstance(m, SITE_TYPES):
+        return m.weight_quant.spec is not None or m.input_quant.spec is not None
+    if isinstance(m, QAdd):
+        return any(q.spec is not None for q in m.quant)
+    return getattr(m, "quantized", False) is True or getattr(type(m), "mixq_quantizer", False)  # deployed
 
 
 def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, str]:
@@ -181,6 +214,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, (*SITE_TYPES, QAdd)):
             _set_child(model, name, m.float_module)
+    vars(model).pop("save_pretrained", None)  # the guard of wrap (guard_save_pretrained)
     return model
 
 

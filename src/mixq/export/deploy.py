@@ -21,7 +21,7 @@ from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
 from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
 from mixq.plan import QSpec
-from mixq.wrap import is_hf_conv1d, sites
+from mixq.wrap import guard_save_pretrained, is_hf_conv1d, sites
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,7 @@ def deploy(
             new = DeployConv2d(old, w, bias, act, name, quantized)
         new.layer_export = lx  # a plain attribute: what the layer was built from
         setattr(parent, attr, new)
+    guard_save_pretrained(skeleton)  # a transformers model: save_pretrained would lose the codes
     return skeleton
 
 

@@ -56,6 +56,8 @@ class ActQuant(nn.Module):
     or, on a signed site (``base`` asymmetric), is the plain 8-bit code, as the simulation does.
     """
 
+    mixq_quantizer = True  # a frozen quantizer (mixq.wrap.guard_save_pretrained)
+
     def __init__(
         self,
         spec: QSpec,
