@@ -254,11 +254,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif out.resolve().parent == Path(args.run_dir).resolve():  # into the run directory: listed
 
         def write(file: Path) -> Path:
-            return export.save(result, file, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
+            return export.save(
+                result,
+                file,
+                format=args.format,
+                task=task,
+                int4_as_int8=args.int4_as_int8,
+                exporter=args.exporter,
+            )
 
         path = rundir.add_file(args.run_dir, out.name, write)
     else:
-        path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
+        path = export.save(
+            result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8, exporter=args.exporter
+        )
     print(
         f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
         f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)"
@@ -343,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write (default RUN_DIR/model.safetensors, model.onnx, or the folder RUN_DIR/hf)",
     )
     x.add_argument("--task", help=_TASK_HELP + "; replaces the task the run recorded")
+    x.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="ONNX: torch.export's dynamo exporter (default) or the legacy TorchScript one (a fallback)",
+    )
     x.add_argument(
         "--int4-as-int8",
         action="store_true",

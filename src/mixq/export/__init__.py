@@ -71,7 +71,12 @@ def _task_of(result: Any, task: Any) -> Any:
 
 
 def save(
-    result: Any, path: str | Path, format: str = "safetensors", task: Any = None, int4_as_int8: bool = False
+    result: Any,
+    path: str | Path,
+    format: str = "safetensors",
+    task: Any = None,
+    int4_as_int8: bool = False,
+    exporter: str = "dynamo",
 ) -> Path:
     """Write a run's quantized model to ``path``.
 
@@ -89,6 +94,9 @@ def save(
             per-channel 4-bit matmul kernel on the CPU: it dequantizes 4-bit weights on every run
             and computes in float, while with 8-bit storage it fuses the layer into its integer
             kernels (a mixed plan then runs at int8 speed; the file holds 8 bits per weight).
+        exporter: ONNX only: "dynamo" (``torch.onnx.export(..., dynamo=True)`` on ``torch.export``,
+            the maintained exporter) or "torchscript" (the legacy exporter PyTorch deprecates, a
+            fallback; the same graph after mixq's rewrite).
 
     Returns:
         The path written.
@@ -103,7 +111,7 @@ def save(
         if int4_as_int8:
             raise ValueError("int4_as_int8 applies to format='onnx'; safetensors always packs the codes")
         return save_safetensors(result.model, result.plan, path)
-    return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
+    return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8, exporter=exporter)
 
 
 def load(
