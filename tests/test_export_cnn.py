@@ -121,3 +121,13 @@ def test_onnx_export_without_example_inputs_names_what_to_pass(tmp_path):
     res = mixq.run(task, "uniform", ["w8a8"])
     with pytest.raises(ValueError, match="ONNX export needs example inputs: pass task="):
         export.save(res, tmp_path / "m.onnx", format="onnx")
+
+
+def test_the_wrapped_model_is_export_clean():
+    """torch.export traces the fake-quantized model (no data-dependent check in the sites' forward)."""
+    task = mixq.Task(hardswish_net(), image_batches(2, 1), image_batches(1, 2), name="hs")
+    res = mixq.run(task, "uniform", ["w4a8"])
+    x = image_batches(1, 9)[0][0]
+    program = torch.export.export(res.model, (x,))
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), res.model(x))
