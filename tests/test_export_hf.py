@@ -131,3 +131,21 @@ def test_save_pretrained_refuses_to_drop_the_quantization(tasks, tmp_path):
     plain = mixq.unwrap(mixq.wrap(make_task("llama").model))  # unwrapped: the float model saves as before
     plain.save_pretrained(tmp_path / "c")
     assert (tmp_path / "c" / "config.json").is_file()
+
+
+def llama_task() -> mixq.Task:
+    """The tiny Llama task, importable as ``test_export_hf:llama_task`` (a run can rebuild it)."""
+    return make_task("llama")
+
+
+def test_cli_exports_a_run_directory_as_hf(tmp_path, capsys):
+    from mixq import cli
+
+    run_dir = tmp_path / "run"
+    res = mixq.run("test_export_hf:llama_task", "uniform", ["w4g16"], out=run_dir)
+    assert cli.main(["export", str(run_dir), "--format", "hf"]) == 0  # from the run's packed model
+    assert "wrote" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    x = llama_task().val[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, res.model(input_ids=x).logits)
