@@ -244,18 +244,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result, task = export.rebuild(args.run_dir, task=args.task)
     ext = "safetensors" if args.format == "safetensors" else "onnx"
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{ext}"
+    out = (
+        Path(args.out) if args.out else Path(args.run_dir) / (f"model.{ext}" if args.format != "hf" else "hf")
+    )
     stored = Path(args.run_dir) / export.RUN_MODEL
-    if out.exists() and stored.is_file() and out.resolve() == stored.resolve():
+    if args.format == "hf":  # a model directory (transformers' from_pretrained), not a listed file
+        path = export.save(result, out, format="hf")
+    elif out.exists() and stored.is_file() and out.resolve() == stored.resolve():
         path = out  # the run's own packed model, just checked against its metric
     elif out.resolve().parent == Path(args.run_dir).resolve():  # into the run directory: listed
 
         def write(file: Path) -> Path:
-            return export.save(result, file, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
+            return export.save(
+                result,
+                file,
+                format=args.format,
+                task=task,
+                int4_as_int8=args.int4_as_int8,
+                exporter=args.exporter,
+            )
 
         path = rundir.add_file(args.run_dir, out.name, write)
     else:
-        path = export.save(result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8)
+        path = export.save(
+            result, out, format=args.format, task=task, int4_as_int8=args.int4_as_int8, exporter=args.exporter
+        )
     print(
         f"wrote {path} ({path.stat().st_size} bytes; plan of {len(result.plan.layers)} layers, "
         f"{task.metric_name} {result.metrics.metric:.4f} as recorded by the run)"
@@ -329,11 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--out", default="runs/report", help="folder for report.html and the plots (runs/report)")
     rp.set_defaults(fn=cmd_report)
-    x = sub.add_parser("export", help="export a run's quantized model: packed safetensors or ONNX QDQ")
+    x = sub.add_parser(
+        "export",
+        help="export a run's quantized model: packed safetensors, ONNX QDQ or hf (compressed-tensors)",
+    )
     x.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `mixq run --out`")
     x.add_argument("--format", choices=FORMATS, default="safetensors", help="file format (safetensors)")
-    x.add_argument("--out", help="file to write (default RUN_DIR/model.safetensors or model.onnx)")
+    x.add_argument(
+        "--out",
+        help="file to write (default RUN_DIR/model.safetensors, model.onnx, or the folder RUN_DIR/hf)",
+    )
     x.add_argument("--task", help=_TASK_HELP + "; replaces the task the run recorded")
+    x.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="ONNX: torch.export's dynamo exporter (default) or the legacy TorchScript one (a fallback)",
+    )
     x.add_argument(
         "--int4-as-int8",
         action="store_true",

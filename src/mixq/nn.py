@@ -194,6 +194,8 @@ class Quantizer(nn.Module):
         # The cache is keyed by the weight's values: `w.data.mul_()` and `load_state_dict` do not
         # always bump `w._version`. A value made under inference_mode is not reused outside it
         # (autograd cannot save inference tensors for backward).
+        if _tracing():  # torch.export / torch.compile: the weight is a graph input, no cache
+            return kind.quantize_weight(w, spec, self._gram())
         c = self._weight_cache
         if (
             c is None
@@ -209,6 +211,11 @@ class Quantizer(nn.Module):
                 c.mask = kind.weight_mask(w, spec, self._gram())
             return fake.straight_through(w, c.wq, c.mask)
         return c.wq
+
+
+def _tracing() -> bool:
+    """Whether torch.export or torch.compile is tracing (data-dependent checks cannot run)."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 class QLinear(nn.Module):
@@ -346,11 +353,14 @@ class QCall(nn.Module):
     float model's; the layer itself is ``float_module`` (not a submodule; unwrap puts it back).
     With no spec it computes exactly what the layer computes.
 
-    An embedding's input is indices: its input site is never applied (``weight_only``). No packed
-    or ONNX export yet (``exportable`` is False).
+    An embedding's input is indices: its input site is never applied (``weight_only``). The packed
+    and ONNX exports take subclasses of nn.Conv2d (``exportable``), not the others yet.
     """
 
-    exportable = False
+    @property
+    def exportable(self) -> bool:
+        """Whether the packed and ONNX exports take the layer: a subclass of nn.Conv2d."""
+        return isinstance(self.float_module, nn.Conv2d)
 
     def __init__(self, m: nn.Module, layout: str) -> None:
         super().__init__()

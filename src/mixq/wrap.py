@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -122,6 +123,7 @@ def wrap(model: nn.Module, skip: Iterable[str] = (), embeddings: bool = False) -
             _set_child(model, name, QAdd(m))
     model.mixq_skipped = tuple(sorted(skip))  # a plain attribute: float_layers names them
     _warn_float(model, skip)
+    guard_save_pretrained(model)
     return model
 
 
@@ -202,6 +204,37 @@ def tie_plan(model: nn.Module, plan: Plan, strict: bool = False) -> Plan:
     return Plan(layers, {**plan.meta, "tied": dict(tied)})
 
 
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make a transformers model's ``save_pretrained`` refuse (in place) while mixq quantizes it.
+
+    ``save_pretrained`` writes the float weights with no ``quantization_config``: the quantization
+    would be lost without a word. The guard raises, naming the export that keeps it; a model
+    whose sites hold no spec saves as before, and :func:`unwrap` removes the guard.
+    """
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    quantized = [n for n, m in self.named_modules() if _holds_quantization(m)]
+    if not quantized:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    raise ValueError(
+        f"save_pretrained would write float weights and lose mixq's quantization of {len(quantized)} "
+        f"layer(s) ({', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''}); write a "
+        "checkpoint transformers loads with mixq.export.save(result, DIR, format='hf') or "
+        "`mixq export RUN_DIR --format hf` (compressed-tensors)"
+    )
+
+
+def _holds_quantization(m: nn.Module) -> bool:
+    if isinstance(m, SITE_TYPES):
+        return m.weight_quant.spec is not None or m.input_quant.spec is not None
+    if isinstance(m, QAdd):
+        return any(q.spec is not None for q in m.quant)
+    return getattr(m, "quantized", False) is True or getattr(type(m), "mixq_quantizer", False)  # deployed
+
+
 def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, str]:
     """Every parameter tensor of a wrapped model with two or more dimensions that stays float,
     by parameter name, with its reason ("not a supported layer type: X", "skipped by name",
@@ -263,6 +296,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             _set_child(model, name, m.float_module)
     model.__dict__.pop("mixq_skipped", None)
     model.__dict__.pop("mixq_excluded", None)
+    vars(model).pop("save_pretrained", None)  # the guard of wrap (guard_save_pretrained)
     return model
 
 

@@ -5,6 +5,7 @@ res = mixq.run("mnist-cnn", candidates=["w4a8", "w8a8"], budget={"avg_weight_bit
 mixq.export.save(res, "model.safetensors")                 # bit-packed codes + scales + plan
 model = mixq.export.load("model.safetensors")              # outputs equal res.model's, bit for bit
 mixq.export.save(res, "model.onnx", format="onnx")         # QuantizeLinear/DequantizeLinear
+mixq.export.save(res, "model-dir", format="hf")            # transformers + compressed-tensors
 emu = mixq.export.emulate(res, task)                       # ONNX Runtime's integer kernels, in PyTorch
 ```
 
@@ -14,6 +15,7 @@ The package's layers, each importing only those above it in this list:
 * :mod:`~mixq.export.deploy`: the deploy-model builder (``LayerExport`` records, deployed models);
 * :mod:`~mixq.export.packed`: the packed safetensors file format;
 * :mod:`~mixq.export.ort`: ONNX Runtime's graph surgery (where the QDQ nodes go, in which form);
+* :mod:`~mixq.export.hf`: transformers model directories in the compressed-tensors format;
 * :mod:`~mixq.export.qdq`: the generic QDQ writer (graph builder, tracing, ``save_onnx``);
 * :mod:`~mixq.export.integer`: ONNX Runtime's integer kernels emulated in PyTorch.
 """
@@ -29,6 +31,7 @@ from torch import nn
 from mixq import cost, rundir, tasks
 from mixq.api import Result, excludes, folded_task, names_embeddings, prepare
 from mixq.export.deploy import deploy_model
+from mixq.export.hf import save_hf
 from mixq.export.integer import emulate
 from mixq.export.packed import deployed, load_safetensors, read_safetensors, save_safetensors
 from mixq.export.qdq import save_onnx
@@ -36,7 +39,7 @@ from mixq.metrics import Metrics
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
 from mixq.wrap import adds_spec, apply, wrap
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "hf")
 RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "read_safetensors",
     "rebuild",
     "save",
+    "save_hf",
     "save_onnx",
     "save_safetensors",
 ]
@@ -67,15 +71,22 @@ def _task_of(result: Any, task: Any) -> Any:
 
 
 def save(
-    result: Any, path: str | Path, format: str = "safetensors", task: Any = None, int4_as_int8: bool = False
+    result: Any,
+    path: str | Path,
+    format: str = "safetensors",
+    task: Any = None,
+    int4_as_int8: bool = False,
+    exporter: str = "dynamo",
 ) -> Path:
     """Write a run's quantized model to ``path``.
 
     Args:
         result: a :class:`mixq.Result` (``result.model`` the wrapped model with its plan applied,
             or a deployed model from :func:`load` / :func:`rebuild`).
-        path: the file to write.
-        format: "safetensors" (packed codes, scales and the plan) or "onnx" (QDQ graph).
+        path: the file to write (format "hf": the model directory).
+        format: "safetensors" (packed codes, scales and the plan), "onnx" (QDQ graph) or "hf"
+            (a transformers model directory in the compressed-tensors format, weight-only integer
+            plans: :mod:`mixq.export.hf`).
         task: ONNX only: the Task (or its name) whose calibration batch gives example inputs;
             by default the run's own task, rebuilt by name.
         int4_as_int8: ONNX only: store 2- to 4-bit integer weight codes as INT8/UINT8 (the same
@@ -83,17 +94,24 @@ def save(
             per-channel 4-bit matmul kernel on the CPU: it dequantizes 4-bit weights on every run
             and computes in float, while with 8-bit storage it fuses the layer into its integer
             kernels (a mixed plan then runs at int8 speed; the file holds 8 bits per weight).
+        exporter: ONNX only: "dynamo" (``torch.onnx.export(..., dynamo=True)`` on ``torch.export``,
+            the maintained exporter) or "torchscript" (the legacy exporter PyTorch deprecates, a
+            fallback; the same graph after mixq's rewrite).
 
     Returns:
         The path written.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    if format == "hf":
+        if int4_as_int8:
+            raise ValueError("int4_as_int8 applies to format='onnx'; hf packs the codes at their width")
+        return save_hf(result.model, path)
     if format == "safetensors":
         if int4_as_int8:
             raise ValueError("int4_as_int8 applies to format='onnx'; safetensors always packs the codes")
         return save_safetensors(result.model, result.plan, path)
-    return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8)
+    return save_onnx(result.model, _task_of(result, task), path, int4_as_int8=int4_as_int8, exporter=exporter)
 
 
 def load(

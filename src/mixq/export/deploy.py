@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from mixq.export.codes import Encoded, act_export, act_params, decode_weight, encode_weight
-from mixq.export.modules import ActQuant, DeployAdd, DeployConv2d, DeployLinear
+from mixq.export.modules import ActQuant, DeployAdd, DeployCall, DeployConv2d, DeployLinear
 from mixq.kinds import kind_of
-from mixq.nn import LOW_PRECISION, Add, QAdd, QConv2d, QLinear
+from mixq.nn import LOW_PRECISION, Add, QAdd, QCall, QConv2d, QLinear
 from mixq.plan import QSpec
-from mixq.wrap import is_hf_conv1d, sites, tied_sites
+from mixq.wrap import guard_save_pretrained, is_hf_conv1d, sites, tied_sites
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def deployed_layers(model: nn.Module) -> dict[str, LayerExport]:
     """The layers of a deployed model (from :func:`deploy` or ``mixq.export.load``), by name."""
-    deployed = (DeployLinear, DeployConv2d)
+    deployed = (DeployLinear, DeployConv2d, DeployCall)
     return {n: m.layer_export for n, m in model.named_modules() if isinstance(m, deployed)}
 
 
@@ -186,7 +186,7 @@ def deploy(
         parent_name, _, attr = name.rpartition(".")
         parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
         old = getattr(parent, attr)
-        if isinstance(old, (QLinear, QConv2d)):
+        if isinstance(old, (QLinear, QConv2d, QCall)):
             old = old.float_module
         transposed = lx.kind == "linear" and is_hf_conv1d(old)  # x @ W + b, W [in, out]: a Linear
         expected = nn.Linear if lx.kind == "linear" else nn.Conv2d
@@ -204,10 +204,13 @@ def deploy(
         bias = None if lx.bias is None else lx.bias.to(dtype)
         if lx.kind == "linear":
             new: nn.Module = DeployLinear(w, bias, act, name, quantized)
+        elif type(old).forward is not nn.Conv2d.forward:  # a subclass's own forward ("same" padding)
+            new = DeployCall(copy.deepcopy(old), w, bias, act, name, quantized)
         else:
             new = DeployConv2d(old, w, bias, act, name, quantized)
         new.layer_export = lx  # a plain attribute: what the layer was built from
         setattr(parent, attr, new)
+    guard_save_pretrained(skeleton)  # a transformers model: save_pretrained would lose the codes
     return skeleton
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from mixq.export.codes import Encoded, code_to_int
 from mixq.export.deploy import LayerExport, collect_adds, deploy_model
-from mixq.export.modules import DeployAdd, DeployConv2d, DeployLinear
+from mixq.export.modules import DeployAdd, DeployCall, DeployConv2d, DeployLinear
 from mixq.export.qdq import export_deployed
 from mixq.formats import Int
 
@@ -120,7 +120,10 @@ class IntegerConv2d(_IntegerLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.source
-        acc = F.conv2d(self.codes(x), self.weight_int, None, m.stride, m.padding, m.dilation, m.groups)
+        if isinstance(m, DeployCall):  # a conv subclass's own forward ("same" padding), on the codes
+            acc = m.run(self.codes(x), self.weight_int, None)
+        else:
+            acc = F.conv2d(self.codes(x), self.weight_int, None, m.stride, m.padding, m.dilation, m.groups)
         acc = acc + self.bias_int.reshape(1, -1, *[1] * (acc.dim() - 2))
         return _requantize(acc, self.multiplier.reshape(1, -1, *[1] * (acc.dim() - 2)), self.out)
 
@@ -286,7 +289,7 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
             src = modules.get(layer)
             # QLinearConv: x, sx, zx, w, sw, zw, sy, zy[, bias]; QGemm: a, sa, za, b, sb, zb, c[, sy, zy]
             ys, yz, bias = (6, 7, 8) if op == "QLinearConv" else (7, 8, 6)
-            if len(node.input) <= yz or not isinstance(src, (DeployConv2d, DeployLinear)):
+            if len(node.input) <= yz or not isinstance(src, (DeployConv2d, DeployCall, DeployLinear)):
                 not_emulated.append(f"{op} {node.name}")  # a float output, or not a mixq layer
                 continue
             out = _requant(inits, node.input[ys], node.input[yz])
@@ -316,7 +319,7 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
             for user in users[node.output[0]]:  # a float layer whose bias ORT made int32
                 layer = _weight_layer(user, producers, inits)
                 src = modules.get(layer) if layer else None
-                if isinstance(src, (DeployConv2d, DeployLinear)):
+                if isinstance(src, (DeployConv2d, DeployCall, DeployLinear)):
                     q = torch.tensor(inits[node.input[0]].astype(np.int64)).float()
                     src.bias = q * torch.tensor(inits[node.input[1]], dtype=torch.float32)
                     emulated.setdefault("int32 bias", []).append(layer)

@@ -10,6 +10,8 @@ QuantizeLinear/DequantizeLinear.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,11 +44,85 @@ class _Marker(torch.autograd.Function):
         return out
 
 
+@torch.library.custom_op("mixq::weight_marker", mutates_args=())
+def _weight_marker(x: torch.Tensor, layer: str) -> torch.Tensor:  # noqa: ARG001
+    return x.clone()
+
+
+@torch.library.custom_op("mixq::act_marker", mutates_args=())
+def _act_marker(x: torch.Tensor, layer: str) -> torch.Tensor:  # noqa: ARG001
+    return x.clone()
+
+
+@_weight_marker.register_fake
+def _(x: torch.Tensor, layer: str) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty_like(x)
+
+
+@_act_marker.register_fake
+def _(x: torch.Tensor, layer: str) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty_like(x)
+
+
+_MARKER_OPS = {"Weight": _weight_marker, "Act": _act_marker}
+
+
+def marker_translations() -> dict[Any, Any]:
+    """The dynamo exporter's translation of the marker ops: a ``mixq::<kind>`` node naming its layer."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    opset = onnxscript.values.Opset(MARKER_DOMAIN, 1)
+
+    def marker_op(kind: str) -> Any:
+        schema = OpSchema(
+            kind,
+            MARKER_DOMAIN,
+            1,
+            inputs=[OpSchema.FormalParameter("x", "T")],
+            outputs=[OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "float32 values")],
+            attributes=[OpSchema.Attribute("layer", OpSchema.AttrType.STRING, "the layer's name")],
+        )
+        return onnxscript.values.Op(opset, kind, schema)
+
+    weight_op, act_op = marker_op("Weight"), marker_op("Act")
+
+    def weight(x: Any, layer: str) -> Any:
+        return weight_op(x, layer=layer)
+
+    def act(x: Any, layer: str) -> Any:
+        return act_op(x, layer=layer)
+
+    return {torch.ops.mixq.weight_marker.default: weight, torch.ops.mixq.act_marker.default: act}
+
+
 def mark(x: torch.Tensor, kind: str, layer: str) -> torch.Tensor:
-    """Return ``x``, marked as the ``kind`` ("Weight" or "Act") of ``layer`` when exporting to ONNX."""
+    """Return ``x``, marked as the ``kind`` ("Weight" or "Act") of ``layer`` when exporting to ONNX
+    (the dynamo exporter: a custom op; the TorchScript exporter: an autograd Function's symbolic)."""
+    if _DYNAMO[0]:
+        return _MARKER_OPS[kind](x, layer)
     if torch.onnx.is_in_onnx_export():
         return _Marker.apply(x, kind, layer)
     return x
+
+
+_DYNAMO = [False]  # inside dynamo_onnx_export(): the markers are custom ops
+
+
+@contextlib.contextmanager
+def dynamo_onnx_export() -> Iterator[None]:
+    """Within it, the deployed layers trace for the dynamo ONNX exporter (markers as custom ops)."""
+    _DYNAMO[0] = True
+    try:
+        yield
+    finally:
+        _DYNAMO[0] = False
+
+
+def onnx_exporting() -> bool:
+    """Whether an ONNX export (TorchScript or dynamo, :func:`dynamo_onnx_export`) traces the model."""
+    return _DYNAMO[0] or torch.onnx.is_in_onnx_export()
 
 
 class ActQuant(nn.Module):
@@ -55,6 +131,8 @@ class ActQuant(nn.Module):
     A SPARQ input (``base`` its 8-bit code spec) keeps the windows of its unsigned 8-bit codes,
     or, on a signed site (``base`` asymmetric), is the plain 8-bit code, as the simulation does.
     """
+
+    mixq_quantizer = True  # a frozen quantizer (mixq.wrap.guard_save_pretrained)
 
     def __init__(
         self,
@@ -76,7 +154,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero", zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if onnx_exporting():
             return mark(x, "Act", self.layer)
         params = ActParams(self.scale, self.zero, self.base)  # as the site computes it (Quantizer.forward)
         if x.dtype in LOW_PRECISION:
@@ -108,7 +186,7 @@ class DeployLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
-        if torch.onnx.is_in_onnx_export():
+        if onnx_exporting():
             wt = self.weight.t().contiguous()
             wt = mark(wt, "Weight", self.layer) if self.quantized else wt
             y = torch.matmul(x, wt)
@@ -165,3 +243,46 @@ class DeployAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.quant[0](a) + self.quant[1](b)
+
+
+class DeployCall(nn.Module):
+    """A subclass of nn.Conv2d with a forward of its own (e.g. "same" padding computed from the
+    input) on ``act(x)``, with a dequantized weight: the layer's own forward runs with it, as
+    :class:`mixq.nn.QCall` runs it with the fake-quantized one.
+
+    The layer is kept as ``module`` (not a submodule: its weight is this module's buffer).
+    """
+
+    def __init__(
+        self,
+        module: nn.Conv2d,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: ActQuant | None,
+        layer: str,
+        quantized: bool,
+    ) -> None:
+        super().__init__()
+        self.groups = module.groups
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.act, self.layer, self.quantized = act, layer, quantized
+        object.__setattr__(self, "module", module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w = mark(self.weight, "Weight", self.layer) if self.quantized else self.weight
+        return self.run(x, w, self.bias)
+
+    def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer's own forward on ``x`` with weight ``w`` and bias ``b``."""
+        m = self.module  # the tensors are swapped in: functional_call does not trace in the
+        saved = dict(m._parameters)  # TorchScript exporter
+        m._parameters["weight"] = w
+        if "bias" in saved:
+            m._parameters["bias"] = b
+        try:
+            return m(x)
+        finally:
+            m._parameters.update(saved)

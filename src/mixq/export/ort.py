@@ -228,7 +228,8 @@ def _integer_kernel(lx: LayerExport, g: Graph) -> bool:
 
 
 def _guard_relus(g: Graph, nodes: list[Any], types: dict[str, int]) -> list[Any]:
-    """Write a Relu next to a QDQ of another type than int8/uint8 as ``Max(x, 0)`` (same values).
+    """Write a Relu next to a QDQ of another type than int8/uint8 as ``Max(x, 0)``, a Clip as
+    ``Min(Max(x, lo), hi)`` (same values).
 
     ONNX Runtime 1.32's graph optimizations drop a Relu that feeds a QuantizeLinear (or follows
     a DequantizeLinear) as if every zero point of 0 were the type's minimum: right for uint8,
@@ -258,8 +259,34 @@ def _guard_relus(g: Graph, nodes: list[Any], types: dict[str, int]) -> list[Any]
             if zero is None:
                 zero = g.tensor("mixq.relu_zero", tp.FLOAT, torch.tensor(0.0))
             n = onnx.helper.make_node("Max", [n.input[0], zero], list(n.output), name=f"{n.name}_as_max")
+        src = by_output.get(n.input[0]) if n.op_type == "Clip" else None
+        if n.op_type == "Clip" and (
+            (src is not None and other_type(src)) or any(other_type(u) for u in users.get(n.output[0], []))
+        ):
+            out += _clip_as_min_max(onnx, n)
+            continue
         out.append(n)
     return out
+
+
+def _clip_as_min_max(onnx: Any, clip: Any) -> list[Any]:
+    """``Clip(x, lo, hi)`` as ``Min(Max(x, lo), hi)`` (an absent bound left out): the same values.
+
+    ONNX Runtime 1.32 fuses a Clip into a following QuantizeLinear only for 8-bit zero points
+    (a ReLU6 before a 4-bit input quantizer fails the session's creation, "Unexpected data type
+    for QuantizeLinear input y_zero_point").
+    """
+    x, lo, hi = (list(clip.input) + ["", ""])[:3]
+    nodes, cur = [], x
+    for op, bound in (("Max", lo), ("Min", hi)):
+        if bound:
+            nxt = f"{clip.name}.{op.lower()}"
+            nodes.append(onnx.helper.make_node(op, [cur, bound], [nxt], name=f"{clip.name}_as_{op.lower()}"))
+            cur = nxt
+    if not nodes:
+        return [onnx.helper.make_node("Identity", [x], list(clip.output), name=f"{clip.name}_as_identity")]
+    nodes[-1].output[0] = clip.output[0]
+    return nodes
 
 
 @dataclass

