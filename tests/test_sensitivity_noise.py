@@ -343,3 +343,50 @@ def test_fisher_objective_ranks_like_the_measured_kl(llama):
     ratio = fi.single[:-1, 1:] / kl.single[:-1, 1:]  # 4 and 8 bits: small changes
     assert 0.5 < float(ratio.median()) < 2.0
     assert fi.meta["fisher_samples"] == 16 and torch.isfinite(fi.se).all()
+
+
+def test_blockwise_gives_each_block_its_own_mask_and_no_cache():
+    """Gemma-3 alternates sliding-window and full-attention blocks, each with its own mask and
+    position embeddings, and its forward passes a key-value cache object: every block is run on
+    its own captured arguments, with no cache (a shared one would grow with each re-run)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=64,
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    windows = [{"input_ids": torch.randint(0, 64, (1, 12))} for _ in range(2)]
+
+    def forward(m, b):
+        return m(input_ids=b["input_ids"]).logits  # the model's default: a cache is passed
+
+    task = tasks.Task(
+        model=model, calib=windows, val=windows[:1], forward=forward, loss=lambda m, b: forward(m, b).mean()
+    )
+    q = wrap(copy.deepcopy(model)).eval()
+    layers = [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.3.self_attn.o_proj",
+    ]
+    blk = blockwise(q, task, layers, LM_CANDS, objective="mse", min_batches=1)
+    for i, layer in enumerate(layers):
+        block = q.get_submodule(".".join(layer.split(".")[:3]))
+        for j, c in enumerate(LM_CANDS):
+            vals = []
+            for b in task.calib:
+                ref = full_block_output(q, task, block, b, {})
+                got = full_block_output(q, task, block, b, {layer: parse_candidate(c)})
+                vals.append(float((got.double() - ref.double()).pow(2).mean()))
+            assert float(blk.single[i, j]) == pytest.approx(sum(vals) / len(vals), rel=1e-4)

@@ -78,7 +78,7 @@ from mixq.wrap import SITE_TYPES, applied
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("kl", "mse", "fisher")
-_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -125,8 +125,13 @@ def _detach(x: Any) -> Any:
     return x
 
 
+def _is_cache(v: Any) -> bool:
+    """A key-value cache object (transformers' ``Cache`` classes: ``DynamicCache`` ...)."""
+    return any(c.__name__ == "Cache" for c in type(v).__mro__) or type(v).__name__.endswith("Cache")
+
+
 def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (None if k in _CACHE_KEYS else v) for k, v in kwargs.items()}
+    out = {k: (None if k in _CACHE_KEYS or _is_cache(v) else v) for k, v in kwargs.items()}
     if "use_cache" in out:
         out["use_cache"] = False
     return out
@@ -158,6 +163,64 @@ def capture_inputs(
     if not seen:
         raise ValueError(f"block {block!r} is never called by the task's forward")
     return seen[0]
+
+
+def capture_block_args(
+    model: nn.Module, blocks: Sequence[str], run: Callable[[], Any]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The arguments of every block's first call in ``run()``, hidden states left out (None).
+
+    Blocks need not share their other arguments: a model may give its blocks different attention
+    masks (sliding-window and full layers alternate in Gemma-3). A tensor passed to several
+    blocks is copied once and shared. The forward stops after the last block's call.
+    """
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def det(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            hit = memo.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = memo[id(x)] = (x, x.detach().clone())
+            return hit[1]
+        if type(x) in (tuple, list):
+            return type(x)(det(v) for v in x)
+        if type(x) is dict:
+            return {k: det(v) for k, v in x.items()}
+        return x
+
+    seen: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def hook(k: int, mod: nn.Module, args: Any, kwargs: Any) -> None:
+        if k not in seen:
+            args = tuple(args)
+            kwargs = dict(kwargs)
+            if args:
+                args = (None, *args[1:])
+            elif "hidden_states" in kwargs:
+                kwargs["hidden_states"] = None
+            seen[k] = (det(args), _clean(det(kwargs)))
+        if k == len(blocks) - 1:
+            raise _Stop
+
+    handles = [
+        model.get_submodule(b).register_forward_pre_hook(
+            lambda mod, args, kwargs, k=k: hook(k, mod, args, kwargs), with_kwargs=True
+        )
+        for k, b in enumerate(blocks)
+    ]
+    try:
+        with torch.inference_mode():
+            run()
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        memo.clear()
+    missing = [b for k, b in enumerate(blocks) if k not in seen]
+    if missing:
+        raise ValueError(f"block(s) {missing[:3]} never called by the task's forward")
+    return [seen[k] for k in range(len(blocks))]
 
 
 def hidden_of(out: Any) -> torch.Tensor:
@@ -478,6 +541,10 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
         capture_inputs(run.qmodel, run.blocks[0], lambda b=b: run.task.forward(run.qmodel, b))
         for b in batches
     ]
+    block_args = [  # each block's own other arguments (masks may differ between blocks)
+        capture_block_args(run.qmodel, run.blocks, lambda b=b: run.task.forward(run.qmodel, b))
+        for b in batches
+    ]
     meta["capture_seconds"] = time.perf_counter() - t0
     peak = 0
     for k, name in enumerate(run.blocks):
@@ -489,7 +556,7 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
             if scope is not None:
                 scope.put(_key(run, layer, names), results[layer])
         if k + 1 < len(run.blocks):
-            inputs = [with_hidden(x, hidden_of(y)) for x, y in zip(inputs, outs, strict=True)]
+            inputs = [with_hidden(a[k + 1], hidden_of(y)) for a, y in zip(block_args, outs, strict=True)]
             if k + 2 == len(run.blocks):
                 _check_stream(run, batches[0], inputs[0])
         del outs
