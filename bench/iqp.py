@@ -7,7 +7,8 @@ The pair matrix follows CLADO's model ``G[(l,a),(m,b)] ≈ Δ_laᵀ H Δ_mb`` wi
 ``Δ_la = κ_l 2^{−b_a} √numel_l (A_l + 0.3 ξ_la)`` in ``R^8``, ``G = ΔΔᵀ`` scaled to a largest
 diagonal of 1, plus symmetric Gaussian noise of 0.3 times the entry's low-rank scale
 (a measured matrix). ``indefinite``: that matrix as is; ``psd``: its PSD projection
-(negative eigenvalues clipped, CLADO's repair); ``lowrank``: ``ΔΔᵀ`` alone (PSD, no noise). The problem is built like
+(negative eigenvalues clipped, CLADO's repair); ``lowrank``: ``ΔΔᵀ`` alone (PSD, no noise).
+The problem is built like
 `mixq.methods.clado.objective_terms`: scores ``½ diag(G)``, pairs ``G`` (diagonal blocks dropped).
 
 Real matrices: the CLADO sensitivity of mnist-cnn (``--real``; computed with a small batch,
