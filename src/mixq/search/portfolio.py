@@ -10,9 +10,10 @@
 
 Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.ilp.highs`, the best
 incumbents in short times) then SCIP on the convex form (`mixq.search.scip`: the only bound that
-sees the quadratic objective, warm-started from HiGHS's polished incumbent). The solvers are optional (``pip install mixq[search]``:
-OR-Tools, PySCIPOpt); one that cannot be imported is skipped and named in the note, and when none is left the HiGHS
-MILP runs alone ("HiGHS MILP fallback" in the note).
+sees the quadratic objective, warm-started from HiGHS's polished incumbent). The solvers are
+optional (``pip install mixq[search]``: OR-Tools, PySCIPOpt); one that cannot be imported is
+skipped and named in the note, and when none is left the HiGHS MILP runs alone ("HiGHS MILP
+fallback" in the note).
 """
 
 from __future__ import annotations
