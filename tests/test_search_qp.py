@@ -16,6 +16,7 @@ from mixq.search.portfolio import SOLVERS, portfolio, run_solver
 from mixq.search.terms import Terms
 
 EXACT = ("highs", "cpsat", "scip", "scip-linear", "scip-both", "portfolio")
+MAIN = ("cpsat", "scip", "portfolio")
 
 
 def make(L: int, C: int, seed: int, psd: bool, frac: float = 0.55, integer_costs: bool = True) -> Problem:
@@ -43,13 +44,15 @@ def tolerance(problem: Problem) -> float:
     return 1e-7 * max(1.0, Terms(problem).magnitude())
 
 
-@pytest.mark.parametrize("psd", [True, False])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_every_solver_matches_brute_force(seed: int, psd: bool) -> None:
+@pytest.mark.parametrize(
+    ("seed", "psd", "solvers"),
+    [(0, True, EXACT), (1, False, EXACT), (2, True, MAIN), (3, False, MAIN)],
+)
+def test_every_solver_matches_brute_force(seed: int, psd: bool, solvers: tuple[str, ...]) -> None:
     problem = make(6, 3, seed, psd)
     best = brute_force(problem)
     tol = tolerance(problem)
-    for name in EXACT:
+    for name in solvers:
         sol = run_solver(name, problem, time_limit=30.0)
         assert problem.is_feasible(sol.choices), name
         assert sol.objective == pytest.approx(problem.objective(sol.choices), abs=1e-12)
@@ -59,7 +62,7 @@ def test_every_solver_matches_brute_force(seed: int, psd: bool) -> None:
         assert sol.gap <= 1e-6, (name, sol.gap)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("seed", [3])
 def test_forbidden_candidates_and_fractional_costs(seed: int) -> None:
     """+inf scores forbid; non-integer costs take CP-SAT's rounded-down budget row."""
     base = make(5, 4, seed, psd=False, integer_costs=False)
@@ -78,21 +81,24 @@ def test_forbidden_candidates_and_fractional_costs(seed: int) -> None:
 
 
 def test_convex_form_is_exact_at_integer_points_and_convex() -> None:
-    """c0 + gᵀx + ½ Σ λ (vᵀx − o)² equals f at every choice; λ ≥ 0 (a convex function)."""
+    """c0 + gᵀx + ½ Σ λ (vᵀx − o)² equals f at every choice and is convex on the hull."""
     problem = make(4, 3, 7, psd=False)
     t = Terms(problem)
     cv = t.convex()
     assert (cv.lam >= 0).all() and cv.shift > 0
     for choice in itertools.product(range(3), repeat=4):
         assert cv.value(t.vector(list(choice))) == pytest.approx(problem.objective(list(choice)), abs=1e-9)
-    # The relaxation's minimum over the product of simplices (brute grid) is below the optimum.
+    # Convex along every segment of the relaxation's hull (random points of the simplices).
     rng = np.random.default_rng(0)
-    opt = brute_force(Problem(problem.scores, problem.costs, {"size": math.inf}, problem.pairs)).objective
     for _ in range(200):
-        x = rng.dirichlet(np.ones(3), size=4).reshape(-1)
-        assert cv.value(x) == pytest.approx(cv.value(x))  # finite
-    values = [cv.value(t.vector(list(c))) for c in itertools.product(range(3), repeat=4)]
-    assert min(values) == pytest.approx(opt, abs=1e-9)
+        x, y = (rng.dirichlet(np.ones(3), size=4).reshape(-1) for _ in range(2))
+        assert cv.value(0.5 * (x + y)) <= 0.5 * (cv.value(x) + cv.value(y)) + 1e-9
+    # The same with completed diagonal blocks: exact at integer points, smaller shift.
+    blocks = t.completion(iterations=50)
+    cb = t.convex(blocks)
+    assert cb.shift <= cv.shift
+    for choice in itertools.product(range(3), repeat=4):
+        assert cb.value(t.vector(list(choice))) == pytest.approx(problem.objective(list(choice)), abs=1e-9)
 
 
 def test_bound_below_optimum_at_short_time_limits() -> None:
@@ -124,7 +130,7 @@ def test_infeasible_budget_raises_with_smallest_budget() -> None:
     size = problem.cost_arrays["size"]
     smallest = float(size.min(axis=1).sum())
     low = Problem(problem.scores, problem.costs, {"size": smallest - 1.0}, problem.pairs)
-    for name in EXACT:
+    for name in MAIN:
         with pytest.raises(InfeasibleBudgetError, match="smallest feasible value") as info:
             run_solver(name, low, time_limit=5.0)
         assert info.value.minimums["size"] == pytest.approx(smallest)
