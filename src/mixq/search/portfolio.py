@@ -3,7 +3,7 @@
 1. Warm start: the better of `greedy` and the caller's ``warm_start``, improved by
    `mixq.search.local.polish` (one- and two-layer exchanges on the full objective).
 2. The solvers of ``solvers`` in order, each warm-started from the best incumbent so far and
-   given an equal share of the time left (``None``: no limit; the first that proves optimality
+   given its share (``weights``) of the time left (``None``: no limit; the first that proves optimality
    ends the run). Each returns an incumbent and a proven lower bound.
 3. The best incumbent is polished once more; the bound is the largest bound of any solver, the
    gap ``(f − bound)/|f|``.
@@ -27,11 +27,12 @@ from mixq.search.greedy import greedy
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, check_budgets, relative_gap
 
-__all__ = ["DEFAULT", "SOLVERS", "portfolio", "run_solver"]
+__all__ = ["DEFAULT", "DEFAULT_WEIGHTS", "SOLVERS", "portfolio", "run_solver"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT = ("highs", "scip")
+DEFAULT_WEIGHTS = (0.3, 0.7)
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
@@ -99,6 +100,7 @@ def portfolio(
     time_limit: float | None = None,
     warm_start: list[int] | None = None,
     solvers: tuple[str, ...] = DEFAULT,
+    weights: tuple[float, ...] | None = None,
     rel_gap: float = 1e-9,
 ) -> Solution:
     """Minimize ``f(x)`` under the budgets with a warm start and several exact solvers.
@@ -109,6 +111,10 @@ def portfolio(
         warm_start: A choice per layer; ignored (with a warning) when infeasible.
         solvers: Names from `SOLVERS` ("highs", "cpsat", "scip", "scip-linear", "scip-both"), in
             the order they run.
+        weights: Relative time shares of ``solvers``: solver i gets the time left times
+            ``weights[i] / Σ_{j ≥ i} weights[j]`` (time a solver leaves unused goes to the
+            next). None: `DEFAULT_WEIGHTS` for the default solvers (HiGHS 30 %, SCIP 70 %: SCIP's
+            bound needs the time), equal shares otherwise.
         rel_gap: Stop when the relative gap is at most this.
 
     Returns:
@@ -116,40 +122,33 @@ def portfolio(
         incumbent, the best ``bound``, the ``gap`` and a ``note`` naming each solver's result.
 
     Raises:
-        ValueError: Unknown solver name, or ``time_limit`` not positive.
+        ValueError: Unknown solver name, ``time_limit`` not positive, or ``warm_start`` of the
+            wrong length, out of range or forbidden.
         InfeasibleBudgetError: No choice satisfies the budgets.
     """
     start = time.perf_counter()
     unknown = [s for s in solvers if s not in SOLVERS or s == "portfolio"]
     if unknown or not solvers:
         raise ValueError(f"unknown solvers {unknown}; valid: {sorted(set(SOLVERS) - {'portfolio'})}")
+    if weights is None:
+        weights = DEFAULT_WEIGHTS if tuple(solvers) == DEFAULT else (1.0,) * len(solvers)
+    if len(weights) != len(solvers) or not all(w > 0 for w in weights):
+        raise ValueError(f"weights {weights} must be {len(solvers)} positive numbers, one per solver")
+    share_of = dict(zip(solvers, weights, strict=True))
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be positive seconds or None, got {time_limit!r}")
     check_budgets(problem)
-    pool = [greedy(problem).choices]
-    if warm_start is not None:
-        if problem.is_feasible(warm_start):
-            pool.append(problem.check_choices(warm_start))
-        else:
-            logger.warning("warm start violates budgets or is invalid; ignored")
-    best = polish(problem, min(pool, key=problem.objective))
+    best = _warm_start(problem, warm_start)
     bound = -math.inf
     proven = False
-    notes = []
-    missing = [s for s in solvers if not _available(s)]
-    run = [s for s in solvers if s not in missing]
-    if missing:
-        notes.append(f"{', '.join(missing)} not installed (pip install mixq[search])")
-    if not run:
-        run = ["highs"]
-    if missing and run == ["highs"]:
-        notes.append("HiGHS MILP fallback")
+    run, notes = _runnable(solvers)
     for i, name in enumerate(run):
         left = None if time_limit is None else time_limit - (time.perf_counter() - start)
         if left is not None and left <= 0:
             notes.append(f"{name}: no time left")
             continue
-        share = None if left is None else left / (len(run) - i)
+        rest = sum(share_of.get(r, 1.0) for r in run[i:])
+        share = None if left is None else left * share_of.get(name, 1.0) / rest
         sol = SOLVERS[name](problem, share, best)
         notes.append(sol.note or name)
         if sol.objective < problem.objective(best):
@@ -169,3 +168,29 @@ def portfolio(
     return problem.solution(
         best, status, gap, time.perf_counter() - start, bound=bound, note="; ".join(notes)
     )
+
+
+def _warm_start(problem: Problem, warm_start: list[int] | None) -> list[int]:
+    """Return the better of greedy and ``warm_start`` (if feasible), polished."""
+    pool = [greedy(problem).choices]
+    if warm_start is not None:
+        start_choices = problem.check_choices(warm_start)  # wrong length, range: ValueError
+        if problem.is_feasible(start_choices):
+            pool.append(start_choices)
+        else:
+            logger.warning("warm start violates budgets %s; ignored", problem.violations(start_choices))
+    return polish(problem, min(pool, key=problem.objective))
+
+
+def _runnable(solvers: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Return the installed solvers of ``solvers`` (HiGHS when none) and the notes about it."""
+    notes = []
+    missing = [s for s in solvers if not _available(s)]
+    run = [s for s in solvers if s not in missing]
+    if missing:
+        notes.append(f"{', '.join(missing)} not installed (pip install mixq[search])")
+    if not run:
+        run = ["highs"]
+    if missing and run == ["highs"]:
+        notes.append("HiGHS MILP fallback")
+    return run, notes

@@ -157,7 +157,7 @@ def scip(
             logger.warning("scip answer exceeds budgets %s; dropped", problem.violations(found))
             found = None
     bound = float(model.getDualbound())
-    if not math.isfinite(bound) or abs(bound) > 1e300:
+    if not math.isfinite(bound) or bound <= -model.infinity():  # no bound yet
         bound = -math.inf
     note = f"scip ({formulation}): {code}"
     return conclude(problem, found, hint, bound, code == "optimal", time.perf_counter() - start, note)
