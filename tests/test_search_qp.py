@@ -164,6 +164,8 @@ def test_bad_input_is_named() -> None:
         run_solver("gurobi", problem)
     with pytest.raises(ValueError, match="unknown solvers"):
         portfolio(problem, solvers=("cpsat", "cplex"))
+    with pytest.raises(ValueError, match="must be 2 positive numbers"):
+        portfolio(problem, solvers=("highs", "scip"), weights=(1.0, 0.0))
     from mixq.search.scip import scip
 
     with pytest.raises(ValueError, match="unknown formulation 'sdp'"):
