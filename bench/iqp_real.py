@@ -90,6 +90,8 @@ def real_problems(spec: str) -> dict[str, Problem]:
     return out
 
 
-if __name__ == "__main__":
-    for k, p in real_problems("mnist-cnn:64").items():
-        print(k, tuple(p.scores.shape), Path(CACHE))
+if __name__ == "__main__":  # python -m bench.iqp_real [task:images,...]: measure and cache
+    import sys
+
+    for k, p in real_problems(sys.argv[1] if len(sys.argv) > 1 else "mnist-cnn:64").items():
+        print(k, tuple(p.scores.shape), Path(CACHE), flush=True)

@@ -155,7 +155,7 @@ def portfolio(
             best = sol.choices
         if math.isfinite(sol.bound):
             bound = max(bound, sol.bound)
-        proven = sol.status == "optimal" and problem.objective(best) <= sol.objective
+        proven = sol.status == "optimal"  # within the solver's tolerance; best is at least as good
         if proven or relative_gap(problem.objective(best), bound) <= rel_gap:
             break
     best = polish(problem, best)
