@@ -35,6 +35,29 @@ logger = logging.getLogger(__name__)
 _SCALE_BITS = 36
 
 
+def _pair_terms(model, t: Terms, x: list, sigma: float, hx: np.ndarray | None) -> tuple[list, list[int]]:  # noqa: ANN001
+    """Add the ``y`` Booleans and marginal rows of every block; return their objective terms."""
+    obj_vars: list = []
+    obj_coef: list[int] = []
+    for _, _, vl, vm, block in t.blocks:
+        y = [[model.new_bool_var("") for _ in vm] for _ in vl]
+        if hx is not None:  # a complete hint: y = x[l, c]·x[m, c']
+            for a, i in enumerate(vl):
+                for b, j in enumerate(vm):
+                    model.add_hint(y[a][b], bool(hx[i] and hx[j]))
+        for a, i in enumerate(vl):
+            model.add(sum(y[a]) == x[i])
+        for b, j in enumerate(vm):
+            model.add(sum(y[a][b] for a in range(len(vl))) == x[j])
+        for a in range(len(vl)):
+            for b in range(len(vm)):
+                coef = int(round(sigma * block[a, b]))
+                if coef:
+                    obj_vars.append(y[a][b])
+                    obj_coef.append(coef)
+    return obj_vars, obj_coef
+
+
 def cpsat(
     problem: Problem,
     time_limit: float | None = None,
@@ -70,28 +93,20 @@ def cpsat(
     budgets = t.integer_budgets()
     for b in budgets:
         model.add(sum(int(c) * x[i] for i, c in enumerate(b.coef) if c) <= b.rhs)
-    magnitude = t.magnitude()
-    sigma = 2.0**_SCALE_BITS / magnitude if magnitude > 0 else 1.0
-    obj_vars, obj_coef = list(x), [int(round(sigma * v)) for v in t.linear]
-    for _, _, vl, vm, block in t.blocks:
-        y = [[model.new_bool_var("") for _ in vm] for _ in vl]
-        for a, i in enumerate(vl):
-            model.add(sum(y[a]) == x[i])
-        for b, j in enumerate(vm):
-            model.add(sum(y[a][b] for a in range(len(vl))) == x[j])
-        for a in range(len(vl)):
-            for b in range(len(vm)):
-                coef = int(round(sigma * block[a, b]))
-                if coef:
-                    obj_vars.append(y[a][b])
-                    obj_coef.append(coef)
-    model.minimize(sum(c * v for c, v in zip(obj_coef, obj_vars, strict=True) if c))
     hint = None
     if warm_start is not None and problem.is_feasible(warm_start):
         hint = problem.check_choices(warm_start)
-        hx = t.vector(hint)
+    hx = t.vector(hint) if hint is not None else None
+    if hx is not None:
         for i in range(t.n):
             model.add_hint(x[i], bool(hx[i]))
+    magnitude = t.magnitude()
+    sigma = 2.0**_SCALE_BITS / magnitude if magnitude > 0 else 1.0
+    obj_vars, obj_coef = list(x), [int(round(sigma * v)) for v in t.linear]
+    pv, pc = _pair_terms(model, t, x, sigma, hx)
+    obj_vars += pv
+    obj_coef += pc
+    model.minimize(sum(c * v for c, v in zip(obj_coef, obj_vars, strict=True) if c))
 
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = workers
