@@ -14,8 +14,9 @@ The problem is built like
 Real matrices: the CLADO sensitivity of mnist-cnn (``--real``; computed with a small batch,
 seconds), unprojected and projected.
 
-Each row (instance, solver, time limit) records the incumbent, bound, gap, status and seconds,
-and is written as soon as it finishes (resumable: rows already in the JSON are skipped).
+Each row (instance, solver, time limit) records the incumbent, bound, gap, status, seconds and
+the command and commit that made it, and is written as soon as it finishes (resumable: rows
+already in the JSON are skipped). One thread per solver; time limits are wall-clock.
 
     OMP_NUM_THREADS=1 python -m bench.iqp [--limits 10,60] [--sizes 29x4,50x3] [--solvers ...]
 """
@@ -115,7 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     path = RESULTS / f"{args.out}.json"
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    data["provenance"] = provenance()
+    data["provenance"] = provenance()  # of the last invocation; each row names its own
+    origin = {k: data["provenance"][k] for k in ("command", "git_commit", "src_dirty")}
     done = {(r["instance"], r["solver"], r["time_limit"]) for r in data["rows"]}
     problems: dict[str, Problem] = {}
     for size in args.sizes.split(","):
@@ -140,6 +142,7 @@ def main() -> None:
                     **_row(problem, solver, limit),
                 }
                 row["wall_seconds"] = time.perf_counter() - t0
+                row.update(origin)
                 print(json.dumps(row), flush=True)
                 data["rows"].append(row)
                 path.write_text(json.dumps(data, indent=1) + "\n")
