@@ -104,6 +104,25 @@ def _row(problem: Problem, solver: str, limit: float) -> dict[str, Any]:
     }
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A markdown table: per instance and time limit, each solver's incumbent / bound / gap."""
+    solvers = sorted({r["solver"] for r in rows})
+    lines = [
+        "| instance | limit s | " + " | ".join(f"{s} inc / bound / gap" for s in solvers) + " |",
+        "|---|---|" + "---|" * len(solvers),
+    ]
+    keys = sorted({(r["instance"], r["time_limit"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    for inst, limit in keys:
+        cells = []
+        for s in solvers:
+            r = next(
+                (r for r in rows if (r["instance"], r["time_limit"], r["solver"]) == (inst, limit, s)), None
+            )
+            cells.append("" if r is None else f"{r['incumbent']:.4g} / {r['bound']:.4g} / {r['gap']:.3g}")
+        lines.append(f"| {inst} | {limit:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
@@ -113,8 +132,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default="", help="zoo tasks for real CLADO matrices, e.g. mnist-cnn:64")
     parser.add_argument("--out", default=NAME)
+    parser.add_argument("--summary", action="store_true", help="only write the markdown table (.md)")
     args = parser.parse_args()
     path = RESULTS / f"{args.out}.json"
+    if args.summary:
+        path.with_suffix(".md").write_text(summary(json.loads(path.read_text())["rows"]))
+        return
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
     data["provenance"] = provenance()  # of the last invocation; each row names its own
     origin = {k: data["provenance"][k] for k in ("command", "git_commit", "src_dirty")}
