@@ -32,7 +32,7 @@ __all__ = ["DEFAULT", "DEFAULT_WEIGHTS", "SOLVERS", "portfolio", "run_solver"]
 logger = logging.getLogger(__name__)
 
 DEFAULT = ("highs", "scip")
-DEFAULT_WEIGHTS = (0.3, 0.7)
+DEFAULT_WEIGHTS = (0.5, 0.5)
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
@@ -113,8 +113,9 @@ def portfolio(
             the order they run.
         weights: Relative time shares of ``solvers``: solver i gets the time left times
             ``weights[i] / Σ_{j ≥ i} weights[j]`` (time a solver leaves unused goes to the
-            next). None: `DEFAULT_WEIGHTS` for the default solvers (HiGHS 30 %, SCIP 70 %: SCIP's
-            bound needs the time), equal shares otherwise.
+            next). None: `DEFAULT_WEIGHTS` for the default solvers (HiGHS and SCIP half each: HiGHS
+            proves the real CLADO matrices, SCIP's bound needs the time on larger ones), equal
+            shares otherwise.
         rel_gap: Stop when the relative gap is at most this.
 
     Returns:
@@ -150,7 +151,7 @@ def portfolio(
         rest = sum(share_of.get(r, 1.0) for r in run[i:])
         share = None if left is None else left * share_of.get(name, 1.0) / rest
         sol = SOLVERS[name](problem, share, best)
-        notes.append(sol.note or name)
+        notes.append(f"{sol.note or name} ({'no limit' if share is None else f'{share:.3g} s'})")
         if sol.objective < problem.objective(best):
             best = sol.choices
         if math.isfinite(sol.bound):
