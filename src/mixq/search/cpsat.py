@@ -92,7 +92,8 @@ def cpsat(
         model.add_exactly_one(x[i] for i in v)
     budgets = t.integer_budgets()
     for b in budgets:
-        model.add(sum(int(c) * x[i] for i, c in enumerate(b.coef) if c) <= b.rhs)
+        nz = np.flatnonzero(b.coef)
+        model.add(cp_model.LinearExpr.weighted_sum([x[i] for i in nz], [int(b.coef[i]) for i in nz]) <= b.rhs)
     hint = None
     if warm_start is not None and problem.is_feasible(warm_start):
         hint = problem.check_choices(warm_start)
@@ -106,7 +107,8 @@ def cpsat(
     pv, pc = _pair_terms(model, t, x, sigma, hx)
     obj_vars += pv
     obj_coef += pc
-    model.minimize(sum(c * v for c, v in zip(obj_coef, obj_vars, strict=True) if c))
+    keep = [i for i, c in enumerate(obj_coef) if c]
+    model.minimize(cp_model.LinearExpr.weighted_sum([obj_vars[i] for i in keep], [obj_coef[i] for i in keep]))
 
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = workers
