@@ -82,11 +82,13 @@ def problems_of(task_name: str, bits: tuple[int, ...], images: int) -> dict[str,
 
 
 def real_problems(spec: str) -> dict[str, Problem]:
-    """``spec``: comma-separated ``task[:images]`` (default 64 images), bits (2, 4, 8)."""
+    """``spec``: comma-separated ``task[:images[:bits]]`` (default 64 images, bits 248)."""
     out: dict[str, Problem] = {}
     for item in spec.split(","):
-        name, _, images = item.partition(":")
-        out.update(problems_of(name, (2, 4, 8), int(images or 64)))
+        name, images, bits = (item.split(":") + ["", ""])[:3]
+        bits = bits or "248"
+        found = problems_of(name, tuple(int(b) for b in bits), int(images or 64))
+        out.update({k if bits == "248" else f"{k}-w{bits}": p for k, p in found.items()})
     return out
 
 
