@@ -21,24 +21,31 @@ from mixq.search.problem import (
     Problem,
     Solution,
     check_budgets,
+    relative_gap,
 )
 
-__all__ = ["ilp", "pareto_sweep"]
+__all__ = ["highs", "ilp", "pareto_sweep"]
 
 logger = logging.getLogger(__name__)
 
 
-def _gap(objective: float, bound: float | None) -> float:
-    """Return HiGHS's relative gap ``(f − bound) / |f|`` of an incumbent, inf if unknown."""
-    if bound is None or not math.isfinite(bound):
-        return math.inf
-    diff = max(0.0, objective - bound)
-    if diff == 0.0:
-        return 0.0
-    return diff / abs(objective) if objective != 0.0 else math.inf
-
-
 def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None) -> Solution:
+    """Minimize ``f(x)`` under the budgets: the exact solver every method calls.
+
+    Without pairwise terms this is `highs` (a multiple-choice knapsack, solved to optimality in
+    milliseconds). With them it is `mixq.search.portfolio.portfolio` (greedy + local-search warm
+    start, then HiGHS and SCIP, best incumbent and best bound; HiGHS alone without SCIP).
+    Arguments, returns and errors as in `highs`; the `Solution` carries ``bound`` and a ``note``
+    naming the solvers that ran.
+    """
+    if problem.interactions is None:
+        return highs(problem, time_limit=time_limit, warm_start=warm_start)
+    from mixq.search.portfolio import portfolio
+
+    return portfolio(problem, time_limit=time_limit, warm_start=warm_start)
+
+
+def highs(problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None) -> Solution:
     """Minimize ``f(x)`` under the budgets exactly, with HiGHS through `scipy.optimize.milp`.
 
     Solves ``min_x Σ_l s[l, x_l] + Σ_{l<m} Q[l, x_l, m, x_m]`` subject to
@@ -92,11 +99,15 @@ def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
     else:
         raise RuntimeError(f"milp failed with status {res.status}: {res.message}")
 
+    dual = getattr(res, "mip_dual_bound", None)
+    dual = float(dual) if dual is not None and math.isfinite(dual) else -math.inf
     if status == "optimal":
         choices = found
         if incumbent is not None and problem.objective(incumbent) < problem.objective(found):
             choices = incumbent  # equal up to the solver's absolute gap
-        return problem.solution(choices, status, 0.0, time.perf_counter() - start)
+        value = problem.objective(choices)
+        bound = min(value, dual) if math.isfinite(dual) else value
+        return problem.solution(choices, status, 0.0, time.perf_counter() - start, bound=bound, note="highs")
 
     # Not proven optimal: polish the best incumbent on the full objective.
     pool = [c for c in (found, incumbent, greedy(problem).choices) if c is not None]
@@ -105,9 +116,16 @@ def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
     value = problem.objective(polished)
     gap = getattr(res, "mip_gap", None)
     if polished != found or gap is None or not math.isfinite(gap):
-        gap = _gap(value, getattr(res, "mip_dual_bound", None))
+        gap = relative_gap(value, dual)
     logger.info("%s: incumbent %.6g, polished %.6g", status, problem.objective(best), value)
-    return problem.solution(polished, status, max(0.0, float(gap)), time.perf_counter() - start)
+    return problem.solution(
+        polished,
+        status,
+        max(0.0, float(gap)),
+        time.perf_counter() - start,
+        bound=min(dual, value),
+        note="highs",
+    )
 
 
 def pareto_sweep(

@@ -36,6 +36,19 @@ def _fmt(value: float) -> str:
     return f"{value:.12g}"
 
 
+def relative_gap(objective: float, bound: float | None) -> float:
+    """Return the relative gap ``(f − bound) / |f|`` of an incumbent; inf when no bound is known.
+
+    0 when ``bound ≥ f``; inf when ``f = 0`` with a smaller bound.
+    """
+    if bound is None or not math.isfinite(bound):
+        return math.inf
+    diff = max(0.0, objective - bound)
+    if diff == 0.0:
+        return 0.0
+    return diff / abs(objective) if objective != 0.0 else math.inf
+
+
 def budget_tolerance(budget: float) -> float:
     """Return the slack a cost sum may exceed ``budget`` by (float summation error only)."""
     return 1e-9 * max(1.0, abs(budget))
@@ -77,6 +90,10 @@ class Solution:
             known, ``nan`` for greedy.
         seconds: Wall-clock seconds spent by the solver call.
         costs: ``Σ_l costs[name][l, x_l]`` for every cost table of the problem.
+        bound: A proven lower bound on the optimum (``objective`` when optimal, ``-inf`` when
+            none is known, ``nan`` where the solver does not report one, e.g. greedy).
+        note: Which solvers ran and anything the caller should know (a missing optional
+            solver, a fallback); empty when there is nothing to say.
     """
 
     choices: list[int]
@@ -85,6 +102,8 @@ class Solution:
     gap: float
     seconds: float
     costs: dict[str, float]
+    bound: float = math.nan
+    note: str = ""
 
 
 def _as_array(name: str, value: object) -> np.ndarray:
@@ -259,7 +278,15 @@ class Problem:
             for name in self.budgets
         }
 
-    def solution(self, choices: list[int], status: str, gap: float, seconds: float) -> Solution:
+    def solution(
+        self,
+        choices: list[int],
+        status: str,
+        gap: float,
+        seconds: float,
+        bound: float = math.nan,
+        note: str = "",
+    ) -> Solution:
         """Return the `Solution` of ``choices`` with objective and costs evaluated here."""
         choices = self.check_choices(choices)
         return Solution(
@@ -269,6 +296,8 @@ class Problem:
             gap=gap,
             seconds=seconds,
             costs=self.cost(choices),
+            bound=bound,
+            note=note,
         )
 
 
