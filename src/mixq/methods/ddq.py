@@ -230,8 +230,11 @@ def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.T
         out = torch.zeros(len(ctx.layers), len(ctx.candidates), dtype=torch.float64)
         for i, name in enumerate(ctx.layers):
             m = installed.layers[name]
+            acts: dict = {}  # the input quantizer depends on the act spec only: built once per layer
             for j, spec in enumerate(ctx.candidates):
-                m.weight_quant, m.input_quant = deploy_pair(m, spec, installed.saved[name][1])
+                wq, aq = deploy_pair(m, spec, installed.saved[name][1], acts.get(spec.act))
+                acts[spec.act] = aq
+                m.weight_quant, m.input_quant = wq, aq
                 out[i, j] = loss() - base
             m.weight_quant, m.input_quant = installed.quantizers[name]
     finally:
@@ -286,17 +289,20 @@ def deploy_quantizers(ctx: Context, choices: list[int]) -> dict[str, tuple[nn.Mo
 
 
 def deploy_pair(
-    m: nn.Module, spec: LayerSpec, site_input: nn.Module | None = None
+    m: nn.Module, spec: LayerSpec, site_input: nn.Module | None = None, act: nn.Module | None = None
 ) -> tuple[nn.Module, nn.Module]:
     """The deployable (weight, input) quantizers of site ``m`` at ``spec``, ranges of least squared error.
 
-    ``site_input``: the site's own input quantizer (its calibration sample), when another is installed.
+    ``site_input``: the site's own input quantizer (its calibration sample), when another is installed;
+    ``act``: an input quantizer already built for ``spec.act`` (used as is).
     """
     rows = _rows(spec.weight.granularity, m.weight)
     lo, hi = init_range(m.weight, spec.weight, rows)
     wq = LearnedInt(spec.weight, "weight", lo, hi)
     aq: nn.Module = nn.Identity()
-    if spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
+    if act is not None:
+        aq = act
+    elif spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
         alo, ahi = init_range((site_input or m.input_quant).sample, spec.act, 1)
         aq = LearnedInt(spec.act, "act", alo, ahi)
     return wq, aq
