@@ -257,7 +257,7 @@ def choose(ctx: Context, scores: torch.Tensor, time_limit: float | None) -> tupl
     return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
 
 
-def budget_use(ctx: Context, choices: list[int], scores: torch.Tensor) -> dict:
+def budget_use(ctx: Context, choices: list[int], readout: str) -> dict:
     """Record how much of each budget the plan uses and, below 98 %, why no larger plan was taken."""
     use = {
         k: float(ctx.costs[k][torch.arange(len(choices)), torch.tensor(choices)].sum()) / v
@@ -266,8 +266,10 @@ def budget_use(ctx: Context, choices: list[int], scores: torch.Tensor) -> dict:
     out: dict = {"budget_use": use}
     if use and min(use.values()) < 0.98:
         out["unused_budget"] = (
-            "the exact ILP minimizes the summed scores under the budget: every plan that spends more "
-            "of it scores worse (measured loss changes: more bits did not lower the loss)"
+            "the exact ILP minimizes the summed measured loss changes under the budget: no plan that "
+            "spends more of it measured a lower loss"
+            if readout == "sensitivity"
+            else "the plan nearest the learned bits: training learned fewer bits than the budget allows"
         )
     return out
 
@@ -303,7 +305,7 @@ def deploy_pair(
     if act is not None:
         aq = act
     elif spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
-        alo, ahi = init_range((site_input or m.input_quant).sample, spec.act, 1)
+        alo, ahi = init_range((site_input if site_input is not None else m.input_quant).sample, spec.act, 1)
         aq = LearnedInt(spec.act, "act", alo, ahi)
     return wq, aq
 
@@ -509,11 +511,9 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
                 }
             else:
                 choices, proj = project(ctx, wb, ab, cfg.time_limit)
-                cw_, _ = bits_of(ctx.candidates)
-                scores = (wb[:, None] - cw_[None, :]) ** 2
         finally:
             installed.restore()
-        proj.update(budget_use(ctx, choices, scores), readout=cfg.readout)
+        proj.update(budget_use(ctx, choices, cfg.readout), readout=cfg.readout)
         info.update(
             proj,
             start_bits=start,
