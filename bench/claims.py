@@ -135,6 +135,46 @@ def run_row(row_id: str, steps: int, val: int, runs: Path = RUNS) -> dict[str, A
     return rec
 
 
+def record_from_dir(row_id: str, steps: int, val: int, runs: Path = RUNS) -> dict[str, Any] | None:
+    """The record of a row whose run directory is complete (its manifest written), else None.
+
+    A run that finished but whose row file was not written (an interruption in between) is
+    thus recovered without training again.
+    """
+    d = runs / row_id
+    if not (d / "manifest.json").exists() or not (d / "metrics.json").exists():
+        return None
+    m = json.loads((d / "metrics.json").read_text())
+    if m.get("method_args", {}).get("steps") != steps:
+        return None
+    task_name, method, cands, rule, _ = QAT_ROWS[row_id]
+    training = [h for h in m.get("history", []) if "phase" in h]
+    plan = json.loads((d / "plan.json").read_text())["layers"]
+    return {
+        "row": row_id,
+        "task": task_name,
+        "method": method,
+        "candidates": cands,
+        "budget_rule": rule,
+        "budget": m["budget"],
+        "method_args": m["method_args"],
+        "steps": steps,
+        "metric": m["metric"],
+        "stderr": stderr(m["metric"], val),
+        "val_images": val,
+        "fp32": m["fp_metric"],
+        "avg_weight_bits": m["avg_weight_bits"],
+        "bops": m["bops"],
+        "within": {k.removeprefix("within_"): v for k, v in m.items() if k.startswith("within_")},
+        "train_seconds": sum(h.get("seconds", 0.0) for h in training),
+        "wall_seconds": m.get("seconds"),
+        "plan": {n: {k: (v or {}).get("fmt") for k, v in spec.items()} for n, spec in plan.items()},
+        "training": training,
+        "recovered_from": str(d.relative_to(ROOT)) if d.is_relative_to(ROOT) else str(d),
+        "provenance": provenance(),
+    }
+
+
 def load_rows(rows_dir: Path = ROWS_DIR) -> dict[str, dict[str, Any]]:
     """Every finished QAT row present under ``rows_dir`` (bench/results/claims_rows/)."""
     if not rows_dir.exists():
@@ -370,7 +410,9 @@ def main() -> None:
             if done.exists() and json.loads(done.read_text()).get("steps") == args.steps:
                 print(f"{row_id}: done, skipped", flush=True)
                 continue
-            rec = run_row(row_id, args.steps, args.val, Path(args.runs))
+            rec = record_from_dir(row_id, args.steps, args.val, Path(args.runs)) or run_row(
+                row_id, args.steps, args.val, Path(args.runs)
+            )
             done.write_text(json.dumps(rec, indent=1) + "\n")
             print(
                 f"{row_id}: {rec['metric']:.2f} ± {rec['stderr']:.2f} train {rec['train_seconds']:.0f}s",
