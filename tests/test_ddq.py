@@ -362,3 +362,77 @@ def test_cli_runs_ddq_and_a_rerun_resumes_from_the_checkpoints(tmp_path, capsys)
     first = mixq.Plan.load(tmp_path / "plan.json").to_dict()["layers"]
     assert main(argv) == 0  # both phases find finished checkpoints: nothing is trained again
     assert mixq.Plan.load(tmp_path / "plan.json").to_dict()["layers"] == first
+
+
+# -- the read-out: measured losses into the ILP under the budget ----------------------------------
+
+
+def test_readout_scores_equal_the_loss_with_one_layer_deployed():
+    task = mixq.tasks.get("synthetic-cnn")
+    cands = ["w2a8", "w4a8", "w8a8"]
+    ctx = make_ctx(task, cands, {"avg_weight_bits": 4.5})
+    quantizers = method.search_quantizers(ctx, method.Config(steps=2), 4.0)
+    installed = method.Installed(ctx.qmodel, quantizers)
+    batches = task.calib[:1]
+    scores = method.readout_scores(ctx, installed, batches)
+    # oracle: build the model by hand, one layer on its deployable grid, the others as learned
+    layer, j = ctx.layers[1], 0
+    m = installed.layers[layer]
+    saved = (m.weight_quant, m.input_quant)
+    m.weight_quant, m.input_quant = method.deploy_pair(m, ctx.candidates[j], installed.saved[layer][1])
+    ctx.qmodel.eval()
+    with torch.no_grad():
+        one = float(task.loss(ctx.qmodel, batches[0]))
+        m.weight_quant, m.input_quant = saved
+        base = float(task.loss(ctx.qmodel, batches[0]))
+    installed.restore()
+    assert scores.shape == (len(ctx.layers), len(cands))
+    assert float(scores[1, j]) == pytest.approx(one - base, rel=1e-6, abs=1e-9)
+    assert float(scores[1, 0]) > float(scores[1, 2])  # 2 bits cost more loss than 8 bits
+
+
+def test_choose_is_the_brute_force_optimum_and_favours_the_sensitive_layer():
+    task = mixq.tasks.get("synthetic-cnn")
+    cands = ["w2a8", "w4a8", "w8a8"]
+    ctx = make_ctx(task, cands, {"avg_weight_bits": 4.0})
+    n = len(ctx.layers)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(n, 3, generator=g, dtype=torch.float64) * torch.tensor(
+        [0.3, 0.1, 0.0], dtype=torch.float64
+    )
+    scores[0] = torch.tensor([10.0, 5.0, 0.0], dtype=torch.float64)  # layer 0: very sensitive
+    choices, rec = method.choose(ctx, scores, None)
+    best = min(
+        (c for c in itertools.product(range(3), repeat=n) if ctx.within_limits(list(c))),
+        key=lambda c: float(scores[torch.arange(n), torch.tensor(c)].sum()),
+    )
+    assert ctx.within_limits(choices)
+    assert float(scores[torch.arange(n), torch.tensor(choices)].sum()) == pytest.approx(
+        float(scores[torch.arange(n), torch.tensor(best)].sum())
+    )
+    assert choices[0] == 2 and rec["solver"] == "ilp"
+
+
+def test_ddq_uses_the_budget_or_records_why_not():
+    task = mixq.tasks.get("synthetic-cnn")
+    cands = ["w2a8", "w4a8", "w8a8"]
+    ctx = make_ctx(task, cands, {"avg_weight_bits": 5.0})
+    out = method.search_ddq(ctx, method.Config(steps=4, readout_batches=1))
+    h = out.history[0]
+    choices = [cands.index(out.plan.layers[n].name) for n in ctx.layers]
+    used = float(ctx.costs["weight_bits"][torch.arange(len(choices)), torch.tensor(choices)].sum())
+    assert used <= ctx.limits["weight_bits"] + 1e-6
+    assert h["budget_use"]["weight_bits"] == pytest.approx(used / ctx.limits["weight_bits"])
+    assert h["budget_use"]["weight_bits"] >= 0.98 or "unused_budget" in h
+    assert h["readout"] == "sensitivity" and set(h["scores"]) == set(ctx.layers)
+    # the loss curve: one loss per step in each phase
+    assert [len(p["loss_curve"]) for p in out.history] == [p["steps"] for p in out.history]
+
+
+def test_distance_readout_is_the_nearest_plan_within_budget():
+    task = mixq.tasks.get("synthetic-cnn")
+    ctx = make_ctx(task, ["w2a8", "w4a8", "w8a8"], {"avg_weight_bits": 4.5})
+    out = method.search_ddq(ctx, method.Config(steps=4, readout="distance"))
+    assert out.history[0]["readout"] == "distance"
+    with pytest.raises(ValueError, match="unknown readout 'loss'; valid: sensitivity, distance"):
+        method.Config(readout="loss")

@@ -12,10 +12,17 @@ Resolution", ICML 2021 (arXiv 2106.02295); docs/methods.md §2. The quantizer is
    ``λ · Σ_k ρ(C_k(b) / limit_k − 1)`` (ρ a hinge or squared hinge) on every budgeted cost
    (weight bits, size, BOPs), with ``C_k(b)`` the per-layer cost tables as functions of the
    learned bits. Bits start at the budget's uniform bit-width (``init_bits="budget"``) or at B.
-2. **Read-out and projection**: each layer's learned bits (the clamped gate parameter β) are
-   turned into one candidate per layer by the exact ILP (``mixq.search.ilp``) minimizing
-   ``Σ_l (β_l − bits_l)²`` under the budgets, so the plan meets the budget exactly even when
-   training ended slightly above it.
+2. **Read-out and projection** (``readout``): with ``"sensitivity"`` (the default) the
+   trained search model scores every (layer, candidate): the task loss on ``readout_batches``
+   training batches with that layer on the candidate's deployable integer grid (the one the
+   fine-tune starts from) and every other layer at its learned bits (``ΔL_lj``, minus the loss
+   with the learned quantizers everywhere); the exact ILP
+   (``mixq.search.ilp``) then minimizes ``Σ_l ΔL_l,j(l)`` under the budgets, so a sensitive layer
+   gets more bits and budget left unused by the learned bits is spent where it lowers the loss
+   most (a plan below the budget is one where no more bits measured a lower loss; recorded as
+   ``budget_use`` and ``unused_budget``). ``"distance"`` is the plain projection minimizing
+   ``Σ_l (β_l − bits_l)²``. Either way the plan meets the budget exactly even when training
+   ended slightly above it.
 3. **Deployment fine-tune** (the remaining steps): each layer's weights and input use mixq's
    integer grid at the chosen bits with a learned range (the ``uniform`` levels collapse to
    it; ``learned`` levels are dropped for it). At the end the learned weight grid is baked
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 
 PENALTIES = ("hinge", "square")
 INIT_BITS = ("budget", "max")
+READOUTS = ("sensitivity", "distance")
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class Config:
         lr_range: learning rate of the quantizers' ranges and levels.
         lr_bits: learning rate of the bit-width parameters β.
         bn: batch norm during training: "freeze" or "train".
+        readout: "sensitivity" (measured loss per layer and candidate into the ILP) or
+            "distance" (the candidate nearest the learned bits, projected onto the budget).
+        readout_batches: training batches of the sensitivity read-out.
         time_limit: seconds for the ILP projection (None: until optimal).
     """
 
@@ -87,10 +98,12 @@ class Config:
     lam: float = 1.0
     penalty: str = "hinge"
     alpha: float = 0.0
-    lr: float = 1e-5
+    lr: float = 1e-4
     lr_range: float = 1e-3
     lr_bits: float = 0.05
     bn: str = "freeze"
+    readout: str = "sensitivity"
+    readout_batches: int = 2
     time_limit: float | None = 60.0
 
     def __post_init__(self) -> None:
@@ -99,7 +112,10 @@ class Config:
             ("penalty", self.penalty, PENALTIES),
             ("init_bits", self.init_bits, INIT_BITS),
             ("bn", self.bn, BN_MODES),
+            ("readout", self.readout, READOUTS),
         )
+        if self.readout_batches < 1:
+            raise ValueError(f"readout_batches must be >= 1, got {self.readout_batches}")
         if not 0.0 <= self.search_frac < 1.0:
             raise ValueError(
                 f"search_frac must be in [0, 1) (the last steps fine-tune), got {self.search_frac}"
@@ -191,6 +207,73 @@ def project(
     return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
 
 
+@torch.no_grad()
+def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.Tensor:
+    """Return ``ΔL`` [L, C]: the loss with one layer deployed at each candidate, the others as learned.
+
+    ``installed`` holds the search quantizers on ``ctx.qmodel``. Layer l at candidate j gets the
+    deployable quantizers of j (:func:`deploy_pair`: mixq's integer grid, squared-error range), the
+    grid the fine-tune starts from, while every other layer keeps its DDQ quantizer at its learned
+    bits; the search quantizers are put back after. Each row is the loss minus the loss with the
+    learned quantizers everywhere, so the ILP's objective is the sum of per-layer loss changes (a
+    separable, first-order model of the plan's loss).
+    """
+    model = ctx.qmodel
+    was_training = model.training
+    model.eval()
+
+    def loss() -> float:
+        return float(sum(float(ctx.task.loss(model, b)) for b in batches) / len(batches))
+
+    try:
+        base = loss()
+        out = torch.zeros(len(ctx.layers), len(ctx.candidates), dtype=torch.float64)
+        for i, name in enumerate(ctx.layers):
+            m = installed.layers[name]
+            acts: dict = {}  # the input quantizer depends on the act spec only: built once per layer
+            for j, spec in enumerate(ctx.candidates):
+                wq, aq = deploy_pair(m, spec, installed.saved[name][1], acts.get(spec.act))
+                acts[spec.act] = aq
+                m.weight_quant, m.input_quant = wq, aq
+                out[i, j] = loss() - base
+            m.weight_quant, m.input_quant = installed.quantizers[name]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def choose(ctx: Context, scores: torch.Tensor, time_limit: float | None) -> tuple[list[int], dict]:
+    """Minimize ``Σ_l scores[l, j(l)]`` under the budgets (exact ILP; the argmin without budgets)."""
+    if not ctx.limits:
+        choices = scores.argmin(1).tolist()
+        return choices, {
+            "solver": "argmin",
+            "objective": float(scores.gather(1, torch.tensor(choices)[:, None]).sum()),
+        }
+    problem = search.Problem(
+        scores=scores, costs={k: ctx.costs[k] for k in ctx.limits}, budgets=dict(ctx.limits)
+    )
+    sol = search.ilp(problem, time_limit=time_limit)
+    return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
+
+
+def budget_use(ctx: Context, choices: list[int], readout: str) -> dict:
+    """Record how much of each budget the plan uses and, below 98 %, why no larger plan was taken."""
+    use = {
+        k: float(ctx.costs[k][torch.arange(len(choices)), torch.tensor(choices)].sum()) / v
+        for k, v in ctx.limits.items()
+    }
+    out: dict = {"budget_use": use}
+    if use and min(use.values()) < 0.98:
+        out["unused_budget"] = (
+            "the exact ILP minimizes the summed measured loss changes under the budget: no plan that "
+            "spends more of it measured a lower loss"
+            if readout == "sensitivity"
+            else "the plan nearest the learned bits: training learned fewer bits than the budget allows"
+        )
+    return out
+
+
 # -- installing quantizers on the wrapped model ---------------------------------------------------
 
 
@@ -201,18 +284,30 @@ def _rows(spec_granularity: str, weight: torch.Tensor) -> int:
 def deploy_quantizers(ctx: Context, choices: list[int]) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Build the deployable (weight, input) quantizers of each layer at its chosen candidate."""
     qlayers = sites(ctx.qmodel)
-    out = {}
-    for name, j in zip(ctx.layers, choices, strict=True):
-        m, spec = qlayers[name], ctx.candidates[j]
-        rows = _rows(spec.weight.granularity, m.weight)
-        lo, hi = init_range(m.weight, spec.weight, rows)
-        wq = LearnedInt(spec.weight, "weight", lo, hi)
-        aq: nn.Module = nn.Identity()
-        if spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
-            alo, ahi = init_range(m.input_quant.sample, spec.act, 1)
-            aq = LearnedInt(spec.act, "act", alo, ahi)
-        out[name] = (wq, aq)
-    return out
+    return {
+        name: deploy_pair(qlayers[name], ctx.candidates[j])
+        for name, j in zip(ctx.layers, choices, strict=True)
+    }
+
+
+def deploy_pair(
+    m: nn.Module, spec: LayerSpec, site_input: nn.Module | None = None, act: nn.Module | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """The deployable (weight, input) quantizers of site ``m`` at ``spec``, ranges of least squared error.
+
+    ``site_input``: the site's own input quantizer (its calibration sample), when another is installed;
+    ``act``: an input quantizer already built for ``spec.act`` (used as is).
+    """
+    rows = _rows(spec.weight.granularity, m.weight)
+    lo, hi = init_range(m.weight, spec.weight, rows)
+    wq = LearnedInt(spec.weight, "weight", lo, hi)
+    aq: nn.Module = nn.Identity()
+    if act is not None:
+        aq = act
+    elif spec.act is not None and not getattr(m, "weight_only", False):  # an embedding reads indices
+        alo, ahi = init_range((site_input if site_input is not None else m.input_quant).sample, spec.act, 1)
+        aq = LearnedInt(spec.act, "act", alo, ahi)
+    return wq, aq
 
 
 def search_quantizers(ctx: Context, cfg: Config, start_bits: float) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -349,7 +444,7 @@ def _phase(
     ctx: Context, cfg: Config, quantizers: dict, steps: int, hook: Hook | None, name: str
 ) -> tuple[Installed, dict]:
     installed = Installed(ctx.qmodel, quantizers)
-    tcfg = TrainConfig(steps=steps, bn=cfg.bn, seed=ctx.seed, log_every=max(1, steps // 20))
+    tcfg = TrainConfig(steps=steps, bn=cfg.bn, seed=ctx.seed, log_every=1)  # every step: the loss curve
     batches = getattr(ctx.task, "train", None) or ctx.task.calib
     ckpt = ctx.out / "train" / name if ctx.out is not None else None
     try:
@@ -375,6 +470,7 @@ def _phase(
         "images": res.steps * _batch_size(batches),
         "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan,
+        "loss_curve": [round(v, 5) for v in losses],
     }
     return installed, info
 
@@ -402,9 +498,22 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
         quantizers = search_quantizers(ctx, cfg, start)
         t0 = time.perf_counter()
         installed, info = _phase(ctx, cfg, quantizers, n_search, regularizer(ctx, cfg, quantizers), "search")
-        installed.restore()
         wb, ab = learned_bits(quantizers)
-        choices, proj = project(ctx, wb, ab, cfg.time_limit)
+        try:
+            if cfg.readout == "sensitivity":
+                scores = readout_scores(
+                    ctx, installed, [batches[i % len(batches)] for i in range(cfg.readout_batches)]
+                )
+                choices, proj = choose(ctx, scores, cfg.time_limit)
+                proj["scores"] = {
+                    n: {c.name: float(v) for c, v in zip(ctx.candidates, row, strict=True)}
+                    for n, row in zip(ctx.layers, scores, strict=True)
+                }
+            else:
+                choices, proj = project(ctx, wb, ab, cfg.time_limit)
+        finally:
+            installed.restore()
+        proj.update(budget_use(ctx, choices, cfg.readout), readout=cfg.readout)
         info.update(
             proj,
             start_bits=start,

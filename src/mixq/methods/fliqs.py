@@ -18,7 +18,10 @@ weights that need no retraining:
   (the task metric on a held-out calibration batch, in [0, 1]) and its cost ``C`` (BOPs = MACs ×
   weight bits × activation bits, size or weight bits: the budgeted cost), and updates the policy
   with ``R = Q + β |C / C₀ − 1|`` (β ≤ 0, C₀ the budget) plus an entropy bonus whose weight
-  decays on a cosine schedule from the end of the warm-up to the end of the search.
+  decays on a cosine schedule from the end of the warm-up to the end of the search. As in TuNAS
+  the controller's learning rate grows geometrically over the search, ``rl_lr · g^progress``
+  (``rl_lr_growth`` g = 10 by default), so the policy settles before the fixed-plan tail; the
+  history records every layer's entropy and argmax probability over time.
 * **Read-out.** The final plan is the per-layer argmax; when it breaks the budget it is
   projected onto the budget by the exact ILP (``mixq.search.ilp``) maximizing ``Σ_l log π_l``.
   The last ``fix_frac`` of the steps train that plan alone. Since training ran through mixq's own
@@ -31,7 +34,7 @@ current max, activation ranges the calibration statistics (each format derives i
 from them); batch norm is expected folded (frozen otherwise), so formats cannot mix BN
 statistics; the reward batch comes from the calibration batches (training images, never the
 validation set; with a task that has no training batches the two coincide); the controller's
-learning rate is constant (TuNAS grows it 10× over the search); a fixed-plan tail.
+learning rate grows ``rl_lr_growth``× over the search (TuNAS: 10×); a fixed-plan tail.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class Config:
         entropy: initial entropy weight λ_H0.
         schedule: entropy schedule: "cosine", "linear" or "constant".
         momentum: moving-average baseline momentum.
-        rl_lr: Adam learning rate of the controller's logits.
+        rl_lr: Adam learning rate of the controller's logits (at the end of the warm-up).
+        rl_lr_growth: factor by which the controller's learning rate grows over the search
+            (geometrically; 1: constant).
         rl_batches: calibration batches per reward measurement.
         metric_scale: divides the task metric into the quality Q (0: 100 for a metric in %, else 1).
         lr: learning rate of the model's weights (Adam, warm-up then cosine).
@@ -93,7 +98,8 @@ class Config:
     entropy: float = 0.02
     schedule: str = "cosine"
     momentum: float = 0.9
-    rl_lr: float = 0.05
+    rl_lr: float = 0.1
+    rl_lr_growth: float = 10.0
     rl_batches: int = 1
     metric_scale: float = 0.0
     lr: float = 1e-4
@@ -118,6 +124,8 @@ class Config:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.rl_lr <= 0 or self.lr < 0 or self.entropy < 0 or self.metric_scale < 0:
             raise ValueError("rl_lr must be > 0; lr, entropy and metric_scale >= 0")
+        if self.rl_lr_growth < 1.0:
+            raise ValueError(f"rl_lr_growth must be >= 1 (1: a constant rate), got {self.rl_lr_growth}")
         if self.rl_batches < 1:
             raise ValueError(f"rl_batches must be >= 1, got {self.rl_batches}")
 
@@ -274,10 +282,12 @@ class Search:
             q, cst = self.quality(model), self.cost_of(picks)
             r = reward(q, cst, self.target, self.cfg.beta, self.cfg.reward)
             coef = entropy_coef(step, self.n_warm, self.n_search, self.cfg.entropy, self.cfg.schedule)
-            u = c.update(picks, r, coef)
+            progress = (step - self.n_warm) / max(1, self.n_search - self.n_warm)
+            u = c.update(picks, r, coef, self.cfg.rl_lr_growth**progress)
             self.rl_step += 1
             every = max(1, (self.n_search - self.n_warm) // 20)
             if (step - self.n_warm) % every == 0 or step == self.n_search - 1:
+                p = c.probs()
                 self.records.append(
                     {
                         "step": step,
@@ -287,7 +297,10 @@ class Search:
                         "baseline": u.baseline,
                         "entropy": c.entropy(),
                         "entropy_coef": coef,
-                        "argmax_mass": float(c.probs().max(1).values.mean()),
+                        "argmax_mass": float(p.max(1).values.mean()),
+                        "rl_lr": c.lr * self.cfg.rl_lr_growth**progress,
+                        "layer_entropy": [round(float(v), 4) for v in c.layer_entropy()],
+                        "layer_argmax": [round(float(v), 4) for v in p.max(1).values],
                     }
                 )
         set_choices(self.qlayers, self.specs(c.sample()))
@@ -327,6 +340,8 @@ def search_fliqs(ctx: Context, cfg: Config) -> MethodOutput:
         "cost": hook.key,
         "target": hook.target,
         "final_entropy": c.entropy(),
+        "max_entropy": c.max_entropy(),
+        "final_entropy_ratio": c.entropy() / c.max_entropy() if c.max_entropy() > 0 else 0.0,
         "final_argmax_mass": float(probs.max(1).values.mean()),
         "probs": {
             n: {ctx.candidates[j].name: float(p) for j, p in zip(arms, row, strict=True)}

@@ -124,8 +124,16 @@ class Controller:
 
     def entropy(self) -> float:
         """Return the policy's mean per-layer entropy (nats)."""
+        return float(self.layer_entropy().mean())
+
+    def layer_entropy(self) -> torch.Tensor:
+        """Return each layer's policy entropy [L] (nats; at most ``log C``)."""
         p = self.probs()
-        return float(-(p * torch.log(p.clamp_min(1e-300))).sum(1).mean())
+        return -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+
+    def max_entropy(self) -> float:
+        """Return the entropy of the uniform policy, ``log C``."""
+        return math.log(self.logits.shape[1])
 
     def argmax(self) -> list[int]:
         """Return the most probable arm of each layer."""
@@ -149,17 +157,17 @@ class Controller:
         ent = -(p * logp).sum(1, keepdim=True)  # [L, 1]
         return -advantage * (onehot - p) + coef * p * (logp + ent)
 
-    def update(self, choices: list[int], r: float, coef: float) -> Update:
+    def update(self, choices: list[int], r: float, coef: float, lr_scale: float = 1.0) -> Update:
         """Take one REINFORCE step on sampled ``choices`` with reward ``r`` and entropy weight ``coef``.
 
         Adam with β₁ = 0, β₂ = 0.999, ε = 1e-8: ``v ← β₂ v + (1 − β₂) g²``,
-        ``θ ← θ − lr · g / (√(v / (1 − β₂ᵗ)) + ε)``.
+        ``θ ← θ − lr · lr_scale · g / (√(v / (1 − β₂ᵗ)) + ε)`` (``lr_scale``: TuNAS's growing rate).
         """
         b = r if self.baseline is None else self.baseline
         adv = r - b
         g = self.grad(choices, adv, coef)
         self.t += 1
         self.v.mul_(0.999).add_(0.001 * g * g)
-        self.logits -= self.lr * g / ((self.v / (1.0 - 0.999**self.t)).sqrt() + 1e-8)
+        self.logits -= self.lr * lr_scale * g / ((self.v / (1.0 - 0.999**self.t)).sqrt() + 1e-8)
         self.baseline = self.momentum * b + (1.0 - self.momentum) * r
         return Update(r, b, adv, self.entropy(), coef)
