@@ -3,6 +3,7 @@ and block-wise sequential calibration (mixq.blocks) against whole-model forwards
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -152,7 +153,7 @@ def test_run_gptq_on_a_model_without_blocks_records_and_exports_bit_exact(tmp_pa
 
 def test_mixed_plan_gets_gptq_per_layer_at_its_own_bits_and_names_what_it_skips():
     task = mixq.tasks.get("synthetic-mlp")
-    qmodel = mixq.wrap(task.model)
+    qmodel = mixq.wrap(copy.deepcopy(task.model))  # wrap works in place
     names = list(sites(qmodel))
     specs = ["w2g4+asym", "w6", "wfp8_e4m3fn", "wmxfp4_e2m1"]
     plan = Plan({n: parse_candidate(specs[i % len(specs)]) for i, n in enumerate(names)})
