@@ -244,3 +244,20 @@ def test_gptq_on_convolutions_beats_round_to_nearest():
     assert sum(e["gptq"] for e in rec["output_error"].values()) < sum(
         e["rtn"] for e in rec["output_error"].values()
     )
+
+
+def test_layers_reading_one_input_share_a_hessian_in_run_order():
+    task = tiny_llama(2)
+    qmodel = mixq.wrap(copy.deepcopy(task.model))
+    found = blocks.find_blocks(qmodel)
+    inputs = blocks.capture_inputs(qmodel, found.modules[0], task.calib, task.forward)
+    runs = [lambda inp=inp: blocks.call(found.modules[0], inp) for inp in inputs]
+    todo = {n: m for n, m in sites(qmodel).items() if n.startswith("model.layers.0.")}
+    order = []
+    while todo:
+        group, h = gptq.next_group(runs, todo)
+        order.append([n.rsplit(".", 1)[1] for n in group])
+        for n in group:
+            todo.pop(n)
+        assert h.shape[1] == h.shape[2] == sites(qmodel)[group[0]].in_features
+    assert order == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

@@ -18,7 +18,8 @@ its cached inputs, its outputs becoming the next block's inputs.
   (the block's output, or its first element when it returns a tuple, in place of the first
   positional argument, or of the keyword ``hidden_states`` when there is none).
 * :func:`run_until` runs a callable until a module's forward pre-hook fires and hands its input
-  to a callback (the layer's input, without computing the layer or anything after it).
+  to a callback (the layer's input, without computing the layer or anything after it);
+  :func:`run_until_any` does so for several modules, the callback saying where to stop.
 
 Memory: the cached inputs of one block plus the outputs of the block being run (two blocks'
 activations); nothing else is kept.
@@ -103,22 +104,41 @@ def run_until(run: Callable[[], Any], module: nn.Module, record: Callable[[tuple
 
     Returns whether the module ran (False: ``run`` finished without calling it).
     """
-    fired = False
 
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        nonlocal fired
+    def rec(_name: str, args: tuple, kwargs: dict) -> bool:
         record(args, kwargs)
-        fired = True
-        raise _Stop
+        return True
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    return bool(run_until_any(run, {"": module}, rec))
+
+
+def run_until_any(
+    run: Callable[[], Any], modules: dict[str, nn.Module], record: Callable[[str, tuple, dict], bool]
+) -> list[str]:
+    """Call ``run()``; as each of ``modules`` is about to run, ``record(name, args, kwargs)`` gets
+    its inputs and returns whether to stop there (the module and the rest are not run).
+
+    Returns the names of the modules whose inputs were recorded, in order.
+    """
+    fired: list[str] = []
+
+    def hook(name: str) -> Callable:
+        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            fired.append(name)
+            if record(name, args, kwargs):
+                raise _Stop
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
     try:
         with torch.no_grad():
             run()
     except _Stop:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return fired
 
 

@@ -25,11 +25,13 @@ under its plan's spec (:func:`mixq.kinds.scaled.row_params`).
 Sequential calibration (Section 5, "the inputs of each layer come from the partially quantized
 model"): the model's repeated blocks (:mod:`mixq.blocks`) are processed in order; the float
 run over the calibration batches happens once, up to the first block, whose inputs are cached;
-inside a block, each layer's Hessian is recorded from the cached inputs with the earlier layers
-of the block already quantized (forwards stopped at the layer), the layer is quantized and its
-Hessian freed; the quantized block's outputs are the next block's inputs. Layers outside the
-blocks (before: in module order, first; after, e.g. ``lm_head``: last) and models without
-repeated blocks use a forward of the whole (partially quantized) model per layer, stopped at it.
+inside a block, the layers are taken in the order they run, those reading the very same input
+tensor together (q, k, v; gate, up: one Hessian), recorded from the cached inputs with the
+earlier layers of the block already quantized (forwards stopped before the next layer); the
+layers are quantized and the Hessian freed; the quantized block's outputs are the next block's
+inputs. Layers outside the blocks (before: in module order, first; after, e.g. ``lm_head``:
+last) and models without repeated blocks use forwards of the whole (partially quantized) model,
+stopped before the next layer, the same way.
 
 Deviations, each [DESIGN]:
 
@@ -213,10 +215,10 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     """``sum over conv groups of tr(D H D^T) / 2`` with ``D = W - W^`` [out, k]: the calibration
     output error per sample (``H = 2/N X^T X``)."""
     groups = h.shape[0]
-    d = (w.reshape(w.shape[0], -1).double() - wq.reshape(w.shape[0], -1).double()).reshape(
+    d = (w.reshape(w.shape[0], -1).float() - wq.reshape(w.shape[0], -1).float()).reshape(
         groups, -1, h.shape[1]
     )
-    return float((torch.bmm(d, h.double()) * d).sum() / 2)
+    return float((torch.bmm(d, h.float()) * d).double().sum() / 2)
 
 
 def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, float]:
@@ -260,22 +262,56 @@ def _classify(qmodel: nn.Module) -> tuple[list[str], dict[str, str]]:
     return todo, skipped
 
 
-def _layer_hessian(site: nn.Module, runs: Sequence[Callable[[], Any]]) -> torch.Tensor:
-    acc = Hessian(site)
-    for run in runs:
-        blk.run_until(run, site, lambda args, kwargs: acc.add(args[0] if args else kwargs["input"]))
-    return acc.value()
+def next_group(
+    runs: Sequence[Callable[[], Any]], todo: dict[str, nn.Module]
+) -> tuple[list[str], torch.Tensor]:
+    """The next layers of ``todo`` to run and their Hessian: the first that runs, and those that
+    read the very same input tensor with the same input spec (q, k and v; gate and up); each run
+    stops at the first layer with another input."""
+    acc: Hessian | None = None
+    group: list[str] = []
+    for i, run in enumerate(runs):
+        leader: list[tuple[str, torch.Tensor]] = []
+
+        def record(name: str, args: tuple, kwargs: dict, first: bool = i == 0, leader: list = leader) -> bool:
+            nonlocal acc
+            x = args[0] if args else kwargs["input"]
+            if not leader:
+                leader.append((name, x))
+                acc = acc or Hessian(todo[name])
+                acc.add(x)
+            elif x is not leader[0][1] or todo[name].input_quant.spec != todo[leader[0][0]].input_quant.spec:
+                return True
+            if first:
+                group.append(name)
+            return False
+
+        blk.run_until_any(run, todo, record)
+    if acc is None:
+        raise ValueError(f"none of the layers {list(todo)} ran on the calibration batches")
+    return group, acc.value()
+
+
+def _sequential(
+    runs: Sequence[Callable[[], Any]], todo: dict[str, nn.Module], cfg: Config, errors: dict
+) -> None:
+    """GPTQ the layers ``todo`` in the order they run, group by group (one Hessian alive)."""
+    todo = dict(todo)
+    while todo:
+        group, h = next_group(runs, todo)
+        for name in group:
+            errors[name] = quantize_site(todo.pop(name), h, cfg)
+        del h
 
 
 def _whole_model(
     qmodel: nn.Module, names: list[str], batches: list, task: Task, cfg: Config, errors: dict
 ) -> None:
-    """Quantize ``names`` in order, each from a forward of the whole model stopped at it."""
+    """Quantize ``names`` from forwards of the whole model, each stopped at the next group."""
     all_sites = sites(qmodel)
     runs = [lambda b=b: task.forward(qmodel, b) for b in batches]
     with blk.no_cache(qmodel):
-        for name in names:
-            errors[name] = quantize_site(all_sites[name], _layer_hessian(all_sites[name], runs), cfg)
+        _sequential(runs, {n: all_sites[n] for n in names}, cfg, errors)
 
 
 def _split(
@@ -327,8 +363,7 @@ def gptq(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -
         inputs = blk.capture_inputs(qmodel, blocks.modules[0], batches, task.forward)
         for block, layers in zip(blocks.modules, per_block, strict=True):
             runs = [lambda inp=inp, b=block: blk.call(b, inp) for inp in inputs]
-            for name in layers:
-                errors[name] = quantize_site(all_sites[name], _layer_hessian(all_sites[name], runs), cfg)
+            _sequential(runs, {n: all_sites[n] for n in layers}, cfg, errors)
             inputs = blk.run_block(block, inputs)
         del inputs
         _whole_model(qmodel, after, batches, task, cfg, errors)
