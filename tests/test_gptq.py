@@ -261,3 +261,22 @@ def test_layers_reading_one_input_share_a_hessian_in_run_order():
             todo.pop(n)
         assert h.shape[1] == h.shape[2] == sites(qmodel)[group[0]].in_features
     assert order == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_gptq_on_a_bfloat16_model_keys_its_rounding_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+    calib = [torch.randn(32, 12) for _ in range(3)]
+    res32 = mixq.run(mixq.Task(model, calib, calib[:1]), candidates=["w3g4"], ptq=["gptq"])
+    calib16 = [x.bfloat16() for x in calib]
+    res16 = mixq.run(
+        mixq.Task(copy.deepcopy(model).bfloat16(), calib16, calib16[:1]), candidates=["w3g4"], ptq=["gptq"]
+    )
+    for (n, a), b in zip(sites(res32.model).items(), sites(res16.model).values(), strict=True):
+        assert b.weight_quant.rounding is not None and b.weight.dtype == torch.bfloat16
+        wq = b.weight_quant(b.weight)  # through the site: float32 inside, bfloat16 out
+        assert wq.dtype == torch.bfloat16
+        fixed = b.weight_quant.rounding(b.weight.float(), b.weight_quant.spec)
+        assert fixed is not None and torch.equal(fixed.bfloat16(), wq), n
+        assert not torch.equal(wq, fake.quantize_weight(b.weight.float(), b.weight_quant.spec).bfloat16()), n
+        assert a.weight_quant.rounding is not None

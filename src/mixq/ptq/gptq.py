@@ -64,6 +64,7 @@ from torch import nn
 from mixq import blocks as blk
 from mixq.kinds import kind_of
 from mixq.kinds.scaled import row_params
+from mixq.nn import LOW_PRECISION
 from mixq.plan import QSpec
 from mixq.ptq.adaround import FixedRounding
 from mixq.quant import fake
@@ -239,11 +240,13 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
         rows = slice(g * per, (g + 1) * per)
         sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)
         parts.append(quantize_matrix(flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order))
-    wq = torch.cat(parts).reshape(w.shape).to(w.dtype)
-    rtn = fake.quantize_weight(w, spec, gram)
+    # A bfloat16/float16 weight reaches its site in float32 (mixq.nn.LOW_PRECISION): so is it keyed.
+    key = w.float() if w.dtype in LOW_PRECISION else w
+    wq = torch.cat(parts).reshape(w.shape).to(key.dtype)
+    rtn = fake.quantize_weight(key, spec, gram)
     if not torch.isfinite(wq).all():
         raise ValueError("GPTQ produced non-finite weights")
-    wq_site.set_rounding(FixedRounding(spec, w, wq))
+    wq_site.set_rounding(FixedRounding(spec, key, wq))
     return {"rtn": output_error(w, rtn, h), "gptq": output_error(w, wq, h)}
 
 
