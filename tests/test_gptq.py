@@ -280,3 +280,23 @@ def test_gptq_on_a_bfloat16_model_keys_its_rounding_in_float32():
         assert fixed is not None and torch.equal(fixed.bfloat16(), wq), n
         assert not torch.equal(wq, fake.quantize_weight(b.weight.float(), b.weight_quant.spec).bfloat16()), n
         assert a.weight_quant.rounding is not None
+
+
+def test_gptq_and_awq_on_conv1d_a_conv_subclass_and_an_embedding():
+    from test_intake import emb_task
+
+    r = mixq.run(emb_task(), "uniform", ["w3a8"], embeddings=True, ptq=["awq", "gptq"])
+    scale, rec = r.metrics.ptq
+    assert rec["skipped"] == {"emb": "weight-only (embedding): its input is indices"}
+    assert set(rec["output_error"]) == {"conv", "same", "fc"}
+    assert sum(e["gptq"] for e in rec["output_error"].values()) < sum(
+        e["rtn"] for e in rec["output_error"].values()
+    )
+    for n in ("conv", "same", "fc"):
+        on_grid(sites(r.model)[n])
+    assert scale["groups"] == {} and scale["skipped"] == {
+        "emb": "not a quantized weight in the group (float or weight-only)",
+        "conv": "not a linear layer",
+        "same": "not a linear layer",
+        "fc": "no producer of its input to fold a scale into",
+    }
