@@ -11,7 +11,7 @@ lm_head (tied to the embedding, which stays float) is quantized like every Linea
 
 Each finished row is written to bench/results/gptq.json at once (a rerun skips finished rows).
 Memory: the process's resident set (VmRSS) sampled every 20 ms; per row the peak during the
-PTQ step and the resident set when the step began.
+PTQ step, the resident set when the step began and when it ended.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "rtn-w4g32-asym": ("w4g32+asym", [], {}),
     "gptq-w4g32-asym": ("w4g32+asym", ["gptq"], {}),
     "gptq-w4g128-actorder": ("w4g128", ["gptq"], {"gptq": {"act_order": True}}),
+    "rtn-w4g128-asym": ("w4g128+asym", [], {}),
+    "gptq-w4g128-asym": ("w4g128+asym", ["gptq"], {}),
     "awq-rtn-w4g128": ("w4g128", ["awq"], {}),
     "awq-gptq-w4g128": ("w4g128", ["awq", "gptq"], {}),
 }
@@ -132,7 +134,7 @@ def timed_steps(sampler: Sampler, log: dict[str, Any]) -> None:
         def fn(model, task, cfg, seed, _f=kind.fn, _n=name):  # noqa: ANN001
             start = sampler.reset()
             out = _f(model, task, cfg, seed)
-            log[_n] = {"rss_start_mb": start, "rss_peak_mb": sampler.peak}
+            log[_n] = {"rss_start_mb": start, "rss_peak_mb": sampler.peak, "rss_end_mb": rss_mb()}
             return out
 
         ptq.STEPS[name] = ptq.StepKind(kind.stage, kind.config, fn)
