@@ -300,3 +300,22 @@ def test_gptq_and_awq_on_conv1d_a_conv_subclass_and_an_embedding():
         "same": "not a linear layer",
         "fc": "no producer of its input to fold a scale into",
     }
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.unused = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_layer_that_never_runs_is_skipped_and_named():
+    torch.manual_seed(0)
+    calib = [torch.randn(16, 6) for _ in range(2)]
+    res = mixq.run(mixq.Task(WithUnused(), calib, calib), candidates=["w3"], ptq=["gptq"])
+    rec = res.metrics.ptq[0]
+    assert rec["skipped"] == {"unused": "never ran on the calibration batches"} and rec["layers"] == 1
+    assert sites(res.model)["unused"].weight_quant.rounding is None

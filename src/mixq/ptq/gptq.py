@@ -267,10 +267,10 @@ def _classify(qmodel: nn.Module) -> tuple[list[str], dict[str, str]]:
 
 def next_group(
     runs: Sequence[Callable[[], Any]], todo: dict[str, nn.Module]
-) -> tuple[list[str], torch.Tensor]:
+) -> tuple[list[str], torch.Tensor | None]:
     """The next layers of ``todo`` to run and their Hessian: the first that runs, and those that
     read the very same input tensor with the same input spec (q, k and v; gate and up); each run
-    stops at the first layer with another input."""
+    stops at the first layer with another input. ([], None) when none of them runs."""
     acc: Hessian | None = None
     group: list[str] = []
     for i, run in enumerate(runs):
@@ -290,9 +290,7 @@ def next_group(
             return False
 
         blk.run_until_any(run, todo, record)
-    if acc is None:
-        raise ValueError(f"none of the layers {list(todo)} ran on the calibration batches")
-    return group, acc.value()
+    return group, (acc.value() if acc is not None else None)
 
 
 def _sequential(
@@ -302,6 +300,8 @@ def _sequential(
     todo = dict(todo)
     while todo:
         group, h = next_group(runs, todo)
+        if not group:  # the rest never run on these inputs (named by gptq as skipped)
+            return
         for name in group:
             errors[name] = quantize_site(todo.pop(name), h, cfg)
         del h
@@ -370,8 +370,9 @@ def gptq(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -
             inputs = blk.run_block(block, inputs)
         del inputs
         _whole_model(qmodel, after, batches, task, cfg, errors)
+    skipped.update({n: "never ran on the calibration batches" for n in todo if n not in errors})
     return {
-        "layers": len(todo),
+        "layers": len(errors),
         "skipped": skipped,
         "blocks": None if blocks is None else {"name": blocks.name, "count": len(blocks.modules)},
         "calib_batches": len(batches),
