@@ -319,3 +319,15 @@ def test_a_layer_that_never_runs_is_skipped_and_named():
     rec = res.metrics.ptq[0]
     assert rec["skipped"] == {"unused": "never ran on the calibration batches"} and rec["layers"] == 1
     assert sites(res.model)["unused"].weight_quant.rounding is None
+
+
+def test_rows_in_chunks_give_the_same_rounding_and_errors(monkeypatch):
+    task = mixq.tasks.get("synthetic-mlp")
+    full = mixq.run(task, candidates=["w3g4+asym"], ptq=["gptq"], ptq_args={"gptq": {"act_order": True}})
+    monkeypatch.setattr(gptq, "ROWS", 3)
+    chunked = mixq.run(task, candidates=["w3g4+asym"], ptq=["gptq"], ptq_args={"gptq": {"act_order": True}})
+    a, b = quantized_weights(full.model), quantized_weights(chunked.model)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    for n, e in full.metrics.ptq[0]["output_error"].items():
+        assert chunked.metrics.ptq[0]["output_error"][n] == pytest.approx(e, rel=1e-5)

@@ -71,6 +71,8 @@ from mixq.quant import fake
 from mixq.tasks import Task
 from mixq.wrap import sites
 
+ROWS = 4096  # output rows quantized together (rows are independent given the Hessian)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -225,6 +227,9 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, float]:
     """Run GPTQ on one site with Hessian ``h`` [G, k, k]; store the result on its weight site.
 
+    Rows are independent given ``H``: they are done ``ROWS`` at a time (per conv group), so a
+    large layer (an LM head) needs no full-size temporaries beyond its result.
+
     Returns the calibration output error with round-to-nearest and with GPTQ.
     """
     wq_site = site.weight_quant
@@ -233,21 +238,25 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     gram = wq_site.gram.float() if wq_site.gram is not None else None
     grid = column_grid(w, spec, gram)
     flat = w.reshape(w.shape[0], -1).float()
-    groups = h.shape[0]
-    per = flat.shape[0] // groups
-    parts = []
-    for g in range(groups):
-        rows = slice(g * per, (g + 1) * per)
-        sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)
-        parts.append(quantize_matrix(flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order))
+    per = flat.shape[0] // h.shape[0]
     # A bfloat16/float16 weight reaches its site in float32 (mixq.nn.LOW_PRECISION): so is it keyed.
     key = w.float() if w.dtype in LOW_PRECISION else w
-    wq = torch.cat(parts).reshape(w.shape).to(key.dtype)
-    rtn = fake.quantize_weight(key, spec, gram)
+    wq = torch.empty(flat.shape, dtype=key.dtype)
+    err = {"rtn": 0.0, "gptq": 0.0}
+    for g in range(h.shape[0]):
+        for r0 in range(g * per, (g + 1) * per, ROWS):
+            rows = slice(r0, min(r0 + ROWS, (g + 1) * per))
+            sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)
+            q = quantize_matrix(flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order)
+            wq[rows] = q
+            rtn = torch.clamp(torch.round(flat[rows] / sub.scale) + sub.zero, sub.qmin, sub.qmax)
+            rtn = (rtn - sub.zero) * sub.scale  # fake.quantize_rows' operations
+            err["rtn"] += output_error(flat[rows], rtn, h[g][None])
+            err["gptq"] += output_error(flat[rows], q, h[g][None])
     if not torch.isfinite(wq).all():
         raise ValueError("GPTQ produced non-finite weights")
-    wq_site.set_rounding(FixedRounding(spec, key, wq))
-    return {"rtn": output_error(w, rtn, h), "gptq": output_error(w, wq, h)}
+    wq_site.set_rounding(FixedRounding(spec, key, wq.reshape(w.shape)))
+    return err
 
 
 def _classify(qmodel: nn.Module) -> tuple[list[str], dict[str, str]]:
