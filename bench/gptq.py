@@ -171,6 +171,11 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             res = mixq.run(task, "uniform", [cand], ptq=steps, ptq_args=steps_args)
+        except Exception as e:  # noqa: BLE001 - recorded (not as a finished row), the next row runs
+            data.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            path.write_text(json.dumps(data, indent=2) + "\n")
+            print(name, "failed:", e, flush=True)
+            continue
         finally:
             ptq.STEPS.clear()
             ptq.STEPS.update(saved)
