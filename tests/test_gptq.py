@@ -331,3 +331,17 @@ def test_rows_in_chunks_give_the_same_rounding_and_errors(monkeypatch):
         assert torch.equal(a[n], b[n]), n
     for n, e in full.metrics.ptq[0]["output_error"].items():
         assert chunked.metrics.ptq[0]["output_error"][n] == pytest.approx(e, rel=1e-5)
+
+
+def test_cli_runs_awq_and_gptq_with_settings(tmp_path):
+    import json
+
+    from mixq import cli
+
+    out = tmp_path / "run"
+    argv = ["run", "--task", "synthetic-mlp", "--candidates", "w3g8", "--ptq", "awq,gptq", "--out", str(out)]
+    rc = cli.main([*argv, "--ptq-arg", "gptq.act_order=true", "--ptq-arg", "awq.grid=5"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in m["ptq"]] == ["awq", "gptq"]
+    assert m["ptq"][1]["config"]["act_order"] is True and m["ptq"][0]["config"]["grid"] == 5
