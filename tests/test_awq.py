@@ -153,7 +153,7 @@ def test_awq_through_relu_on_a_model_without_blocks_and_its_order_with_gptq():
     gptq.gptq(qmodel, task)
     with pytest.raises(ValueError, match="already has a fixed rounding.*list awq before them"):
         awq.awq(qmodel, task)
-    with pytest.raises(ValueError, match="grid and tokens must be >= 1"):
+    with pytest.raises(ValueError, match="grid must be >= 1"):
         awq.Config(grid=0)
 
 
@@ -167,3 +167,17 @@ def test_awq_then_gptq_on_llama_exports_bit_exact(tmp_path):
     ids = task.val[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, res.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("cand", ["w3", "w4g8+asym"])
+def test_group_error_from_the_gram_equals_the_error_over_tokens(cand):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g) * torch.linspace(0.1, 5, 16)
+    ws = [torch.randn(12, 16, generator=g), torch.randn(5, 16, generator=g)]
+    specs = [parse_candidate(cand).weight] * 2
+    s = torch.rand(16, generator=g) + 0.5
+    direct = sum(
+        float(((x / s) @ mixq.quant.fake.quantize_weight(w * s, sp).T - x @ w.T).double().pow(2).sum())
+        for w, sp in zip(ws, specs, strict=True)
+    )
+    assert awq.group_error(x.T @ x, ws, specs, s) == pytest.approx(direct, rel=1e-4)

@@ -16,8 +16,10 @@ is in the grid, so the chosen scale never has a larger calibration error than no
 
 Symbol map: ``s_X`` -> the mean of ``|x|`` over the calibration rows, ``alpha`` -> the grid of
 ``Config.grid`` points, ``Q`` -> each layer's own weight spec from the plan (a mixed plan: each
-at its own bits), ``X`` -> the layers' float input (all specs off) on up to ``Config.tokens``
-calibration rows.
+at its own bits), ``X`` -> the layers' float input (all specs off) on the calibration batches,
+kept as its Gram matrix ``G = X^T X`` and ``sum |X|``: the error of a scale is
+``sum_i tr(D_i G D_i^T)`` with ``D_i = Q(W_i diag(s)) diag(s)^-1 - W_i`` (the same value, without
+a pass over the tokens per ``alpha``).
 
 The producer of ``X``, found without model-specific code and checked numerically:
 
@@ -72,19 +74,17 @@ class Config:
 
     Attributes:
         grid: points of the ``alpha`` grid in [0, 1) (20 in the paper's code).
-        tokens: calibration rows (tokens) per layer group used in the search.
         batches: calibration batches used (0: all of them).
         blockwise: run block by block on cached inputs (False: whole-model forwards).
     """
 
     grid: int = 20
-    tokens: int = 2048
     batches: int = 0
     blockwise: bool = True
 
     def __post_init__(self) -> None:
-        if self.grid < 1 or self.tokens < 1 or self.batches < 0:
-            raise ValueError(f"grid and tokens must be >= 1 and batches >= 0, got {self}")
+        if self.grid < 1 or self.batches < 0:
+            raise ValueError(f"grid must be >= 1 and batches >= 0, got {self}")
 
 
 def search_spec(spec: QSpec) -> QSpec:
@@ -93,22 +93,22 @@ def search_spec(spec: QSpec) -> QSpec:
 
 
 def group_error(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], specs: Sequence[QSpec], s: torch.Tensor
+    gram: torch.Tensor, weights: Sequence[torch.Tensor], specs: Sequence[QSpec], s: torch.Tensor
 ) -> float:
-    """``sum_i ||Q(W_i diag(s)) (X / s) - W_i X||^2`` over the rows of ``x`` [N, k]."""
+    """``sum_i ||Q(W_i diag(s)) (X / s) - W_i X||^2 = sum_i tr(D_i G D_i^T)`` with
+    ``D_i = Q(W_i diag(s)) / s - W_i`` and ``G = X^T X`` (``gram`` [k, k])."""
     total = 0.0
-    xs = x / s
     for w, spec in zip(weights, specs, strict=True):
-        wq = kind_of(spec).quantize_weight(w * s, spec, None)
-        total += float((xs @ wq.T - x @ w.T).double().pow(2).sum())
+        d = kind_of(spec).quantize_weight(w * s, spec, None) / s - w
+        total += float(((d @ gram) * d).double().sum())
     return total
 
 
 def search_scale(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], specs: Sequence[QSpec], grid: int
+    gram: torch.Tensor, sx: torch.Tensor, weights: Sequence[torch.Tensor], specs: Sequence[QSpec], grid: int
 ) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Return the best scale ``s`` [k], its ``alpha`` and the errors without and with it."""
-    sx = x.abs().mean(0)
+    """Return the best scale ``s`` [k] (``sx``: the mean of ``|X|`` per channel), its ``alpha``
+    and the errors without and with it."""
     specs = [search_spec(sp) for sp in specs]
     best: tuple[float, float, torch.Tensor] | None = None
     before = None
@@ -118,7 +118,7 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()
         if alpha == 0:
             s = torch.ones_like(sx)
-        err = group_error(x, weights, specs, s)
+        err = group_error(gram, weights, specs, s)
         before = err if alpha == 0 else before
         if best is None or err < best[0]:
             best = (err, alpha, s)
@@ -166,13 +166,16 @@ class Capture:
 
     order: list[str]  # group leaders in execution order
     members: dict[str, list[str]]
-    rows: dict[str, list[torch.Tensor]]
+    first: dict[str, torch.Tensor]  # each group's input in the first run
+    gram: dict[str, torch.Tensor]  # X^T X over every run [k, k]
+    abs_sum: dict[str, torch.Tensor]  # sum of |X| per channel
+    count: dict[str, int]
     outputs: list[tuple[str, torch.Tensor]]  # (module name, output) of the first run
 
 
 def _capture(unit: nn.Module, names: dict[str, nn.Module], runs: Sequence[Callable[[], Any]]) -> Capture:
-    cap = Capture([], {}, {}, [])
-    first: dict[str, torch.Tensor] = {}
+    cap = Capture([], {}, {}, {}, {}, {}, [])
+    first = cap.first
     run_index = 0
 
     def pre(name: str) -> Callable:
@@ -185,11 +188,14 @@ def _capture(unit: nn.Module, names: dict[str, nn.Module], runs: Sequence[Callab
                     first[name] = raw
                     cap.order.append(name)
                     cap.members[name] = [name]
-                    cap.rows[name] = []
                 else:
                     cap.members[leader].append(name)
-            if name in cap.rows:
-                cap.rows[name].append(x.reshape(-1, x.shape[-1]))
+            if name in cap.members:
+                rows = x.reshape(-1, x.shape[-1]).float()
+                g, a = rows.T @ rows, rows.abs().sum(0)
+                cap.gram[name] = cap.gram[name] + g if name in cap.gram else g
+                cap.abs_sum[name] = cap.abs_sum[name] + a if name in cap.abs_sum else a
+                cap.count[name] = cap.count.get(name, 0) + rows.shape[0]
 
         return fn
 
@@ -227,7 +233,7 @@ def _producers(
     tied: set[int],
 ) -> list[tuple[str, list[torch.Tensor]]]:
     """Candidate producers of the group's input, most likely first: (name, channel tensors)."""
-    x = cap.rows[leader][0]
+    x = cap.first[leader].reshape(-1, k)
     out = []
     mods = dict(unit.named_modules())
     for name, y in reversed(cap.outputs):
@@ -270,12 +276,10 @@ def _process_unit(
             if why:
                 record["skipped"].update({n: why for n in group})
                 continue
-            x = torch.cat(cap.rows[leader]).float()
-            if x.shape[0] > cfg.tokens:
-                x = x[torch.randperm(x.shape[0], generator=gen)[: cfg.tokens]]
-            k = x.shape[1]
+            k = cap.gram[leader].shape[0]
             weights = [sites_[n].weight.detach().float() for n in group]
-            s, alpha, err = search_scale(x, weights, [specs[n] for n in group], cfg.grid)
+            sx = cap.abs_sum[leader] / cap.count[leader]
+            s, alpha, err = search_scale(cap.gram[leader], sx, weights, [specs[n] for n in group], cfg.grid)
             consumers = [sites_[n].weight for n in group]
             test = torch.rand(k, generator=gen) * 1.5 + 0.5
             chosen = None
