@@ -6,7 +6,7 @@ Each step has a stage:
   its plan (``cle``), so ranges and sensitivities are measured on the weights that end up
   quantized.
 * ``"plan"``: refines the quantized layers of the chosen plan, after it is applied
-  (``bias_correction``, ``adaround``).
+  (``bias_correction``, ``adaround``, ``awq``, ``gptq``).
 
 Steps run in the order listed; every float step must come before every plan step. Each step is
 deterministic for a seed and reports a record (its stage, seconds and what it did).
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from mixq.options import check_types
-from mixq.ptq import adaround, bias_correction, cle
+from mixq.ptq import adaround, awq, bias_correction, cle, gptq
 from mixq.tasks import Task
 
 STAGES = ("float", "plan")
@@ -46,6 +46,8 @@ STEPS: dict[str, StepKind] = {
     "cle": StepKind("float", cle.Config, _cle),
     "bias_correction": StepKind("plan", bias_correction.Config, bias_correction.correct),
     "adaround": StepKind("plan", adaround.Config, adaround.adaround),
+    "awq": StepKind("plan", awq.Config, awq.awq),
+    "gptq": StepKind("plan", gptq.Config, gptq.gptq),
 }
 
 
