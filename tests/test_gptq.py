@@ -203,6 +203,29 @@ def test_blockwise_gptq_on_a_tiny_llama_equals_whole_model_forwards():
     assert res.metrics.metric > rtn.metrics.metric
 
 
+def test_blockwise_gptq_and_awq_give_each_gemma3_block_its_own_mask():
+    """Gemma-3 alternates sliding-window and full-attention blocks (different masks and position
+    embeddings): the cached inputs of each block are built on its own arguments, so block-wise
+    GPTQ equals whole-model forwards (the first block's mask reused would not)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)} for _ in range(3)]
+    task = mixq.Task(model, calib, [{"input_ids": torch.randint(0, 96, (2, 12), generator=g)}])
+    res = mixq.run(task, candidates=["w3g16"], ptq=["gptq"])
+    slow = mixq.run(task, candidates=["w3g16"], ptq=["gptq"], ptq_args={"gptq": {"blockwise": False}})
+    assert res.metrics.ptq[0]["blocks"]["count"] == 4
+    a, b = quantized_weights(res.model), quantized_weights(slow.model)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+
+
 def test_blocks_find_capture_and_run_like_the_model():
     task = tiny_llama(1)
     model = task.model

@@ -5,6 +5,7 @@ direct KL computation, and full-model passes with hooks for the block-local obje
 """
 
 import copy
+import dataclasses
 import logging
 import math
 
@@ -313,11 +314,22 @@ def test_block_local_pairs_equal_all_pairs_within_blocks_and_zero_across(llama):
 
 def test_sensitivity_ilp_measures_a_causal_lm_block_by_block(llama):
     import mixq
+    from mixq.llm import NegPerplexity
 
     task, _ = llama
-    res = mixq.run(task, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
+
+    def labelled(batches):
+        return [{**b, "labels": b["input_ids"]} for b in batches]
+
+    lm = dataclasses.replace(  # as tasks.causal_lm makes it
+        task, calib=labelled(task.calib), val=labelled(task.val), metric=NegPerplexity(), metric_name="metric"
+    )
+    res = mixq.run(lm, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
     assert res.sensitivity.kind == "blockwise" and res.sensitivity.meta["objective"] == "fisher"
     assert res.sensitivity.se is not None and torch.isfinite(res.sensitivity.se).all()
+    # Another task on the same blocks keeps full forwards unless asked ("auto" is for LMs).
+    res = mixq.run(task, "sensitivity-ilp", LM_CANDS, budget={"avg_weight_bits": 4.0})
+    assert res.sensitivity.kind == "measured"
 
 
 def test_fisher_objective_ranks_like_the_measured_kl(llama):

@@ -14,9 +14,14 @@ its cached inputs, its outputs becoming the next block's inputs.
   position embeddings, ...); the rest of each forward is skipped. A cache of past keys and
   values (a keyword value whose type name ends in ``Cache``) is replaced by None and
   ``use_cache`` set False, so running a block again on its inputs does not grow it.
+* :func:`block_arguments` keeps, per batch, what *every* block is called with besides its hidden
+  states: blocks need not share them (Gemma-3 alternates sliding-window and full-attention
+  blocks, with different masks and position embeddings). A tensor passed to several blocks is
+  kept once.
 * :func:`run_block` runs one block on cached inputs and returns the next block's inputs
   (the block's output, or its first element when it returns a tuple, in place of the first
-  positional argument, or of the keyword ``hidden_states`` when there is none).
+  positional argument, or of the keyword ``hidden_states`` when there is none), on the next
+  block's own other arguments when they are given (:func:`block_arguments`).
 * :func:`run_until` runs a callable until a module's forward pre-hook fires and hands its input
   to a callback (the layer's input, without computing the layer or anything after it);
   :func:`run_until_any` does so for several modules, the callback saying where to stop.
@@ -180,6 +185,59 @@ def capture_inputs(
     return out
 
 
+def block_arguments(
+    model: nn.Module, modules: Sequence[nn.Module], run: Callable[[], Any]
+) -> list[BlockInput]:
+    """What each of ``modules`` is first called with during ``run()``, hidden states left out.
+
+    The hidden states (the first positional argument, else the keyword ``hidden_states``) are
+    None in the result; a cache object is None and ``use_cache`` False (as in
+    :func:`capture_inputs`). A tensor passed to several blocks is copied once and shared. The
+    forward stops after the last block's call.
+
+    Raises:
+        ValueError: a block never ran.
+    """
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            hit = memo.get(id(x))
+            if hit is None or hit[0] is not x:  # the original is held, so its id is not reused
+                hit = memo[id(x)] = (x, x.detach().clone())
+            return hit[1]
+        if type(x) in (tuple, list):
+            return type(x)(keep(v) for v in x)
+        if type(x) is dict:
+            return {k: keep(v) for k, v in x.items()}
+        return x
+
+    seen: dict[int, BlockInput] = {}
+
+    def record(name: str, args: tuple, kwargs: dict) -> bool:
+        k = int(name)
+        if k not in seen:
+            args, kwargs = tuple(args), dict(kwargs)
+            if args:
+                args = (None, *args[1:])
+            elif "hidden_states" in kwargs:
+                kwargs["hidden_states"] = None
+            kw = {n: (None if _is_cache(v) else keep(v)) for n, v in kwargs.items()}
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            seen[k] = BlockInput(tuple(keep(a) for a in args), kw)
+        return k == len(modules) - 1  # stop after the last block's arguments
+
+    try:
+        run_until_any(run, {str(k): m for k, m in enumerate(modules)}, record)
+    finally:
+        memo.clear()
+    missing = [k for k in range(len(modules)) if k not in seen]
+    if missing:
+        raise ValueError(f"block(s) {missing[:3]} of {len(modules)} never ran")
+    return [seen[k] for k in range(len(modules))]
+
+
 def first_tensor(y: Any) -> torch.Tensor:
     """The block's hidden states: ``y`` itself, or the first element of a tuple or list output."""
     if isinstance(y, torch.Tensor):
@@ -195,15 +253,20 @@ def call(block: nn.Module, inp: BlockInput) -> Any:
         return block(*inp.args, **inp.kwargs)
 
 
-def run_block(block: nn.Module, inputs: Sequence[BlockInput]) -> list[BlockInput]:
-    """Run ``block`` on each cached input; return the next block's inputs (same keywords)."""
+def run_block(
+    block: nn.Module, inputs: Sequence[BlockInput], following: Sequence[BlockInput] | None = None
+) -> list[BlockInput]:
+    """Run ``block`` on each cached input; return the next block's inputs: its output as the
+    hidden states, on ``following`` (the next block's own arguments per batch,
+    :func:`block_arguments`), else on this block's other arguments."""
     out = []
-    for inp in inputs:
+    for i, inp in enumerate(inputs):
         y = first_tensor(call(block, inp)).detach()
-        if inp.args:
-            out.append(BlockInput((y, *inp.args[1:]), inp.kwargs))
-        elif "hidden_states" in inp.kwargs:
-            out.append(BlockInput((), {**inp.kwargs, "hidden_states": y}))
+        base = following[i] if following is not None else inp
+        if base.args:
+            out.append(BlockInput((y, *base.args[1:]), base.kwargs))
+        elif "hidden_states" in base.kwargs:
+            out.append(BlockInput((), {**base.kwargs, "hidden_states": y}))
         else:
             raise ValueError(f"cannot tell the hidden states among the block's keywords {sorted(inp.kwargs)}")
     return out

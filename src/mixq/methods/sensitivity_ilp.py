@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixq import search, sensitivity
+from mixq.llm import NegPerplexity
 from mixq.methods import refine as refining
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.blockwise import find_blocks
@@ -58,7 +59,8 @@ class Config:
             blocks not recomputed: about half a model forward per score), "fisher" (the KL's
             second-order estimate at one block forward per score), "mse" (block-local output
             error, not comparable across blocks), "off" (full forwards), or "auto" ("fisher"
-            when the objective is "kl" and the model has repeated blocks, else "off"): on
+            for a causal-LM task (`mixq.tasks.causal_lm`) when the objective is "kl" and the model
+            has repeated blocks, else "off"): on
             SmolLM2 it ranks the layers like the measured KL (Spearman 0.94) at a twentieth of
             its cost (bench/results/llm_sensitivity.json).
         refine: after the solver, measure at most this many plans (the solver's and its
@@ -138,8 +140,9 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``sensitivity-ilp`` method."""
     objective = resolve_objective(ctx.task, cfg.objective)
     mode = cfg.blockwise
-    if mode == "auto":
-        mode = "fisher" if objective == "kl" and find_blocks(ctx.qmodel) else "off"
+    if mode == "auto":  # the Fisher estimate where full forwards per score are out of reach: LMs
+        lm = isinstance(ctx.task.metric, NegPerplexity)
+        mode = "fisher" if lm and objective == "kl" and find_blocks(ctx.qmodel) else "off"
     if mode != "off":
         return _measure_and_solve(ctx, cfg, sensitivity.blockwise, objective=mode)
     return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)

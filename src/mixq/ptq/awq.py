@@ -351,14 +351,20 @@ def awq(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) ->
         record["blocks"] = {"name": found.name, "count": len(found.modules)}
         with applied(qmodel, {}):
             inputs = blk.capture_inputs(qmodel, found.modules[0], batches, task.forward)
+            with blk.no_cache(qmodel):  # each block's own masks and position embeddings
+                own = [
+                    blk.block_arguments(qmodel, found.modules, lambda b=b: task.forward(qmodel, b))
+                    for b in batches
+                ]
         inside: set[str] = set()
-        for bname, block in zip(found.names(), found.modules, strict=True):
+        for k, (bname, block) in enumerate(zip(found.names(), found.modules, strict=True)):
             names = {n: m for n, m in all_sites.items() if n.startswith(bname + ".")}
             inside |= set(names)
             runs = [lambda inp=inp, b=block: blk.call(b, inp) for inp in inputs]
             _process_unit(qmodel, block, names, runs, specs, cfg, record, bname + ".")
             with applied(qmodel, {}):
-                inputs = blk.run_block(block, inputs)
+                following = [a[k + 1] for a in own] if k + 1 < len(found.modules) else None
+                inputs = blk.run_block(block, inputs, following)
         del inputs
         outside = {
             n: "outside the repeated blocks" for n in all_sites if n not in inside and specs[n] is not None

@@ -373,10 +373,16 @@ def gptq(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -
         all_sites = sites(qmodel)
         _whole_model(qmodel, before, batches, task, cfg, errors)
         inputs = blk.capture_inputs(qmodel, blocks.modules[0], batches, task.forward)
-        for block, layers in zip(blocks.modules, per_block, strict=True):
+        with blk.no_cache(qmodel):  # each block's own masks and position embeddings, per batch
+            own = [
+                blk.block_arguments(qmodel, blocks.modules, lambda b=b: task.forward(qmodel, b))
+                for b in batches
+            ]
+        for k, (block, layers) in enumerate(zip(blocks.modules, per_block, strict=True)):
             runs = [lambda inp=inp, b=block: blk.call(b, inp) for inp in inputs]
             _sequential(runs, {n: all_sites[n] for n in layers}, cfg, errors)
-            inputs = blk.run_block(block, inputs)
+            following = [a[k + 1] for a in own] if k + 1 < len(blocks.modules) else None
+            inputs = blk.run_block(block, inputs, following)
         del inputs
         _whole_model(qmodel, after, batches, task, cfg, errors)
     skipped.update({n: "never ran on the calibration batches" for n in todo if n not in errors})

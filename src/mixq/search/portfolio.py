@@ -8,7 +8,7 @@
 3. The best incumbent is polished once more; the bound is the largest bound of any solver, the
    gap ``(f − bound)/|f|``.
 
-Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.ilp.highs`, the best
+Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.highs.highs`, the best
 incumbents in short times) then SCIP on the convex form (`mixq.search.scip`: the only bound that
 sees the quadratic objective, warm-started from HiGHS's polished incumbent). The solvers are
 optional (``pip install mixq[search]``: OR-Tools, PySCIPOpt); one that cannot be imported is
@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from mixq.search.greedy import greedy
+from mixq.search.highs import highs
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, check_budgets, relative_gap
 
@@ -36,8 +37,6 @@ DEFAULT_WEIGHTS = (0.5, 0.5)
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
-    from mixq.search.ilp import highs
-
     return highs(problem, time_limit=time_limit, warm_start=warm_start)
 
 

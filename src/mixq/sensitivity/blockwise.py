@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixq.blocks import block_arguments
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import (
     objective_data,
@@ -168,59 +169,10 @@ def capture_inputs(
 def capture_block_args(
     model: nn.Module, blocks: Sequence[str], run: Callable[[], Any]
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """The arguments of every block's first call in ``run()``, hidden states left out (None).
-
-    Blocks need not share their other arguments: a model may give its blocks different attention
-    masks (sliding-window and full layers alternate in Gemma-3). A tensor passed to several
-    blocks is copied once and shared. The forward stops after the last block's call.
-    """
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def det(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            hit = memo.get(id(x))
-            if hit is None or hit[0] is not x:
-                hit = memo[id(x)] = (x, x.detach().clone())
-            return hit[1]
-        if type(x) in (tuple, list):
-            return type(x)(det(v) for v in x)
-        if type(x) is dict:
-            return {k: det(v) for k, v in x.items()}
-        return x
-
-    seen: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-    def hook(k: int, mod: nn.Module, args: Any, kwargs: Any) -> None:
-        if k not in seen:
-            args = tuple(args)
-            kwargs = dict(kwargs)
-            if args:
-                args = (None, *args[1:])
-            elif "hidden_states" in kwargs:
-                kwargs["hidden_states"] = None
-            seen[k] = (det(args), _clean(det(kwargs)))
-        if k == len(blocks) - 1:
-            raise _Stop
-
-    handles = [
-        model.get_submodule(b).register_forward_pre_hook(
-            lambda mod, args, kwargs, k=k: hook(k, mod, args, kwargs), with_kwargs=True
-        )
-        for k, b in enumerate(blocks)
-    ]
-    try:
-        with torch.inference_mode():
-            run()
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        memo.clear()
-    missing = [b for k, b in enumerate(blocks) if k not in seen]
-    if missing:
-        raise ValueError(f"block(s) {missing[:3]} never called by the task's forward")
-    return [seen[k] for k in range(len(blocks))]
+    """The arguments of every block's first call in ``run()``, hidden states left out (None):
+    blocks need not share their other arguments (:func:`mixq.blocks.block_arguments`)."""
+    found = block_arguments(model, [model.get_submodule(b) for b in blocks], run)
+    return [(x.args, x.kwargs) for x in found]
 
 
 def hidden_of(out: Any) -> torch.Tensor:
