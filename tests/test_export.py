@@ -640,3 +640,25 @@ def test_export_modules_are_layered() -> None:
     assert e["ort"] in graph[e["qdq"]] and not graph[e["qdq"]] & {e["packed"], e["integer"]}
     export = {m: deps & set(e.values()) for m, deps in graph.items() if m in e.values()}
     assert find_cycle(export) is None
+
+
+def test_a_schema_2_multipoint_file_is_refused_with_a_named_reason(cnn, tmp_path) -> None:
+    """Multipoint's extra steps moved to float16 in schema 3: an older file is refused, naming its
+    layers and what to do, instead of a shape error deep in the reader."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    task, qmodel = cnn
+    res = mp_sparq_result(task, qmodel, "mp2")
+    path = export.save(res, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = json.loads(header["mixq"])
+    assert meta["schema"] == 3
+    meta["schema"] = 2
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**header, "mixq": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"schema-2 layout .*export the run again"):
+        export.load(old, model=task.model)
+    export.load(path, model=task.model)  # the file as written still loads

@@ -128,6 +128,12 @@ def test_save_pretrained_refuses_to_drop_the_quantization(tasks, tmp_path):
     with pytest.raises(ValueError, match="--format hf"):
         deployed.save_pretrained(tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # The guarded models still pickle (torch.save of a whole model), and the copy keeps its guard.
+    for i, m in enumerate((res.model, deployed)):
+        torch.save(m, tmp_path / f"m{i}.pt")
+        back = torch.load(tmp_path / f"m{i}.pt", weights_only=False)  # written by this test
+        with pytest.raises(ValueError, match="--format hf"):
+            back.save_pretrained(tmp_path / f"m{i}")
     plain = mixq.unwrap(mixq.wrap(make_task("llama").model))  # unwrapped: the float model saves as before
     plain.save_pretrained(tmp_path / "c")
     assert (tmp_path / "c" / "config.json").is_file()

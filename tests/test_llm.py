@@ -279,6 +279,12 @@ def test_cli_and_recipe_take_exclude(tmp_path):
     assert main(["run", "--recipe", str(rec), "--exclude", "0", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["float_layers"]["0.weight"].startswith("excluded")
+    # The run rebuilds from its directory with its exclusions (file sizes checked against the plan).
+    import mixq.export
+
+    rebuilt, _ = mixq.export.rebuild(out)
+    assert rebuilt.metrics.size_bytes == metrics["size_bytes"]
+    assert rebuilt.metrics.metric == pytest.approx(metrics["metric"], abs=1e-9)
 
 
 def test_smollm2_cache_is_read_from_mixq_cache_dir(tmp_path, monkeypatch):

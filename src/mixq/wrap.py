@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import types
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -212,7 +212,7 @@ def guard_save_pretrained(model: nn.Module) -> None:
     whose sites hold no spec saves as before, and :func:`unwrap` removes the guard.
     """
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        model.save_pretrained = functools.partial(_save_pretrained, model)  # picklable (torch.save)
 
 
 def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -37,7 +37,7 @@ from mixq.export.packed import deployed, load_safetensors, read_safetensors, sav
 from mixq.export.qdq import save_onnx
 from mixq.metrics import Metrics
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
-from mixq.wrap import adds_spec, apply, wrap
+from mixq.wrap import adds_spec, apply, excluded_layers, wrap
 
 FORMATS = ("safetensors", "onnx", "hf")
 RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
@@ -207,7 +207,11 @@ def file_costs(path: Path, meta: dict[str, Any], plan: Plan, task: Any) -> dict[
         ValueError: a layer of the file has another shape than the model's, or another spec
             than the plan's (naming the file, the layer and both).
     """
-    qmodel = wrap(copy.deepcopy(task.model).eval())
+    model = copy.deepcopy(task.model).eval()
+    embeddings = names_embeddings(task, plan)
+    excluded = excluded_layers(model, excludes(plan), embeddings)  # float, as in the run
+    model.mixq_excluded = tuple(excluded)
+    qmodel = wrap(model, skip=excluded, embeddings=embeddings)
     infos = cost.probe(qmodel, task.calib[0], task.forward)
     layers = meta.get("layers") or {}
     specs = []

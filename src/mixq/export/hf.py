@@ -46,7 +46,7 @@ from mixq.wrap import sites
 
 HF_HOLDS = (
     "weight-only integer formats of 1 to 8 bits (int/uint, symmetric or with a zero point) "
-    "per tensor, output channel or group, on nn.Linear and nn.Embedding layers"
+    "per tensor, output channel or group, on nn.Linear layers (embeddings stay float)"
 )
 STRATEGIES = {"tensor": "tensor", "channel": "channel", "group": "group"}
 WEIGHTS = "model.safetensors"

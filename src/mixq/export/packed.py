@@ -52,7 +52,7 @@ from mixq.ptq.cle import ChannelClamp
 from mixq.quant.packing import pack_bits, unpack_bits
 from mixq.wrap import sites, unwrap
 
-SCHEMA = 2  # 2: the metadata records plan_hash and payload; 1 (still read): neither
+SCHEMA = 3  # 3: multipoint extra steps in float16; 2: plan_hash and payload; 1 (still read): neither
 META_KEY = "mixq"
 
 
@@ -303,9 +303,15 @@ def read_safetensors(
         raise ValueError(f"{path} is a safetensors file but not a mixq export (no '{META_KEY}' metadata)")
     try:
         meta = json.loads(header[META_KEY])
-        if meta.get("schema") not in (1, SCHEMA):
+        if meta.get("schema") not in (1, 2, SCHEMA):
             raise ValueError(
                 f"unsupported export schema {meta.get('schema')!r}; this mixq reads 1 to {SCHEMA}"
+            )
+        old_mp = [n for n, m in meta["layers"].items() if (m.get("weight") or {}).get("points")]
+        if meta["schema"] < 3 and old_mp:
+            raise ValueError(
+                f"multipoint layer(s) {old_mp[:3]} were written in the schema-{meta['schema']} layout "
+                f"(float32 steps of every point), which this mixq no longer reads; export the run again"
             )
         verify(meta, tensors, plan)
         layers = {n: _read_layer(n, m, tensors) for n, m in meta["layers"].items()}

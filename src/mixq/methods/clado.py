@@ -52,6 +52,7 @@ from mixq.methods import refine as refining
 from mixq.methods.common import Context, MethodOutput, check_choices
 from mixq.sensitivity.blockwise import find_blocks
 from mixq.sensitivity.pairs import pairwise
+from mixq.sensitivity.perturb import warn_few_batches
 from mixq.sensitivity.table import Sensitivity
 from mixq.tasks import Task, logits_of
 
@@ -329,6 +330,8 @@ def measure_with_noise(
         batches = [head(b, cfg.samples) for b in batches]
     stask = sensitivity_task(ctx.task, ctx.qmodel, batches, cfg.loss)
     parts = split(stask.calib, cfg.splits) if cfg.splits > 1 else [list(stask.calib)]
+    if len(parts) > 1:
+        warn_few_batches(len(parts))  # the errors are over the parts
     found = []
     blocks = (tuple(find_blocks(ctx.qmodel)) or None) if cfg.block_local and with_pairs else None
     with ctx.store() as store:

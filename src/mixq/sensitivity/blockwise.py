@@ -40,9 +40,11 @@ the batches, as for :func:`~mixq.sensitivity.perturb.measured`.
 Capture ([DESIGN], generic over transformers models, no model-specific code): the first block's
 positional and keyword arguments are recorded by a forward pre-hook (the forward is stopped
 there); a key-value cache argument is dropped and ``use_cache`` set False, so that re-running a
-block has no side effect. The next block's arguments are the same with the hidden states (the
-first positional argument, else ``hidden_states=``) replaced by the previous block's output (its
-first element when it returns a tuple). This streaming is checked once against a hooked plain
+block has no side effect. Every block's other arguments are captured the same way in one float
+pass (:func:`mixq.blocks.block_arguments`: blocks may differ, e.g. Gemma-3's sliding-window and
+full-attention masks), and its hidden states (the first positional argument, else
+``hidden_states=``) are the previous block's output (its first element when it returns a
+tuple). This streaming is checked once against a hooked plain
 pass on the first batch (the last block's inputs); a model that does not pass hidden states this
 way is refused, naming the block.
 """

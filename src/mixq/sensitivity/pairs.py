@@ -489,6 +489,8 @@ def pairwise(
             models whose all-pairs cost is out of reach.
         min_batches: cut the batches into equal parts until there are this many where the
             batch sizes allow, for the standard errors (``perturb.split_batches``; 4 by default).
+            1 keeps the batches and does not warn about their number (a caller that forms
+            its errors over several calls, as clado does over its parts).
         blocks: names of the model's repeated blocks (``blockwise.find_blocks``): measure the
             pairs of layers of one block only (block-local pairs, for LLMs: ``L·C²·(block size)``
             pairs instead of ``L²·C²/2``); pairs across blocks, and of layers outside every
@@ -513,7 +515,8 @@ def pairwise(
     batches = split_batches(task.calib if batches is None else batches, opts.min_batches)
     if not batches:
         raise ValueError("pairwise sensitivity needs at least one batch")
-    warn_few_batches(len(batches))
+    if opts.min_batches > 1:  # min_batches=1: the caller forms its errors itself (clado's parts)
+        warn_few_batches(len(batches))
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 layer (or None for all pairs), got {window}")
     meta: dict[str, Any] = {"batches": len(batches), "window": window, "block_local": opts.blocks is not None}
