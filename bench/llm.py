@@ -12,7 +12,9 @@ text, windows 8-11 validation, the first 4 other windows calibration. Rows, by n
   saved as a packed file and loaded again (its size, the tie, the outputs);
 * ``mixed/<method>/<bits>``: ``embeddings=True`` (lm_head and the embedding are one tied
   tensor, counted once), candidates w3g32+asym, w4g32+asym, w8g64 (and w3g32 so that 3.5 bits
-  is feasible), searched by sensitivity-ilp, hawq and clado at 3.5, 4.0 and 4.25 average bits.
+  is feasible), searched by sensitivity-ilp, hawq and clado at 3.5, 4.0 and 4.25 average bits;
+  ``mixed/sensitivity-ilp/<bits>/gptq`` the same plan search followed by GPTQ at each layer's
+  own bits.
 
 A row whose PTQ step or method is not registered is recorded as "pending: step not available"
 (or method) and runs once it is. Each row runs in its own process (its peak resident memory is
@@ -74,6 +76,15 @@ def rows() -> dict[str, dict[str, Any]]:
                 "ptq": [],
                 "embeddings": True,
             }
+    for bits in MIXED_BITS:  # the mixed plan with GPTQ at each layer's own bits
+        out[f"mixed/sensitivity-ilp/{bits}/gptq"] = {
+            "kind": "run",
+            "method": "sensitivity-ilp",
+            "candidates": MIXED_CANDIDATES,
+            "budget": {"avg_weight_bits": bits},
+            "ptq": ["gptq"],
+            "embeddings": True,
+        }
     out["export/w4g32+asym/embeddings"] = {
         "kind": "export",
         "method": "uniform",
