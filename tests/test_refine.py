@@ -16,6 +16,7 @@ from mixq.methods.common import Context
 from mixq.plan import as_layer_spec
 from mixq.sensitivity import pairwise
 from mixq.wrap import applied
+from test_tied_ptq import tiny_tied_llama
 
 CANDS = ["w2", "w4", "w8"]
 ARGS = {
@@ -174,3 +175,33 @@ def test_psd_keep_diagonal_is_psd_and_keeps_singles():
     already = rng.normal(size=(6, 6))
     already = already @ already.T
     np.testing.assert_allclose(clado.psd_keep_diagonal(already), already, atol=1e-9)
+
+
+def test_refine_measures_tied_plans_only(monkeypatch):
+    """A tied embedding and lm_head are one tensor: every plan refine measures gives them one weight
+    spec, and the plan it keeps is the run's final plan (tie_plan changes nothing afterwards)."""
+    task = tiny_tied_llama()
+    emb, head = "model.embed_tokens", "lm_head"
+    measured = []
+
+    def spy(model, plan):
+        if plan:
+            measured.append(plan)
+        return applied(model, plan)
+
+    monkeypatch.setattr(refining, "applied", spy)
+    cands = ["w2g16", "w4g16", "w8"]
+    w = [mixq.run(task, "uniform", [c], embeddings=True).metrics.avg_weight_bits for c in cands[:2]]
+    res = mixq.run(
+        task, "sensitivity-ilp", cands, {"avg_weight_bits": 0.5 * sum(w)}, embeddings=True,
+        method_args={"batches": 1, "refine": 6},
+    )  # fmt: skip
+    rec = res.history[0]["refined"]
+    assert len(measured) == len(rec["measured"]) > 1
+    for plan in measured:
+        assert emb in plan.layers and head in plan.layers
+        assert plan.layers[emb].weight == plan.layers[head].weight, plan.layers
+    assert res.plan.layers[emb].weight == res.plan.layers[head].weight
+    # The kept plan is the measured one: its loss is the final plan's.
+    kept = measured[[tuple(m["choices"]) for m in rec["measured"]].index(tuple(rec["chosen"]))]
+    assert {n: s.weight for n, s in kept.layers.items()} == {n: s.weight for n, s in res.plan.layers.items()}

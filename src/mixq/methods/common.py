@@ -15,7 +15,7 @@ from mixq import cost
 from mixq.plan import LayerSpec, Plan
 from mixq.store import Store
 from mixq.tasks import Task
-from mixq.wrap import applied
+from mixq.wrap import applied, tie_plan, tied_sites
 
 
 def check_choices(*checks: tuple[str, Any, Collection[str]]) -> None:
@@ -88,8 +88,22 @@ class Context:
         )
 
     def plan_of(self, choices: list[int]) -> Plan:
-        """Build the plan of per-layer candidate indices."""
-        return Plan({n: self.candidates[j] for n, j in zip(self.layers, choices, strict=True)})
+        """Build the plan of per-layer candidate indices, tied sites at their leader's weight spec
+        (:func:`mixq.wrap.tie_plan`): every plan a method measures or returns is one it can deploy."""
+        plan = Plan({n: self.candidates[j] for n, j in zip(self.layers, choices, strict=True)})
+        return tie_plan(self.qmodel, plan)
+
+    def tied_pairs(self) -> list[tuple[int, int]]:
+        """(follower, leader) indices into ``layers`` of tied sites (:func:`mixq.wrap.tied_sites`)."""
+        at = {n: i for i, n in enumerate(self.layers)}
+        return [(at[f], at[ld]) for f, ld in tied_sites(self.qmodel).items() if f in at and ld in at]
+
+    def tie_choices(self, choices: list[int], pairs: list[tuple[int, int]] | None = None) -> list[int]:
+        """``choices`` with each tied follower at its leader's candidate (``pairs``: :meth:`tied_pairs`)."""
+        out = list(choices)
+        for f, ld in self.tied_pairs() if pairs is None else pairs:
+            out[f] = out[ld]
+        return out
 
 
 @dataclass(frozen=True)

@@ -78,17 +78,25 @@ def _rows(out: Any) -> torch.Tensor:
 
 
 def neighbours(ctx: Context, choices: list[int]) -> list[list[int]]:
-    """Plans that change one or two layers' candidates and stay within the budgets."""
+    """Plans that change one or two layers' candidates and stay within the budgets.
+
+    A tied follower (:meth:`Context.tied_pairs`) moves with its leader: it is not a layer of its own.
+    """
     L, C = len(ctx.layers), len(ctx.candidates)
+    pairs = ctx.tied_pairs()
+    followers = {f for f, _ in pairs}
     out = []
     for k in (1, 2):
         for ls in itertools.combinations(range(L), k):
             for js in itertools.product(range(C), repeat=k):
                 if any(j == choices[layer] for layer, j in zip(ls, js, strict=True)):
                     continue
+                if followers.intersection(ls):
+                    continue
                 new = list(choices)
                 for layer, j in zip(ls, js, strict=True):
                     new[layer] = j
+                new = ctx.tie_choices(new, pairs)
                 if ctx.within_limits(new):
                     out.append(new)
     return out
@@ -117,7 +125,7 @@ def refine(
     check_refine(n)
     if n == 0:
         return list(choices), {"refine": 0}
-    current = list(choices)
+    current = ctx.tie_choices(choices)  # a tied follower at its leader's candidate (the plan measured)
     seen = {tuple(current): measure(current)}
     log = [{"choices": current, "loss": seen[tuple(current)], "predicted": prob.objective(current)}]
     best = seen[tuple(current)]
@@ -142,6 +150,6 @@ def refine(
         "start_loss": log[0]["loss"],
         "chosen": current,
         "chosen_loss": best,
-        "improved": current != list(choices),
+        "improved": current != ctx.tie_choices(choices),
     }
     return current, record

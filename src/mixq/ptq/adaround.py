@@ -43,7 +43,7 @@ from mixq.progress import Bar
 from mixq.ptq.capture import layer_io
 from mixq.quant import fake
 from mixq.tasks import Task
-from mixq.wrap import sites
+from mixq.wrap import sites, tied_sites
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -174,6 +174,23 @@ class FixedRounding:
         return None
 
 
+def share_tied_rounding(qmodel: nn.Module) -> list[str]:
+    """Give each tied follower (:func:`mixq.wrap.tied_sites`) its leader's chosen rounding.
+
+    A PTQ step that chooses roundings skips weight-only sites (an embedding): one tied to a learned
+    lm_head would round the very same tensor to nearest, and the packed export stores a tied tensor
+    once (it refuses two quantized copies). Returns the followers given a rounding.
+    """
+    qs = sites(qmodel)
+    shared = []
+    for follower, leader in tied_sites(qmodel).items():
+        rounding = qs[leader].weight_quant.rounding
+        if rounding is not None and qs[follower].weight_quant.spec == qs[leader].weight_quant.spec:
+            qs[follower].weight_quant.set_rounding(rounding)
+            shared.append(follower)
+    return shared
+
+
 def learn_rounding(
     m: nn.Module, x_hat: torch.Tensor, target: torch.Tensor, cfg: Config, gen: torch.Generator, bar: Bar
 ) -> tuple[torch.Tensor, Grid]:
@@ -271,9 +288,11 @@ def adaround(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 
             kept = cfg.keep_better and after > before
             m.weight_quant.set_rounding(FixedRounding(m.weight_quant.spec, m.weight, rtn if kept else wq))
             errors[name] = {"rtn": before, "adaround": after, "kept_nearest": kept}
+    tied = share_tied_rounding(qmodel)  # an embedding tied to a learned lm_head: the same rounding
     return {
         "layers": len(layers),
         "skipped": skipped,
+        "tied": tied,
         "iters": cfg.iters,
         "batch_size": cfg.batch_size,
         "calib_batches": len(batches),

@@ -66,7 +66,7 @@ from mixq.kinds import kind_of
 from mixq.kinds.scaled import row_params
 from mixq.nn import LOW_PRECISION
 from mixq.plan import QSpec
-from mixq.ptq.adaround import FixedRounding
+from mixq.ptq.adaround import FixedRounding, share_tied_rounding
 from mixq.quant import fake
 from mixq.tasks import Task
 from mixq.wrap import sites
@@ -386,6 +386,8 @@ def gptq(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -
         del inputs
         _whole_model(qmodel, after, batches, task, cfg, errors)
     skipped.update({n: "never ran on the calibration batches" for n in todo if n not in errors})
+    for name in share_tied_rounding(qmodel):  # an embedding tied to lm_head: lm_head's GPTQ rounding
+        skipped[name] = "tied: takes its leader's GPTQ rounding"
     return {
         "layers": len(errors),
         "skipped": skipped,
