@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.blocks import block_arguments
+from mixq.blocks import block_arguments, first_tensor
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import (
     objective_data,
@@ -177,13 +177,7 @@ def capture_block_args(
     return [(x.args, x.kwargs) for x in found]
 
 
-def hidden_of(out: Any) -> torch.Tensor:
-    """The hidden states of a block's output: the output, or its first element."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ValueError(f"a block returned {type(out).__name__}; block-wise sensitivity needs hidden states")
+hidden_of = first_tensor  # the hidden states of a block's output: the output, or its first element
 
 
 def with_hidden(inputs: tuple[tuple[Any, ...], dict[str, Any]], hidden: torch.Tensor) -> tuple:
