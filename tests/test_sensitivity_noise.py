@@ -259,15 +259,7 @@ def test_blockwise_mse_equals_block_output_mse_of_full_passes(llama):
     ]
     blk = blockwise(q, task, layers, LM_CANDS, objective="mse", min_batches=1)
     for i, layer in enumerate(layers):
-        block = q.get_submodule(".".join(layer.split(".")[:3]))
-        for j, c in enumerate(LM_CANDS):
-            vals = []
-            for b in task.calib:
-                ref, got = (
-                    full_block_output(q, task, block, b, {}),
-                    full_block_output(q, task, block, b, {layer: parse_candidate(c)}),
-                )
-                vals.append(float((got.double() - ref.double()).pow(2).mean()))
+        for j, vals in enumerate(full_block_mses(q, task, layer)):
             assert float(blk.single[i, j]) == pytest.approx(sum(vals) / len(vals), rel=1e-4)
             assert float(blk.se[i, j]) == pytest.approx(hand_se(vals), rel=1e-3)
 
@@ -291,6 +283,21 @@ def full_block_output(q, task, block, batch, plan):
     finally:
         handle.remove()
     return seen[0]
+
+
+def full_block_mses(q, task, layer) -> list[list[float]]:
+    """Per candidate, per batch: the MSE of the layer's block output between full passes with the
+    layer at that candidate and float."""
+    block = q.get_submodule(".".join(layer.split(".")[:3]))
+    out = []
+    for c in LM_CANDS:
+        vals = []
+        for b in task.calib:
+            ref = full_block_output(q, task, block, b, {})
+            got = full_block_output(q, task, block, b, {layer: parse_candidate(c)})
+            vals.append(float((got.double() - ref.double()).pow(2).mean()))
+        out.append(vals)
+    return out
 
 
 def test_block_local_pairs_equal_all_pairs_within_blocks_and_zero_across(llama):
@@ -394,11 +401,5 @@ def test_blockwise_gives_each_block_its_own_mask_and_no_cache():
     ]
     blk = blockwise(q, task, layers, LM_CANDS, objective="mse", min_batches=1)
     for i, layer in enumerate(layers):
-        block = q.get_submodule(".".join(layer.split(".")[:3]))
-        for j, c in enumerate(LM_CANDS):
-            vals = []
-            for b in task.calib:
-                ref = full_block_output(q, task, block, b, {})
-                got = full_block_output(q, task, block, b, {layer: parse_candidate(c)})
-                vals.append(float((got.double() - ref.double()).pow(2).mean()))
+        for j, vals in enumerate(full_block_mses(q, task, layer)):
             assert float(blk.single[i, j]) == pytest.approx(sum(vals) / len(vals), rel=1e-4)
