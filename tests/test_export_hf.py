@@ -155,3 +155,14 @@ def test_cli_exports_a_run_directory_as_hf(tmp_path, capsys):
     x = llama_task().val[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, res.model(input_ids=x).logits)
+
+
+def test_gptq_dynamic_group_scales_are_the_ones_written(tasks, tmp_path):
+    """GPTQ's dynamic groups give a layer scales of its own (not those computed from the float
+    weight): the checkpoint holds them, and transformers rebuilds the simulated logits."""
+    task = tasks["llama"]
+    res = mixq.run(task, "uniform", ["w4g16+asym"], ptq=["gptq"])
+    own = {type(m.weight_quant.rounding).__name__ for m in mixq.sites(res.model).values()}
+    assert own == {"FixedGrid"}
+    sim, got, _ = reload_logits(res, task, tmp_path / "gptq")
+    torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)

@@ -93,7 +93,9 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
             w = m.weight.detach()
             w = w.float() if w.dtype in LOW_PRECISION else w  # as the site computes (Quantizer.forward)
             wq = m.weight_quant(w)
-            weight: Encoded | torch.Tensor = encode_weight(w, wspec, gram, wq)
+            own = getattr(m.weight_quant.rounding, "encode", None)  # a grid of its own (GPTQ groups)
+            weight: Encoded | torch.Tensor | None = own(w, wspec) if own is not None else None
+            weight = weight if weight is not None else encode_weight(w, wspec, gram, wq)
             if not _same_bits(decode_weight(weight), wq):
                 raise RuntimeError(f"layer {name}: the codes do not rebuild the fake-quantized weight")
         else:

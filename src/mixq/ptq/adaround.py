@@ -38,10 +38,12 @@ import torch
 from torch import nn
 
 from mixq.formats import Int
+from mixq.kinds import kind_of
 from mixq.plan import QSpec
 from mixq.progress import Bar
 from mixq.ptq.capture import layer_io
 from mixq.quant import fake
+from mixq.quant.codes import Encoded
 from mixq.tasks import Task
 from mixq.wrap import sites, tied_sites
 
@@ -172,6 +174,25 @@ class FixedRounding:
         if spec == self.spec and self.w.shape == w.shape and torch.equal(self.w, w.detach()):
             return self.wq
         return None
+
+
+@dataclass(frozen=True)
+class FixedGrid(FixedRounding):
+    """A chosen rounding on a grid of its own: ``wq`` with a scale and zero point per row of
+    ``fake.to_rows`` (GPTQ's dynamic groups), which the exports store instead of the scales
+    the spec computes from ``w``."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def encode(self, w: torch.Tensor, spec: QSpec) -> Encoded | None:
+        """The codes of ``wq`` on this grid (None when ``spec`` or ``w`` are not this rounding's)."""
+        if self(w, spec) is None:
+            return None
+        rows = fake.to_rows(self.wq.float(), spec)
+        kind = kind_of(spec)
+        codes = fake.from_rows(rows, kind.to_codes(rows.data / self.scale[:, None], self.zero, spec))
+        return Encoded(spec, tuple(w.shape), codes, self.scale, None if spec.symmetric else self.zero)
 
 
 def share_tied_rounding(qmodel: nn.Module) -> list[str]:

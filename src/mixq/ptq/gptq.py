@@ -35,14 +35,17 @@ stopped before the next layer, the same way.
 
 Deviations, each [DESIGN]:
 
-* Static grids: every column's scale and zero point are those the layer's spec computes from
-  the stored weight (per tensor, channel or group; min/max, mse, omse or percentile, symmetric
-  or asymmetric), before any update; the paper's code recomputes a group's scale from the
-  updated weights when it reaches the group. With static grids the result is a rounding choice
-  on the site's own grid: it is handed to the weight site as a
-  :class:`~mixq.ptq.adaround.FixedRounding` (the stored float weight is unchanged), so the
-  packed export encodes it bit for bit with the site's scales, and act_order needs no
-  regrouping.
+* Grids. Per tensor and per channel, every column's scale and zero point are those the layer's
+  spec computes from the stored weight (min/max, mse, omse or percentile, symmetric or
+  asymmetric), before any update: the result is a rounding choice on the site's own grid,
+  handed to the weight site as a :class:`~mixq.ptq.adaround.FixedRounding` (the stored float
+  weight is unchanged). Per group (``Config.groups="dynamic"``, the default), as in the paper's
+  code, a group's scale and zero point are computed by the spec's own range method when GPTQ
+  reaches the group's first column, from the weights updated so far (the groups that follow
+  then absorb the earlier groups' errors inside their own ranges); the site gets a
+  :class:`~mixq.ptq.adaround.FixedGrid` holding those scales, which the exports store. With
+  ``act_order``, with clip "omse" (its range needs the whole row's output error) or with
+  ``groups="static"``, group grids are static like the others.
 * Columns whose input is always zero (``H_jj = 0``) keep their weight (rounded to nearest)
   instead of being zeroed: they cannot change the calibration output either way.
 * Only integer weight specs are GPTQ'd; other specs (fp and MX formats, multipoint) and
@@ -66,11 +69,12 @@ from mixq.kinds import kind_of
 from mixq.kinds.scaled import row_params
 from mixq.nn import LOW_PRECISION
 from mixq.plan import QSpec
-from mixq.ptq.adaround import FixedRounding, share_tied_rounding
+from mixq.ptq.adaround import FixedGrid, FixedRounding, share_tied_rounding
 from mixq.quant import fake
 from mixq.tasks import Task
 from mixq.wrap import sites
 
+GROUPS = ("dynamic", "static")
 ROWS = 4096  # output rows quantized together (rows are independent given the Hessian)
 
 
@@ -85,6 +89,8 @@ class Config:
         batches: calibration batches used (0: all of them).
         blockwise: cache the repeated blocks' inputs and run block by block (False: a forward of
             the whole model per layer, as for models without repeated blocks).
+        groups: "dynamic" (a group's scale and zero point from the updated weights, when GPTQ
+            reaches the group) or "static" (from the stored weight, before any update).
     """
 
     damp: float = 0.01
@@ -92,8 +98,11 @@ class Config:
     act_order: bool = False
     batches: int = 0
     blockwise: bool = True
+    groups: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.groups not in GROUPS:
+            raise ValueError(f"groups must be one of {', '.join(GROUPS)}; got {self.groups!r}")
         if not 0 <= self.damp < 1 or not math.isfinite(self.damp):
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if self.block_size < 1 or self.batches < 0:
@@ -150,6 +159,9 @@ def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
+Regroup = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def quantize_matrix(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -158,19 +170,27 @@ def quantize_matrix(
     block_size: int = 128,
     act_order: bool = False,
     dtype: torch.dtype = torch.float32,
+    regroup: tuple[int, Regroup] | None = None,
 ) -> torch.Tensor:
     """GPTQ (Algorithm 1) of ``w`` [out, k] with Hessian ``h`` [k, k] on ``grid``.
 
-    ``dtype`` is that of the weight updates (float32; the tests also use float64). Returns the
-    quantized weight [out, k] in float32, every element a value of the grid.
+    ``dtype`` is that of the weight updates (float32; the tests also use float64). ``regroup``
+    ``(g, fn)`` makes groups of ``g`` columns dynamic (not with ``act_order``): at each group's
+    first column, ``fn(columns)`` ([out, g] updated weights, zero-padded at the row's end) gives
+    the group's scale and zero point [out], written into ``grid`` in place. Returns the quantized
+    weight [out, k] in float32, every element a value of the grid.
     """
     k = w.shape[1]
     w = w.detach().to(dtype).clone()
     perm = None
     if act_order:
+        if regroup is not None:
+            raise ValueError("dynamic groups follow the column order: not with act_order")
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
         grid = ColumnGrid(grid.scale[:, perm], grid.zero[:, perm], grid.qmin, grid.qmax)
+    if regroup is not None:  # a group lies inside one lazy-update block: its columns are current
+        block_size = max(regroup[0], block_size // regroup[0] * regroup[0])
     u = inverse_factor(h, damp).to(dtype)
     q = torch.zeros(w.shape, dtype=torch.float32)
     for i1 in range(0, k, block_size):
@@ -179,6 +199,8 @@ def quantize_matrix(
         err = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
+            if regroup is not None and col % regroup[0] == 0:
+                _set_group(grid, w1[:, i : i + regroup[0]], col, regroup)
             qc = grid.quantize(w1[:, i].float(), col)
             q[:, col] = qc
             e = (w1[:, i] - qc.to(dtype)) / u1[i, i]
@@ -188,6 +210,25 @@ def quantize_matrix(
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     return q
+
+
+def _set_group(grid: ColumnGrid, cols: torch.Tensor, col: int, regroup: tuple[int, Regroup]) -> None:
+    g, fn = regroup
+    cols = cols.float()
+    if cols.shape[1] < g:  # the row's last group, padded with zeros as fake.to_rows pads it
+        cols = torch.nn.functional.pad(cols, (0, g - cols.shape[1]))
+    scale, zero = fn(cols)
+    end = min(col + g, grid.scale.shape[1])
+    grid.scale[:, col:end] = scale[:, None]
+    grid.zero[:, col:end] = zero[:, None]
+
+
+def dynamic(spec: QSpec, cfg: Config) -> tuple[int, Regroup] | None:
+    """The dynamic-group setting of ``quantize_matrix`` for ``spec``, or None (static grid)."""
+    if cfg.groups != "dynamic" or cfg.act_order or spec.granularity != "group" or spec.clip == "omse":
+        return None
+    assert spec.group_size is not None
+    return spec.group_size, lambda cols: fake.calibrate_rows(cols, spec)
 
 
 class Hessian:
@@ -237,6 +278,9 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     w = site.weight.detach()
     gram = wq_site.gram.float() if wq_site.gram is not None else None
     grid = column_grid(w, spec, gram)
+    regroup = dynamic(spec, cfg)
+    if regroup is not None:  # filled in group by group (the static grid gives round-to-nearest's error)
+        static, grid = grid, ColumnGrid(grid.scale.clone(), grid.zero.clone(), grid.qmin, grid.qmax)
     flat = w.reshape(w.shape[0], -1).float()
     per = flat.shape[0] // h.shape[0]
     # A bfloat16/float16 weight reaches its site in float32 (mixq.nn.LOW_PRECISION): so is it keyed.
@@ -246,16 +290,26 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     for g in range(h.shape[0]):
         for r0 in range(g * per, (g + 1) * per, ROWS):
             rows = slice(r0, min(r0 + ROWS, (g + 1) * per))
-            sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)
-            q = quantize_matrix(flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order)
+            sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)  # views
+            rtn = sub if regroup is None else ColumnGrid(static.scale[rows], static.zero[rows], 0, 0)
+            q = quantize_matrix(
+                flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order, regroup=regroup
+            )
             wq[rows] = q
-            rtn = torch.clamp(torch.round(flat[rows] / sub.scale) + sub.zero, sub.qmin, sub.qmax)
-            rtn = (rtn - sub.zero) * sub.scale  # fake.quantize_rows' operations
-            err["rtn"] += output_error(flat[rows], rtn, h[g][None])
+            near = torch.clamp(torch.round(flat[rows] / rtn.scale) + rtn.zero, sub.qmin, sub.qmax)
+            near = (near - rtn.zero) * rtn.scale  # fake.quantize_rows' operations
+            err["rtn"] += output_error(flat[rows], near, h[g][None])
             err["gptq"] += output_error(flat[rows], q, h[g][None])
     if not torch.isfinite(wq).all():
         raise ValueError("GPTQ produced non-finite weights")
-    wq_site.set_rounding(FixedRounding(spec, key, wq.reshape(w.shape)))
+    wq = wq.reshape(w.shape)
+    if regroup is None:
+        wq_site.set_rounding(FixedRounding(spec, key, wq))
+    else:  # one scale and zero point per group: the first column of each
+        g = regroup[0]
+        wq_site.set_rounding(
+            FixedGrid(spec, key, wq, grid.scale[:, ::g].reshape(-1), grid.zero[:, ::g].reshape(-1))
+        )
     return err
 
 
