@@ -43,7 +43,15 @@ from bench.common import RESULTS, provenance
 
 NAME = "onnx_unseen"
 # t (expansion), c (channels), n (blocks), s (first stride): MobileNetV2's table 2
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 ROWS = {  # name -> (method, candidates, budget)
     "mbv2-w8a8": ("uniform", ["w8a8"], None),
     "mbv2-w4a8": ("uniform", ["w4a8"], None),
@@ -51,7 +59,9 @@ ROWS = {  # name -> (method, candidates, budget)
 }
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> list[nn.Module]:
+def conv_bn(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> list[nn.Module]:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -101,7 +111,7 @@ def images(n: int, seed: int, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build(size: int) -> nn.Module:
+def build(size: int, gain: float = 0.7, gain_project: float = 0.3, spread: float = 0.8) -> nn.Module:
     """MobileNetV2 with random weights, batch-norm statistics of the images, spread BN scales.
 
     Each block's batch-norm scales are log-normal (sigma 0.8: per-channel ranges over about two
@@ -130,8 +140,8 @@ def build(size: int) -> nn.Module:
             bns = [m for m in block.body if isinstance(m, nn.BatchNorm2d)]
             for j, m in enumerate(bns):
                 last = j == len(bns) - 1
-                gain = 0.3 if last else 0.7
-                m.weight.copy_(gain * torch.exp(0.8 * torch.randn(m.num_features, generator=g)))
+                k = gain_project if last else gain
+                m.weight.copy_(k * torch.exp(spread * torch.randn(m.num_features, generator=g)))
                 m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g) + (0.0 if last else 0.35))
     model.eval()
     feats = model.features(images(64, 200, size)).mean((2, 3))
@@ -223,7 +233,9 @@ def main() -> None:
         doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
         doc["rows"][key] = rec
         doc["provenance"] = provenance()
-        doc["model"] = "MobileNetV2 1.0 (random He-normal weights, BN stats of the inputs, log-normal BN scales)"
+        doc["model"] = (
+            "MobileNetV2 1.0 (random He-normal weights, BN stats of the inputs, log-normal BN scales)"
+        )
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")

@@ -372,7 +372,11 @@ class _Rewrite:
                 continue
             layer = marker_layer(node)
             lx, users = self.layers[layer], self.consumers.get(node.output[0], [])
-            if len(users) != 1 or users[0].op_type not in ("Conv", "MatMul") or users[0].input[1] != node.output[0]:
+            if (
+                len(users) != 1
+                or users[0].op_type not in ("Conv", "MatMul")
+                or users[0].input[1] != node.output[0]
+            ):
                 continue
             if layer in self.float_convs or not _integer_kernel(lx, self.g):  # ORT runs it in float32
                 if (e := exact_layer(lx)) is not None:
@@ -443,7 +447,9 @@ class _Rewrite:
         g, helper, name = self.g, self.g.onnx.helper, lx.name
         linear = lx.kind == "linear"
         w = self.g.tensor(f"{name}.weight.int", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
-        self.replace[id(node)] = [helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")]
+        self.replace[id(node)] = [
+            helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")
+        ]
         user = self.consumers[node.output[0]][0]
         y, acc = user.output[0], f"{name}.acc"
         user.output[0] = acc
@@ -458,7 +464,11 @@ class _Rewrite:
         nodes = [
             helper.make_node("Cast", [acc], [f"{name}.acc_int"], name=f"{name}.acc_cast", to=g.tp.INT32),
             helper.make_node(
-                "DequantizeLinear", [f"{name}.acc_int", s], [scaled], name=name + EXACT_SUFFIX, axis=-1 if linear else 1
+                "DequantizeLinear",
+                [f"{name}.acc_int", s],
+                [scaled],
+                name=name + EXACT_SUFFIX,
+                axis=-1 if linear else 1,
             ),
         ]
         if bias:
