@@ -92,14 +92,14 @@ def test_every_fused_kernel_of_resnet20_is_reproduced_code_for_code(resnet_adds,
 
 def test_mnist_qgemm_and_float_input_layers_are_emulated(tmp_path) -> None:
     """MNIST at w7a8: two QLinearConv and a QGemm with an 8-bit output; the float32 first conv (one
-    input channel) and the last Gemm stay float."""
+    input channel, summed on exact integers) and the last Gemm stay float."""
     task = tasks.mnist_cnn(calib_size=256, val_size=500, batch_size=500)
     res = mixq.run(task, method="uniform", candidates=["w7a8"])
     path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task)
     x, y = task.val[0][0], task.val[0][1].numpy()
     outs, fused = _fused_outputs(path, tmp_path, x)
     emu = export.emulate(res, task)
-    assert {k: len(v) for k, v in emu.emulated.items()} == {"QLinearConv": 2, "QGemm": 1}
+    assert {k: len(v) for k, v in emu.emulated.items()} == {"QLinearConv": 2, "QGemm": 1, "exact float32": 1}
     assert _check_codes(emu, outs, x) == len(fused) == 3
     fused_out = _ort_outputs(path, x)
     with torch.no_grad():

@@ -266,6 +266,8 @@ def _integer_kernel(lx: LayerExport, g: Graph) -> bool:
     """
     if lx.kind == "add":
         return True
+    if lx.kind == "call":  # its own forward's ops (a Transpose for F.linear): run in float32 as traced
+        return False
     spec = lx.act_base or lx.act
     w = lx.weight
     eight_bit = (g.tp.INT8, g.tp.UINT8)
@@ -389,7 +391,10 @@ class _Rewrite:
         if node.op_type == "Weight" and layer in self.exact:
             self.exact_weight(node, lx, self.exact[layer])
         elif node.op_type == "Weight":
-            self.replace[id(node)] = self.g.weight(lx, node.output[0], as_float=layer in self.float_convs)
+            # a layer run by its own forward ("call"): float32 values, or ORT turns its weight's
+            # DequantizeLinear -> Transpose -> MatMul into MatMulNBits, which rounds the input to int8
+            as_float = layer in self.float_convs or lx.kind == "call"
+            self.replace[id(node)] = self.g.weight(lx, node.output[0], as_float=as_float)
         elif node.op_type == "Act" and (own := self.g.own_act_nodes(lx, node, self.channels.get(layer, 0))):
             self.replace[id(node)] = own  # the kind's own nodes (SPARQ windows)
         elif node.op_type == "Act":
