@@ -451,10 +451,24 @@ class _Rewrite:
         """
         g, helper, name = self.g, self.g.onnx.helper, lx.name
         linear = lx.kind == "linear"
-        w = self.g.tensor(f"{name}.weight.int", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
-        self.replace[id(node)] = [
-            helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")
-        ]
+        assert isinstance(lx.weight, Encoded)
+        vals = kind_of(lx.weight.spec).onnx_weight(g, lx.weight)
+        if linear or lx.name in self.float_convs or vals is None:
+            w = g.tensor(f"{name}.weight.int", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
+            self.replace[id(node)] = [
+                helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")
+            ]
+        else:  # the codes as stored (e.g. INT4), dequantized with scale 1: the same integers
+            q, zero, dtype = vals
+            per_channel = lx.weight.spec.granularity != "tensor"
+            shape = (-1,) if per_channel else ()
+            codes = g.tensor(f"{name}.weight.codes", dtype, q, share=False)
+            ones = g.tensor(f"{name}.weight.unit", g.tp.FLOAT, torch.ones(zero.numel()).reshape(shape))
+            zp = g.tensor(f"{name}.weight.zero", dtype, zero.reshape(shape))
+            dq = helper.make_node(
+                "DequantizeLinear", [codes, ones, zp], [node.output[0]], name=f"{name}.weight_dq", axis=0
+            )
+            self.replace[id(node)] = [dq]
         user = self.consumers[node.output[0]][0]
         y, acc = user.output[0], f"{name}.acc"
         user.output[0] = acc
