@@ -8,6 +8,8 @@ of the simulation:
 
 * which convs run in float32 and get their weight as float32 values (:func:`_float_convs`),
   and which inputs are dequantized in a form ORT does not fuse (:func:`_integer_kernel`);
+* a layer ORT runs in float32 on integer codes sums the codes themselves, exactly, and scales
+  the int32 sums after (:func:`exact_layer`);
 * input quantizers repeated above chains of Relu/MaxPool/reshapes/clamps (``HOIST_OPS``), a
   ``Relu -> MaxPool`` above a float layer turned around (:func:`_pool_before_relu`);
 * a conv with one input channel as a depthwise conv on the repeated channel
