@@ -283,13 +283,15 @@ def test_mnist_int8_runs_in_integer_kernels_with_the_simulated_accuracy(tmp_path
     fused = ort_run(path, x, optimize=True, optimized_path=tmp_path / "opt.onnx")
     opt = onnx.load(str(tmp_path / "opt.onnx")).graph.node
     assert [n.op_type for n in opt].count("QLinearConv") == 2 and "QGemm" in [n.op_type for n in opt]
-    # the first conv (one input channel) runs in float32 (NCHWc) on its 8-bit input codes,
-    # dequantized in a form ORT does not fuse, and its exact dequantized weight
+    # the first conv (one input channel) runs in float32 (NCHWc) on its 8-bit input codes minus
+    # their zero point, in a form ORT does not fuse, and its integer weights; the exact integer
+    # sums are then scaled by s_x s_w (a DequantizeLinear of their int32 values)
     graph = onnx.load(str(path)).graph
     inits = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
     first = "conv_layers.0"
     assert inits[f"{first}.weight"] == "FLOAT" and f"{first}.weight.codes" not in inits
-    assert [n.op_type for n in graph.node][:4] == ["QuantizeLinear", "Cast", "Sub", "Mul"]
+    assert [n.op_type for n in graph.node][:3] == ["QuantizeLinear", "Cast", "Sub"]
+    assert [n.op_type for n in graph.node][4:8] == ["Conv", "Cast", "DequantizeLinear", "Add"]
     assert inits[graph.node[0].input[2]] == "UINT8"
     assert {"Conv", "MaxPool"} <= {n.op_type for n in opt if n.domain == "com.microsoft.nchwc"}
     reference = ort_run(path, x, optimize=False)

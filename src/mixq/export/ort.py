@@ -75,7 +75,7 @@ class Exact:
 
 
 def exact_layer(lx: LayerExport) -> Exact | None:
-    """The integer form of a layer that ONNX Runtime runs in float32, or None where there is none.
+    """The integer form of a conv that ONNX Runtime runs in float32, or None where there is none.
 
     A layer with integer input codes (per tensor) and integer weight codes (per tensor or output
     channel) computes ``y = s_x s_w sum_k (q_x - z_x)(q_w - z_w) + b``. ONNX Runtime's float32
@@ -86,9 +86,13 @@ def exact_layer(lx: LayerExport) -> Exact | None:
     differences instead, every partial sum is an integer below ``2^24`` (checked here from the
     grid's ends and each channel's weights), which float32 holds exactly in any order; then
     ``acc * float32(s_x s_w)`` and ``+ b`` are single float32 operations, the same everywhere.
+
+    [DESIGN] Convs only: ONNX Runtime turns a DequantizeLinear weight of a MatMul (INT4 codes)
+    into MatMulNBits, which rounds its input to int8 blocks itself, and float32 weights would
+    store 4-bit codes in 32 bits; linear layers keep their dequantized float32 form.
     """
     act, w = lx.act, lx.weight
-    if lx.kind not in ("conv", "linear") or act is None or lx.act_base is not None or lx.act_scale is None:
+    if lx.kind != "conv" or act is None or lx.act_base is not None or lx.act_scale is None:
         return None
     if not (isinstance(act.fmt, Int) and kind_of(act).name == "integer" and act.granularity == "tensor"):
         return None
@@ -410,7 +414,7 @@ class _Rewrite:
         params = g.act_quantizer(lx)
         float_zero = None
         if layer in self.exact:
-            self.exact_input(node, lx, self.exact[layer])
+            self.exact_input(node, lx, self.exact[layer], params)
             self.hoist(node, lx, params)
             return
         if layer in self.float_convs or not _integer_kernel(lx, g):
@@ -424,10 +428,12 @@ class _Rewrite:
             _as_depthwise(g, lx, qdq, users[0])
         self.hoist(node, lx, params)
 
-    def exact_input(self, node: Any, lx: LayerExport, e: Exact) -> None:
+    def exact_input(
+        self, node: Any, lx: LayerExport, e: Exact, params: tuple[str, str, tuple[str, str] | None]
+    ) -> None:
         """An exact layer's input: its integer codes minus the zero point, ``Cast(q) - z``, in float32."""
         g, helper, tag = self.g, self.g.onnx.helper, f"{lx.name}.input"
-        scale, zp, _ = g.act_quantizer(lx)
+        scale, zp, _ = params
         assert lx.act_zero is not None
         zf = g.tensor(f"{tag}.zero_float", g.tp.FLOAT, lx.act_zero.reshape(()))
         out = node.output[0]
@@ -455,8 +461,8 @@ class _Rewrite:
         linear = lx.kind == "linear"
         assert isinstance(lx.weight, Encoded)
         vals = kind_of(lx.weight.spec).onnx_weight(g, lx.weight)
-        if linear or lx.name in self.float_convs or vals is None:
-            w = g.tensor(f"{name}.weight.int", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
+        if lx.name in self.float_convs or vals is None:
+            w = g.tensor(f"{name}.weight", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
             self.replace[id(node)] = [
                 helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")
             ]
@@ -464,11 +470,12 @@ class _Rewrite:
             q, zero, dtype = vals
             per_channel = lx.weight.spec.granularity != "tensor"
             shape = (-1,) if per_channel else ()
-            codes = g.tensor(f"{name}.weight.codes", dtype, q, share=False)
+            codes = g.tensor(f"{name}.weight.codes", dtype, q.t() if linear else q, share=False)
             ones = g.tensor(f"{name}.weight.unit", g.tp.FLOAT, torch.ones(zero.numel()).reshape(shape))
             zp = g.tensor(f"{name}.weight.zero", dtype, zero.reshape(shape))
+            axis = 1 if linear else 0
             dq = helper.make_node(
-                "DequantizeLinear", [codes, ones, zp], [node.output[0]], name=f"{name}.weight_dq", axis=0
+                "DequantizeLinear", [codes, ones, zp], [node.output[0]], name=f"{name}.weight_dq", axis=axis
             )
             self.replace[id(node)] = [dq]
         user = self.consumers[node.output[0]][0]
