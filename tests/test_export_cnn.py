@@ -126,3 +126,23 @@ def test_the_wrapped_model_is_export_clean():
     program = torch.export.export(res.model, (x,))
     with torch.no_grad():
         assert torch.equal(program.module()(x), res.model(x))
+
+
+@pytest.mark.parametrize(("channels", "exact"), [(64, True), (1024, False)])
+def test_a_conv_is_summed_on_integers_only_where_float32_holds_every_partial_sum(channels, exact):
+    """Input codes up to 255 times weight codes of 127: 64 inputs sum below 2^24, 1,024 may not."""
+    from mixq.export.codes import encode_weight
+    from mixq.export.deploy import LayerExport
+    from mixq.export.ort import EXACT_SUM, exact_layer
+    from mixq.plan import parse_candidate
+
+    spec = parse_candidate("w8a8")
+    w = torch.ones(4, channels, 1, 1)
+    enc = encode_weight(w, spec.weight)
+    lx = LayerExport("c", "conv", enc, None, spec.act, torch.tensor([0.1]), torch.tensor([0.0]), 1)
+    e = exact_layer(lx)
+    assert (e is not None) == exact
+    assert (255 * 127 * channels < EXACT_SUM) == exact
+    if e is not None:  # the integers and float32(s_x * s_w) per output channel
+        assert torch.equal(e.weight, torch.full((4, channels, 1, 1), 127.0))
+        assert torch.equal(e.scale, torch.tensor(0.1) * enc.scale.reshape(-1))
