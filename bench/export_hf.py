@@ -16,6 +16,14 @@ norms included). Rows are written to bench/results/export_hf.json as each finish
 already there is kept (resumable).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf --task-rows
+
+``--task-rows``: the mixed plan on the built-in ``smollm2`` task (:func:`mixq.tasks.smollm2`, its
+own windows): ``embeddings=True`` (the tied embedding and lm_head one tensor, counted once),
+sensitivity-ilp over w3g32+asym, w4g32+asym and w8g64 at 4.25 average weight bits, round to
+nearest. transformers cannot load a quantized nn.Embedding from a compressed-tensors checkpoint
+(transformers 5.25, compressed-tensors 0.20), so the embedding is stored as lm_head's
+dequantized values in float32 (``float_tensor_bytes``) and lm_head as codes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,14 @@ VAL_WINDOWS = range(8, 12)
 ROWS = {
     "uniform-w4g32": ("uniform", ["w4g32"], None),
     "sensitivity-ilp-w4g32-w8": ("sensitivity-ilp", ["w4g32", "w8"], {"avg_weight_bits": 5.5}),
+}
+# on the built-in smollm2 task (its own windows), the tied embedding quantized with lm_head
+TASK_ROWS = {
+    "smollm2/sensitivity-ilp/4.25/embeddings": (
+        "sensitivity-ilp",
+        ["w3g32+asym", "w4g32+asym", "w8g64"],
+        {"avg_weight_bits": 4.25},
+    ),
 }
 
 
@@ -98,15 +115,30 @@ def quantized_bytes(path: Path, layers: list[str]) -> int:
     return total
 
 
+def float_bytes(path: Path, layers: list[str]) -> int:
+    """Bytes of the checkpoint's tensors that belong to no quantized layer (embedding, norms)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sum(_nbytes(f, k) for k in f.keys() if k.rpartition(".")[0] not in layers)
+
+
+def _nbytes(f: Any, k: str) -> int:
+    t = f.get_tensor(k)
+    return t.numel() * t.element_size()
+
+
 def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, Any]:
     import transformers
 
-    method, cands, budget = ROWS[name]
+    embeddings = name in TASK_ROWS
+    method, cands, budget = TASK_ROWS[name] if embeddings else ROWS[name]
     t0 = time.perf_counter()
-    res = mixq.run(task, method, cands, budget, out=OUT / name, overwrite=True)
+    out = OUT / name.replace("/", "_")
+    res = mixq.run(task, method, cands, budget, out=out, overwrite=True, embeddings=embeddings)
     t1 = time.perf_counter()
     sim_ppl, sim_logits = perplexity(res.model, wins)
-    path = OUT / f"{name}-hf"
+    path = OUT / f"{name.replace('/', '_')}-hf"
     shutil.rmtree(path, ignore_errors=True)
     mixq.export.save(res, path, format="hf")
     t2 = time.perf_counter()
@@ -117,6 +149,8 @@ def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, A
     layers = list(res.plan.layers)
     return {
         "method": method,
+        "embeddings": embeddings,
+        "tied": res.plan.meta.get("tied"),
         "candidates": cands,
         "budget": budget,
         "plan_counts": {s: sum(v.name == s for v in res.plan.layers.values()) for s in cands},
@@ -128,6 +162,7 @@ def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, A
         "quantized_layer_bytes": quantized_bytes(path, layers),
         "cost_model_size_bytes": res.metrics.size_bytes,
         "checkpoint_dir_bytes": sum(p.stat().st_size for p in path.iterdir()),
+        "float_tensor_bytes": float_bytes(path, layers),
         "run_seconds": t1 - t0,
         "export_seconds": t2 - t1,
         "load_seconds": t3 - t2,
@@ -135,7 +170,28 @@ def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, A
     }
 
 
+def main_task_rows() -> None:
+    """The rows on the built-in smollm2 task (perplexity on its validation windows)."""
+    path = RESULTS / "export_hf.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    todo = [n for n in TASK_ROWS if n not in doc.get("rows", {})]
+    if not todo:
+        return
+    task = mixq.tasks.get("smollm2")
+    val = [b["input_ids"] for b in task.val]
+    for name in todo:
+        rec = run_row(name, task, val)
+        rec["task"] = "smollm2 (mixq.tasks: validation windows 8-11)"
+        print(name, json.dumps(rec), flush=True)
+        doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+        doc["rows"][name] = rec
+        write("export_hf", {k: v for k, v in doc.items() if k != "provenance"})
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--task-rows"]:
+        main_task_rows()
+        return
     model, tok = load_smollm2()
     wins = windows(tok)
     val = [wins[i] for i in VAL_WINDOWS]

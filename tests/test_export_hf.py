@@ -17,7 +17,7 @@ from safetensors import safe_open
 import mixq
 from mixq.export import deploy_model, save_hf
 from mixq.plan import Plan, parse_candidate
-from test_architectures import make_task
+from test_architectures import DECODER, HEADS, make_task, token_batches
 
 MIXED = ["w4g16", "w8", "w3+asym", "w8+tensor", "w4g16+asym", "w2", "w6+asym+tensor"]
 
@@ -93,6 +93,27 @@ def test_a_quantized_head_on_a_float_tied_embedding_is_stored_apart(tasks, tmp_p
         sim, got, loaded = reload_logits(res, task, tmp_path)
     torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
     assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("cand", ["w4g16+asym", "w4"])
+def test_a_quantized_tied_embedding_reloads_with_the_simulated_logits(cand, tmp_path):
+    """embeddings=True on a tied Llama: lm_head's codes, the embedding as the same dequantized values."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**DECODER, **HEADS, tie_word_embeddings=True)
+    )
+    task = mixq.Task(model.eval(), token_batches(2, 1, False), token_batches(1, 2, False), name="tied-llama")
+    res = mixq.run(task, "uniform", [cand], embeddings=True)
+    assert res.plan.meta["tied"]  # the embedding follows lm_head's spec
+    with pytest.warns(UserWarning, match="embed_tokens is tied to the quantized lm_head"):
+        sim, got, loaded = reload_logits(res, task, tmp_path)
+    assert torch.equal(got, sim)
+    with torch.no_grad():  # the reloaded embedding holds the quantized values, not the float ones
+        emb = res.model.model.embed_tokens(task.val[0]["input_ids"])
+    assert torch.equal(loaded.model.embed_tokens(task.val[0]["input_ids"]), emb)
+    assert not torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert [t for g in cfg["config_groups"].values() for t in g["targets"] if "lm_head" in t]
 
 
 @pytest.mark.parametrize(

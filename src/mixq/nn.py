@@ -312,10 +312,8 @@ class QConv2d(nn.Module):
 class QConv1d(QConv2d):
     """A Conv1d (weight [out, in/groups, k]) with weight and input sites; shares ``m``'s parameters.
 
-    No packed or ONNX export yet (``exportable`` is False).
+    The packed and ONNX exports run it as the layer's own forward (``DeployCall``).
     """
-
-    exportable = False
 
     def input_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Return the input patches per group, [G, N * positions, C_in/G * k] (a Conv2d of height 1)."""
@@ -354,13 +352,11 @@ class QCall(nn.Module):
     With no spec it computes exactly what the layer computes.
 
     An embedding's input is indices: its input site is never applied (``weight_only``). The packed
-    and ONNX exports take subclasses of nn.Conv2d (``exportable``), not the others yet.
+    and ONNX exports take every QCall (``mixq.export.modules.DeployCall`` runs the layer's own
+    forward with the dequantized weight).
     """
 
-    @property
-    def exportable(self) -> bool:
-        """Whether the packed and ONNX exports take the layer: a subclass of nn.Conv2d."""
-        return isinstance(self.float_module, nn.Conv2d)
+    exportable = True
 
     def __init__(self, m: nn.Module, layout: str) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ __all__ = [
     "decode_weight",
     "encode_weight",
     "int_to_code",
+    "int_weight",
     "point_mask",
 ]
 
@@ -57,6 +58,15 @@ def encode_weight(
 def decode_weight(enc: Encoded) -> torch.Tensor:
     """Rebuild the float32 fake-quantized weight from its codes; see the module docstring."""
     return kind_of(enc.spec).decode(enc)
+
+
+def int_weight(enc: Encoded) -> torch.Tensor:
+    """An integer weight's codes minus their zero points, as float64 (exact): ``w = int * scale``."""
+    fmt = enc.spec.fmt
+    q = code_to_int(enc.codes, fmt, enc.spec.symmetric).double()  # type: ignore[arg-type]
+    if enc.zero is not None:
+        q = q - enc.zero.double().reshape(-1, *[1] * (q.dim() - 1))
+    return q.reshape(enc.shape)
 
 
 def act_export(site: Quantizer) -> tuple[torch.Tensor | None, torch.Tensor | None, QSpec | None]:

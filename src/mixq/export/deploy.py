@@ -30,8 +30,10 @@ class LayerExport:
 
     Attributes:
         name: exact module name.
-        kind: "linear", "conv", or "add": one operand of a quantized residual addition (the
-            ``act*`` fields only; ``weight`` is empty, see :func:`collect_adds`).
+        kind: "linear", "conv" (Conv2d and Conv1d), "call" (a subclass of nn.Linear or an
+            nn.Embedding, deployed as its own forward: weight [out, in] or [rows, dim], not
+            transposed), or "add": one operand of a quantized residual addition (the ``act*``
+            fields only; ``weight`` is empty, see :func:`collect_adds`).
         weight: the encoded weight, or the float32 weight of a float layer.
         bias: float32 bias or None.
         act: the input spec, or None (float input).
@@ -106,7 +108,7 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
             raise ValueError(f"layer {name}: {e}") from None
         layers[name] = LayerExport(
             name=name,
-            kind="linear" if isinstance(m, QLinear) else "conv",
+            kind=_kind(m),
             weight=weight,
             bias=None if m.bias is None else m.bias.detach().float().clone(),
             act=aspec,
@@ -116,6 +118,15 @@ def collect(qmodel: nn.Module) -> dict[str, LayerExport]:
             act_base=base,
         )
     return layers
+
+
+def _kind(m: nn.Module) -> str:
+    """A site's LayerExport kind (see :class:`LayerExport`)."""
+    if isinstance(m, QLinear):
+        return "linear"
+    if isinstance(m, QCall) and not isinstance(m.float_module, nn.Conv1d | nn.Conv2d):
+        return "call"
+    return "conv"
 
 
 @torch.no_grad()
@@ -191,7 +202,7 @@ def deploy(
         if isinstance(old, (QLinear, QConv2d, QCall)):
             old = old.float_module
         transposed = lx.kind == "linear" and is_hf_conv1d(old)  # x @ W + b, W [in, out]: a Linear
-        expected = nn.Linear if lx.kind == "linear" else nn.Conv2d
+        expected = {"linear": nn.Linear, "conv": nn.Conv1d | nn.Conv2d}.get(lx.kind, nn.Linear | nn.Embedding)
         if not (transposed or isinstance(old, expected)):
             raise ValueError(f"layer {name}: the model has {type(old).__name__}, the export a {lx.kind}")
         dtype = old.weight.dtype  # the model's: decoded in float32, cast as the site casts
@@ -206,7 +217,7 @@ def deploy(
         bias = None if lx.bias is None else lx.bias.to(dtype)
         if lx.kind == "linear":
             new: nn.Module = DeployLinear(w, bias, act, name, quantized)
-        elif type(old).forward is not nn.Conv2d.forward:  # a subclass's own forward ("same" padding)
+        elif lx.kind == "call" or type(old).forward is not nn.Conv2d.forward:  # the layer's own forward
             new = DeployCall(copy.deepcopy(old), w, bias, act, name, quantized)
         else:
             new = DeployConv2d(old, w, bias, act, name, quantized)

@@ -35,14 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.export.codes import Encoded
+from mixq.export.codes import Encoded, decode_weight
 from mixq.export.deploy import LayerExport, collect
 from mixq.formats import Int
 from mixq.kinds import kind_of
 from mixq.nn import QCall, QLinear
 from mixq.plan import QSpec
 from mixq.quant.codes import code_to_int
-from mixq.wrap import sites
+from mixq.wrap import sites, tied_sites
 
 HF_HOLDS = (
     "weight-only integer formats of 1 to 8 bits (int/uint, symmetric or with a zero point) "
@@ -93,7 +93,10 @@ def _layers(qmodel: nn.Module) -> dict[str, LayerExport]:
             "any model: safetensors, onnx)"
         )
     bad = []
+    tied = tied_sites(qmodel)
     for n, m in sites(qmodel).items():
+        if n in tied and isinstance(m.float_module, nn.Embedding):  # stored as its leader's codes
+            continue
         w, a = m.weight_quant.spec, m.input_quant.spec
         why = _problem(w, None if getattr(m, "weight_only", False) else a, tuple(m.weight.shape))
         if why is None and w is not None and isinstance(m, QLinear) and m.transposed:
@@ -213,6 +216,14 @@ def save_hf(qmodel: nn.Module, path: str | Path) -> Path:
     quantized = {n: lx.weight for n, lx in layers.items() if isinstance(lx.weight, Encoded)}
     state = {k: v.detach() for k, v in qmodel.state_dict().items()}
     kept, untied = _ties(qmodel, set(quantized))
+    for n, lead in tied_sites(qmodel).items():  # an embedding tied to a quantized layer: its values
+        if lead in quantized and n not in layers and f"{n}.weight" in state:
+            state[f"{n}.weight"] = decode_weight(quantized[lead]).to(state[f"{n}.weight"].dtype)
+            warnings.warn(
+                f"{n} is tied to the quantized {lead}: stored as its dequantized values (float), "
+                "as transformers 5.25 with compressed-tensors 0.20 cannot load a quantized nn.Embedding",
+                stacklevel=2,
+            )
     for names in kept:  # stored once, under the first name; transformers ties them again on load
         for n in names[1:]:
             state.pop(n, None)

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixq.export.codes import Encoded, code_to_int
+from mixq.export.codes import Encoded, int_weight
 from mixq.export.deploy import LayerExport, collect_adds, deploy_model
 from mixq.export.modules import DeployAdd, DeployCall, DeployConv2d, DeployLinear
+from mixq.export.ort import EXACT_SUFFIX, exact_layer
 from mixq.export.qdq import export_deployed
-from mixq.formats import Int
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,6 @@ class Requant:
     zero: float
     qmin: int
     qmax: int
-
-
-def _int_weight(enc: Encoded) -> torch.Tensor:
-    """The weight's integer codes minus their zero points, as float64 (exact)."""
-    fmt = enc.spec.fmt
-    assert isinstance(fmt, Int)
-    q = code_to_int(enc.codes, fmt, enc.spec.symmetric).double()
-    if enc.zero is not None:
-        q = q - enc.zero.double().reshape(-1, *[1] * (q.dim() - 1))
-    return q
 
 
 def _requantize(acc: torch.Tensor, multiplier: torch.Tensor, out: Requant) -> torch.Tensor:
@@ -100,7 +90,7 @@ class _IntegerLayer(nn.Module):
         assert isinstance(lx.weight, Encoded) and m.act is not None and lx.act_scale is not None
         self.source = m
         self.out = out
-        self.register_buffer("weight_int", _int_weight(lx.weight))
+        self.register_buffer("weight_int", int_weight(lx.weight))
         sx = lx.act_scale.float().reshape(())
         sw = lx.weight.scale.float().reshape(-1)
         self.register_buffer("act_scale", sx)
@@ -151,6 +141,38 @@ class IntegerMatMul(_IntegerLayer):
         y = F.linear(self.codes(x), self.weight_int).float() * self.multiplier
         bias = self.source.bias
         return y if bias is None else y + bias.float()
+
+
+class ExactLayer(nn.Module):
+    """A layer ONNX Runtime runs in float32 on exact integers (:func:`mixq.export.ort.exact_layer`).
+
+    ``acc = sum (q_x - z_x)(q_w - z_w)`` (exact: in float64 here, every partial sum an integer
+    below 2^24 in ONNX Runtime's float32), then ``float32(acc) * float32(s_x s_w) + b`` in
+    float32, as the exported graph computes it (Cast, DequantizeLinear, Add).
+    """
+
+    def __init__(self, m: DeployConv2d | DeployCall | DeployLinear, node: str = "") -> None:
+        super().__init__()
+        self.source, self.node = m, node
+        e = exact_layer(m.layer_export)
+        assert e is not None and m.layer_export.act_scale is not None
+        self.register_buffer("weight_int", e.weight.double())
+        self.register_buffer("scale", e.scale)
+        self.register_buffer("act_scale", m.layer_export.act_scale.float().reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.source
+        assert m.act is not None
+        q = torch.round(m.act(x) / self.act_scale).double()
+        if isinstance(m, DeployLinear):
+            acc, shape = F.linear(q, self.weight_int), (-1,)
+        elif isinstance(m, DeployCall):
+            acc, shape = m.run(q, self.weight_int, None), (1, -1, *[1] * (q.dim() - 2))
+        else:
+            acc = F.conv2d(q, self.weight_int, None, m.stride, m.padding, m.dilation, m.groups)
+            shape = (1, -1, *[1] * (q.dim() - 2))
+        y = acc.float() * (self.scale.reshape(shape) if self.scale.dim() else self.scale)
+        return y if m.bias is None else y + m.bias.float().reshape(shape)
 
 
 class IntegerAdd(nn.Module):
@@ -271,7 +293,9 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
     layers = layers | collect_adds(deployed)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_deployed(deployed, layers, task, Path(tmp) / "model.onnx", int4_as_int8=int4_as_int8)
-        add_names = _add_names(onnx.load(str(path)).graph)
+        exported = onnx.load(str(path)).graph
+        add_names = _add_names(exported)
+        exact = [n.name.removesuffix(EXACT_SUFFIX) for n in exported.node if n.name.endswith(EXACT_SUFFIX)]
         graph = optimized_graph(path, Path(tmp) / "optimized.onnx")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     modules = dict(deployed.named_modules())
@@ -282,6 +306,11 @@ def emulate(model: Any, task: Any, int4_as_int8: bool = False) -> nn.Module:
             users.setdefault(i, []).append(n)
     emulated: dict[str, list[str]] = {}
     not_emulated: list[str] = []
+    for layer in exact:  # float32 kernels on exact integers
+        src = modules[layer]
+        assert isinstance(src, (DeployConv2d, DeployCall, DeployLinear))
+        deployed.set_submodule(layer, ExactLayer(src))
+        emulated.setdefault("exact float32", []).append(layer)
     for node in graph.node:
         op = node.op_type
         if op in WEIGHT_INPUT:

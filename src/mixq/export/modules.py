@@ -167,8 +167,9 @@ class ActQuant(nn.Module):
         return f"spec={self.spec}"
 
 
-class DeployLinear(nn.Module):
-    """``F.linear(act(x), weight, bias)`` with a dequantized weight; MatMul(x, W^T) in ONNX."""
+class _DeployLayer(nn.Module):
+    """What every deployed layer holds: its dequantized weight and bias (buffers), its frozen
+    input quantizer, its name and whether its weight is quantized (marked for ONNX)."""
 
     def __init__(
         self,
@@ -183,9 +184,20 @@ class DeployLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.act, self.layer, self.quantized = act, layer, quantized
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the input quantizer (a float input as it is)."""
+        return x if self.act is None else self.act(x)
+
+    def marked_weight(self) -> torch.Tensor:
+        """The weight, marked as the layer's (quantized) weight when exporting to ONNX."""
+        return mark(self.weight, "Weight", self.layer) if self.quantized else self.weight
+
+
+class DeployLinear(_DeployLayer):
+    """``F.linear(act(x), weight, bias)`` with a dequantized weight; MatMul(x, W^T) in ONNX."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
+        x = self.quantized_input(x)
         if onnx_exporting():
             wt = self.weight.t().contiguous()
             wt = mark(wt, "Weight", self.layer) if self.quantized else wt
@@ -194,7 +206,7 @@ class DeployLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class DeployConv2d(nn.Module):
+class DeployConv2d(_DeployLayer):
     """A Conv2d (grouped and depthwise too) on ``act(x)`` with a dequantized weight."""
 
     def __init__(
@@ -206,7 +218,7 @@ class DeployConv2d(nn.Module):
         layer: str,
         quantized: bool,
     ) -> None:
-        super().__init__()
+        super().__init__(weight, bias, act, layer, quantized)
         self.stride, self.padding, self.dilation, self.groups = (
             conv.stride,
             conv.padding,
@@ -215,14 +227,10 @@ class DeployConv2d(nn.Module):
         )
         self.padding_mode = conv.padding_mode
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.act, self.layer, self.quantized = act, layer, quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        w = mark(self.weight, "Weight", self.layer) if self.quantized else self.weight
+        x = self.quantized_input(x)
+        w = self.marked_weight()
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -245,35 +253,30 @@ class DeployAdd(nn.Module):
         return self.quant[0](a) + self.quant[1](b)
 
 
-class DeployCall(nn.Module):
-    """A subclass of nn.Conv2d with a forward of its own (e.g. "same" padding computed from the
-    input) on ``act(x)``, with a dequantized weight: the layer's own forward runs with it, as
-    :class:`mixq.nn.QCall` runs it with the fake-quantized one.
+class DeployCall(_DeployLayer):
+    """A layer run by its own forward on ``act(x)`` with a dequantized weight, as
+    :class:`mixq.nn.QCall` runs it with the fake-quantized one: a subclass of nn.Conv2d or
+    nn.Linear with a forward of its own (e.g. "same" padding computed from the input), an
+    nn.Conv1d, an nn.Embedding (weight-only: a Gather of the dequantized rows in ONNX).
 
     The layer is kept as ``module`` (not a submodule: its weight is this module's buffer).
     """
 
     def __init__(
         self,
-        module: nn.Conv2d,
+        module: nn.Module,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         act: ActQuant | None,
         layer: str,
         quantized: bool,
     ) -> None:
-        super().__init__()
-        self.groups = module.groups
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.act, self.layer, self.quantized = act, layer, quantized
+        super().__init__(weight, bias, act, layer, quantized)
+        self.groups = getattr(module, "groups", 1)
         object.__setattr__(self, "module", module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        w = mark(self.weight, "Weight", self.layer) if self.quantized else self.weight
-        return self.run(x, w, self.bias)
+        return self.run(self.quantized_input(x), self.marked_weight(), self.bias)
 
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """The layer's own forward on ``x`` with weight ``w`` and bias ``b``."""

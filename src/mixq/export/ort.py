@@ -8,6 +8,8 @@ of the simulation:
 
 * which convs run in float32 and get their weight as float32 values (:func:`_float_convs`),
   and which inputs are dequantized in a form ORT does not fuse (:func:`_integer_kernel`);
+* a layer ORT runs in float32 on integer codes sums the codes themselves, exactly, and scales
+  the int32 sums after (:func:`exact_layer`);
 * input quantizers repeated above chains of Relu/MaxPool/reshapes/clamps (``HOIST_OPS``), a
   ``Relu -> MaxPool`` above a float layer turned around (:func:`_pool_before_relu`);
 * a conv with one input channel as a depthwise conv on the repeated channel
@@ -22,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mixq.export.codes import Encoded
+from mixq.export.codes import Encoded, int_weight
 from mixq.export.deploy import LayerExport
 from mixq.export.modules import MARKER_DOMAIN, marker_layer
+from mixq.formats import Int
 from mixq.kinds import kind_of
+from mixq.quant.fake import int_grid
 
 if TYPE_CHECKING:  # the writer passes its graph builder in: qdq imports this module
     from mixq.export.qdq import Graph
@@ -57,6 +61,56 @@ def _chain_above(
 
 
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
+EXACT_SUM = 2**24  # float32 holds every integer up to this: sums of integer products below it are exact
+EXACT_SUFFIX = ".acc_dq"  # the DequantizeLinear that scales an exact layer's integer sums
+
+
+@dataclass(frozen=True)
+class Exact:
+    """A layer ONNX Runtime runs in float32 on exact integers (see :func:`exact_layer`)."""
+
+    weight: torch.Tensor  # the weight's integer codes minus their zero points, float32 [out, ...]
+    scale: torch.Tensor  # float32(s_x * s_w): per output channel [out], or per tensor []
+    bounds: tuple[float, float] | None  # the input grid's ends minus its zero point (a Clip), or None
+
+
+def exact_layer(lx: LayerExport) -> Exact | None:
+    """The integer form of a layer that ONNX Runtime runs in float32, or None where there is none.
+
+    A layer with integer input codes (per tensor) and integer weight codes (per tensor or output
+    channel) computes ``y = s_x s_w sum_k (q_x - z_x)(q_w - z_w) + b``. ONNX Runtime's float32
+    kernels sum the dequantized products in their own order, PyTorch in another: the sums
+    differ in their last bits and, now and then, a value moves across the next quantizer's
+    rounding boundary; in a deep network each such code grows into many (a quantized network
+    amplifies a one-code change to its quantization noise level). Summed on the integer
+    differences instead, every partial sum is an integer below ``2^24`` (checked here from the
+    grid's ends and each channel's weights), which float32 holds exactly in any order; then
+    ``acc * float32(s_x s_w)`` and ``+ b`` are single float32 operations, the same everywhere.
+
+    [DESIGN] A linear layer's integers are stored as float32 (4-bit codes in 32 bits): ONNX
+    Runtime turns a MatMul's DequantizeLinear weight (INT4 codes) into MatMulNBits, which does
+    not compute the layer's values (measured: MobileNetV2's w4a8 classifier, every output off).
+    """
+    act, w = lx.act, lx.weight
+    if lx.kind not in ("conv", "linear") or act is None or lx.act_base is not None or lx.act_scale is None:
+        return None
+    if not (isinstance(act.fmt, Int) and kind_of(act).name == "integer" and act.granularity == "tensor"):
+        return None
+    if not isinstance(w, Encoded) or not isinstance(w.spec.fmt, Int) or kind_of(w.spec).name != "integer":
+        return None
+    if w.spec.granularity not in ("tensor", "channel") or w.spec.points is not None:
+        return None
+    assert lx.act_zero is not None
+    zero = float(lx.act_zero.reshape(()))
+    lo, hi = (v - zero for v in int_grid(act.fmt, act.symmetric))
+    wi = int_weight(w).float()
+    if max(abs(lo), abs(hi)) * float(wi.abs().flatten(1).sum(1).max()) >= EXACT_SUM:
+        return None
+    scale = lx.act_scale.float().reshape(()) * w.scale.float().reshape(-1)
+    if w.spec.granularity == "tensor":
+        scale = scale.reshape(())
+    bounds = None if act.fmt.bits in (4, 8) else (lo, hi)
+    return Exact(wi, scale, bounds)
 
 
 def _float_layer(node: Any, producers: dict[str, Any], constants: set[str], float_convs: set[str]) -> bool:
@@ -218,6 +272,8 @@ def _integer_kernel(lx: LayerExport, g: Graph) -> bool:
     """
     if lx.kind == "add":
         return True
+    if lx.kind == "call":  # its own forward's ops (a Transpose for F.linear): run in float32 as traced
+        return False
     spec = lx.act_base or lx.act
     w = lx.weight
     eight_bit = (g.tp.INT8, g.tp.UINT8)
@@ -303,6 +359,8 @@ class _Rewrite:
     before: dict[int, list[Any]] = field(default_factory=dict)  # id(node) -> QDQ nodes to emit just before it
     replace: dict[int, list[Any]] = field(default_factory=dict)  # id(marker) -> its replacement
     moved: dict[int, Any] = field(default_factory=dict)  # id(node) -> node in its place: _pool_before_relu
+    exact: dict[str, Exact] = field(default_factory=dict)  # layers run on exact integers: exact_layer
+    after: dict[int, list[Any]] = field(default_factory=dict)  # id(node) -> nodes to emit just after it
 
     def index(self, graph: Any) -> None:
         """Each tensor's producer and consumers, and the constant tensors of ``graph``."""
@@ -317,13 +375,32 @@ class _Rewrite:
         self.float_convs = _float_convs(
             graph, self.layers, self.producers, self.consumers, self.constants, self.channels
         )
+        for node in graph.node:
+            if node.domain != MARKER_DOMAIN or node.op_type != "Weight":
+                continue
+            layer = marker_layer(node)
+            lx, users = self.layers[layer], self.consumers.get(node.output[0], [])
+            if (
+                len(users) != 1
+                or users[0].op_type not in ("Conv", "MatMul")
+                or users[0].input[1] != node.output[0]
+            ):
+                continue
+            if layer in self.float_convs or not _integer_kernel(lx, self.g):  # ORT runs it in float32
+                if (e := exact_layer(lx)) is not None:
+                    self.exact[layer] = e
 
     def marker(self, node: Any) -> None:
         """Replace one marker: a weight's nodes, an input's own nodes (its kind's) or its QDQ."""
         layer = marker_layer(node)
         lx = self.layers[layer]
-        if node.op_type == "Weight":
-            self.replace[id(node)] = self.g.weight(lx, node.output[0], as_float=layer in self.float_convs)
+        if node.op_type == "Weight" and layer in self.exact:
+            self.exact_weight(node, lx, self.exact[layer])
+        elif node.op_type == "Weight":
+            # a layer run by its own forward ("call"): float32 values, or ORT turns its weight's
+            # DequantizeLinear -> Transpose -> MatMul into MatMulNBits, which rounds the input to int8
+            as_float = layer in self.float_convs or lx.kind == "call"
+            self.replace[id(node)] = self.g.weight(lx, node.output[0], as_float=as_float)
         elif node.op_type == "Act" and (own := self.g.own_act_nodes(lx, node, self.channels.get(layer, 0))):
             self.replace[id(node)] = own  # the kind's own nodes (SPARQ windows)
         elif node.op_type == "Act":
@@ -336,6 +413,10 @@ class _Rewrite:
         g, layer = self.g, lx.name
         params = g.act_quantizer(lx)
         float_zero = None
+        if layer in self.exact:
+            self.exact_input(node, lx, self.exact[layer], params)
+            self.hoist(node, lx, params)
+            return
         if layer in self.float_convs or not _integer_kernel(lx, g):
             # a layer ORT runs in float32: keep it from quantizing the weight and bias itself
             assert lx.act_zero is not None
@@ -346,6 +427,81 @@ class _Rewrite:
         if float_zero is None and self.channels.get(layer) == 1 and lx.kind == "conv" and len(users) == 1:
             _as_depthwise(g, lx, qdq, users[0])
         self.hoist(node, lx, params)
+
+    def exact_input(
+        self, node: Any, lx: LayerExport, e: Exact, params: tuple[str, str, tuple[str, str] | None]
+    ) -> None:
+        """An exact layer's input: its integer codes minus the zero point, ``Cast(q) - z``, in float32."""
+        g, helper, tag = self.g, self.g.onnx.helper, f"{lx.name}.input"
+        scale, zp, _ = params
+        assert lx.act_zero is not None
+        zf = g.tensor(f"{tag}.zero_float", g.tp.FLOAT, lx.act_zero.reshape(()))
+        out = node.output[0]
+        centered = f"{tag}.centered" if e.bounds else out
+        nodes = [
+            helper.make_node("QuantizeLinear", [node.input[0], scale, zp], [f"{tag}.q"], name=f"{tag}_q"),
+            helper.make_node("Cast", [f"{tag}.q"], [f"{tag}.qf"], name=f"{tag}_cast", to=g.tp.FLOAT),
+            helper.make_node("Sub", [f"{tag}.qf", zf], [centered], name=f"{tag}_sub"),
+        ]
+        if e.bounds:  # a grid narrower than its ONNX type (e.g. 6 bits in INT8): its ends
+            lo = g.tensor(f"{tag}.int_lo", g.tp.FLOAT, torch.tensor(e.bounds[0]))
+            hi = g.tensor(f"{tag}.int_hi", g.tp.FLOAT, torch.tensor(e.bounds[1]))
+            nodes.append(helper.make_node("Clip", [centered, lo, hi], [out], name=f"{tag}_clip"))
+        self.replace[id(node)] = nodes
+
+    def exact_weight(self, node: Any, lx: LayerExport, e: Exact) -> None:
+        """An exact layer's weight (its integers, float32) and, after its Conv/MatMul, the scaling:
+        ``Cast(acc, int32) -> DequantizeLinear(s_x s_w) (+ bias)``.
+
+        The scaling is a DequantizeLinear of the int32 sums, not a Mul: ONNX Runtime folds a Mul
+        by a constant (and an Add) into the conv's weights and bias, which would sum scaled
+        products again.
+        """
+        g, helper, name = self.g, self.g.onnx.helper, lx.name
+        linear = lx.kind == "linear"
+        assert isinstance(lx.weight, Encoded)
+        vals = kind_of(lx.weight.spec).onnx_weight(g, lx.weight)
+        if linear or lx.name in self.float_convs or vals is None:
+            w = g.tensor(f"{name}.weight", g.tp.FLOAT, e.weight.t() if linear else e.weight, share=False)
+            self.replace[id(node)] = [
+                helper.make_node("Identity", [w], [node.output[0]], name=f"{name}.weight_int")
+            ]
+        else:  # the codes as stored (e.g. INT4), dequantized with scale 1: the same integers
+            q, zero, dtype = vals
+            per_channel = lx.weight.spec.granularity != "tensor"
+            shape = (-1,) if per_channel else ()
+            codes = g.tensor(f"{name}.weight.codes", dtype, q.t() if linear else q, share=False)
+            ones = g.tensor(f"{name}.weight.unit", g.tp.FLOAT, torch.ones(zero.numel()).reshape(shape))
+            zp = g.tensor(f"{name}.weight.zero", dtype, zero.reshape(shape))
+            axis = 1 if linear else 0
+            dq = helper.make_node(
+                "DequantizeLinear", [codes, ones, zp], [node.output[0]], name=f"{name}.weight_dq", axis=axis
+            )
+            self.replace[id(node)] = [dq]
+        user = self.consumers[node.output[0]][0]
+        y, acc = user.output[0], f"{name}.acc"
+        user.output[0] = acc
+        bias = None
+        if user.op_type == "Conv" and len(user.input) > 2 and user.input[2]:
+            del user.input[2]
+            assert lx.bias is not None
+            shape = (1, -1, *[1] * (e.weight.dim() - 2))
+            bias = g.tensor(f"{name}.bias_exact", g.tp.FLOAT, lx.bias.float().reshape(shape))
+        s = g.tensor(f"{name}.acc_scale", g.tp.FLOAT, e.scale)
+        scaled = f"{name}.acc_scaled" if bias else y
+        nodes = [
+            helper.make_node("Cast", [acc], [f"{name}.acc_int"], name=f"{name}.acc_cast", to=g.tp.INT32),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}.acc_int", s],
+                [scaled],
+                name=name + EXACT_SUFFIX,
+                axis=-1 if linear else 1,
+            ),
+        ]
+        if bias:
+            nodes.append(helper.make_node("Add", [scaled, bias], [y], name=f"{name}.bias_add"))
+        self.after[id(user)] = nodes
 
     def hoist(self, node: Any, lx: LayerExport, params: tuple[str, str, tuple[str, str] | None]) -> None:
         """Repeat an input's quantizer above the HOIST_OPS chain that feeds it (see :func:`rewrite`)."""
@@ -366,6 +522,7 @@ class _Rewrite:
             node = self.moved.get(id(node), node)
             out.extend(self.before.get(id(node), []))
             out.extend(self.replace.get(id(node), [node]))
+            out.extend(self.after.get(id(node), []))
         return out
 
 
