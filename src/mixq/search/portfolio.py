@@ -9,8 +9,10 @@
    gap ``(f − bound)/|f|``.
 
 Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.highs.highs`, the best
-incumbents in short times) then SCIP on the convex form (`mixq.search.scip`: the only bound that
-sees the quadratic objective, warm-started from HiGHS's polished incumbent). The solvers are
+incumbents in short times, and the proofs on the zoo's matrices), the semidefinite relaxation
+(`mixq.search.sdp`: the strongest bound, and incumbents rounded from it), then SCIP on the convex
+form (`mixq.search.scip`, warm-started from the best incumbent). The time shares depend on the
+size (`default_weights`). The SDP bound needs only numpy and scipy; the others are
 optional (``pip install mixq[search]``: OR-Tools, PySCIPOpt); one that cannot be imported is
 skipped and named in the note, and when none is left the HiGHS MILP runs alone ("HiGHS MILP
 fallback" in the note).
@@ -28,12 +30,22 @@ from mixq.search.highs import highs
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, check_budgets, relative_gap
 
-__all__ = ["DEFAULT", "DEFAULT_WEIGHTS", "SOLVERS", "portfolio", "run_solver"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_WEIGHTS",
+    "LARGE_WEIGHTS",
+    "SOLVERS",
+    "default_weights",
+    "portfolio",
+    "run_solver",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT = ("highs", "scip")
-DEFAULT_WEIGHTS = (0.5, 0.5)
+DEFAULT = ("highs", "sdp", "scip")
+DEFAULT_WEIGHTS = (0.5, 0.15, 0.35)  # up to LARGE variables: HiGHS proves the zoo's matrices
+LARGE = 150  # more variables (allowed (layer, candidate) pairs): the SDP bound gets most of the time
+LARGE_WEIGHTS = (0.25, 0.6, 0.15)
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
@@ -55,6 +67,12 @@ def _scip(formulation: str) -> Callable[[Problem, float | None, list[int] | None
     return run
 
 
+def _sdp(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
+    from mixq.search.sdp import sdp
+
+    return sdp(problem, time_limit=time_limit, warm_start=warm_start)
+
+
 def _portfolio(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
     return portfolio(problem, time_limit=time_limit, warm_start=warm_start)
 
@@ -62,6 +80,7 @@ def _portfolio(problem: Problem, time_limit: float | None, warm_start: list[int]
 SOLVERS: dict[str, Callable[[Problem, float | None, list[int] | None], Solution]] = {
     "highs": _highs,
     "cpsat": _cpsat,
+    "sdp": _sdp,
     "scip": _scip("convex"),
     "scip-linear": _scip("linear"),
     "scip-both": _scip("both"),
@@ -108,13 +127,13 @@ def portfolio(
         problem: The problem.
         time_limit: Seconds for everything; None runs the first solver to proven optimality.
         warm_start: A choice per layer; ignored (with a warning) when infeasible.
-        solvers: Names from `SOLVERS` ("highs", "cpsat", "scip", "scip-linear", "scip-both"), in
-            the order they run.
+        solvers: Names from `SOLVERS` ("highs", "sdp", "cpsat", "scip", "scip-linear",
+            "scip-both"), in the order they run.
         weights: Relative time shares of ``solvers``: solver i gets the time left times
             ``weights[i] / Σ_{j ≥ i} weights[j]`` (time a solver leaves unused goes to the
-            next). None: `DEFAULT_WEIGHTS` for the default solvers (HiGHS and SCIP half each: HiGHS
-            proves the real CLADO matrices, SCIP's bound needs the time on larger ones), equal
-            shares otherwise.
+            next). None: `default_weights` for the default solvers (on small problems HiGHS
+            half, as it proves the real CLADO matrices; above `LARGE` variables the SDP bound
+            most), equal shares otherwise.
         rel_gap: Stop when the relative gap is at most this.
 
     Returns:
@@ -131,7 +150,7 @@ def portfolio(
     if unknown or not solvers:
         raise ValueError(f"unknown solvers {unknown}; valid: {sorted(set(SOLVERS) - {'portfolio'})}")
     if weights is None:
-        weights = DEFAULT_WEIGHTS if tuple(solvers) == DEFAULT else (1.0,) * len(solvers)
+        weights = default_weights(problem) if tuple(solvers) == DEFAULT else (1.0,) * len(solvers)
     if len(weights) != len(solvers) or not all(w > 0 for w in weights):
         raise ValueError(f"weights {weights} must be {len(solvers)} positive numbers, one per solver")
     share_of = dict(zip(solvers, weights, strict=True))
@@ -170,6 +189,11 @@ def portfolio(
     )
 
 
+def default_weights(problem: Problem) -> tuple[float, ...]:
+    """The time shares of `DEFAULT`: `DEFAULT_WEIGHTS`, or `LARGE_WEIGHTS` above `LARGE` variables."""
+    return LARGE_WEIGHTS if int(problem.allowed.sum()) > LARGE else DEFAULT_WEIGHTS
+
+
 def _warm_start(problem: Problem, warm_start: list[int] | None) -> list[int]:
     """Return the better of greedy and ``warm_start`` (if feasible), polished."""
     pool = [greedy(problem).choices]
@@ -191,6 +215,6 @@ def _runnable(solvers: tuple[str, ...]) -> tuple[list[str], list[str]]:
         notes.append(f"{', '.join(missing)} not installed (pip install mixq[search])")
     if not run:
         run = ["highs"]
-    if missing and run == ["highs"]:
-        notes.append("HiGHS MILP fallback")
+    if missing and set(run) <= {"highs", "sdp"}:
+        notes.append("HiGHS MILP fallback" + (" with the SDP bound" if "sdp" in run else ""))
     return run, notes
