@@ -154,7 +154,7 @@ def main() -> None:
         if not args.redo or r.get("git_commit") == origin["git_commit"]
     }
     problems: dict[str, Problem] = {}
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         L, C = (int(v) for v in size.split("x"))
         for kind in args.kinds.split(","):
             problems[f"{size}-{kind}-s{args.seed}"] = (L, C, kind)  # built lazily
