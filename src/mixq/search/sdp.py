@@ -53,12 +53,13 @@ from scipy.optimize import Bounds, minimize
 
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
-from mixq.search.terms import Terms
+from mixq.search.terms import Convex, Terms
 
 __all__ = ["SdpBound", "sdp", "sdp_bound"]
 
 # (μ relative to max|C|, L-BFGS-B iterations): the smoothing stages, each started from the last.
 STAGES = ((1e-3, 300), (1e-4, 300), (3e-5, 300), (1e-5, 300))
+BRANCH = 0.0  # share of sdp's time for SCIP's branch-and-bound with the dual cut (no gain measured in 60 s)
 MAX_VARIABLES = 1200  # larger problems: no bound (one eigendecomposition of N² entries per step)
 
 
@@ -71,6 +72,7 @@ class SdpBound:
     evaluations: int
     seconds: float
     stages: list[dict]
+    cut: Convex | None = None  # q(x) ≤ f(x) at every feasible choice, convex, min ≥ bound (`dual_cut`)
 
 
 class _Layout:
@@ -255,7 +257,42 @@ def sdp_bound(
             x_hat = np.clip(p[0, 1:] / p[0, 0], 0.0, 1.0)
         record.append({"mu": mu, "bound": dual.best * dual.scale, "seconds": time.perf_counter() - start})
     bound = dual.best * dual.scale if math.isfinite(dual.best) else -math.inf
-    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record)
+    cut = None if dual.best_y is None else dual_cut(dual, dual.best_y)
+    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record, cut)
+
+
+def dual_cut(dual: _Dual, y: np.ndarray) -> Convex:
+    """The convex minorant of ``f`` that the multipliers ``y`` certify (for branch-and-bound).
+
+    With ``S = C − A*(y)`` and ``λ = λ_min(S)``, every feasible choice has
+    ``f(x) ≥ (1, x)ᵀ S (1, x) + bᵀy = (1, x)ᵀ (S − λI) (1, x) + λa + bᵀy =: q(x)`` (``|x|² = L``
+    at a choice). ``S − λI ⪰ 0``, so ``q`` is convex and ``q ≥ λa + bᵀy`` everywhere: a solver
+    that bounds its nodes by ``q``'s relaxation starts from the semidefinite bound and lifts it
+    by branching (the quadratic convex reformulation of Billionnet and Elloumi, Math. Program.
+    109, 2007, with the multipliers of this relaxation).
+    """
+    values, vectors = np.linalg.eigh(dual.c - dual.operator(y))
+    m = (vectors * (values - values[0])) @ vectors.T  # S − λI
+    mu, u = np.linalg.eigh(m[1:, 1:])
+    negative = float(-mu[mu < 0].sum())  # rounding: keep q ≤ f by taking it off the constant
+    keep = mu > 1e-12 * max(1.0, float(np.abs(mu).max(initial=0.0)))
+    c0 = float(m[0, 0]) + dual.a * float(values[0]) + float(dual._layout.b @ y) - negative * dual.L
+    return Convex(
+        c0=c0 * dual.scale,
+        g=2.0 * m[0, 1:] * dual.scale,
+        lam=2.0 * mu[keep] * dual.scale,
+        V=u[:, keep],
+        offset=np.zeros(int(keep.sum())),
+        shift=0.0,
+    )
+
+
+def _has_scip() -> bool:
+    try:
+        import pyscipopt  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _round(problem: Problem, t: Terms, x_hat: np.ndarray, samples: int = 8, seed: int = 0) -> list[list[int]]:
@@ -289,13 +326,24 @@ def _round(problem: Problem, t: Terms, x_hat: np.ndarray, samples: int = 8, seed
     return out
 
 
-def sdp(problem: Problem, time_limit: float | None = None, warm_start: list[int] | None = None) -> Solution:
-    """Bound ``min f`` by the semidefinite relaxation and round incumbents from it.
+def sdp(
+    problem: Problem,
+    time_limit: float | None = None,
+    warm_start: list[int] | None = None,
+    branch: float = BRANCH,
+) -> Solution:
+    """Bound ``min f`` by the semidefinite relaxation, round incumbents from it, then branch.
+
+    The bound gets ``1 − branch`` of ``time_limit`` (it may end sooner); the time left goes to
+    SCIP's branch-and-bound (`mixq.search.scip`, when PySCIPOpt is installed) with the
+    relaxation's `dual_cut` as an extra row, warm-started from the best incumbent. Without a
+    time limit there is no branching.
 
     Args:
         problem: The problem.
-        time_limit: Seconds for the bound (the rounding takes a few more milliseconds).
-        warm_start: A feasible choice per layer, kept when the rounding finds nothing better.
+        time_limit: Seconds for everything (the rounding takes a little more).
+        warm_start: A feasible choice per layer, kept when nothing better is found.
+        branch: The share of ``time_limit`` reserved for the branch-and-bound (0: none).
 
     Returns:
         A `Solution` with ``bound`` and ``gap``: status "optimal" when the bound meets the
@@ -306,7 +354,9 @@ def sdp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
     """
     start = time.perf_counter()
     check_budgets(problem)
-    result = sdp_bound(problem, time_limit)
+    if not 0.0 <= branch < 1.0:
+        raise ValueError(f"branch must be a share of the time in [0, 1), got {branch!r}")
+    result = sdp_bound(problem, None if time_limit is None else (1.0 - branch) * time_limit)
     t = Terms(problem)
     pool = []
     if warm_start is not None and problem.is_feasible(warm_start):
@@ -318,10 +368,21 @@ def sdp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
 
         pool.append(polish(problem, greedy(problem).choices))
     best = min(pool, key=problem.objective)
-    value = problem.objective(best)
-    bound = min(result.bound, value) if math.isfinite(result.bound) else -math.inf
-    gap = relative_gap(value, bound)
-    status = "optimal" if gap <= 1e-9 else "time_limit"
+    bound = result.bound
     stage = result.stages[-1]["mu"] if result.stages else None  # the last smoothing stage reached
     note = f"sdp: bound {result.bound:.6g} after {result.evaluations} evaluations (last mu {stage})"
+    left = None if time_limit is None else time_limit - (time.perf_counter() - start)
+    if left is not None and branch > 0 and left > 0.5 and result.cut is not None and _has_scip():
+        from mixq.search.scip import scip
+
+        sol = scip(problem, time_limit=left, warm_start=best, cuts=[result.cut])
+        if sol.objective < problem.objective(best):
+            best = sol.choices
+        if math.isfinite(sol.bound):
+            bound = max(bound, sol.bound)
+        note += f"; then {sol.note} ({left:.3g} s): bound {sol.bound:.6g}"
+    value = problem.objective(best)
+    bound = min(bound, value) if math.isfinite(bound) else -math.inf
+    gap = relative_gap(value, bound)
+    status = "optimal" if gap <= 1e-9 else "time_limit"
     return problem.solution(best, status, gap, time.perf_counter() - start, bound=bound, note=note)
