@@ -28,9 +28,9 @@ and the largest is the bound: valid whatever the optimizer's progress, so a time
 loosens it.
 
 Incumbents: ``∂λ_μ/∂S = P`` (the softmax-weighted eigenvectors) approximates ``Y / a`` of the
-relaxation's optimum; with ``x̂ = P_0,1: / P_00`` two choices are rounded from it by the
-multiple-choice knapsack (`mixq.search.highs` without pairs) on the scores ``−x̂`` (the nearest
-plan) and on the gradient ``s + Hx̂`` (a Frank–Wolfe step), each polished by
+relaxation's optimum; from ``Ŷ = P / P_00`` and ``x̂ = Ŷ_0,1:`` choices are rounded (`_round`:
+the nearest plan, a Frank–Wolfe step, Gaussian roundings), each made feasible by the
+multiple-choice knapsack (`mixq.search.highs` without pairs) and polished by
 `mixq.search.local.polish`; the best of them and the warm start is returned.
 
 Symbols: ``C`` ``# [N, N]`` with ``N = n + 1`` (row 0 the constant); ``y`` the multipliers in the
@@ -73,6 +73,7 @@ class SdpBound:
     seconds: float
     stages: list[dict]
     cut: Convex | None = None  # q(x) ≤ f(x) at every feasible choice, convex, min ≥ bound (`dual_cut`)
+    y: np.ndarray | None = None  # [N, N] Ŷ = P / P_00 of the last stage (the relaxation's Y)
 
 
 class _Layout:
@@ -225,7 +226,7 @@ def sdp_bound(
     dual = _Dual(t, _budget_rows(problem, t))
     y = np.zeros(dual._layout.size)
     record: list[dict] = []
-    x_hat = None
+    x_hat = y_hat = None
     deadline = math.inf
 
     def check(_: object) -> None:
@@ -247,7 +248,7 @@ def sdp_bound(
                 method="L-BFGS-B",
                 bounds=dual._layout.bounds,
                 callback=check,
-                options={"maxiter": iterations, "maxcor": 20, "ftol": 1e-13, "gtol": 1e-9},
+                options={"maxiter": iterations, "maxcor": 10, "ftol": 1e-13, "gtol": 1e-9},
             )
             y = res.x
         except _Stop:
@@ -255,10 +256,11 @@ def sdp_bound(
         p = dual.p
         if p[0, 0] > 1e-12:
             x_hat = np.clip(p[0, 1:] / p[0, 0], 0.0, 1.0)
+            y_hat = p / p[0, 0]
         record.append({"mu": mu, "bound": dual.best * dual.scale, "seconds": time.perf_counter() - start})
     bound = dual.best * dual.scale if math.isfinite(dual.best) else -math.inf
     cut = None if dual.best_y is None else dual_cut(dual, dual.best_y)
-    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record, cut)
+    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record, cut, y_hat)
 
 
 def dual_cut(dual: _Dual, y: np.ndarray) -> Convex:
@@ -295,22 +297,35 @@ def _has_scip() -> bool:
     return True
 
 
-def _round(problem: Problem, t: Terms, x_hat: np.ndarray, samples: int = 8, seed: int = 0) -> list[list[int]]:
-    """Feasible choices rounded from ``x̂``, each polished by local search.
+def _round(
+    problem: Problem, t: Terms, x_hat: np.ndarray, y_hat: np.ndarray | None, samples: int = 32, seed: int = 0
+) -> list[list[int]]:
+    """Feasible choices rounded from the relaxation, each polished by local search.
 
     The nearest plan to ``x̂`` and a Frank–Wolfe step (the knapsack on the gradient ``s + Hx̂``),
-    then ``samples`` plans drawn layer by layer from ``x̂`` (a randomized rounding), each made
-    feasible by the knapsack on the scores ``−(onehot + ½x̂)`` (the nearest feasible plan).
+    then ``samples`` Gaussian roundings (Goemans and Williamson, J. ACM 42, 1995, in the
+    one-hot form): ``ξ ~ N(x̂, X̂ − x̂x̂ᵀ)`` from the relaxation's ``Ŷ``, each layer at its largest
+    ``ξ``, made feasible by the knapsack on the scores ``−(onehot + ½x̂)`` (the nearest feasible
+    plan). Without ``Ŷ`` the draws are independent per layer from ``x̂``.
     """
     from mixq.search.highs import highs
 
     rng = np.random.default_rng(seed)
     guides = [-x_hat, t.linear + t.hessian @ x_hat]
+    root = None
+    if y_hat is not None:
+        cov = y_hat[1:, 1:] - np.outer(x_hat, x_hat)
+        w, v = np.linalg.eigh(0.5 * (cov + cov.T))
+        root = v * np.sqrt(np.clip(w, 0.0, None))
     for _ in range(samples):
         draw = np.zeros(t.n)
+        xi = x_hat + root @ rng.normal(size=t.n) if root is not None else None
         for v in t.layer_vars:
-            p = x_hat[v] + 1e-12
-            draw[v[rng.choice(v.size, p=p / p.sum())]] = 1.0
+            if xi is not None:
+                draw[v[np.argmax(xi[v])]] = 1.0
+            else:
+                p = x_hat[v] + 1e-12
+                draw[v[rng.choice(v.size, p=p / p.sum())]] = 1.0
         guides.append(-(draw + 0.5 * x_hat))
     out: list[list[int]] = []
     for guide in guides:
@@ -362,7 +377,7 @@ def sdp(
     if warm_start is not None and problem.is_feasible(warm_start):
         pool.append(problem.check_choices(warm_start))
     if result.x is not None:
-        pool += _round(problem, t, result.x)
+        pool += _round(problem, t, result.x, result.y)
     if not pool:
         from mixq.search.greedy import greedy
 
