@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(BUDGETS))
     ap.add_argument("--labels", default=",".join(LABELS), help=f"of {', '.join(LABELS)}")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=NAME, help="result name under bench/results (parallel runs: one each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -135,7 +136,7 @@ def main() -> None:
         raise SystemExit(
             f"fashion_sweep: unknown {bad}; tasks: {', '.join(BUDGETS)}; labels: {', '.join(LABELS)}"
         )
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{args.out}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     rows: dict[str, Any] = data.get("rows", {})
     info: dict[str, Any] = data.get("tasks", {})
