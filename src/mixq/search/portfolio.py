@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT = ("highs", "sdp", "scip")
 DEFAULT_WEIGHTS = (0.5, 0.15, 0.35)  # up to LARGE variables: HiGHS proves the zoo's matrices
 LARGE = 100  # more variables (allowed (layer, candidate) pairs): the SDP bound gets most of the time
-LARGE_WEIGHTS = (0.25, 0.6, 0.15)
+LARGE_WEIGHTS = (0.1, 0.8, 0.1)
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
