@@ -10,8 +10,10 @@ balanced logits (the teacher pattern of ``mixq.tasks``' synthetic tasks): 512 ca
 60 s limit) at 4 average weight bits on ``w{2,4,8}+asym`` weights, float activations.
 
 Recorded per row in ``bench/results/clado_scale.json`` (written when each row finishes;
-finished rows are skipped): the sensitivity (single and pair) time, the pair evaluations, the
-solver's time and status, the total ``mixq.run`` wall time, the threads and the machine's load.
+finished rows are skipped; the run directory ``runs/clado-scale/<row>`` keeps the finished
+sensitivity jobs, so an interrupted row resumes, and its timings then count only the rest):
+the sensitivity (single and pair) time, the pair evaluations, the solver's time and status, the
+total ``mixq.run`` wall and CPU time, the threads and the machine's load.
 
     OMP_NUM_THREADS=2 python -m bench.clado_scale [--threads 2] [--rows notop,all,window8]
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from bench.common import RESULTS, provenance, write
 from mixq.tasks import _teacher_task
 
 NAME = "clado_scale"
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "clado-scale"
 CANDIDATES = ["w2+asym", "w4+asym", "w8+asym"]
 BUDGET = 4.0
 ROWS: dict[str, dict[str, Any]] = {
@@ -101,15 +103,15 @@ def run_row(label: str, threads: int) -> dict[str, Any]:
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in t.model.modules())
     load_before = load()
     t0, c0 = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory() as out:
-        res = mixq.run(
-            t,
-            method="clado",
-            candidates=CANDIDATES,
-            budget={"avg_weight_bits": BUDGET},
-            method_args=ROWS[label],
-            out=Path(out) / "run",
-        )
+    res = mixq.run(
+        t,
+        method="clado",
+        candidates=CANDIDATES,
+        budget={"avg_weight_bits": BUDGET},
+        method_args=ROWS[label],
+        out=RUNS / label,  # its store keeps finished sensitivity jobs: an interrupted row resumes
+        overwrite=True,
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     info = res.history[0]
     return {
