@@ -169,3 +169,12 @@ def test_dual_cut_is_a_convex_minorant_above_the_bound() -> None:
     assert sol.status == "optimal" and sol.objective == pytest.approx(best, abs=tolerance(problem))
     branched = sdp(problem, time_limit=20.0, branch=0.5)
     assert "cuts" in branched.note and branched.bound <= best + tolerance(problem)
+
+
+def test_default_shares_by_size() -> None:
+    """Small problems give HiGHS half the time, large ones give the SDP bound most of it."""
+    from mixq.search.portfolio import DEFAULT_WEIGHTS, LARGE, LARGE_WEIGHTS, default_weights
+
+    small, large = make(5, 3, 0, psd=True), make(LARGE // 3 + 1, 3, 0, psd=True)
+    assert default_weights(small) == DEFAULT_WEIGHTS and default_weights(large) == LARGE_WEIGHTS
+    assert LARGE_WEIGHTS[1] > LARGE_WEIGHTS[0] and DEFAULT_WEIGHTS[0] >= 0.5 * sum(DEFAULT_WEIGHTS)
