@@ -171,10 +171,12 @@ def test_dual_cut_is_a_convex_minorant_above_the_bound() -> None:
     assert "cuts" in branched.note and branched.bound <= best + tolerance(problem)
 
 
-def test_default_shares_by_size() -> None:
-    """Small problems give HiGHS half the time, large ones give the SDP bound most of it."""
-    from mixq.search.portfolio import DEFAULT_WEIGHTS, LARGE, LARGE_WEIGHTS, default_weights
+def test_default_plan_by_size() -> None:
+    """Small problems run HiGHS and SCIP half each; large ones give the SDP bound most of the time."""
+    from mixq.search.portfolio import DEFAULT, LARGE, LARGE_WEIGHTS, SMALL, SMALL_WEIGHTS, default_plan
 
     small, large = make(5, 3, 0, psd=True), make(LARGE // 3 + 1, 3, 0, psd=True)
-    assert default_weights(small) == DEFAULT_WEIGHTS and default_weights(large) == LARGE_WEIGHTS
-    assert LARGE_WEIGHTS[1] > LARGE_WEIGHTS[0] and DEFAULT_WEIGHTS[0] >= 0.5 * sum(DEFAULT_WEIGHTS)
+    assert default_plan(small) == (SMALL, SMALL_WEIGHTS) and default_plan(large) == (DEFAULT, LARGE_WEIGHTS)
+    assert "sdp" in DEFAULT and LARGE_WEIGHTS[DEFAULT.index("sdp")] > 0.5
+    sol = portfolio(large, time_limit=3.0)
+    assert "sdp" in sol.note and large.is_feasible(sol.choices) and sol.bound <= sol.objective

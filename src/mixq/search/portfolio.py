@@ -11,11 +11,11 @@
 Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.highs.highs`, the best
 incumbents in short times, and the proofs on the zoo's matrices), the semidefinite relaxation
 (`mixq.search.sdp`: the strongest bound, and incumbents rounded from it), then SCIP on the convex
-form (`mixq.search.scip`, warm-started from the best incumbent). The time shares depend on the
-size (`default_weights`). The SDP bound needs only numpy and scipy; the others are
-optional (``pip install mixq[search]``: OR-Tools, PySCIPOpt); one that cannot be imported is
-skipped and named in the note, and when none is left the HiGHS MILP runs alone ("HiGHS MILP
-fallback" in the note).
+form (`mixq.search.scip`, warm-started from the best incumbent). Which run, and their time
+shares, depend on the size (`default_plan`: HiGHS and SCIP alone on small problems). The SDP
+bound needs only numpy and scipy; the others are optional (``pip install mixq[search]``:
+OR-Tools, PySCIPOpt); one that cannot be imported is skipped and named in the note, and when
+only HiGHS (and the SDP bound) is left it says "HiGHS MILP fallback".
 """
 
 from __future__ import annotations
@@ -34,18 +34,22 @@ __all__ = [
     "DEFAULT",
     "DEFAULT_WEIGHTS",
     "LARGE_WEIGHTS",
+    "SMALL",
+    "SMALL_WEIGHTS",
     "SOLVERS",
-    "default_weights",
+    "default_plan",
     "portfolio",
     "run_solver",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT = ("highs", "sdp", "scip")
-DEFAULT_WEIGHTS = (0.5, 0.15, 0.35)  # up to LARGE variables: HiGHS proves the zoo's matrices
+SMALL = ("highs", "scip")  # up to LARGE variables: HiGHS and SCIP prove the zoo's matrices
+SMALL_WEIGHTS = (0.5, 0.5)
 LARGE = 100  # more variables (allowed (layer, candidate) pairs): the SDP bound gets most of the time
+DEFAULT = ("highs", "sdp", "scip")
 LARGE_WEIGHTS = (0.1, 0.8, 0.1)
+DEFAULT_WEIGHTS = LARGE_WEIGHTS
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
@@ -117,7 +121,7 @@ def portfolio(
     problem: Problem,
     time_limit: float | None = None,
     warm_start: list[int] | None = None,
-    solvers: tuple[str, ...] = DEFAULT,
+    solvers: tuple[str, ...] | None = None,
     weights: tuple[float, ...] | None = None,
     rel_gap: float = 1e-9,
 ) -> Solution:
@@ -128,12 +132,10 @@ def portfolio(
         time_limit: Seconds for everything; None runs the first solver to proven optimality.
         warm_start: A choice per layer; ignored (with a warning) when infeasible.
         solvers: Names from `SOLVERS` ("highs", "sdp", "cpsat", "scip", "scip-linear",
-            "scip-both"), in the order they run.
+            "scip-both"), in the order they run. None: by size (`default_plan`).
         weights: Relative time shares of ``solvers``: solver i gets the time left times
             ``weights[i] / Σ_{j ≥ i} weights[j]`` (time a solver leaves unused goes to the
-            next). None: `default_weights` for the default solvers (on small problems HiGHS
-            half, as it proves the real CLADO matrices; above `LARGE` variables the SDP bound
-            most), equal shares otherwise.
+            next). None: `default_plan`'s with ``solvers`` None, equal shares otherwise.
         rel_gap: Stop when the relative gap is at most this.
 
     Returns:
@@ -146,11 +148,14 @@ def portfolio(
         InfeasibleBudgetError: No choice satisfies the budgets.
     """
     start = time.perf_counter()
+    if solvers is None:
+        solvers, default_weights = default_plan(problem)
+        weights = default_weights if weights is None else weights
     unknown = [s for s in solvers if s not in SOLVERS or s == "portfolio"]
     if unknown or not solvers:
         raise ValueError(f"unknown solvers {unknown}; valid: {sorted(set(SOLVERS) - {'portfolio'})}")
     if weights is None:
-        weights = default_weights(problem) if tuple(solvers) == DEFAULT else (1.0,) * len(solvers)
+        weights = (1.0,) * len(solvers)
     if len(weights) != len(solvers) or not all(w > 0 for w in weights):
         raise ValueError(f"weights {weights} must be {len(solvers)} positive numbers, one per solver")
     share_of = dict(zip(solvers, weights, strict=True))
@@ -189,9 +194,16 @@ def portfolio(
     )
 
 
-def default_weights(problem: Problem) -> tuple[float, ...]:
-    """The time shares of `DEFAULT`: `DEFAULT_WEIGHTS`, or `LARGE_WEIGHTS` above `LARGE` variables."""
-    return LARGE_WEIGHTS if int(problem.allowed.sum()) > LARGE else DEFAULT_WEIGHTS
+def default_plan(problem: Problem) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The solvers and time shares by size: `SMALL` up to `LARGE` variables, else `DEFAULT`.
+
+    Measured (bench/results/iqp.json): HiGHS and SCIP prove the zoo's CLADO matrices (up to 88
+    variables) within 60 s, which a share taken by the SDP bound delays; from 116 variables on
+    (29×4) nothing proves them and the SDP bound is the one within a few percent.
+    """
+    if int(problem.allowed.sum()) > LARGE:
+        return DEFAULT, LARGE_WEIGHTS
+    return SMALL, SMALL_WEIGHTS
 
 
 def _warm_start(problem: Problem, warm_start: list[int] | None) -> list[int]:
