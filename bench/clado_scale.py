@@ -15,7 +15,8 @@ sensitivity jobs, so an interrupted row resumes, and its timings then count only
 the sensitivity (single and pair) time, the pair evaluations, the solver's time and status, the
 total ``mixq.run`` wall and CPU time, the threads and the machine's load.
 
-    OMP_NUM_THREADS=2 python -m bench.clado_scale [--threads 2] [--rows notop,all,window8]
+    OMP_NUM_THREADS=1 python -m bench.clado_scale [--threads 1] [--rows notop,all,window8]
+    OMP_NUM_THREADS=1 python -m bench.clado_scale --project   # CPU projection, checked on finished jobs
 """
 
 from __future__ import annotations
@@ -140,10 +141,103 @@ def run_row(label: str, threads: int) -> dict[str, Any]:
     }
 
 
+def layer_profile(t: mixq.Task, repeats: int = 5) -> tuple[list[str], list[float], float]:
+    """CPU seconds of one float forward over a 64-image part, and each layer's share of it.
+
+    Returns the quantizable layers in execution order, the fraction of the forward's CPU time
+    spent from each layer's start to the end (the suffix a pair pass with that layer second
+    runs), and the forward's CPU seconds (one thread).
+    """
+    x = t.calib[0][0][:64]
+    layers = [(n, m) for n, m in t.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    starts: dict[str, float] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _i, n=n: starts.setdefault(n, time.process_time()))
+        for n, m in layers
+    ]
+    totals = {n: 0.0 for n, _ in layers}
+    forward = 0.0
+    with torch.inference_mode():
+        t.model(x)  # warm-up
+        for _ in range(repeats):
+            starts.clear()
+            c0 = time.process_time()
+            t.model(x)
+            c1 = time.process_time()
+            forward += c1 - c0
+            for n, _ in layers:
+                totals[n] += (c1 - starts[n]) / max(c1 - c0, 1e-12)
+    for h in hooks:
+        h.remove()
+    names = [n for n, _ in layers]
+    return names, [totals[n] / repeats for n in names], forward / repeats
+
+
+def project(splits: int = 8) -> dict[str, Any]:
+    """A projection (labelled as such) of each row's CPU seconds from one forward's measured cost.
+
+    Assumptions: with prefix reuse a single (layer l at c) runs the forward from l, a pair
+    (l at c, m at c') the forward from m; every part of 64 images costs the same; the solver's
+    60 s limit is added once. The finished row jobs of ``runs/clado-scale/*`` check it.
+    """
+    torch.set_num_threads(1)
+    t = task()
+    names, suffix, forward = layer_profile(t)
+    L, C = len(names), len(CANDIDATES)
+    out: dict[str, Any] = {"forward_cpu_seconds_64_images": forward, "layers": L, "splits": splits}
+    for label, args in ROWS.items():
+        pair_c = C - (0 if args.get("top_pairs", True) else 1)
+        window = args.get("window") or L
+        singles = splits * C * forward * sum(suffix)
+        pairs = (
+            splits
+            * pair_c
+            * pair_c
+            * forward
+            * sum(suffix[m] for l_ in range(L) for m in range(l_ + 1, min(L, l_ + 1 + window)))
+        )
+        out[label] = {
+            "single_cpu_seconds": singles,
+            "pair_cpu_seconds": pairs,
+            "pair_evals": splits * pair_c * pair_c * sum(min(window, L - 1 - l_) for l_ in range(L)),
+            "total_cpu_seconds_with_60s_solver": singles + pairs + 60.0,
+        }
+    out["check"] = check_projection(names, suffix, forward)
+    return out
+
+
+def check_projection(names: list[str], suffix: list[float], forward: float) -> list[dict[str, Any]]:
+    """The finished row jobs of every row's store: measured pair CPU seconds against the projection."""
+    import sqlite3
+
+    rows = []
+    for store in sorted(RUNS.glob("*/store.sqlite")):
+        with sqlite3.connect(store) as conn:
+            for key, value in conn.execute("SELECT job_key, value FROM jobs"):
+                job = json.loads(value)
+                if not isinstance(job, dict) or not job.get("pair_evals"):
+                    continue
+                layer = key.split("/")[-2]
+                pos = names.index(layer)
+                per_later = job["pair_evals"] / max(1, len(names) - 1 - pos)  # candidate pairs x batches
+                predicted = forward * per_later * sum(suffix[pos + 1 :])
+                rows.append(
+                    {
+                        "row": store.parent.name,
+                        "job": "/".join(key.split("/")[-2:]),
+                        "pair_evals": job["pair_evals"],
+                        "measured_pair_cpu_seconds": job.get("pair_cpu_seconds"),
+                        "projected_pair_cpu_seconds": predicted,
+                    }
+                )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="notop,all", help=f"of {', '.join(ROWS)}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--project", action="store_true", help="write the CPU projection of every row and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     labels = [r for r in args.rows.split(",") if r]
@@ -152,6 +246,14 @@ def main() -> None:
         raise SystemExit(f"clado_scale: unknown rows {bad}; valid: {', '.join(ROWS)}")
     path = RESULTS / f"{NAME}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
+    if args.project:
+        data["projection"] = {
+            **project(),
+            **{k: v for k, v in provenance().items() if k in ("command", "git_commit")},
+        }
+        write(NAME, {k: v for k, v in data.items() if k != "provenance"})
+        print(json.dumps({k: v for k, v in data["projection"].items() if k != "check"}, indent=1))
+        return
     rows = {r["label"]: r for r in data.get("rows", [])}
     for label in labels:
         if label in rows and rows[label].get("method_args") == ROWS[label]:
@@ -159,7 +261,14 @@ def main() -> None:
         row = run_row(label, args.threads)
         row.update({k: v for k, v in provenance().items() if k in ("command", "git_commit", "src_dirty")})
         rows[label] = row
-        write(NAME, {"rows": list(rows.values())})
+        data = json.loads(path.read_text()) if path.is_file() else {}  # a projection written meanwhile
+        write(
+            NAME,
+            {
+                **{k: v for k, v in data.items() if k not in ("provenance", "rows")},
+                "rows": list(rows.values()),
+            },
+        )
         print(json.dumps(row), flush=True)
 
 
