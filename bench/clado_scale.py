@@ -151,10 +151,14 @@ def layer_profile(t: mixq.Task, repeats: int = 5) -> tuple[list[str], list[float
     x = t.calib[0][0][:64]
     layers = [(n, m) for n, m in t.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     starts: dict[str, float] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, _i, n=n: starts.setdefault(n, time.process_time()))
-        for n, m in layers
-    ]
+
+    def hook(name: str) -> Any:
+        def pre(_module: nn.Module, _inputs: Any) -> None:
+            starts.setdefault(name, time.process_time())
+
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
     totals = {n: 0.0 for n, _ in layers}
     forward = 0.0
     with torch.inference_mode():
