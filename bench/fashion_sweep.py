@@ -128,18 +128,19 @@ def calib_kl(task_name: str, labels: list[str], out: str) -> None:
 
     Beside the test metric it tells a search that misjudged its own objective (a plan worse on
     calibration than another method's) from an objective that does not rank the plans as the test
-    set does. Written to the result's ``calib_kl`` entry.
+    set does. Written to ``bench/results/OUT_calib_kl.json`` (the sweep rewrites OUT.json).
     """
     import torch.nn.functional as F
 
     from mixq.export import rebuild
 
-    path = RESULTS / f"{out}.json"
-    data = json.loads(path.read_text())
+    data = json.loads((RESULTS / f"{out}.json").read_text())
+    path = RESULTS / f"{out}_calib_kl.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
     task = mixq.tasks.get(task_name, val_size=VAL)
     with torch.inference_mode():
         ref = [F.log_softmax(task.model.eval()(x).float(), -1) for x, _ in task.calib]
-    entry = data.setdefault("calib_kl", {})
+    entry = done.setdefault("rows", {})
     for key, row in data["rows"].items():
         if row.get("task") != task_name or row.get("label") not in labels or "error" in row or key in entry:
             continue
@@ -154,7 +155,8 @@ def calib_kl(task_name: str, labels: list[str], out: str) -> None:
             ]
         entry[key] = {"calib_kl": sum(kl) / len(kl), "metric": row["metric"]}
         print(key, entry[key], flush=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        done["provenance"] = provenance()
+        path.write_text(json.dumps(done, indent=2) + "\n")
 
 
 def main() -> None:
