@@ -213,7 +213,8 @@ def main() -> None:
                 rows[key] = row
                 sessions[-1]["wall_seconds"] = time.perf_counter() - t_start
                 write(
-                    NAME, {"val": VAL, "budgets": BUDGETS, "tasks": info, "sessions": sessions, "rows": rows}
+                    args.out,
+                    {"val": VAL, "budgets": BUDGETS, "tasks": info, "sessions": sessions, "rows": rows},
                 )
                 if "error" not in row:
                     print(
