@@ -24,6 +24,8 @@ adds the oracles of the KL and the cross-entropy at other calibration sizes (OUT
         --out exhaustive_symmetric --calib-sizes 512,2048
     python -m bench.exhaustive --candidates w2-a8,w3-a8,w4-a8,w8-a8 --budgets 2.25,2.5,3,3.25,4 \
         --out exhaustive_symmetric_a8 --methods clado,clado-naive,sensitivity-ilp,hawq
+    python -m bench.exhaustive --candidates w2,w3,w4,w8 --budgets 2.25,2.5,3,3.25,4 \
+        --out exhaustive_symmetric --methods clado-ce,clado-ce+refine --paired
     python -m bench.exhaustive --candidates x --out exhaustive_symmetric --markdown
 """
 
@@ -51,7 +53,7 @@ from mixq import cost
 from mixq.api import prepare
 from mixq.nn import QCall, QConv2d, QLinear
 from mixq.plan import as_layer_spec
-from mixq.wrap import current_plan
+from mixq.wrap import applied, current_plan
 
 MAX_PLANS = 1 << 16
 
@@ -309,6 +311,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "clado-snr": ("clado", {"repair": "none", "snr": 2.0}),
     "clado-snr-psd-diag": ("clado", {"repair": "psd-diag", "snr": 2.0}),
     "clado-naive": ("clado-naive", {}),
+    "clado-ce": ("clado", {"loss": "task"}),  # the cross-entropy on the calibration labels
     "sensitivity-ilp": ("sensitivity-ilp", {}),
     "hawq": ("hawq", {"hutchinson_samples": 16}),
 }
@@ -446,6 +449,64 @@ def oracles(args: argparse.Namespace, cands: list[str], budgets: list[float]) ->
         path.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def paired(args: argparse.Namespace, cands: list[str]) -> None:
+    """Per budget: the optimum against the best method's plan, image by image (OUT.json "paired").
+
+    Both plans run on the validation images; ``n10`` counts the images only the optimum gets
+    right, ``n01`` those only the method's plan gets right. The accuracy difference is
+    ``(n10 − n01)/N`` and its standard error, paired over images (the two plans' errors are
+    correlated), ``sqrt(n10 + n01 − (n10 − n01)²/N) / N``: a gap within about 2 SE is one that a
+    different test set of the same size could reverse.
+    """
+    path = RESULTS / f"{args.out}.json"
+    result = json.loads(path.read_text())
+    task = mixq.tasks.get(args.task)
+    specs = [as_layer_spec(c) for c in cands]
+    qmodel, infos = prepare(task, specs, mixq.Cache())
+    layers = [i.name for i in infos]
+
+    def correct(choices: list[int]) -> torch.Tensor:
+        out = []
+        with (
+            applied(qmodel, {n: specs[c] for n, c in zip(layers, choices, strict=True)}),
+            torch.inference_mode(),
+        ):
+            for x, y in task.val:
+                out.append(qmodel(x).argmax(-1) == y)
+        return torch.cat(out)
+
+    entries = {}
+    for b, opt in result["optimum"].items():
+        rows = [r for r in result["rows"] if str(r["budget"]) == b]
+        best = max(rows, key=lambda r: r["metric"])
+        a, m = correct(opt["choices"]), correct(best["choices"])
+        n = int(a.numel())
+        for plan, hits in ((opt, a), (best, m)):  # the exhaustive table's metric, recomputed
+            if abs(100.0 * float(hits.float().mean()) - plan["metric"]) > 1e-4:
+                raise AssertionError(
+                    f"{plan['choices']}: {100.0 * float(hits.float().mean())} != {plan['metric']}"
+                )
+        n10, n01 = int((a & ~m).sum()), int((~a & m).sum())
+        diff = 100.0 * (n10 - n01) / n
+        se = 100.0 * math.sqrt(max(0.0, n10 + n01 - (n10 - n01) ** 2 / n)) / n
+        entries[b] = {
+            "optimum": opt,
+            "best_method": {k: best[k] for k in ("label", "metric", "choices")},
+            "images": n,
+            "n10": n10,
+            "n01": n01,
+            "difference": diff,
+            "se": se,
+            "z": diff / se if se else math.inf,
+        }
+        print(
+            f"{b}: optimum {opt['metric']:.2f} vs {best['label']} {best['metric']:.2f}: "
+            f"{diff:+.2f} ± {se:.2f}"
+        )
+    result["paired"] = entries
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def markdown(name: str) -> str:
     """The table of bench/results/NAME.json: top-1 % per method and budget beside the optimum."""
     d = json.loads((RESULTS / f"{name}.json").read_text())
@@ -477,6 +538,7 @@ def main() -> None:
     ap.add_argument("--runs", default="/tmp/mixq-bench-exhaustive", help="run directories (stores)")
     ap.add_argument("--calib-sizes", default="", help="calibration sizes of the oracles, e.g. 512,2048")
     ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--paired", action="store_true", help="the optimum vs the best method, image by image")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(args.out))
@@ -492,6 +554,8 @@ def main() -> None:
         compare(args, cands, budgets)
     if args.calib_sizes:
         oracles(args, cands, budgets)
+    if args.paired:
+        paired(args, cands)
 
 
 if __name__ == "__main__":

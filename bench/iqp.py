@@ -18,7 +18,9 @@ Each row (instance, solver, time limit) records the incumbent, bound, gap, statu
 the command and commit that made it, and is written as soon as it finishes (resumable: rows
 already in the JSON are skipped). One thread per solver; time limits are wall-clock.
 
-    OMP_NUM_THREADS=1 python -m bench.iqp [--limits 10,60] [--sizes 29x4,50x3] [--solvers ...]
+    OMP_NUM_THREADS=1 python -m bench.iqp [--limits 10,60] [--sizes 29x4,50x3] [--solvers ...] [--redo]
+
+``--redo`` recomputes the selected rows that an earlier commit made (each replaced as it finishes).
 """
 
 from __future__ import annotations
@@ -127,12 +129,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--solvers", default="highs,cpsat,scip,portfolio")
+    parser.add_argument("--solvers", default="highs,cpsat,scip,sdp,portfolio")
     parser.add_argument("--limits", default="10,60")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default="", help="zoo tasks for real CLADO matrices, e.g. mnist-cnn:64")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--summary", action="store_true", help="only write the markdown table (.md)")
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="recompute selected rows made at another commit (replaced when done)",
+    )
     args = parser.parse_args()
     path = RESULTS / f"{args.out}.json"
     if args.summary:
@@ -141,9 +148,13 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
     data["provenance"] = provenance()  # of the last invocation; each row names its own
     origin = {k: data["provenance"][k] for k in ("command", "git_commit", "src_dirty")}
-    done = {(r["instance"], r["solver"], r["time_limit"]) for r in data["rows"]}
+    done = {
+        (r["instance"], r["solver"], r["time_limit"])
+        for r in data["rows"]
+        if not args.redo or r.get("git_commit") == origin["git_commit"]
+    }
     problems: dict[str, Problem] = {}
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         L, C = (int(v) for v in size.split("x"))
         for kind in args.kinds.split(","):
             problems[f"{size}-{kind}-s{args.seed}"] = (L, C, kind)  # built lazily
@@ -167,6 +178,10 @@ def main() -> None:
                 row["wall_seconds"] = time.perf_counter() - t0
                 row.update(origin)
                 print(json.dumps(row), flush=True)
+                key = (name, solver, limit)
+                data["rows"] = [
+                    r for r in data["rows"] if (r["instance"], r["solver"], r["time_limit"]) != key
+                ]
                 data["rows"].append(row)
                 path.write_text(json.dumps(data, indent=1) + "\n")
 

@@ -337,3 +337,31 @@ def test_cli_runs_clado(tmp_path, capsys):
     assert code == 0
     assert (tmp_path / "plan.json").exists() and (tmp_path / "store.sqlite").exists()
     assert "clado" in capsys.readouterr().out
+
+
+def test_pair_names_measure_those_candidates_pairs_only(residual):
+    """Pairs of the other candidates are not evaluated and count as 0; the measured ones are exact."""
+    task, q, layers = residual
+    full = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False)
+    part = pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False, pair_names=("w2",))
+    torch.testing.assert_close(part.single, full.single, rtol=0, atol=0)
+    torch.testing.assert_close(part.pairs[:, 0, :, 0], full.pairs[:, 0, :, 0], rtol=0, atol=0)
+    assert bool((part.pairs[:, 1] == 0).all()) and bool((part.pairs[:, :, :, 1] == 0).all())
+    assert bool((part.pairs_se[:, 1] == 0).all())
+    assert full.pairs[:, 1].abs().max() > 0  # what is left out is not zero here
+    assert part.meta["pair_evals"] * len(CANDS) ** 2 == full.meta["pair_evals"]
+    with pytest.raises(ValueError, match="pair_names \\['w9'\\] are not candidates"):
+        pairwise(q, task, layers, CANDS, batches=task.calib[:1], progress=False, pair_names=("w9",))
+
+
+def test_top_pairs_false_leaves_out_the_most_precise_candidate(mlp_ctx):
+    ctx, _ = mlp_ctx
+    assert clado._top(["w2", "w8", "w4"]) == "w8" and clado._top(["w4", "w4+asym"]) == "w4+asym"
+    cfg = clado.Config(batches=1, loss="task", splits=1, top_pairs=False)
+    sens = clado.measure(ctx, cfg)
+    oracle = pairwise(
+        ctx.qmodel, ctx.task, ctx.layers, ctx.candidates, batches=ctx.task.calib[:1], progress=False
+    )
+    top = 2  # w8
+    torch.testing.assert_close(sens.pairs[:, :top, :, :top], oracle.pairs[:, :top, :, :top], rtol=0, atol=0)
+    assert bool((sens.pairs[:, top] == 0).all()) and bool((sens.pairs[:, :, :, top] == 0).all())

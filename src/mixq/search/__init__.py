@@ -6,10 +6,11 @@ subject to ``Σ_l costs[k][l, x_l] ≤ budgets[k]``.
 
 - `ilp`: the exact solver the methods call: `highs` without pairs, `portfolio` with them.
 - `highs`: MILP with HiGHS (`scipy.optimize.milp`), pairs linearized.
-- `portfolio`: warm start (greedy + local search), then HiGHS and SCIP; best incumbent and best
-  proven bound (`Solution.bound`, `gap`, `note`). The solvers it draws on: `scip.scip` (convex
-  form of the quadratic objective, PySCIPOpt) and `cpsat.cpsat` (OR-Tools CP-SAT), both in the
-  optional ``search`` extra, imported only when run.
+- `portfolio`: warm start (greedy + local search), then HiGHS, the SDP bound and SCIP; best
+  incumbent and best proven bound (`Solution.bound`, `gap`, `note`). The solvers it draws on:
+  `sdp.sdp` (the semidefinite relaxation's bound and roundings, numpy/scipy), `scip.scip`
+  (convex form of the quadratic objective, PySCIPOpt) and `cpsat.cpsat` (OR-Tools CP-SAT), the
+  last two in the optional ``search`` extra, imported only when run.
 - `greedy`: fast, ignores pairs, always feasible.
 - `brute_force`: enumerates every choice; the test oracle.
 - `pareto_sweep`: `ilp` over a list of values of one budget, non-dominated results.

@@ -29,7 +29,8 @@ def ilp(problem: Problem, time_limit: float | None = None, warm_start: list[int]
 
     Without pairwise terms this is `highs` (a multiple-choice knapsack, solved to optimality in
     milliseconds). With them it is `mixq.search.portfolio.portfolio` (greedy + local-search warm
-    start, then HiGHS and SCIP, best incumbent and best bound; HiGHS alone without SCIP).
+    start, then HiGHS, the SDP bound and SCIP, best incumbent and best bound; without SCIP,
+    HiGHS and the SDP bound).
     Arguments, returns and errors as in `highs`; the `Solution` carries ``bound`` and a ``note``
     naming the solvers that ran.
     """

@@ -9,11 +9,13 @@
    gap ``(f − bound)/|f|``.
 
 Default order, from bench/results/iqp.json: the HiGHS MILP (`mixq.search.highs.highs`, the best
-incumbents in short times) then SCIP on the convex form (`mixq.search.scip`: the only bound that
-sees the quadratic objective, warm-started from HiGHS's polished incumbent). The solvers are
-optional (``pip install mixq[search]``: OR-Tools, PySCIPOpt); one that cannot be imported is
-skipped and named in the note, and when none is left the HiGHS MILP runs alone ("HiGHS MILP
-fallback" in the note).
+incumbents in short times, and the proofs on the zoo's matrices), the semidefinite relaxation
+(`mixq.search.sdp`: the strongest bound, and incumbents rounded from it), then SCIP on the convex
+form (`mixq.search.scip`, warm-started from the best incumbent). Which run, and their time
+shares, depend on the size (`default_plan`: HiGHS and SCIP alone on small problems). The SDP
+bound needs only numpy and scipy; the others are optional (``pip install mixq[search]``:
+OR-Tools, PySCIPOpt); one that cannot be imported is skipped and named in the note, and when
+only HiGHS (and the SDP bound) is left it says "HiGHS MILP fallback".
 """
 
 from __future__ import annotations
@@ -28,12 +30,26 @@ from mixq.search.highs import highs
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, check_budgets, relative_gap
 
-__all__ = ["DEFAULT", "DEFAULT_WEIGHTS", "SOLVERS", "portfolio", "run_solver"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_WEIGHTS",
+    "LARGE_WEIGHTS",
+    "SMALL",
+    "SMALL_WEIGHTS",
+    "SOLVERS",
+    "default_plan",
+    "portfolio",
+    "run_solver",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT = ("highs", "scip")
-DEFAULT_WEIGHTS = (0.5, 0.5)
+SMALL = ("highs", "scip")  # up to LARGE variables: HiGHS and SCIP prove the zoo's matrices
+SMALL_WEIGHTS = (0.5, 0.5)
+LARGE = 100  # more variables (allowed (layer, candidate) pairs): the SDP bound gets most of the time
+DEFAULT = ("highs", "sdp", "scip")
+LARGE_WEIGHTS = (0.1, 0.8, 0.1)
+DEFAULT_WEIGHTS = LARGE_WEIGHTS
 
 
 def _highs(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
@@ -55,6 +71,12 @@ def _scip(formulation: str) -> Callable[[Problem, float | None, list[int] | None
     return run
 
 
+def _sdp(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
+    from mixq.search.sdp import sdp
+
+    return sdp(problem, time_limit=time_limit, warm_start=warm_start)
+
+
 def _portfolio(problem: Problem, time_limit: float | None, warm_start: list[int] | None) -> Solution:
     return portfolio(problem, time_limit=time_limit, warm_start=warm_start)
 
@@ -62,6 +84,7 @@ def _portfolio(problem: Problem, time_limit: float | None, warm_start: list[int]
 SOLVERS: dict[str, Callable[[Problem, float | None, list[int] | None], Solution]] = {
     "highs": _highs,
     "cpsat": _cpsat,
+    "sdp": _sdp,
     "scip": _scip("convex"),
     "scip-linear": _scip("linear"),
     "scip-both": _scip("both"),
@@ -98,7 +121,7 @@ def portfolio(
     problem: Problem,
     time_limit: float | None = None,
     warm_start: list[int] | None = None,
-    solvers: tuple[str, ...] = DEFAULT,
+    solvers: tuple[str, ...] | None = None,
     weights: tuple[float, ...] | None = None,
     rel_gap: float = 1e-9,
 ) -> Solution:
@@ -108,13 +131,11 @@ def portfolio(
         problem: The problem.
         time_limit: Seconds for everything; None runs the first solver to proven optimality.
         warm_start: A choice per layer; ignored (with a warning) when infeasible.
-        solvers: Names from `SOLVERS` ("highs", "cpsat", "scip", "scip-linear", "scip-both"), in
-            the order they run.
+        solvers: Names from `SOLVERS` ("highs", "sdp", "cpsat", "scip", "scip-linear",
+            "scip-both"), in the order they run. None: by size (`default_plan`).
         weights: Relative time shares of ``solvers``: solver i gets the time left times
             ``weights[i] / Σ_{j ≥ i} weights[j]`` (time a solver leaves unused goes to the
-            next). None: `DEFAULT_WEIGHTS` for the default solvers (HiGHS and SCIP half each: HiGHS
-            proves the real CLADO matrices, SCIP's bound needs the time on larger ones), equal
-            shares otherwise.
+            next). None: `default_plan`'s with ``solvers`` None, equal shares otherwise.
         rel_gap: Stop when the relative gap is at most this.
 
     Returns:
@@ -127,11 +148,14 @@ def portfolio(
         InfeasibleBudgetError: No choice satisfies the budgets.
     """
     start = time.perf_counter()
+    if solvers is None:
+        solvers, default_weights = default_plan(problem)
+        weights = default_weights if weights is None else weights
     unknown = [s for s in solvers if s not in SOLVERS or s == "portfolio"]
     if unknown or not solvers:
         raise ValueError(f"unknown solvers {unknown}; valid: {sorted(set(SOLVERS) - {'portfolio'})}")
     if weights is None:
-        weights = DEFAULT_WEIGHTS if tuple(solvers) == DEFAULT else (1.0,) * len(solvers)
+        weights = (1.0,) * len(solvers)
     if len(weights) != len(solvers) or not all(w > 0 for w in weights):
         raise ValueError(f"weights {weights} must be {len(solvers)} positive numbers, one per solver")
     share_of = dict(zip(solvers, weights, strict=True))
@@ -170,6 +194,18 @@ def portfolio(
     )
 
 
+def default_plan(problem: Problem) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The solvers and time shares by size: `SMALL` up to `LARGE` variables, else `DEFAULT`.
+
+    Measured (bench/results/iqp.json): HiGHS and SCIP prove the zoo's CLADO matrices (up to 88
+    variables) within 60 s, which a share taken by the SDP bound delays; from 116 variables on
+    (29×4) nothing proves them and the SDP bound is the one within a few percent.
+    """
+    if int(problem.allowed.sum()) > LARGE:
+        return DEFAULT, LARGE_WEIGHTS
+    return SMALL, SMALL_WEIGHTS
+
+
 def _warm_start(problem: Problem, warm_start: list[int] | None) -> list[int]:
     """Return the better of greedy and ``warm_start`` (if feasible), polished."""
     pool = [greedy(problem).choices]
@@ -191,6 +227,6 @@ def _runnable(solvers: tuple[str, ...]) -> tuple[list[str], list[str]]:
         notes.append(f"{', '.join(missing)} not installed (pip install mixq[search])")
     if not run:
         run = ["highs"]
-    if missing and run == ["highs"]:
-        notes.append("HiGHS MILP fallback")
+    if missing and set(run) <= {"highs", "sdp"}:
+        notes.append("HiGHS MILP fallback" + (" with the SDP bound" if "sdp" in run else ""))
     return run, notes

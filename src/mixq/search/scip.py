@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from mixq.search.problem import Problem, Solution, check_budgets, combination_infeasible
-from mixq.search.terms import Terms, conclude
+from mixq.search.terms import Convex, Terms, conclude
 
 __all__ = ["FORMULATIONS", "scip"]
 
@@ -71,6 +72,23 @@ def _convex_objective(model, t: Terms, x: list, seconds: float | None) -> object
     return cv.c0 + quicksum(float(cv.g[i]) * x[i] for i in range(t.n)) + tq
 
 
+def _cut_row(model, cut: Convex, x: list) -> object:  # noqa: ANN001
+    """``c0 + gᵀx + s`` with ``s ≥ ½ Σ_k λ_k (v_kᵀx − o_k)²`` added as a convex row."""
+    from pyscipopt import quicksum
+
+    z = []
+    for k in range(cut.lam.size):
+        col = cut.V[:, k]
+        zk = model.addVar(lb=None, ub=None)
+        nz = np.flatnonzero(np.abs(col) > 1e-15)
+        model.addCons(zk == quicksum(float(col[i]) * x[i] for i in nz) - float(cut.offset[k]))
+        z.append(zk)
+    s = model.addVar(lb=0.0, ub=None)
+    if z:
+        model.addCons(quicksum(0.5 * float(cut.lam[k]) * z[k] * z[k] for k in range(len(z))) <= s)
+    return cut.c0 + quicksum(float(cut.g[i]) * x[i] for i in range(len(x)) if cut.g[i]) + s
+
+
 def _budget_rows(model, problem: Problem, t: Terms, x: list) -> None:  # noqa: ANN001
     """Add every finite budget, shifted by each layer's cheapest cost and scaled to [0, 1]."""
     from pyscipopt import quicksum
@@ -90,6 +108,7 @@ def scip(
     time_limit: float | None = None,
     warm_start: list[int] | None = None,
     formulation: str = "convex",
+    cuts: Sequence[Convex] = (),
 ) -> Solution:
     """Minimize ``f(x)`` under the budgets with SCIP (see the module docstring).
 
@@ -99,6 +118,10 @@ def scip(
         warm_start: A feasible choice per layer, given to SCIP as a starting solution and
             returned when SCIP finds nothing better.
         formulation: ``"convex"``, ``"linear"`` or ``"both"``.
+        cuts: convex functions (`mixq.search.terms.Convex`, over `Terms`' variables) that are
+            at most ``f`` at every feasible choice, added as ``w ≥ cut(x)`` rows: every node
+            bound is then at least each cut's relaxed minimum (`mixq.search.sdp`'s dual cut
+            lifts the root bound to the semidefinite bound).
 
     Returns:
         A `Solution` with ``bound`` and ``gap``: status ``"optimal"`` when SCIP proved
@@ -124,16 +147,16 @@ def scip(
     for v in t.layer_vars:
         model.addCons(quicksum(x[i] for i in v) == 1)
     _budget_rows(model, problem, t, x)
-    if formulation == "linear":
+    if formulation == "linear" and not cuts:
         model.setObjective(_linear_objective(model, t, x), "minimize")
-    elif formulation == "convex":
-        w = model.addVar(lb=None, ub=None)
-        model.addCons(w >= _convex_objective(model, t, x, completion))
-        model.setObjective(w, "minimize")
     else:
         w = model.addVar(lb=None, ub=None)
-        model.addCons(w >= _convex_objective(model, t, x, completion))
-        model.addCons(w >= _linear_objective(model, t, x))
+        if formulation in ("convex", "both"):
+            model.addCons(w >= _convex_objective(model, t, x, completion))
+        if formulation in ("linear", "both"):
+            model.addCons(w >= _linear_objective(model, t, x))
+        for cut in cuts:
+            model.addCons(w >= _cut_row(model, cut, x))
         model.setObjective(w, "minimize")
     hint = None
     if warm_start is not None and problem.is_feasible(warm_start):
@@ -159,5 +182,5 @@ def scip(
     bound = float(model.getDualbound())
     if not math.isfinite(bound) or bound <= -model.infinity():  # no bound yet
         bound = -math.inf
-    note = f"scip ({formulation}): {code}"
+    note = f"scip ({formulation}{' + cuts' if cuts else ''}): {code}"
     return conclude(problem, found, hint, bound, code == "optimal", time.perf_counter() - start, note)

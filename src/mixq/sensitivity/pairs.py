@@ -303,6 +303,7 @@ def row_job(
     names: list[str],
     with_pairs: bool = True,
     window: int | None = None,
+    pair_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Return ``L(layer at cand)`` and ``L(layer at cand, m at c)`` for every later layer m, c.
 
@@ -313,6 +314,8 @@ def row_job(
         names: the candidate names.
         with_pairs: measure the pairs too (False: the single only).
         window: pair ``layer`` only with the next ``window`` layers (None: every later layer).
+        pair_names: the candidates whose pairs are measured (None: all); a pair with another
+            candidate is not evaluated and its loss is NaN (``assemble`` takes its Ω as 0).
 
     Returns:
         ``{"single": loss, "pairs": [[loss per candidate] per later layer], "seconds": ...}``,
@@ -322,6 +325,9 @@ def row_job(
     """
     first = ctx.order.index(layer) + 1
     later = ctx.order[first : None if window is None else first + window] if with_pairs else []
+    if pair_names is not None and cand not in pair_names:
+        later = []
+    measured = [c in pair_names if pair_names is not None else True for c in names]
     if ctx.block is not None:  # a block's layers run contiguously: the pairs stay a prefix
         mine = ctx.block[layer]
         later = [] if mine is None else list(itertools.takewhile(lambda m: ctx.block[m] == mine, later))
@@ -336,7 +342,8 @@ def row_job(
             t1, c1 = time.perf_counter(), time.process_time()
             for i, m in enumerate(later):
                 for j, c in enumerate(names):
-                    pairs[i][j].append(ctx.evaluate(b, {layer: cand, m: c}, {})[0])
+                    value = ctx.evaluate(b, {layer: cand, m: c}, {})[0] if measured[j] else float("nan")
+                    pairs[i][j].append(value)
             pair_seconds += time.perf_counter() - t1
             pair_cpu += time.process_time() - c1
             continue
@@ -348,7 +355,8 @@ def row_job(
         for i, m in enumerate(later):
             replay = _prefix(ctx, b, ctx.begin(m), rec, t_l)
             for j, c in enumerate(names):
-                pairs[i][j].append(ctx.evaluate(b, {layer: cand, m: c}, replay)[0])
+                value = ctx.evaluate(b, {layer: cand, m: c}, replay)[0] if measured[j] else float("nan")
+                pairs[i][j].append(value)
         pair_seconds += time.perf_counter() - t1
         pair_cpu += time.process_time() - c1
     n = len(ctx.batches)
@@ -361,7 +369,7 @@ def row_job(
         "cpu_seconds": time.process_time() - c0,
         "pair_seconds": pair_seconds,
         "pair_cpu_seconds": pair_cpu,
-        "pair_evals": len(later) * len(names) * n,
+        "pair_evals": len(later) * sum(measured) * n,
     }
 
 
@@ -457,6 +465,7 @@ class PairwiseOptions:
     progress: bool = True
     with_pairs: bool = True
     window: int | None = None
+    pair_names: tuple[str, ...] | None = None
     min_batches: int = 4
     blocks: tuple[str, ...] | None = None
 
@@ -495,6 +504,9 @@ def pairwise(
             pairs of layers of one block only (block-local pairs, for LLMs: ``L·C²·(block size)``
             pairs instead of ``L²·C²/2``); pairs across blocks, and of layers outside every
             block, count as independent (Ω = 0). Combines with ``window``.
+        pair_names: measure the pairs of these candidates only (None: all); a pair with any
+            other candidate counts as independent (Ω = 0, SE 0). For a near-lossless candidate
+            (8-bit weights) whose interactions are noise: ``C'²/C²`` of the pair passes.
 
     Returns:
         A Sensitivity of kind "pairwise" with ``single`` [L, C] and symmetric ``pairs``
@@ -541,11 +553,19 @@ def pairwise(
         key = ("pairs/" if with_pairs else "singles/") + _fmt_key(order, names)
         if with_pairs and window is not None:
             key += f"/window{window}"
+        pair_names = None if opts.pair_names is None else [n for n in names if n in opts.pair_names]
+        if with_pairs and pair_names is not None:
+            unknown = sorted(set(opts.pair_names) - set(names))
+            if unknown:
+                raise ValueError(f"pair_names {unknown} are not candidates; valid: {', '.join(names)}")
+            key += "/pairs" + _fmt_key(pair_names, [])
         if with_pairs and opts.blocks is not None:
             key += "/blocks" + _fmt_key(list(opts.blocks), [])
         jobs = [Job(FP_KEY, fp_job)]
         jobs += [
-            Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window)) for n in order for c in names
+            Job(f"{key}/{n}/{c}", row_job, (n, c, names, with_pairs, window, pair_names))
+            for n in order
+            for c in names
         ]
         scope = None
         if store is not None:
@@ -625,6 +645,8 @@ def assemble(
                     break
                 lm = torch.tensor(rows[(n, c)]["pairs_batches"][i], dtype=torch.float64)  # [C, B]
                 omega, se = mean_se(lm - loss1[pos[n], j] - loss1[pos[m]] + fp_b)  # [C] each
+                skipped = lm.isnan().any(-1)  # pairs not measured (pair_names): independent
+                omega, se = omega.masked_fill(skipped, 0.0), se.masked_fill(skipped, 0.0)
                 pairs[pos[n], j, pos[m]] = omega
                 pairs[pos[m], :, pos[n], j] = omega
                 pairs_se[pos[n], j, pos[m]] = se
