@@ -194,17 +194,7 @@ def project(
     scores = (wbits[:, None] - cw[None, :]) ** 2
     if abits is not None and ca is not None:
         scores = scores + ((abits[:, None] - ca[None, :]) ** 2).nan_to_num(0.0)  # NaN: weight-only
-    if not ctx.limits:
-        choices = scores.argmin(1).tolist()
-        return choices, {
-            "solver": "argmin",
-            "objective": float(scores.gather(1, torch.tensor(choices)[:, None]).sum()),
-        }
-    problem = search.Problem(
-        scores=scores, costs={k: ctx.costs[k] for k in ctx.limits}, budgets=dict(ctx.limits)
-    )
-    sol = search.ilp(problem, time_limit=time_limit)
-    return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
+    return choose(ctx, scores, time_limit)
 
 
 @torch.no_grad()
@@ -445,7 +435,7 @@ def _phase(
 ) -> tuple[Installed, dict]:
     installed = Installed(ctx.qmodel, quantizers)
     tcfg = TrainConfig(steps=steps, bn=cfg.bn, seed=ctx.seed, log_every=1)  # every step: the loss curve
-    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    batches = train_batches(ctx)
     ckpt = ctx.out / "train" / name if ctx.out is not None else None
     try:
         res = train(
@@ -475,6 +465,11 @@ def _phase(
     return installed, info
 
 
+def train_batches(ctx: Context) -> list:
+    """The training batches: ``task.train``, or the calibration batches when the task has none."""
+    return getattr(ctx.task, "train", None) or ctx.task.calib
+
+
 def _batch_size(batches: list) -> int:
     b = batches[0]
     x = b[0] if isinstance(b, (tuple, list)) else b
@@ -485,7 +480,7 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``ddq`` method (see the module docstring)."""
     check_candidates(ctx.candidates)
     ctx.check_feasible(uniform=not cfg.learn_bits)
-    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    batches = train_batches(ctx)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(batches)))
     apply(ctx.qmodel, {})
     history: list[dict] = []
