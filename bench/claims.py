@@ -469,6 +469,9 @@ def multipoint_claim() -> dict[str, Any]:
             gain = mp["metric"] - uni["metric"]
             extra = mp["avg_weight_bits"] - uni["avg_weight_bits"]
             checks.append(gain >= 0.5)
+            if mixed:  # "little overhead": not beaten by mixed precision at its size (one s.e.)
+                se = math.hypot(stderr(mp["metric"], n), stderr(mixed["metric"], n))
+                checks.append(mp["metric"] >= mixed["metric"] - se)
             reasons.append(
                 f"{t} {grid}: multipoint − per-channel PTQ = {gain:+.2f} for {extra:.2f} extra bits"
                 + (
