@@ -293,7 +293,8 @@ def _readout_noise() -> list[str]:
         return []
     b1, b8 = held["B=1"], held["B=8"]
     return [
-        f"read-out noise is not the limit: on fashion-mobilenetv2 (read-out at step 0) the ILP plans from 1 and 8 "
+        "read-out noise is not the limit: on fashion-mobilenetv2 (read-out at step 0) the ILP plans "
+        f"from 1 and 8 "
         f"read-out batches have held-out losses {min(b1):.3f}–{max(b1):.3f} and {b8[0]:.3f} "
         f"(uniform w4a8 {rows['uniform w4a8']['held_loss']:.3f}), though disjoint 1-batch read-outs "
         f"agree on only {min(rows['B=1']['plan_agreement_disjoint_pairs']):.0%}–"
