@@ -1,8 +1,8 @@
 """Multipoint PTQ vs per-channel PTQ on the same grid vs mixed precision at the same size.
 
 For each task, weight bit-width b and range method r (``minmax``: ``w{b}``; ``mse``:
-``w{b}+mse``), weights only (activations float), on the task's full validation set (10,000 test
-images for the image tasks):
+``w{b}+mse``; ``asym``: ``w{b}+asym``, asymmetric per channel), weights only (activations
+float), on the task's full validation set (10,000 test images for the image tasks):
 
 * ``uniform``: per-channel PTQ ``w{b}{r}`` (a);
 * ``multipoint``: points on top of ``w{b}{r}`` (``base_method="uniform"``), ``ratio`` extra points
@@ -192,7 +192,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="mnist-cnn")
     ap.add_argument("--bits", default="3,4")
-    ap.add_argument("--ranges", default="minmax,mse", help="range methods of the grids (minmax, mse)")
+    ap.add_argument(
+        "--ranges", default="minmax,mse", help="range methods of the grids: minmax, mse, asym, asym+mse, ..."
+    )
     ap.add_argument("--ratio", type=float, default=0.25, help="extra points per layer / output channels")
     ap.add_argument("--val", type=int, default=0, help="validation examples (0: the task's full set)")
     ap.add_argument("--ilp-batches", type=int, default=0, help="sensitivity calibration batches (0: all)")
@@ -218,8 +220,10 @@ NOTES = (
     "Weights only (activations float). Rows keyed task|grid|label: uniform (per-channel PTQ on the "
     "grid), multipoint (points on that uniform base), sensitivity-ilp (mixed precision over b, b+1, "
     "b+2 bits at the multipoint row's avg_weight_bits), multipoint-auto (base chosen among uniform "
-    "and sensitivity-ilp at the same budget). Multipoint steps are float32 and counted in "
-    "avg_weight_bits. std_error: one binomial standard error of the accuracy (%)."
+    "and sensitivity-ilp at the same budget). Grids: w{b} (min/max), w{b}+mse, w{b}+asym (asymmetric "
+    "per channel: the first point keeps the base's zero point, extra points are symmetric). The first "
+    "point's step is float32, the extra points' float16; all counted in avg_weight_bits. std_error: one "
+    "binomial standard error of the accuracy (%)."
 )
 
 STEP_NOTES = (

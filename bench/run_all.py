@@ -190,13 +190,21 @@ def candidates_of(task: str, method: str) -> list[str]:
     return list(SWEEPS[task].candidates)
 
 
+# A method whose code changed what its rows measure: its rows made before carry no (or an older)
+# revision and run again. DDQ 2: the measured-loss read-out into the ILP and weights at lr 1e-4.
+REVISIONS: dict[str, int] = {"ddq": 2}
+
+
 def settings(task: str, method: str) -> dict[str, Any]:
     """Return what must match for a stored row to count as finished."""
-    return {
+    out = {
         "candidates": candidates_of(task, method),
         "method_args": METHOD_ARGS.get((method, task), {}),
         "val": VAL[task],
     }
+    if method in REVISIONS:
+        out["revision"] = REVISIONS[method]
+    return out
 
 
 def pick(items: list[str], valid: list[str], what: str) -> list[str]:

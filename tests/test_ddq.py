@@ -436,3 +436,19 @@ def test_distance_readout_is_the_nearest_plan_within_budget():
     assert out.history[0]["readout"] == "distance"
     with pytest.raises(ValueError, match="unknown readout 'loss'; valid: sensitivity, distance"):
         method.Config(readout="loss")
+
+
+def test_readout_table_mean_and_standard_error_are_those_of_the_single_batches():
+    task = mixq.tasks.get("synthetic-cnn")
+    cands = ["w2a8", "w4a8", "w8a8"]
+    ctx = make_ctx(task, cands, {"avg_weight_bits": 4.5})
+    installed = method.Installed(ctx.qmodel, method.search_quantizers(ctx, method.Config(steps=2), 4.0))
+    b = task.calib[:2]
+    mean, se = method.readout_table(ctx, installed, b)
+    one, two = (method.readout_scores(ctx, installed, [x]) for x in b)
+    installed.restore()
+    torch.testing.assert_close(mean, (one + two) / 2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(se, (one - two).abs() / 2, rtol=1e-9, atol=1e-12)  # sd/√2 of two values
+    assert float(se.max()) > 0
+    with pytest.raises(ValueError, match="readout_confidence"):
+        method.Config(readout_confidence=-1.0)

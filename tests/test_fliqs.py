@@ -299,3 +299,41 @@ def test_history_records_per_layer_entropy_and_argmax_over_time(task: mixq.Task)
     assert recs[-1]["entropy"] < recs[0]["entropy"]
     for r in recs:
         assert r["entropy"] == pytest.approx(sum(r["layer_entropy"]) / n, abs=1e-3)
+
+
+def test_batch_centre_removes_each_reward_batch_offset() -> None:
+    from mixq.methods.fliqs import BatchCentre
+
+    centre = BatchCentre(0.5)
+    assert centre(0, 0.90) == pytest.approx(0.90) and centre(1, 0.95) == pytest.approx(0.925)
+    # the same plan quality on either batch: after a few rounds both give the same centred value
+    for _ in range(30):
+        a, b = centre(0, 0.90), centre(1, 0.95)
+    assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(0.925, abs=1e-6)
+    # a plan 0.01 better on batch 1 than its mean stands 0.01 above the common level
+    assert centre(1, 0.96) == pytest.approx(0.935, abs=1e-6)
+
+
+def bandit_with_two_reward_batches(centred: bool, seed: int, layers: int = 10, arms: int = 4) -> int:
+    """Layers whose best arm the controller finds when the rewards alternate between two batches
+    whose qualities differ by 0.05, ten times the per-layer gap of the best arm (0.004)."""
+    from mixq.methods.fliqs import BatchCentre
+
+    g = torch.Generator().manual_seed(seed)
+    means = 0.004 * torch.rand(layers, arms, generator=g, dtype=torch.float64)
+    best = torch.randint(arms, (layers,), generator=g)
+    means[torch.arange(layers), best] += 0.004
+    c = rl.Controller(layers, arms, lr=0.1, seed=seed)
+    centre = BatchCentre(0.9)
+    for t in range(300):
+        picks = c.sample()
+        q = 0.9 + 0.05 * (t % 2) + float(means[torch.arange(layers), torch.tensor(picks)].sum())
+        q += 0.002 * float(torch.randn(1, generator=g))
+        c.update(picks, centre(t % 2, q) if centred else q, rl.entropy_coef(t, 0, 300, 0.02), 10 ** (t / 300))
+    return sum(int(a == int(b)) for a, b in zip(c.argmax(), best, strict=True))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_per_batch_quality_baseline_finds_the_arms_a_shared_one_misses(seed: int) -> None:
+    centred, shared = (bandit_with_two_reward_batches(c, seed) for c in (True, False))
+    assert centred >= 8 and centred > shared + 2

@@ -314,8 +314,9 @@ def test_plan_json_round_trip_and_strict_points():
     for bad, match in [([1, 0], "1..16"), ([1, True], "integers"), ("12", "wrong type"), ([], "non-empty")]:
         with pytest.raises(ValueError, match=match):
             QSpec.from_dict({**d, "points": bad})
-    with pytest.raises(ValueError, match="signed symmetric"):
-        QSpec(Int(3), symmetric=False, points=(1,))
+    with pytest.raises(ValueError, match="signed integer"):
+        QSpec(Int(3, signed=False), points=(1,))
+    assert QSpec(Int(3), symmetric=False, points=(1, 2)).points == (1, 2)  # asymmetric: a zero point
     with pytest.raises(ValueError, match="granularity"):
         QSpec(Int(3), "group", 8, points=(1,))
     assert QSpec(Int(3), points=[1, 2]).points == (1, 2)
@@ -487,12 +488,12 @@ def test_one_absmax_point_is_the_uniform_baseline_with_activations():
 
 def test_no_eligible_layer_keeps_the_base_plan(caplog):
     task = tasks.get("synthetic-mlp")
-    res = mixq.run(task, "multipoint", ["w4+asym"])
-    uni = mixq.run(task, "uniform", ["w4+asym"])
+    res = mixq.run(task, "multipoint", ["w4g8"])  # group-wise scales: no points
+    uni = mixq.run(task, "uniform", ["w4g8"])
     assert res.plan.to_dict()["layers"] == uni.plan.to_dict()["layers"]
     assert res.metrics.metric == uni.metrics.metric
     assert res.history[-1] == {"multipoint": "no eligible layer; base plan kept"}
-    assert "signed symmetric integer" in caplog.text
+    assert "signed integer weight spec per channel" in caplog.text
 
 
 def test_cli_runs_multipoint(tmp_path):

@@ -61,7 +61,8 @@ class QSpec:
             layer's output on the calibration inputs) or "percentile".
         percentile: the percentile of |x| used by clip="percentile".
         points: multipoint weights (mixq.quant.multipoint): points per output channel, each a
-            signed symmetric ``fmt`` vector with its own float32 step; None for ordinary
+            signed ``fmt`` vector with its own step (the first one keeps the zero point of an
+            asymmetric grid); None for ordinary
             quantization. Then granularity "channel" or "tensor" is the first point's scale and
             clip "minmax" (a = max|r|) or "mse" (least-squares a) how each point is searched.
     """

@@ -86,6 +86,9 @@ class Config:
         readout: "sensitivity" (measured loss per layer and candidate into the ILP) or
             "distance" (the candidate nearest the learned bits, projected onto the budget).
         readout_batches: training batches of the sensitivity read-out.
+        readout_confidence: κ ≥ 0: the ILP minimizes ``Σ_l ΔL_l + κ · se(ΔL_l)``, an upper
+            confidence bound, so a candidate whose measured gain is within noise is not taken
+            for it (0: the mean alone).
         time_limit: seconds for the ILP projection (None: until optimal).
     """
 
@@ -104,6 +107,7 @@ class Config:
     bn: str = "freeze"
     readout: str = "sensitivity"
     readout_batches: int = 2
+    readout_confidence: float = 0.0
     time_limit: float | None = 60.0
 
     def __post_init__(self) -> None:
@@ -121,8 +125,8 @@ class Config:
                 f"search_frac must be in [0, 1) (the last steps fine-tune), got {self.search_frac}"
             )
         check_length(self.steps, self.epochs)
-        if min(self.lam, self.alpha, self.lr, self.lr_range, self.lr_bits) < 0:
-            raise ValueError("lam, alpha and the learning rates must be >= 0")
+        if min(self.lam, self.alpha, self.lr, self.lr_range, self.lr_bits, self.readout_confidence) < 0:
+            raise ValueError("lam, alpha, readout_confidence and the learning rates must be >= 0")
 
 
 # -- candidates and costs ------------------------------------------------------------------------
@@ -194,21 +198,16 @@ def project(
     scores = (wbits[:, None] - cw[None, :]) ** 2
     if abits is not None and ca is not None:
         scores = scores + ((abits[:, None] - ca[None, :]) ** 2).nan_to_num(0.0)  # NaN: weight-only
-    if not ctx.limits:
-        choices = scores.argmin(1).tolist()
-        return choices, {
-            "solver": "argmin",
-            "objective": float(scores.gather(1, torch.tensor(choices)[:, None]).sum()),
-        }
-    problem = search.Problem(
-        scores=scores, costs={k: ctx.costs[k] for k in ctx.limits}, budgets=dict(ctx.limits)
-    )
-    sol = search.ilp(problem, time_limit=time_limit)
-    return list(sol.choices), {"solver": "ilp", "status": sol.status, "objective": sol.objective}
+    return choose(ctx, scores, time_limit)
+
+
+def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.Tensor:
+    """The mean ``ΔL`` [L, C] of :func:`readout_table`."""
+    return readout_table(ctx, installed, batches)[0]
 
 
 @torch.no_grad()
-def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.Tensor:
+def readout_table(ctx: Context, installed: Installed, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``ΔL`` [L, C]: the loss with one layer deployed at each candidate, the others as learned.
 
     ``installed`` holds the search quantizers on ``ctx.qmodel``. Layer l at candidate j gets the
@@ -217,17 +216,20 @@ def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.T
     bits; the search quantizers are put back after. Each row is the loss minus the loss with the
     learned quantizers everywhere, so the ILP's objective is the sum of per-layer loss changes (a
     separable, first-order model of the plan's loss).
+
+    Returns the mean over the batches and its standard error (the per-batch differences' standard
+    deviation over √B; zeros with one batch): both [L, C].
     """
     model = ctx.qmodel
     was_training = model.training
     model.eval()
 
-    def loss() -> float:
-        return float(sum(float(ctx.task.loss(model, b)) for b in batches) / len(batches))
+    def loss() -> torch.Tensor:
+        return torch.tensor([float(ctx.task.loss(model, b)) for b in batches], dtype=torch.float64)
 
     try:
         base = loss()
-        out = torch.zeros(len(ctx.layers), len(ctx.candidates), dtype=torch.float64)
+        out = torch.zeros(len(ctx.layers), len(ctx.candidates), len(batches), dtype=torch.float64)
         for i, name in enumerate(ctx.layers):
             m = installed.layers[name]
             acts: dict = {}  # the input quantizer depends on the act spec only: built once per layer
@@ -239,7 +241,8 @@ def readout_scores(ctx: Context, installed: Installed, batches: list) -> torch.T
             m.weight_quant, m.input_quant = installed.quantizers[name]
     finally:
         model.train(was_training)
-    return out
+    se = out.std(-1) / math.sqrt(len(batches)) if len(batches) > 1 else torch.zeros_like(out[..., 0])
+    return out.mean(-1), se
 
 
 def choose(ctx: Context, scores: torch.Tensor, time_limit: float | None) -> tuple[list[int], dict]:
@@ -445,7 +448,7 @@ def _phase(
 ) -> tuple[Installed, dict]:
     installed = Installed(ctx.qmodel, quantizers)
     tcfg = TrainConfig(steps=steps, bn=cfg.bn, seed=ctx.seed, log_every=1)  # every step: the loss curve
-    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    batches = train_batches(ctx)
     ckpt = ctx.out / "train" / name if ctx.out is not None else None
     try:
         res = train(
@@ -475,6 +478,11 @@ def _phase(
     return installed, info
 
 
+def train_batches(ctx: Context) -> list:
+    """The training batches: ``task.train``, or the calibration batches when the task has none."""
+    return getattr(ctx.task, "train", None) or ctx.task.calib
+
+
 def _batch_size(batches: list) -> int:
     b = batches[0]
     x = b[0] if isinstance(b, (tuple, list)) else b
@@ -485,7 +493,7 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
     """The ``ddq`` method (see the module docstring)."""
     check_candidates(ctx.candidates)
     ctx.check_feasible(uniform=not cfg.learn_bits)
-    batches = getattr(ctx.task, "train", None) or ctx.task.calib
+    batches = train_batches(ctx)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(batches)))
     apply(ctx.qmodel, {})
     history: list[dict] = []
@@ -501,14 +509,17 @@ def search_ddq(ctx: Context, cfg: Config) -> MethodOutput:
         wb, ab = learned_bits(quantizers)
         try:
             if cfg.readout == "sensitivity":
-                scores = readout_scores(
+                scores, se = readout_table(
                     ctx, installed, [batches[i % len(batches)] for i in range(cfg.readout_batches)]
                 )
-                choices, proj = choose(ctx, scores, cfg.time_limit)
-                proj["scores"] = {
-                    n: {c.name: float(v) for c, v in zip(ctx.candidates, row, strict=True)}
-                    for n, row in zip(ctx.layers, scores, strict=True)
-                }
+                choices, proj = choose(ctx, scores + cfg.readout_confidence * se, cfg.time_limit)
+                proj["scores"], proj["scores_se"] = (
+                    {
+                        n: {c.name: float(v) for c, v in zip(ctx.candidates, row, strict=True)}
+                        for n, row in zip(ctx.layers, table, strict=True)
+                    }
+                    for table in (scores, se)
+                )
             else:
                 choices, proj = project(ctx, wb, ab, cfg.time_limit)
         finally:

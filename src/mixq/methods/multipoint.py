@@ -7,8 +7,9 @@ without Mixed Precision", AAAI 2021 (arXiv 2002.09049); docs/methods.md §1. Num
 1. takes a base plan: the plan of another method on the same candidates and budget
    (``base_method``, default "uniform"), or a plan file (``base_plan``), so points go on top of
    a mixed-precision plan too;
-2. for every layer whose base weight spec is a signed symmetric integer per channel or per
-   tensor, gives each output channel one point, then adds points one at a time where they
+2. for every layer whose base weight spec is a signed integer (symmetric, or asymmetric: the
+   first point keeps the base's zero point) per channel or per tensor, gives each output
+   channel one point, then adds points one at a time where they
    remove the most output error ``e_j = (w_j − w̃_j) H (w_j − w̃_j)ᵀ`` (``H`` the layer's input
    Gram matrix on the calibration batches: the exact squared error of channel j's output), until
    ``ratio`` · C_out extra points, the threshold ``tau`` or ``n_max`` points per channel;
@@ -116,13 +117,13 @@ class Config:
 
 
 def eligible(spec: LayerSpec | None) -> bool:
-    """Whether a layer spec's weights can take points: signed symmetric integer, per channel or tensor."""
+    """Whether a layer spec's weights can take points: a signed integer grid (symmetric or
+    asymmetric), per channel or tensor."""
     w = spec.weight if spec is not None else None
     return (
         w is not None
         and isinstance(w.fmt, Int)
         and w.fmt.signed
-        and w.symmetric
         and w.granularity in ("channel", "tensor")
         and w.points is None
     )
@@ -207,10 +208,10 @@ def on_base(
     if weight_only:
         history.append({"multipoint": "weight-only layers keep the base plan", "layers": weight_only})
     targets = [n for n in ctx.layers if eligible(base.layers.get(n)) and n not in weight_only]
-    if not targets:  # e.g. the budget forced asymmetric or float-format weights everywhere
+    if not targets:  # e.g. the budget forced float-format or group-wise weights everywhere
         log.warning(
-            "multipoint: no layer of the base plan has a signed symmetric integer weight spec per "
-            "channel or per tensor (candidates such as 'w4' or 'w3a8'); the base plan is kept"
+            "multipoint: no layer of the base plan has a signed integer weight spec per channel or "
+            "per tensor (candidates such as 'w4', 'w3+asym' or 'w3a8'); the base plan is kept"
         )
         history.append({"multipoint": "no eligible layer; base plan kept"})
         meta = {"multipoint": {"layers": 0, "base": base_name}}

@@ -144,12 +144,32 @@ def first_point(
 @dataclass(frozen=True)
 class Start:
     """A given first point (the base quantizer of a plan's spec): steps [C], codes [C, d] and the
-    smallest code ``qmin`` of its grid (−2^(b−1) for mixq's symmetric integer grid, which keeps the
-    most negative code; the extra points use the restricted grid [−K, K])."""
+    code range ``[qmin, qmax]`` of its grid (−2^(b−1)..K for mixq's symmetric integer grid, which
+    keeps the most negative code; 0..2^b − 1 for an asymmetric one; the extra points use the
+    restricted grid [−K, K]).
+
+    ``zero`` [C]: the asymmetric grid's zero points (None: symmetric). ``codes`` are then the
+    stored codes minus the zero point, ``q − z`` (so every point is ``step · codes`` alike), and a
+    row's first-point codes lie in ``[qmin − z, qmax − z]``.
+    """
 
     steps: torch.Tensor
     codes: torch.Tensor
     qmin: int
+    qmax: int | None = None
+    zero: torch.Tensor | None = None
+
+    def bounds(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first point's code range per row, ``(lo [C], hi [C])`` (``k``: K of the bits)."""
+        z = self.zero if self.zero is not None else torch.zeros(self.steps.shape[0])
+        z = z.to(torch.float64)
+        qmax = k if self.qmax is None else self.qmax
+        return self.qmin - z, qmax - z
+
+
+def code_dtype(start: Start | None) -> torch.dtype:
+    """int8 holds every code of a symmetric grid; ``q − z`` of an asymmetric one needs int16 (8 bits)."""
+    return torch.int16 if start is not None and start.zero is not None else torch.int8
 
 
 def sq_error(w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -159,7 +179,12 @@ def sq_error(w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor) -> torch
 
 
 def refit(
-    w: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor, bits: int, qmin0: int, fixed_first: bool
+    w: torch.Tensor,
+    steps: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    qmin0: int | tuple[torch.Tensor, torch.Tensor],
+    fixed_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternate a joint least-squares refit of all steps (codes fixed) with re-rounding every
     point's codes given the other points (steps fixed), ``REFIT`` times, rows in parallel.
@@ -167,12 +192,18 @@ def refit(
     Both moves minimise ‖w − Σ_i s_i q_i‖² over their own variables, and a row keeps a new
     (steps, codes) only when its error fell, so the error never grows. A negative step is turned
     positive by negating its codes (clamped to the grid). ``fixed_first``: step 0 is shared by the
-    layer (``first="tensor"``) and stays. Point 0's codes lie in [qmin0, K], the others' in [−K, K].
+    layer (``first="tensor"``) and stays. Point 0's codes lie in [qmin0, K], or per row in
+    ``qmin0 = (lo [R], hi [R])`` (an asymmetric first point, :meth:`Start.bounds`); the others' in
+    [−K, K].
     """
     k = levels(bits)
-    n = steps.shape[1]
-    lo = torch.full((n,), -k, dtype=steps.dtype)
-    lo[0] = qmin0
+    rows, n = steps.shape
+    lo = torch.full((rows, n), -float(k), dtype=steps.dtype)
+    hi = torch.full((rows, n), float(k), dtype=steps.dtype)
+    if isinstance(qmin0, tuple):
+        lo[:, 0], hi[:, 0] = qmin0[0].to(steps.dtype), qmin0[1].to(steps.dtype)
+    else:
+        lo[:, 0] = qmin0
     best_e = sq_error(w, steps, codes)
     steps, codes = steps.clone(), codes.clone()
     free = slice(1 if fixed_first else 0, n)
@@ -189,11 +220,13 @@ def refit(
         ns[:, free] = s.to(steps.dtype)
         neg = ns < 0
         ns, nq = ns.abs(), torch.where(neg[..., None], -nq, nq)
-        nq = torch.maximum(torch.minimum(nq, torch.full_like(nq, k)), lo[None, :, None].expand_as(nq))
+        nq = torch.maximum(torch.minimum(nq, hi[..., None]), lo[..., None])
         for i in range(n):  # re-round point i against the rest
             r = w - (ns[..., None] * nq).sum(1) + ns[:, i : i + 1] * nq[:, i]
             safe = torch.where(ns[:, i] > 0, ns[:, i], torch.ones_like(ns[:, i]))
-            qi = torch.clamp(torch.round(r / safe[:, None]), int(lo[i]), k)
+            qi = torch.maximum(
+                torch.minimum(torch.round(r / safe[:, None]), hi[:, i : i + 1]), lo[:, i : i + 1]
+            )
             nq[:, i] = torch.where(ns[:, i : i + 1] > 0, qi, torch.zeros_like(qi))
         e = sq_error(w, ns, nq)
         better = e < best_e
@@ -263,15 +296,20 @@ def chain_levels(
     level i the candidates are the best (i−1)-point form plus a greedy point, plus an absmax
     point, the plain absmax chain and the plain greedy chain of i points, each refined by
     :func:`refit`; the smallest ℓ2 error wins. So ``best`` is never worse than either plain chain
-    nor than its own i−1 points (a greedy or absmax point never raises the error).
+    nor than its own i−1 points (a greedy or absmax point never raises the error). An asymmetric
+    ``start`` (``start.zero``) is every candidate's first point: the plain chains then extend it,
+    so every row keeps the base's zero point (the codes are ``q − z``, int16).
     """
     _check_choice("a_search", a_search, A_SEARCH)
     k = levels(bits)
+    cdt = code_dtype(start)
+    asym = start is not None and start.zero is not None
     if start is not None:
-        s0, q0, qmin0 = start.steps, start.codes.to(torch.int8), start.qmin
+        s0, q0, qmin0 = start.steps, start.codes.to(cdt), start.qmin
+        bounds = start.bounds(k) if asym else None
     else:
         s0, q0 = first_point(w, bits, a_search, first)
-        q0, qmin0 = q0.to(torch.int8), -k
+        q0, qmin0, bounds = q0.to(cdt), -k, None
     rows = torch.arange(w.shape[0])
     best = (s0[:, None], q0[:, None])
     yield rows, best[0], best[1]
@@ -284,23 +322,24 @@ def chain_levels(
             yield rows, best[0], best[1]
         return
     fixed = first == "tensor"
-    if fixed:
+    if fixed or asym:
         plain = {"absmax": best, "greedy": best}
     else:
         plain = {
             "absmax": tuple(x[:, None] for x in next_point(w, bits, "absmax")),
             "greedy": tuple(x[:, None] for x in next_point(w, bits, "greedy")),
         }
-        plain = {a: (s, q.to(torch.int8)) for a, (s, q) in plain.items()}
+        plain = {a: (s, q.to(cdt)) for a, (s, q) in plain.items()}
     for i in range(1, n):
         if active is not None:
             sel = active[i][rows]
             rows, best = rows[sel], (best[0][sel], best[1][sel])
             plain = {a: (s[sel], q[sel]) for a, (s, q) in plain.items()}
         wr = w[rows]
+        lim = (bounds[0][rows], bounds[1][rows]) if bounds is not None else qmin0
         plain = {a: _extend(wr, st, bits, a) for a, st in plain.items()}
         cands = [_extend(wr, best, bits, "greedy"), _extend(wr, best, bits, "absmax"), *plain.values()]
-        cands = [refit(wr, s, q, bits, qmin0, fixed) for s, q in cands]
+        cands = [refit(wr, s, q, bits, lim, fixed) for s, q in cands]
         best = _pick(cands, wr)
         yield rows, best[0], best[1]
 
@@ -313,14 +352,17 @@ class Points:
         bits: bits of every code.
         steps: [C, n] float steps ``a_i / K`` (0 for points a channel does not have).
         codes: [C, n, d] integer codes in [−K, K] (int8; point 0 may use −2^(b−1) when it is a
-            base quantizer's point, see :class:`Start`).
+            base quantizer's point, see :class:`Start`; with ``zero``, point 0's codes are
+            ``q − z`` of the asymmetric grid, int16).
         counts: [C] points per channel.
+        zero: [C] the first point's zero points (an asymmetric base grid), else None.
     """
 
     bits: int
     steps: torch.Tensor
     codes: torch.Tensor
     counts: torch.Tensor
+    zero: torch.Tensor | None = None
 
     def reconstruct(self) -> torch.Tensor:
         """Return w̃ [C, d] = Σ_i steps_i · codes_i."""
@@ -351,14 +393,15 @@ def decompose(
         raise ValueError(f"points per channel must be in 1..{MAX_POINTS}, got {counts.min()}..{counts.max()}")
     n = int(counts.max()) if counts.numel() else 1
     steps = w.new_zeros(w.shape[0], n)
-    codes = torch.zeros(w.shape[0], n, w.shape[1], dtype=torch.int8)
+    cdt = code_dtype(start)
+    codes = torch.zeros(w.shape[0], n, w.shape[1], dtype=cdt)
     active = [counts >= i + 1 for i in range(n)]
     for i, (rows, s, q) in enumerate(chain_levels(w, bits, n, a_search, first, start, active)):
         done = counts[rows] == i + 1
         s, q = to_step_dtype(w[rows[done]], s[done], q[done], bits, step_dtype)
         steps[rows[done], : i + 1] = s
-        codes[rows[done], : i + 1] = q.to(torch.int8)
-    return Points(bits, steps, codes, counts)
+        codes[rows[done], : i + 1] = q.to(cdt)
+    return Points(bits, steps, codes, counts, start.zero if start is not None else None)
 
 
 def approximate(w: torch.Tensor, bits: int, points: int, a_search: str = "best") -> torch.Tensor:
@@ -503,7 +546,7 @@ def allocate(
     budget = None if ratio is None else math.floor(ratio * c + 1e-9)
     levels_n = n_max if (budget is None or budget > 0) else 1
     table_s = w.new_zeros(levels_n, c, levels_n)
-    table_q = torch.zeros(levels_n, c, levels_n, d, dtype=torch.int8)
+    table_q = torch.zeros(levels_n, c, levels_n, d, dtype=code_dtype(start))
     errs = torch.zeros(levels_n, c, dtype=torch.float64)
     for i, (_, s, q) in enumerate(chain_levels(w, bits, levels_n, a_search, first, start)):
         s, q = to_step_dtype(w, s, q, bits, search.step_dtype)
@@ -542,7 +585,7 @@ def allocate(
     pick = counts - 1
     steps = table_s[pick, all_rows, :n].clone()
     codes = table_q[pick, all_rows, :n].clone()
-    pts = Points(bits, steps, codes, counts)
+    pts = Points(bits, steps, codes, counts, start.zero if start is not None else None)
     return Allocation(pts, errs[0].clone(), e, extra, stop, tuple(order))
 
 
@@ -551,21 +594,25 @@ def base_start(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -
 
     Its range method (``clip``: minmax, mse, omse with ``gram``, percentile) and granularity
     ("channel", or "tensor": one step for the layer) are those of :mod:`mixq.quant.fake`, on
-    mixq's symmetric grid [−2^(b−1), 2^(b−1) − 1]: a channel with one point is exactly the
-    spec without points.
+    mixq's symmetric grid [−2^(b−1), 2^(b−1) − 1] or, for an asymmetric spec (per channel), its
+    grid [0, 2^b − 1] with a zero point per channel (codes ``q − z``): a channel with one point
+    is exactly the spec without points.
     """
     from mixq.quant import fake
 
     base = replace(spec, points=None)
     rows = fake.to_rows(w, base)
     error = fake.output_error(gram, base, w.shape[0]) if gram is not None and base.clip == "omse" else None
-    scale, _ = fake.calibrate_rows(rows.data, base, error)
+    scale, zero = fake.calibrate_rows(rows.data, base, error)
     step = scale.expand(w.shape[0]).clone() if base.granularity == "tensor" else scale
-    qmin, qmax = fake.int_grid(base.fmt, True)
-    codes = torch.clamp(torch.round(w / step[:, None]), qmin, qmax)
+    zero = zero.expand(w.shape[0]).clone() if base.granularity == "tensor" else zero
+    qmin, qmax = fake.int_grid(base.fmt, base.symmetric)
+    codes = torch.clamp(torch.round(w / step[:, None]) + zero[:, None], qmin, qmax) - zero[:, None]
     if base.granularity == "channel":  # a zero row: no point (a shared step stays shared)
         step = torch.where(codes.abs().amax(1) > 0, step, torch.zeros_like(step))
-    return Start(step.to(w.dtype), codes.to(torch.int8), qmin)
+    if base.symmetric:
+        return Start(step.to(w.dtype), codes.to(torch.int8), qmin)
+    return Start(step.to(w.dtype), codes.to(torch.int16), qmin, qmax, zero.to(w.dtype))
 
 
 def spec_points(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> Points:
