@@ -37,7 +37,7 @@ where that is out of reach; "mse" is the cheap ranking within a block.
 Every score keeps its per-batch values, so ``Sensitivity.se`` holds the standard errors over
 the batches, as for :func:`~mixq.sensitivity.perturb.measured`.
 
-Capture ([DESIGN], generic over transformers models, no model-specific code): the first block's
+Capture ([DESIGN], generic over transformers models, no model-specific code; `mixq.blocks`): the first block's
 positional and keyword arguments are recorded by a forward pre-hook (the forward is stopped
 there); a key-value cache argument is dropped and ``use_cache`` set False, so that re-running a
 block has no side effect. Every block's other arguments are captured the same way in one float
@@ -63,7 +63,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.blocks import block_arguments, first_tensor
+from mixq.blocks import (
+    BlockInput,
+    block_arguments,
+    call,
+    capture_inputs,
+    first_tensor,
+    hidden_states,
+    with_hidden,
+)
+from mixq.blocks import find_blocks as find_block_list
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import (
     objective_data,
@@ -81,7 +90,6 @@ from mixq.wrap import SITE_TYPES, applied
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("kl", "mse", "fisher")
-_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -92,15 +100,12 @@ def find_blocks(model: nn.Module) -> list[str]:
     >>> find_blocks(nn.Sequential(nn.Linear(2, 2)))
     []
     """
-    best: tuple[int, str, int] = (0, "", 0)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({type(c) for c in mod}) != 1:
-            continue
-        count = sum(isinstance(m, SITE_TYPES) for m in mod.modules())
-        if count > best[0]:
-            best = (count, name, len(mod))
-    _, name, n = best
-    return [f"{name}.{i}" if name else str(i) for i in range(n)]
+    found = find_block_list(
+        model,
+        count=lambda m: sum(isinstance(x, SITE_TYPES) for x in m.modules()),
+        containers=(nn.ModuleList,),
+    )
+    return found.names() if found is not None else []
 
 
 def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | None]:
@@ -111,90 +116,10 @@ def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | No
     return out
 
 
-# -- capture ----------------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end a forward at the hooked block."""
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if type(x) in (tuple, list):
-        return type(x)(_detach(v) for v in x)
-    if type(x) is dict:
-        return {k: _detach(v) for k, v in x.items()}
-    return x
-
-
-def _is_cache(v: Any) -> bool:
-    """A key-value cache object (transformers' ``Cache`` classes: ``DynamicCache`` ...)."""
-    return any(c.__name__ == "Cache" for c in type(v).__mro__) or type(v).__name__.endswith("Cache")
-
-
-def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (None if k in _CACHE_KEYS or _is_cache(v) else v) for k, v in kwargs.items()}
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
-
-
-def capture_inputs(
-    model: nn.Module, block: str, run: Callable[[], Any], stop: bool = True
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The positional and keyword arguments of ``block``'s first call in ``run()`` (copied).
-
-    With ``stop`` the forward ends there (nothing after the block is computed).
-    """
-    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
-        if not seen:
-            seen.append((_detach(tuple(args)), _clean(_detach(dict(kwargs)))))
-        if stop:
-            raise _Stop
-
-    handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"block {block!r} is never called by the task's forward")
-    return seen[0]
-
-
-def capture_block_args(
-    model: nn.Module, blocks: Sequence[str], run: Callable[[], Any]
-) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """The arguments of every block's first call in ``run()``, hidden states left out (None):
-    blocks need not share their other arguments (:func:`mixq.blocks.block_arguments`)."""
-    found = block_arguments(model, [model.get_submodule(b) for b in blocks], run)
-    return [(x.args, x.kwargs) for x in found]
+# -- capture (mixq.blocks) --------------------------------------------------------------------------
 
 
 hidden_of = first_tensor  # the hidden states of a block's output: the output, or its first element
-
-
-def with_hidden(inputs: tuple[tuple[Any, ...], dict[str, Any]], hidden: torch.Tensor) -> tuple:
-    """A block's arguments with the hidden states replaced."""
-    args, kwargs = inputs
-    if args:
-        return (hidden, *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": hidden}
-    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
-
-
-def run_block(block: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-    """Run one block on captured arguments."""
-    args, kwargs = inputs
-    with torch.inference_mode():
-        return block(*args, **kwargs)
 
 
 @contextmanager
@@ -219,6 +144,8 @@ def _skipping(model: nn.Module, blocks: Sequence[str], k: int, out: Any) -> Iter
 
 
 def _nbytes(x: Any) -> int:
+    if isinstance(x, BlockInput):
+        return _nbytes(x.args) + _nbytes(x.kwargs)
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     if isinstance(x, (tuple, list)):
@@ -274,7 +201,7 @@ def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> lis
         values = []
         with applied(run.qmodel, {layer: spec}):
             for b, x in enumerate(inputs):
-                y = run_block(block, x)
+                y = call(block, x)
                 if run.objective == "mse":
                     values.append(float((hidden_of(y).double() - hidden_of(ref[b]).double()).pow(2).mean()))
                     continue
@@ -334,9 +261,9 @@ def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> t
     hs: list[torch.Tensor] = []
 
     def leaf(mod: nn.Module, args: Any, kwargs: Any) -> Any:
-        return with_hidden(
-            (tuple(args), dict(kwargs)), hidden_of_input(args, kwargs).detach().requires_grad_()
-        )
+        inp = BlockInput(tuple(args), dict(kwargs))
+        inp = with_hidden(inp, hidden_states(inp).detach().requires_grad_())
+        return inp.args, inp.kwargs
 
     def keep(mod: nn.Module, args: Any, out: Any) -> None:
         hs.append(hidden_of(out))
@@ -361,22 +288,11 @@ def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> t
     return [torch.stack(g) for g in per_block], logp.shape[0]
 
 
-def hidden_of_input(args: Any, kwargs: Any) -> torch.Tensor:
-    """The hidden states a block is called with: its first positional argument, else ``hidden_states=``."""
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
-
-
-def _check_stream(run: _Run, batch: Any, streamed_last: tuple) -> None:
+def _check_stream(run: _Run, batch: Any, streamed_last: BlockInput) -> None:
     """Compare the streamed inputs of the last block with a hooked plain pass on one batch."""
-    plain = capture_inputs(run.qmodel, run.blocks[-1], lambda: run.task.forward(run.qmodel, batch))
-    a, b = (
-        hidden_of(plain[0][0] if plain[0] else plain[1]["hidden_states"]),
-        hidden_of(streamed_last[0][0] if streamed_last[0] else streamed_last[1]["hidden_states"]),
-    )
+    last = run.qmodel.get_submodule(run.blocks[-1])
+    (plain,) = capture_inputs(run.qmodel, last, [batch], run.task.forward)
+    a, b = hidden_of(hidden_states(plain)), hidden_of(hidden_states(streamed_last))
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max()))):
         raise ValueError(
             f"block-wise capture: the streamed inputs of {run.blocks[-1]!r} differ from a plain pass "
@@ -485,19 +401,16 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
         n: scope.get(_key(run, n, names)) for n in layers if _key(run, n, names) in stored
     }
     t0 = time.perf_counter()
-    inputs = [
-        capture_inputs(run.qmodel, run.blocks[0], lambda b=b: run.task.forward(run.qmodel, b))
-        for b in batches
-    ]
+    modules = [run.qmodel.get_submodule(b) for b in run.blocks]
+    inputs = capture_inputs(run.qmodel, modules[0], batches, run.task.forward)
     block_args = [  # each block's own other arguments (masks may differ between blocks)
-        capture_block_args(run.qmodel, run.blocks, lambda b=b: run.task.forward(run.qmodel, b))
-        for b in batches
+        block_arguments(run.qmodel, modules, lambda b=b: run.task.forward(run.qmodel, b)) for b in batches
     ]
     meta["capture_seconds"] = time.perf_counter() - t0
     peak = 0
     for k, name in enumerate(run.blocks):
         block = run.qmodel.get_submodule(name)
-        outs = [run_block(block, x) for x in inputs]  # the float outputs of block k
+        outs = [call(block, x) for x in inputs]  # the float outputs of block k
         peak = max(peak, _nbytes(inputs) + _nbytes(outs))
         for layer in (n for n in layers if where[n] == k and n not in results):
             results[layer] = _local_losses(run, k, layer, inputs, outs)
