@@ -90,6 +90,7 @@ from mixq.wrap import SITE_TYPES, applied
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("kl", "mse", "fisher")
+PAIRS = ("none", "block", "all")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -106,6 +107,14 @@ def find_blocks(model: nn.Module) -> list[str]:
         containers=(nn.ModuleList,),
     )
     return found.names() if found is not None else []
+
+
+def is_causal_lm(task: Task) -> bool:
+    """Whether ``task`` is a causal-LM task (`mixq.tasks.causal_lm`: its metric is the negative
+    perplexity), where the methods' "auto" settings pick the Fisher estimates."""
+    from mixq.llm import NegPerplexity
+
+    return isinstance(task.metric, NegPerplexity)
 
 
 def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | None]:
@@ -174,6 +183,7 @@ class BlockwiseOptions:
     min_batches: int = 8
     fisher_samples: int = 4
     seed: int = 0
+    pairs: str = "none"
 
 
 @dataclass
@@ -191,14 +201,16 @@ class _Run:
     grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
     rows: list[int] | None = None  # fisher: output rows (tokens) of each batch
     seed: int = 0
+    vs: dict[str, list[list[list[float]]]] | None = None  # fisher pairs: layer -> [C][B][S] of g·δ
 
 
 def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> list[list[float]]:
     """Per candidate, per batch: the block-output MSE (mse), the model's KL (kl) or its Fisher estimate."""
     block = run.qmodel.get_submodule(run.blocks[k])
     out: list[list[float]] = []
+    kept: list[list[list[float]]] = []  # fisher: [C][B][S] of g·δ
     for spec in run.specs:
-        values = []
+        values, vals_v = [], []
         with applied(run.qmodel, {layer: spec}):
             for b, x in enumerate(inputs):
                 y = call(block, x)
@@ -211,10 +223,14 @@ def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> lis
                     g = run.grads[k][b].double()  # [S, *hidden]
                     v = (g * delta).flatten(1).sum(1)  # [S]
                     values.append(float(v.pow(2).mean()) / (2 * run.rows[b]))
+                    vals_v.append(v.tolist())
                     continue
                 with _skipping(run.qmodel, run.blocks, k, y), torch.inference_mode():
                     values.append(float(run.loss(run.qmodel, run.items[b])))
         out.append(values)
+        kept.append(vals_v)
+    if run.vs is not None:
+        run.vs[layer] = kept
     return out
 
 
@@ -326,6 +342,9 @@ def blockwise(
         blocks: the block names (default: :func:`find_blocks`).
         fisher_samples: sampled label sets (backward passes) per batch, for "fisher".
         seed: seed of the sampled labels, for "fisher".
+        pairs: "none", or (objective "fisher") CLADO's pair terms from the same measurements
+            (:func:`fisher_pairs`): "block" for two layers of one block, "all" for any two
+            layers inside the blocks (a layer outside them has none); no extra forward.
         min_batches: cut the batches into equal parts until there are this many where the
             batch sizes allow, for the standard errors (``perturb.split_batches``).
 
@@ -337,6 +356,10 @@ def blockwise(
     opts = options_of(BlockwiseOptions, options)
     if opts.objective not in OBJECTIVES:
         raise ValueError(f"unknown block-wise objective {opts.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if opts.pairs not in PAIRS:
+        raise ValueError(f"unknown block-wise pairs {opts.pairs!r}; valid: {', '.join(PAIRS)}")
+    if opts.pairs != "none" and opts.objective != "fisher":
+        raise ValueError(f"pairs={opts.pairs!r} needs objective 'fisher', got {opts.objective!r}")
     check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     names = [s.name for s in specs]
@@ -361,6 +384,7 @@ def blockwise(
             t1 = time.perf_counter()
             run.grads, run.rows = fisher_grads(run, opts.fisher_samples, opts.seed)
             run.seed = opts.seed
+            run.vs = {} if opts.pairs != "none" else None
             meta_fisher = {"fisher_seconds": time.perf_counter() - t1, "fisher_samples": opts.fisher_samples}
         scope = None
         meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
@@ -374,7 +398,16 @@ def blockwise(
     single, se = mean_se(losses)
     meta["seconds"] = time.perf_counter() - t0
     meta["peak_rss_bytes"] = peak_rss_bytes()
-    sens = Sensitivity(list(layers), names, single, kind="blockwise", meta=meta, se=se)
+    pairs = pairs_se = None
+    if run.vs is not None:
+        where = block_of(layers, blocks)
+        pairs, pairs_se = fisher_pairs(
+            layers, run.vs, run.rows or [], where, opts.pairs == "block", len(names)
+        )
+        meta["pairs"] = opts.pairs
+    sens = Sensitivity(
+        list(layers), names, single, kind="blockwise", meta=meta, se=se, pairs=pairs, pairs_se=pairs_se
+    )
     if opts.objective != "mse":
         meta["below_noise"] = warn_below_noise(sens)
     log.info(
@@ -387,9 +420,59 @@ def blockwise(
     return sens
 
 
+def fisher_pairs(
+    layers: list[str],
+    vs: dict[str, list[list[list[float]]]],
+    rows: list[int],
+    where: dict[str, int | None],
+    same_block: bool,
+    n_candidates: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLADO's pair terms ``Ω_lm(c, c')`` [L, C, L, C] of the Fisher objective, and their standard errors.
+
+    With ``v = g·δ`` the sampled gradient at a block's output times the change of that output
+    (one per layer, candidate, batch and sample; see the module), the single terms are
+    ``E[v_l²]/2N`` and the second-order change of quantizing ``l`` and ``m`` together is
+    ``E[(v_l + v_m)²]/2N``, so ``Ω_lm = E[v_l v_m]/N`` (per batch, the mean over its samples; the
+    blocks' changes added to first order). Pairs of one layer, of a layer outside the blocks
+    (no ``v``) and, with ``same_block``, of layers of different blocks are 0.
+    """
+    L, B = len(layers), len(rows)
+    if not vs:
+        zero = torch.zeros(L, n_candidates, L, n_candidates, dtype=torch.float64)
+        return zero, zero.clone()
+    samples = len(next(iter(vs.values()))[0][0])
+    v = torch.zeros(L, n_candidates, B, samples, dtype=torch.float64)
+    has = torch.zeros(L, dtype=torch.bool)
+    for i, n in enumerate(layers):
+        if n in vs:
+            v[i], has[i] = torch.tensor(vs[n], dtype=torch.float64), True
+    n_rows = torch.tensor(rows, dtype=torch.float64)
+    per_batch = torch.einsum("lcbs,mdbs->lcmdb", v, v) / v.shape[-1] / n_rows  # [L, C, L, C, B]
+    mask = has[:, None] & has[None, :] & ~torch.eye(L, dtype=torch.bool)
+    if same_block:
+        k = torch.tensor([-1 if where[n] is None else where[n] for n in layers])
+        mask &= k[:, None] == k[None, :]
+    per_batch *= mask[:, None, :, None, None]
+    return mean_se(per_batch)
+
+
 def _key(run: _Run, layer: str, names: list[str]) -> str:
     what = run.objective if run.grads is None else f"fisher{len(run.grads[0][0])}s{run.seed}"
-    return f"blockwise/{what}/{layer}/" + ",".join(names)
+    return f"blockwise/{what}/{layer}/" + ",".join(names) + ("+v" if run.vs is not None else "")
+
+
+def _stored(run: _Run, layer: str, value: Any) -> list[list[float]]:
+    """A stored layer's losses ([C][B]; with pairs, also its ``v`` into ``run.vs``)."""
+    if run.vs is None:
+        return value
+    if value["v"]:
+        run.vs[layer] = value["v"]
+    return value["losses"]
+
+
+def _to_store(run: _Run, layer: str, losses: list[list[float]]) -> Any:
+    return losses if run.vs is None else {"losses": losses, "v": run.vs.get(layer, [])}
 
 
 def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any, meta: dict) -> dict:
@@ -398,7 +481,7 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     where = block_of(layers, run.blocks)
     stored = set(scope.keys()) if scope is not None else set()
     results: dict[str, list[list[float]]] = {
-        n: scope.get(_key(run, n, names)) for n in layers if _key(run, n, names) in stored
+        n: _stored(run, n, scope.get(_key(run, n, names))) for n in layers if _key(run, n, names) in stored
     }
     t0 = time.perf_counter()
     modules = [run.qmodel.get_submodule(b) for b in run.blocks]
@@ -415,7 +498,7 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
         for layer in (n for n in layers if where[n] == k and n not in results):
             results[layer] = _local_losses(run, k, layer, inputs, outs)
             if scope is not None:
-                scope.put(_key(run, layer, names), results[layer])
+                scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
         if k + 1 < len(run.blocks):
             inputs = [with_hidden(a[k + 1], hidden_of(y)) for a, y in zip(block_args, outs, strict=True)]
             if k + 2 == len(run.blocks):
@@ -424,6 +507,6 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     for layer in (n for n in layers if where[n] is None and n not in results):
         results[layer] = _full_losses(run, layer, refs)
         if scope is not None:
-            scope.put(_key(run, layer, names), results[layer])
+            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
     meta["peak_activation_bytes"] = peak
     return results
