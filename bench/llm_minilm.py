@@ -113,7 +113,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     patterns = args.rows.split(",")
     doc = load_results()
-    todo = [n for n in rows() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    todo = list(
+        dict.fromkeys(n for p in patterns for n in rows() if fnmatch.fnmatchcase(n, p))
+    )  # pattern order
     todo = [n for n in todo if args.redo or doc["rows"].get(n, {}).get("status") != "done"]
     if not todo:
         return
