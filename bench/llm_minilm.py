@@ -124,12 +124,13 @@ def main() -> None:
     fp = task.fp_metric()
     load = {"load_seconds": time.perf_counter() - t0, "fp_mean_cosine": fp}
     for name in todo:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             rec = {**run_one(name, task), "status": "done"}
         except Exception as e:  # noqa: BLE001 - a failed row is recorded and the others run
             rec = {"row": name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
         rec["wall_seconds"] = time.perf_counter() - t0
+        rec["cpu_seconds"] = time.process_time() - c0
         rec["peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rec["command"] = " ".join(["python", "-m", "bench.llm_minilm", *sys.argv[1:]])
         rec["task"] = load
