@@ -7,9 +7,12 @@ quantized (the word embeddings stay float, as in every minilm benchmark). Rows, 
 * ``uniform/<setting>/<steps>``: one weight setting for every layer, near 4.5 average bits
   (w4g32, w4g32+asym, w4g128+asym) and near 6 (w6, w6+asym, w6g128+asym); steps ``rtn``,
   ``gptq`` (PTQ step ``gptq``, block by block over the BERT layers) and ``awq+gptq``;
-* ``mixed/<bits>/<steps>``: sensitivity-ilp (measured KL-free cosine-loss changes; minilm is not
-  a causal LM) over candidates w3g32+asym, w4g32+asym, w6g32+asym, w8g64 at 4.5 and 6.0 average
-  bits, with ``rtn`` or ``gptq`` (GPTQ at each layer's own bits after the search).
+* ``mixed/<bits>/<steps>``: sensitivity-ilp (the measured change of the task's loss, 1 − mean
+  cosine, on the first 2 calibration batches of 64 sentences; minilm is not a causal LM, so full
+  forwards) over candidates w3g32+asym, w4g32+asym, w6g32+asym, w8g64 at 4.5 and 6.0 average
+  bits, with ``rtn`` or ``gptq`` (GPTQ at each layer's own bits after the search). The four
+  share one sensitivity: one run directory under /tmp/mixq-bench-minilm, overwritten, its
+  ``store.sqlite`` kept (the first row measures, ``sensitivity_seconds`` says which).
 
 The rows run in one process on one loaded task (building the task's fp32 targets takes minutes
 on a loaded machine); each is written to bench/results/llm_minilm.json as it finishes with its
@@ -51,18 +54,31 @@ def rows() -> dict[str, dict[str, Any]]:
                 "candidates": MIXED_CANDIDATES,
                 "budget": {"avg_weight_bits": bits},
                 "ptq": STEPS[step],
+                "method_args": {"batches": SENSITIVITY_BATCHES},
+                "share": True,
             }
     return out
 
 
 VAL, CALIB = 512, 256
+SENSITIVITY_BATCHES = 2  # of 64 sentences: the mixed rows' sensitivity (GPTQ calibrates on all 256)
+RUNS = "/tmp/mixq-bench-minilm"
 
 
 def run_one(name: str, task: Any) -> dict[str, Any]:
     import mixq
 
     row = rows()[name]
-    res = mixq.run(task, row["method"], row["candidates"], row["budget"], ptq=row["ptq"])
+    shared = {"out": os.path.join(RUNS, row["method"]), "overwrite": True} if row.get("share") else {}
+    res = mixq.run(
+        task,
+        row["method"],
+        row["candidates"],
+        row["budget"],
+        ptq=row["ptq"],
+        method_args=row.get("method_args", {}),
+        **shared,
+    )
     m = res.metrics
     counts: dict[str, int] = {}
     for spec in res.plan.layers.values():
@@ -76,6 +92,7 @@ def run_one(name: str, task: Any) -> dict[str, Any]:
         "search_seconds": m.seconds,
         "eval_seconds": m.eval_seconds,
         "ptq": m.ptq,
+        "sensitivity_seconds": res.sensitivity.meta.get("seconds") if res.sensitivity is not None else None,
         "plan_counts": counts,
         "budget": row["budget"],
         "candidates": row["candidates"],
