@@ -8,7 +8,7 @@ quantized (the word embeddings stay float, as in every minilm benchmark). Rows, 
   (w4g32, w4g32+asym, w4g128+asym) and near 6 (w6, w6+asym, w6g128+asym); steps ``rtn``,
   ``gptq`` (PTQ step ``gptq``, block by block over the BERT layers) and ``awq+gptq``;
 * ``mixed/<bits>/<steps>``: sensitivity-ilp (the measured change of the task's loss, 1 − mean
-  cosine, on the first 2 calibration batches of 64 sentences; minilm is not a causal LM, so full
+  cosine, on the first calibration batch of 64 sentences; minilm is not a causal LM, so full
   forwards) over candidates w3g32+asym, w4g32+asym, w6g32+asym, w8g64 at 4.5 and 6.0 average
   bits, with ``rtn`` or ``gptq`` (GPTQ at each layer's own bits after the search). The four
   share one sensitivity: one run directory under /tmp/mixq-bench-minilm, overwritten, its
@@ -61,7 +61,7 @@ def rows() -> dict[str, dict[str, Any]]:
 
 
 VAL, CALIB = 512, 256
-SENSITIVITY_BATCHES = 2  # of 64 sentences: the mixed rows' sensitivity (GPTQ calibrates on all 256)
+SENSITIVITY_BATCHES = 1  # of 64 sentences, cut into 8 parts for the errors (GPTQ calibrates on all 256)
 RUNS = "/tmp/mixq-bench-minilm"
 
 
