@@ -222,6 +222,7 @@ def test_clado_on_a_causal_lm_uses_block_local_fisher_pairs_and_resumes(lm, tmp_
     again = mixq.run(task, "clado", CANDS, budget={"avg_weight_bits": 5.5}, out=tmp_path / "run")
     assert again.plan.layers == res.plan.layers
     torch.testing.assert_close(again.sensitivity.pairs, sens.pairs)
+    assert "fisher_seconds" in sens.meta and "fisher_seconds" not in again.sensitivity.meta  # all stored
     with pytest.raises(ValueError, match="needs loss='kl'"):
         mixq.run(task, "clado", CANDS, budget={}, method_args={"blockwise": "fisher", "loss": "task"})
 

@@ -201,6 +201,7 @@ class _Run:
     grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
     rows: list[int] | None = None  # fisher: output rows (tokens) of each batch
     seed: int = 0
+    samples: int = 0  # fisher: sampled label sets per batch
     vs: dict[str, list[list[list[float]]]] | None = None  # fisher pairs: layer -> [C][B][S] of g·δ
 
 
@@ -380,19 +381,17 @@ def blockwise(
         loss, items = objective_data(qmodel, task, batches, "kl")
         refs = [item[1] for item in items]
         run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
-        if opts.objective == "fisher":
-            t1 = time.perf_counter()
-            run.grads, run.rows = fisher_grads(run, opts.fisher_samples, opts.seed)
-            run.seed = opts.seed
+        if opts.objective == "fisher":  # the gradients are computed in _measure, if a layer needs them
+            run.samples, run.seed = opts.fisher_samples, opts.seed
+            run.rows = [r.reshape(-1, r.shape[-1]).shape[0] for r in refs]
             run.vs = {} if opts.pairs != "none" else None
-            meta_fisher = {"fisher_seconds": time.perf_counter() - t1, "fisher_samples": opts.fisher_samples}
         scope = None
         meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
         if opts.store is not None:
             meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(items)
             scope = opts.store.scope(meta["model_fp"], meta["data_fp"])
         if opts.objective == "fisher":
-            meta.update(meta_fisher, seed=opts.seed)
+            meta.update(fisher_samples=opts.fisher_samples, seed=opts.seed)
         results = _measure(run, layers, refs, batches, scope, meta)
     losses = torch.tensor([results[n] for n in layers], dtype=torch.float64)  # [L, C, B]
     single, se = mean_se(losses)
@@ -458,7 +457,7 @@ def fisher_pairs(
 
 
 def _key(run: _Run, layer: str, names: list[str]) -> str:
-    what = run.objective if run.grads is None else f"fisher{len(run.grads[0][0])}s{run.seed}"
+    what = f"fisher{run.samples}s{run.seed}" if run.objective == "fisher" else run.objective
     return f"blockwise/{what}/{layer}/" + ",".join(names) + ("+v" if run.vs is not None else "")
 
 
@@ -483,6 +482,26 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     results: dict[str, list[list[float]]] = {
         n: _stored(run, n, scope.get(_key(run, n, names))) for n in layers if _key(run, n, names) in stored
     }
+    if all(where[n] is None or n in results for n in layers):  # every block layer is stored
+        meta["peak_activation_bytes"] = 0
+    else:
+        _stream(run, layers, where, results, batches, scope, meta)
+    for layer in (n for n in layers if where[n] is None and n not in results):
+        results[layer] = _full_losses(run, layer, refs)
+        if scope is not None:
+            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
+    return results
+
+
+def _stream(
+    run: _Run, layers: list[str], where: dict, results: dict, batches: list, scope: Any, meta: dict
+) -> None:
+    """Measure the missing layers of the blocks, streaming the float inputs block by block."""
+    names = [s.name for s in run.specs]
+    if run.objective == "fisher":
+        t1 = time.perf_counter()
+        run.grads, _ = fisher_grads(run, run.samples, run.seed)
+        meta["fisher_seconds"] = time.perf_counter() - t1
     t0 = time.perf_counter()
     modules = [run.qmodel.get_submodule(b) for b in run.blocks]
     inputs = capture_inputs(run.qmodel, modules[0], batches, run.task.forward)
@@ -504,9 +523,4 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
             if k + 2 == len(run.blocks):
                 _check_stream(run, batches[0], inputs[0])
         del outs
-    for layer in (n for n in layers if where[n] is None and n not in results):
-        results[layer] = _full_losses(run, layer, refs)
-        if scope is not None:
-            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
     meta["peak_activation_bytes"] = peak
-    return results
