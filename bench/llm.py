@@ -16,6 +16,11 @@ text, windows 8-11 validation, the first 4 other windows calibration. Rows, by n
   ``mixed/sensitivity-ilp/<bits>/gptq`` the same plan search followed by GPTQ at each layer's
   own bits.
 
+The hawq and clado rows of one method share their sensitivity: they run in one run directory per
+method under ``--runs`` (overwritten, its ``store.sqlite`` kept), so the first of them measures
+the traces or terms and the others read them (``sensitivity_seconds`` says which).
+``--out NAME`` writes bench/results/NAME.json instead (the fp row is read from llm.json there).
+
 A row whose PTQ step or method is not registered is recorded as "pending: step not available"
 (or method) and runs once it is. Each row runs in its own process (its peak resident memory is
 that process's ``ru_maxrss``) and is written to bench/results/llm.json as it finishes; a rerun
@@ -23,6 +28,7 @@ skips the rows there (``--redo`` runs them again).
 
     OMP_NUM_THREADS=1 python -m bench.llm --rows 'uniform/*/rtn'      # the RTN uniform rows
     OMP_NUM_THREADS=1 python -m bench.llm                             # every row
+    OMP_NUM_THREADS=1 python -m bench.llm --rows 'mixed/hawq/*,mixed/clado/*' --out llm_mixed
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ STEPS: dict[str, dict[str, Any]] = {
 MIXED_CANDIDATES = ["w3g32", "w3g32+asym", "w4g32+asym", "w8g64"]
 MIXED_METHODS = ("sensitivity-ilp", "hawq", "clado")
 MIXED_BITS = (3.5, 4.0, 4.25)
+SHARED = ("hawq", "clado")  # methods whose rows share one sensitivity (see the module)
+RUNS = "/tmp/mixq-bench-llm"
 
 
 def rows() -> dict[str, dict[str, Any]]:
@@ -111,7 +119,7 @@ def pending(row: dict[str, Any]) -> str | None:
     return None
 
 
-def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
+def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, Any]:
     """Run one row in this process and return its record."""
     import torch
 
@@ -130,6 +138,9 @@ def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
         return out
     if fp_metric is not None:
         task._fp_metric = fp_metric  # measured by the fp row: the float model's windows, once
+    shared = {}
+    if row["method"] in SHARED and not row["ptq"]:
+        shared = {"out": os.path.join(runs, row["method"]), "overwrite": True}
     res = mixq.run(
         task,
         row["method"],
@@ -137,8 +148,13 @@ def run_one(name: str, fp_metric: float | None) -> dict[str, Any]:
         row["budget"],
         ptq=row["ptq"],
         embeddings=row["embeddings"],
+        **shared,
     )
     m = res.metrics
+    if res.sensitivity is not None:
+        out["sensitivity_seconds"] = res.sensitivity.meta.get("seconds")
+        out["sensitivity_kind"] = res.sensitivity.kind
+        out["shared_store"] = shared.get("out")
     if row["kind"] == "export":  # the packed file: a tied tensor stored once, tied again on loading
         out.update(_export_check(res, task))
     out.update(
@@ -190,20 +206,20 @@ def _counts(plan: Any) -> dict[str, int]:
     return counts
 
 
-def load_results() -> dict[str, Any]:
-    path = RESULTS / f"{NAME}.json"
+def load_results(name: str = NAME) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     return {"rows": {}}
 
 
-def save_row(name: str, rec: dict[str, Any]) -> dict[str, Any]:
+def save_row(name: str, rec: dict[str, Any], out: str = NAME) -> dict[str, Any]:
     """Add one row to the results file as it is now (another bench.llm process may add others)."""
-    doc = load_results()
+    doc = load_results(out)
     doc["rows"][name] = rec
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc["provenance"] = provenance()
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{out}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
@@ -215,12 +231,17 @@ def main() -> None:
     ap.add_argument("--rows", default="*", help="fnmatch pattern(s) of row names, comma-separated")
     ap.add_argument("--redo", action="store_true", help="run rows already in the results again")
     ap.add_argument("--list", action="store_true", help="print the rows and whether each can run")
+    ap.add_argument("--out", default=NAME, help="result name under bench/results/ (default llm)")
+    ap.add_argument("--runs", default=RUNS, help="run directories of the rows that share a sensitivity")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row, print its record
     ap.add_argument("--fp-metric", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        rec = run_one(args.one, args.fp_metric)
+        rec = run_one(args.one, args.fp_metric, args.runs)
         rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rec["cpu_seconds"] = (
+            time.process_time()
+        )  # the row's CPU time (wall time depends on the machine's load)
         print("ROW " + json.dumps(rec))
         return
     patterns = args.rows.split(",")
@@ -229,7 +250,9 @@ def main() -> None:
         for n in chosen:
             print(n, pending(rows()[n]) or "runs")
         return
-    doc = load_results()
+    doc = load_results(args.out)
+    if "fp" not in doc["rows"] and "fp" in load_results()["rows"]:
+        doc = save_row("fp", load_results()["rows"]["fp"], args.out)  # the float perplexity, measured once
     if "fp" not in chosen and "fp" not in doc["rows"]:
         chosen.insert(0, "fp")  # the float perplexity first: every other row reuses it
     for name in chosen:
@@ -238,11 +261,11 @@ def main() -> None:
             continue
         why = pending(rows()[name])
         if why:
-            doc = save_row(name, {"row": name, "status": why})
+            doc = save_row(name, {"row": name, "status": why}, args.out)
             print(name, why, flush=True)
             continue
         fp = doc["rows"].get("fp", {}).get("metric")
-        cmd = [sys.executable, "-m", "bench.llm", "--one", name]
+        cmd = [sys.executable, "-m", "bench.llm", "--one", name, "--runs", args.runs]
         cmd += ["--fp-metric", repr(fp)] if fp is not None and name != "fp" else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -254,7 +277,7 @@ def main() -> None:
             rec = {**json.loads(line[4:]), "status": "done"}
         rec["wall_seconds"] = wall
         rec["command"] = " ".join(["python", *cmd[1:]])
-        doc = save_row(name, rec)
+        doc = save_row(name, rec, args.out)
         print(name, rec.get("status"), rec.get("perplexity"), f"{wall:.0f}s", flush=True)
 
 

@@ -8,7 +8,13 @@ skips finished stages):
 * ``fisher``: `mixq.sensitivity.blockwise` with objective "fisher", every layer;
 * ``mse``: objective "mse" (block-output error), every layer;
 * ``kl``: objective "kl" (the model's output KL through the remaining blocks) on a seeded
-  subset of layers (``--kl-layers``), the reference the others are ranked against.
+  subset of layers (``--kl-layers``), the reference the others are ranked against;
+* ``hawq``: HAWQ's scores with the Fisher trace (`mixq.sensitivity.hawq`, estimator "fisher",
+  ``--fisher-samples`` label sets per window), every layer: the default of the ``hawq`` method
+  on a causal LM;
+* ``clado``: the Fisher objective with CLADO's block-local pair terms (``pairs="block"``), every
+  layer: what the ``clado`` method measures on a causal LM (its time against ``fisher``'s is the
+  cost of the pairs).
 
 Then Spearman rank correlations (over the subset's (layer, candidate) scores, and across layers
 per candidate), wall and CPU seconds (CPU seconds are what a shared machine's load disturbs
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from bench.common import RESULTS, write
 from mixq import tasks, wrap
 from mixq.sensitivity.blockwise import blockwise, peak_rss_bytes
+from mixq.sensitivity.hessian import hawq
 from mixq.wrap import sites
 
 NAME = "llm_sensitivity"
@@ -103,7 +110,9 @@ def stage_row(sens: Any, seconds: float, cpu_seconds: float) -> dict[str, Any]:
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_activation_bytes": sens.meta.get("peak_activation_bytes"),
         "below_noise": len(sens.meta.get("below_noise", [])),
-        "meta": {k: v for k, v in sens.meta.items() if k != "below_noise"},
+        "meta": {
+            k: v for k, v in sens.meta.items() if k not in ("below_noise", "trace", "trace_se", "avg_trace")
+        },
         "layer_names": sens.layers,
         "single": sens.single.tolist(),
         "se": sens.se.tolist(),
@@ -138,9 +147,27 @@ def main() -> None:
             continue
         t1, c1 = time.perf_counter(), time.process_time()
         which = subset if stage == "kl" else layers
-        opts = {"fisher_samples": args.fisher_samples} if stage == "fisher" else {}
-        sens = blockwise(qmodel, task, which, CANDIDATES, objective=stage, **opts)
+        if stage == "hawq":
+            sens = hawq(qmodel, task, layers, CANDIDATES, n_samples=args.fisher_samples, estimator="fisher")
+        elif stage == "clado":
+            sens = blockwise(
+                qmodel,
+                task,
+                layers,
+                CANDIDATES,
+                objective="fisher",
+                pairs="block",
+                fisher_samples=args.fisher_samples,
+            )
+        else:
+            opts = {"fisher_samples": args.fisher_samples} if stage == "fisher" else {}
+            sens = blockwise(qmodel, task, which, CANDIDATES, objective=stage, **opts)
         stages[stage] = stage_row(sens, time.perf_counter() - t1, time.process_time() - c1)
+        if sens.pairs is not None:
+            stages[stage]["pairs_nonzero"] = int((sens.pairs != 0).sum()) // 2
+            stages[stage]["pairs_abs_over_single_abs"] = float(
+                sens.pairs.abs().sum() / 2 / sens.single.abs().sum()
+            )
         print(f"{stage}: {len(which)} layers in {stages[stage]['seconds']:.0f} s", flush=True)
         write(
             args.out,
@@ -166,7 +193,7 @@ def agreement(stages: dict[str, Any]) -> dict[str, Any]:
     names = ref["layer_names"]
     kl = torch.tensor(ref["single"])
     out: dict[str, Any] = {}
-    for other in ("fisher", "mse"):
+    for other in ("fisher", "mse", "hawq", "clado"):
         if other not in stages:
             continue
         pos = {n: i for i, n in enumerate(stages[other]["layer_names"])}

@@ -22,6 +22,8 @@ its cached inputs, its outputs becoming the next block's inputs.
   (the block's output, or its first element when it returns a tuple, in place of the first
   positional argument, or of the keyword ``hidden_states`` when there is none), on the next
   block's own other arguments when they are given (:func:`block_arguments`).
+  :func:`hidden_states` and :func:`with_hidden` read and replace the hidden states of one
+  cached input.
 * :func:`run_until` runs a callable until a module's forward pre-hook fires and hands its input
   to a callback (the layer's input, without computing the layer or anything after it);
   :func:`run_until_any` does so for several modules, the callback saying where to stop.
@@ -65,7 +67,11 @@ class BlockInput:
     kwargs: dict[str, Any]
 
 
-def find_blocks(model: nn.Module, count: Callable[[nn.Module], int] | None = None) -> Blocks | None:
+def find_blocks(
+    model: nn.Module,
+    count: Callable[[nn.Module], int] | None = None,
+    containers: tuple[type[nn.Module], ...] = (nn.ModuleList, nn.Sequential),
+) -> Blocks | None:
     """Return the model's repeated blocks, or None.
 
     Args:
@@ -73,11 +79,12 @@ def find_blocks(model: nn.Module, count: Callable[[nn.Module], int] | None = Non
         count: how much of a list counts (default: the number of parameters of two or more
             dimensions, i.e. the weights of the layers it holds); the list with the largest
             count wins, ties broken by the number of children.
+        containers: the module types that may hold the blocks.
     """
     count = count or (lambda m: sum(1 for p in m.parameters() if p.dim() >= 2))
     best: tuple[tuple[int, int], Blocks] | None = None
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+        if not isinstance(mod, containers) or len(mod) < 2:
             continue
         children = list(mod)
         if len({type(c) for c in children}) != 1:
@@ -100,8 +107,21 @@ def _detach(x: Any) -> Any:
     return x
 
 
+CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
 def _is_cache(v: Any) -> bool:
-    return type(v).__name__.endswith("Cache")
+    """A key-value cache object (transformers' ``Cache`` classes: ``DynamicCache`` ...)."""
+    return any(c.__name__ == "Cache" for c in type(v).__mro__) or type(v).__name__.endswith("Cache")
+
+
+def _clean(kwargs: dict[str, Any], keep: Callable[[Any], Any]) -> dict[str, Any]:
+    """Keyword arguments with a cache (by type or by name) as None, ``use_cache`` False, the rest
+    passed through ``keep``."""
+    out = {k: (None if k in CACHE_KEYS or _is_cache(v) else keep(v)) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
 
 
 def run_until(run: Callable[[], Any], module: nn.Module, record: Callable[[tuple, dict], None]) -> bool:
@@ -172,10 +192,7 @@ def capture_inputs(
     out: list[BlockInput] = []
 
     def record(args: tuple, kwargs: dict) -> None:
-        kw = {k: (None if _is_cache(v) else _detach(v)) for k, v in kwargs.items()}
-        if "use_cache" in kw:
-            kw["use_cache"] = False
-        out.append(BlockInput(tuple(_detach(a) for a in args), kw))
+        out.append(BlockInput(tuple(_detach(a) for a in args), _clean(kwargs, _detach)))
 
     model.eval()
     with no_cache(model):
@@ -222,10 +239,7 @@ def block_arguments(
                 args = (None, *args[1:])
             elif "hidden_states" in kwargs:
                 kwargs["hidden_states"] = None
-            kw = {n: (None if _is_cache(v) else keep(v)) for n, v in kwargs.items()}
-            if "use_cache" in kw:
-                kw["use_cache"] = False
-            seen[k] = BlockInput(tuple(keep(a) for a in args), kw)
+            seen[k] = BlockInput(tuple(keep(a) for a in args), _clean(kwargs, keep))
         return k == len(modules) - 1  # stop after the last block's arguments
 
     try:
@@ -247,6 +261,30 @@ def first_tensor(y: Any) -> torch.Tensor:
     raise TypeError(f"a block returned {type(y).__name__}; expected a tensor or a tuple starting with one")
 
 
+def hidden_states(inp: BlockInput) -> Any:
+    """The hidden states of a cached input: its first positional argument, else ``hidden_states=``."""
+    if inp.args:
+        return inp.args[0]
+    if "hidden_states" in inp.kwargs:
+        return inp.kwargs["hidden_states"]
+    raise ValueError(
+        f"cannot tell the hidden states among the block's keywords {sorted(inp.kwargs)} "
+        "(no positional input nor hidden_states=)"
+    )
+
+
+def with_hidden(inp: BlockInput, hidden: Any) -> BlockInput:
+    """``inp`` with its hidden states (:func:`hidden_states`) replaced by ``hidden``."""
+    if inp.args:
+        return BlockInput((hidden, *inp.args[1:]), inp.kwargs)
+    if "hidden_states" in inp.kwargs:
+        return BlockInput((), {**inp.kwargs, "hidden_states": hidden})
+    raise ValueError(
+        f"cannot tell the hidden states among the block's keywords {sorted(inp.kwargs)} "
+        "(no positional input nor hidden_states=)"
+    )
+
+
 def call(block: nn.Module, inp: BlockInput) -> Any:
     """Run ``block`` on one cached input (no gradient)."""
     with torch.no_grad():
@@ -262,11 +300,5 @@ def run_block(
     out = []
     for i, inp in enumerate(inputs):
         y = first_tensor(call(block, inp)).detach()
-        base = following[i] if following is not None else inp
-        if base.args:
-            out.append(BlockInput((y, *base.args[1:]), base.kwargs))
-        elif "hidden_states" in base.kwargs:
-            out.append(BlockInput((), {**base.kwargs, "hidden_states": y}))
-        else:
-            raise ValueError(f"cannot tell the hidden states among the block's keywords {sorted(inp.kwargs)}")
+        out.append(with_hidden(following[i] if following is not None else inp, y))
     return out

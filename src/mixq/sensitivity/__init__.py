@@ -14,7 +14,7 @@ All return a :class:`Sensitivity` table [L, C] that saves to safetensors.
 """
 
 from mixq.sensitivity.blockwise import blockwise, find_blocks
-from mixq.sensitivity.hessian import hawq, hutchinson_samples, hutchinson_trace
+from mixq.sensitivity.hessian import fisher_trace_samples, hawq, hutchinson_samples, hutchinson_trace
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.perturb import measured
 from mixq.sensitivity.proxies import proxy
@@ -24,6 +24,7 @@ __all__ = [
     "Sensitivity",
     "blockwise",
     "find_blocks",
+    "fisher_trace_samples",
     "hawq",
     "hutchinson_samples",
     "hutchinson_trace",

@@ -37,7 +37,7 @@ where that is out of reach; "mse" is the cheap ranking within a block.
 Every score keeps its per-batch values, so ``Sensitivity.se`` holds the standard errors over
 the batches, as for :func:`~mixq.sensitivity.perturb.measured`.
 
-Capture ([DESIGN], generic over transformers models, no model-specific code): the first block's
+Capture ([DESIGN], generic over transformers models, no model-specific code; `mixq.blocks`): the first block's
 positional and keyword arguments are recorded by a forward pre-hook (the forward is stopped
 there); a key-value cache argument is dropped and ``use_cache`` set False, so that re-running a
 block has no side effect. Every block's other arguments are captured the same way in one float
@@ -63,7 +63,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.blocks import block_arguments, first_tensor
+from mixq.blocks import (
+    BlockInput,
+    block_arguments,
+    call,
+    capture_inputs,
+    first_tensor,
+    hidden_states,
+    with_hidden,
+)
+from mixq.blocks import find_blocks as find_block_list
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import (
     objective_data,
@@ -81,7 +90,7 @@ from mixq.wrap import SITE_TYPES, applied
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("kl", "mse", "fisher")
-_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache")
+PAIRS = ("none", "block", "all")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -92,15 +101,20 @@ def find_blocks(model: nn.Module) -> list[str]:
     >>> find_blocks(nn.Sequential(nn.Linear(2, 2)))
     []
     """
-    best: tuple[int, str, int] = (0, "", 0)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({type(c) for c in mod}) != 1:
-            continue
-        count = sum(isinstance(m, SITE_TYPES) for m in mod.modules())
-        if count > best[0]:
-            best = (count, name, len(mod))
-    _, name, n = best
-    return [f"{name}.{i}" if name else str(i) for i in range(n)]
+    found = find_block_list(
+        model,
+        count=lambda m: sum(isinstance(x, SITE_TYPES) for x in m.modules()),
+        containers=(nn.ModuleList,),
+    )
+    return found.names() if found is not None else []
+
+
+def is_causal_lm(task: Task) -> bool:
+    """Whether ``task`` is a causal-LM task (`mixq.tasks.causal_lm`: its metric is the negative
+    perplexity), where the methods' "auto" settings pick the Fisher estimates."""
+    from mixq.llm import NegPerplexity
+
+    return isinstance(task.metric, NegPerplexity)
 
 
 def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | None]:
@@ -111,90 +125,10 @@ def block_of(layers: Sequence[str], blocks: Sequence[str]) -> dict[str, int | No
     return out
 
 
-# -- capture ----------------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end a forward at the hooked block."""
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if type(x) in (tuple, list):
-        return type(x)(_detach(v) for v in x)
-    if type(x) is dict:
-        return {k: _detach(v) for k, v in x.items()}
-    return x
-
-
-def _is_cache(v: Any) -> bool:
-    """A key-value cache object (transformers' ``Cache`` classes: ``DynamicCache`` ...)."""
-    return any(c.__name__ == "Cache" for c in type(v).__mro__) or type(v).__name__.endswith("Cache")
-
-
-def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (None if k in _CACHE_KEYS or _is_cache(v) else v) for k, v in kwargs.items()}
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
-
-
-def capture_inputs(
-    model: nn.Module, block: str, run: Callable[[], Any], stop: bool = True
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The positional and keyword arguments of ``block``'s first call in ``run()`` (copied).
-
-    With ``stop`` the forward ends there (nothing after the block is computed).
-    """
-    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
-        if not seen:
-            seen.append((_detach(tuple(args)), _clean(_detach(dict(kwargs)))))
-        if stop:
-            raise _Stop
-
-    handle = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"block {block!r} is never called by the task's forward")
-    return seen[0]
-
-
-def capture_block_args(
-    model: nn.Module, blocks: Sequence[str], run: Callable[[], Any]
-) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """The arguments of every block's first call in ``run()``, hidden states left out (None):
-    blocks need not share their other arguments (:func:`mixq.blocks.block_arguments`)."""
-    found = block_arguments(model, [model.get_submodule(b) for b in blocks], run)
-    return [(x.args, x.kwargs) for x in found]
+# -- capture (mixq.blocks) --------------------------------------------------------------------------
 
 
 hidden_of = first_tensor  # the hidden states of a block's output: the output, or its first element
-
-
-def with_hidden(inputs: tuple[tuple[Any, ...], dict[str, Any]], hidden: torch.Tensor) -> tuple:
-    """A block's arguments with the hidden states replaced."""
-    args, kwargs = inputs
-    if args:
-        return (hidden, *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": hidden}
-    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
-
-
-def run_block(block: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-    """Run one block on captured arguments."""
-    args, kwargs = inputs
-    with torch.inference_mode():
-        return block(*args, **kwargs)
 
 
 @contextmanager
@@ -219,6 +153,8 @@ def _skipping(model: nn.Module, blocks: Sequence[str], k: int, out: Any) -> Iter
 
 
 def _nbytes(x: Any) -> int:
+    if isinstance(x, BlockInput):
+        return _nbytes(x.args) + _nbytes(x.kwargs)
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     if isinstance(x, (tuple, list)):
@@ -247,6 +183,7 @@ class BlockwiseOptions:
     min_batches: int = 8
     fisher_samples: int = 4
     seed: int = 0
+    pairs: str = "none"
 
 
 @dataclass
@@ -264,17 +201,20 @@ class _Run:
     grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
     rows: list[int] | None = None  # fisher: output rows (tokens) of each batch
     seed: int = 0
+    samples: int = 0  # fisher: sampled label sets per batch
+    vs: dict[str, list[list[list[float]]]] | None = None  # fisher pairs: layer -> [C][B][S] of g·δ
 
 
 def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> list[list[float]]:
     """Per candidate, per batch: the block-output MSE (mse), the model's KL (kl) or its Fisher estimate."""
     block = run.qmodel.get_submodule(run.blocks[k])
     out: list[list[float]] = []
+    kept: list[list[list[float]]] = []  # fisher: [C][B][S] of g·δ
     for spec in run.specs:
-        values = []
+        values, vals_v = [], []
         with applied(run.qmodel, {layer: spec}):
             for b, x in enumerate(inputs):
-                y = run_block(block, x)
+                y = call(block, x)
                 if run.objective == "mse":
                     values.append(float((hidden_of(y).double() - hidden_of(ref[b]).double()).pow(2).mean()))
                     continue
@@ -284,10 +224,14 @@ def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> lis
                     g = run.grads[k][b].double()  # [S, *hidden]
                     v = (g * delta).flatten(1).sum(1)  # [S]
                     values.append(float(v.pow(2).mean()) / (2 * run.rows[b]))
+                    vals_v.append(v.tolist())
                     continue
                 with _skipping(run.qmodel, run.blocks, k, y), torch.inference_mode():
                     values.append(float(run.loss(run.qmodel, run.items[b])))
         out.append(values)
+        kept.append(vals_v)
+    if run.vs is not None:
+        run.vs[layer] = kept
     return out
 
 
@@ -334,9 +278,9 @@ def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> t
     hs: list[torch.Tensor] = []
 
     def leaf(mod: nn.Module, args: Any, kwargs: Any) -> Any:
-        return with_hidden(
-            (tuple(args), dict(kwargs)), hidden_of_input(args, kwargs).detach().requires_grad_()
-        )
+        inp = BlockInput(tuple(args), dict(kwargs))
+        inp = with_hidden(inp, hidden_states(inp).detach().requires_grad_())
+        return inp.args, inp.kwargs
 
     def keep(mod: nn.Module, args: Any, out: Any) -> None:
         hs.append(hidden_of(out))
@@ -361,22 +305,11 @@ def _batch_grads(run: _Run, batch: Any, samples: int, gen: torch.Generator) -> t
     return [torch.stack(g) for g in per_block], logp.shape[0]
 
 
-def hidden_of_input(args: Any, kwargs: Any) -> torch.Tensor:
-    """The hidden states a block is called with: its first positional argument, else ``hidden_states=``."""
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise ValueError("the block takes no positional input nor hidden_states=; cannot stream its inputs")
-
-
-def _check_stream(run: _Run, batch: Any, streamed_last: tuple) -> None:
+def _check_stream(run: _Run, batch: Any, streamed_last: BlockInput) -> None:
     """Compare the streamed inputs of the last block with a hooked plain pass on one batch."""
-    plain = capture_inputs(run.qmodel, run.blocks[-1], lambda: run.task.forward(run.qmodel, batch))
-    a, b = (
-        hidden_of(plain[0][0] if plain[0] else plain[1]["hidden_states"]),
-        hidden_of(streamed_last[0][0] if streamed_last[0] else streamed_last[1]["hidden_states"]),
-    )
+    last = run.qmodel.get_submodule(run.blocks[-1])
+    (plain,) = capture_inputs(run.qmodel, last, [batch], run.task.forward)
+    a, b = hidden_of(hidden_states(plain)), hidden_of(hidden_states(streamed_last))
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max()))):
         raise ValueError(
             f"block-wise capture: the streamed inputs of {run.blocks[-1]!r} differ from a plain pass "
@@ -410,6 +343,9 @@ def blockwise(
         blocks: the block names (default: :func:`find_blocks`).
         fisher_samples: sampled label sets (backward passes) per batch, for "fisher".
         seed: seed of the sampled labels, for "fisher".
+        pairs: "none", or (objective "fisher") CLADO's pair terms from the same measurements
+            (:func:`fisher_pairs`): "block" for two layers of one block, "all" for any two
+            layers inside the blocks (a layer outside them has none); no extra forward.
         min_batches: cut the batches into equal parts until there are this many where the
             batch sizes allow, for the standard errors (``perturb.split_batches``).
 
@@ -421,6 +357,10 @@ def blockwise(
     opts = options_of(BlockwiseOptions, options)
     if opts.objective not in OBJECTIVES:
         raise ValueError(f"unknown block-wise objective {opts.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if opts.pairs not in PAIRS:
+        raise ValueError(f"unknown block-wise pairs {opts.pairs!r}; valid: {', '.join(PAIRS)}")
+    if opts.pairs != "none" and opts.objective != "fisher":
+        raise ValueError(f"pairs={opts.pairs!r} needs objective 'fisher', got {opts.objective!r}")
     check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     names = [s.name for s in specs]
@@ -441,24 +381,32 @@ def blockwise(
         loss, items = objective_data(qmodel, task, batches, "kl")
         refs = [item[1] for item in items]
         run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
-        if opts.objective == "fisher":
-            t1 = time.perf_counter()
-            run.grads, run.rows = fisher_grads(run, opts.fisher_samples, opts.seed)
-            run.seed = opts.seed
-            meta_fisher = {"fisher_seconds": time.perf_counter() - t1, "fisher_samples": opts.fisher_samples}
+        if opts.objective == "fisher":  # the gradients are computed in _measure, if a layer needs them
+            run.samples, run.seed = opts.fisher_samples, opts.seed
+            run.rows = [r.reshape(-1, r.shape[-1]).shape[0] for r in refs]
+            run.vs = {} if opts.pairs != "none" else None
         scope = None
         meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
         if opts.store is not None:
             meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(items)
             scope = opts.store.scope(meta["model_fp"], meta["data_fp"])
         if opts.objective == "fisher":
-            meta.update(meta_fisher, seed=opts.seed)
+            meta.update(fisher_samples=opts.fisher_samples, seed=opts.seed)
         results = _measure(run, layers, refs, batches, scope, meta)
     losses = torch.tensor([results[n] for n in layers], dtype=torch.float64)  # [L, C, B]
     single, se = mean_se(losses)
     meta["seconds"] = time.perf_counter() - t0
     meta["peak_rss_bytes"] = peak_rss_bytes()
-    sens = Sensitivity(list(layers), names, single, kind="blockwise", meta=meta, se=se)
+    pairs = pairs_se = None
+    if run.vs is not None:
+        where = block_of(layers, blocks)
+        pairs, pairs_se = fisher_pairs(
+            layers, run.vs, run.rows or [], where, opts.pairs == "block", len(names)
+        )
+        meta["pairs"] = opts.pairs
+    sens = Sensitivity(
+        list(layers), names, single, kind="blockwise", meta=meta, se=se, pairs=pairs, pairs_se=pairs_se
+    )
     if opts.objective != "mse":
         meta["below_noise"] = warn_below_noise(sens)
     log.info(
@@ -471,9 +419,59 @@ def blockwise(
     return sens
 
 
+def fisher_pairs(
+    layers: list[str],
+    vs: dict[str, list[list[list[float]]]],
+    rows: list[int],
+    where: dict[str, int | None],
+    same_block: bool,
+    n_candidates: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLADO's pair terms ``Ω_lm(c, c')`` [L, C, L, C] of the Fisher objective, and their standard errors.
+
+    With ``v = g·δ`` the sampled gradient at a block's output times the change of that output
+    (one per layer, candidate, batch and sample; see the module), the single terms are
+    ``E[v_l²]/2N`` and the second-order change of quantizing ``l`` and ``m`` together is
+    ``E[(v_l + v_m)²]/2N``, so ``Ω_lm = E[v_l v_m]/N`` (per batch, the mean over its samples; the
+    blocks' changes added to first order). Pairs of one layer, of a layer outside the blocks
+    (no ``v``) and, with ``same_block``, of layers of different blocks are 0.
+    """
+    L, B = len(layers), len(rows)
+    if not vs:
+        zero = torch.zeros(L, n_candidates, L, n_candidates, dtype=torch.float64)
+        return zero, zero.clone()
+    samples = len(next(iter(vs.values()))[0][0])
+    v = torch.zeros(L, n_candidates, B, samples, dtype=torch.float64)
+    has = torch.zeros(L, dtype=torch.bool)
+    for i, n in enumerate(layers):
+        if n in vs:
+            v[i], has[i] = torch.tensor(vs[n], dtype=torch.float64), True
+    n_rows = torch.tensor(rows, dtype=torch.float64)
+    per_batch = torch.einsum("lcbs,mdbs->lcmdb", v, v) / v.shape[-1] / n_rows  # [L, C, L, C, B]
+    mask = has[:, None] & has[None, :] & ~torch.eye(L, dtype=torch.bool)
+    if same_block:
+        k = torch.tensor([-1 if where[n] is None else where[n] for n in layers])
+        mask &= k[:, None] == k[None, :]
+    per_batch *= mask[:, None, :, None, None]
+    return mean_se(per_batch)
+
+
 def _key(run: _Run, layer: str, names: list[str]) -> str:
-    what = run.objective if run.grads is None else f"fisher{len(run.grads[0][0])}s{run.seed}"
-    return f"blockwise/{what}/{layer}/" + ",".join(names)
+    what = f"fisher{run.samples}s{run.seed}" if run.objective == "fisher" else run.objective
+    return f"blockwise/{what}/{layer}/" + ",".join(names) + ("+v" if run.vs is not None else "")
+
+
+def _stored(run: _Run, layer: str, value: Any) -> list[list[float]]:
+    """A stored layer's losses ([C][B]; with pairs, also its ``v`` into ``run.vs``)."""
+    if run.vs is None:
+        return value
+    if value["v"]:
+        run.vs[layer] = value["v"]
+    return value["losses"]
+
+
+def _to_store(run: _Run, layer: str, losses: list[list[float]]) -> Any:
+    return losses if run.vs is None else {"losses": losses, "v": run.vs.get(layer, [])}
 
 
 def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any, meta: dict) -> dict:
@@ -482,35 +480,47 @@ def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any
     where = block_of(layers, run.blocks)
     stored = set(scope.keys()) if scope is not None else set()
     results: dict[str, list[list[float]]] = {
-        n: scope.get(_key(run, n, names)) for n in layers if _key(run, n, names) in stored
+        n: _stored(run, n, scope.get(_key(run, n, names))) for n in layers if _key(run, n, names) in stored
     }
+    if all(where[n] is None or n in results for n in layers):  # every block layer is stored
+        meta["peak_activation_bytes"] = 0
+    else:
+        _stream(run, layers, where, results, batches, scope, meta)
+    for layer in (n for n in layers if where[n] is None and n not in results):
+        results[layer] = _full_losses(run, layer, refs)
+        if scope is not None:
+            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
+    return results
+
+
+def _stream(
+    run: _Run, layers: list[str], where: dict, results: dict, batches: list, scope: Any, meta: dict
+) -> None:
+    """Measure the missing layers of the blocks, streaming the float inputs block by block."""
+    names = [s.name for s in run.specs]
+    if run.objective == "fisher":
+        t1 = time.perf_counter()
+        run.grads, _ = fisher_grads(run, run.samples, run.seed)
+        meta["fisher_seconds"] = time.perf_counter() - t1
     t0 = time.perf_counter()
-    inputs = [
-        capture_inputs(run.qmodel, run.blocks[0], lambda b=b: run.task.forward(run.qmodel, b))
-        for b in batches
-    ]
+    modules = [run.qmodel.get_submodule(b) for b in run.blocks]
+    inputs = capture_inputs(run.qmodel, modules[0], batches, run.task.forward)
     block_args = [  # each block's own other arguments (masks may differ between blocks)
-        capture_block_args(run.qmodel, run.blocks, lambda b=b: run.task.forward(run.qmodel, b))
-        for b in batches
+        block_arguments(run.qmodel, modules, lambda b=b: run.task.forward(run.qmodel, b)) for b in batches
     ]
     meta["capture_seconds"] = time.perf_counter() - t0
     peak = 0
     for k, name in enumerate(run.blocks):
         block = run.qmodel.get_submodule(name)
-        outs = [run_block(block, x) for x in inputs]  # the float outputs of block k
+        outs = [call(block, x) for x in inputs]  # the float outputs of block k
         peak = max(peak, _nbytes(inputs) + _nbytes(outs))
         for layer in (n for n in layers if where[n] == k and n not in results):
             results[layer] = _local_losses(run, k, layer, inputs, outs)
             if scope is not None:
-                scope.put(_key(run, layer, names), results[layer])
+                scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
         if k + 1 < len(run.blocks):
             inputs = [with_hidden(a[k + 1], hidden_of(y)) for a, y in zip(block_args, outs, strict=True)]
             if k + 2 == len(run.blocks):
                 _check_stream(run, batches[0], inputs[0])
         del outs
-    for layer in (n for n in layers if where[n] is None and n not in results):
-        results[layer] = _full_losses(run, layer, refs)
-        if scope is not None:
-            scope.put(_key(run, layer, names), results[layer])
     meta["peak_activation_bytes"] = peak
-    return results

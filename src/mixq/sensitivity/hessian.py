@@ -15,11 +15,24 @@ Two estimators (``mode``):
   The cross terms have zero mean (independent ±1 entries), so the estimate is unbiased too, at
   an L-fold lower cost (HAWQ-V2's block traces are computed this way); their variance adds to
   the estimate's, so it needs more vectors for the same spread.
+
+And one that needs no second derivative (``estimator="fisher"``, :func:`fisher_trace_samples`),
+the default on causal language models (``hawq`` in `mixq.methods.sensitivity_ilp`): the loss is
+the KL divergence of the output distribution from the float model's, averaged over the ``N``
+output rows (tokens), whose Hessian at the float weights is exactly the Fisher information
+``F = 1/N Σ_rows E_{y~p}[∇ log p(y) ∇ log p(y)ᵀ]`` (the KL is minimal there, so the Gauss-Newton
+term is all there is). Its trace over layer ``l`` is ``E_y[‖∇_{W_l} Σ_rows log p(y_row)‖²]/N``
+for labels ``y`` sampled from the float model per row (the cross-row terms have zero mean): one
+backward pass per sample for every layer at once, against one double-backward pass per layer
+and vector. [DESIGN] HAWQ-V2 takes the Hessian of the training loss; on a causal LM the
+measured change of that loss is mostly noise (docs/methods.md, LLM section), while the KL is
+what the other LM objectives measure, and its Hessian needs no labels.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +163,63 @@ def hutchinson_samples(
     return samples
 
 
+def fisher_trace_samples(
+    qmodel: nn.Module,
+    task: Task,
+    layers: list[str],
+    batches: Sequence[Any] | None = None,
+    n_samples: int = 4,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Single-sample estimates of ``tr(H_l)``, ``H_l`` the Hessian of the output KL at the float model.
+
+    For batch ``b`` with ``N_b`` output rows and sample ``s``, labels ``y ~ softmax(float
+    logits)`` are drawn per row and ``‖∇_{W_l} Σ_rows log p(y)‖² / N_b`` is one estimate of the
+    trace of layer ``l``'s block of the Fisher information (the Hessian of the row-averaged KL
+    divergence to the float outputs; see the module). One forward and ``n_samples`` backward
+    passes per batch, every layer at once. Every site is float meanwhile.
+
+    Returns:
+        ``{layer: samples}`` [n_samples·B] (float64), batch-major, as :func:`hutchinson_samples`.
+    """
+    from mixq.tasks import logits_of
+
+    qlayers = check_layers(qmodel, layers)
+    batches = list(task.calib if batches is None else batches)
+    if not batches:
+        raise ValueError("the Fisher trace needs at least one batch")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    weights = [qlayers[n].weight for n in layers]
+    flags = [w.requires_grad for w in weights]
+    gen = torch.Generator().manual_seed(seed)
+    sums: list[list[float]] = [[] for _ in layers]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        bar = Bar(len(batches) * n_samples, "fisher trace", unit="sample")
+        with applied(qmodel, {}), torch.enable_grad(), bar:
+            for batch in batches:
+                out = logits_of(task.forward(qmodel, batch))
+                logp = torch.log_softmax(out.float(), -1).reshape(-1, out.shape[-1])  # [N, V]
+                probs = logp.detach().exp()
+                for s in range(n_samples):
+                    y = torch.multinomial(probs, 1, generator=gen)  # [N, 1]
+                    ll = logp.gather(1, y).sum()
+                    grads = torch.autograd.grad(ll, weights, retain_graph=s + 1 < n_samples)
+                    for i, g in enumerate(grads):
+                        sums[i].append(float(g.double().pow(2).sum()) / logp.shape[0])
+                    bar.update()
+                del out, logp, probs
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+    return {n: torch.tensor(v, dtype=torch.float64) for n, v in zip(layers, sums, strict=True)}
+
+
+ESTIMATORS = ("hutchinson", "fisher")
+
+
 @dataclass(frozen=True)
 class HawqOptions:
     """How :func:`hawq` estimates the traces (see its arguments)."""
@@ -158,6 +228,7 @@ class HawqOptions:
     seed: int = 0
     store: Store | None = None
     mode: str = "block"
+    estimator: str = "hutchinson"
 
 
 def hawq(
@@ -187,6 +258,9 @@ def hawq(
             and by ``n_samples``, ``seed`` and ``mode``; stored traces are not recomputed (the
             traces do not depend on the candidates, so a budget sweep computes them once).
         mode: the Hutchinson estimator, "block" or "joint" (:func:`hutchinson_trace`).
+        estimator: "hutchinson" (the task loss's Hessian, double back-propagation) or "fisher"
+            (the output KL's Hessian, the Fisher information: :func:`fisher_trace_samples`,
+            ``n_samples`` sampled label sets per batch; the task's forward must return logits).
 
     Returns:
         A Sensitivity of kind "hawq" with ``se`` [L, C], the standard errors of the Hutchinson
@@ -195,12 +269,18 @@ def hawq(
         the traces divided by the layer sizes, negative ones clamped at 0 with a warning
         (named in ``meta["clamped"]``).
     """
+    t0 = time.perf_counter()
     opts = options_of(HawqOptions, options)
     n_samples, seed, store, mode = opts.n_samples, opts.seed, opts.store, opts.mode
+    if opts.estimator not in ESTIMATORS:
+        raise ValueError(
+            f"unknown Hessian trace estimator {opts.estimator!r}; valid: {', '.join(ESTIMATORS)}"
+        )
     qlayers = check_layers(qmodel, layers)
     specs = [as_layer_spec(c) for c in candidates]
     batches = list(task.calib if batches is None else batches)
     prefix = "hutchinson" if mode == "block" else f"hutchinson-{mode}"  # block keys predate modes
+    prefix = "fisher" if opts.estimator == "fisher" else prefix
     key = f"{prefix}-se:{n_samples}:{seed}:" + ",".join(layers)
     scope = None
     if store is not None:
@@ -209,7 +289,10 @@ def hawq(
         stored = scope.get(key)
         traces, ses = stored["trace"], stored["se"]
     else:
-        samples = hutchinson_samples(qmodel, task, layers, batches, n_samples, seed, mode)
+        if opts.estimator == "fisher":
+            samples = fisher_trace_samples(qmodel, task, layers, batches, n_samples, seed)
+        else:
+            samples = hutchinson_samples(qmodel, task, layers, batches, n_samples, seed, mode)
         stats = {n: mean_se(v) for n, v in samples.items()}
         traces = {n: float(m) for n, (m, _) in stats.items()}
         ses = {n: float(e) for n, (_, e) in stats.items()}
@@ -229,6 +312,8 @@ def hawq(
         "n_samples": n_samples,
         "seed": seed,
         "mode": mode,
+        "estimator": opts.estimator,
+        "seconds": time.perf_counter() - t0,
     }
     return Sensitivity(list(layers), [s.name for s in specs], single, kind="hawq", meta=meta, se=se)
 
