@@ -110,8 +110,9 @@ class Config:
             passes remain (4/9 with three candidates), for large models.
         blockwise: "fisher" (the KL's second-order terms block by block, the pairs from the same
             measurements: `mixq.sensitivity.blockwise.fisher_pairs`; ``loss`` must be "kl"; the
-            standard errors are over the calibration batches, not ``splits``; ``reuse``,
-            ``window`` and ``samples`` unused), "off" (measured terms) or "auto" ("fisher" for
+            standard errors are over the calibration batches, not ``splits``, and one batch gives
+            none: every pair is kept; ``reuse``, ``window``, ``samples`` and ``top_pairs``
+            unused), "off" (measured terms) or "auto" ("fisher" for
             a causal-LM task with ``loss="kl"`` on a model with repeated blocks, else "off").
         fisher_samples: sampled label sets (backward passes) per batch for "fisher".
     """
@@ -214,11 +215,12 @@ def psd_keep_diagonal(g: np.ndarray, iters: int = 200, tol: float = 1e-10) -> np
 
 def shrink_pairs(pairs: np.ndarray, se: np.ndarray, snr: float) -> np.ndarray:
     """Set to 0 the pair terms within noise: ``|Ω| < snr · SE(Ω)`` (``snr`` = 0 keeps them all).
+    A term without a standard error (NaN: one batch) cannot be tested and is kept.
 
-    >>> shrink_pairs(np.array([1.0, -0.1, 0.3]), np.array([0.1, 0.1, 0.2]), 2.0).tolist()
-    [1.0, 0.0, 0.0]
+    >>> shrink_pairs(np.array([1.0, -0.1, 0.3, 0.2]), np.array([0.1, 0.1, 0.2, np.nan]), 2.0).tolist()
+    [1.0, 0.0, 0.0, 0.2]
     """
-    return np.where(np.abs(pairs) >= snr * se, pairs, 0.0)
+    return np.where(np.isnan(se) | (np.abs(pairs) >= snr * se), pairs, 0.0)
 
 
 def repaired(g: np.ndarray, repair: str | bool) -> np.ndarray:
@@ -486,6 +488,8 @@ def _fisher_terms(
             min_batches=cfg.splits,
         )
     sens.meta["loss"] = cfg.loss
+    if sens.pairs_se is not None and bool(torch.isnan(sens.pairs_se).all()):  # one batch: no noise test
+        return sens, None, None
     return sens, sens.se, sens.pairs_se
 
 
