@@ -428,6 +428,33 @@ def claims(data: JSON) -> Lines:
     return out
 
 
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def llm(data: JSON) -> Lines:
+    """Causal-LM rows (bench/llm.py): perplexity, bits, PTQ and search seconds, peak memory."""
+    rows = []
+    for name, r in data["rows"].items():
+        value = r.get("perplexity") if "perplexity" in r else r.get("mean_cosine")
+        if r.get("status", "done") != "done" or value is None:
+            continue
+        ptq_s = sum(p.get("seconds", 0.0) for p in r.get("ptq") or []) or None
+        rss = r.get("peak_rss_mb", r.get("peak_rss_mb_so_far"))
+        rows.append(
+            [
+                f"`{name}`",
+                _num(value, ".2f" if "perplexity" in r else ".4f"),
+                _num(r.get("avg_weight_bits"), ".3f"),
+                _num(ptq_s, ".0f"),
+                _num(r.get("search_seconds"), ".0f"),
+                _num(None if rss is None else rss / 1024, ".1f"),
+            ]
+        )
+    metric_name = "mean cosine" if any("mean_cosine" in r for r in data["rows"].values()) else "perplexity"
+    return table(["row", metric_name, "avg weight bits", "PTQ s", "search s", "peak RSS GB"], rows)
+
+
 BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "uniform": uniform,
     "run_all": run_all,
@@ -442,6 +469,9 @@ BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "deploy": deploy,
     "deploy_speed": deploy_speed,
     "claims": claims,
+    "llm": llm,
+    "llm_mixed": llm,
+    "llm_minilm": llm,
 }
 
 
