@@ -68,6 +68,17 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_rows(name: str, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to bench/results/NAME.json whole or not at all (a temporary file renamed):
+    the row-by-row benchmarks rewrite their file after each row, and another process may read it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 MEASURES = ("metric", "avg_weight_bits", "size_bytes", "bops", "seconds", "eval_seconds")
 
 

@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import RESULTS, provenance
+from bench.common import RESULTS, provenance, write_rows
 
 NAME = "llm"
 SETTINGS = ("w8g64", "w4g128", "w4g32", "w3g32")
@@ -217,12 +217,8 @@ def save_row(name: str, rec: dict[str, Any], out: str = NAME) -> dict[str, Any]:
     """Add one row to the results file as it is now (another bench.llm process may add others)."""
     doc = load_results(out)
     doc["rows"][name] = rec
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc["provenance"] = provenance()
-    path = RESULTS / f"{out}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    write_rows(out, doc)
     return doc
 
 

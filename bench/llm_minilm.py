@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import RESULTS, provenance
+from bench.common import RESULTS, provenance, write_rows
 
 NAME = "llm_minilm"
 UNIFORM = ("w4g32", "w4g32+asym", "w4g128+asym", "w6", "w6+asym", "w6g128+asym")
@@ -110,11 +110,7 @@ def save_row(name: str, rec: dict[str, Any]) -> dict[str, Any]:
     doc["provenance"] = provenance()
     doc["goals"] = {str(k): v for k, v in GOALS.items()}
     doc["val_sentences"], doc["calib_sentences"] = VAL, CALIB
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    write_rows(NAME, doc)
     return doc
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixq
-from bench.common import RESULTS, provenance
+from bench.common import RESULTS, provenance, write_rows
 
 NAME = "onnx_unseen"
 # t (expansion), c (channels), n (blocks), s (first stride): MobileNetV2's table 2
@@ -236,10 +236,7 @@ def main() -> None:
         doc["model"] = (
             "MobileNetV2 1.0 (random He-normal weights, BN stats of the inputs, log-normal BN scales)"
         )
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(path)
+        write_rows(NAME, doc)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return 2 * x.double().T @ x.double() / x.shape[0]
 
 
-def paper_gptq(w, h, grid: gptq.ColumnGrid, damp: float, order) -> torch.Tensor:
-    """Fixed-order OBQ (GPTQ eq. 2-3, float64, no Cholesky, no blocks): quantize column q, then
+def obq(w, h, damp: float, order, params, qmin: int, qmax: int) -> torch.Tensor:
+    """Fixed-order OBQ (GPTQ eq. 2-3, float64, no Cholesky, no blocks): quantize column q with
+    ``params(q, w)`` (its scale and zero point [out], ``w`` as updated so far), then
     ``delta = -(w_q - quant(w_q)) / [H^-1]_qq * H^-1_{:,q}`` and remove q from ``H^-1`` by
     ``H^-1 - H^-1_{:,q} H^-1_{q,:} / [H^-1]_qq``."""
     w = w.double().clone()
@@ -41,13 +42,18 @@ def paper_gptq(w, h, grid: gptq.ColumnGrid, damp: float, order) -> torch.Tensor:
     hinv = torch.linalg.inv(h)
     q = torch.zeros_like(w)
     for j in order:
-        s, z = grid.scale[:, j], grid.zero[:, j]
-        code = torch.clamp(torch.round(w[:, j].float() / s) + z, grid.qmin, grid.qmax)
+        s, z = params(j, w)
+        code = torch.clamp(torch.round(w[:, j].float() / s) + z, qmin, qmax)
         q[:, j] = ((code - z) * s).double()
         e = (w[:, j] - q[:, j]) / hinv[j, j]
         w -= e[:, None] * hinv[j][None, :]
         hinv = hinv - torch.outer(hinv[:, j], hinv[j]) / hinv[j, j]
     return q.float()
+
+
+def paper_gptq(w, h, grid: gptq.ColumnGrid, damp: float, order) -> torch.Tensor:
+    """OBQ on a fixed grid."""
+    return obq(w, h, damp, order, lambda j, _w: (grid.scale[:, j], grid.zero[:, j]), grid.qmin, grid.qmax)
 
 
 @pytest.mark.parametrize("cand", ["w2", "w2+asym", "w3g2", "w2g2+asym", "w3+mse"])
@@ -70,29 +76,19 @@ def test_gptq_equals_the_transcribed_update_equations(cand, act_order):
 
 
 def paper_gptq_dynamic(w, h, spec, damp: float) -> torch.Tensor:
-    """Fixed-order OBQ as ``paper_gptq``, every update applied at once; at the first column of
-    each group, the group's scale and zero point from the spec's range method on the columns
-    as updated so far (the row's last group zero-padded, as fake.to_rows pads it)."""
+    """OBQ with every update applied at once; at the first column of each group, the group's
+    scale and zero point from the spec's range method on the columns as updated so far (the
+    row's last group zero-padded, as fake.to_rows pads it)."""
     g = spec.group_size
-    w = w.double().clone()
-    h = h.double().clone()
-    d = h.diagonal()
-    d[d == 0] = 1
-    h += damp * d.mean() * torch.eye(h.shape[0], dtype=torch.float64)
-    hinv = torch.linalg.inv(h)
-    q = torch.zeros_like(w)
-    qmin, qmax = fake.int_grid(spec.fmt, spec.symmetric)
-    for j in range(w.shape[1]):
+    current = {}
+
+    def params(j, w):
         if j % g == 0:
             cols = w[:, j : j + g].float()
-            cols = torch.nn.functional.pad(cols, (0, g - cols.shape[1]))
-            s, z = fake.calibrate_rows(cols, spec)
-        code = torch.clamp(torch.round(w[:, j].float() / s) + z, qmin, qmax)
-        q[:, j] = ((code - z) * s).double()
-        e = (w[:, j] - q[:, j]) / hinv[j, j]
-        w -= e[:, None] * hinv[j][None, :]
-        hinv = hinv - torch.outer(hinv[:, j], hinv[j]) / hinv[j, j]
-    return q.float()
+            current["sz"] = fake.calibrate_rows(torch.nn.functional.pad(cols, (0, g - cols.shape[1])), spec)
+        return current["sz"]
+
+    return obq(w, h, damp, range(w.shape[1]), params, *fake.int_grid(spec.fmt, spec.symmetric))
 
 
 @pytest.mark.parametrize("cand", ["w2g3", "w3g2+asym", "w2g4+asym+mse"])

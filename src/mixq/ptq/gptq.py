@@ -279,8 +279,9 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     gram = wq_site.gram.float() if wq_site.gram is not None else None
     grid = column_grid(w, spec, gram)
     regroup = dynamic(spec, cfg)
+    static = grid  # round-to-nearest's grid (the one GPTQ fills when its groups are dynamic)
     if regroup is not None:  # filled in group by group (the static grid gives round-to-nearest's error)
-        static, grid = grid, ColumnGrid(grid.scale.clone(), grid.zero.clone(), grid.qmin, grid.qmax)
+        grid = ColumnGrid(grid.scale.clone(), grid.zero.clone(), grid.qmin, grid.qmax)
     flat = w.reshape(w.shape[0], -1).float()
     per = flat.shape[0] // h.shape[0]
     # A bfloat16/float16 weight reaches its site in float32 (mixq.nn.LOW_PRECISION): so is it keyed.
@@ -291,12 +292,12 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
         for r0 in range(g * per, (g + 1) * per, ROWS):
             rows = slice(r0, min(r0 + ROWS, (g + 1) * per))
             sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)  # views
-            rtn = sub if regroup is None else ColumnGrid(static.scale[rows], static.zero[rows], 0, 0)
+            rtn = ColumnGrid(static.scale[rows], static.zero[rows], static.qmin, static.qmax)
             q = quantize_matrix(
                 flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order, regroup=regroup
             )
             wq[rows] = q
-            near = torch.clamp(torch.round(flat[rows] / rtn.scale) + rtn.zero, sub.qmin, sub.qmax)
+            near = torch.clamp(torch.round(flat[rows] / rtn.scale) + rtn.zero, rtn.qmin, rtn.qmax)
             near = (near - rtn.zero) * rtn.scale  # fake.quantize_rows' operations
             err["rtn"] += output_error(flat[rows], near, h[g][None])
             err["gptq"] += output_error(flat[rows], q, h[g][None])
