@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,31 @@ MODES = ("block", "joint")
 def _rademacher(shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     v = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
     return (2 * v - 1).to(device=like.device, dtype=like.dtype)
+
+
+def _batches(task: Task, batches: Sequence[Any] | None, n_samples: int, what: str) -> list[Any]:
+    """The batches to estimate on (the task's calibration batches by default), checked."""
+    batches = list(task.calib if batches is None else batches)
+    if not batches:
+        raise ValueError(f"{what} needs at least one batch")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    return batches
+
+
+@contextmanager
+def _trainable_weights(qmodel: nn.Module, layers: list[str]) -> Iterator[list[torch.Tensor]]:
+    """The layers' weights with ``requires_grad`` on; the flags are restored on exit."""
+    qlayers = check_layers(qmodel, layers)
+    weights = [qlayers[n].weight for n in layers]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield weights
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
 
 
 def hutchinson_trace(
@@ -115,19 +141,10 @@ def hutchinson_samples(
     """
     if mode not in MODES:
         raise ValueError(f"unknown Hutchinson mode {mode!r}; valid: {', '.join(MODES)}")
-    qlayers = check_layers(qmodel, layers)
-    batches = list(task.calib if batches is None else batches)
-    if not batches:
-        raise ValueError("hutchinson_trace needs at least one batch")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be positive, got {n_samples}")
-    weights = [qlayers[n].weight for n in layers]
-    flags = [w.requires_grad for w in weights]
+    batches = _batches(task, batches, n_samples, "hutchinson_trace")
     gen = torch.Generator().manual_seed(seed)
     sums: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer, per-vector estimates
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with _trainable_weights(qmodel, layers) as weights:
         steps = len(layers) if mode == "block" else n_samples
         bar = Bar(len(batches) * steps, "hutchinson trace", unit="layer" if mode == "block" else "vector")
         # Double back-propagation needs the math attention kernel: the fused CPU kernels of
@@ -155,9 +172,6 @@ def hutchinson_samples(
                         )
                         sums[i].append((hv.double() * v.double()).flatten(1).sum(1))  # [m]
                     bar.update()
-    finally:
-        for w, flag in zip(weights, flags, strict=True):
-            w.requires_grad_(flag)
     samples = {n: torch.cat(s) for n, s in zip(layers, sums, strict=True)}
     log.debug("Hutchinson traces: %s", {n: float(v.mean()) for n, v in samples.items()})
     return samples
@@ -184,19 +198,10 @@ def fisher_trace_samples(
     """
     from mixq.tasks import logits_of
 
-    qlayers = check_layers(qmodel, layers)
-    batches = list(task.calib if batches is None else batches)
-    if not batches:
-        raise ValueError("the Fisher trace needs at least one batch")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be positive, got {n_samples}")
-    weights = [qlayers[n].weight for n in layers]
-    flags = [w.requires_grad for w in weights]
+    batches = _batches(task, batches, n_samples, "the Fisher trace")
     gen = torch.Generator().manual_seed(seed)
     sums: list[list[float]] = [[] for _ in layers]
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with _trainable_weights(qmodel, layers) as weights:
         bar = Bar(len(batches) * n_samples, "fisher trace", unit="sample")
         with applied(qmodel, {}), torch.enable_grad(), bar:
             for batch in batches:
@@ -211,9 +216,6 @@ def fisher_trace_samples(
                         sums[i].append(float(g.double().pow(2).sum()) / logp.shape[0])
                     bar.update()
                 del out, logp, probs
-    finally:
-        for w, flag in zip(weights, flags, strict=True):
-            w.requires_grad_(flag)
     return {n: torch.tensor(v, dtype=torch.float64) for n, v in zip(layers, sums, strict=True)}
 
 
