@@ -455,11 +455,20 @@ def _names(candidates: Sequence[Any]) -> list[str]:
 
 
 def _top(candidates: Sequence[Any]) -> str:
-    """The most precise candidate: the most weight bits (float weights most), the last on ties."""
+    """The most precise candidate: the most weight bits, then the most activation bits (float most),
+    the last on ties.
+
+    >>> _top(["w8a8", "w4a8", "w8a4"]), _top(["w8a4", "w8a8", "w4"]), _top(["w8a8", "w8", "w2"])
+    ('w8a8', 'w8a8', 'w8')
+    """
+
+    def bits(q: Any) -> float:
+        return math.inf if q is None else float(getattr(q, "bits", math.inf))
+
     specs = [as_layer_spec(c) for c in candidates]
-    bits = [math.inf if s.weight is None else float(getattr(s.weight, "bits", math.inf)) for s in specs]
-    best = max(bits)
-    return [s.name for s, b in zip(specs, bits, strict=True) if b == best][-1]
+    keys = [(bits(s.weight), bits(s.act)) for s in specs]
+    best = max(keys)
+    return [s.name for s, k in zip(specs, keys, strict=True) if k == best][-1]
 
 
 def uses_fisher(ctx: Context, cfg: Config) -> bool:
