@@ -1,0 +1,336 @@
+"""Branch-and-bound on a quadratic convex reformulation of the pairwise problem (QCR).
+
+Papers: A. Billionnet and S. Elloumi, "Using a mixed integer quadratic programming solver for
+the unconstrained quadratic 0-1 problem", Math. Program. 109 (2007) 55-68; A. Billionnet,
+S. Elloumi and A. Lambert, "Extending the QCR method to general mixed-integer programs", Math.
+Program. 131 (2012) 381-401.
+
+The binary quadratic program of `mixq.search.terms` (``f(x) = sᵀx + ½ xᵀHx``, one-hot rows,
+budget rows) is perturbed by terms that vanish on every feasible choice: ``u_i (x_i² − x_i)``,
+the products ``x_j (Σ_a x_(l,a) − 1)`` of the one-hot rows with the variables, and the
+within-layer products ``x_(l,a) x_(l,b)`` (``a ≠ b``). QCR picks the perturbation from the dual
+of the semidefinite relaxation so that the perturbed quadratic is convex and its continuous
+minimum equals the relaxation's bound; branch-and-bound on the convex quadratic then lifts that
+bound by fixing layers. Here the multipliers come from `mixq.search.sdp.sdp_bound` (the
+relaxation's dual at the best multipliers found) and the convex function is
+`mixq.search.sdp.dual_cut`: ``q(x) = k0 + gᵀx + ½ xᵀMx`` with ``M ⪰ 0`` and ``q ≤ f`` at every
+feasible choice.
+
+Branch-and-bound (best first): a node fixes some layers to one candidate each; its relaxation is
+``min q(x)`` over ``x ≥ 0``, ``Σ_a x_(l,a) = 1`` (the node's allowed candidates), ``cᵀx ≤ r``
+for every budget. `_Relaxation` solves it approximately (accelerated projected gradient, FISTA:
+Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, on the Lagrangian of the budgets) and bounds it
+exactly for *any* point ``x̄`` and multipliers ``λ ≥ 0``: convexity gives
+
+    min q ≥ q(x̄) − ∇q(x̄)ᵀx̄ + Σ_l min_a (∇q(x̄) + Σ_k λ_k c_k)_(l,a) − Σ_k λ_k r_k,
+
+so a node's bound never depends on how far the iterations got. The node is pruned when this
+bound reaches the incumbent; otherwise it branches on its free layer whose relaxed ``x`` is the
+most fractional, one child per allowed candidate that keeps the budgets reachable. Each node's
+``x̄`` rounded to the largest entry per layer is tried as an incumbent (polished by
+`mixq.search.local.polish` when it improves). The bound returned is the smallest bound of the
+open nodes (the largest of it and the semidefinite bound).
+
+Symbol map (paper -> mixq): ``x`` -> ``x[l, c]`` (padded to ``# [L, C]``, zero where forbidden);
+``q(x) = xᵀQx + cᵀx`` -> ``f`` (`Terms.linear`, `Terms.hessian`); the multipliers ``(α, β)`` of
+the perturbation -> the groups ``u`` (``x_i² = x_i``), ``r`` (one-hot rows times ``x_j``) and
+``w`` (within-layer products) of `mixq.search.sdp`'s dual ``y``; ``q_{α,β}`` -> `Convex` of
+`dual_cut`; the "QCR bound" -> ``SdpBound.bound``.
+
+[DESIGN] The multipliers of the relaxation's inequalities (``X ≥ 0`` and the budget products)
+are kept in ``q``: ``q`` is then a convex *minorant* of ``f`` on the feasible choices (not
+equal to it), whose root bound is the doubly nonnegative bound, stronger than QCR's. The
+branch-and-bound needs only ``q ≤ f`` (leaves are evaluated on ``f``), so nothing is lost.
+[DESIGN] The multipliers are those the first-order dual method reached in its share of the time
+(no interior-point SDP solver is installed); the node relaxations are solved by a first-order
+method, their bounds certified by the inequality above.
+[DESIGN] Problems too large for the semidefinite bound (`mixq.search.sdp.MAX_VARIABLES`) use
+the convex form `Terms.convex` (uniform shift after `Terms.completion`), exact at every choice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixq.search.local import polish
+from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
+from mixq.search.terms import Convex, Terms
+
+__all__ = ["ROOT_SHARE", "qcr"]
+
+ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest branches
+CHECK = 10  # FISTA iterations between two node bounds
+MAX_ITERATIONS = 300  # FISTA iterations per node at most
+
+
+@dataclass
+class _Quadratic:
+    """``q(x) = k0 + gᵀx + ½ xᵀMx`` over the padded ``x`` ``# [L·C]`` (zero where forbidden)."""
+
+    k0: float
+    g: np.ndarray  # [L*C]
+    m: np.ndarray  # [L*C, L*C], PSD
+    lipschitz: float  # largest eigenvalue of m
+
+    @classmethod
+    def of(cls, cv: Convex, t: Terms) -> _Quadratic:
+        """Pad ``cv`` (over `Terms`' variables) to every (layer, candidate)."""
+        L, C = t.problem.allowed.shape
+        vl = cv.V * cv.lam  # [n, r]
+        m_n = vl @ cv.V.T
+        g_n = cv.g - vl @ cv.offset
+        k0 = cv.c0 + 0.5 * float((cv.lam * cv.offset**2).sum())
+        idx = t.layer * C + t.cand
+        g = np.zeros(L * C)
+        g[idx] = g_n
+        m = np.zeros((L * C, L * C))
+        m[np.ix_(idx, idx)] = 0.5 * (m_n + m_n.T)
+        top = float(cv.lam.max()) if cv.lam.size else 0.0
+        return cls(k0=float(k0), g=g, m=m, lipschitz=max(top, 1e-300))
+
+    def value(self, x: np.ndarray) -> float:
+        return float(self.k0 + self.g @ x + 0.5 * x @ (self.m @ x))
+
+
+def _project(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row of ``y`` ``# [L, C]`` onto the simplex of its ``mask``."""
+    v = np.where(mask, y, -np.inf)
+    u = -np.sort(-v, axis=1)
+    with np.errstate(invalid="ignore"):
+        css = np.cumsum(u, axis=1) - 1.0
+        k = np.arange(1, y.shape[1] + 1)
+        rho = (u - css / k > 0).sum(axis=1)  # the condition holds on a prefix of the sorted row
+    theta = css[np.arange(y.shape[0]), rho - 1] / rho
+    return np.where(mask, np.maximum(v - theta[:, None], 0.0), 0.0)
+
+
+class _Relaxation:
+    """Node relaxations of ``min q`` over the one-hot simplices and the budget rows."""
+
+    def __init__(self, problem: Problem, t: Terms, quad: _Quadratic) -> None:
+        self.problem, self.t, self.quad = problem, t, quad
+        L, C = problem.allowed.shape
+        self.shape = (L, C)
+        rows, rhs = [], []
+        for name, budget in problem.budgets.items():
+            if not math.isfinite(budget):
+                continue
+            cost = np.where(problem.allowed, problem.cost_arrays[name], 0.0)
+            low = np.where(problem.allowed, cost, np.inf).min(axis=1)
+            shifted = np.where(problem.allowed, cost - low[:, None], 0.0)
+            top = float(shifted.max())
+            if top > 0:
+                room = float(budget) + budget_tolerance(float(budget)) - float(low.sum())
+                rows.append(shifted / top)
+                rhs.append(room / top)
+        self.costs = np.array(rows).reshape(len(rows), L, C)  # [K, L, C]
+        self.rhs = np.array(rhs)  # [K]
+
+    def reachable(self, mask: np.ndarray) -> bool:
+        """Whether every budget alone admits a choice within ``mask``."""
+        big = np.where(mask[None], self.costs, np.inf)
+        return bool((big.min(axis=2).sum(axis=1) <= self.rhs + 1e-12).all())
+
+    def _best_lambda(self, d: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """``max_λ Σ_l min_a (d + Σ λ_k c_k) − λᵀr`` by coordinate bisection; the value and λ."""
+        lam = lam.copy()
+
+        def h(lam_: np.ndarray) -> tuple[float, np.ndarray]:
+            z = np.where(mask, d + np.tensordot(lam_, self.costs, axes=1), np.inf)
+            a = z.argmin(axis=1)
+            rows = np.arange(z.shape[0])
+            used = self.costs[:, rows, a].sum(axis=1)  # [K] a supergradient's cost part
+            return float(z[rows, a].sum() - lam_ @ self.rhs), used - self.rhs
+
+        for _ in range(2 if len(self.rhs) > 1 else 1):
+            for k in range(len(self.rhs)):
+                lo, hi = 0.0, max(1.0, 2.0 * lam[k])
+                lam[k] = 0.0
+                if h(lam)[1][k] <= 0:
+                    continue  # the budget does not bind at λ_k = 0
+                for _ in range(60):
+                    lam[k] = hi
+                    if h(lam)[1][k] <= 0:
+                        break
+                    lo, hi = hi, 2.0 * hi
+                for _ in range(40):
+                    lam[k] = 0.5 * (lo + hi)
+                    if h(lam)[1][k] > 0:
+                        lo = lam[k]
+                    else:
+                        hi = lam[k]
+                lam[k] = lo
+                at_lo = h(lam)[0]
+                lam[k] = hi
+                if h(lam)[0] < at_lo:
+                    lam[k] = lo
+        return h(lam)[0], lam
+
+    def bound(self, x: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """The certified lower bound of the module docstring at ``x`` ``# [L·C]``; and the best λ."""
+        q = self.quad
+        grad = q.g + q.m @ x
+        base = q.k0 + q.g @ x + 0.5 * x @ (grad - q.g) - grad @ x
+        value, lam = self._best_lambda(grad.reshape(self.shape), mask, lam)
+        return base + value, lam
+
+    def solve(
+        self, mask: np.ndarray, x0: np.ndarray, lam: np.ndarray, stop: float, deadline: float
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """FISTA on the Lagrangian with λ renewed at each bound; returns (best bound, x, λ).
+
+        Stops at ``stop`` (the bound reaches the incumbent), when the bound stalls, after
+        `MAX_ITERATIONS` or at ``deadline``.
+        """
+        q = self.quad
+        step = 1.0 / q.lipschitz
+        x = _project(x0.reshape(self.shape), mask).reshape(-1)
+        best, lam = self.bound(x, mask, lam)
+        y, tk = x.copy(), 1.0
+        scale = max(abs(best), 1e-12)
+        previous = best
+        for it in range(1, MAX_ITERATIONS + 1):
+            grad = q.g + q.m @ y + np.tensordot(lam, self.costs, axes=1).reshape(-1)
+            x_new = _project((y - step * grad).reshape(self.shape), mask).reshape(-1)
+            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * tk * tk))
+            y = x_new + ((tk - 1.0) / t_new) * (x_new - x)
+            x, tk = x_new, t_new
+            if it % CHECK:
+                continue
+            value, lam_new = self.bound(x, mask, lam)
+            if not np.allclose(lam_new, lam):
+                y, tk = x.copy(), 1.0  # restart the momentum when the multipliers move
+            lam = lam_new
+            best = max(best, value)
+            if best >= stop or time.perf_counter() > deadline:
+                break
+            if best - previous <= 1e-6 * scale and it >= 3 * CHECK:
+                break
+            previous = best
+        return best, x, lam
+
+
+@dataclass(order=True)
+class _Node:
+    bound: float
+    depth: int  # negated: deeper first among equal bounds
+    order: int
+    mask: np.ndarray
+    x: np.ndarray
+    lam: np.ndarray
+
+
+def _convex_minorant(problem: Problem, t: Terms, seconds: float | None) -> tuple[Convex, float, str]:
+    """The semidefinite dual cut (and its bound), or the exact convex form when none is at hand."""
+    from mixq.search.sdp import sdp_bound
+
+    root = sdp_bound(problem, seconds)
+    if root.cut is not None:
+        return root.cut, root.bound, f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
+    cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
+    return cv, -math.inf, "convex form (no sdp multipliers)"
+
+
+def qcr(
+    problem: Problem,
+    time_limit: float | None = None,
+    warm_start: list[int] | None = None,
+    root_share: float = ROOT_SHARE,
+    max_nodes: int | None = None,
+) -> Solution:
+    """Minimize ``f(x)`` under the budgets by branch-and-bound on the convexified objective.
+
+    Args:
+        problem: The problem (pairs optional).
+        time_limit: Seconds for everything; None runs to proven optimality.
+        warm_start: A feasible choice per layer, the first incumbent (greedy + local search
+            otherwise).
+        root_share: Share of ``time_limit`` for the semidefinite multipliers, in (0, 1).
+        max_nodes: Stop after this many nodes (None: no limit).
+
+    Returns:
+        A `Solution`: status "optimal" when every node was pruned, else "time_limit"; the
+        bound is the smallest open node's, at least the semidefinite bound.
+
+    Raises:
+        ValueError: ``root_share`` not in (0, 1).
+        InfeasibleBudgetError: Some budget is below its smallest feasible value.
+    """
+    start = time.perf_counter()
+    if not 0.0 < root_share < 1.0:
+        raise ValueError(f"root_share must be in (0, 1), got {root_share!r}")
+    check_budgets(problem)
+    deadline = math.inf if time_limit is None else start + time_limit
+    t = Terms(problem)
+    incumbent = _first_incumbent(problem, warm_start)
+    value = problem.objective(incumbent)
+    cv, sdp_value, note = _convex_minorant(problem, t, None if time_limit is None else root_share * time_limit)
+    relax = _Relaxation(problem, t, _Quadratic.of(cv, t))
+    L, C = problem.allowed.shape
+    counter = itertools.count()
+    x0 = np.where(problem.allowed, 1.0, 0.0).reshape(-1)
+    heap = [_Node(-math.inf, 0, next(counter), problem.allowed.copy(), x0, np.zeros(len(relax.rhs)))]
+    pruned = math.inf  # the smallest bound of a pruned node
+    nodes = 0
+
+    def tol(v: float) -> float:
+        return 1e-9 * max(abs(v), 1e-12)
+
+    while heap and time.perf_counter() < deadline and (max_nodes is None or nodes < max_nodes):
+        node = heapq.heappop(heap)
+        if node.bound >= value - tol(value):
+            pruned = min(pruned, node.bound)
+            continue
+        nodes += 1
+        bound, x, lam = relax.solve(node.mask, node.x, node.lam, value - tol(value), deadline)
+        bound = max(bound, node.bound)
+        choice = _round(x.reshape(L, C), node.mask)
+        if problem.is_feasible(choice) and problem.objective(choice) < value:
+            incumbent = polish(problem, choice)
+            value = problem.objective(incumbent)
+        if bound >= value - tol(value):
+            pruned = min(pruned, bound)
+            continue
+        free = np.flatnonzero(node.mask.sum(axis=1) > 1)
+        if free.size == 0:  # a single choice: rounded above (an incumbent if feasible and better)
+            continue
+        xs = x.reshape(L, C)
+        layer = int(free[np.argmax(1.0 - xs[free].max(axis=1) + 1e-9 * np.arange(free.size)[::-1])])
+        for cand in np.argsort(-xs[layer]):
+            if not node.mask[layer, cand]:
+                continue
+            mask = node.mask.copy()
+            mask[layer] = False
+            mask[layer, cand] = True
+            if relax.reachable(mask):
+                heapq.heappush(heap, _Node(bound, node.depth - 1, next(counter), mask, x, lam))
+    if heap:
+        bound = min(min(n.bound for n in heap), pruned)
+    else:
+        bound = min(pruned, value)
+    bound = min(max(bound, sdp_value), value)
+    gap = relative_gap(value, bound)
+    status = "optimal" if not heap or gap <= 1e-9 else "time_limit"
+    note = f"qcr: {note}; {nodes} nodes, {len(heap)} open"
+    return problem.solution(incumbent, status, 0.0 if status == "optimal" else gap,
+                            time.perf_counter() - start, bound=bound, note=note)
+
+
+def _round(x: np.ndarray, mask: np.ndarray) -> list[int]:
+    """The largest allowed entry of each layer."""
+    return [int(a) for a in np.where(mask, x, -np.inf).argmax(axis=1)]
+
+
+def _first_incumbent(problem: Problem, warm_start: list[int] | None) -> list[int]:
+    from mixq.search.greedy import greedy
+
+    pool = [greedy(problem).choices]
+    if warm_start is not None and problem.is_feasible(warm_start):
+        pool.append(problem.check_choices(warm_start))
+    return polish(problem, min(pool, key=problem.objective))
