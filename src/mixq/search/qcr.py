@@ -60,13 +60,15 @@ import numpy as np
 
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
+from mixq.search.sdp import Slack, sdp_bound
 from mixq.search.terms import Convex, Terms
 
 __all__ = ["ROOT_SHARE", "qcr"]
 
 ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest branches
 CHECK = 10  # FISTA iterations between two node bounds
-MAX_ITERATIONS = 300  # FISTA iterations per node at most
+MAX_ITERATIONS = 2000  # FISTA iterations per node at most
+PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
 
 
 @dataclass
@@ -98,7 +100,7 @@ class _Quadratic:
         return float(self.k0 + self.g @ x + 0.5 * x @ (self.m @ x))
 
 
-def _project(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _simplex(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Euclidean projection of each row of ``y`` ``# [L, C]`` onto the simplex of its ``mask``."""
     v = np.where(mask, y, -np.inf)
     u = -np.sort(-v, axis=1)
@@ -108,6 +110,40 @@ def _project(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rho = (u - css / k > 0).sum(axis=1)  # the condition holds on a prefix of the sorted row
     theta = css[np.arange(y.shape[0]), rho - 1] / rho
     return np.where(mask, np.maximum(v - theta[:, None], 0.0), 0.0)
+
+
+def _project(
+    y: np.ndarray, mask: np.ndarray, cost: np.ndarray | None, room: float, lam: float
+) -> tuple[np.ndarray, float]:
+    """Projection onto the simplices of ``mask`` and ``Σ cost·x ≤ room`` (``cost ≥ 0``); and its λ.
+
+    ``x(λ) = simplex(y − λ·cost)``; λ is the root of ``cost·x(λ) = room`` (0 when the budget is
+    slack), found by Newton steps on the support of ``x(λ)`` (the function is piecewise linear)
+    kept inside a bracket, warm-started from ``lam``.
+    """
+    x = _simplex(y, mask)
+    if cost is None or float((cost * x).sum()) <= room:
+        return x, 0.0
+    lo, hi = 0.0, math.inf
+    lam = max(lam, 0.0)
+    for _ in range(60):
+        x = _simplex(y - lam * cost, mask)
+        excess = float((cost * x).sum()) - room
+        if abs(excess) <= 1e-12 * (1.0 + abs(room)):
+            break
+        if excess > 0:
+            lo = lam
+        else:
+            hi = lam
+        support = x > 0
+        count = np.maximum(support.sum(axis=1), 1)
+        row = (cost * support).sum(axis=1)
+        slope = float((cost * cost * support).sum() - (row * row / count).sum())
+        step = lam + excess / slope if slope > 1e-15 else math.nan
+        if not lo < step < hi:
+            step = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lam + 1.0
+        lam = step
+    return x, lam
 
 
 class _Relaxation:
@@ -137,82 +173,119 @@ class _Relaxation:
         big = np.where(mask[None], self.costs, np.inf)
         return bool((big.min(axis=2).sum(axis=1) <= self.rhs + 1e-12).all())
 
+    def _h(self, d: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """``Σ_l min_a (d + Σ_k λ_k c_k) − λᵀr`` and its supergradient in λ."""
+        z = np.where(mask, d + np.tensordot(lam, self.costs, axes=1), np.inf)
+        a = z.argmin(axis=1)
+        rows = np.arange(z.shape[0])
+        used = self.costs[:, rows, a].sum(axis=1)  # [K]
+        return float(z[rows, a].sum() - lam @ self.rhs), used - self.rhs
+
     def _best_lambda(self, d: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
-        """``max_λ Σ_l min_a (d + Σ λ_k c_k) − λᵀr`` by coordinate bisection; the value and λ."""
+        """``max_λ≥0 h(λ)``: exactly over the breakpoints for one budget, else by coordinate bisection.
+
+        Any λ gives a valid bound; the maximum gives the linear program's value.
+        """
+        if len(self.rhs) == 1:
+            return self._one_budget(d, mask)
         lam = lam.copy()
-
-        def h(lam_: np.ndarray) -> tuple[float, np.ndarray]:
-            z = np.where(mask, d + np.tensordot(lam_, self.costs, axes=1), np.inf)
-            a = z.argmin(axis=1)
-            rows = np.arange(z.shape[0])
-            used = self.costs[:, rows, a].sum(axis=1)  # [K] a supergradient's cost part
-            return float(z[rows, a].sum() - lam_ @ self.rhs), used - self.rhs
-
-        for _ in range(2 if len(self.rhs) > 1 else 1):
+        for _ in range(2):
             for k in range(len(self.rhs)):
-                lo, hi = 0.0, max(1.0, 2.0 * lam[k])
                 lam[k] = 0.0
-                if h(lam)[1][k] <= 0:
+                if self._h(d, mask, lam)[1][k] <= 0:
                     continue  # the budget does not bind at λ_k = 0
+                lo, hi = 0.0, 1.0
                 for _ in range(60):
                     lam[k] = hi
-                    if h(lam)[1][k] <= 0:
+                    if self._h(d, mask, lam)[1][k] <= 0:
                         break
                     lo, hi = hi, 2.0 * hi
                 for _ in range(40):
                     lam[k] = 0.5 * (lo + hi)
-                    if h(lam)[1][k] > 0:
+                    if self._h(d, mask, lam)[1][k] > 0:
                         lo = lam[k]
                     else:
                         hi = lam[k]
                 lam[k] = lo
-                at_lo = h(lam)[0]
+                at_lo = self._h(d, mask, lam)[0]
                 lam[k] = hi
-                if h(lam)[0] < at_lo:
+                if self._h(d, mask, lam)[0] < at_lo:
                     lam[k] = lo
-        return h(lam)[0], lam
+        return self._h(d, mask, lam)[0], lam
 
-    def bound(self, x: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
-        """The certified lower bound of the module docstring at ``x`` ``# [L·C]``; and the best λ."""
+    def _one_budget(self, d: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """``max_λ≥0 h(λ)`` for one budget: ``h`` is concave piecewise linear, its maximum at 0 or
+        at a breakpoint ``λ = (d_a − d_b) / (c_b − c_a)`` of some layer, all evaluated at once."""
+        c = self.costs[0]
+        dm = np.where(mask, d, np.inf)
+        cm = np.where(mask, c, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            points = (dm[:, :, None] - dm[:, None, :]) / (cm[:, None, :] - cm[:, :, None])  # [L, C, C]
+        points = np.unique(points[np.isfinite(points) & (points > 0)])
+        lams = np.concatenate([[0.0], points])  # [P]
+        z = dm[None] + lams[:, None, None] * c[None]  # [P, L, C]
+        values = z.min(axis=2).sum(axis=1) - lams * self.rhs[0]
+        best = int(np.argmax(values))
+        return float(values[best]), lams[best : best + 1].copy()
+
+    def bound(
+        self, x: np.ndarray, mask: np.ndarray, lam: np.ndarray, shift: tuple[float, np.ndarray]
+    ) -> tuple[float, float, np.ndarray]:
+        """The certified bound of the module docstring at ``x`` ``# [L·C]``; ``q(x)`` and the best λ.
+
+        ``shift = (k, h)`` adds ``k + hᵀx`` to ``q`` (the node's restored slack).
+        """
         q = self.quad
-        grad = q.g + q.m @ x
-        base = q.k0 + q.g @ x + 0.5 * x @ (grad - q.g) - grad @ x
-        value, lam = self._best_lambda(grad.reshape(self.shape), mask, lam)
-        return base + value, lam
+        grad = q.g + shift[1] + q.m @ x
+        value = q.k0 + shift[0] + float((q.g + shift[1]) @ x) + 0.5 * float(x @ (grad - q.g - shift[1]))
+        h, lam = self._best_lambda(grad.reshape(self.shape), mask, lam)
+        return value - float(grad @ x) + h, value, lam
 
     def solve(
-        self, mask: np.ndarray, x0: np.ndarray, lam: np.ndarray, stop: float, deadline: float
+        self,
+        mask: np.ndarray,
+        x0: np.ndarray,
+        lam: np.ndarray,
+        shift: tuple[float, np.ndarray],
+        stop: float,
+        deadline: float,
+        precision: float = 0.0,
     ) -> tuple[float, np.ndarray, np.ndarray]:
-        """FISTA on the Lagrangian with λ renewed at each bound; returns (best bound, x, λ).
+        """FISTA with the first budget in the projection, the others on their multipliers.
 
-        Stops at ``stop`` (the bound reaches the incumbent), when the bound stalls, after
-        `MAX_ITERATIONS` or at ``deadline``.
+        Returns (best bound, x, λ). Stops at ``stop`` (the bound reaches the incumbent), when
+        ``q(x) − bound ≤ precision``, after `MAX_ITERATIONS` or at ``deadline``.
         """
         q = self.quad
         step = 1.0 / q.lipschitz
-        x = _project(x0.reshape(self.shape), mask).reshape(-1)
-        best, lam = self.bound(x, mask, lam)
+        L, C = self.shape
+        first = self.costs[0] if len(self.rhs) else None
+        room = float(self.rhs[0]) if len(self.rhs) else 0.0
+        lin = q.g + shift[1]
+        pl = float(lam[0]) if len(lam) else 0.0
+        x, pl = _project(x0.reshape(L, C), mask, first, room, pl)
+        x = x.reshape(-1)
+        best, value, lam = self.bound(x, mask, lam, shift)
         y, tk = x.copy(), 1.0
-        scale = max(abs(best), 1e-12)
-        previous = best
         for it in range(1, MAX_ITERATIONS + 1):
-            grad = q.g + q.m @ y + np.tensordot(lam, self.costs, axes=1).reshape(-1)
-            x_new = _project((y - step * grad).reshape(self.shape), mask).reshape(-1)
-            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * tk * tk))
-            y = x_new + ((tk - 1.0) / t_new) * (x_new - x)
-            x, tk = x_new, t_new
+            grad = lin + q.m @ y
+            if len(lam) > 1:
+                grad = grad + np.tensordot(lam[1:], self.costs[1:], axes=1).reshape(-1)
+            x_new, pl = _project((y - step * grad).reshape(L, C), mask, first, room, pl)
+            x_new = x_new.reshape(-1)
+            if float((y - x_new) @ (x_new - x)) > 0:  # gradient restart (O'Donoghue and Candès 2015)
+                y, tk = x_new, 1.0
+            else:
+                t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * tk * tk))
+                y = x_new + ((tk - 1.0) / t_new) * (x_new - x)
+                tk = t_new
+            x = x_new
             if it % CHECK:
                 continue
-            value, lam_new = self.bound(x, mask, lam)
-            if not np.allclose(lam_new, lam):
-                y, tk = x.copy(), 1.0  # restart the momentum when the multipliers move
-            lam = lam_new
-            best = max(best, value)
-            if best >= stop or time.perf_counter() > deadline:
+            bound, value, lam = self.bound(x, mask, lam, shift)
+            best = max(best, bound)
+            if best >= stop or value - best <= precision or time.perf_counter() > deadline:
                 break
-            if best - previous <= 1e-6 * scale and it >= 3 * CHECK:
-                break
-            previous = best
         return best, x, lam
 
 
@@ -226,15 +299,53 @@ class _Node:
     lam: np.ndarray
 
 
-def _convex_minorant(problem: Problem, t: Terms, seconds: float | None) -> tuple[Convex, float, str]:
-    """The semidefinite dual cut (and its bound), or the exact convex form when none is at hand."""
-    from mixq.search.sdp import sdp_bound
+class _Restore:
+    """The slack terms a node can give back to ``q``: those of its fixed layers (`Slack`).
 
+    With ``F`` the variables fixed at 1 (each layer of one allowed candidate), the terms
+    ``z_ij x_i x_j`` with ``i ∈ F`` are ``z_ij x_j`` (linear), and ``(beta_k + Σ_{i∈F} rho_ki)
+    s_k(x)`` is linear: adding them to ``q`` keeps it convex and below ``f`` on the node's
+    choices (the terms left are ``≥ 0`` there), and equal to ``f`` once every layer is fixed.
+    """
+
+    def __init__(self, slack: Slack | None, t: Terms) -> None:
+        L, C = t.problem.allowed.shape
+        self.size = L * C
+        self.slack = slack
+        if slack is None:
+            return
+        idx = t.layer * C + t.cand
+        self.z = np.zeros((L * C, L * C))
+        self.z[np.ix_(idx, idx)] = slack.z
+        self.rho = np.zeros((len(slack.room), L * C))
+        self.rho[:, idx] = slack.rho
+        self.cost = np.zeros((len(slack.room), L * C))
+        self.cost[:, idx] = slack.cost
+
+    def shift(self, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(k, h)``: the restored terms are ``k + hᵀx`` on the node of ``mask``."""
+        if self.slack is None:
+            return 0.0, np.zeros(self.size)
+        fixed = np.flatnonzero(mask.sum(axis=1) == 1)
+        ones = fixed * mask.shape[1] + mask[fixed].argmax(axis=1)
+        h = self.z[ones].sum(axis=0)
+        h[ones] = 0.0
+        weight = self.slack.beta + self.rho[:, ones].sum(axis=1)  # [K]
+        h -= weight @ self.cost
+        k = 0.5 * float(self.z[np.ix_(ones, ones)].sum()) + float(weight @ self.slack.room)
+        return k, h
+
+
+def _convex_minorant(
+    problem: Problem, t: Terms, seconds: float | None
+) -> tuple[Convex, Slack | None, float, str]:
+    """The semidefinite dual cut, its slack and bound, or the exact convex form when none is at hand."""
     root = sdp_bound(problem, seconds)
     if root.cut is not None:
-        return root.cut, root.bound, f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
+        note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
+        return root.cut, root.slack, root.bound, note
     cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
-    return cv, -math.inf, "convex form (no sdp multipliers)"
+    return cv, None, -math.inf, "convex form (no sdp multipliers)"
 
 
 def qcr(
@@ -270,8 +381,10 @@ def qcr(
     t = Terms(problem)
     incumbent = _first_incumbent(problem, warm_start)
     value = problem.objective(incumbent)
-    cv, sdp_value, note = _convex_minorant(problem, t, None if time_limit is None else root_share * time_limit)
+    seconds = None if time_limit is None else root_share * time_limit
+    cv, slack, sdp_value, note = _convex_minorant(problem, t, seconds)
     relax = _Relaxation(problem, t, _Quadratic.of(cv, t))
+    restore = _Restore(slack, t)
     L, C = problem.allowed.shape
     counter = itertools.count()
     x0 = np.where(problem.allowed, 1.0, 0.0).reshape(-1)
@@ -288,7 +401,10 @@ def qcr(
             pruned = min(pruned, node.bound)
             continue
         nodes += 1
-        bound, x, lam = relax.solve(node.mask, node.x, node.lam, value - tol(value), deadline)
+        shift = restore.shift(node.mask)
+        bound, x, lam = relax.solve(
+            node.mask, node.x, node.lam, shift, value - tol(value), deadline, PRECISION * abs(value)
+        )
         bound = max(bound, node.bound)
         choice = _round(x.reshape(L, C), node.mask)
         if problem.is_feasible(choice) and problem.objective(choice) < value:
