@@ -68,6 +68,7 @@ __all__ = ["ROOT_SHARE", "qcr"]
 ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest branches
 CHECK = 10  # FISTA iterations between two node bounds
 MAX_ITERATIONS = 2000  # FISTA iterations per node at most
+FACE = 50  # FISTA iterations between two steps to the minimizer on the current face
 PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
 
 
@@ -286,7 +287,47 @@ class _Relaxation:
             best = max(best, bound)
             if best >= stop or value - best <= precision or time.perf_counter() > deadline:
                 break
+            if len(self.rhs) <= 1 and it % FACE == 0:
+                face = self._face(x, mask, lin)
+                bound, on_face, lam_face = self.bound(face, mask, lam, shift)
+                if on_face <= value:
+                    x, y, tk, lam, value = face, face.copy(), 1.0, lam_face, on_face
+                    best = max(best, bound)
+                    if best >= stop or value - best <= precision:
+                        break
         return best, x, lam
+
+    def _face(self, x: np.ndarray, mask: np.ndarray, lin: np.ndarray) -> np.ndarray:
+        """A step from ``x`` toward the minimizer of ``q`` on its face, as far as ``x ≥ 0`` allows.
+
+        The face: the support of ``x``, each layer's row summing to 1, the budget as an equality
+        when it is tight. Its minimizer solves the KKT system (least squares when singular);
+        ``q`` decreases along the step (convex, minimal at its end).
+        """
+        C = self.shape[1]
+        support = np.flatnonzero((x > 1e-12) & mask.reshape(-1))
+        layers = support // C
+        present = np.unique(layers)
+        a = (layers[None, :] == present[:, None]).astype(float)  # [rows, |S|]
+        b = np.ones(present.size)
+        if len(self.rhs) == 1:
+            cost = self.costs[0].reshape(-1)
+            if float(cost @ x) >= self.rhs[0] - 1e-9 * (1.0 + abs(self.rhs[0])):
+                a = np.vstack([a, cost[support]])
+                b = np.append(b, self.rhs[0])
+        k = support.size
+        kkt = np.zeros((k + a.shape[0], k + a.shape[0]))
+        kkt[:k, :k] = self.quad.m[np.ix_(support, support)]
+        kkt[:k, k:] = a.T
+        kkt[k:, :k] = a
+        rhs = np.concatenate([-lin[support], b])
+        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        step = sol[:k] - x[support]
+        down = step < 0
+        t = min(1.0, float((x[support][down] / -step[down]).min())) if down.any() else 1.0
+        out = x.copy()
+        out[support] = np.maximum(x[support] + t * step, 0.0)
+        return out
 
 
 @dataclass(order=True)
