@@ -61,6 +61,7 @@ import numpy as np
 from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
 from mixq.search.sdp import Slack, sdp_bound
+from mixq.search.sdp import _round as _round_sdp
 from mixq.search.terms import Convex, Terms
 
 __all__ = ["ROOT_SHARE", "qcr"]
@@ -69,6 +70,7 @@ ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest
 CHECK = 10  # FISTA iterations between two node bounds
 MAX_ITERATIONS = 2000  # FISTA iterations per node at most
 FACE = 50  # FISTA iterations between two steps to the minimizer on the current face
+ROUNDINGS = 8  # Gaussian roundings of the relaxation's solution at the root (`mixq.search.sdp`)
 PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
 
 
@@ -377,16 +379,17 @@ class _Restore:
         return k, h
 
 
-def _convex_minorant(
+def _root(
     problem: Problem, t: Terms, seconds: float | None
-) -> tuple[Convex, Slack | None, float, str]:
-    """The semidefinite dual cut, its slack and bound, or the exact convex form when none is at hand."""
+) -> tuple[Convex, Slack | None, float, list[list[int]], str]:
+    """The semidefinite dual cut, its slack, bound and roundings; the exact convex form without."""
     root = sdp_bound(problem, seconds)
     if root.cut is not None:
+        pool = [] if root.x is None else _round_sdp(problem, t, root.x, root.y, samples=ROUNDINGS)
         note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
-        return root.cut, root.slack, root.bound, note
+        return root.cut, root.slack, root.bound, pool, note
     cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
-    return cv, None, -math.inf, "convex form (no sdp multipliers)"
+    return cv, None, -math.inf, [], "convex form (no sdp multipliers)"
 
 
 def qcr(
@@ -423,7 +426,9 @@ def qcr(
     incumbent = _first_incumbent(problem, warm_start)
     value = problem.objective(incumbent)
     seconds = None if time_limit is None else root_share * time_limit
-    cv, slack, sdp_value, note = _convex_minorant(problem, t, seconds)
+    cv, slack, sdp_value, pool, note = _root(problem, t, seconds)
+    incumbent = min([incumbent, *pool], key=problem.objective)
+    value = problem.objective(incumbent)
     relax = _Relaxation(problem, t, _Quadratic.of(cv, t))
     restore = _Restore(slack, t)
     L, C = problem.allowed.shape
@@ -475,8 +480,14 @@ def qcr(
     gap = relative_gap(value, bound)
     status = "optimal" if not heap or gap <= 1e-9 else "time_limit"
     note = f"qcr: {note}; {nodes} nodes, {len(heap)} open"
-    return problem.solution(incumbent, status, 0.0 if status == "optimal" else gap,
-                            time.perf_counter() - start, bound=bound, note=note)
+    return problem.solution(
+        incumbent,
+        status,
+        0.0 if status == "optimal" else gap,
+        time.perf_counter() - start,
+        bound=bound,
+        note=note,
+    )
 
 
 def _round(x: np.ndarray, mask: np.ndarray) -> list[int]:
