@@ -172,7 +172,7 @@ def test_dual_cut_is_a_convex_minorant_above_the_bound() -> None:
 
 
 def test_default_plan_by_size() -> None:
-    """Small problems run HiGHS and SCIP half each; large ones give QCR (SDP root) most of the time."""
+    """Small problems run HiGHS and QCR half each; large ones give QCR (SDP root) most of the time."""
     from mixq.search.portfolio import DEFAULT, LARGE, LARGE_WEIGHTS, SMALL, SMALL_WEIGHTS, default_plan
 
     small, large = make(5, 3, 0, psd=True), make(LARGE // 3 + 1, 3, 0, psd=True)

@@ -17,14 +17,19 @@ relaxation's dual at the best multipliers found) and the convex function is
 feasible choice.
 
 Branch-and-bound (best first): a node fixes some layers to one candidate each; its relaxation is
-``min q(x)`` over ``x ≥ 0``, ``Σ_a x_(l,a) = 1`` (the node's allowed candidates), ``cᵀx ≤ r``
-for every budget. `_Relaxation` solves it approximately (accelerated projected gradient, FISTA:
-Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, on the Lagrangian of the budgets) and bounds it
-exactly for *any* point ``x̄`` and multipliers ``λ ≥ 0``: convexity gives
+``min q(x) + k + hᵀx`` over ``x ≥ 0``, ``Σ_a x_(l,a) = 1`` (the node's allowed candidates),
+``cᵀx ≤ r`` for every budget, where ``k + hᵀx`` gives back the part of ``f − q`` that is linear
+once the node's layers are fixed (`_Restore`, from `mixq.search.sdp.Slack`): the bound then
+rises with depth and equals ``f`` when every layer is fixed. `_Relaxation` solves it
+approximately (FISTA, Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, with the first budget in
+an exact projection and gradient restarts, O'Donoghue and Candès, Found. Comput. Math. 15,
+2015; every `FACE` iterations a step to the minimizer on the current face by its KKT system)
+and bounds it exactly for *any* point ``x̄`` and multipliers ``λ ≥ 0``: convexity gives
 
     min q ≥ q(x̄) − ∇q(x̄)ᵀx̄ + Σ_l min_a (∇q(x̄) + Σ_k λ_k c_k)_(l,a) − Σ_k λ_k r_k,
 
-so a node's bound never depends on how far the iterations got. The node is pruned when this
+(the last terms: the multiple-choice knapsack LP by its Lagrangian, maximized over λ), so a
+node's bound never depends on how far the iterations got. The node is pruned when this
 bound reaches the incumbent; otherwise it branches on its free layer whose relaxed ``x`` is the
 most fractional, one child per allowed candidate that keeps the budgets reachable. Each node's
 ``x̄`` rounded to the largest entry per layer is tried as an incumbent (polished by
@@ -42,8 +47,11 @@ are kept in ``q``: ``q`` is then a convex *minorant* of ``f`` on the feasible ch
 equal to it), whose root bound is the doubly nonnegative bound, stronger than QCR's. The
 branch-and-bound needs only ``q ≤ f`` (leaves are evaluated on ``f``), so nothing is lost.
 [DESIGN] The multipliers are those the first-order dual method reached in its share of the time
-(no interior-point SDP solver is installed); the node relaxations are solved by a first-order
-method, their bounds certified by the inequality above.
+(no interior-point SDP solver is installed), computed once at the root (as in QCR; no re-solve
+at the nodes); the node relaxations are solved by a first-order method, their bounds certified
+by the inequality above. With several budgets only the first is projected on exactly, the
+others enter by their multipliers: bounds stay valid but the node solves do not reach the
+node's optimum.
 [DESIGN] Problems too large for the semidefinite bound (`mixq.search.sdp.MAX_VARIABLES`) use
 the convex form `Terms.convex` (uniform shift after `Terms.completion`), exact at every choice.
 """
@@ -72,6 +80,7 @@ MAX_ITERATIONS = 2000  # FISTA iterations per node at most
 FACE = 50  # FISTA iterations between two steps to the minimizer on the current face
 ROUNDINGS = 8  # Gaussian roundings of the relaxation's solution at the root (`mixq.search.sdp`)
 PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
+COARSE = 1e-4  # ... or to this share when it cannot be pruned (it branches)
 
 
 @dataclass
@@ -253,12 +262,21 @@ class _Relaxation:
         stop: float,
         deadline: float,
         precision: float = 0.0,
+        coarse: float = 0.0,
     ) -> tuple[float, np.ndarray, np.ndarray]:
         """FISTA with the first budget in the projection, the others on their multipliers.
 
         Returns (best bound, x, λ). Stops at ``stop`` (the bound reaches the incumbent), when
-        ``q(x) − bound ≤ precision``, after `MAX_ITERATIONS` or at ``deadline``.
+        ``q(x) − bound ≤ precision``, when ``q(x) − bound ≤ coarse`` at a feasible ``x`` with
+        ``q(x) < stop`` (the node cannot be pruned: it branches), after `MAX_ITERATIONS` or at
+        ``deadline``.
         """
+
+        def done(best: float, value: float) -> bool:
+            if best >= stop or value - best <= precision:
+                return True
+            return len(self.rhs) <= 1 and value < stop and value - best <= coarse
+
         q = self.quad
         step = 1.0 / q.lipschitz
         L, C = self.shape
@@ -287,7 +305,7 @@ class _Relaxation:
                 continue
             bound, value, lam = self.bound(x, mask, lam, shift)
             best = max(best, bound)
-            if best >= stop or value - best <= precision or time.perf_counter() > deadline:
+            if done(best, value) or time.perf_counter() > deadline:
                 break
             if len(self.rhs) <= 1 and it % FACE == 0:
                 face = self._face(x, mask, lin)
@@ -295,7 +313,7 @@ class _Relaxation:
                 if on_face <= value:
                     x, y, tk, lam, value = face, face.copy(), 1.0, lam_face, on_face
                     best = max(best, bound)
-                    if best >= stop or value - best <= precision:
+                    if done(best, value):
                         break
         return best, x, lam
 
@@ -437,6 +455,7 @@ def qcr(
     heap = [_Node(-math.inf, 0, next(counter), problem.allowed.copy(), x0, np.zeros(len(relax.rhs)))]
     pruned = math.inf  # the smallest bound of a pruned node
     nodes = 0
+    floor = 1e-6 * t.magnitude()  # the scale of the precisions when the incumbent is near 0
 
     def tol(v: float) -> float:
         return 1e-9 * max(abs(v), 1e-12)
@@ -449,7 +468,14 @@ def qcr(
         nodes += 1
         shift = restore.shift(node.mask)
         bound, x, lam = relax.solve(
-            node.mask, node.x, node.lam, shift, value - tol(value), deadline, PRECISION * abs(value)
+            node.mask,
+            node.x,
+            node.lam,
+            shift,
+            value - tol(value),
+            deadline,
+            PRECISION * max(abs(value), floor),
+            COARSE * max(abs(value), floor),
         )
         bound = max(bound, node.bound)
         choice = _round(x.reshape(L, C), node.mask)
