@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--solvers", default="highs,cpsat,scip,sdp,portfolio")
+    parser.add_argument("--solvers", default="highs,cpsat,scip,sdp,qcr,portfolio")
     parser.add_argument("--limits", default="10,60")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default="", help="zoo tasks for real CLADO matrices, e.g. mnist-cnn:64")

@@ -122,8 +122,8 @@ def test_portfolio_never_worse_than_warm_start(seed: int) -> None:
         assert problem.is_feasible(sol.choices)
         assert sol.objective <= problem.objective(warm) + 1e-12
         assert sol.bound <= sol.objective
-        # SCIP runs unless HiGHS, first, already proved its incumbent optimal.
-        assert "scip" in sol.note or (sol.status == "optimal" and sol.note.startswith("highs"))
+        # QCR runs unless HiGHS, first, already proved its incumbent optimal.
+        assert "qcr" in sol.note or (sol.status == "optimal" and sol.note.startswith("highs"))
 
 
 def test_infeasible_budget_raises_with_smallest_budget() -> None:
@@ -149,13 +149,17 @@ def test_infeasible_budget_raises_with_smallest_budget() -> None:
 
 
 def test_fallback_to_highs_without_optional_solvers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ortools and pyscipopt unimportable the portfolio runs HiGHS and says so."""
+    """With ortools and pyscipopt unimportable the default (HiGHS, QCR) still proves the optimum;
+    a plan naming SCIP runs HiGHS and says so."""
     for module in ("ortools", "ortools.sat.python", "pyscipopt"):
         monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     problem = make(6, 3, 1, psd=False)
+    best = brute_force(problem).objective
     sol = ilp(problem, time_limit=30.0)
+    assert sol.status == "optimal" and sol.objective == pytest.approx(best, abs=tolerance(problem))
+    sol = portfolio(problem, time_limit=30.0, solvers=("highs", "scip"))
     assert "HiGHS MILP fallback" in sol.note and "not installed" in sol.note
-    assert sol.objective == pytest.approx(brute_force(problem).objective, abs=tolerance(problem))
+    assert sol.objective == pytest.approx(best, abs=tolerance(problem))
     assert sol.status == "optimal"
 
 

@@ -172,11 +172,11 @@ def test_dual_cut_is_a_convex_minorant_above_the_bound() -> None:
 
 
 def test_default_plan_by_size() -> None:
-    """Small problems run HiGHS and SCIP half each; large ones give the SDP bound most of the time."""
+    """Small problems run HiGHS and QCR half each; large ones give QCR (SDP root) most of the time."""
     from mixq.search.portfolio import DEFAULT, LARGE, LARGE_WEIGHTS, SMALL, SMALL_WEIGHTS, default_plan
 
     small, large = make(5, 3, 0, psd=True), make(LARGE // 3 + 1, 3, 0, psd=True)
     assert default_plan(small) == (SMALL, SMALL_WEIGHTS) and default_plan(large) == (DEFAULT, LARGE_WEIGHTS)
-    assert "sdp" in DEFAULT and LARGE_WEIGHTS[DEFAULT.index("sdp")] > 0.5
+    assert "qcr" in DEFAULT and LARGE_WEIGHTS[DEFAULT.index("qcr")] > 0.5
     sol = portfolio(large, time_limit=3.0)
-    assert "sdp" in sol.note and large.is_feasible(sol.choices) and sol.bound <= sol.objective
+    assert "qcr: sdp bound" in sol.note and large.is_feasible(sol.choices) and sol.bound <= sol.objective

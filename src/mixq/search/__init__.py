@@ -6,9 +6,10 @@ subject to ``Σ_l costs[k][l, x_l] ≤ budgets[k]``.
 
 - `ilp`: the exact solver the methods call: `highs` without pairs, `portfolio` with them.
 - `highs`: MILP with HiGHS (`scipy.optimize.milp`), pairs linearized.
-- `portfolio`: warm start (greedy + local search), then HiGHS, the SDP bound and SCIP; best
-  incumbent and best proven bound (`Solution.bound`, `gap`, `note`). The solvers it draws on:
-  `sdp.sdp` (the semidefinite relaxation's bound and roundings, numpy/scipy), `scip.scip`
+- `portfolio`: warm start (greedy + local search), then HiGHS and QCR (HiGHS and SCIP on small
+  problems); best incumbent and best proven bound (`Solution.bound`, `gap`, `note`). The solvers
+  it draws on: `qcr.qcr` (branch-and-bound on the convex minorant of the semidefinite
+  relaxation, numpy/scipy), `sdp.sdp` (the relaxation's bound and roundings), `scip.scip`
   (convex form of the quadratic objective, PySCIPOpt) and `cpsat.cpsat` (OR-Tools CP-SAT), the
   last two in the optional ``search`` extra, imported only when run.
 - `greedy`: fast, ignores pairs, always feasible.

@@ -55,7 +55,7 @@ from mixq.search.local import polish
 from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
 from mixq.search.terms import Convex, Terms
 
-__all__ = ["SdpBound", "sdp", "sdp_bound"]
+__all__ = ["SdpBound", "Slack", "sdp", "sdp_bound", "slack_terms"]
 
 # (μ relative to max|C|, L-BFGS-B iterations): the smoothing stages, each started from the last.
 STAGES = ((1e-3, 300), (1e-4, 300), (3e-5, 300), (1e-5, 300))
@@ -74,12 +74,31 @@ class SdpBound:
     stages: list[dict]
     cut: Convex | None = None  # q(x) ≤ f(x) at every feasible choice, convex, min ≥ bound (`dual_cut`)
     y: np.ndarray | None = None  # [N, N] Ŷ = P / P_00 of the last stage (the relaxation's Y)
+    slack: Slack | None = None  # f − cut at the feasible choices, term by term (`slack_terms`)
+
+
+@dataclass(frozen=True)
+class Slack:
+    """What the inequality multipliers take off ``f`` in `dual_cut`, in the problem's units.
+
+    At every feasible choice ``x`` (over `Terms`' variables), with ``s_k(x) = room[k] − cost[k]ᵀx``,
+
+        f(x) − cut(x) = Σ_{i<j} z[i, j] x_i x_j + Σ_k (beta[k] + rho[k]ᵀx) s_k(x) + rounding,
+
+    each term ``≥ 0`` (``z, beta, rho ≥ 0``) and ``rounding ≥ 0`` (taken off the cut's constant).
+    """
+
+    z: np.ndarray  # [n, n] symmetric, zero on the diagonal and within layers
+    beta: np.ndarray  # [K]
+    rho: np.ndarray  # [K, n]
+    cost: np.ndarray  # [K, n] the budget rows of `_budget_rows` (shifted, scaled)
+    room: np.ndarray  # [K]
 
 
 class _Layout:
     """The multiplier groups: name -> (start, stop), bounds and the right-hand sides ``b``."""
 
-    def __init__(self, t: Terms, budgets: list[tuple[np.ndarray, float]]) -> None:
+    def __init__(self, t: Terms, budgets: list[tuple[np.ndarray, float]], exact: bool = False) -> None:
         n, L = t.n, t.num_layers
         self.same = np.triu((t.layer[:, None] == t.layer[None, :]), 1)
         self.same_idx = np.nonzero(self.same)
@@ -93,11 +112,13 @@ class _Layout:
             self.slices[name] = slice(start, start + size)
             start += size
         self.size = start
-        lo = np.full(start, -np.inf)
+        lo, hi = np.full(start, -np.inf), np.full(start, np.inf)
         for name in self.slices:
             if name == "z" or name.startswith(("beta", "rho")):
                 lo[self.slices[name]] = 0.0
-        self.bounds = Bounds(lo, np.full(start, np.inf))
+                if exact:  # only the equalities: the dual cut is then exact at every choice
+                    hi[self.slices[name]] = 0.0
+        self.bounds = Bounds(lo, hi)
         self.b = np.zeros(start)
         self.b[self.slices["y0"]] = 1.0
         self.b[self.slices["v"]] = 1.0
@@ -122,10 +143,10 @@ def _budget_rows(problem: Problem, t: Terms) -> list[tuple[np.ndarray, float]]:
 class _Dual:
     """``y -> (bᵀy + a λ(C − A*(y)))`` and its gradient; ``A*`` and its adjoint by group."""
 
-    def __init__(self, t: Terms, budgets: list[tuple[np.ndarray, float]]) -> None:
+    def __init__(self, t: Terms, budgets: list[tuple[np.ndarray, float]], exact: bool = False) -> None:
         n, L = t.n, t.num_layers
         self.t, self.budgets, self.n, self.L = t, budgets, n, L
-        self._layout = _Layout(t, budgets)
+        self._layout = _Layout(t, budgets, exact)
         c = np.zeros((n + 1, n + 1))
         c[0, 1:] = c[1:, 0] = 0.5 * t.linear
         c[1:, 1:] = 0.5 * t.hessian
@@ -206,7 +227,10 @@ class _Stop(Exception):
 
 
 def sdp_bound(
-    problem: Problem, time_limit: float | None = None, stages: tuple[tuple[float, int], ...] = STAGES
+    problem: Problem,
+    time_limit: float | None = None,
+    stages: tuple[tuple[float, int], ...] = STAGES,
+    exact: bool = False,
 ) -> SdpBound:
     """Return the lower bound of the module docstring on ``min f`` under the budgets.
 
@@ -215,6 +239,9 @@ def sdp_bound(
         time_limit: Seconds; the bound of the multipliers reached so far is returned at the limit.
         stages: ``(μ, iterations)`` of each smoothing stage (μ relative to ``max|C|``); with a
             time limit each stage also stops at its share of the time left.
+        exact: Keep only the multipliers of the equalities (``z``, ``beta``, ``rho`` held at
+            0): a weaker bound whose `dual_cut` equals ``f`` at every feasible choice (the
+            quadratic convex reformulation, `mixq.search.qcr`).
 
     Returns:
         An `SdpBound`; ``bound`` is ``-inf`` for problems of more than `MAX_VARIABLES` variables.
@@ -223,7 +250,7 @@ def sdp_bound(
     t = Terms(problem)
     if t.n > MAX_VARIABLES:
         return SdpBound(-math.inf, None, 0, time.perf_counter() - start, [])
-    dual = _Dual(t, _budget_rows(problem, t))
+    dual = _Dual(t, _budget_rows(problem, t), exact)
     y = np.zeros(dual._layout.size)
     record: list[dict] = []
     x_hat = y_hat = None
@@ -259,8 +286,24 @@ def sdp_bound(
             y_hat = p / p[0, 0]
         record.append({"mu": mu, "bound": dual.best * dual.scale, "seconds": time.perf_counter() - start})
     bound = dual.best * dual.scale if math.isfinite(dual.best) else -math.inf
-    cut = None if dual.best_y is None else dual_cut(dual, dual.best_y)
-    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record, cut, y_hat)
+    cut = slack = None
+    if dual.best_y is not None:
+        cut, slack = dual_cut(dual, dual.best_y), slack_terms(dual, dual.best_y)
+    return SdpBound(bound, x_hat, dual.evaluations, time.perf_counter() - start, record, cut, y_hat, slack)
+
+
+def slack_terms(dual: _Dual, y: np.ndarray) -> Slack:
+    """The `Slack` of `dual_cut` at the multipliers ``y`` (the inequality groups, scaled back)."""
+    s, n, K = dual._layout.slices, dual.n, len(dual.budgets)
+    z = np.zeros((n, n))
+    z[dual._layout.diff_idx] = y[s["z"]] * dual.scale
+    return Slack(
+        z=z + z.T,
+        beta=np.array([y[s[f"beta{k}"]][0] for k in range(K)]) * dual.scale,
+        rho=np.array([y[s[f"rho{k}"]] for k in range(K)]).reshape(K, n) * dual.scale,
+        cost=np.array([c for c, _ in dual.budgets]).reshape(K, n),
+        room=np.array([r for _, r in dual.budgets]),
+    )
 
 
 def dual_cut(dual: _Dual, y: np.ndarray) -> Convex:

@@ -1,0 +1,530 @@
+"""Branch-and-bound on a quadratic convex reformulation of the pairwise problem (QCR).
+
+Papers: A. Billionnet and S. Elloumi, "Using a mixed integer quadratic programming solver for
+the unconstrained quadratic 0-1 problem", Math. Program. 109 (2007) 55-68; A. Billionnet,
+S. Elloumi and A. Lambert, "Extending the QCR method to general mixed-integer programs", Math.
+Program. 131 (2012) 381-401.
+
+The binary quadratic program of `mixq.search.terms` (``f(x) = sᵀx + ½ xᵀHx``, one-hot rows,
+budget rows) is perturbed by terms that vanish on every feasible choice: ``u_i (x_i² − x_i)``,
+the products ``x_j (Σ_a x_(l,a) − 1)`` of the one-hot rows with the variables, and the
+within-layer products ``x_(l,a) x_(l,b)`` (``a ≠ b``). QCR picks the perturbation from the dual
+of the semidefinite relaxation so that the perturbed quadratic is convex and its continuous
+minimum equals the relaxation's bound; branch-and-bound on the convex quadratic then lifts that
+bound by fixing layers. Here the multipliers come from `mixq.search.sdp.sdp_bound` (the
+relaxation's dual at the best multipliers found) and the convex function is
+`mixq.search.sdp.dual_cut`: ``q(x) = k0 + gᵀx + ½ xᵀMx`` with ``M ⪰ 0`` and ``q ≤ f`` at every
+feasible choice.
+
+Branch-and-bound (best first): a node fixes some layers to one candidate each; its relaxation is
+``min q(x) + k + hᵀx`` over ``x ≥ 0``, ``Σ_a x_(l,a) = 1`` (the node's allowed candidates),
+``cᵀx ≤ r`` for every budget, where ``k + hᵀx`` gives back the part of ``f − q`` that is linear
+once the node's layers are fixed (`_Restore`, from `mixq.search.sdp.Slack`): the bound then
+rises with depth and equals ``f`` when every layer is fixed. `_Relaxation` solves it
+approximately (FISTA, Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, with the first budget in
+an exact projection and gradient restarts, O'Donoghue and Candès, Found. Comput. Math. 15,
+2015; every `FACE` iterations a step to the minimizer on the current face by its KKT system)
+and bounds it exactly for *any* point ``x̄`` and multipliers ``λ ≥ 0``: convexity gives
+
+    min q ≥ q(x̄) − ∇q(x̄)ᵀx̄ + Σ_l min_a (∇q(x̄) + Σ_k λ_k c_k)_(l,a) − Σ_k λ_k r_k,
+
+(the last terms: the multiple-choice knapsack LP by its Lagrangian, maximized over λ), so a
+node's bound never depends on how far the iterations got. The node is pruned when this
+bound reaches the incumbent; otherwise it branches on its free layer whose relaxed ``x`` is the
+most fractional, one child per allowed candidate that keeps the budgets reachable. Each node's
+``x̄`` rounded to the largest entry per layer is tried as an incumbent (polished by
+`mixq.search.local.polish` when it improves). The bound returned is the smallest bound of the
+open nodes (the largest of it and the semidefinite bound).
+
+Symbol map (paper -> mixq): ``x`` -> ``x[l, c]`` (padded to ``# [L, C]``, zero where forbidden);
+``q(x) = xᵀQx + cᵀx`` -> ``f`` (`Terms.linear`, `Terms.hessian`); the multipliers ``(α, β)`` of
+the perturbation -> the groups ``u`` (``x_i² = x_i``), ``r`` (one-hot rows times ``x_j``) and
+``w`` (within-layer products) of `mixq.search.sdp`'s dual ``y``; ``q_{α,β}`` -> `Convex` of
+`dual_cut`; the "QCR bound" -> ``SdpBound.bound``.
+
+[DESIGN] The multipliers of the relaxation's inequalities (``X ≥ 0`` and the budget products)
+are kept in ``q``: ``q`` is then a convex *minorant* of ``f`` on the feasible choices (not
+equal to it), whose root bound is the doubly nonnegative bound, stronger than QCR's. The
+branch-and-bound needs only ``q ≤ f`` (leaves are evaluated on ``f``), so nothing is lost.
+[DESIGN] The multipliers are those the first-order dual method reached in its share of the time
+(no interior-point SDP solver is installed), computed once at the root (as in QCR; no re-solve
+at the nodes); the node relaxations are solved by a first-order method, their bounds certified
+by the inequality above. With several budgets only the first is projected on exactly, the
+others enter by their multipliers: bounds stay valid but the node solves do not reach the
+node's optimum.
+[DESIGN] Problems too large for the semidefinite bound (`mixq.search.sdp.MAX_VARIABLES`) use
+the convex form `Terms.convex` (uniform shift after `Terms.completion`), exact at every choice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixq.search.local import polish
+from mixq.search.problem import Problem, Solution, budget_tolerance, check_budgets, relative_gap
+from mixq.search.sdp import Slack, sdp_bound
+from mixq.search.sdp import _round as _round_sdp
+from mixq.search.terms import Convex, Terms
+
+__all__ = ["ROOT_SHARE", "qcr"]
+
+ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest branches
+CHECK = 10  # FISTA iterations between two node bounds
+MAX_ITERATIONS = 2000  # FISTA iterations per node at most
+FACE = 50  # FISTA iterations between two steps to the minimizer on the current face
+ROUNDINGS = 8  # Gaussian roundings of the relaxation's solution at the root (`mixq.search.sdp`)
+PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
+COARSE = 1e-4  # ... or to this share when it cannot be pruned (it branches)
+
+
+@dataclass
+class _Quadratic:
+    """``q(x) = k0 + gᵀx + ½ xᵀMx`` over the padded ``x`` ``# [L·C]`` (zero where forbidden)."""
+
+    k0: float
+    g: np.ndarray  # [L*C]
+    m: np.ndarray  # [L*C, L*C], PSD
+    lipschitz: float  # largest eigenvalue of m
+
+    @classmethod
+    def of(cls, cv: Convex, t: Terms) -> _Quadratic:
+        """Pad ``cv`` (over `Terms`' variables) to every (layer, candidate)."""
+        L, C = t.problem.allowed.shape
+        vl = cv.V * cv.lam  # [n, r]
+        m_n = vl @ cv.V.T
+        g_n = cv.g - vl @ cv.offset
+        k0 = cv.c0 + 0.5 * float((cv.lam * cv.offset**2).sum())
+        idx = t.layer * C + t.cand
+        g = np.zeros(L * C)
+        g[idx] = g_n
+        m = np.zeros((L * C, L * C))
+        m[np.ix_(idx, idx)] = 0.5 * (m_n + m_n.T)
+        top = float(cv.lam.max()) if cv.lam.size else 0.0
+        return cls(k0=float(k0), g=g, m=m, lipschitz=max(top, 1e-300))
+
+    def value(self, x: np.ndarray) -> float:
+        return float(self.k0 + self.g @ x + 0.5 * x @ (self.m @ x))
+
+
+def _simplex(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row of ``y`` ``# [L, C]`` onto the simplex of its ``mask``."""
+    v = np.where(mask, y, -np.inf)
+    u = -np.sort(-v, axis=1)
+    with np.errstate(invalid="ignore"):
+        css = np.cumsum(u, axis=1) - 1.0
+        k = np.arange(1, y.shape[1] + 1)
+        rho = (u - css / k > 0).sum(axis=1)  # the condition holds on a prefix of the sorted row
+    theta = css[np.arange(y.shape[0]), rho - 1] / rho
+    return np.where(mask, np.maximum(v - theta[:, None], 0.0), 0.0)
+
+
+def _project(
+    y: np.ndarray, mask: np.ndarray, cost: np.ndarray | None, room: float, lam: float
+) -> tuple[np.ndarray, float]:
+    """Projection onto the simplices of ``mask`` and ``Σ cost·x ≤ room`` (``cost ≥ 0``); and its λ.
+
+    ``x(λ) = simplex(y − λ·cost)``; λ is the root of ``cost·x(λ) = room`` (0 when the budget is
+    slack), found by Newton steps on the support of ``x(λ)`` (the function is piecewise linear)
+    kept inside a bracket, warm-started from ``lam``.
+    """
+    x = _simplex(y, mask)
+    if cost is None or float((cost * x).sum()) <= room:
+        return x, 0.0
+    lo, hi = 0.0, math.inf
+    lam = max(lam, 0.0)
+    for _ in range(60):
+        x = _simplex(y - lam * cost, mask)
+        excess = float((cost * x).sum()) - room
+        if abs(excess) <= 1e-12 * (1.0 + abs(room)):
+            break
+        if excess > 0:
+            lo = lam
+        else:
+            hi = lam
+        support = x > 0
+        count = np.maximum(support.sum(axis=1), 1)
+        row = (cost * support).sum(axis=1)
+        slope = float((cost * cost * support).sum() - (row * row / count).sum())
+        step = lam + excess / slope if slope > 1e-15 else math.nan
+        if not lo < step < hi:
+            step = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lam + 1.0
+        lam = step
+    return x, lam
+
+
+class _Relaxation:
+    """Node relaxations of ``min q`` over the one-hot simplices and the budget rows."""
+
+    def __init__(self, problem: Problem, t: Terms, quad: _Quadratic) -> None:
+        self.problem, self.t, self.quad = problem, t, quad
+        L, C = problem.allowed.shape
+        self.shape = (L, C)
+        rows, rhs = [], []
+        for name, budget in problem.budgets.items():
+            if not math.isfinite(budget):
+                continue
+            cost = np.where(problem.allowed, problem.cost_arrays[name], 0.0)
+            low = np.where(problem.allowed, cost, np.inf).min(axis=1)
+            shifted = np.where(problem.allowed, cost - low[:, None], 0.0)
+            top = float(shifted.max())
+            if top > 0:
+                room = float(budget) + budget_tolerance(float(budget)) - float(low.sum())
+                rows.append(shifted / top)
+                rhs.append(room / top)
+        self.costs = np.array(rows).reshape(len(rows), L, C)  # [K, L, C]
+        self.rhs = np.array(rhs)  # [K]
+
+    def reachable(self, mask: np.ndarray) -> bool:
+        """Whether every budget alone admits a choice within ``mask``."""
+        big = np.where(mask[None], self.costs, np.inf)
+        return bool((big.min(axis=2).sum(axis=1) <= self.rhs + 1e-12).all())
+
+    def _h(self, d: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """``Σ_l min_a (d + Σ_k λ_k c_k) − λᵀr`` and its supergradient in λ."""
+        z = np.where(mask, d + np.tensordot(lam, self.costs, axes=1), np.inf)
+        a = z.argmin(axis=1)
+        rows = np.arange(z.shape[0])
+        used = self.costs[:, rows, a].sum(axis=1)  # [K]
+        return float(z[rows, a].sum() - lam @ self.rhs), used - self.rhs
+
+    def _best_lambda(self, d: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """``max_λ≥0 h(λ)``: exactly over the breakpoints for one budget, else by coordinate bisection.
+
+        Any λ gives a valid bound; the maximum gives the linear program's value.
+        """
+        if len(self.rhs) == 1:
+            return self._one_budget(d, mask)
+        lam = lam.copy()
+        for _ in range(2):
+            for k in range(len(self.rhs)):
+                lam[k] = 0.0
+                if self._h(d, mask, lam)[1][k] <= 0:
+                    continue  # the budget does not bind at λ_k = 0
+                lo, hi = 0.0, 1.0
+                for _ in range(60):
+                    lam[k] = hi
+                    if self._h(d, mask, lam)[1][k] <= 0:
+                        break
+                    lo, hi = hi, 2.0 * hi
+                for _ in range(40):
+                    lam[k] = 0.5 * (lo + hi)
+                    if self._h(d, mask, lam)[1][k] > 0:
+                        lo = lam[k]
+                    else:
+                        hi = lam[k]
+                lam[k] = lo
+                at_lo = self._h(d, mask, lam)[0]
+                lam[k] = hi
+                if self._h(d, mask, lam)[0] < at_lo:
+                    lam[k] = lo
+        return self._h(d, mask, lam)[0], lam
+
+    def _one_budget(self, d: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """``max_λ≥0 h(λ)`` for one budget: ``h`` is concave piecewise linear, its maximum at 0 or
+        at a breakpoint ``λ = (d_a − d_b) / (c_b − c_a)`` of some layer, all evaluated at once."""
+        c = self.costs[0]
+        dm = np.where(mask, d, np.inf)
+        cm = np.where(mask, c, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            points = (dm[:, :, None] - dm[:, None, :]) / (cm[:, None, :] - cm[:, :, None])  # [L, C, C]
+        points = np.unique(points[np.isfinite(points) & (points > 0)])
+        lams = np.concatenate([[0.0], points])  # [P]
+        z = dm[None] + lams[:, None, None] * c[None]  # [P, L, C]
+        values = z.min(axis=2).sum(axis=1) - lams * self.rhs[0]
+        best = int(np.argmax(values))
+        return float(values[best]), lams[best : best + 1].copy()
+
+    def bound(
+        self, x: np.ndarray, mask: np.ndarray, lam: np.ndarray, shift: tuple[float, np.ndarray]
+    ) -> tuple[float, float, np.ndarray]:
+        """The certified bound of the module docstring at ``x`` ``# [L·C]``; ``q(x)`` and the best λ.
+
+        ``shift = (k, h)`` adds ``k + hᵀx`` to ``q`` (the node's restored slack).
+        """
+        q = self.quad
+        grad = q.g + shift[1] + q.m @ x
+        value = q.k0 + shift[0] + float((q.g + shift[1]) @ x) + 0.5 * float(x @ (grad - q.g - shift[1]))
+        h, lam = self._best_lambda(grad.reshape(self.shape), mask, lam)
+        return value - float(grad @ x) + h, value, lam
+
+    def solve(
+        self,
+        mask: np.ndarray,
+        x0: np.ndarray,
+        lam: np.ndarray,
+        shift: tuple[float, np.ndarray],
+        stop: float,
+        deadline: float,
+        precision: float = 0.0,
+        coarse: float = 0.0,
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """FISTA with the first budget in the projection, the others on their multipliers.
+
+        Returns (best bound, x, λ). Stops at ``stop`` (the bound reaches the incumbent), when
+        ``q(x) − bound ≤ precision``, when ``q(x) − bound ≤ coarse`` at a feasible ``x`` with
+        ``q(x) < stop`` (the node cannot be pruned: it branches), after `MAX_ITERATIONS` or at
+        ``deadline``.
+        """
+
+        def done(best: float, value: float) -> bool:
+            if best >= stop or value - best <= precision:
+                return True
+            return len(self.rhs) <= 1 and value < stop and value - best <= coarse
+
+        q = self.quad
+        step = 1.0 / q.lipschitz
+        L, C = self.shape
+        first = self.costs[0] if len(self.rhs) else None
+        room = float(self.rhs[0]) if len(self.rhs) else 0.0
+        lin = q.g + shift[1]
+        pl = float(lam[0]) if len(lam) else 0.0
+        x, pl = _project(x0.reshape(L, C), mask, first, room, pl)
+        x = x.reshape(-1)
+        best, value, lam = self.bound(x, mask, lam, shift)
+        y, tk = x.copy(), 1.0
+        for it in range(1, MAX_ITERATIONS + 1):
+            grad = lin + q.m @ y
+            if len(lam) > 1:
+                grad = grad + np.tensordot(lam[1:], self.costs[1:], axes=1).reshape(-1)
+            x_new, pl = _project((y - step * grad).reshape(L, C), mask, first, room, pl)
+            x_new = x_new.reshape(-1)
+            if float((y - x_new) @ (x_new - x)) > 0:  # gradient restart (O'Donoghue and Candès 2015)
+                y, tk = x_new, 1.0
+            else:
+                t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * tk * tk))
+                y = x_new + ((tk - 1.0) / t_new) * (x_new - x)
+                tk = t_new
+            x = x_new
+            if it % CHECK:
+                continue
+            bound, value, lam = self.bound(x, mask, lam, shift)
+            best = max(best, bound)
+            if done(best, value) or time.perf_counter() > deadline:
+                break
+            if len(self.rhs) <= 1 and it % FACE == 0:
+                face = self._face(x, mask, lin)
+                bound, on_face, lam_face = self.bound(face, mask, lam, shift)
+                if on_face <= value:
+                    x, y, tk, lam, value = face, face.copy(), 1.0, lam_face, on_face
+                    best = max(best, bound)
+                    if done(best, value):
+                        break
+        return best, x, lam
+
+    def _face(self, x: np.ndarray, mask: np.ndarray, lin: np.ndarray) -> np.ndarray:
+        """A step from ``x`` toward the minimizer of ``q`` on its face, as far as ``x ≥ 0`` allows.
+
+        The face: the support of ``x``, each layer's row summing to 1, the budget as an equality
+        when it is tight. Its minimizer solves the KKT system (least squares when singular);
+        ``q`` decreases along the step (convex, minimal at its end).
+        """
+        C = self.shape[1]
+        support = np.flatnonzero((x > 1e-12) & mask.reshape(-1))
+        layers = support // C
+        present = np.unique(layers)
+        a = (layers[None, :] == present[:, None]).astype(float)  # [rows, |S|]
+        b = np.ones(present.size)
+        if len(self.rhs) == 1:
+            cost = self.costs[0].reshape(-1)
+            if float(cost @ x) >= self.rhs[0] - 1e-9 * (1.0 + abs(self.rhs[0])):
+                a = np.vstack([a, cost[support]])
+                b = np.append(b, self.rhs[0])
+        k = support.size
+        kkt = np.zeros((k + a.shape[0], k + a.shape[0]))
+        kkt[:k, :k] = self.quad.m[np.ix_(support, support)]
+        kkt[:k, k:] = a.T
+        kkt[k:, :k] = a
+        rhs = np.concatenate([-lin[support], b])
+        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        step = sol[:k] - x[support]
+        down = step < 0
+        t = min(1.0, float((x[support][down] / -step[down]).min())) if down.any() else 1.0
+        out = x.copy()
+        out[support] = np.maximum(x[support] + t * step, 0.0)
+        return out
+
+
+@dataclass(order=True)
+class _Node:
+    bound: float
+    depth: int  # negated: deeper first among equal bounds
+    order: int
+    mask: np.ndarray
+    x: np.ndarray
+    lam: np.ndarray
+
+
+class _Restore:
+    """The slack terms a node can give back to ``q``: those of its fixed layers (`Slack`).
+
+    With ``F`` the variables fixed at 1 (each layer of one allowed candidate), the terms
+    ``z_ij x_i x_j`` with ``i ∈ F`` are ``z_ij x_j`` (linear), and ``(beta_k + Σ_{i∈F} rho_ki)
+    s_k(x)`` is linear: adding them to ``q`` keeps it convex and below ``f`` on the node's
+    choices (the terms left are ``≥ 0`` there), and equal to ``f`` once every layer is fixed.
+    """
+
+    def __init__(self, slack: Slack | None, t: Terms) -> None:
+        L, C = t.problem.allowed.shape
+        self.size = L * C
+        self.slack = slack
+        if slack is None:
+            return
+        idx = t.layer * C + t.cand
+        self.z = np.zeros((L * C, L * C))
+        self.z[np.ix_(idx, idx)] = slack.z
+        self.rho = np.zeros((len(slack.room), L * C))
+        self.rho[:, idx] = slack.rho
+        self.cost = np.zeros((len(slack.room), L * C))
+        self.cost[:, idx] = slack.cost
+
+    def shift(self, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(k, h)``: the restored terms are ``k + hᵀx`` on the node of ``mask``."""
+        if self.slack is None:
+            return 0.0, np.zeros(self.size)
+        fixed = np.flatnonzero(mask.sum(axis=1) == 1)
+        ones = fixed * mask.shape[1] + mask[fixed].argmax(axis=1)
+        h = self.z[ones].sum(axis=0)
+        h[ones] = 0.0
+        weight = self.slack.beta + self.rho[:, ones].sum(axis=1)  # [K]
+        h -= weight @ self.cost
+        k = 0.5 * float(self.z[np.ix_(ones, ones)].sum()) + float(weight @ self.slack.room)
+        return k, h
+
+
+def _root(
+    problem: Problem, t: Terms, seconds: float | None
+) -> tuple[Convex, Slack | None, float, list[list[int]], str]:
+    """The semidefinite dual cut, its slack, bound and roundings; the exact convex form without."""
+    root = sdp_bound(problem, seconds)
+    if root.cut is not None:
+        pool = [] if root.x is None else _round_sdp(problem, t, root.x, root.y, samples=ROUNDINGS)
+        note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
+        return root.cut, root.slack, root.bound, pool, note
+    cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
+    return cv, None, -math.inf, [], "convex form (no sdp multipliers)"
+
+
+def qcr(
+    problem: Problem,
+    time_limit: float | None = None,
+    warm_start: list[int] | None = None,
+    root_share: float = ROOT_SHARE,
+    max_nodes: int | None = None,
+) -> Solution:
+    """Minimize ``f(x)`` under the budgets by branch-and-bound on the convexified objective.
+
+    Args:
+        problem: The problem (pairs optional).
+        time_limit: Seconds for everything; None runs to proven optimality.
+        warm_start: A feasible choice per layer, the first incumbent (greedy + local search
+            otherwise).
+        root_share: Share of ``time_limit`` for the semidefinite multipliers, in (0, 1).
+        max_nodes: Stop after this many nodes (None: no limit).
+
+    Returns:
+        A `Solution`: status "optimal" when every node was pruned, else "time_limit"; the
+        bound is the smallest open node's, at least the semidefinite bound.
+
+    Raises:
+        ValueError: ``root_share`` not in (0, 1).
+        InfeasibleBudgetError: Some budget is below its smallest feasible value.
+    """
+    start = time.perf_counter()
+    if not 0.0 < root_share < 1.0:
+        raise ValueError(f"root_share must be in (0, 1), got {root_share!r}")
+    check_budgets(problem)
+    deadline = math.inf if time_limit is None else start + time_limit
+    t = Terms(problem)
+    incumbent = _first_incumbent(problem, warm_start)
+    value = problem.objective(incumbent)
+    seconds = None if time_limit is None else root_share * time_limit
+    cv, slack, sdp_value, pool, note = _root(problem, t, seconds)
+    incumbent = min([incumbent, *pool], key=problem.objective)
+    value = problem.objective(incumbent)
+    relax = _Relaxation(problem, t, _Quadratic.of(cv, t))
+    restore = _Restore(slack, t)
+    L, C = problem.allowed.shape
+    counter = itertools.count()
+    x0 = np.where(problem.allowed, 1.0, 0.0).reshape(-1)
+    heap = [_Node(-math.inf, 0, next(counter), problem.allowed.copy(), x0, np.zeros(len(relax.rhs)))]
+    pruned = math.inf  # the smallest bound of a pruned node
+    nodes = 0
+    floor = 1e-6 * t.magnitude()  # the scale of the precisions when the incumbent is near 0
+
+    def tol(v: float) -> float:
+        return 1e-9 * max(abs(v), 1e-12)
+
+    while heap and time.perf_counter() < deadline and (max_nodes is None or nodes < max_nodes):
+        node = heapq.heappop(heap)
+        if node.bound >= value - tol(value):
+            pruned = min(pruned, node.bound)
+            continue
+        nodes += 1
+        shift = restore.shift(node.mask)
+        bound, x, lam = relax.solve(
+            node.mask,
+            node.x,
+            node.lam,
+            shift,
+            value - tol(value),
+            deadline,
+            PRECISION * max(abs(value), floor),
+            COARSE * max(abs(value), floor),
+        )
+        bound = max(bound, node.bound)
+        choice = _round(x.reshape(L, C), node.mask)
+        if problem.is_feasible(choice) and problem.objective(choice) < value:
+            incumbent = polish(problem, choice)
+            value = problem.objective(incumbent)
+        if bound >= value - tol(value):
+            pruned = min(pruned, bound)
+            continue
+        free = np.flatnonzero(node.mask.sum(axis=1) > 1)
+        if free.size == 0:  # a single choice: rounded above (an incumbent if feasible and better)
+            continue
+        xs = x.reshape(L, C)
+        layer = int(free[np.argmax(1.0 - xs[free].max(axis=1) + 1e-9 * np.arange(free.size)[::-1])])
+        for cand in np.argsort(-xs[layer]):
+            if not node.mask[layer, cand]:
+                continue
+            mask = node.mask.copy()
+            mask[layer] = False
+            mask[layer, cand] = True
+            if relax.reachable(mask):
+                heapq.heappush(heap, _Node(bound, node.depth - 1, next(counter), mask, x, lam))
+    if heap:
+        bound = min(min(n.bound for n in heap), pruned)
+    else:
+        bound = min(pruned, value)
+    bound = min(max(bound, sdp_value), value)
+    gap = relative_gap(value, bound)
+    status = "optimal" if not heap or gap <= 1e-9 else "time_limit"
+    note = f"qcr: {note}; {nodes} nodes, {len(heap)} open"
+    return problem.solution(
+        incumbent,
+        status,
+        0.0 if status == "optimal" else gap,
+        time.perf_counter() - start,
+        bound=bound,
+        note=note,
+    )
+
+
+def _round(x: np.ndarray, mask: np.ndarray) -> list[int]:
+    """The largest allowed entry of each layer."""
+    return [int(a) for a in np.where(mask, x, -np.inf).argmax(axis=1)]
+
+
+def _first_incumbent(problem: Problem, warm_start: list[int] | None) -> list[int]:
+    from mixq.search.greedy import greedy
+
+    pool = [greedy(problem).choices]
+    if warm_start is not None and problem.is_feasible(warm_start):
+        pool.append(problem.check_choices(warm_start))
+    return polish(problem, min(pool, key=problem.objective))
