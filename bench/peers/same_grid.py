@@ -188,6 +188,14 @@ def _se(metric: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1 - p) / n)
 
 
+def _caps(m: dict[str, Any]) -> str:
+    """The cap that gave the chosen start: "solver" (its own plan), else "L<g> ≤ k" (the least k)."""
+    if m.get("capped_loss") is None or m["capped_loss"] >= m["solver_loss"]:
+        return "solver"
+    g, k = min(m["chosen_caps"], key=lambda c: (c[1], c[0]))
+    return f"L{g} ≤ {k}"
+
+
 def verdict(r: dict[str, Any]) -> str:
     """search ≥ same grid, within noise (less than 2 paired standard errors below), or loses."""
     d = r[FIELD]
@@ -220,7 +228,8 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
         "mixq's quantizers against mixq's search with the peer's candidates at the peer's "
         f"mixq-counted size (`{SEARCH[0]}` with {', '.join(f'{k}={v}' for k, v in SEARCH[1].items())}; "
         "chosen on the calibration images only). ± one standard error; the difference's is paired "
-        "(image by image).",
+        "(image by image). Start: the solver's plan, or the capped plan measured best: `Lg ≤ k`, at "
+        "most k layers at weight-bit levels 0..g (L0: the cheapest candidates, L1: up to the next).",
         "",
         "| tool | target B | mixq bits | same grid | mixq search (bits) | search − same | caps chosen "
         "| measured KL: solver → capped → refined | search s | verdict |",
@@ -232,7 +241,7 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
         kl = " → ".join(
             f"{x:.4g}" for x in (m["solver_loss"], m["capped_loss"], m["refined_loss"]) if x is not None
         )
-        caps = ",".join(str(k) for k in m["chosen_caps"]) or "–"
+        caps = _caps(m)
         extra = ", ".join(f"{k}={v}" for k, v in sorted((r.get("settings") or {}).items()))
         tool = f"{r['tool']}" + (f" ({extra})" if extra else "")
         out.append(
