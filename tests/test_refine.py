@@ -238,11 +238,11 @@ def test_capped_start_is_the_best_measured_of_the_capped_optima(ctx):
     assert len(optima) > 1  # the caps did give other plans to measure
 
 
-def test_caps_in_a_run_start_from_the_best_measured_plan(task, budget):
-    plain = mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"batches": 1})
-    res = mixq.run(
-        task, "sensitivity-ilp", CANDS, budget, method_args={"batches": 1, "caps": True, "refine": 4}
-    )
+@pytest.mark.parametrize("method", ["sensitivity-ilp", "hawq"])
+def test_caps_in_a_run_start_from_the_best_measured_plan(task, budget, method):
+    args = ARGS[method]
+    plain = mixq.run(task, method, CANDS, budget, method_args=args)
+    res = mixq.run(task, method, CANDS, budget, method_args={**args, "caps": True, "refine": 4})
     info = res.history[0]
     capped, refined = info["capped"], info["refined"]
     layers = list(res.plan.layers)
