@@ -42,6 +42,7 @@ Usage::
     .venv/bin/python -m bench.compare_peers                  # every default job, resuming
     .venv/bin/python -m bench.compare_peers --tools modelopt --tasks mnist-cnn --budgets 3
     .venv/bin/python -m bench.compare_peers --report-only    # rewrite peers.md from peers.json
+    .venv/bin/python -m bench.compare_peers --same-grid      # same grid vs mixq's search, all test images
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS, provenance, set_section, write
+from bench.peers import same_grid
 from bench.peers.jobs import JOBS, PEERS, Job
 from bench.peers.measure import (
     ADAROUND_ITERS,
@@ -206,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo", action="store_true", help="recompute rows that already exist")
     p.add_argument("--report-only", action="store_true", help="rewrite peers.md from peers.json")
     p.add_argument(
+        "--same-grid",
+        action="store_true",
+        help="the peer's plan and mixq's search on the peer's candidates, both on all test images "
+        "(zoo models; no tool runs; bench/peers/same_grid.py)",
+    )
+    p.add_argument(
         "--backfill",
         action="store_true",
         help="add the missing 'mixq search, own grid' to finished rows (no tool runs)",
@@ -241,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in tools if t not in PEERS]
     if bad:
         raise SystemExit(f"unknown tools {bad}; valid: {', '.join(PEERS)}")
+    if args.same_grid:
+        keys = [k for k in same_grid.order(rows) if rows[k]["tool"] in tools]
+        keys = [k for k in keys if not args.tasks or rows[k]["task"] in args.tasks.split(",")]
+        keys = [k for k in keys if not args.budgets or f"{rows[k]['budget']:g}" in args.budgets.split(",")]
+        session = new_session(["same-grid"])
+        same_grid.run(rows, keys, args.redo, lambda done: save(done, session))
+        return 0
     if args.backfill or args.backfill_ptq or args.backfill_methods:
         return backfill(
             rows,

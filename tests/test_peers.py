@@ -548,3 +548,53 @@ def test_peers_summary_has_one_line_per_row(tmp_path, monkeypatch):
     assert len(lines) == 3  # the header and one line per row
     assert "99.20 (search, own grid) | mixq ≥ tool |" in lines[1]
     assert "failed: Boom: line two / x" in lines[2]
+
+
+def test_same_grid_remeasure_pairs_the_peer_plan_and_the_search(tmp_path, monkeypatch):
+    """--same-grid: the peer's plan measured as measure.evaluate does, mixq's capped search within the
+    peer's size, and the paired difference recomputed from the two plans' own per-image predictions."""
+    from bench.peers import same_grid
+
+    monkeypatch.setattr(same_grid, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    task.metric = same_grid.Top1Recorder()
+    task.fp_metric()
+    layers = {
+        "0": {"weight": W(2), "act": None},
+        "2": {"weight": W(8), "act": None},
+        "4": {"weight": W(4), "act": None},
+    }
+    plan = translate.to_plan(layers, "same")
+    peer = measure.evaluate(task, plan)
+    row = {
+        "task": task.name,
+        "tool": "t",
+        "budget": 4.0,
+        "plan_same": {n: translate.to_candidate(d, "same") for n, d in layers.items()},
+        "mixq_same": peer,
+    }
+    import mixq
+
+    got = same_grid.remeasure(row, task, mixq.Cache())
+    assert got["same"]["metric"] == peer["metric"]
+    assert got["search"]["size_bytes"] <= peer["size_bytes"] * (1 + 1e-9)
+    assert got["search"]["method_args"] == {"caps": True, "refine": 32} and got["search"]["capped_plans"] >= 1
+    assert got["search"]["refined_loss"] <= got["search"]["solver_loss"]
+
+    def hits(p):  # an independent pass: the plan's per-image correctness
+        from mixq.plan import Plan, parse_candidate
+
+        q = mixq.evaluate(task, Plan({n: parse_candidate(c) for n, c in p.items()})).model
+        with torch.inference_mode():
+            return torch.cat([q(x).argmax(-1) == y for x, y in task.val]).double()
+
+    a, b = hits(row["plan_same"]), hits(got["search"]["plan"])
+    n = a.numel()
+    assert got["val_items"] == n and got["search"]["metric"] == pytest.approx(100 * float(b.mean()))
+    assert got["diff"] == pytest.approx(100 * float((b - a).mean()), abs=1e-9)
+    d = (b - a).numpy()
+    se = 100 * math.sqrt(((d - d.mean()) ** 2).sum() / (n - 1) / n)
+    assert got["paired_se"] == pytest.approx(se, rel=1e-9, abs=1e-12)
+    row[same_grid.FIELD] = got
+    text = "\n".join(same_grid.render([row]))
+    assert same_grid.verdict(row) in text and f"{got['diff']:+.2f}" in text

@@ -205,3 +205,52 @@ def test_refine_measures_tied_plans_only(monkeypatch):
     # The kept plan is the measured one: its loss is the final plan's.
     kept = measured[[tuple(m["choices"]) for m in rec["measured"]].index(tuple(rec["chosen"]))]
     assert {n: s.weight for n, s in kept.layers.items()} == {n: s.weight for n, s in res.plan.layers.items()}
+
+
+def test_capped_start_is_the_best_measured_of_the_capped_optima(ctx):
+    """Oracle by enumeration: for every cap k, the plan of least predicted objective among all plans
+    within the budget with at most k layers at the cheapest candidate; the start is the best measured."""
+    L, C = len(ctx.layers), len(ctx.candidates)
+    rng = np.random.default_rng(3)
+    scores = torch.tensor(rng.uniform(0.0, 1.0, size=(L, C)))  # continuous: no ties between optima
+    prob = search.Problem(scores, {"weight_bits": ctx.costs["weight_bits"]}, ctx.limits)
+    table = rng.normal(size=[C] * L)  # the measured objective, unlike the prediction
+    bits = ctx.costs["weight_bits"].sum(0)
+    feasible = [list(p) for p in itertools.product(range(C), repeat=L) if ctx.within_limits(list(p))]
+    optima = set()
+    for level in sorted(set(bits.tolist()))[:-1]:  # w2, then w2 and w4 (w8 is never capped)
+        for k in range(L + 1):
+            within = [p for p in feasible if sum(bits[j] <= level for j in p) <= k]
+            if within:
+                optima.add(tuple(min(within, key=prob.objective)))
+    solver = list(min(feasible, key=prob.objective))
+    calls = []
+
+    def measure(choices):
+        calls.append(tuple(choices))
+        return float(table[tuple(choices)])
+
+    best, rec = refining.capped_start(ctx, prob, solver, measure)
+    assert rec["groups"] == [["w2"], ["w2", "w4"]]
+    assert set(calls) == optima | {tuple(solver)} and len(calls) == len(set(calls))  # each plan once
+    assert calls[0] == tuple(solver)
+    assert tuple(best) == min(optima, key=lambda p: table[p])
+    assert len(optima) > 1  # the caps did give other plans to measure
+
+
+@pytest.mark.parametrize("method", ["sensitivity-ilp", "hawq"])
+def test_caps_in_a_run_start_from_the_best_measured_plan(task, budget, method):
+    args = ARGS[method]
+    plain = mixq.run(task, method, CANDS, budget, method_args=args)
+    res = mixq.run(task, method, CANDS, budget, method_args={**args, "caps": True, "refine": 4})
+    info = res.history[0]
+    capped, refined = info["capped"], info["refined"]
+    layers = list(res.plan.layers)
+    assert capped["measured"][0]["choices"] == [CANDS.index(plain.plan.layers[k].name) for k in layers]
+    assert capped["chosen"] == refined["measured"][0]["choices"]  # the refinement starts there
+    assert refined["start_loss"] == min(m["loss"] for m in capped["measured"])
+    assert refined["chosen_loss"] <= capped["measured"][0]["loss"]
+    assert calib_kl(task, res.plan) == pytest.approx(refined["chosen_loss"], rel=1e-5)
+    assert res.metrics.within["avg_weight_bits"]
+    with pytest.raises(ValueError, match="caps"):
+        mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"caps": "yes"})

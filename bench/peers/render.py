@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.peers import same_grid
 from bench.peers.points import best_mixq, default_val, mixq_points
 
 
@@ -239,7 +240,8 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
                 f"{b_txt} | {m_txt} | "
                 f"{verdict(r, best)} |"
             )
-        out += ["", "Per-layer choices (mixq candidates, grid=same):", ""]
+        out += ["", *same_grid.render(trs)]
+        out += ["Per-layer choices (mixq candidates, grid=same):", ""]
         for r in sorted(trs, key=lambda r: (r["tool"], r["budget"])):
             if r.get("ok"):
                 counts: dict[str, int] = {}

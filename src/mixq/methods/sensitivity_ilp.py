@@ -70,6 +70,11 @@ class Config:
         refine: after the solver, measure at most this many plans (the solver's and its
             neighbours', `mixq.methods.refine`) on the calibration batches and keep the best
             (0: off). The objective measured is ``objective`` resolved ("auto" for hawq).
+        caps: before refining, solve again with at most k layers at the cheapest candidates (and
+            at most k below each higher weight-bit level), for every k, measure each distinct plan
+            on the calibration batches (the same objective as ``refine``) and keep the best
+            (`mixq.methods.refine.capped_start`): a sum of single scores misses how errors
+            compound over many low-precision layers.
         trace: hawq's Hessian trace estimator: "hutchinson" (the task loss's Hessian,
             ``hutchinson_samples`` double-backward products per layer and batch), "fisher" (the
             output KL's Hessian, the Fisher information, ``fisher_samples`` backward passes per
@@ -87,6 +92,7 @@ class Config:
     objective: str = "auto"
     blockwise: str = "auto"
     refine: int = 0
+    caps: bool = False
     trace: str = "auto"
     fisher_samples: int = 4
 
@@ -122,10 +128,13 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         "solve_seconds": sol.seconds,
     }
     choices = list(sol.choices)
-    if cfg.refine:
+    if cfg.refine or cfg.caps:
         loss = "kl" if resolve_objective(ctx.task, cfg.objective) == "kl" else "task"
-        measure = refining.calib_objective(ctx, loss)
-        choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
+        measure = refining.memoized(refining.calib_objective(ctx, loss))
+        if cfg.caps:
+            choices, info["capped"] = refining.capped_start(ctx, problem, choices, measure)
+        if cfg.refine:
+            choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
     return choices, info
 
 
