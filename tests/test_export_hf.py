@@ -187,3 +187,36 @@ def test_gptq_dynamic_group_scales_are_the_ones_written(tasks, tmp_path):
     assert own == {"FixedGrid"}
     sim, got, _ = reload_logits(res, task, tmp_path / "gptq")
     torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cand", ["w3+asym", "w4g16+asym", "w5g32+asym"])
+def test_codes_with_zero_points_are_packed_at_their_width(cand, tasks, tmp_path):
+    """Asymmetric channel and group weights: codes packed at their width (pack-quantized, not one
+    byte each), zero points packed too; unpacked by compressed-tensors' own code they are the
+    codes and zero points mixq encodes, and transformers reloads the simulated logits."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from mixq.export.deploy import collect
+    from mixq.quant.codes import code_to_int
+
+    task = tasks["llama"]
+    res = mixq.run(task, "uniform", [cand])
+    sim, got, _ = reload_logits(res, task, tmp_path)
+    torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized"
+    bits = int(cand[1])
+    name = "model.layers.0.mlp.down_proj"
+    enc = collect(res.model)[name].weight
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        packed, zp = f.get_tensor(f"{name}.weight_packed"), f.get_tensor(f"{name}.weight_zero_point")
+    out, cols = enc.shape
+    assert packed.dtype == torch.int32 and packed.numel() * 32 == out * cols * bits  # b bits per code
+    half = 1 << (bits - 1)
+    v = code_to_int(enc.codes, enc.spec.fmt, enc.spec.symmetric).reshape(enc.shape)
+    assert torch.equal(unpack_from_int32(packed, bits, enc.shape).int(), (v - half).int())
+    groups = enc.zero.reshape(out, -1)
+    assert zp.shape == groups.shape and zp.dtype == torch.int32
+    words = -(-out * bits // 32)  # the packed words; the rows after them are zero
+    assert not zp[words:].any()
+    assert torch.equal(unpack_from_int32(zp, bits, groups.shape, packed_dim=0).int(), (groups - half).int())
