@@ -103,16 +103,21 @@ def test_a_quantized_tied_embedding_reloads_with_the_simulated_logits(cand, tmp_
         transformers.LlamaConfig(**DECODER, **HEADS, tie_word_embeddings=True)
     )
     task = mixq.Task(model.eval(), token_batches(2, 1, False), token_batches(1, 2, False), name="tied-llama")
-    res = mixq.run(task, "uniform", [cand], embeddings=True)
+    res = mixq.run(task, "uniform", [cand], embeddings=True, out=tmp_path / "run")
     assert res.plan.meta["tied"]  # the embedding follows lm_head's spec
+    back, _ = mixq.export.rebuild(tmp_path / "run", task=task)  # from the run's packed file
+    x = task.val[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=x).logits, res.model(input_ids=x).logits)
+    assert back.metrics.size_bytes == res.metrics.size_bytes
     with pytest.warns(UserWarning, match="embed_tokens is tied to the quantized lm_head"):
-        sim, got, loaded = reload_logits(res, task, tmp_path)
+        sim, got, loaded = reload_logits(res, task, tmp_path / "hf")
     assert torch.equal(got, sim)
     with torch.no_grad():  # the reloaded embedding holds the quantized values, not the float ones
         emb = res.model.model.embed_tokens(task.val[0]["input_ids"])
     assert torch.equal(loaded.model.embed_tokens(task.val[0]["input_ids"]), emb)
     assert not torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
-    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert [t for g in cfg["config_groups"].values() for t in g["targets"] if "lm_head" in t]
 
 
