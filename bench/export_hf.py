@@ -16,14 +16,18 @@ norms included). Rows are written to bench/results/export_hf.json as each finish
 already there is kept (resumable).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf
-    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf --task-rows
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.export_hf --task-rows [--redo]
 
 ``--task-rows``: the mixed plan on the built-in ``smollm2`` task (:func:`mixq.tasks.smollm2`, its
 own windows): ``embeddings=True`` (the tied embedding and lm_head one tensor, counted once),
 sensitivity-ilp over w3g32+asym, w4g32+asym and w8g64 at 4.25 average weight bits, round to
 nearest. transformers cannot load a quantized nn.Embedding from a compressed-tensors checkpoint
 (transformers 5.25, compressed-tensors 0.20), so the embedding is stored as lm_head's
-dequantized values in float32 (``float_tensor_bytes``) and lm_head as codes.
+dequantized values in float32 (``float_tensor_bytes``) and lm_head as codes. A row whose run
+directory (``runs/bench/export_hf/NAME``) holds its quantized model is rebuilt from it
+(``mixq.export.rebuild``, checked against the recorded perplexity) rather than searched again;
+``--redo`` exports such rows again (e.g. after a change of the format), with the checkpoint's
+bytes by component (``bytes_by_component``: codes, scales, zero points, shapes, float tensors).
 """
 
 from __future__ import annotations
@@ -123,6 +127,21 @@ def float_bytes(path: Path, layers: list[str]) -> int:
         return sum(_nbytes(f, k) for k in f.keys() if k.rpartition(".")[0] not in layers)
 
 
+def components(path: Path) -> dict[str, int]:
+    """The checkpoint's tensor bytes by what they hold: packed codes, scales, zero points, shapes,
+    and float tensors (the embedding, the rest: norms, float layers)."""
+    from safetensors import safe_open
+
+    kinds = {"weight_packed": "codes", "weight_scale": "scales", "weight_zero_point": "zero_points"}
+    kinds["weight_shape"] = "shapes"
+    out = dict.fromkeys([*kinds.values(), "float_embedding", "float_other"], 0)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            part = kinds.get(k.rpartition(".")[2]) or ("float_embedding" if "embed" in k else "float_other")
+            out[part] += _nbytes(f, k)
+    return out
+
+
 def _nbytes(f: Any, k: str) -> int:
     t = f.get_tensor(k)
     return t.numel() * t.element_size()
@@ -135,7 +154,10 @@ def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, A
     method, cands, budget = TASK_ROWS[name] if embeddings else ROWS[name]
     t0 = time.perf_counter()
     out = OUT / name.replace("/", "_")
-    res = mixq.run(task, method, cands, budget, out=out, overwrite=True, embeddings=embeddings)
+    if (out / "model.safetensors").is_file():  # the run finished before: its quantized model, exactly
+        res, _ = mixq.export.rebuild(out, task=task)
+    else:
+        res = mixq.run(task, method, cands, budget, out=out, overwrite=True, embeddings=embeddings)
     t1 = time.perf_counter()
     sim_ppl, sim_logits = perplexity(res.model, wins)
     path = OUT / f"{name.replace('/', '_')}-hf"
@@ -163,6 +185,7 @@ def run_row(name: str, task: mixq.Task, wins: list[torch.Tensor]) -> dict[str, A
         "cost_model_size_bytes": res.metrics.size_bytes,
         "checkpoint_dir_bytes": sum(p.stat().st_size for p in path.iterdir()),
         "float_tensor_bytes": float_bytes(path, layers),
+        "bytes_by_component": components(path),
         "run_seconds": t1 - t0,
         "export_seconds": t2 - t1,
         "load_seconds": t3 - t2,
@@ -174,7 +197,8 @@ def main_task_rows() -> None:
     """The rows on the built-in smollm2 task (perplexity on its validation windows)."""
     path = RESULTS / "export_hf.json"
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-    todo = [n for n in TASK_ROWS if n not in doc.get("rows", {})]
+    redo = "--redo" in sys.argv
+    todo = [n for n in TASK_ROWS if redo or n not in doc.get("rows", {})]
     if not todo:
         return
     task = mixq.tasks.get("smollm2")
@@ -189,7 +213,7 @@ def main_task_rows() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--task-rows"]:
+    if "--task-rows" in sys.argv[1:]:
         main_task_rows()
         return
     model, tok = load_smollm2()

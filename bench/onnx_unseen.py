@@ -18,9 +18,13 @@ against ``mixq.export.emulate`` (ONNX Runtime's integer kernels in PyTorch), and
 of how far any one-code difference spreads in this network, the simulation against itself on
 the inputs scaled by 1 + 1e-6. Rows are written to
 bench/results/onnx_unseen.json as each finishes; a row already there is kept (``--redo`` runs
-it again; ``--tag`` names a set of rows, e.g. "before" and "after" a fix).
+it again; ``--tag`` names a set of rows, e.g. "before" and "after" a fix). Rows ``+int32_bias``
+run the plan with ``ptq=["int32_bias"]`` (each bias on its accumulator's int32 grid, as ORT adds
+it); ``--trace N`` adds, on N more inputs, where the simulation's codes first differ from the
+emulation's, layer by layer (``bench.onnx_trained.trace``; with and without int32 biases).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.onnx_unseen --tag after
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.onnx_unseen --tag traced --size 112 --trace 100
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ ROWS = {  # name -> (method, candidates, budget)
     "mbv2-w8a8": ("uniform", ["w8a8"], None),
     "mbv2-w4a8": ("uniform", ["w4a8"], None),
     "mbv2-mixed-w4a8-w8a8": ("uniform", ["w4a8"], None),  # replaced below: alternate layers
+    "mbv2-w8a8+int32_bias": ("uniform", ["w8a8"], None),  # with ptq=["int32_bias"]
+    "mbv2-w4a8+int32_bias": ("uniform", ["w4a8"], None),
 }
 
 
@@ -154,7 +160,7 @@ def build(size: int, gain: float = 0.7, gain_project: float = 0.3, spread: float
 def plan_row(name: str, task: mixq.Task) -> Any:
     method, cands, budget = ROWS[name]
     if name != "mbv2-mixed-w4a8-w8a8":
-        return mixq.run(task, method, cands, budget)
+        return mixq.run(task, method, cands, budget, ptq=["int32_bias"] if "int32_bias" in name else [])
     from mixq.plan import Plan, as_layer_spec
 
     res = mixq.run(task, "uniform", ["w8a8"])  # every other layer at 4 bits: a mixed plan
@@ -204,6 +210,22 @@ def measure(res: Any, task: mixq.Task, n: int, size: int, batch: int) -> dict[st
     }
 
 
+def traced(res: Any, task: mixq.Task, xs: list[torch.Tensor]) -> dict[str, Any]:
+    """Where the simulation's codes first differ from the emulation's (``bench.onnx_trained.trace``),
+    for the simulation and, on a plan without it, the simulation with the int32_bias step."""
+    import copy
+
+    from bench.onnx_trained import trace
+    from mixq.ptq.int32_bias import int32_bias
+
+    out = {"simulation": trace(res.model, mixq.export.emulate(res, task), xs)}
+    if not any(p.get("step") == "int32_bias" for p in res.metrics.ptq or []):
+        sim = copy.deepcopy(res.model)
+        int32_bias(sim, task)
+        out["int32 bias"] = trace(sim, mixq.export.emulate(sim, task), xs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
@@ -212,6 +234,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--trace", type=int, default=0, help="inputs of the code trace (bench.onnx_trained)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = RESULTS / f"{NAME}.json"
@@ -228,6 +251,8 @@ def main() -> None:
         res = plan_row(name, task)
         rec = {"row": name, "tag": args.tag, "size": args.size, "plan": ROWS[name][1]}
         rec.update(measure(res, task, args.inputs, args.size, args.batch))
+        if args.trace:
+            rec["trace"] = traced(res, task, [images(args.trace, 5000, args.size)])
         rec["wall_seconds"] = time.perf_counter() - t0
         print(key, json.dumps(rec), flush=True)
         doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}

@@ -348,7 +348,9 @@ def deploy_speed(data: JSON) -> Lines:
     """Per task (and its latency-only rerun): speed-up over fp32, median / paired, per batch size."""
     out: Lines = []
     for task, t in data["tasks"].items():
-        runs = [(f"`{task}`, run with the metrics", t)]
+        rerun = t.get("latency_rerun", {}).get("part")
+        own = [p for n, p in data.get("parts", {}).items() if task in p["tasks"] and n != rerun]
+        runs = [(f"`{task}`, run with the metrics", {"setup": own[0]["setup"]} | t if own else t)]
         if "latency_rerun" in t:
             runs.append((f"`{task}`, latency-only rerun `{t['latency_rerun']['part']}`", t["latency_rerun"]))
         for label, r in runs:
@@ -367,6 +369,114 @@ TARGETS = [
     "deploy_target_h200host_mnist_run2",
     "deploy_target_h200host_fashion",
 ]
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def onnx_unseen(data: JSON) -> Lines:
+    """The random-weight MobileNetV2: ORT's top-1 agreement with the simulation and the emulation."""
+    body = [
+        [
+            f"`{key}`",
+            str(r["size"]),
+            _pct(r["top1_agree_simulation"]),
+            _pct(r["top1_agree_emulation"]),
+            _pct(r["top1_agree_simulation_nudged_input"]),
+            f"{r['max_logit_diff_simulation']:.3g}",
+            f"{r['max_logit_diff_emulation']:.3g}",
+        ]
+        for key, r in data["rows"].items()
+    ]
+    head = [
+        "row",
+        "px",
+        "ORT = simulation (%)",
+        "ORT = emulation (%)",
+        "simulation = itself at x(1+1e-6) (%)",
+    ]
+    traced = _trace_table(data["rows"])
+    out = table([*head, "max logit diff vs simulation", "vs emulation"], body)
+    return out + ([""] + traced if traced else [])
+
+
+def onnx_trained(data: JSON) -> Lines:
+    """The trained Fashion MobileNetV3-small-like net: accuracies, agreements, and the code trace."""
+    out = [
+        f"Trained for {data['training']['epochs']} epochs: fp32 top-1 {data['training']['test_top1']:.2f} %.",
+        "",
+    ]
+    body = []
+    for name, r in data["rows"].items():
+        t, z = r["fashion_test"], r["random_inputs"]
+        body.append(
+            [f"`{name}`", *(f"{t[f'top1_{k}']:.2f}" for k in ("ort", "simulation", "emulation"))]
+            + [_pct(t[k]) for k in ("top1_agree_ort_simulation", "top1_agree_ort_emulation")]
+            + [_pct(t["top1_agree_simulation_nudged_input"])]
+            + [_pct(z[k]) for k in ("top1_agree_ort_simulation", "top1_agree_ort_emulation")]
+            + [_pct(z["top1_agree_simulation_nudged_input"])]
+        )
+    head = ["plan", "top-1 ORT", "simulation", "emulation", "ORT = sim", "ORT = emu", "sim = sim(1+1e-6)"]
+    out += table([*head, "random: ORT = sim", "ORT = emu", "sim = sim(1+1e-6)"], body) + [""]
+    return out + _trace_table(data["rows"])
+
+
+def _trace_table(rows: dict[str, Any]) -> Lines:
+    """Per row with a code trace (bench.onnx_trained.trace) and simulation variant: where codes differ."""
+    trace = []
+    for name, r in rows.items():
+        for variant, v in r.get("trace", {}).items():
+            first = sorted(v["first_differing_layer"].items(), key=lambda kv: -kv[1])[:2]
+            trace.append(
+                [
+                    f"`{name}`",
+                    variant,
+                    f"{v['inputs_with_a_differing_code']} / {v['inputs']}",
+                    f"{v['codes_differing']:,} / {v['codes']:,}",
+                    _pct(v["top1_agree_emulation"]),
+                    ", ".join(f"`{k}` ({n})" for k, n in first) or "–",
+                ]
+            )
+    if not trace:
+        return []
+    head = ["plan", "simulation", "inputs with a differing code", "codes differing", "top-1 = emulation (%)"]
+    return table([*head, "first differing layer (inputs)"], trace)
+
+
+def int32_bias(data: JSON) -> Lines:
+    """The zoo with and without the int32_bias step: simulated and emulated (deployed) top-1."""
+    body = []
+    for key, r in data["rows"].items():
+        cells = [f"`{key}`", str(r["val_samples"])]
+        for label in ("plain", "int32_bias"):
+            v = r[label]
+            cells += [f"{v['simulated_top1']:.2f}", f"{v['emulated_top1']:.2f}"]
+            cells.append(_pct(v["top1_agree_simulation_emulation"]))
+        body.append(cells)
+    head = ["task/plan", "samples", "simulated", "deployed (emulated)", "same top-1 (%)"]
+    return table([*head, "with int32_bias: simulated", "deployed (emulated)", "same top-1 (%)"], body)
+
+
+def export_hf(data: JSON) -> Lines:
+    """The SmolLM2 compressed-tensors checkpoints: perplexity reloaded, bytes by component."""
+    body = []
+    for name, r in data["rows"].items():
+        parts = r.get("bytes_by_component") or {}
+        mb = [_num(parts.get(k) and parts[k] / 1e6, ".1f") for k in ("codes", "scales", "zero_points")]
+        floats = parts and (parts["float_embedding"] + parts["float_other"]) / 1e6
+        body.append(
+            [
+                f"`{name}`",
+                f"{r['avg_weight_bits']:.2f}",
+                f"{r['ppl_simulated']:.3f}",
+                f"{r['ppl_reloaded']:.3f}",
+            ]
+            + [f"{r['cost_model_size_bytes'] / 1e6:.1f}", f"{r['checkpoint_dir_bytes'] / 1e6:.1f}", *mb]
+            + [_num(floats or None, ".1f")]
+        )
+    head = ["row", "avg weight bits", "ppl simulated", "ppl reloaded", "cost model MB", "checkpoint MB"]
+    return table([*head, "codes MB", "scales MB", "zero points MB", "float tensors MB"], body)
 
 
 def deploy_target(results: Path) -> Lines:
@@ -468,6 +578,10 @@ BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "scale": scale,
     "deploy": deploy,
     "deploy_speed": deploy_speed,
+    "onnx_unseen": onnx_unseen,
+    "onnx_trained": onnx_trained,
+    "int32_bias": int32_bias,
+    "export_hf": export_hf,
     "claims": claims,
     "llm": llm,
     "llm_mixed": llm,

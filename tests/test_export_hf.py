@@ -103,16 +103,21 @@ def test_a_quantized_tied_embedding_reloads_with_the_simulated_logits(cand, tmp_
         transformers.LlamaConfig(**DECODER, **HEADS, tie_word_embeddings=True)
     )
     task = mixq.Task(model.eval(), token_batches(2, 1, False), token_batches(1, 2, False), name="tied-llama")
-    res = mixq.run(task, "uniform", [cand], embeddings=True)
+    res = mixq.run(task, "uniform", [cand], embeddings=True, out=tmp_path / "run")
     assert res.plan.meta["tied"]  # the embedding follows lm_head's spec
+    back, _ = mixq.export.rebuild(tmp_path / "run", task=task)  # from the run's packed file
+    x = task.val[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=x).logits, res.model(input_ids=x).logits)
+    assert back.metrics.size_bytes == res.metrics.size_bytes
     with pytest.warns(UserWarning, match="embed_tokens is tied to the quantized lm_head"):
-        sim, got, loaded = reload_logits(res, task, tmp_path)
+        sim, got, loaded = reload_logits(res, task, tmp_path / "hf")
     assert torch.equal(got, sim)
     with torch.no_grad():  # the reloaded embedding holds the quantized values, not the float ones
         emb = res.model.model.embed_tokens(task.val[0]["input_ids"])
     assert torch.equal(loaded.model.embed_tokens(task.val[0]["input_ids"]), emb)
     assert not torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
-    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     assert [t for g in cfg["config_groups"].values() for t in g["targets"] if "lm_head" in t]
 
 
@@ -187,3 +192,36 @@ def test_gptq_dynamic_group_scales_are_the_ones_written(tasks, tmp_path):
     assert own == {"FixedGrid"}
     sim, got, _ = reload_logits(res, task, tmp_path / "gptq")
     torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cand", ["w3+asym", "w4g16+asym", "w5g32+asym"])
+def test_codes_with_zero_points_are_packed_at_their_width(cand, tasks, tmp_path):
+    """Asymmetric channel and group weights: codes packed at their width (pack-quantized, not one
+    byte each), zero points packed too; unpacked by compressed-tensors' own code they are the
+    codes and zero points mixq encodes, and transformers reloads the simulated logits."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from mixq.export.deploy import collect
+    from mixq.quant.codes import code_to_int
+
+    task = tasks["llama"]
+    res = mixq.run(task, "uniform", [cand])
+    sim, got, _ = reload_logits(res, task, tmp_path)
+    torch.testing.assert_close(got, sim, rtol=1e-5, atol=1e-5)
+    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized"
+    bits = int(cand[1])
+    name = "model.layers.0.mlp.down_proj"
+    enc = collect(res.model)[name].weight
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        packed, zp = f.get_tensor(f"{name}.weight_packed"), f.get_tensor(f"{name}.weight_zero_point")
+    out, cols = enc.shape
+    assert packed.dtype == torch.int32 and packed.numel() * 32 == out * cols * bits  # b bits per code
+    half = 1 << (bits - 1)
+    v = code_to_int(enc.codes, enc.spec.fmt, enc.spec.symmetric).reshape(enc.shape)
+    assert torch.equal(unpack_from_int32(packed, bits, enc.shape).int(), (v - half).int())
+    groups = enc.zero.reshape(out, -1)
+    assert zp.shape == groups.shape and zp.dtype == torch.int32
+    words = -(-out * bits // 32)  # the packed words; the rows after them are zero
+    assert not zp[words:].any()
+    assert torch.equal(unpack_from_int32(zp, bits, groups.shape, packed_dim=0).int(), (groups - half).int())

@@ -462,7 +462,7 @@ def test_bad_ptq_raises_naming_the_choices(ptq, args, match):
 
 
 def test_registry_and_string_form():
-    assert list(STEPS) == ["cle", "bias_correction", "adaround", "awq", "gptq"]
+    assert list(STEPS) == ["cle", "bias_correction", "adaround", "awq", "gptq", "int32_bias"]
     assert [s.name for s in resolve("cle,adaround")] == ["cle", "adaround"]
 
 

@@ -37,7 +37,7 @@ from mixq.export.packed import deployed, load_safetensors, read_safetensors, sav
 from mixq.export.qdq import save_onnx
 from mixq.metrics import Metrics
 from mixq.plan import FLOAT, LayerSpec, Plan, QSpec, as_layer_spec
-from mixq.wrap import adds_spec, apply, excluded_layers, wrap
+from mixq.wrap import adds_spec, apply, excluded_layers, tied_sites, wrap
 
 FORMATS = ("safetensors", "onnx", "hf")
 RUN_MODEL = rundir.MODEL  # the quantized model a run directory holds (mixq.rundir)
@@ -214,9 +214,13 @@ def file_costs(path: Path, meta: dict[str, Any], plan: Plan, task: Any) -> dict[
     qmodel = wrap(model, skip=excluded, embeddings=embeddings)
     infos = cost.probe(qmodel, task.calib[0], task.forward)
     layers = meta.get("layers") or {}
+    tied = tied_sites(qmodel)  # an embedding tied to a layer is stored as that layer's weight
     specs = []
     for info in infos:
         m = layers.get(info.name)
+        if m is None and tied.get(info.name) in layers:
+            specs.append(plan.layers.get(info.name, FLOAT))  # the leader's weight spec (wrap.tie_plan)
+            continue
         if m is None:
             raise ValueError(f"{path} has no layer {info.name!r} of the task's model")
         if tuple(m["shape"]) != tuple(info.weight_shape):

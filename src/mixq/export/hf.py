@@ -6,7 +6,8 @@ package installed; vLLM reads the same format): ``config.json`` with a ``quantiz
 of ``quant_method`` "compressed-tensors", format "pack-quantized" and status "compressed", and
 ``model.safetensors`` with, per quantized layer, ``weight_packed`` (the integer codes packed
 densely into int32 by compressed-tensors' own packer), ``weight_scale`` (float32),
-``weight_zero_point`` (with a zero point) and ``weight_shape``.
+``weight_zero_point`` (with a zero point) and ``weight_shape``. Every integer weight, symmetric
+or with a zero point, has its codes packed at its width.
 
 Symbol map (mixq -> compressed-tensors): a weight spec ``Int(b)`` with granularity "tensor",
 "channel" or "group" (``group_size``) -> ``QuantizationArgs(num_bits=b, type="int", strategy=...,
@@ -19,6 +20,18 @@ so the dequantized weights are the simulation's bit for bit. Float Linear layers
 first name, as transformers ties them again on load; a tie whose members the plan quantizes
 differently (a quantized ``lm_head`` on a float embedding) cannot be shared: both are stored
 and ``tie_word_embeddings`` is set to False (a warning names them).
+
+[DESIGN] Zero points per channel or group are packed at the weight's width along the output
+dimension by compressed-tensors' packer (``pack_to_int32(zp, b, packed_dim=0)``: ``ceil(out b /
+32)`` int32 words per group column), but stored in an int32 tensor of the unpacked shape
+``[out, groups]`` whose rows past those words are zero (``zp_dtype`` int32). transformers 5.25
+builds the module layout on the meta device before loading, where compressed-tensors 0.20 leaves
+the zero point unpacked (``[out, groups]``): the compact ``[ceil(out b / 32), groups]`` tensor
+that compressed-tensors' own compressor writes is then re-initialised for the size mismatch (a
+load-report warning, wrong zero points, wrong logits). compressed-tensors' unpacker reads only
+the first words, so this layout decompresses to the same zero points and loads exactly; it costs
+4 bytes per group's zero point (1 in the int8 ``naive-quantized`` layout, which stores every
+code in a byte). A per-tensor zero point is one int8, as compressed-tensors stores it.
 
 [DESIGN] Weight-only: activation quantizers, multipoint, SPARQ, minifloat and MX weights have
 no pack-quantized form here and are refused before anything is written, naming the layers and
@@ -50,7 +63,8 @@ HF_HOLDS = (
 )
 STRATEGIES = {"tensor": "tensor", "channel": "channel", "group": "group"}
 WEIGHTS = "model.safetensors"
-PACKED, NAIVE = "pack-quantized", "naive-quantized"
+PACKED = "pack-quantized"
+ZP_DTYPE = {True: torch.int8, False: torch.int32}  # per tensor: one int8; else packed words (docstring)
 
 
 def _ct() -> Any:
@@ -129,7 +143,7 @@ def _args(spec: QSpec, QuantizationArgs: Any) -> Any:  # noqa: N803
         strategy=STRATEGIES[spec.granularity],
         group_size=spec.group_size if spec.granularity == "group" else None,
         scale_dtype=torch.float32,
-        zp_dtype=None if signed_sym else torch.int8,
+        zp_dtype=None if signed_sym else ZP_DTYPE[spec.granularity == "tensor"],
     )
 
 
@@ -152,18 +166,14 @@ def _layer_tensors(name: str, enc: Encoded, pack: Any) -> dict[str, torch.Tensor
         half = 1 << (bits - 1)
         q = v - half
         zp = (zero - half).round().to(torch.int8)
-        t[f"{name}.weight_zero_point"] = zp
-    if layout(spec) == NAIVE:
-        t[f"{name}.weight"] = q.round().to(torch.int8).contiguous()
-    else:
-        t[f"{name}.weight_packed"] = pack(q.round().to(torch.int8), bits).contiguous()
-        t[f"{name}.weight_shape"] = torch.tensor(enc.shape)
+        if spec.granularity != "tensor":  # packed words in the unpacked shape (module docstring)
+            words = pack(zp, bits, packed_dim=0)
+            zp = torch.zeros(zp.shape, dtype=torch.int32)
+            zp[: words.shape[0]] = words
+        t[f"{name}.weight_zero_point"] = zp.contiguous()
+    t[f"{name}.weight_packed"] = pack(q.round().to(torch.int8), bits).contiguous()
+    t[f"{name}.weight_shape"] = torch.tensor(enc.shape)
     return t
-
-
-def layout(spec: QSpec) -> str:
-    """The compressed-tensors format of a weight spec's config group (see the module docstring)."""
-    return NAIVE if not spec.symmetric and spec.granularity != "tensor" else PACKED
 
 
 def _ties(model: nn.Module, quantized: set[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -242,13 +252,13 @@ def save_hf(qmodel: nn.Module, path: str | Path) -> Path:
         f"group_{i}": QuantizationScheme(
             targets=[f"re:^{_re_escape(n)}$" for n in names],
             weights=_args(spec, QuantizationArgs),
-            format=layout(spec),
+            format=PACKED,
         )
         for i, (spec, names) in enumerate(groups.items())
     }
     qcfg = QuantizationConfig(
         config_groups=config_groups,
-        format=PACKED if {layout(s) for s in groups} <= {PACKED} else "mixed-precision",
+        format=PACKED,
         quantization_status="compressed",
         ignore=[n for n in layers if n not in quantized],  # the float Linear layers
     )

@@ -6,7 +6,7 @@ Each step has a stage:
   its plan (``cle``), so ranges and sensitivities are measured on the weights that end up
   quantized.
 * ``"plan"``: refines the quantized layers of the chosen plan, after it is applied
-  (``bias_correction``, ``adaround``, ``awq``, ``gptq``).
+  (``bias_correction``, ``adaround``, ``awq``, ``gptq``; ``int32_bias`` last).
 
 Steps run in the order listed; every float step must come before every plan step. Each step is
 deterministic for a seed and reports a record (its stage, seconds and what it did).
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from mixq.options import check_types
-from mixq.ptq import adaround, awq, bias_correction, cle, gptq
+from mixq.ptq import adaround, awq, bias_correction, cle, gptq, int32_bias
 from mixq.tasks import Task
 
 STAGES = ("float", "plan")
@@ -48,7 +48,9 @@ STEPS: dict[str, StepKind] = {
     "adaround": StepKind("plan", adaround.Config, adaround.adaround),
     "awq": StepKind("plan", awq.Config, awq.awq),
     "gptq": StepKind("plan", gptq.Config, gptq.gptq),
+    "int32_bias": StepKind("plan", int32_bias.Config, int32_bias.int32_bias),
 }
+LAST = ("int32_bias",)  # steps that must come last (a later step would undo them)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ def resolve(ptq: list[str] | str | None, ptq_args: dict[str, dict[str, Any]] | N
     if stages != sorted(stages, key=STAGES.index):
         floats = ", ".join(p for p in ptq if STEPS[p].stage == "float")
         raise ValueError(f"float-model steps ({floats}) must come before plan steps in {list(ptq)}")
+    for p in LAST:
+        if p in ptq and ptq[-1] != p:
+            raise ValueError(f"PTQ step {p!r} must be the last one; got {list(ptq)}")
     if not isinstance(ptq_args, (dict, type(None))):
         raise ValueError(f"ptq_args must map step names to settings, got {ptq_args!r}")
     args = dict(ptq_args or {})

@@ -1,0 +1,87 @@
+"""The int32_bias plan step on the zoo: the simulated metric with and without it, against the metric
+of the deployed model (``mixq.export.emulate``, which equals ONNX Runtime's fused kernels).
+
+Per task and plan: the plan from ``mixq.run`` without and with ``ptq=["int32_bias"]``; for each,
+the simulated metric (the fake-quantized model), the emulated metric (what ONNX Runtime computes
+for that model's export) and the share of validation samples whose top-1 the two share. A step
+that made the simulation add the biases the deployed kernels add would bring the simulated metric
+to the deployed one; whether it should be the default is read off these rows. Rows are written to
+bench/results/int32_bias.json as each finishes; a row already there is kept (``--redo``).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.int32_bias
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+import mixq
+from bench.common import RESULTS, provenance, write_rows
+from bench.deploy import build_task
+
+NAME = "int32_bias"
+TASKS = {"mnist-cnn": None, "fashion-resnet20": 2000, "fashion-mobilenetv2": 2000}  # validation samples
+PLANS = {"w8a8": ["w8a8"], "w7a8": ["w7a8"], "w4a8": ["w4a8"]}
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, task: mixq.Task) -> tuple[float, torch.Tensor]:
+    preds, right = [], 0
+    for b in task.val:
+        p = task.forward(model, b).argmax(1)
+        preds.append(p)
+        right += int((p == b[1]).sum())
+    pred = torch.cat(preds)
+    return 100 * right / len(pred), pred
+
+
+def row(task: mixq.Task, cands: list[str]) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    for label, ptq in (("plain", []), ("int32_bias", ["int32_bias"])):
+        t0 = time.perf_counter()
+        res = mixq.run(task, "uniform", cands, ptq=ptq)
+        sim, ps = top1(res.model, task)
+        emu, pe = top1(mixq.export.emulate(res, task), task)
+        rec[label] = {
+            "simulated_top1": sim,
+            "emulated_top1": emu,
+            "top1_agree_simulation_emulation": float((ps == pe).float().mean()),
+            "ptq": res.metrics.ptq,
+            "seconds": time.perf_counter() - t0,
+        }
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--plans", default=",".join(PLANS))
+    ap.add_argument("--redo", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    path = RESULTS / f"{NAME}.json"
+    for t in args.tasks.split(","):
+        task = build_task(t, TASKS[t])
+        for p in args.plans.split(","):
+            key = f"{t}/{p}"
+            doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+            if key in doc["rows"] and not args.redo:
+                continue
+            t0 = time.perf_counter()
+            rec = {"task": t, "val_samples": sum(len(b[1]) for b in task.val), **row(task, PLANS[p])}
+            rec["wall_seconds"] = time.perf_counter() - t0
+            print(key, json.dumps(rec), flush=True)
+            doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+            doc["rows"][key] = rec
+            doc["provenance"] = provenance()
+            write_rows(NAME, doc)
+
+
+if __name__ == "__main__":
+    main()
