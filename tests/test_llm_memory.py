@@ -1,0 +1,143 @@
+"""Memory of the causal-LM path: the chunked float64 paths give the very same bits.
+
+The perplexity's next-token log-likelihoods and the sensitivity's output KL are computed a few
+positions at a time, so no whole float64 copy of a large vocabulary's logits exists. Oracles: the
+same formulas on the whole logits at once (what the code computed before), bit for bit, at one and
+at two threads, on random logits with awkward sizes and on a tiny random-config Llama.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixq
+from mixq import llm
+from mixq.sensitivity.perturb import OutputKL, kl_rows
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(vocab: int = 300):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def whole_nll(logit: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Every position at once: the float64 logits of all positions, one cross-entropy."""
+    pred = logit[:, :-1].reshape(-1, logit.shape[-1]).double()
+    return F.cross_entropy(pred, ids[:, 1:].reshape(-1), reduction="none").sum()
+
+
+def whole_kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """OutputKL's formula on the whole logits (before chunking)."""
+    logq = torch.log_softmax(out.double(), -1)
+    logp = torch.log_softmax(ref.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 130, 3000), (2, 65, 1000), (1, 2, 50), (3, 1, 70)])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_nll_and_kl_equal_the_whole_computation(shape, chunk, threads):
+    g = torch.Generator().manual_seed(sum(shape) + chunk)
+    logit = torch.randn(shape, generator=g) * 4
+    ref = logit + 0.3 * torch.randn(shape, generator=g)
+    ids = torch.randint(0, shape[-1], shape[:2], generator=g)
+    got, n = llm.token_nll(logit, ids, chunk=chunk)
+    assert n == shape[0] * (shape[1] - 1)
+    assert torch.equal(got, whole_nll(logit, ids))
+    assert torch.equal(llm.token_nll(logit, ids, chunk=None)[0], whole_nll(logit, ids))
+    assert torch.equal(kl_rows(ref, logit, chunk).mean(), whole_kl(ref, logit))
+    assert torch.equal(kl_rows(ref, logit, None).mean(), whole_kl(ref, logit))
+
+
+def test_row_chunks_cover_the_rows_in_nearly_equal_parts():
+    for rows in range(1, 300, 7):
+        for chunk in (1, 5, 64):
+            parts = llm.row_chunks(rows, chunk)
+            assert parts[0][0] == 0 and parts[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+            sizes = [j - i for i, j in parts]
+            assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        llm.token_nll(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), chunk=0)
+
+
+def test_perplexity_and_output_kl_of_a_tiny_llama_are_bit_equal(threads):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": w, "labels": w} for w in torch.randint(0, 300, (3, 1, 97), generator=g)]
+    metric = llm.NegPerplexity()
+    with torch.no_grad():
+        logits = [model(input_ids=b["input_ids"]).logits for b in batches]
+    total = sum(float(whole_nll(x, b["labels"])) for x, b in zip(logits, batches, strict=True))
+    count = sum(b["labels"].shape[1] - 1 for b in batches)
+    import math
+
+    assert metric(model, batches) == -math.exp(total / count)
+    # the KL of a perturbed model against the float logits, chunked and whole
+    other = tiny_llama()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    kl = OutputKL(llm.logits)
+    with torch.no_grad():
+        for b, ref in zip(batches, logits, strict=True):
+            want = whole_kl(ref, other(input_ids=b["input_ids"]).logits)
+            assert torch.equal(kl(other, (b, ref)), want)
+            assert torch.equal(OutputKL(llm.logits, chunk=None)(other, (b, ref)), want)
+            assert float(want) > 0
+
+
+def test_loss_backward_through_the_chunks():
+    """The causal-LM loss (QAT's objective) still differentiates through the chunked path."""
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(5))
+    loss = llm.next_token_loss(model, {"input_ids": ids, "labels": ids})
+    loss.backward()
+    grad = model.lm_head.weight.grad
+    model.zero_grad()
+    want = whole_nll(model(input_ids=ids).logits, ids) / 69
+    want.float().backward()
+    assert torch.allclose(grad, model.lm_head.weight.grad, rtol=1e-5, atol=1e-8)
+    assert mixq is not None
+
+
+def test_a_runs_own_cache_keeps_no_copy_of_the_prepared_model(monkeypatch):
+    from mixq import api
+    from mixq.cache import Cache
+
+    built = []
+    lone = Cache(models=False)
+    assert lone.prepared("k", lambda: built.append(1) or "model") == "model"
+    assert lone.prepared("k", lambda: built.append(1) or "model") == "model"
+    assert len(built) == 2 and lone._prepared is None
+    kept = Cache()
+    kept.prepared("k", lambda: ["model"])
+    assert kept._prepared is not None
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(Cache(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(api, "Cache", spy)
+    res = mixq.run("synthetic-mlp", "uniform", ["w8a8"])
+    assert made and all(c._prepared is None and not c.models for c in made)
+    assert res.metrics.metric > 0
