@@ -141,3 +141,38 @@ def test_a_runs_own_cache_keeps_no_copy_of_the_prepared_model(monkeypatch):
     res = mixq.run("synthetic-mlp", "uniform", ["w8a8"])
     assert made and all(c._prepared is None and not c.models for c in made)
     assert res.metrics.metric > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*weights stay float")
+def test_fisher_objective_keeps_no_float_logits_and_measures_the_head_as_before(tmp_path):
+    """Block-wise "fisher": the head's scores are the exact KL of whole forwards, as the "kl"
+    objective (whose items keep every batch's float logits) measures them, bit for bit; the
+    store's data fingerprint is that of the kept logits."""
+    import copy
+
+    from mixq import wrap
+    from mixq.sensitivity.blockwise import FloatItems, blockwise
+    from mixq.sensitivity.perturb import objective_data
+    from mixq.store import Store, fingerprint_data
+
+    model = tiny_llama(vocab=200)
+    g = torch.Generator().manual_seed(7)
+    wins = [{"input_ids": w, "labels": w} for w in torch.randint(0, 200, (2, 1, 24), generator=g)]
+    task = mixq.Task(
+        model=model, calib=wins, val=wins[:1], forward=llm.logits, loss=llm.next_token_loss, outputs="logits"
+    )
+    q = wrap(copy.deepcopy(model)).eval()
+    cands = ["w3g8", "w4g8"]
+    layers = ["model.layers.1.mlp.down_proj", "lm_head"]
+    fisher = blockwise(
+        q, task, layers, cands, objective="fisher", min_batches=2, store=Store(tmp_path / "s.db")
+    )
+    kl = blockwise(q, task, layers, cands, objective="kl", min_batches=2)
+    assert torch.equal(fisher.single[1], kl.single[1]) and torch.equal(fisher.se[1], kl.se[1])
+    assert (fisher.single[0] > 0).all()
+    _, items = objective_data(q, task, wins, "kl")
+    lazy = FloatItems(q, task, wins)
+    assert lazy.rows(need_fingerprint=True) == [24, 24]  # every position's logits
+    assert lazy.fingerprint == fingerprint_data(items) == fisher.meta["data_fp"]
+    for (b, ref), (b2, ref2) in zip(items, lazy[:], strict=True):
+        assert b is b2 and torch.equal(ref, ref2)
