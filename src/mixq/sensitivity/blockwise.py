@@ -21,8 +21,9 @@ A layer in block ``k`` at candidate ``c`` then costs:
   at ``h_k`` of the log-likelihood of labels sampled from the float model (``N`` output rows,
   ``fisher_samples`` backward passes per batch, once for all layers; :func:`fisher_grads`). The
   KL's scale at the cost of the local objective; the linearization of the blocks after ``k``
-  is its approximation (good for small changes, rougher for 2-3 bit weights). The gradients
-  of every block are held (``blocks × batches × samples`` hidden-state tensors).
+  is its approximation (good for small changes, rougher for 2-3 bit weights). Measured one
+  batch at a time: that batch's gradients at every block are held (``blocks × samples``
+  hidden-state tensors), not every batch's.
 
 Layers outside every block (an embedding, the head) are measured with full forwards on the same
 objective's data (for "mse": the squared change of the model's logits; for "fisher": the exact KL).
@@ -558,9 +559,8 @@ def _stream(
     """Measure the missing layers of the blocks, streaming the float inputs block by block."""
     names = [s.name for s in run.specs]
     if run.objective == "fisher":
-        t1 = time.perf_counter()
-        run.grads, _ = fisher_grads(run, run.samples, run.seed)
-        meta["fisher_seconds"] = time.perf_counter() - t1
+        _stream_fisher(run, layers, where, results, batches, scope, meta)
+        return
     t0 = time.perf_counter()
     modules = [run.qmodel.get_submodule(b) for b in run.blocks]
     inputs = capture_inputs(run.qmodel, modules[0], batches, run.task.forward)
@@ -582,4 +582,57 @@ def _stream(
             if k + 2 == len(run.blocks):
                 _check_stream(run, batches[0], inputs[0])
         del outs
+    meta["peak_activation_bytes"] = peak
+
+
+def _stream_fisher(
+    run: _Run, layers: list[str], where: dict, results: dict, batches: list, scope: Any, meta: dict
+) -> None:
+    """:func:`_stream` for "fisher", one batch at a time: that batch's gradients at every block's
+    output (:func:`_batch_grads`, the same samples in the same order as :func:`fisher_grads`),
+    then its inputs streamed block by block and every missing layer and candidate scored on it.
+
+    [DESIGN] Batches outer, blocks inner: the gradients of one batch are held
+    (``blocks x samples`` hidden-state tensors), not those of every batch; the scores are the same
+    numbers (each is one batch's), at the cost of re-quantizing a layer's weight per batch.
+    """
+    names = [s.name for s in run.specs]
+    todo = [n for n in layers if where[n] is not None and n not in results]
+    values: dict[str, list[list[float]]] = {n: [[] for _ in run.specs] for n in todo}
+    kept: dict[str, list[list[list[float]]]] = {n: [[] for _ in run.specs] for n in todo}
+    modules = [run.qmodel.get_submodule(b) for b in run.blocks]
+    gen = torch.Generator().manual_seed(run.seed)
+    assert run.rows is not None
+    meta["fisher_seconds"] = meta["capture_seconds"] = 0.0
+    peak = 0
+    for b, batch in enumerate(batches):
+        t1 = time.perf_counter()
+        grads, _ = _batch_grads(run, batch, run.samples, gen)
+        t0 = time.perf_counter()
+        meta["fisher_seconds"] += t0 - t1
+        (x,) = capture_inputs(run.qmodel, modules[0], [batch], run.task.forward)
+        own = block_arguments(run.qmodel, modules, lambda batch=batch: run.task.forward(run.qmodel, batch))
+        meta["capture_seconds"] += time.perf_counter() - t0
+        for k, block in enumerate(modules):
+            ref = call(block, x)  # the float output of block k on this batch
+            peak = max(peak, _nbytes(x) + _nbytes(ref) + _nbytes(grads))
+            g = grads[k].double()  # [S, *hidden]
+            for layer in (n for n in todo if where[n] == k):
+                for c, spec in enumerate(run.specs):
+                    with applied(run.qmodel, {layer: spec}):
+                        delta = (hidden_of(call(block, x)) - hidden_of(ref)).double()
+                    v = (g * delta).flatten(1).sum(1)  # [S]
+                    values[layer][c].append(float(v.pow(2).mean()) / (2 * run.rows[b]))
+                    kept[layer][c].append(v.tolist())
+            if k + 1 < len(modules):
+                x = with_hidden(own[k + 1], hidden_of(ref))
+                if b == 0 and k + 2 == len(modules):
+                    _check_stream(run, batch, x)
+        del grads
+    for layer in todo:
+        results[layer] = values[layer]
+        if run.vs is not None:
+            run.vs[layer] = kept[layer]
+        if scope is not None:
+            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
     meta["peak_activation_bytes"] = peak
