@@ -120,6 +120,8 @@ def rows() -> dict[str, dict[str, Any]]:
                 "ptq_args": {"gptq": how["gptq"]} if how["gptq"] else None,
             }
     for bits in MIXED_BITS:
+        base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
+        out[f"mixed/sensitivity-ilp/{bits}/gptq/wide"] = {**base, "candidates": WIDE_CANDIDATES}
         for variant in ("c32", "c64"):
             how = GPTQ_VARIANTS[variant]
             base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
