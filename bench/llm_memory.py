@@ -10,7 +10,8 @@ and its inner stages'). The stages are mixq's own functions, wrapped here in thi
 * ``fp metric``: the float model's perplexity on the validation windows;
 * ``prepare``: the model copied, wrapped and probed (``mixq.api.prepare``);
 * ``sensitivity`` (``sensitivity.blockwise``), inside it ``float logits`` (the float model's
-  logits kept for the KL), ``fisher gradients`` (the sampled gradients at every block's output),
+  logits kept for the KL, or their pass when they are not kept), ``fisher gradients`` (the sampled
+  gradients at every block's output; ``one batch's gradients`` each batch's),
   ``block stream`` (each layer and candidate on one block) and ``outside blocks`` (lm_head: the
   KL of whole forwards);
 * ``ilp``; ``apply`` (the plan on the wrapped model);
@@ -122,6 +123,9 @@ def install(stages: Stages) -> None:
     stages.wrap(mixq.sensitivity, "blockwise", "sensitivity")
     stages.wrap(bw, "objective_data", "float logits")
     stages.wrap(bw, "fisher_grads", "fisher gradients")
+    stages.wrap(bw, "_batch_grads", "one batch's gradients")
+    if hasattr(bw, "FloatItems"):  # the float logits' pass when they are not kept
+        stages.wrap(bw.FloatItems, "rows", "float logits")
     stages.wrap(bw, "_stream", "block stream")
     stages.wrap(bw, "_full_losses", "outside blocks")
     stages.wrap(sensitivity_ilp, "solve", "ilp")
