@@ -58,6 +58,24 @@ MIXED_METHODS = ("sensitivity-ilp", "hawq", "clado")
 MIXED_BITS = (3.5, 4.0, 4.25)
 SHARED = ("hawq", "clado")  # methods whose rows share one sensitivity (see the module)
 RUNS = "/tmp/mixq-bench-llm"
+# GPTQ settings measured beside the defaults (rows ``<row>/<variant>``): calibration windows
+# (the task's first N windows outside validation 8-11; 216 exist) and GPTQ's own settings.
+GPTQ_VARIANTS: dict[str, dict[str, Any]] = {
+    "c8": {"calib": 8, "gptq": {}},
+    "c32": {"calib": 32, "gptq": {}},
+    "c64": {"calib": 64, "gptq": {}},
+    "c128": {"calib": 128, "gptq": {}},
+    "c4-static": {"calib": 4, "gptq": {"groups": "static"}},
+    "c4-act": {"calib": 4, "gptq": {"act_order": True}},
+    "c4-damp0.1": {"calib": 4, "gptq": {"damp": 0.1}},
+    "c32-static": {"calib": 32, "gptq": {"groups": "static"}},
+    "c32-act": {"calib": 32, "gptq": {"act_order": True}},
+    "c32-damp0.1": {"calib": 32, "gptq": {"damp": 0.1}},
+}
+GPTQ_SETTINGS = ("w4g128", "w4g128+asym", "w4g64+asym", "w4g32+asym")
+# Mixed candidates with group-128/64 asymmetric 4-bit grids beside the defaults (rows ``.../wide``).
+SENSITIVITY_WINDOWS = 8  # the mixed rows' sensitivity windows when GPTQ calibrates on more
+WIDE_CANDIDATES = ["w3g32+asym", "w4g128+asym", "w4g64+asym", "w4g32+asym", "w8g64"]
 
 
 def rows() -> dict[str, dict[str, Any]]:
@@ -93,6 +111,32 @@ def rows() -> dict[str, dict[str, Any]]:
             "ptq": ["gptq"],
             "embeddings": True,
         }
+    for s in GPTQ_SETTINGS:
+        for variant, how in GPTQ_VARIANTS.items():
+            out[f"uniform/{s}/gptq/{variant}"] = {
+                **out["uniform/w4g128/gptq"],
+                "candidates": [s],
+                "calib": how["calib"],
+                "ptq_args": {"gptq": how["gptq"]} if how["gptq"] else None,
+            }
+    for bits in MIXED_BITS:
+        base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
+        out[f"mixed/sensitivity-ilp/{bits}/gptq/wide"] = {**base, "candidates": WIDE_CANDIDATES}
+        for variant in ("c32", "c64"):
+            how = GPTQ_VARIANTS[variant]
+            base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
+            sens = {"batches": SENSITIVITY_WINDOWS}  # GPTQ on all calibration windows
+            out[f"mixed/sensitivity-ilp/{bits}/gptq/{variant}"] = {
+                **base,
+                "calib": how["calib"],
+                "method_args": sens,
+            }
+            out[f"mixed/sensitivity-ilp/{bits}/gptq/{variant}/wide"] = {
+                **base,
+                "calib": how["calib"],
+                "method_args": sens,
+                "candidates": WIDE_CANDIDATES,
+            }
     out["export/w4g32+asym/embeddings"] = {
         "kind": "export",
         "method": "uniform",
@@ -128,7 +172,7 @@ def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, A
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     row = rows()[name]
     t0 = time.perf_counter()
-    task = mixq.tasks.get("smollm2")
+    task = mixq.tasks.get("smollm2", calib_size=row.get("calib"))
     load = time.perf_counter() - t0
     out: dict[str, Any] = {"row": name, "load_seconds": load, "from_cache": task.info.get("from_cache")}
     if row["kind"] == "fp":
@@ -148,6 +192,8 @@ def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, A
         row["budget"],
         ptq=row["ptq"],
         embeddings=row["embeddings"],
+        ptq_args=row.get("ptq_args"),
+        method_args=row.get("method_args"),
         **shared,
     )
     m = res.metrics
@@ -168,6 +214,9 @@ def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, A
             "search_seconds": m.seconds,
             "eval_seconds": m.eval_seconds,
             "ptq": m.ptq,
+            "calib_windows": len(task.calib),
+            "ptq_args": row.get("ptq_args"),
+            "method_args": row.get("method_args"),
             "plan_counts": _counts(res.plan),
             "float_layers": m.float_layers,
         }

@@ -271,7 +271,7 @@ def _run(req: Request, key: str) -> tuple[Result, list[cost.LayerInfo]]:
     specs, budget, steps = req.specs, req.budget, req.steps
     runner = _executor(opts)
     torch.manual_seed(opts.seed)
-    with (opts.cache if opts.cache is not None else Cache()).active():
+    with (opts.cache if opts.cache is not None else Cache(models=False)).active():  # prepares once
         work, ptq_records, folded = _float_steps(task, steps, opts.seed, opts.fold_bn)
         t0 = time.perf_counter()
         ctx = _context(work, specs, budget, opts, runner, key)
@@ -449,7 +449,7 @@ def evaluate(
         plan = Plan.load(plan)
     task = folded_task(task, plan, fold_bn)
     cache = cache if cache is not None else current_cache()
-    with (cache if cache is not None else Cache()).active():
+    with (cache if cache is not None else Cache(models=False)).active():
         qmodel, infos = prepare(
             task, list(plan.layers.values()), embeddings=names_embeddings(task, plan), exclude=excludes(plan)
         )

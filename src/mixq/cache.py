@@ -34,6 +34,8 @@ class Cache:
 
     Args:
         ranges: how many searched ranges to keep (least recently used dropped first).
+        models: keep a copy of the last prepared model (False: prepare anew each time; what a
+            run's own cache does, as it prepares once: no idle copy of a large model).
 
     >>> cache = Cache()
     >>> w = torch.ones(2, 3)
@@ -44,10 +46,11 @@ class Cache:
     (1, 1)
     """
 
-    def __init__(self, ranges: int = RANGES) -> None:
+    def __init__(self, ranges: int = RANGES, models: bool = True) -> None:
         if not isinstance(ranges, int) or ranges < 0:
             raise ValueError(f"ranges must be a non-negative integer, got {ranges!r}")
         self.max_ranges = ranges
+        self.models = bool(models)
         self._ranges: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._prepared: tuple[tuple, Any] | None = None
 
@@ -79,11 +82,13 @@ class Cache:
     def prepared(self, key: tuple, build: Callable[[], Any]) -> Any:
         """What ``build()`` returns for ``key``: built once (a copy kept), then a deep copy of it.
 
-        Only the last key's result is kept (a prepared model may be large).
+        Only the last key's result is kept (a prepared model may be large); none with ``models=False``.
         """
         if self._prepared is not None and self._prepared[0] == key:
             return copy.deepcopy(self._prepared[1])
         value = build()
+        if not self.models:
+            return value
         self._prepared = (key, copy.deepcopy(value))
         return value
 

@@ -111,11 +111,43 @@ def logits(model: nn.Module, batch: Any) -> torch.Tensor:
     return got
 
 
-def token_nll(logit: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
-    pred = logit[:, :-1].reshape(-1, logit.shape[-1]).double()
-    target = ids[:, 1:].reshape(-1)
-    return F.cross_entropy(pred, target, reduction="sum"), int(target.numel())
+CHUNK_ROWS = 64  # positions whose float64 log-probabilities exist at once (64 x 49,152 x 8 B: 25 MB)
+
+
+def token_nll(
+    logit: torch.Tensor, ids: torch.Tensor, chunk: int | None = CHUNK_ROWS
+) -> tuple[torch.Tensor, int]:
+    """The summed next-token negative log-likelihood (float64) and the number of predicted tokens.
+
+    Each position's negative log-likelihood is computed in float64 from its own row of logits,
+    ``chunk`` positions at a time (None: all at once), and the per-position values are summed
+    once: the chunks change no bit of the result, and the float64 copy of the logits (with its
+    log-softmax) is never made whole (SmolLM2: 511 x 49,152 positions x 8 B = 200 MB each).
+    """
+    target = ids[:, 1:]
+    vocab = logit.shape[-1]
+    if chunk is None:
+        pred = logit[:, :-1].reshape(-1, vocab).double()
+        return F.cross_entropy(pred, target.reshape(-1), reduction="none").sum(), int(target.numel())
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    parts = []
+    for b in range(logit.shape[0]):
+        for i, j in row_chunks(target.shape[1], chunk):
+            parts.append(F.cross_entropy(logit[b, i:j].double(), target[b, i:j], reduction="none"))
+    return torch.cat(parts).sum(), int(target.numel())
+
+
+def row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
+    """``rows`` cut into ``ceil(rows / chunk)`` nearly equal ranges ``(start, stop)``.
+
+    Equal parts, not ``chunk``-sized ones and a remainder: a part of one or two rows could make
+    torch split a reduction over the vocabulary between threads (another summation order), while
+    parts of many rows are reduced row by row, as the whole is.
+    """
+    n = max(1, -(-rows // chunk))
+    edges = [rows * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def next_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -21,8 +21,9 @@ A layer in block ``k`` at candidate ``c`` then costs:
   at ``h_k`` of the log-likelihood of labels sampled from the float model (``N`` output rows,
   ``fisher_samples`` backward passes per batch, once for all layers; :func:`fisher_grads`). The
   KL's scale at the cost of the local objective; the linearization of the blocks after ``k``
-  is its approximation (good for small changes, rougher for 2-3 bit weights). The gradients
-  of every block are held (``blocks × batches × samples`` hidden-state tensors).
+  is its approximation (good for small changes, rougher for 2-3 bit weights). Measured one
+  batch at a time: that batch's gradients at every block are held (``blocks × samples``
+  hidden-state tensors), not every batch's.
 
 Layers outside every block (an embedding, the head) are measured with full forwards on the same
 objective's data (for "mse": the squared change of the model's logits; for "fisher": the exact KL).
@@ -75,6 +76,7 @@ from mixq.blocks import (
 from mixq.blocks import find_blocks as find_block_list
 from mixq.plan import LayerSpec, as_layer_spec
 from mixq.sensitivity.perturb import (
+    OutputKL,
     objective_data,
     split_batches,
     state_fingerprint,
@@ -195,7 +197,7 @@ class _Run:
     blocks: list[str]
     objective: str
     loss: Callable[[nn.Module, Any], torch.Tensor]
-    items: list[Any]
+    items: Sequence[Any]
     specs: list[LayerSpec]
     batches: list[Any]
     grads: list[list[torch.Tensor]] | None = None  # fisher: [block][batch] -> [S, *hidden]
@@ -235,8 +237,61 @@ def _local_losses(run: _Run, k: int, layer: str, inputs: list, ref: list) -> lis
     return out
 
 
-def _full_losses(run: _Run, layer: str, refs: list[torch.Tensor]) -> list[list[float]]:
+class FloatItems(Sequence):
+    """The KL's items ``(batch, float logits)``, the logits computed when an item is read.
+
+    [DESIGN] The "fisher" objective needs the float logits only for the layers outside the blocks
+    (the head: exact KL from whole forwards), one batch at a time: they are not kept for every
+    batch (SmolLM2, 8 x 256 positions x 49,152 x 4 B = 400 MB), at the cost of one more float
+    forward per batch and such layer. The values, and the store's data fingerprint, are those of
+    the kept logits.
+    """
+
+    def __init__(self, qmodel: nn.Module, task: Task, batches: Sequence[Any]) -> None:
+        self.qmodel, self.task, self.batches = qmodel, task, list(batches)
+        self.fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: Any) -> Any:
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        with applied(self.qmodel, {}), torch.inference_mode():
+            return self.batches[b], logits_of(self.task.forward(self.qmodel, self.batches[b])).clone()
+
+    def rows(self, need_fingerprint: bool) -> list[int]:
+        """The output rows of each batch's logits (one float pass), and the items' fingerprint."""
+        rows: list[int] = []
+
+        def each() -> Iterator[Any]:
+            for i in range(len(self)):
+                item = self[i]
+                rows.append(item[1].reshape(-1, item[1].shape[-1]).shape[0])
+                yield item
+
+        if need_fingerprint:
+            self.fingerprint = fingerprint_data(each())
+        else:
+            for _ in each():
+                pass
+        return rows
+
+
+def _full_losses(run: _Run, layer: str, refs: list[torch.Tensor] | None) -> list[list[float]]:
     """Per candidate, per batch, with full forwards (layers outside the blocks)."""
+    if isinstance(run.items, FloatItems):  # one batch's float logits at a time
+        per_batch = []
+        for b in range(len(run.items)):
+            item = run.items[b]
+            row = []
+            for spec in run.specs:
+                with applied(run.qmodel, {layer: spec}), torch.inference_mode():
+                    row.append(float(run.loss(run.qmodel, item)))
+            per_batch.append(row)
+            del item
+        return [list(v) for v in zip(*per_batch, strict=True)]
+    assert refs is not None
     out = []
     for spec in run.specs:
         with applied(run.qmodel, {layer: spec}), torch.inference_mode():
@@ -377,18 +432,23 @@ def blockwise(
     warn_few_batches(len(batches))
     t0 = time.perf_counter()
     qmodel.eval()
+    meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
     with applied(qmodel, {}):
-        loss, items = objective_data(qmodel, task, batches, "kl")
-        refs = [item[1] for item in items]
-        run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
-        if opts.objective == "fisher":  # the gradients are computed in _measure, if a layer needs them
-            run.samples, run.seed = opts.fisher_samples, opts.seed
-            run.rows = [r.reshape(-1, r.shape[-1]).shape[0] for r in refs]
+        if opts.objective == "fisher":  # no float logits kept (see FloatItems)
+            items: Sequence[Any] = FloatItems(qmodel, task, batches)
+            loss, refs = OutputKL(task.forward), None
+            run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
+            run.samples, run.seed = opts.fisher_samples, opts.seed  # gradients: in _measure, if needed
+            run.rows = items.rows(need_fingerprint=opts.store is not None)
             run.vs = {} if opts.pairs != "none" else None
+        else:
+            loss, items = objective_data(qmodel, task, batches, "kl")
+            refs = [item[1] for item in items]
+            run = _Run(qmodel, task, blocks, opts.objective, loss, items, specs, batches)
         scope = None
-        meta: dict[str, Any] = {"batches": len(batches), "objective": opts.objective, "blocks": len(blocks)}
         if opts.store is not None:
-            meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), fingerprint_data(items)
+            data_fp = items.fingerprint if isinstance(items, FloatItems) else fingerprint_data(items)
+            meta["model_fp"], meta["data_fp"] = state_fingerprint(qmodel), data_fp
             scope = opts.store.scope(meta["model_fp"], meta["data_fp"])
         if opts.objective == "fisher":
             meta.update(fisher_samples=opts.fisher_samples, seed=opts.seed)
@@ -474,7 +534,7 @@ def _to_store(run: _Run, layer: str, losses: list[list[float]]) -> Any:
     return losses if run.vs is None else {"losses": losses, "v": run.vs.get(layer, [])}
 
 
-def _measure(run: _Run, layers: list[str], refs: list, batches: list, scope: Any, meta: dict) -> dict:
+def _measure(run: _Run, layers: list[str], refs: list | None, batches: list, scope: Any, meta: dict) -> dict:
     """Per layer [C][B] losses, block by block, then the layers outside the blocks."""
     names = [s.name for s in run.specs]
     where = block_of(layers, run.blocks)
@@ -499,9 +559,8 @@ def _stream(
     """Measure the missing layers of the blocks, streaming the float inputs block by block."""
     names = [s.name for s in run.specs]
     if run.objective == "fisher":
-        t1 = time.perf_counter()
-        run.grads, _ = fisher_grads(run, run.samples, run.seed)
-        meta["fisher_seconds"] = time.perf_counter() - t1
+        _stream_fisher(run, layers, where, results, batches, scope, meta)
+        return
     t0 = time.perf_counter()
     modules = [run.qmodel.get_submodule(b) for b in run.blocks]
     inputs = capture_inputs(run.qmodel, modules[0], batches, run.task.forward)
@@ -523,4 +582,57 @@ def _stream(
             if k + 2 == len(run.blocks):
                 _check_stream(run, batches[0], inputs[0])
         del outs
+    meta["peak_activation_bytes"] = peak
+
+
+def _stream_fisher(
+    run: _Run, layers: list[str], where: dict, results: dict, batches: list, scope: Any, meta: dict
+) -> None:
+    """:func:`_stream` for "fisher", one batch at a time: that batch's gradients at every block's
+    output (:func:`_batch_grads`, the same samples in the same order as :func:`fisher_grads`),
+    then its inputs streamed block by block and every missing layer and candidate scored on it.
+
+    [DESIGN] Batches outer, blocks inner: the gradients of one batch are held
+    (``blocks x samples`` hidden-state tensors), not those of every batch; the scores are the same
+    numbers (each is one batch's), at the cost of re-quantizing a layer's weight per batch.
+    """
+    names = [s.name for s in run.specs]
+    todo = [n for n in layers if where[n] is not None and n not in results]
+    values: dict[str, list[list[float]]] = {n: [[] for _ in run.specs] for n in todo}
+    kept: dict[str, list[list[list[float]]]] = {n: [[] for _ in run.specs] for n in todo}
+    modules = [run.qmodel.get_submodule(b) for b in run.blocks]
+    gen = torch.Generator().manual_seed(run.seed)
+    assert run.rows is not None
+    meta["fisher_seconds"] = meta["capture_seconds"] = 0.0
+    peak = 0
+    for b, batch in enumerate(batches):
+        t1 = time.perf_counter()
+        grads, _ = _batch_grads(run, batch, run.samples, gen)
+        t0 = time.perf_counter()
+        meta["fisher_seconds"] += t0 - t1
+        (x,) = capture_inputs(run.qmodel, modules[0], [batch], run.task.forward)
+        own = block_arguments(run.qmodel, modules, lambda batch=batch: run.task.forward(run.qmodel, batch))
+        meta["capture_seconds"] += time.perf_counter() - t0
+        for k, block in enumerate(modules):
+            ref = call(block, x)  # the float output of block k on this batch
+            peak = max(peak, _nbytes(x) + _nbytes(ref) + _nbytes(grads))
+            g = grads[k].double()  # [S, *hidden]
+            for layer in (n for n in todo if where[n] == k):
+                for c, spec in enumerate(run.specs):
+                    with applied(run.qmodel, {layer: spec}):
+                        delta = (hidden_of(call(block, x)) - hidden_of(ref)).double()
+                    v = (g * delta).flatten(1).sum(1)  # [S]
+                    values[layer][c].append(float(v.pow(2).mean()) / (2 * run.rows[b]))
+                    kept[layer][c].append(v.tolist())
+            if k + 1 < len(modules):
+                x = with_hidden(own[k + 1], hidden_of(ref))
+                if b == 0 and k + 2 == len(modules):
+                    _check_stream(run, batch, x)
+        del grads
+    for layer in todo:
+        results[layer] = values[layer]
+        if run.vs is not None:
+            run.vs[layer] = kept[layer]
+        if scope is not None:
+            scope.put(_key(run, layer, names), _to_store(run, layer, results[layer]))
     meta["peak_activation_bytes"] = peak
