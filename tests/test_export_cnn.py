@@ -146,3 +146,29 @@ def test_a_conv_is_summed_on_integers_only_where_float32_holds_every_partial_sum
     if e is not None:  # the integers and float32(s_x * s_w) per output channel
         assert torch.equal(e.weight, torch.full((4, channels, 1, 1), 127.0))
         assert torch.equal(e.scale, torch.tensor(0.1) * enc.scale.reshape(-1))
+
+
+def test_a_relu_beside_a_quantizer_without_zero_point_is_guarded_or_kept_by_its_type():
+    """A DequantizeLinear of int32 sums (two inputs, no zero point) feeding a Relu: the Relu
+    becomes ``Max(x, 0)`` (ONNX Runtime could drop it as after a uint8 one); a two-input
+    QuantizeLinear (uint8 output) after a Relu keeps the Relu."""
+    from mixq.export.ort import _guard_relus
+    from mixq.export.qdq import Graph
+
+    g = Graph()
+    h = g.onnx.helper
+    tp = g.tp
+    s = g.tensor("s", tp.FLOAT, torch.tensor(0.5))
+    acc = g.tensor("acc", tp.INT32, torch.tensor([3, -2]))
+    nodes = [
+        h.make_node("DequantizeLinear", [acc, s], ["x"], name="dq"),
+        h.make_node("Relu", ["x"], ["y"], name="relu"),
+        h.make_node("QuantizeLinear", ["y", s], ["q"], name="q"),
+        h.make_node("DequantizeLinear", ["q", s], ["z"], name="dq2"),
+        h.make_node("Relu", ["z"], ["r"], name="relu2"),
+        h.make_node("QuantizeLinear", ["r", s], ["q2"], name="q2"),
+    ]
+    out = _guard_relus(g, nodes, {t.name: t.data_type for t in g.inits})
+    ops = {n.name: n.op_type for n in out}
+    assert ops["relu_as_max"] == "Max" and "relu" not in ops  # after the int32 DequantizeLinear
+    assert ops["relu2"] == "Relu"  # between uint8 quantizers (no zero point: uint8)

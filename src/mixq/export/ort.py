@@ -295,10 +295,18 @@ def _guard_relus(g: Graph, nodes: list[Any], types: dict[str, int]) -> list[Any]
     tp = onnx.TensorProto
     exact = (tp.UINT8, tp.INT8)
 
-    def other_type(node: Any) -> bool:
-        return (
-            node.op_type in ("QuantizeLinear", "DequantizeLinear") and types.get(node.input[2]) not in exact
-        )
+    def codes_type(node: Any) -> int | None:
+        if len(node.input) > 2 and node.input[2]:  # the zero point's type is the codes' type
+            return types.get(node.input[2])
+        if node.op_type == "QuantizeLinear":  # no zero point: uint8
+            return tp.UINT8
+        if node.input[0] in types:  # a DequantizeLinear reads its input's type (int32 sums)
+            return types[node.input[0]]
+        src = by_output.get(node.input[0])
+        return codes_type(src) if src is not None and src.op_type == "QuantizeLinear" else None
+
+    def other_type(node: Any) -> bool:  # an unknown type is guarded: Max(x, 0) is the same values
+        return node.op_type in ("QuantizeLinear", "DequantizeLinear") and codes_type(node) not in exact
 
     by_output = {o: n for n in nodes for o in n.output}
     users: dict[str, list[Any]] = {}
