@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.optimize import linprog, minimize
 
 from mixq.search import InfeasibleBudgetError, Problem, brute_force
@@ -16,18 +15,7 @@ from mixq.search.qcr import _project, _Quadratic, _Relaxation, _Restore, qcr
 from mixq.search.sdp import sdp_bound
 from mixq.search.terms import Terms
 from tests.test_search_qp import make, tolerance
-
-
-def _two_budgets(seed: int) -> Problem:
-    """Indefinite pairs, a forbidden candidate and a second, crossing budget."""
-    base = make(5, 3, seed, psd=False, frac=0.5)
-    scores = base.scores.clone()
-    scores[2, 1] = math.inf
-    other = torch.flip(base.costs["size"], dims=[1]) + 1.0
-    budget = float(
-        other.min(dim=1).values.sum() + 0.6 * (other.max(dim=1).values - other.min(dim=1).values).sum()
-    )
-    return Problem(scores, {**base.costs, "other": other}, {**base.budgets, "other": budget}, base.pairs)
+from tests.test_search_sdp import _two_budgets
 
 
 def _choices(problem: Problem) -> list[list[int]]:
