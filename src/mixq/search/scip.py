@@ -55,21 +55,8 @@ def _linear_objective(model, t: Terms, x: list) -> object:  # noqa: ANN001
 
 
 def _convex_objective(model, t: Terms, x: list, seconds: float | None) -> object:  # noqa: ANN001
-    """Add ``z`` and the convex row; return ``c0 + gᵀx + t``."""
-    from pyscipopt import quicksum
-
-    cv = t.convex(t.completion(seconds=seconds))
-    z = []
-    for k in range(cv.lam.size):
-        col = cv.V[:, k]
-        zk = model.addVar(lb=None, ub=None)
-        nz = np.flatnonzero(np.abs(col) > 1e-15)
-        model.addCons(zk == quicksum(float(col[i]) * x[i] for i in nz) - float(cv.offset[k]))
-        z.append(zk)
-    tq = model.addVar(lb=0.0, ub=None)
-    if z:
-        model.addCons(quicksum(0.5 * float(cv.lam[k]) * z[k] * z[k] for k in range(len(z))) <= tq)
-    return cv.c0 + quicksum(float(cv.g[i]) * x[i] for i in range(t.n)) + tq
+    """Add ``z`` and the convex row of `Terms.convex`; return ``c0 + gᵀx + t`` (`_cut_row`)."""
+    return _cut_row(model, t.convex(t.completion(seconds=seconds)), x)
 
 
 def _cut_row(model, cut: Convex, x: list) -> object:  # noqa: ANN001
