@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -74,13 +75,19 @@ from mixq.search.terms import Convex, Terms
 
 __all__ = ["ROOT_SHARE", "qcr"]
 
+logger = logging.getLogger(__name__)
+
 ROOT_SHARE = 0.5  # share of the time for the semidefinite multipliers; the rest branches
 CHECK = 10  # FISTA iterations between two node bounds
 MAX_ITERATIONS = 2000  # FISTA iterations per node at most
-FACE = 50  # FISTA iterations between two steps to the minimizer on the current face
+FACE = 10  # FISTA iterations between two active-set searches of the node's minimizer
+ACTIVE = 12  # active-set rounds per search (`_Relaxation._face`)
+START = 40  # ... in the search from the parent's solution, before any FISTA iteration
+PDAS = 8  # primal-dual active-set rounds from the parent's face (`_Relaxation._pdas`)
 ROUNDINGS = 8  # Gaussian roundings of the relaxation's solution at the root (`mixq.search.sdp`)
 PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
 COARSE = 1e-4  # ... or to this share when it cannot be pruned (it branches)
+PROBES = 16  # slopes evaluated at once in the search for the best budget multiplier
 
 
 @dataclass
@@ -113,15 +120,18 @@ class _Quadratic:
 
 
 def _simplex(y: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Euclidean projection of each row of ``y`` ``# [L, C]`` onto the simplex of its ``mask``."""
+    """Euclidean projection of each row of ``y`` ``# [L, C]`` onto the simplex of its ``mask``.
+
+    Sorted row ``u``, ``ρ = #{k : k·u_k > Σ_{j≤k} u_j − 1}`` (a prefix), ``θ = (Σ_{j≤ρ} u_j − 1)/ρ``,
+    ``x = max(y − θ, 0)``; forbidden entries are ``−∞`` throughout (no NaN) and end at 0.
+    """
     v = np.where(mask, y, -np.inf)
-    u = -np.sort(-v, axis=1)
-    with np.errstate(invalid="ignore"):
-        css = np.cumsum(u, axis=1) - 1.0
-        k = np.arange(1, y.shape[1] + 1)
-        rho = (u - css / k > 0).sum(axis=1)  # the condition holds on a prefix of the sorted row
+    u = np.sort(v, axis=1)[:, ::-1]
+    css = np.cumsum(u, axis=1)
+    css -= 1.0
+    rho = (u * np.arange(1, y.shape[1] + 1) > css).sum(axis=1)
     theta = css[np.arange(y.shape[0]), rho - 1] / rho
-    return np.where(mask, np.maximum(v - theta[:, None], 0.0), 0.0)
+    return np.maximum(v - theta[:, None], 0.0)
 
 
 def _project(
@@ -133,9 +143,10 @@ def _project(
     slack), found by Newton steps on the support of ``x(λ)`` (the function is piecewise linear)
     kept inside a bracket, warm-started from ``lam``.
     """
-    x = _simplex(y, mask)
-    if cost is None or float((cost * x).sum()) <= room:
-        return x, 0.0
+    if lam <= 0.0 or cost is None:
+        x = _simplex(y, mask)
+        if cost is None or float((cost * x).sum()) <= room:
+            return x, 0.0
     lo, hi = 0.0, math.inf
     lam = max(lam, 0.0)
     for _ in range(60):
@@ -145,15 +156,21 @@ def _project(
             break
         if excess > 0:
             lo = lam
+        elif lam == 0.0:
+            break  # slack at λ = 0
         else:
             hi = lam
         support = x > 0
         count = np.maximum(support.sum(axis=1), 1)
-        row = (cost * support).sum(axis=1)
-        slope = float((cost * cost * support).sum() - (row * row / count).sum())
+        on = cost * support
+        row = on.sum(axis=1)
+        slope = float((on * cost).sum() - (row * row / count).sum())
         step = lam + excess / slope if slope > 1e-15 else math.nan
         if not lo < step < hi:
-            step = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lam + 1.0
+            if lo == 0.0 and step <= 0.0:
+                step = 0.0  # the root may be below 0: the budget may be slack
+            else:
+                step = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * lam + 1.0
         lam = step
     return x, lam
 
@@ -177,6 +194,8 @@ class _Relaxation:
                 room = float(budget) + budget_tolerance(float(budget)) - float(low.sum())
                 rows.append(shifted / top)
                 rhs.append(room / top)
+        self.iterations = 0  # FISTA iterations of every solve
+        self.layer_of = np.arange(L * C) // C  # [L·C] each variable's layer
         self.costs = np.array(rows).reshape(len(rows), L, C)  # [K, L, C]
         self.rhs = np.array(rhs)  # [K]
 
@@ -226,19 +245,41 @@ class _Relaxation:
         return self._h(d, mask, lam)[0], lam
 
     def _one_budget(self, d: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
-        """``max_λ≥0 h(λ)`` for one budget: ``h`` is concave piecewise linear, its maximum at 0 or
-        at a breakpoint ``λ = (d_a − d_b) / (c_b − c_a)`` of some layer, all evaluated at once."""
+        """``max_λ≥0 h(λ)`` for one budget.
+
+        ``h`` is concave piecewise linear with its kinks among 0 and the breakpoints
+        ``λ = (d_a − d_b) / (c_b − c_a)`` of each layer; its slope between two consecutive
+        breakpoints (the cost of each layer's cheapest entry at their midpoint, minus the room)
+        does not increase, so the maximum is at the first breakpoint after which the slope is
+        ``≤ 0``: found by a search over the sorted breakpoints in rounds of `PROBES` slopes, and
+        ``h`` evaluated there and at its two neighbours (any λ gives a valid bound).
+        """
         c = self.costs[0]
         dm = np.where(mask, d, np.inf)
         cm = np.where(mask, c, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             points = (dm[:, :, None] - dm[:, None, :]) / (cm[:, None, :] - cm[:, :, None])  # [L, C, C]
         points = np.unique(points[np.isfinite(points) & (points > 0)])
-        lams = np.concatenate([[0.0], points])  # [P]
-        z = dm[None] + lams[:, None, None] * c[None]  # [P, L, C]
-        values = z.min(axis=2).sum(axis=1) - lams * self.rhs[0]
+        lams = np.concatenate([[0.0], points])  # [P + 1]
+        ends = np.concatenate([lams[1:], [2.0 * lams[-1] + 1.0]])
+        mids = 0.5 * (lams + ends)  # slope of h on (lams[i], ends[i]) is its slope at mids[i]
+        rows = np.arange(c.shape[0])
+        lo, hi = 0, lams.size - 1  # the first interval of slope ≤ 0 is in [lo, hi] (hi: none, or the last)
+        while lo < hi:
+            probe = np.unique(np.linspace(lo, hi, min(PROBES, hi - lo + 1)).astype(int))
+            z = dm[None] + mids[probe, None, None] * c[None]  # [p, L, C]
+            slope = c[rows, z.argmin(axis=2)].sum(axis=1) - self.rhs[0]  # [p]
+            down = np.flatnonzero(slope <= 0)
+            if down.size == 0:  # slope > 0 everywhere: the budget is out of reach (not at a node)
+                lo = hi
+                break
+            first = int(down[0])
+            hi = int(probe[first])
+            lo = int(probe[first - 1]) + 1 if first > 0 else lo
+        near = lams[max(lo - 1, 0) : lo + 2]
+        values = (dm[None] + near[:, None, None] * c[None]).min(axis=2).sum(axis=1) - near * self.rhs[0]
         best = int(np.argmax(values))
-        return float(values[best]), lams[best : best + 1].copy()
+        return float(values[best]), near[best : best + 1].copy()
 
     def bound(
         self, x: np.ndarray, mask: np.ndarray, lam: np.ndarray, shift: tuple[float, np.ndarray]
@@ -284,11 +325,23 @@ class _Relaxation:
         room = float(self.rhs[0]) if len(self.rhs) else 0.0
         lin = q.g + shift[1]
         pl = float(lam[0]) if len(lam) else 0.0
-        x, pl = _project(x0.reshape(L, C), mask, first, room, pl)
-        x = x.reshape(-1)
+        guess = self._pdas(x0, mask, lin) if len(self.rhs) <= 1 else None
+        if guess is None:
+            x, pl = _project(x0.reshape(L, C), mask, first, room, pl)
+            x = x.reshape(-1)
+        else:
+            x = guess
         best, value, lam = self.bound(x, mask, lam, shift)
+        it = 0
+        if len(self.rhs) <= 1 and not done(best, value):  # from the parent's face: often a few rounds
+            face = self._face(x, mask, lin, START)
+            bound, on_face, lam_face = self.bound(face, mask, lam, shift)
+            if on_face <= value:
+                x, lam, value = face, lam_face, on_face
+            best = max(best, bound)
         y, tk = x.copy(), 1.0
-        for it in range(1, MAX_ITERATIONS + 1):
+        while it < MAX_ITERATIONS and not done(best, value):
+            it += 1
             grad = lin + q.m @ y
             if len(lam) > 1:
                 grad = grad + np.tensordot(lam[1:], self.costs[1:], axes=1).reshape(-1)
@@ -312,42 +365,148 @@ class _Relaxation:
                 bound, on_face, lam_face = self.bound(face, mask, lam, shift)
                 if on_face <= value:
                     x, y, tk, lam, value = face, face.copy(), 1.0, lam_face, on_face
-                    best = max(best, bound)
-                    if done(best, value):
-                        break
+                best = max(best, bound)
+        self.iterations += it
         return best, x, lam
 
-    def _face(self, x: np.ndarray, mask: np.ndarray, lin: np.ndarray) -> np.ndarray:
-        """A step from ``x`` toward the minimizer of ``q`` on its face, as far as ``x ≥ 0`` allows.
+    def _face_kkt(
+        self, support: np.ndarray, lin: np.ndarray, cost: np.ndarray | None, room: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The layers present in ``support`` and the KKT solution ``[x_F; w]`` of ``min q`` on the face.
 
-        The face: the support of ``x``, each layer's row summing to 1, the budget as an equality
-        when it is tight. Its minimizer solves the KKT system (least squares when singular);
-        ``q`` decreases along the step (convex, minimal at its end).
+        The face: ``x_F`` free, the rest 0, each present layer's row summing to 1, and
+        ``costᵀx = room`` unless ``cost`` is None.
         """
-        C = self.shape[1]
-        support = np.flatnonzero((x > 1e-12) & mask.reshape(-1))
-        layers = support // C
+        layers = self.layer_of[support]
         present = np.unique(layers)
-        a = (layers[None, :] == present[:, None]).astype(float)  # [rows, |S|]
+        a = (layers[None, :] == present[:, None]).astype(float)  # [rows, |F|]
         b = np.ones(present.size)
-        if len(self.rhs) == 1:
-            cost = self.costs[0].reshape(-1)
-            if float(cost @ x) >= self.rhs[0] - 1e-9 * (1.0 + abs(self.rhs[0])):
-                a = np.vstack([a, cost[support]])
-                b = np.append(b, self.rhs[0])
+        if cost is not None:
+            a = np.vstack([a, cost[support]])
+            b = np.append(b, room)
         k = support.size
         kkt = np.zeros((k + a.shape[0], k + a.shape[0]))
         kkt[:k, :k] = self.quad.m[np.ix_(support, support)]
         kkt[:k, k:] = a.T
         kkt[k:, :k] = a
-        rhs = np.concatenate([-lin[support], b])
-        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-        step = sol[:k] - x[support]
-        down = step < 0
-        t = min(1.0, float((x[support][down] / -step[down]).min())) if down.any() else 1.0
-        out = x.copy()
-        out[support] = np.maximum(x[support] + t * step, 0.0)
-        return out
+        return present, _kkt_solve(kkt, np.concatenate([-lin[support], b]))
+
+    def _multipliers(
+        self, x: np.ndarray, lin: np.ndarray, present: np.ndarray, sol: np.ndarray, k: int, cost: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        """``σ = ∇q(x) + w_(layer) + w_b c`` (zero on the face) and the budget's ``w_b`` (0 without it)."""
+        w = np.zeros(self.shape[0])
+        w[present] = sol[k : k + present.size]
+        sigma = lin + self.quad.m @ x + w[self.layer_of]
+        w_budget = float(sol[-1]) if cost is not None else 0.0
+        if cost is not None:
+            sigma += w_budget * cost
+        return sigma, w_budget
+
+    def _pdas(self, x0: np.ndarray, mask: np.ndarray, lin: np.ndarray, rounds: int = PDAS) -> np.ndarray | None:
+        """The node's minimizer by a primal-dual active-set method guessed from the parent's ``x0``.
+
+        Hintermüller, Ito and Kunisch, "The primal-dual active set strategy as a semismooth
+        Newton method", SIAM J. Optim. 13 (2002). The face: the support of ``x0`` within
+        ``mask`` (a layer without one: all its allowed candidates) and the budget if ``x0``
+        makes it tight. Each round solves the face's KKT system, then drops the face's
+        negative variables (a layer keeps its largest), adds the variables of negative
+        multiplier, and sets the budget by its multiplier's sign or its excess. Returns the
+        (feasible, optimal) ``x`` when the face no longer changes, None otherwise (it may
+        cycle: the caller falls back to `_face`).
+        """
+        allowed = mask.reshape(-1)
+        free = (x0 > 1e-12) & allowed
+        empty = ~free.reshape(self.shape).any(axis=1)
+        free |= (mask & empty[:, None]).reshape(-1)
+        cost = self.costs[0].reshape(-1) if len(self.rhs) == 1 else None
+        room = float(self.rhs[0]) if cost is not None else math.inf
+        tol_room = 1e-9 * (1.0 + abs(room))
+        tight = cost is not None and float(cost @ x0) >= room - tol_room
+        tol = 1e-10 * (1.0 + float(np.abs(lin).max()))
+        for _ in range(rounds):
+            support = np.flatnonzero(free)
+            present, sol = self._face_kkt(support, lin, cost if tight else None, room)
+            x = np.zeros_like(x0)
+            x[support] = sol[: support.size]
+            sigma, w_budget = self._multipliers(x, lin, present, sol, support.size, cost if tight else None)
+            drop = free & (x < -1e-12)
+            keep = np.zeros_like(free)
+            top = np.where(free, x, -np.inf).reshape(self.shape).argmax(axis=1)
+            keep[np.arange(self.shape[0]) * self.shape[1] + top] = True
+            add = allowed & ~free & (sigma < -tol)
+            over = cost is not None and not tight and float(cost @ x) > room + tol_room
+            release = tight and w_budget < -tol
+            if not (drop.any() or add.any() or over or release):
+                return np.maximum(x, 0.0)
+            free = (free & ~(drop & ~keep)) | add
+            tight = (tight and not release) or over
+        return None
+
+    def _face(self, x: np.ndarray, mask: np.ndarray, lin: np.ndarray, rounds: int = ACTIVE) -> np.ndarray:
+        """The node's minimizer by a primal active-set method from the feasible ``x`` (at most ``rounds`` steps).
+
+        Nocedal and Wright, "Numerical Optimization" (2006), Algorithm 16.3. The working face:
+        the free variables (the support of ``x`` at the start), each layer's row summing to 1,
+        the budget as an equality when it is tight. Each round solves the face's KKT system
+        ``[M_FF Aᵀ; A 0] [x_F; w] = [−lin_F; b]`` and moves toward its solution as far as
+        ``x ≥ 0`` and the budget allow (a blocking variable leaves the face, a blocking budget
+        joins it); at the face's minimizer the multipliers ``σ_i = ∇q_i + w_(layer i) + w_b c_i``
+        of the variables at 0 (and ``w_b`` of the budget) are checked, and the most negative
+        one's variable joins the face (the budget leaves it); none negative: the node's optimum.
+        ``q`` never increases, and every ``x`` is feasible. A singular system (a face on which
+        ``q`` is flat) is solved by least squares.
+        """
+        C = self.shape[1]
+        allowed = mask.reshape(-1)
+        free = (x > 1e-12) & allowed
+        cost = self.costs[0].reshape(-1) if len(self.rhs) == 1 else None
+        room = float(self.rhs[0]) if cost is not None else math.inf
+        tight = cost is not None and float(cost @ x) >= room - 1e-9 * (1.0 + abs(room))
+        x = x.copy()
+        for _ in range(rounds):
+            support = np.flatnonzero(free)
+            present, sol = self._face_kkt(support, lin, cost if tight else None, room)
+            k = support.size
+            step = sol[:k] - x[support]
+            down = step < 0
+            t = min(1.0, float((x[support][down] / -step[down]).min())) if down.any() else 1.0
+            block = -1
+            if down.any():
+                block = int(support[down][np.argmin(x[support][down] / -step[down])])
+            rise = float(cost[support] @ step) if cost is not None and not tight else 0.0
+            if rise > 0 and (room - float(cost @ x)) / rise < t:
+                t, block = max((room - float(cost @ x)) / rise, 0.0), -2
+            x[support] = np.maximum(x[support] + t * step, 0.0)
+            if t < 1.0:
+                if block == -2:
+                    tight = True
+                elif block >= 0:
+                    x[block] = 0.0
+                    free[block] = False
+                continue
+            sigma, w_budget = self._multipliers(x, lin, present, sol, k, cost if tight else None)
+            sigma = np.where(allowed & ~free, sigma, np.inf)
+            tol = 1e-10 * (1.0 + float(np.abs(lin).max()))
+            worst = int(np.argmin(sigma))
+            if w_budget < min(-tol, float(sigma[worst])):
+                tight = False
+            elif sigma[worst] < -tol:
+                free[worst] = True
+            else:
+                break
+        return x
+
+
+def _kkt_solve(kkt: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``kkt⁻¹ rhs``; the least-squares solution when ``kkt`` is singular (an SVD, ten times the cost)."""
+    try:
+        sol = np.linalg.solve(kkt, rhs)
+        if np.allclose(kkt @ sol, rhs, rtol=0.0, atol=1e-9 * (1.0 + float(np.abs(rhs).max()))):
+            return sol
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(kkt, rhs, rcond=None)[0]
 
 
 @dataclass(order=True)
@@ -466,6 +625,9 @@ def qcr(
             pruned = min(pruned, node.bound)
             continue
         nodes += 1
+        if nodes % 100 == 0:
+            logger.debug("%d nodes, %.2f s: incumbent %.6g, bound %.6g", nodes, time.perf_counter() - start,
+                         value, min(node.bound, pruned))
         shift = restore.shift(node.mask)
         bound, x, lam = relax.solve(
             node.mask,
@@ -505,7 +667,7 @@ def qcr(
     bound = min(max(bound, sdp_value), value)
     gap = relative_gap(value, bound)
     status = "optimal" if not heap or gap <= 1e-9 else "time_limit"
-    note = f"qcr: {note}; {nodes} nodes, {len(heap)} open"
+    note = f"qcr: {note}; {nodes} nodes, {len(heap)} open, {relax.iterations} iterations"
     return problem.solution(
         incumbent,
         status,
