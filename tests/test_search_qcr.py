@@ -165,9 +165,16 @@ def test_best_lambda_is_the_linear_program() -> None:
     _, relax, _, _ = _setup(problem)
     rng = np.random.default_rng(2)
     L, C = problem.allowed.shape
-    for _ in range(5):
-        d = rng.normal(size=(L, C))
-        value, lam = relax._best_lambda(d, problem.allowed, np.zeros(1))
+    for trial in range(12):
+        d = rng.normal(size=(L, C)) * 10.0 ** rng.uniform(-2, 2)
+        mask = problem.allowed.copy()
+        if trial % 2:  # a node: two layers fixed
+            for layer in rng.choice(L, size=2, replace=False):
+                mask[layer] = False
+                mask[layer, rng.integers(C)] = True
+            if not relax.reachable(mask):
+                continue
+        value, lam = relax._best_lambda(d, mask, np.zeros(1))
         a_eq = np.kron(np.eye(L), np.ones((1, C)))
         lp = linprog(
             d.reshape(-1),
@@ -175,7 +182,7 @@ def test_best_lambda_is_the_linear_program() -> None:
             b_ub=relax.rhs,
             A_eq=a_eq,
             b_eq=np.ones(L),
-            bounds=(0, 1),
+            bounds=[(0, 1) if m else (0, 0) for m in mask.reshape(-1)],
             method="highs",
         )
         assert value == pytest.approx(lp.fun, abs=1e-9)
@@ -197,6 +204,9 @@ def test_projection_matches_a_generic_solver() -> None:
     for _ in range(5):
         y = rng.normal(size=(L, C))
         x, lam = _project(y, mask, cost, room, 0.0)
+        for start in (0.5 * lam, 3.0 * lam + 1.0):  # warm starts from either side of λ
+            again, lam_again = _project(y, mask, cost, room, start)
+            assert np.allclose(again, x, atol=1e-9) and lam_again == pytest.approx(lam, abs=1e-9)
         assert (x >= 0).all() and np.allclose(x.sum(axis=1), 1) and (x[~mask] == 0).all()
         assert float((cost * x).sum()) <= room + 1e-9 and lam >= 0
         target = y.reshape(-1)[free]
@@ -230,3 +240,51 @@ def test_equalities_alone_give_an_exact_reformulation() -> None:
         value = root.cut.value(t.vector(choice))
         assert value == pytest.approx(problem.objective(choice), abs=1e-6 * max(1.0, abs(value)))
         assert value <= problem.objective(choice) + 1e-12
+
+
+@pytest.mark.parametrize("seed", [14, 15])
+def test_active_set_methods_reach_the_node_minimum(seed: int) -> None:
+    """From a parent's solution, the primal-dual guess (when it converges) and the primal active
+    set reach the node's QP minimum (SLSQP), at feasible points, with q never above the start."""
+    problem = make(6, 3, seed, psd=seed % 2 == 0)
+    _, relax, restore, _ = _setup(problem)
+    rng = np.random.default_rng(seed)
+    L, C = problem.allowed.shape
+    cost, room = relax.costs[0], float(relax.rhs[0])
+    parent = problem.allowed.copy()
+    shift0 = restore.shift(parent)
+    _, x_parent, _ = relax.solve(parent, np.ones(L * C), np.zeros(1), shift0, math.inf, math.inf, 1e-12)
+    converged = 0
+    for _ in range(6):
+        mask = parent.copy()
+        for layer in rng.choice(L, size=int(rng.integers(1, 3)), replace=False):
+            mask[layer] = False
+            mask[layer, rng.integers(C)] = True
+        if not relax.reachable(mask):
+            continue
+        shift = restore.shift(mask)
+        lin = relax.quad.g + shift[1]
+        exact = _node_minimum(relax, mask, shift)
+
+        def value(x: np.ndarray, shift: tuple[float, np.ndarray] = shift) -> float:
+            return relax.quad.value(x) + shift[0] + float(shift[1] @ x)
+
+        def feasible(x: np.ndarray, mask: np.ndarray = mask) -> bool:
+            xs = x.reshape(L, C)
+            return bool(
+                (x >= 0).all()
+                and (xs[~mask] == 0).all()
+                and np.allclose(xs.sum(axis=1), 1.0)
+                and float((cost * xs).sum()) <= room + 1e-9
+            )
+
+        guess = relax._pdas(x_parent, mask, lin)
+        if guess is not None:
+            converged += 1
+            assert feasible(guess) and value(guess) == pytest.approx(exact, abs=1e-7)
+        start = _project(x_parent.reshape(L, C), mask, cost, room, 0.0)[0].reshape(-1)
+        x = relax._face(start, mask, lin, rounds=200)
+        assert feasible(x) and value(x) <= value(start) + 1e-12
+        assert value(x) == pytest.approx(exact, abs=1e-7)
+        assert relax.bound(x, mask, np.zeros(1), shift)[0] == pytest.approx(exact, abs=1e-7)
+    assert converged >= 1

@@ -370,47 +370,66 @@ class _Relaxation:
         return best, x, lam
 
     def _face_kkt(
-        self, support: np.ndarray, lin: np.ndarray, cost: np.ndarray | None, room: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The layers present in ``support`` and the KKT solution ``[x_F; w]`` of ``min q`` on the face.
+        self, free: np.ndarray, lin: np.ndarray, cost: np.ndarray | None, room: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """The minimizer of ``q`` on a face, its gradient and the multipliers of its rows.
 
-        The face: ``x_F`` free, the rest 0, each present layer's row summing to 1, and
-        ``costᵀx = room`` unless ``cost`` is None.
+        The face: the variables of ``free`` ``# [L·C]`` (one at least per layer), the others 0,
+        each layer's row summing to 1, and ``costᵀx = room`` unless ``cost`` is None. A layer
+        of one free variable has it at 1; the others solve the KKT system
+        ``[M_FF Aᵀ; A 0] [x_F; w] = [−lin_F − M_F1·1; b]`` (``b`` the rows' right sides less the
+        fixed part). A fixed layer's ``w_l`` makes its variable's multiplier 0. Returns ``x``,
+        ``∇q(x)``, ``w`` ``# [L]`` and the budget's ``w_b`` (0 when ``cost`` is None or no
+        variable of the face can move).
         """
-        layers = self.layer_of[support]
-        present = np.unique(layers)
-        a = (layers[None, :] == present[:, None]).astype(float)  # [rows, |F|]
-        b = np.ones(present.size)
-        if cost is not None:
-            a = np.vstack([a, cost[support]])
-            b = np.append(b, room)
-        k = support.size
-        kkt = np.zeros((k + a.shape[0], k + a.shape[0]))
-        kkt[:k, :k] = self.quad.m[np.ix_(support, support)]
-        kkt[:k, k:] = a.T
-        kkt[k:, :k] = a
-        return present, _kkt_solve(kkt, np.concatenate([-lin[support], b]))
+        L, C = self.shape
+        m = self.quad.m
+        counts = free.reshape(L, C).sum(axis=1)
+        single = free & (counts[self.layer_of] == 1)
+        ones = np.flatnonzero(single)
+        support = np.flatnonzero(free & ~single)
+        x = np.zeros(free.size)
+        x[ones] = 1.0
+        w = np.zeros(L)
+        w_budget = 0.0
+        if support.size:
+            present, row = np.unique(self.layer_of[support], return_inverse=True)
+            a = np.zeros((present.size, support.size))  # [rows, |F|]
+            a[row, np.arange(support.size)] = 1.0
+            b = np.ones(present.size)
+            if cost is not None:
+                a = np.vstack([a, cost[support]])
+                b = np.append(b, room - float(cost[ones].sum()))
+            k = support.size
+            kkt = np.zeros((k + a.shape[0], k + a.shape[0]))
+            kkt[:k, :k] = m[np.ix_(support, support)]
+            kkt[:k, k:] = a.T
+            kkt[k:, :k] = a
+            rhs = np.concatenate([-lin[support] - m[np.ix_(support, ones)].sum(axis=1), b])
+            sol = _kkt_solve(kkt, rhs)
+            x[support] = sol[:k]
+            w[present] = sol[k : k + present.size]
+            if cost is not None:
+                w_budget = float(sol[-1])
+        grad = lin + m @ x
+        w[self.layer_of[ones]] = -grad[ones] - (w_budget * cost[ones] if cost is not None else 0.0)
+        return x, grad, w, w_budget
 
-    def _multipliers(
-        self, x: np.ndarray, lin: np.ndarray, present: np.ndarray, sol: np.ndarray, k: int, cost: np.ndarray | None
-    ) -> tuple[np.ndarray, float]:
-        """``σ = ∇q(x) + w_(layer) + w_b c`` (zero on the face) and the budget's ``w_b`` (0 without it)."""
-        w = np.zeros(self.shape[0])
-        w[present] = sol[k : k + present.size]
-        sigma = lin + self.quad.m @ x + w[self.layer_of]
-        w_budget = float(sol[-1]) if cost is not None else 0.0
-        if cost is not None:
-            sigma += w_budget * cost
-        return sigma, w_budget
+    def _sigma(self, grad: np.ndarray, w: np.ndarray, w_budget: float, cost: np.ndarray | None) -> np.ndarray:
+        """The bounds' multipliers ``σ = ∇q + w_(layer) + w_b c`` (0 on the face)."""
+        sigma = grad + w[self.layer_of]
+        return sigma + w_budget * cost if cost is not None else sigma
 
-    def _pdas(self, x0: np.ndarray, mask: np.ndarray, lin: np.ndarray, rounds: int = PDAS) -> np.ndarray | None:
+    def _pdas(
+        self, x0: np.ndarray, mask: np.ndarray, lin: np.ndarray, rounds: int = PDAS
+    ) -> np.ndarray | None:
         """The node's minimizer by a primal-dual active-set method guessed from the parent's ``x0``.
 
         Hintermüller, Ito and Kunisch, "The primal-dual active set strategy as a semismooth
         Newton method", SIAM J. Optim. 13 (2002). The face: the support of ``x0`` within
         ``mask`` (a layer without one: all its allowed candidates) and the budget if ``x0``
-        makes it tight. Each round solves the face's KKT system, then drops the face's
-        negative variables (a layer keeps its largest), adds the variables of negative
+        makes it tight. Each round solves the face's KKT system (`_face_kkt`), then drops the
+        face's negative variables (a layer keeps its largest), adds the variables of negative
         multiplier, and sets the budget by its multiplier's sign or its excess. Returns the
         (feasible, optimal) ``x`` when the face no longer changes, None otherwise (it may
         cycle: the caller falls back to `_face`).
@@ -424,22 +443,18 @@ class _Relaxation:
         tol_room = 1e-9 * (1.0 + abs(room))
         tight = cost is not None and float(cost @ x0) >= room - tol_room
         tol = 1e-10 * (1.0 + float(np.abs(lin).max()))
+        rows = np.arange(self.shape[0]) * self.shape[1]
         for _ in range(rounds):
-            support = np.flatnonzero(free)
-            present, sol = self._face_kkt(support, lin, cost if tight else None, room)
-            x = np.zeros_like(x0)
-            x[support] = sol[: support.size]
-            sigma, w_budget = self._multipliers(x, lin, present, sol, support.size, cost if tight else None)
+            x, grad, w, w_budget = self._face_kkt(free, lin, cost if tight else None, room)
+            sigma = self._sigma(grad, w, w_budget, cost if tight else None)
             drop = free & (x < -1e-12)
-            keep = np.zeros_like(free)
-            top = np.where(free, x, -np.inf).reshape(self.shape).argmax(axis=1)
-            keep[np.arange(self.shape[0]) * self.shape[1] + top] = True
+            drop[rows + np.where(free, x, -np.inf).reshape(self.shape).argmax(axis=1)] = False
             add = allowed & ~free & (sigma < -tol)
             over = cost is not None and not tight and float(cost @ x) > room + tol_room
             release = tight and w_budget < -tol
             if not (drop.any() or add.any() or over or release):
-                return np.maximum(x, 0.0)
-            free = (free & ~(drop & ~keep)) | add
+                return None if (x < -1e-9).any() else np.maximum(x, 0.0)
+            free = (free & ~drop) | add
             tight = (tight and not release) or over
         return None
 
@@ -449,35 +464,34 @@ class _Relaxation:
         Nocedal and Wright, "Numerical Optimization" (2006), Algorithm 16.3. The working face:
         the free variables (the support of ``x`` at the start), each layer's row summing to 1,
         the budget as an equality when it is tight. Each round solves the face's KKT system
-        ``[M_FF Aᵀ; A 0] [x_F; w] = [−lin_F; b]`` and moves toward its solution as far as
-        ``x ≥ 0`` and the budget allow (a blocking variable leaves the face, a blocking budget
-        joins it); at the face's minimizer the multipliers ``σ_i = ∇q_i + w_(layer i) + w_b c_i``
-        of the variables at 0 (and ``w_b`` of the budget) are checked, and the most negative
-        one's variable joins the face (the budget leaves it); none negative: the node's optimum.
-        ``q`` never increases, and every ``x`` is feasible. A singular system (a face on which
-        ``q`` is flat) is solved by least squares.
+        (`_face_kkt`) and moves toward its solution as far as ``x ≥ 0`` and the budget allow (a
+        blocking variable leaves the face, a blocking budget joins it); at the face's minimizer
+        the multipliers ``σ_i = ∇q_i + w_(layer i) + w_b c_i`` of the variables at 0 (and
+        ``w_b`` of the budget) are checked, and the most negative one's variable joins the face
+        (the budget leaves it); none negative: the node's optimum. ``q`` never increases, and
+        every ``x`` is feasible. A singular system (a face on which ``q`` is flat) is solved by
+        least squares.
         """
-        C = self.shape[1]
         allowed = mask.reshape(-1)
         free = (x > 1e-12) & allowed
         cost = self.costs[0].reshape(-1) if len(self.rhs) == 1 else None
         room = float(self.rhs[0]) if cost is not None else math.inf
         tight = cost is not None and float(cost @ x) >= room - 1e-9 * (1.0 + abs(room))
+        tol = 1e-10 * (1.0 + float(np.abs(lin).max()))
         x = x.copy()
         for _ in range(rounds):
-            support = np.flatnonzero(free)
-            present, sol = self._face_kkt(support, lin, cost if tight else None, room)
-            k = support.size
-            step = sol[:k] - x[support]
-            down = step < 0
-            t = min(1.0, float((x[support][down] / -step[down]).min())) if down.any() else 1.0
-            block = -1
+            target, grad, w, w_budget = self._face_kkt(free, lin, cost if tight else None, room)
+            step = target - x
+            down = free & (step < 0)
+            t, block = 1.0, -1
             if down.any():
-                block = int(support[down][np.argmin(x[support][down] / -step[down])])
-            rise = float(cost[support] @ step) if cost is not None and not tight else 0.0
+                ratio = np.where(down, x / np.where(down, -step, 1.0), np.inf)
+                block = int(np.argmin(ratio))
+                t = min(1.0, float(ratio[block]))
+            rise = float(cost @ step) if cost is not None and not tight else 0.0
             if rise > 0 and (room - float(cost @ x)) / rise < t:
                 t, block = max((room - float(cost @ x)) / rise, 0.0), -2
-            x[support] = np.maximum(x[support] + t * step, 0.0)
+            x = np.maximum(x + t * step, 0.0)
             if t < 1.0:
                 if block == -2:
                     tight = True
@@ -485,9 +499,7 @@ class _Relaxation:
                     x[block] = 0.0
                     free[block] = False
                 continue
-            sigma, w_budget = self._multipliers(x, lin, present, sol, k, cost if tight else None)
-            sigma = np.where(allowed & ~free, sigma, np.inf)
-            tol = 1e-10 * (1.0 + float(np.abs(lin).max()))
+            sigma = np.where(allowed & ~free, self._sigma(grad, w, w_budget, cost if tight else None), np.inf)
             worst = int(np.argmin(sigma))
             if w_budget < min(-tol, float(sigma[worst])):
                 tight = False
@@ -502,7 +514,7 @@ def _kkt_solve(kkt: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """``kkt⁻¹ rhs``; the least-squares solution when ``kkt`` is singular (an SVD, ten times the cost)."""
     try:
         sol = np.linalg.solve(kkt, rhs)
-        if np.allclose(kkt @ sol, rhs, rtol=0.0, atol=1e-9 * (1.0 + float(np.abs(rhs).max()))):
+        if float(np.abs(kkt @ sol - rhs).max()) <= 1e-9 * (1.0 + float(np.abs(rhs).max())):
             return sol
     except np.linalg.LinAlgError:
         pass
@@ -626,8 +638,13 @@ def qcr(
             continue
         nodes += 1
         if nodes % 100 == 0:
-            logger.debug("%d nodes, %.2f s: incumbent %.6g, bound %.6g", nodes, time.perf_counter() - start,
-                         value, min(node.bound, pruned))
+            logger.debug(
+                "%d nodes, %.2f s: incumbent %.6g, bound %.6g",
+                nodes,
+                time.perf_counter() - start,
+                value,
+                min(node.bound, pruned),
+            )
         shift = restore.shift(node.mask)
         bound, x, lam = relax.solve(
             node.mask,
