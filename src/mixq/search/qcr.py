@@ -459,7 +459,7 @@ class _Relaxation:
         return None
 
     def _face(self, x: np.ndarray, mask: np.ndarray, lin: np.ndarray, rounds: int = ACTIVE) -> np.ndarray:
-        """The node's minimizer by a primal active-set method from the feasible ``x`` (at most ``rounds`` steps).
+        """The node's minimizer by a primal active-set method from a feasible ``x``, ``rounds`` steps at most.
 
         Nocedal and Wright, "Numerical Optimization" (2006), Algorithm 16.3. The working face:
         the free variables (the support of ``x`` at the start), each layer's row summing to 1,
