@@ -69,8 +69,14 @@ def _node_minimum(relax: _Relaxation, mask: np.ndarray, shift: tuple[float, np.n
     [make(6, 3, 0, psd=True), make(6, 3, 1, psd=False), make(6, 3, 2, False, 0.35, False), _two_budgets(3)],
     ids=["psd", "indefinite", "float-costs", "two-budgets"],
 )
-def test_qcr_proves_the_brute_force_optimum(problem: Problem) -> None:
-    """Every node pruned: the optimum of brute force, status optimal, bound ≤ optimum."""
+@pytest.mark.parametrize("rules", [("fractional", True), ("cost", True), ("fractional", False)])
+def test_qcr_proves_the_brute_force_optimum(
+    problem: Problem, rules: tuple[str, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every node pruned: the optimum of brute force, status optimal, bound ≤ optimum (each
+    branching rule, with and without reduced-cost fixing)."""
+    monkeypatch.setattr(qcr_module, "BRANCHING", rules[0])
+    monkeypatch.setattr(qcr_module, "FIXING", rules[1])
     best = brute_force(problem)
     sol = qcr(problem)
     tol = tolerance(problem)
@@ -288,3 +294,49 @@ def test_active_set_methods_reach_the_node_minimum(seed: int) -> None:
         assert value(x) == pytest.approx(exact, abs=1e-7)
         assert relax.bound(x, mask, np.zeros(1), shift)[0] == pytest.approx(exact, abs=1e-7)
     assert converged >= 1
+
+
+@pytest.mark.parametrize("problem", [make(5, 3, 16, psd=True), _two_budgets(17)], ids=["one", "two"])
+def test_fixing_drops_only_candidates_that_cannot_beat_the_cutoff(
+    problem: Problem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every candidate that reduced-cost fixing drops has, over the node's choices that take it
+    (brute force), an objective at least the cutoff; at some cutoff something is dropped."""
+    monkeypatch.setattr(qcr_module, "MAX_ITERATIONS", 200)
+    t, relax, restore, _ = _setup(problem)
+    rng = np.random.default_rng(18)
+    L, C = problem.allowed.shape
+    choices = _choices(problem)
+    dropped = 0
+    for trial in range(6):
+        mask = problem.allowed.copy()
+        if trial % 2:
+            layer = int(rng.integers(L))
+            mask[layer] = False
+            mask[layer, rng.integers(C)] = True
+        inside = [c for c in choices if all(mask[l_, a] for l_, a in enumerate(c))]
+        if not inside or not relax.reachable(mask):
+            continue
+        shift = restore.shift(mask)
+        lam = np.zeros(len(relax.rhs))
+        x = relax.solve(mask, np.ones(L * C), lam, shift, math.inf, math.inf, 1e-12)[1]
+        if trial >= 4:  # any point gives valid fixings
+            x = np.abs(rng.normal(size=L * C))
+        for layer, cand in zip(*np.nonzero(mask), strict=True):  # the implied bound ≤ the child's QP
+            if trial >= 2:
+                break
+            child = mask.copy()
+            child[layer] = False
+            child[layer, cand] = True
+            if relax.reachable(child):
+                cutoff = _node_minimum(relax, child, shift) + 1e-7
+                assert relax.fixing(x, mask, lam, shift, cutoff)[layer, cand]
+        best = min(problem.objective(c) for c in inside)
+        for cutoff in (best, best + 0.5 * abs(best) + 1e-3):
+            kept = relax.fixing(x, mask, lam, shift, cutoff)
+            assert (kept <= mask).all()
+            for layer, cand in zip(*np.nonzero(mask & ~kept), strict=True):
+                dropped += 1
+                values = [problem.objective(c) for c in inside if c[layer] == cand]
+                assert min(values, default=math.inf) >= cutoff - tolerance(problem)
+    assert dropped > 0
