@@ -594,7 +594,7 @@ def _root(
     root = sdp_bound(problem, seconds)
     if root.cut is not None:
         pool = [] if root.x is None else _round_sdp(problem, t, root.x, root.y, samples=ROUNDINGS)
-        note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations)"
+        note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations, {root.seconds:.1f} s)"
         return root.cut, root.slack, root.bound, pool, note
     cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
     return cv, None, -math.inf, [], "convex form (no sdp multipliers)"
