@@ -20,19 +20,26 @@ Branch-and-bound (best first): a node fixes some layers to one candidate each; i
 ``min q(x) + k + hᵀx`` over ``x ≥ 0``, ``Σ_a x_(l,a) = 1`` (the node's allowed candidates),
 ``cᵀx ≤ r`` for every budget, where ``k + hᵀx`` gives back the part of ``f − q`` that is linear
 once the node's layers are fixed (`_Restore`, from `mixq.search.sdp.Slack`): the bound then
-rises with depth and equals ``f`` when every layer is fixed. `_Relaxation` solves it
-approximately (FISTA, Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, with the first budget in
-an exact projection and gradient restarts, O'Donoghue and Candès, Found. Comput. Math. 15,
-2015; every `FACE` iterations a step to the minimizer on the current face by its KKT system)
-and bounds it exactly for *any* point ``x̄`` and multipliers ``λ ≥ 0``: convexity gives
+rises with depth and equals ``f`` when every layer is fixed. `_Relaxation` solves it with one
+budget exactly by active sets: a primal-dual active-set guess from the parent's solution
+(`_Relaxation._pdas`: Hintermüller, Ito and Kunisch, SIAM J. Optim. 13, 2002), which usually
+settles in a few KKT solves, else a primal active-set method from the parent's solution
+projected on the node (`_Relaxation._face`: Nocedal and Wright, Numerical Optimization, 2006,
+Alg. 16.3); layers with one free variable are eliminated from each KKT system. When neither
+finishes, FISTA (Beck and Teboulle, SIAM J. Imaging Sci. 2, 2009, with the first budget in an
+exact projection and gradient restarts, O'Donoghue and Candès, Found. Comput. Math. 15, 2015)
+continues with an active-set search every `FACE` iterations. Any point ``x̄`` and multipliers
+``λ ≥ 0`` give an exact bound: convexity gives
 
     min q ≥ q(x̄) − ∇q(x̄)ᵀx̄ + Σ_l min_a (∇q(x̄) + Σ_k λ_k c_k)_(l,a) − Σ_k λ_k r_k,
 
 (the last terms: the multiple-choice knapsack LP by its Lagrangian, maximized over λ), so a
-node's bound never depends on how far the iterations got. The node is pruned when this
-bound reaches the incumbent; otherwise it branches on its free layer whose relaxed ``x`` is the
-most fractional, one child per allowed candidate that keeps the budgets reachable. Each node's
-``x̄`` rounded to the largest entry per layer is tried as an incumbent (polished by
+node's bound never depends on how far the solve got. The node is pruned when this bound reaches
+the incumbent. Otherwise the same inequality with a layer held at one candidate drops every
+candidate whose bound reaches the incumbent from the node's subtree (reduced-cost fixing,
+`_Relaxation.fixing`), and the node branches on its free layer whose relaxed ``x`` is the most
+fractional (`BRANCHING`), one child per allowed candidate that keeps the budgets reachable.
+Each node's ``x̄`` rounded to the largest entry per layer is tried as an incumbent (polished by
 `mixq.search.local.polish` when it improves). The bound returned is the smallest bound of the
 open nodes (the largest of it and the semidefinite bound).
 
@@ -48,10 +55,9 @@ equal to it), whose root bound is the doubly nonnegative bound, stronger than QC
 branch-and-bound needs only ``q ≤ f`` (leaves are evaluated on ``f``), so nothing is lost.
 [DESIGN] The multipliers are those the first-order dual method reached in its share of the time
 (no interior-point SDP solver is installed), computed once at the root (as in QCR; no re-solve
-at the nodes); the node relaxations are solved by a first-order method, their bounds certified
-by the inequality above. With several budgets only the first is projected on exactly, the
-others enter by their multipliers: bounds stay valid but the node solves do not reach the
-node's optimum.
+at the nodes); the node bounds are certified by the inequality above. With several budgets
+the node solves are FISTA alone with the first budget projected on exactly, the others entering
+by their multipliers: bounds stay valid but the solves do not reach the node's optimum.
 [DESIGN] Problems too large for the semidefinite bound (`mixq.search.sdp.MAX_VARIABLES`) use
 the convex form `Terms.convex` (uniform shift after `Terms.completion`), exact at every choice.
 """
