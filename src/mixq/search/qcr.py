@@ -93,7 +93,7 @@ PDAS = 8  # primal-dual active-set rounds from the parent's face (`_Relaxation._
 ROUNDINGS = 8  # Gaussian roundings of the relaxation's solution at the root (`mixq.search.sdp`)
 PRECISION = 1e-6  # a node's relaxation is solved to this share of |incumbent|
 COARSE = 1e-4  # ... or to this share when it cannot be pruned (it branches)
-BRANCHING = "fractional"
+BRANCHING = "fractional"  # the layer to branch on (`_branch_layer`): "fractional" or "cost"
 FIXING = True  # reduced-cost fixing at every node (`_Relaxation.fixing`)
 PROBES = 16  # slopes evaluated at once in the search for the best budget multiplier
 
