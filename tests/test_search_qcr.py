@@ -12,6 +12,7 @@ from scipy.optimize import linprog, minimize
 from mixq.search import InfeasibleBudgetError, Problem, brute_force
 from mixq.search import qcr as qcr_module
 from mixq.search.qcr import _project, _Quadratic, _Relaxation, _Restore, qcr
+from mixq.search.sdp import _round as _round_sdp
 from mixq.search.sdp import sdp_bound
 from mixq.search.terms import Terms
 from tests.test_search_qp import make, tolerance
@@ -340,3 +341,13 @@ def test_fixing_drops_only_candidates_that_cannot_beat_the_cutoff(
                 values = [problem.objective(c) for c in inside if c[layer] == cand]
                 assert min(values, default=math.inf) >= cutoff - tolerance(problem)
     assert dropped > 0
+
+
+def test_roundings_stop_at_the_deadline() -> None:
+    """No rounding is begun after the deadline; without one they give feasible choices."""
+    problem = make(5, 3, 19, psd=True)
+    t = Terms(problem)
+    root = sdp_bound(problem, stages=((1e-3, 100),))
+    assert _round_sdp(problem, t, root.x, root.y, samples=4, deadline=-math.inf) == []
+    pool = _round_sdp(problem, t, root.x, root.y, samples=4)
+    assert pool and all(problem.is_feasible(c) for c in pool)

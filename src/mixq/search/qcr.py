@@ -594,12 +594,15 @@ class _Restore:
 
 
 def _root(
-    problem: Problem, t: Terms, seconds: float | None
+    problem: Problem, t: Terms, seconds: float | None, deadline: float = math.inf
 ) -> tuple[Convex, Slack | None, float, list[list[int]], str]:
-    """The semidefinite dual cut, its slack, bound and roundings; the exact convex form without."""
+    """The semidefinite dual cut, its slack, bound and roundings (none begun after ``deadline``);
+    the exact convex form without."""
     root = sdp_bound(problem, seconds)
     if root.cut is not None:
-        pool = [] if root.x is None else _round_sdp(problem, t, root.x, root.y, samples=ROUNDINGS)
+        pool = []
+        if root.x is not None:
+            pool = _round_sdp(problem, t, root.x, root.y, samples=ROUNDINGS, deadline=deadline)
         note = f"sdp bound {root.bound:.6g} ({root.evaluations} evaluations, {root.seconds:.1f} s)"
         return root.cut, root.slack, root.bound, pool, note
     cv = t.convex(t.completion(seconds=None if seconds is None else 0.2 * seconds))
@@ -640,7 +643,7 @@ def qcr(
     incumbent = _first_incumbent(problem, warm_start)
     value = problem.objective(incumbent)
     seconds = None if time_limit is None else root_share * time_limit
-    cv, slack, sdp_value, pool, note = _root(problem, t, seconds)
+    cv, slack, sdp_value, pool, note = _root(problem, t, seconds, deadline)
     incumbent = min([incumbent, *pool], key=problem.objective)
     value = problem.objective(incumbent)
     relax = _Relaxation(problem, t, _Quadratic.of(cv, t))

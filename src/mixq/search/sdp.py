@@ -341,9 +341,16 @@ def _has_scip() -> bool:
 
 
 def _round(
-    problem: Problem, t: Terms, x_hat: np.ndarray, y_hat: np.ndarray | None, samples: int = 32, seed: int = 0
+    problem: Problem,
+    t: Terms,
+    x_hat: np.ndarray,
+    y_hat: np.ndarray | None,
+    samples: int = 32,
+    seed: int = 0,
+    deadline: float = math.inf,
 ) -> list[list[int]]:
-    """Feasible choices rounded from the relaxation, each polished by local search.
+    """Feasible choices rounded from the relaxation, each polished by local search (none begun
+    after ``deadline``, a `time.perf_counter` time).
 
     The nearest plan to ``x̂`` and a Frank–Wolfe step (the knapsack on the gradient ``s + Hx̂``),
     then ``samples`` Gaussian roundings (Goemans and Williamson, J. ACM 42, 1995, in the
@@ -372,6 +379,8 @@ def _round(
         guides.append(-(draw + 0.5 * x_hat))
     out: list[list[int]] = []
     for guide in guides:
+        if time.perf_counter() > deadline:
+            break
         scores = np.full(problem.allowed.shape, np.inf)
         scores[t.layer, t.cand] = guide
         sub = Problem(torch.from_numpy(scores), problem.costs, problem.budgets)
