@@ -10,8 +10,9 @@ test images of each Fashion task:
   controller chose are compared with the integer plan's at equal BOPs before fine-tuning;
 * ``ptq|uniform-w6a6``: uniform w6a6, the BOPs target, the same way;
 * ``trained|ROW`` (with ``--runs DIR``): the trained model of the row's run directory
-  (``DIR/ROW/model.safetensors``, the packed export, loaded by ``mixq.export.load``); its top-1
-  is checked against the row's recorded metric.
+  (``DIR/ROW/model.safetensors``, the packed export, loaded by ``mixq.export.load``), for the
+  FLIQS rows and the uniform w6a6 QAT row ``lsq-S-w6a6``; its top-1 is checked against the
+  row's recorded metric.
 
 Every row keeps the indices of the test images it gets wrong (``wrong``), so any two rows of a
 task have a paired standard error of their difference (``bench.sparq.paired_stderr``). Each row
@@ -97,6 +98,21 @@ def trained_row(task: mixq.tasks.Task, run_dir: Path, recorded: float) -> dict[s
     }
 
 
+def todo(task: mixq.tasks.Task, runs: Path | None) -> list[tuple[str, Any]]:
+    """(row key, measurement) of every row of ``task``: each plan's PTQ, and with ``runs`` the
+    trained model of each FLIQS row and of its uniform w6a6 QAT baseline (``lsq-S-w6a6``)."""
+    out: list[tuple[str, Any]] = []
+    for row_id, plan in plans(task.name).items():
+        out.append((f"ptq|{row_id}", lambda p=plan: ptq_row(task, p)))
+        if row_id == "uniform-w6a6":
+            row_id = f"lsq-{SHORT[task.name]}-w6a6"
+        row_file, run_dir = ROWS_DIR / f"{row_id}.json", (runs / row_id) if runs else None
+        if run_dir is not None and (run_dir / "model.safetensors").exists() and row_file.exists():
+            recorded = json.loads(row_file.read_text())["metric"]
+            out.append((f"trained|{row_id}", lambda d=run_dir, r=recorded: trained_row(task, d, r)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="fashion-resnet20,fashion-mobilenetv2")
@@ -116,18 +132,12 @@ def main() -> None:
         entry = doc["tasks"].setdefault(name, {"val_images": args.val, "rows": {}})
         if entry["val_images"] != args.val:
             entry.update({"val_images": args.val, "rows": {}})  # another test set: measure again
-        for row_id, plan in plans(name).items():
-            todo = [(f"ptq|{row_id}", lambda p=plan, t=task: ptq_row(t, p))]
-            run_dir = Path(args.runs) / row_id if args.runs else None
-            if run_dir is not None and (run_dir / "model.safetensors").exists():
-                recorded = json.loads((ROWS_DIR / f"{row_id}.json").read_text())["metric"]
-                todo.append((f"trained|{row_id}", lambda d=run_dir, r=recorded, t=task: trained_row(t, d, r)))
-            for key, measure in todo:
-                if key in entry["rows"]:
-                    continue
-                entry["rows"][key] = {**measure(), "command": doc["provenance"]["command"]}
-                write_rows(args.out, doc)
-                print(f"{name} {key}: {entry['rows'][key]['top1']:.2f}", flush=True)
+        for key, measure in todo(task, Path(args.runs) if args.runs else None):
+            if key in entry["rows"]:
+                continue
+            entry["rows"][key] = {**measure(), "command": doc["provenance"]["command"]}
+            write_rows(args.out, doc)
+            print(f"{name} {key}: {entry['rows'][key]['top1']:.2f}", flush=True)
     write_rows(args.out, doc)
 
 
