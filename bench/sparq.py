@@ -24,7 +24,7 @@ from earlier runs stay in the file, so tasks can be run in separate invocations.
 row is also written as soon as it is evaluated, and a later run with the same ``--val`` skips the
 settings its task already has (resumable). Every row keeps the indices of the test images it gets
 wrong (``wrong``), so two settings' difference has a paired standard error
-(:func:`paired_stderr`).
+(``bench.common.paired_stderr``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 
 import torch
@@ -124,21 +123,6 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
 def all_settings() -> list[str]:
     """Every activation setting this script knows, in its order."""
     return [*BASELINES, *(f"a{n}" for n in ACT_FORMAT_NAMES)]
-
-
-def paired_stderr(wrong_a: list[int], wrong_b: list[int], n: int) -> tuple[float, float]:
-    """Top-1 of A minus top-1 of B in %, and one standard error of that difference from the
-    per-image differences ``d_i = correct_A(i) − correct_B(i)`` on the same ``n`` images:
-    ``100 · sd(d) / sqrt(n)`` (sd with ``n − 1``).
-
-    >>> [round(v, 2) for v in paired_stderr([0, 1], [1, 2, 3], 10)]  # A gains images 2, 3; loses 0
-    [10.0, 17.95]
-    """
-    a, b = set(wrong_a), set(wrong_b)
-    gain, loss = len(b - a), len(a - b)  # images only B gets wrong / only A gets wrong
-    mean = (gain - loss) / n
-    var = (gain * (1 - mean) ** 2 + loss * (1 + mean) ** 2 + (n - gain - loss) * mean**2) / (n - 1)
-    return 100.0 * mean, 100.0 * math.sqrt(var / n)
 
 
 def run_task(
