@@ -406,9 +406,13 @@ SHORT_FMT = {
 
 
 def _plan_counts(r: dict[str, Any]) -> str:
-    """How many layers the row's plan puts in each format."""
-    names = [SHORT_FMT.get(c, c) if isinstance(c, str) else str(c) for c in r.get("plan", {}).values()]
-    return ", ".join(f"{names.count(k)} {k}" for k in sorted(set(names)))
+    """How many layers the row's plan puts in each format, and which layers are at 4 bits."""
+    plan = {n: SHORT_FMT.get(c, c) if isinstance(c, str) else str(c) for n, c in r.get("plan", {}).items()}
+    names = list(plan.values())
+    four = [f"{n} {f}" for n, f in plan.items() if f in ("int4", "fp4")]
+    return ", ".join(f"{names.count(k)} {k}" for k in sorted(set(names))) + (
+        f" (at 4 bits: {', '.join(four)})" if four else ""
+    )
 
 
 def _batch_images(qs: list[float]) -> int:
@@ -544,6 +548,15 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 f"{t} joint controller: {_controller(j)}; BOPs {bops:.3f} of target"
                 + (f"; its plan: {plan}" if plan else "")
             )
+            low = [
+                {n for n, c in r.get("plan", {}).items() if SHORT_FMT.get(c, "") in ("int4", "fp4")}
+                for r in (j, i or {})
+            ]
+            if low[0] and low[1]:
+                reasons.append(
+                    f"{t}: the joint and int searches put {len(low[0])} and {len(low[1])} layers at 4 bits, "
+                    f"{len(low[0] & low[1])} of them the same"
+                )
             noise = _reward_noise(j, i)
             if noise:
                 reasons.append(f"{t}: {noise}")

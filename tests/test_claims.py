@@ -231,7 +231,10 @@ def test_fliqs_reasons_come_from_the_histories_and_the_paired_rows(tmp_path, mon
     c = claims.fliqs_claim(rows)
     d, se = common.paired_stderr(wj, wi, n)
     assert f"joint − int = {d:+.2f} ± {se:.2f}" in c["reason"]
-    assert "its plan: 2 fp4, 1 int4" in c["reason"] and "one 128-image calibration batch" in c["reason"]
+    assert (
+        "its plan: 2 fp4, 1 int4 (at 4 bits: a int4, b fp4, c fp4)" in c["reason"]
+        and "one 128-image calibration batch" in c["reason"]
+    )
     assert "differ in correctness on 2.1 % of the test images" in c["reason"]
     assert "difference (-1.90) has a paired s.e. of 1.3 points" in c["reason"]  # sqrt(0.021 / 128)
     assert "cannot rank" not in c["reason"]  # 1.9 > 1.3: this gap a reward batch would resolve
