@@ -18,7 +18,7 @@ Every row keeps the indices of the test images it gets wrong (``wrong``), so any
 task have a paired standard error of their difference (``bench.sparq.paired_stderr``). Each row
 is written as soon as it is measured and a rerun skips the rows present (resumable)::
 
-    OMP_NUM_THREADS=1 python -m bench.fliqs_ptq [--tasks fashion-resnet20,...] [--runs DIR]
+    OMP_NUM_THREADS=1 python -m bench.fliqs_ptq [--tasks fashion-resnet20,...] [--runs DIR] [--rows-dir DIR]
 """
 
 from __future__ import annotations
@@ -98,15 +98,15 @@ def trained_row(task: mixq.tasks.Task, run_dir: Path, recorded: float) -> dict[s
     }
 
 
-def todo(task: mixq.tasks.Task, runs: Path | None) -> list[tuple[str, Any]]:
+def todo(task: mixq.tasks.Task, runs: Path | None, rows_dir: Path = ROWS_DIR) -> list[tuple[str, Any]]:
     """(row key, measurement) of every row of ``task``: each plan's PTQ, and with ``runs`` the
     trained model of each FLIQS row and of its uniform w6a6 QAT baseline (``lsq-S-w6a6``)."""
     out: list[tuple[str, Any]] = []
-    for row_id, plan in plans(task.name).items():
+    for row_id, plan in plans(task.name, rows_dir).items():
         out.append((f"ptq|{row_id}", lambda p=plan: ptq_row(task, p)))
         if row_id == "uniform-w6a6":
             row_id = f"lsq-{SHORT[task.name]}-w6a6"
-        row_file, run_dir = ROWS_DIR / f"{row_id}.json", (runs / row_id) if runs else None
+        row_file, run_dir = rows_dir / f"{row_id}.json", (runs / row_id) if runs else None
         if run_dir is not None and (run_dir / "model.safetensors").exists() and row_file.exists():
             recorded = json.loads(row_file.read_text())["metric"]
             out.append((f"trained|{row_id}", lambda d=run_dir, r=recorded: trained_row(task, d, r)))
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="fashion-resnet20,fashion-mobilenetv2")
     ap.add_argument("--val", type=int, default=10_000, help="test images per task (first N)")
     ap.add_argument("--runs", default="", help="run directories of the claims rows (trained models)")
+    ap.add_argument("--rows-dir", default=str(ROWS_DIR), help="the claims rows whose plans are measured")
     ap.add_argument("--out", default=NAME, help="result name under bench/results/")
     args = ap.parse_args()
     bad = [t for t in args.tasks.split(",") if t not in SHORT]
@@ -132,7 +133,7 @@ def main() -> None:
         entry = doc["tasks"].setdefault(name, {"val_images": args.val, "rows": {}})
         if entry["val_images"] != args.val:
             entry.update({"val_images": args.val, "rows": {}})  # another test set: measure again
-        for key, measure in todo(task, Path(args.runs) if args.runs else None):
+        for key, measure in todo(task, Path(args.runs) if args.runs else None, Path(args.rows_dir)):
             if key in entry["rows"]:
                 continue
             entry["rows"][key] = {**measure(), "command": doc["provenance"]["command"]}

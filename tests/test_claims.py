@@ -251,3 +251,22 @@ def test_goals_render_in_the_claims_block(tmp_path):
     )
     out = results_md.render(doc, tmp_path)
     assert "goal: mixed DDQ ≥ uniform LSQ-style QAT at equal bits on both Fashion models: **met**" in out
+
+
+def test_fliqs_ptq_reads_the_rows_plans_and_lists_the_wrong_images(tmp_path):
+    import torch
+
+    from bench import fliqs_ptq
+
+    (tmp_path / "fliqs-joint-r20.json").write_text(json.dumps({"plan": {"a": "w4a4", "b": "w8a8"}}))
+    assert fliqs_ptq.plans("fashion-resnet20", tmp_path) == {
+        "fliqs-joint-r20": {"a": "w4a4", "b": "w8a8"},
+        "uniform-w6a6": {"a": "w6a6", "b": "w6a6"},
+    }
+    assert fliqs_ptq.plans("fashion-mobilenetv2", tmp_path) == {}
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger input
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    batches = [(x[:2], torch.tensor([0, 0])), (x[2:], torch.tensor([0, 1]))]
+    assert fliqs_ptq.wrong_of(model, batches) == (75.0, [1])
