@@ -539,6 +539,8 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 if name.startswith("joint"):
                     checks.append(diff >= 0)
                 reasons.append(f"{t}: {name} = {diff:+.2f} ± {se:.2f} ({_tie(diff, se)}, unpaired)")
+        recs = j["training"][0].get("controller", []) if j else []
+        reasons.extend(_fliqs_measured(t, s, _batch_images([x["quality"] for x in recs]) if recs else 0))
         if j:
             h = j["training"][0]
             converged.append(h["final_entropy_ratio"] <= 0.3)
@@ -560,8 +562,6 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             noise = _reward_noise(j, i)
             if noise:
                 reasons.append(f"{t}: {noise}")
-        recs = j["training"][0].get("controller", []) if j else []
-        reasons.extend(_fliqs_measured(t, s, _batch_images([x["quality"] for x in recs]) if recs else 0))
     status = "not met" if not all(checks) else "pending" if len(checks) < 4 else "met"
     goals = [
         _goal(
