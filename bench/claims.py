@@ -472,7 +472,7 @@ def _fliqs_ptq(task: str) -> tuple[int, dict[str, dict[str, Any]]]:
     return (e["val_images"], e["rows"]) if e else (0, {})
 
 
-def _fliqs_measured(t: str, s: str, batch: int = 0) -> list[str]:
+def _fliqs_measured(t: str, s: str, batch: int = 0, batches: int = 1) -> list[str]:
     """The paired differences bench/fliqs_ptq.py measured: the plans before training (PTQ of the
     pretrained weights) and the trained models (where they reproduce their recorded top-1). With
     the reward batch's image count ``batch``: the paired standard error the trained joint − int
@@ -509,6 +509,8 @@ def _fliqs_measured(t: str, s: str, batch: int = 0) -> list[str]:
     ]
     if pairs:
         out.append(f"{t}, trained, paired (the saved models reproduce their top-1): {', '.join(pairs)}")
+    lead = _fliqs_lead(t, s, n, ptq, trained, batch, batches)
+    out = ([lead] if lead else []) + out
     a, b = trained.get(f"fliqs-joint-{s}"), trained.get(f"fliqs-int-{s}")
     if a and b and batch:
         disc = len(set(a["wrong"]) ^ set(b["wrong"])) / n
@@ -521,6 +523,33 @@ def _fliqs_measured(t: str, s: str, batch: int = 0) -> list[str]:
             + (": one reward batch cannot rank them" if se_batch > abs(d) else "")
         )
     return out
+
+
+def _fliqs_lead(t: str, s: str, n: int, ptq: dict, trained: dict, batch: int, batches: int) -> str:
+    """The measured reason in one sentence, where the plans were measured before and after training."""
+    j, i, f = (f"fliqs-{x}-{s}" for x in ("joint", "int", "fp"))
+    if not all(k in ptq and k in trained for k in (j, i)) or not batch:
+        return ""
+    before, se_b = paired_stderr(ptq[j]["wrong"], ptq[i]["wrong"], n)
+    after, se_a = paired_stderr(trained[j]["wrong"], trained[i]["wrong"], n)
+    disc = len(set(trained[j]["wrong"]) ^ set(trained[i]["wrong"])) / n
+    fp = ""
+    if f in ptq and f in trained:
+        fb, fbs = paired_stderr(ptq[f]["wrong"], ptq[i]["wrong"], n)
+        fa, fas = paired_stderr(trained[f]["wrong"], trained[i]["wrong"], n)
+        fp = (
+            f"the floating-point formats lose to the integer ones at equal BOPs on this model (fp-only − "
+            f"int plan {fb:+.2f} ± {fbs:.2f} before training, {fa:+.2f} ± {fas:.2f} after); "
+        )
+    total = batch * batches
+    se_q = 100 * math.sqrt(disc / total)
+    return (
+        f"measured reason on {t}: {fp}the joint plan's formats start {before:+.2f} ± {se_b:.2f} from the int "
+        f"plan's before training and one epoch of QAT leaves {after:+.2f} ± {se_a:.2f} (paired), a gap "
+        + ("below what the reward can rank" if abs(after) < se_q else "the reward could rank")
+        + f": Q always comes from the same {total} calibration images ({batches} × {batch}), on which "
+        f"this difference has a paired s.e. of {se_q:.2f} points however many rewards are averaged"
+    )
 
 
 def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -540,7 +569,8 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     checks.append(diff >= 0)
                 reasons.append(f"{t}: {name} = {diff:+.2f} ± {se:.2f} ({_tie(diff, se)}, unpaired)")
         recs = j["training"][0].get("controller", []) if j else []
-        reasons.extend(_fliqs_measured(t, s, _batch_images([x["quality"] for x in recs]) if recs else 0))
+        nb = len({x["reward_batch"] for x in recs}) or 1  # distinct reward batches (fixed images)
+        reasons.extend(_fliqs_measured(t, s, _batch_images([x["quality"] for x in recs]) if recs else 0, nb))
         if j:
             h = j["training"][0]
             converged.append(h["final_entropy_ratio"] <= 0.3)

@@ -238,6 +238,12 @@ def test_fliqs_reasons_come_from_the_histories_and_the_paired_rows(tmp_path, mon
     assert "differ in correctness on 2.1 % of the test images" in c["reason"]
     assert "difference (-1.90) has a paired s.e. of 1.3 points" in c["reason"]  # sqrt(0.021 / 128)
     assert "cannot rank" not in c["reason"]  # 1.9 > 1.3: this gap a reward batch would resolve
+    # Q comes from 2 batches × 128 = 256 fixed images: sqrt(0.021 / 256) = 0.91 points < 1.9
+    assert (
+        "leaves -1.90 ± " in c["reason"]
+        and "the reward could rank: Q always comes from the same 256" in c["reason"]
+    )
+    assert "paired s.e. of 0.91 points however many" in c["reason"]
     assert [g["status"] for g in c["goals"]] == ["not met", "met"]
 
 
