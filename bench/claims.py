@@ -486,7 +486,12 @@ def _fliqs_measured(t: str, s: str, batch: int = 0, batches: int = 1) -> list[st
         text = ", ".join(f"{names[k]} {ptq[k]['top1']:.2f}" for k in names if k in ptq)
         pairs = [
             f"{names[a]} − {names[b]} = {d:+.2f} ± {se:.2f}"
-            for a, b in ((f"fliqs-joint-{s}", f"fliqs-int-{s}"), (f"fliqs-fp-{s}", f"fliqs-int-{s}"))
+            for a, b in (
+                (f"fliqs-joint-{s}", f"fliqs-int-{s}"),
+                (f"fliqs-fp-{s}", f"fliqs-int-{s}"),
+                (f"fliqs-joint-{s}", "uniform-w6a6"),
+                (f"fliqs-int-{s}", "uniform-w6a6"),
+            )
             if a in ptq and b in ptq
             for d, se in [paired_stderr(ptq[a]["wrong"], ptq[b]["wrong"], n)]
         ]
