@@ -10,9 +10,13 @@ The QAT rows (DDQ, FLIQS and their uniform LSQ-style baselines) are trained here
 pretrained weights, for one epoch of Fashion-MNIST training data (``--steps`` 469 batches of
 128) and evaluated on all 10,000 test images. Every QAT number has a uniform QAT baseline
 (``ddq`` with ``learn_bits=False``: learned ranges, LSQ-style) with the same steps, so training
-length is equal; every row records its training seconds. CLADO and SPARQ rows come from
-bench/results/clado.json and sparq.json, Multipoint's from bench/results/multipoint.json
-(pending until that benchmark reports per-channel PTQ at the same grid).
+length is equal; every row records its training seconds. CLADO's rows come from the
+10,000-image fashion sweeps (bench/results/fashion_sweep.json, fashion_sweep_mbv2.json), SPARQ's
+from bench/results/sparq_10k.json (else sparq.json), Multipoint's from bench/results/multipoint.json,
+FLIQS's per-image re-measurements from bench/results/fliqs_ptq.json (``python -m bench.fliqs_ptq``).
+A difference has the paired standard error (``bench.common.paired_stderr``) where both rows keep
+the test images they get wrong, else the unpaired one; it says which. Each claim lists its goals
+("met" / "not met" / "pending") beside the verdict.
 
 Resumable: each finished QAT row is written to bench/results/claims_rows/ROW.json at once and
 skipped by a later run with the same steps; DDQ's training also checkpoints under
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ROOT, provenance, write
+from bench.common import RESULTS, ROOT, paired_stderr, provenance, write
 
 ROWS_DIR = RESULTS / "claims_rows"
 RUNS = ROOT / "runs" / "claims"
@@ -282,13 +286,13 @@ def _reward_batches(r: dict[str, Any]) -> str:
     return f"mean Q on its reward batches {means}"
 
 
-def _readout_noise() -> list[str]:
+def _readout_noise(rows: dict[str, dict[str, Any]]) -> list[str]:
     """What bench/results/ddq_readout.json measured about the read-out's noise (if present)."""
     path = RESULTS / "ddq_readout.json"
     if not path.exists():
         return []
-    rows = json.loads(path.read_text())["rows"]
-    held = {b: rows[b]["held_loss_of_plans"] for b in ("B=1", "B=8") if b in rows}
+    ro = json.loads(path.read_text())["rows"]
+    held = {b: ro[b]["held_loss_of_plans"] for b in ("B=1", "B=8") if b in ro}
     if len(held) < 2:
         return []
     b1, b8 = held["B=1"], held["B=8"]
@@ -296,17 +300,45 @@ def _readout_noise() -> list[str]:
         "read-out noise is not the limit: on fashion-mobilenetv2 (read-out at step 0) the ILP plans "
         f"from 1 and 8 "
         f"read-out batches have held-out losses {min(b1):.3f}–{max(b1):.3f} and {b8[0]:.3f} "
-        f"(uniform w4a8 {rows['uniform w4a8']['held_loss']:.3f}), though disjoint 1-batch read-outs "
-        f"agree on only {min(rows['B=1']['plan_agreement_disjoint_pairs']):.0%}–"
-        f"{max(rows['B=1']['plan_agreement_disjoint_pairs']):.0%} of the layers "
-        "(bench/results/ddq_readout.json); "
-        "uniform QAT at 4 bits A8 is within 0.2 of fp32, leaving mixed precision less to gain than one "
-        "standard error of a difference"
+        f"(uniform w4a8 {ro['uniform w4a8']['held_loss']:.3f}), though disjoint 1-batch read-outs "
+        f"agree on only {min(ro['B=1']['plan_agreement_disjoint_pairs']):.0%}–"
+        f"{max(ro['B=1']['plan_agreement_disjoint_pairs']):.0%} of the layers "
+        "(bench/results/ddq_readout.json)"
+    ] + _lsq_gap(rows)
+
+
+def _lsq_gap(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """How close uniform w4a8 QAT already is to fp32 (what is left for mixed precision to gain)."""
+    gaps = [r["metric"] - r["fp32"] for k, r in rows.items() if k.startswith("lsq-") and k.endswith("-w4a8")]
+    if not gaps:
+        return []
+    return [
+        f"uniform w4a8 QAT is already {min(gaps):+.2f} to {max(gaps):+.2f} from fp32: at most "
+        f"{max(0.0, -min(gaps)):.2f} point is left for mixed precision to gain"
     ]
 
 
+def _goal(goal: str, status: str, detail: str) -> dict[str, str]:
+    return {"goal": goal, "status": status, "detail": detail}
+
+
+def _goal_verdict(goals: list[dict[str, str]]) -> str:
+    """holds (every goal met) / holds in part (some) / does not hold (none) / pending; a goal
+    whose rows are missing is "pending" and makes the verdict say so."""
+    done = [g["status"] for g in goals if g["status"] != "pending"]
+    if not done:
+        return "pending"
+    met = [s == "met" for s in done]
+    verdict = "holds" if all(met) else "holds in part" if any(met) else "does not hold"
+    return verdict + (" (rows pending)" if len(done) < len(goals) else "")
+
+
 def ddq_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    numbers, reasons, checks = [], [], []
+    """DDQ's two goals: within 0.5 point of fp32 on MobileNetV2 at 4.0 bits A8, and mixed DDQ ≥
+    uniform LSQ-style QAT at equal bits on both Fashion models. The DDQ and LSQ w4a8 rows keep no
+    per-image correctness (their run directories were not kept), so the errors are unpaired."""
+    numbers, reasons, vs_lsq = [], [], []
+    near = _goal("DDQ on fashion-mobilenetv2 at 4.0 bits A8 within 0.5 point of fp32", "pending", "")
     for s, t in (("mbv2", "fashion-mobilenetv2"), ("r20", "fashion-resnet20")):
         d, u = rows.get(f"ddq-{s}"), rows.get(f"lsq-{s}-w4a8")
         fp32 = f"fp32 {(d or u)['fp32']:.2f}; " if (d or u) else ""
@@ -316,16 +348,36 @@ def ddq_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             + f"; LSQ w4a8 {_fmt(u)}"
             + (f" at {_bits(u)}" if u else "")
         )
+        if d and s == "mbv2":
+            gap = d["metric"] - d["fp32"]
+            near = {**near, "status": "met" if gap >= -0.5 else "not met"}
+            near["detail"] = (
+                f"DDQ − fp32 = {gap:+.2f} ± {math.hypot(d['stderr'], stderr(d['fp32'], d['val_images'])):.2f}"
+            )
         if d and u:
             diff, se = _diff(d, u)
-            checks.append(diff >= -se)
-            reasons.append(f"{t}: DDQ − LSQ = {diff:+.2f} ± {se:.2f}")
-            if s == "mbv2":
-                gap = d["metric"] - d["fp32"]
-                checks.append(gap >= -0.5)
-                reasons.append(f"{t}: DDQ − fp32 = {gap:+.2f} (goal ≥ −0.5)")
-    complete = len(reasons) == 3
-    reasons.extend(_readout_noise())
+            vs_lsq.append((diff, se))
+            reasons.append(f"{t}: DDQ − LSQ = {diff:+.2f} ± {se:.2f} ({_tie(diff, se)})")
+    status = "pending"
+    if len(vs_lsq) == 2:
+        status = "met" if all(x >= 0 for x, _ in vs_lsq) else "not met"
+    tie = status == "not met" and all(x >= -se for x, se in vs_lsq)
+    goals = [
+        near,
+        _goal(
+            "mixed DDQ ≥ uniform LSQ-style QAT at equal bits on both Fashion models",
+            status,
+            "; ".join(reasons)
+            + (
+                " — below on both, by less than one standard error: a tie, no measured gain from "
+                "mixed precision"
+                if tie
+                else ""
+            )
+            + " (unpaired errors: the DDQ and LSQ w4a8 run directories were not kept, so per-image "
+            "correctness cannot be recomputed without training again)",
+        ),
+    ]
     return {
         "method": "DDQ",
         "claim": "Learning each layer's bit-width, range and step in QAT gives a nearly lossless "
@@ -337,27 +389,228 @@ def ddq_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "weights, half search + sensitivity read-out (ILP), half fine-tune; LSQ-style uniform w4a8 "
         "QAT with the same steps",
         "numbers": numbers,
-        **_verdict(checks, complete, reasons),
+        "goals": goals,
+        "verdict": _goal_verdict(goals),
+        "reason": "; ".join(_readout_noise(rows)) if vs_lsq else "QAT rows not run yet",
     }
 
 
+SHORT_FMT = {
+    "w4a4": "int4",
+    "w6a6": "int6",
+    "w8a8": "int8",
+    "wfp4_e2m1-afp4_e2m1": "fp4",
+    "wfp6_e3m2-afp6_e3m2": "fp6",
+    "wfp8_e4m3fn-afp8_e4m3fn": "fp8",
+}
+
+
+def _plan_counts(r: dict[str, Any]) -> str:
+    """How many layers the row's plan puts in each format, and which layers are at 4 bits."""
+    plan = {n: SHORT_FMT.get(c, c) if isinstance(c, str) else str(c) for n, c in r.get("plan", {}).items()}
+    names = list(plan.values())
+    four = [f"{n} {f}" for n, f in plan.items() if f in ("int4", "fp4")]
+    return ", ".join(f"{names.count(k)} {k}" for k in sorted(set(names))) + (
+        f" (at 4 bits: {', '.join(four)})" if four else ""
+    )
+
+
+def _batch_images(qs: list[float]) -> int:
+    """The reward batch's image count: the least n ≤ 4096 with every recorded Q a multiple of 1/n."""
+    return next((n for n in range(1, 4097) if all(abs(q * n - round(q * n)) < 1e-6 for q in qs)), 0)
+
+
+def _late_q(r: dict[str, Any], mass: float = 0.9) -> dict[int, float]:
+    """Mean Q per reward batch over the records whose policy had converged (argmax mass ≥ ``mass``):
+    the reward of the plans the controller settled on."""
+    by: dict[int, list[float]] = {}
+    for x in r["training"][0].get("controller", []):
+        if x["argmax_mass"] >= mass:
+            by.setdefault(x["reward_batch"], []).append(x["quality"])
+    return {b: sum(v) / len(v) for b, v in sorted(by.items())}
+
+
+def _reward_noise(j: dict[str, Any], i: dict[str, Any] | None) -> str:
+    """What the joint controller's reward could resolve: the binomial error of Q on one reward
+    batch, the spread of the sampled plans' Q about its batch mean, and the converged plans' Q
+    beside the integer search's on the same batches."""
+    recs = j["training"][0].get("controller", [])
+    if len(recs) < 3:
+        return ""
+    qs = [x["quality"] for x in recs]
+    n = _batch_images(qs)
+    by: dict[int, list[float]] = {}
+    for x in recs[2:]:  # the first record of each batch sets its centre
+        by.setdefault(x["reward_batch"], []).append(x["quality"])
+    dev = [q - sum(v) / len(v) for v in by.values() for q in v]
+    sd = 100 * math.sqrt(sum(d * d for d in dev) / max(1, len(dev) - len(by)))
+    qbar = sum(qs) / len(qs)
+    out = (
+        f"its reward Q is top-1 on one {n}-image calibration batch, whose binomial s.e. is "
+        f"{100 * math.sqrt(qbar * (1 - qbar) / n):.1f} points at Q = {qbar:.3f}; the sampled plans' Q "
+        f"varied about its batch mean by sd {sd:.1f} points"
+    )
+    lj, li = _late_q(j), (_late_q(i) if i else {})
+    common = sorted(set(lj) & set(li))
+    if common:
+        dq = 100 * sum(lj[b] - li[b] for b in common) / len(common)
+        out += (
+            "; the converged plans' (argmax mass ≥ 0.9) mean Q per reward batch: joint "
+            + "/".join(f"{lj[b]:.3f}" for b in common)
+            + ", int "
+            + "/".join(f"{li[b]:.3f}" for b in common)
+            + f" (joint − int {dq:+.1f} points on the reward images"
+            + (f", {j['metric'] - i['metric']:+.2f} at test)" if i else ")")
+        )
+    return out
+
+
+def _fliqs_ptq(task: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """bench/results/fliqs_ptq.json's rows of ``task`` (its test images and rows), if any."""
+    path = RESULTS / "fliqs_ptq.json"
+    e = json.loads(path.read_text())["tasks"].get(task) if path.exists() else None
+    return (e["val_images"], e["rows"]) if e else (0, {})
+
+
+def _fliqs_measured(t: str, s: str, batch: int = 0, batches: int = 1) -> list[str]:
+    """The paired differences bench/fliqs_ptq.py measured: the plans before training (PTQ of the
+    pretrained weights) and the trained models (where they reproduce their recorded top-1). With
+    the reward batch's image count ``batch``: the paired standard error the trained joint − int
+    difference would have on one such batch (from the two models' discordant test images)."""
+    n, rows = _fliqs_ptq(t)
+    out = []
+    ptq = {k.split("|")[1]: r for k, r in rows.items() if k.startswith("ptq|")}
+    if ptq:
+        names = {f"fliqs-joint-{s}": "joint", f"fliqs-int-{s}": "int", f"fliqs-fp-{s}": "fp"}
+        names["uniform-w6a6"] = "uniform w6a6"
+        text = ", ".join(f"{names[k]} {ptq[k]['top1']:.2f}" for k in names if k in ptq)
+        pairs = [
+            f"{names[a]} − {names[b]} = {d:+.2f} ± {se:.2f}"
+            for a, b in (
+                (f"fliqs-joint-{s}", f"fliqs-int-{s}"),
+                (f"fliqs-fp-{s}", f"fliqs-int-{s}"),
+                (f"fliqs-joint-{s}", "uniform-w6a6"),
+                (f"fliqs-int-{s}", "uniform-w6a6"),
+            )
+            if a in ptq and b in ptq
+            for d, se in [paired_stderr(ptq[a]["wrong"], ptq[b]["wrong"], n)]
+        ]
+        out.append(
+            f"{t}, the chosen plans without training (PTQ of the pretrained weights, {n} images): "
+            f"{text}; paired {', '.join(pairs)}"
+        )
+    trained = {k.split("|")[1]: r for k, r in rows.items() if k.startswith("trained|") and r["reproduced"]}
+    pairs = [
+        f"{a.split('-')[1] if a.startswith('fliqs') else 'uniform QAT'} − "
+        f"{b.split('-')[1] if b.startswith('fliqs') else 'uniform QAT'} = {d:+.2f} ± {se:.2f}"
+        for a, b in (
+            (f"fliqs-joint-{s}", f"fliqs-int-{s}"),
+            (f"fliqs-joint-{s}", f"lsq-{s}-w6a6"),
+            (f"fliqs-fp-{s}", f"fliqs-int-{s}"),
+            (f"fliqs-int-{s}", f"lsq-{s}-w6a6"),
+        )
+        if a in trained and b in trained
+        for d, se in [paired_stderr(trained[a]["wrong"], trained[b]["wrong"], n)]
+    ]
+    if pairs:
+        out.append(f"{t}, trained, paired (the saved models reproduce their top-1): {', '.join(pairs)}")
+    lead = _fliqs_lead(t, s, n, ptq, trained, batch, batches)
+    out = ([lead] if lead else []) + out
+    a, b = trained.get(f"fliqs-joint-{s}"), trained.get(f"fliqs-int-{s}")
+    if a and b and batch:
+        disc = len(set(a["wrong"]) ^ set(b["wrong"])) / n
+        d, _ = paired_stderr(a["wrong"], b["wrong"], n)
+        se_batch = 100 * math.sqrt(disc / batch)
+        out.append(
+            f"{t}: the trained joint and int models differ in correctness on {100 * disc:.1f} % of the "
+            f"test images, so on one {batch}-image reward batch their difference ({d:+.2f}) has a paired "
+            f"s.e. of {se_batch:.1f} points"
+            + (": one reward batch cannot rank them" if se_batch > abs(d) else "")
+        )
+    return out
+
+
+def _fliqs_lead(t: str, s: str, n: int, ptq: dict, trained: dict, batch: int, batches: int) -> str:
+    """The measured reason in one sentence, where the plans were measured before and after training."""
+    j, i, f = (f"fliqs-{x}-{s}" for x in ("joint", "int", "fp"))
+    if not all(k in ptq and k in trained for k in (j, i)) or not batch:
+        return ""
+    before, se_b = paired_stderr(ptq[j]["wrong"], ptq[i]["wrong"], n)
+    after, se_a = paired_stderr(trained[j]["wrong"], trained[i]["wrong"], n)
+    disc = len(set(trained[j]["wrong"]) ^ set(trained[i]["wrong"])) / n
+    fp = ""
+    if f in ptq and f in trained:
+        fb, fbs = paired_stderr(ptq[f]["wrong"], ptq[i]["wrong"], n)
+        fa, fas = paired_stderr(trained[f]["wrong"], trained[i]["wrong"], n)
+        fp = (
+            f"the floating-point formats lose to the integer ones at equal BOPs on this model (fp-only − "
+            f"int plan {fb:+.2f} ± {fbs:.2f} before training, {fa:+.2f} ± {fas:.2f} after); "
+        )
+    total = batch * batches
+    se_q = 100 * math.sqrt(disc / total)
+    return (
+        f"measured reason on {t}: {fp}the joint plan's formats start {before:+.2f} ± {se_b:.2f} from the int "
+        f"plan's before training and one epoch of QAT leaves {after:+.2f} ± {se_a:.2f} (paired), a gap "
+        + ("below what the reward can rank" if abs(after) < se_q else "the reward could rank")
+        + f": Q always comes from the same {total} calibration images ({batches} × {batch}), on which "
+        f"this difference has a paired s.e. of {se_q:.2f} points however many rewards are averaged"
+    )
+
+
 def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    numbers, reasons, checks = [], [], []
+    """FLIQS joint against int-only and uniform QAT at equal BOPs (the goal: ≥ both on both Fashion
+    models), and the measured reasons: the controller's convergence, the chosen formats, the
+    reward's noise against the gaps at test, and the plans before training (bench/fliqs_ptq.py)."""
+    numbers, reasons, checks, converged = [], [], [], []
     for s, t in (("r20", "fashion-resnet20"), ("mbv2", "fashion-mobilenetv2")):
         j, i, f, u = (
             rows.get(k) for k in (f"fliqs-joint-{s}", f"fliqs-int-{s}", f"fliqs-fp-{s}", f"lsq-{s}-w6a6")
         )
         numbers.append(f"{t}: joint {_fmt(j)}; int {_fmt(i)}; fp {_fmt(f)}; uniform w6a6 QAT {_fmt(u)}")
-        if j and i and u:
-            for name, other in (("int", i), ("uniform QAT", u)):
-                diff, se = _diff(j, other)
-                checks.append(diff >= -se)
-                reasons.append(f"{t}: joint − {name} = {diff:+.2f} ± {se:.2f}")
+        for name, a, b in (("joint − int", j, i), ("joint − uniform QAT", j, u), ("fp − int", f, i)):
+            if a and b:
+                diff, se = _diff(a, b)
+                if name.startswith("joint"):
+                    checks.append(diff >= 0)
+                reasons.append(f"{t}: {name} = {diff:+.2f} ± {se:.2f} ({_tie(diff, se)}, unpaired)")
+        recs = j["training"][0].get("controller", []) if j else []
+        nb = len({x["reward_batch"] for x in recs}) or 1  # distinct reward batches (fixed images)
+        reasons.extend(_fliqs_measured(t, s, _batch_images([x["quality"] for x in recs]) if recs else 0, nb))
+        if j:
+            h = j["training"][0]
+            converged.append(h["final_entropy_ratio"] <= 0.3)
+            plan = _plan_counts(j)
+            bops = j["bops"] / j["budget"]["bops"]
             reasons.append(
-                f"{t} joint controller: {_controller(j)}; "
-                f"BOPs {j['bops'] / j['budget']['bops']:.3f} of target; {_reward_batches(j)} "
-                f"(quality baseline {j.get('method_args', {}).get('quality_baseline', 'shared')})"
+                f"{t} joint controller: {_controller(j)}; BOPs {bops:.3f} of target"
+                + (f"; its plan: {plan}" if plan else "")
             )
+            low = [
+                {n for n, c in r.get("plan", {}).items() if SHORT_FMT.get(c, "") in ("int4", "fp4")}
+                for r in (j, i or {})
+            ]
+            if low[0] and low[1]:
+                reasons.append(
+                    f"{t}: the joint and int searches put {len(low[0])} and {len(low[1])} layers at 4 bits, "
+                    f"{len(low[0] & low[1])} of them the same"
+                )
+            noise = _reward_noise(j, i)
+            if noise:
+                reasons.append(f"{t}: {noise}")
+    status = "not met" if not all(checks) else "pending" if len(checks) < 4 else "met"
+    goals = [
+        _goal(
+            "FLIQS joint ≥ int-only and ≥ uniform QAT at equal BOPs on both Fashion models",
+            status,
+            "; ".join(r for r in reasons if "joint − " in r and "unpaired" in r),
+        ),
+        _goal(
+            "else: the converged controller (final entropy ≤ 0.3 of its maximum) and the measured reason",
+            "pending" if not converged else "met" if all(converged) else "not met",
+            f"{sum(converged)} of {len(converged)} joint controllers converged",
+        ),
+    ]
+    reasons = [r for r in reasons if not ("joint − " in r and "unpaired" in r)]  # in the goal
     return {
         "method": "FLIQS",
         "claim": "A one-shot RL search over integer and floating-point formats finds better accuracy "
@@ -368,6 +621,7 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "controller rate, last 10 % trains "
         "the argmax plan; LSQ-style uniform w6a6 QAT with the same steps",
         "numbers": numbers,
+        "goals": goals,
         **_verdict(checks, len(checks) == 4, reasons),
     }
 
@@ -375,7 +629,7 @@ def fliqs_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _verdict(checks: list[bool], complete: bool, reasons: list[str]) -> dict[str, Any]:
     if not checks:
         verdict = "pending"
-    elif all(checks) and complete:
+    elif all(checks):
         verdict = "holds"
     elif any(checks):
         verdict = "holds in part"
@@ -386,85 +640,188 @@ def _verdict(checks: list[bool], complete: bool, reasons: list[str]) -> dict[str
     return {"verdict": verdict, "reason": "; ".join(reasons) or "QAT rows not run yet"}
 
 
+SPARQ_FILES = ("sparq_10k.json", "sparq.json")  # the 10,000-image rows first
+
+
+def _sparq_entry(task: str) -> tuple[str, dict[str, Any]] | None:
+    """The task's SPARQ entry with the A8, A4 and 5opt+v rows, from the first file that has it
+    (on the most test images)."""
+    found = []
+    for name in SPARQ_FILES:
+        path = RESULTS / name
+        e = json.loads(path.read_text())["tasks"].get(task) if path.exists() else None
+        if e and {"a8", "a4", "asparq4_5opt_v"} <= {r["setting"] for r in e["rows"]}:
+            found.append((name, e))
+    return max(found, key=lambda f: f[1]["val_images"], default=None)
+
+
+def _pair(a: dict[str, Any], b: dict[str, Any], n: int) -> tuple[float, float, str]:
+    """a − b in top-1 points, one standard error (paired where both rows keep their wrong images)."""
+    if "wrong" in a and "wrong" in b:
+        return (*paired_stderr(a["wrong"], b["wrong"], n), "paired")
+    return a["top1"] - b["top1"], math.hypot(stderr(a["top1"], n), stderr(b["top1"], n)), "unpaired"
+
+
 def sparq_claim() -> dict[str, Any]:
-    path = RESULTS / "sparq.json"
-    if not path.exists():
-        return {"method": "SPARQ", "verdict": "pending", "reason": "bench/results/sparq.json missing"}
-    data = json.loads(path.read_text())
-    numbers, checks, reasons = [], [], []
+    """SPARQ 4-bit (5 placements, vSPARQ) against A8 and min/max A4, from bench/results/sparq_10k.json
+    (all 10,000 test images, with per-image correctness: paired errors), else sparq.json."""
+    numbers, checks, reasons, files = [], [], [], set()
     for t in ("fashion-resnet20", "fashion-mobilenetv2"):
-        e = data["tasks"].get(t)
-        if e is None:
+        found = _sparq_entry(t)
+        if found is None:
             continue
+        files.add(found[0])
+        e = found[1]
         n = e["val_images"]
-        by = {r["setting"]: r["top1"] for r in e["rows"]}
+        by = {r["setting"]: r for r in e["rows"]}
         s, a8, a4 = by["asparq4_5opt_v"], by["a8"], by["a4"]
-        se = stderr(s, n)
         numbers.append(
-            f"{t} ({n} images): A8 {a8:.2f}, SPARQ 4-bit 5opt+v {s:.2f} ± {se:.2f}, min/max A4 {a4:.2f}"
+            f"{t} ({n} images): A8 {a8['top1']:.2f}, SPARQ 4-bit 5opt+v {s['top1']:.2f} ± "
+            f"{stderr(s['top1'], n):.2f}, min/max A4 {a4['top1']:.2f}"
         )
-        checks.append(a8 - s <= 1.0 and s >= a4)
-        reasons.append(f"{t}: A8 − SPARQ = {a8 - s:+.2f}, SPARQ − A4 = {s - a4:+.2f}")
+        d8, se8, kind = _pair(a8, s, n)
+        d4, se4, _ = _pair(s, a4, n)
+        checks.append(d8 <= 1.0 and d4 > se4)
+        reasons.append(
+            f"{t}: A8 − SPARQ = {d8:+.2f} ± {se8:.2f} (goal ≤ 1.0), SPARQ − A4 = {d4:+.2f} ± {se4:.2f} "
+            f"({_tie(d4, se4)}, {kind} errors)"
+        )
     return {
         "method": "SPARQ",
         "claim": "Picking a 4-bit window of each 8-bit activation by its leading one (with vSPARQ "
         "pairing) keeps accuracy within about 1 point of 8-bit activations, above plain 4-bit.",
         "setting": "Fashion models, w8 weights, 8-bit activations trimmed to 4-bit windows (5 placements, "
-        "vSPARQ), PTQ; from bench/results/sparq.json (fewer than 10,000 test images: the count is shown)",
+        f"vSPARQ), PTQ; from bench/results/{' and '.join(sorted(files)) or 'sparq_10k.json'} "
+        "(the test images counted per task)",
         "numbers": numbers,
         **_verdict(checks, len(checks) == 2, reasons),
     }
 
 
-def clado_claim() -> dict[str, Any]:
-    path = RESULTS / "clado.json"
+SWEEPS = {"fashion-resnet20": "fashion_sweep.json", "fashion-mobilenetv2": "fashion_sweep_mbv2.json"}
+CLADO = ("clado", "clado+refine")
+UNAWARE = ("clado-naive", "hawq")  # cross-layer-unaware: CLADO's diagonal-only ablation, HAWQ
+LABEL = {"clado": "CLADO", "clado+refine": "CLADO+refine", "clado-naive": "diagonal-only", "hawq": "HAWQ"}
+
+
+def _tie(diff: float, se: float) -> str:
+    """ "beats" / "tie" / "below": the difference against one standard error."""
+    return "beats" if diff > se else "below" if diff < -se else "tie"
+
+
+def _sweep(task: str) -> tuple[int, dict[float, dict[str, dict[str, Any]]]]:
+    """The test images and the rows per budget and label of ``task``'s fashion sweep, if any."""
+    path = RESULTS / SWEEPS[task]
     if not path.exists():
-        return {"method": "CLADO", "verdict": "pending", "reason": "bench/results/clado.json missing"}
+        return 0, {}
     data = json.loads(path.read_text())
-    numbers, checks, reasons = [], [], []
-    for t in ("fashion-resnet20", "fashion-mobilenetv2"):
-        e = data["tasks"].get(t, {}).get("2348")
-        if e is None:
-            continue
-        n = data["tasks"][t]["val_images"]
-        by = {(r["method"], r["budget"]): r["metric"] for r in e["rows"]}
-        b = 3.0
-        c, naive, hawq = by.get(("clado", b)), by.get(("clado-naive", b)), by.get(("hawq", b))
-        if c is None or naive is None:
-            continue
-        se = stderr(c, n)
-        best = max(naive, hawq)
-        se_diff = math.hypot(se, stderr(best, n))
-        numbers.append(
-            f"{t} ({n} images, ≤ {b} bits): CLADO {c:.2f} ± {se:.2f}, "
-            f"diagonal-only {naive:.2f}, HAWQ {hawq:.2f}"
-        )
-        checks.append(c - best > se_diff)  # "beats": more than one standard error above
-        reasons.append(
-            f"{t}: CLADO − best cross-layer-unaware (diagonal-only, HAWQ) = {c - best:+.2f} ± {se_diff:.2f}"
-        )
+    by: dict[float, dict[str, dict[str, Any]]] = {}
+    for r in data["rows"].values():
+        if r["task"] == task:
+            by.setdefault(float(r["budget"]["avg_weight_bits"]), {})[r["label"]] = r
+    return int(data["val"]), dict(sorted(by.items()))
+
+
+def clado_claim() -> dict[str, Any]:
+    """CLADO and CLADO+refine against the cross-layer-unaware allocations (its diagonal-only
+    ablation and HAWQ) at every budget of bench/results/fashion_sweep.json (ResNet-20) and
+    fashion_sweep_mbv2.json (MobileNetV2), on their test images. The sweeps keep no per-image
+    correctness, so each difference has the unpaired standard error ``hypot(se_a, se_b)``."""
+    numbers, reasons, verdicts = [], [], []
+    for t in SWEEPS:
+        n, budgets = _sweep(t)
+        for b, by in budgets.items():
+            if not all(k in by for k in (*CLADO, *UNAWARE)):
+                continue
+            m = {k: by[k]["metric"] for k in (*CLADO, *UNAWARE)}
+            best = max(UNAWARE, key=lambda k: m[k])
+            numbers.append(
+                f"{t} ({n} images, ≤ {b:g} bits): CLADO {m['clado']:.2f} ± {stderr(m['clado'], n):.2f}, "
+                f"CLADO+refine {m['clado+refine']:.2f}, diagonal-only {m['clado-naive']:.2f}, "
+                f"HAWQ {m['hawq']:.2f}"
+            )
+            parts = []
+            for c in CLADO:
+                for other in dict.fromkeys((best, "clado-naive")):
+                    d, se = m[c] - m[other], math.hypot(stderr(m[c], n), stderr(m[other], n))
+                    parts.append(f"{LABEL[c]} − {LABEL[other]} = {d:+.2f} ± {se:.2f} ({_tie(d, se)})")
+                    if c == "clado":
+                        verdicts.append((other == best, _tie(d, se)))
+            reasons.append(f"{t} ≤ {b:g} bits: " + ", ".join(parts))
+    if not verdicts:
+        verdict = "pending"
+    elif all(v == "beats" for best, v in verdicts if best):
+        verdict = "holds"
+    elif any(v == "beats" for _, v in verdicts):
+        verdict = "holds in part"
+    else:
+        verdict = "does not hold"
+    vs_best = [v for best, v in verdicts if best]
+    summary = (
+        f"per budget, CLADO against the best cross-layer-unaware allocation: {vs_best.count('beats')} beats, "
+        f"{vs_best.count('tie')} ties, {vs_best.count('below')} below of {len(vs_best)} budgets; it beats "
+        f"its own diagonal-only ablation at {[v for best, v in verdicts if not best].count('beats')} "
+        "(standard errors unpaired: the sweeps keep no per-image correctness)"
+    )
     return {
         "method": "CLADO",
         "claim": "Modelling cross-layer dependencies of quantization errors (pairwise terms in an "
         "integer quadratic program) beats cross-layer-unaware bit allocation, most at tight budgets.",
-        "setting": "Fashion models, weights {2,3,4,8} bits asymmetric omse with A8, the tightest budget "
-        "(3.0 average bits), 64 sensitivity images; from bench/results/clado.json",
+        "setting": "Fashion models, weights {2,3,4,8} bits asymmetric omse with A8, every budget of the "
+        "sweeps (ResNet-20 2.5/3/3.5, MobileNetV2 3/3.5 average bits), 64 sensitivity images; CLADO+refine "
+        "= 32 refinement steps; from bench/results/fashion_sweep.json and fashion_sweep_mbv2.json",
         "numbers": numbers,
-        **_verdict(checks, len(checks) == 2, reasons),
+        "verdict": verdict,
+        "reason": "; ".join([summary, *reasons]) if verdicts else "the fashion sweeps are missing",
     }
 
 
+FASHION = ("fashion-resnet20", "fashion-mobilenetv2")
+
+
+def _mp_se(r: dict[str, Any], n: int) -> float:
+    """A multipoint.json row's standard error (0 where the metric has none, e.g. a cosine)."""
+    se = r.get("std_error")
+    return float(se) if se is not None else 0.0
+
+
+def _mp_gain(t: str, grid: str, uni: dict, mp: dict, n: int) -> tuple[bool, str]:
+    """Goal 1 on one Fashion 3-bit grid: multipoint − per-channel PTQ ≥ 0.5 point."""
+    gain = mp["metric"] - uni["metric"]
+    se = math.hypot(_mp_se(mp, n), _mp_se(uni, n))
+    extra = mp["avg_weight_bits"] - uni["avg_weight_bits"]
+    return gain >= 0.5, f"{t} {grid}: {gain:+.2f} ± {se:.2f} for {extra:.2f} extra bits"
+
+
+def _mp_floor(t: str, grid: str, mp: dict, uniforms: dict[str, dict], n: int) -> list[tuple[bool, bool, str]]:
+    """Goal 2 on one multipoint row: (own base?, not below?, text) against each uniform grid of
+    its task that costs no more bits, its own base (the same grid) among them; more than one
+    standard error below counts as below (a metric without one: any amount)."""
+    out = []
+    for g, u in uniforms.items():
+        if u["avg_weight_bits"] <= mp["avg_weight_bits"] + 1e-9:
+            d, se = mp["metric"] - u["metric"], math.hypot(_mp_se(mp, n), _mp_se(u, n))
+            text = f"{t} {grid} − uniform {g} ({u['avg_weight_bits']:.2f} bits) = {d:+.3g}" + (
+                f" ± {se:.2f}" if se else ""
+            )
+            out.append((g == grid, d >= -se, text))
+    return out
+
+
 def multipoint_claim() -> dict[str, Any]:
-    """From bench/results/multipoint.json (rows ``task|grid|method``): multipoint against per-channel
-    PTQ on its grid (the claim: ≥ +0.5 point at 3 bits) and against mixed precision at its size."""
+    """From bench/results/multipoint.json (rows ``task|grid|label``), the two goals: multipoint ≥
+    per-channel PTQ on the same grid by ≥ 0.5 point at 3 bits on both Fashion models, and never
+    below a uniform grid of its task at equal (or fewer) bits; and the paper's "little overhead"
+    against mixed precision at the same size. Every task and grid present is read (rows added
+    later are picked up)."""
     base = {
         "method": "Multipoint",
         "claim": "Approximating each weight vector by a sum of a few low-bit points, placed where the "
         "output error is largest, beats per-channel PTQ at the same bit-width with little overhead.",
-        "setting": "Fashion models, per-channel w3 grids (min/max, symmetric and +asym), points on 1/4 of "
-        "the channels' budget "
-        "(ratio 0.25), against per-channel PTQ on the same grid and sensitivity-ilp at the same size; "
-        "from bench/results/multipoint.json",
+        "setting": "weights only, per-channel grids w3/w4 (min/max, +mse, +asym), points on 1/4 of the "
+        "channels' budget (ratio 0.25) on the uniform base, against per-channel PTQ on the same grid, "
+        "every uniform grid at no more bits, and sensitivity-ilp at the same size; from "
+        "bench/results/multipoint.json",
     }
     path = RESULTS / "multipoint.json"
     if not path.exists():
@@ -474,38 +831,71 @@ def multipoint_claim() -> dict[str, Any]:
             "verdict": "pending",
             "reason": "bench/results/multipoint.json missing",
         }
-    rows = json.loads(path.read_text()).get("rows", {})
-    numbers, checks, reasons = [], [], []
-    complete = 0
-    for t in ("fashion-resnet20", "fashion-mobilenetv2"):
-        for grid in ("w3", "w3+asym"):
-            keys = ("uniform", "multipoint", "sensitivity-ilp")
-            uni, mp, mixed = (rows.get(f"{t}|{grid}|{m}") for m in keys)
-            if not (uni and mp):
-                continue
-            complete += grid == "w3"
-            n = mp["val_examples"]
-            numbers.append(
-                f"{t} ({n} images): per-channel {grid} {uni['metric']:.2f} at {uni['avg_weight_bits']:.2f} "
-                f"bits; multipoint {mp['metric']:.2f} ± {stderr(mp['metric'], n):.2f} "
-                f"at {mp['avg_weight_bits']:.2f} bits"
-                + (f"; mixed precision same size {mixed['metric']:.2f}" if mixed else "")
-            )
-            gain = mp["metric"] - uni["metric"]
-            extra = mp["avg_weight_bits"] - uni["avg_weight_bits"]
-            checks.append(gain >= 0.5)
-            if mixed:  # "little overhead": not beaten by mixed precision at its size (one s.e.)
-                se = math.hypot(stderr(mp["metric"], n), stderr(mixed["metric"], n))
-                checks.append(mp["metric"] >= mixed["metric"] - se)
-            reasons.append(
-                f"{t} {grid}: multipoint − per-channel PTQ = {gain:+.2f} for {extra:.2f} extra bits"
-                + (
-                    f", mixed precision − multipoint = {mixed['metric'] - mp['metric']:+.2f} at equal size"
-                    if mixed
-                    else ""
-                )
-            )
-    return {**base, "numbers": numbers, **_verdict(checks, complete == 2, reasons)}
+    data = json.loads(path.read_text())
+    rows, tasks = data.get("rows", {}), data.get("tasks", {})
+    numbers, gains, floors, overhead = [], [], [], []
+    for key in sorted({k.rsplit("|", 1)[0] for k in rows}, key=lambda k: (k.split("|")[0] not in FASHION, k)):
+        t, grid = key.split("|")
+        uni, mp, mixed = (rows.get(f"{key}|{m}") for m in ("uniform", "multipoint", "sensitivity-ilp"))
+        if not (uni and mp):
+            continue
+        n = tasks.get(t, {}).get("val_examples", mp.get("val_examples", 0))
+        se = f" ± {_mp_se(mp, n):.2f}" if mp.get("std_error") is not None else ""
+        numbers.append(
+            f"{t} ({n} {'images' if t in FASHION or se else 'examples'}): per-channel {grid} "
+            f"{uni['metric']:.4g} at {uni['avg_weight_bits']:.2f} bits; multipoint {mp['metric']:.4g}{se} "
+            f"at {mp['avg_weight_bits']:.2f} bits"
+            + (f"; mixed precision same size {mixed['metric']:.4g}" if mixed else "")
+        )
+        if t in FASHION and grid.startswith("w3"):
+            gains.append(_mp_gain(t, grid, uni, mp, n))
+        uniforms = {
+            k.split("|")[1]: r for k, r in rows.items() if k.startswith(f"{t}|") and k.endswith("|uniform")
+        }
+        floors.extend(_mp_floor(t, grid, mp, uniforms, n))
+        if mixed:
+            d = mixed["metric"] - mp["metric"]
+            overhead.append(f"{t} {grid}: mixed precision − multipoint = {d:+.3g}")
+    tasks_3bit = {g[1].split(" ")[0] for g in gains}
+    goals = [
+        _goal(
+            "multipoint ≥ per-channel PTQ on the same grid by ≥ 0.5 point at 3 bits on both Fashion models",
+            "pending" if tasks_3bit != set(FASHION) else "met" if all(ok for ok, _ in gains) else "not met",
+            "; ".join(text for _, text in gains),
+        ),
+        _goal(
+            "never below the uniform base it starts from at equal bits (read strictly: below no uniform "
+            "grid of its task at ≤ its bits; more than one s.e. below counts)",
+            "pending" if not floors else "met" if all(ok for _, ok, _ in floors) else "not met",
+            _floor_detail(floors),
+        ),
+    ]
+    verdict = _goal_verdict(goals)
+    if verdict == "holds" and overhead:  # "with little overhead": mixed precision at its size is better
+        verdict = "holds in part"
+    return {
+        **base,
+        "numbers": numbers,
+        "goals": goals,
+        "verdict": verdict,
+        "reason": "against mixed precision at the same size (the paper's 'little overhead'): "
+        + "; ".join(overhead)
+        if overhead
+        else "",
+    }
+
+
+def _floor_detail(floors: list[tuple[bool, bool, str]]) -> str:
+    own = [f for f in floors if f[0]]
+    below_own = [text for _, ok, text in own if not ok]
+    below = [text for is_own, ok, text in floors if not ok and not is_own]
+    return (
+        f"against its own base (the same grid, fewer bits): {len(own) - len(below_own)} of {len(own)} rows "
+        "not below"
+        + (f" (below: {'; '.join(below_own)})" if below_own else "")
+        + f"; against the other uniform grids at ≤ its bits: {len(below)} below"
+        + (f" ({'; '.join(below)})" if below else "")
+    )
 
 
 def report(steps: int, rows_dir: Path = ROWS_DIR, name: str = "claims") -> Path:

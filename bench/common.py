@@ -181,3 +181,20 @@ def set_section(path: Path, name: str, body: str) -> Path:
     text = text.replace(old, block) if old else text.rstrip("\n") + ("\n\n" if text else "") + block
     path.write_text(text + ("" if text.endswith("\n") else "\n"))
     return path
+
+
+def paired_stderr(wrong_a: list[int], wrong_b: list[int], n: int) -> tuple[float, float]:
+    """Top-1 of A minus top-1 of B in %, and one standard error of that difference, from the
+    indices of the images each gets wrong among the same ``n`` test images: with the per-image
+    differences ``d_i = correct_A(i) − correct_B(i)``, ``100 · mean(d)`` and ``100 · sd(d) / sqrt(n)``
+    (sd with ``n − 1``). Images both get right or both get wrong add no variance, so the paired
+    error is smaller than the unpaired ``hypot`` of the two binomial errors when A and B agree.
+
+    >>> [round(v, 2) for v in paired_stderr([0, 1], [1, 2, 3], 10)]  # A gains images 2, 3; loses 0
+    [10.0, 17.95]
+    """
+    a, b = set(wrong_a), set(wrong_b)
+    gain, loss = len(b - a), len(a - b)  # images only B gets wrong / only A gets wrong
+    mean = (gain - loss) / n
+    var = (gain * (1 - mean) ** 2 + loss * (1 + mean) ** 2 + (n - gain - loss) * mean**2) / (n - 1)
+    return 100.0 * mean, 100.0 * (var / n) ** 0.5

@@ -503,6 +503,11 @@ def deploy_target(results: Path) -> Lines:
     return out[:-1]
 
 
+def _goal_line(g: dict[str, str]) -> str:
+    """One goal of a claim: its text, **met** / **not met** / **pending**, and what was measured."""
+    return f"goal: {g['goal']}: **{g['status']}**" + (f" ({g['detail']})" if g.get("detail") else "")
+
+
 def claims(data: JSON) -> Lines:
     """One row per seed method: claim, setting, numbers (± one standard error), verdict and reason."""
     body = [
@@ -512,7 +517,7 @@ def claims(data: JSON) -> Lines:
             c.get("setting", ""),
             "<br>".join(c.get("numbers", [])) or "–",
             f"**{c['verdict']}**",
-            c.get("reason", ""),
+            "<br>".join(x for x in [*map(_goal_line, c.get("goals", [])), c.get("reason", "")] if x),
         ]
         for c in data["claims"]
     ]

@@ -16,9 +16,15 @@ setting except fp32, so settings differ only on the non-negative sites. Per laye
 records the measured sparsity of the 8-bit activation codes on the calibration images.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.sparq [--tasks mnist-cnn,...] [--val 1000]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.sparq --tasks fashion-resnet20,fashion-mobilenetv2 \
+        --settings a8,a4,asparq4_5opt_v --out sparq_10k      # the claims table's rows
 
 Each task's entry is written as soon as it is done (with the command that produced it); tasks
-from earlier runs stay in the file, so tasks can be run in separate invocations.
+from earlier runs stay in the file, so tasks can be run in separate invocations. Each setting's
+row is also written as soon as it is evaluated, and a later run with the same ``--val`` skips the
+settings its task already has (resumable). Every row keeps the indices of the test images it gets
+wrong (``wrong``), so two settings' difference has a paired standard error
+(``bench.common.paired_stderr``).
 """
 
 from __future__ import annotations
@@ -114,9 +120,22 @@ def sparsity(qmodel: torch.nn.Module, batches: list, signed: set[str]) -> dict[s
     return out
 
 
-def run_task(name: str, val: int) -> dict:
-    """Evaluate every setting on one task."""
+def all_settings() -> list[str]:
+    """Every activation setting this script knows, in its order."""
+    return [*BASELINES, *(f"a{n}" for n in ACT_FORMAT_NAMES)]
+
+
+def run_task(
+    name: str, val: int, settings: list[str] | None = None, done: dict | None = None, save=None
+) -> dict:
+    """Evaluate ``settings`` (default: every setting) on one task.
+
+    ``done`` is this task's entry from an earlier run with the same ``val``: its rows are kept
+    and their settings skipped. ``save(entry)`` is called after each setting (resumable).
+    """
     t0 = time.perf_counter()
+    settings = settings or all_settings()
+    kept = {r["setting"]: r for r in (done or {}).get("rows", [])}
     task = mixq.tasks.get(name, val_size=val)
     qmodel = wrap(copy.deepcopy(task.model).eval())
     calibrate(qmodel, task.calib)
@@ -126,10 +145,24 @@ def run_task(name: str, val: int) -> dict:
     signed = {n for n, m in qlayers.items() if float(m.input_quant.stats_min) < 0}
     fp_pred, labels = predictions(task.model.eval(), task.val)
     rows = [
-        {"setting": "fp32", "top1": 100.0 * float((fp_pred == labels).float().mean()), "disagree_fp32": 0.0}
+        {
+            "setting": "fp32",
+            "top1": 100.0 * float((fp_pred == labels).float().mean()),
+            "disagree_fp32": 0.0,
+            "wrong": _wrong(fp_pred, labels),
+        }
     ]
     print(f"{name:20s} {'fp32':22s} {rows[0]['top1']:.2f}", flush=True)
-    for setting in (*BASELINES, *(f"a{n}" for n in ACT_FORMAT_NAMES)):
+    head = {
+        "info": task.info,
+        "val_images": sum(len(y) for _, y in task.val),
+        "signed_layers_at_a8": sorted(signed),
+    }
+    for setting in settings:
+        if setting in kept:
+            rows.append(kept[setting])
+            print(f"{name:20s} {setting:22s} done, kept", flush=True)
+            continue
         spec, fallback = setting_specs(setting)
         plan = {n: fallback if n in signed else spec for n in qlayers}
         apply(qmodel, plan)
@@ -145,8 +178,11 @@ def run_task(name: str, val: int) -> dict:
                 "bops": m["bops"],
                 "avg_weight_bits": m["avg_weight_bits"],
                 "eval_seconds": time.perf_counter() - t1,
+                "wrong": _wrong(pred, labels),
             }
         )
+        if save is not None:
+            save({**head, "rows": rows, "wall_seconds": time.perf_counter() - t0})
         r = rows[-1]
         print(
             f"{name:20s} {setting:22s} {r['top1']:.2f} disagree={r['disagree_fp32']:.2f}% "
@@ -157,9 +193,7 @@ def run_task(name: str, val: int) -> dict:
     macs = {i.name: i.macs for i in infos}
     tot = sum(macs[n] for n in layers)
     return {
-        "info": task.info,
-        "val_images": sum(len(y) for _, y in task.val),
-        "signed_layers_at_a8": sorted(signed),
+        **head,
         "rows": rows,
         "layers": layers,
         "macs_weighted_zero_fraction": sum(macs[n] * v["zero_fraction"] for n, v in layers.items()) / tot,
@@ -167,14 +201,29 @@ def run_task(name: str, val: int) -> dict:
     }
 
 
+def _wrong(pred: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """Indices of the test images a setting gets wrong (for paired differences)."""
+    return [int(i) for i in torch.nonzero(pred != labels).flatten()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="mnist-cnn,fashion-resnet20,fashion-mobilenetv2")
     ap.add_argument("--val", type=int, default=10_000, help="test images per task (first N)")
+    ap.add_argument(
+        "--settings",
+        default="",
+        help=f"activation settings (default all); valid: {', '.join(all_settings())}",
+    )
+    ap.add_argument("--out", default="sparq", help="result name under bench/results/")
     args = ap.parse_args()
+    settings = [s for s in args.settings.split(",") if s] or all_settings()
+    bad = [s for s in settings if s not in all_settings()]
+    if bad:
+        raise SystemExit(f"unknown settings {bad}; valid: {', '.join(all_settings())}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    path = RESULTS / "sparq.json"
+    path = RESULTS / f"{args.out}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     results = dict(old.get("tasks", {}))  # tasks of earlier runs are kept, with their own command
     setup = {
@@ -185,8 +234,14 @@ def main() -> None:
         "sparsity": "8-bit codes of the calibration images at each non-negative site",
     }
     for name in args.tasks.split(","):
-        results[name] = {"command": provenance()["command"], **run_task(name, args.val)}
-        path = write("sparq", {"setup": setup, "tasks": results, "wall_seconds": time.perf_counter() - t0})
+        done = results.get(name)
+        done = done if done and done.get("val_images") == args.val else None
+
+        def save(entry: dict, name: str = name) -> None:
+            results[name] = {"command": provenance()["command"], **entry}
+            write(args.out, {"setup": setup, "tasks": results, "wall_seconds": time.perf_counter() - t0})
+
+        save(run_task(name, args.val, settings, done, save))
         print(f"wrote {path}", flush=True)
 
 

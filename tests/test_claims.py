@@ -23,6 +23,7 @@ def fake_row(row_id: str, steps: int, val: int, runs) -> dict:  # noqa: ANN001
         "metric": metric,
         "stderr": claims.stderr(metric, val),
         "fp32": 93.37,
+        "val_images": val,
         "avg_weight_bits": 4.1,
         "bops": 36.0,
         "budget": {"bops": 36.0},
@@ -85,6 +86,11 @@ def test_verdicts_follow_the_numbers():
     rows = {k: fake_row(k, 469, 10_000, None) for k in claims.ORDER}
     ddq = claims.ddq_claim(rows)
     assert ddq["verdict"] == "holds"  # DDQ 93.4 ≥ LSQ 93.0 and within 0.5 of fp32 93.37
+    assert [g["status"] for g in ddq["goals"]] == ["met", "met"]
+    rows["ddq-r20"] = {**rows["ddq-r20"], "metric": 92.9}  # below LSQ 93.0 by less than one s.e.
+    ddq = claims.ddq_claim(rows)
+    assert ddq["verdict"] == "holds in part" and ddq["goals"][1]["status"] == "not met"
+    assert "-0.10 ± 0.36 (tie)" in ddq["goals"][1]["detail"]
     fl = claims.fliqs_claim(rows)
     assert fl["verdict"] == "does not hold"  # joint 92.0 < int and uniform QAT 93.0 by more than one s.e.
     assert "ratio 0.17" in fl["reason"]
@@ -107,3 +113,166 @@ def test_claims_block_renders_every_method(tmp_path):
     )
     out = results_md.render(doc, tmp_path)
     assert "**Multipoint**" in out and "**DDQ**" in out and "Not run yet: `x`." in out
+
+
+def _write(tmp_path, name: str, payload: dict) -> None:
+    (tmp_path / name).write_text(json.dumps(payload))
+
+
+def test_paired_stderr_is_the_per_image_one():
+    """Against the mean and sample standard deviation of the per-image differences."""
+    rng = __import__("numpy").random.default_rng(0)
+    n = 500
+    a, b = rng.random(n) < 0.1, rng.random(n) < 0.15
+    d = (~a).astype(float) - (~b).astype(float)  # correct_A − correct_B
+    diff, se = common.paired_stderr(list(a.nonzero()[0]), list(b.nonzero()[0]), n)
+    assert diff == pytest.approx(100 * d.mean())
+    assert se == pytest.approx(100 * d.std(ddof=1) / math.sqrt(n))
+    assert common.paired_stderr([1, 2], [1, 2], n) == (0.0, 0.0)  # the same mistakes: no difference
+
+
+def _sweep_row(task: str, label: str, budget: float, metric: float) -> dict:
+    return {"task": task, "label": label, "budget": {"avg_weight_bits": budget}, "metric": metric}
+
+
+def test_clado_reads_every_budget_of_the_sweeps(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "RESULTS", tmp_path)
+    assert claims.clado_claim()["verdict"] == "pending"
+    t = "fashion-resnet20"
+    m = {2.5: (92.0, 92.1, 90.0, 91.0), 3.0: (93.0, 93.0, 93.0, 93.6)}  # clado, +refine, naive, hawq
+    rows = {
+        f"{t}|{lab}|{b}": _sweep_row(t, lab, b, v)
+        for b, ms in m.items()
+        for lab, v in zip(("clado", "clado+refine", "clado-naive", "hawq"), ms, strict=True)
+    }
+    _write(tmp_path, "fashion_sweep.json", {"val": 10_000, "rows": rows})
+    c = claims.clado_claim()
+    assert len(c["numbers"]) == 2 and c["numbers"][0].startswith(
+        f"{t} (10000 images, ≤ 2.5 bits): CLADO 92.00"
+    )
+    se = math.hypot(claims.stderr(92.0, 10_000), claims.stderr(91.0, 10_000))
+    assert f"CLADO − HAWQ = +1.00 ± {se:.2f} (beats)" in c["reason"]
+    assert "CLADO − HAWQ = -0.60" in c["reason"] and "(below)" in c["reason"]
+    assert c["verdict"] == "holds in part" and "unpaired" in c["reason"]
+    rows = {k: {**r, "metric": 95.0} if r["label"] == "clado" else r for k, r in rows.items()}
+    _write(tmp_path, "fashion_sweep.json", {"val": 10_000, "rows": rows})
+    assert claims.clado_claim()["verdict"] == "holds"  # beats the best unaware at every budget
+
+
+def _sparq_task(n: int, wrong: dict[str, list[int]]) -> dict:
+    return {
+        "val_images": n,
+        "rows": [{"setting": s, "top1": 100.0 * (1 - len(w) / n), "wrong": w} for s, w in wrong.items()],
+    }
+
+
+def test_sparq_prefers_the_most_images_and_pairs_the_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "RESULTS", tmp_path)
+    old = {"a8": list(range(6)), "a4": list(range(40)), "asparq4_5opt_v": list(range(7))}
+    _write(tmp_path, "sparq.json", {"tasks": {"fashion-resnet20": _sparq_task(100, old)}})
+    c = claims.sparq_claim()
+    assert "(100 images)" in c["numbers"][0] and c["verdict"] == "holds (rows pending)"
+    new = {"a8": [1, 2, 3], "a4": [1, 2, 3, 4, 5, 6, 7, 8, 9], "asparq4_5opt_v": [2, 3, 4, 5]}
+    tasks = {t: _sparq_task(1000, new) for t in ("fashion-resnet20", "fashion-mobilenetv2")}
+    _write(tmp_path, "sparq_10k.json", {"tasks": tasks})
+    c = claims.sparq_claim()
+    assert all("(1000 images)" in x for x in c["numbers"]) and "sparq_10k.json" in c["setting"]
+    d, se = common.paired_stderr(new["a8"], new["asparq4_5opt_v"], 1000)
+    assert f"A8 − SPARQ = {d:+.2f} ± {se:.2f}" in c["reason"] and "paired errors" in c["reason"]
+    assert c["verdict"] == "holds"  # A8 − SPARQ = +0.1 ≤ 1, SPARQ − A4 = +0.5 > its paired s.e.
+
+
+def _mp(metric: float, bits: float, se: float | None = 0.3) -> dict:
+    return {"metric": metric, "avg_weight_bits": bits, "std_error": se, "val_examples": 10_000}
+
+
+def test_multipoint_goals_are_met_or_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "RESULTS", tmp_path)
+    rows = {}
+    for t in claims.FASHION:
+        rows |= {f"{t}|w3|uniform": _mp(88.0, 3.1), f"{t}|w3|multipoint": _mp(89.0, 3.9)}
+        rows[f"{t}|w3|sensitivity-ilp"] = _mp(93.0, 3.9)
+    tasks = {t: {"val_examples": 10_000} for t in claims.FASHION}
+    _write(tmp_path, "multipoint.json", {"tasks": tasks, "rows": rows})
+    c = claims.multipoint_claim()
+    assert [g["status"] for g in c["goals"]] == ["met", "met"]
+    assert c["verdict"] == "holds in part"  # mixed precision at the same size is better
+    assert "mixed precision − multipoint = +4" in c["reason"]
+    rows["fashion-resnet20|w3+asym|uniform"] = _mp(90.0, 3.2)  # fewer bits than multipoint, better
+    rows["fashion-mobilenetv2|w3|multipoint"] = _mp(88.3, 3.9)  # +0.3 over its base only
+    _write(tmp_path, "multipoint.json", {"tasks": tasks, "rows": rows})
+    c = claims.multipoint_claim()
+    assert [g["status"] for g in c["goals"]] == ["not met", "not met"]
+    assert "fashion-mobilenetv2 w3: +0.30" in c["goals"][0]["detail"]
+    assert "1 below (fashion-resnet20 w3 − uniform w3+asym (3.20 bits) = -1" in c["goals"][1]["detail"]
+    assert c["verdict"] == "does not hold"
+
+
+def test_fliqs_reasons_come_from_the_histories_and_the_paired_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "RESULTS", tmp_path)
+    rows = {k: fake_row(k, 469, 10_000, None) for k in claims.ORDER}
+    recs = [
+        {"step": s, "quality": q / 256, "reward_batch": s % 2, "argmax_mass": m}
+        for s, q, m in ((0, 230, 0.2), (1, 240, 0.3), (2, 236, 0.95), (3, 244, 0.95))
+    ]
+    for k in ("fliqs-joint-r20", "fliqs-int-r20"):
+        rows[k]["training"][0]["controller"] = recs
+        rows[k]["plan"] = {"a": "w4a4", "b": "wfp4_e2m1-afp4_e2m1", "c": "wfp4_e2m1-afp4_e2m1"}
+    assert claims._batch_images([r["quality"] for r in recs]) == 128  # 230/256 etc. are k/128
+    n = 1000
+    wj, wi = list(range(80)), list(range(60)) + [900]  # joint − int = −1.9 points on 1000 images
+    ptq = {
+        "ptq|fliqs-joint-r20": {"top1": 92.0, "wrong": wj},
+        "ptq|fliqs-int-r20": {"top1": 93.9, "wrong": wi},
+        "trained|fliqs-joint-r20": {"top1": 92.0, "wrong": wj, "reproduced": True},
+        "trained|fliqs-int-r20": {"top1": 93.9, "wrong": wi, "reproduced": True},
+    }
+    _write(tmp_path, "fliqs_ptq.json", {"tasks": {"fashion-resnet20": {"val_images": n, "rows": ptq}}})
+    c = claims.fliqs_claim(rows)
+    d, se = common.paired_stderr(wj, wi, n)
+    assert f"joint − int = {d:+.2f} ± {se:.2f}" in c["reason"]
+    assert (
+        "its plan: 2 fp4, 1 int4 (at 4 bits: a int4, b fp4, c fp4)" in c["reason"]
+        and "one 128-image calibration batch" in c["reason"]
+    )
+    assert "differ in correctness on 2.1 % of the test images" in c["reason"]
+    assert "difference (-1.90) has a paired s.e. of 1.3 points" in c["reason"]  # sqrt(0.021 / 128)
+    assert "cannot rank" not in c["reason"]  # 1.9 > 1.3: this gap a reward batch would resolve
+    # Q comes from 2 batches × 128 = 256 fixed images: sqrt(0.021 / 256) = 0.91 points < 1.9
+    assert (
+        "leaves -1.90 ± " in c["reason"]
+        and "the reward could rank: Q always comes from the same 256" in c["reason"]
+    )
+    assert "paired s.e. of 0.91 points however many" in c["reason"]
+    assert [g["status"] for g in c["goals"]] == ["not met", "met"]
+
+
+def test_goals_render_in_the_claims_block(tmp_path):
+    rows = {k: fake_row(k, 469, 10_000, None) for k in claims.ORDER}
+    data = {"steps": 469, "claims": [claims.ddq_claim(rows)], "qat_rows": {}, "missing": []}
+    (tmp_path / "claims.json").write_text(json.dumps(data))
+    doc = (
+        "<!-- generated by `python -m bench.results_md` from bench/results/claims.json: do not edit -->\n"
+        "<!-- end generated -->"
+    )
+    out = results_md.render(doc, tmp_path)
+    assert "goal: mixed DDQ ≥ uniform LSQ-style QAT at equal bits on both Fashion models: **met**" in out
+
+
+def test_fliqs_ptq_reads_the_rows_plans_and_lists_the_wrong_images(tmp_path):
+    import torch
+
+    from bench import fliqs_ptq
+
+    (tmp_path / "fliqs-joint-r20.json").write_text(json.dumps({"plan": {"a": "w4a4", "b": "w8a8"}}))
+    assert fliqs_ptq.plans("fashion-resnet20", tmp_path) == {
+        "fliqs-joint-r20": {"a": "w4a4", "b": "w8a8"},
+        "uniform-w6a6": {"a": "w6a6", "b": "w6a6"},
+    }
+    assert fliqs_ptq.plans("fashion-mobilenetv2", tmp_path) == {}
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger input
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    batches = [(x[:2], torch.tensor([0, 0])), (x[2:], torch.tensor([0, 1]))]
+    assert fliqs_ptq.wrong_of(model, batches) == (75.0, [1])
