@@ -7,8 +7,11 @@ for that model's export) and the share of validation samples whose top-1 the two
 that made the simulation add the biases the deployed kernels add would bring the simulated metric
 to the deployed one; whether it should be the default is read off these rows. Rows are written to
 bench/results/int32_bias.json as each finishes; a row already there is kept (``--redo``).
+``--full`` measures on each task's whole validation set (10,000 test images; the task's default
+calibration draw), rows ``TASK/PLAN/full``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.int32_bias
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m bench.int32_bias --full --tasks fashion-resnet20 --plans w8a8
 """
 
 from __future__ import annotations
@@ -63,13 +66,18 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--plans", default=",".join(PLANS))
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--full", action="store_true", help="the whole validation set (rows TASK/PLAN/full)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = RESULTS / f"{NAME}.json"
     for t in args.tasks.split(","):
-        task = build_task(t, TASKS[t])
+        if t not in TASKS:
+            raise SystemExit(f"unknown task {t!r}; valid: {', '.join(TASKS)}")
+        task = build_task(t, None if args.full else TASKS[t])
         for p in args.plans.split(","):
-            key = f"{t}/{p}"
+            if p not in PLANS:
+                raise SystemExit(f"unknown plan {p!r}; valid: {', '.join(PLANS)}")
+            key = f"{t}/{p}/full" if args.full else f"{t}/{p}"
             doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
             if key in doc["rows"] and not args.redo:
                 continue
