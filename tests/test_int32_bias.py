@@ -164,3 +164,26 @@ def test_a_half_precision_bias_gives_ort_the_nearest_grid_integer_and_is_named_o
         b = qs[n].bias.detach().double()
         assert qs[n].bias.dtype == dtype
         assert bool(((b - k * step).abs() <= (b0 - k * step).abs()).all())  # no farther than before
+
+
+def test_the_onnx_target_ends_the_steps_with_int32_bias():
+    from mixq.ptq import for_target
+
+    assert for_target(None, "onnx") == ["int32_bias"]
+    assert for_target("bias_correction", "onnx") == ["bias_correction", "int32_bias"]
+    assert for_target(["int32_bias"], "onnx") == ["int32_bias"] and for_target(["cle"], None) == ["cle"]
+    with pytest.raises(ValueError, match=r"unknown target 'tflite'; valid: onnx"):
+        for_target(None, "tflite")
+    task = mixq.Task(conv_net(), image_batches(2, 1), image_batches(1, 2), name="c")
+    with pytest.raises(ValueError, match=r"unknown target 'tensorrt'; valid: onnx"):
+        mixq.run(task, "uniform", ["w8a8"], target="tensorrt")
+    res = mixq.run(task, "uniform", ["w8a8"], target="onnx")
+    same = mixq.run(task, "uniform", ["w8a8"], ptq=["int32_bias"])
+    assert [r["step"] for r in res.metrics.ptq] == ["int32_bias"]
+    for n, s in mixq.sites(res.model).items():  # the model of the listed step, bias for bias
+        b = mixq.sites(same.model)[n].bias
+        assert (s.bias is None and b is None) or torch.equal(s.bias, b)
+    assert res.metrics.metric == same.metrics.metric
+    from mixq.options import Recipe
+
+    assert Recipe.from_dict({"task": "c", "target": "onnx"}).options.target == "onnx"
