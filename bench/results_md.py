@@ -475,7 +475,8 @@ def int32_bias(data: JSON) -> Lines:
         cells = [f"`{key}`", str(r["val_samples"])]
         for label in ("plain", "int32_bias"):
             v = r[label]
-            cells += [f"{v['simulated_top1']:.2f}", f"{v['emulated_top1']:.2f}"]
+            emu = v["emulated_top1"]
+            cells += [f"{v['simulated_top1']:.2f}", "–" if emu is None else f"{emu:.2f}"]
             cells.append(_pct(v["top1_agree_simulation_emulation"]))
         body.append(cells)
     head = ["task/plan", "samples", "simulated", "deployed (emulated)", "same top-1 (%)"]
