@@ -56,6 +56,7 @@ from torch import nn
 
 import mixq
 from bench.common import RESULTS, ROOT, provenance, write_rows
+from bench.nets import SameConv2d
 from mixq.datasets import fashion_mnist
 from mixq.export.modules import ActQuant
 from mixq.ptq.int32_bias import int32_bias
@@ -82,18 +83,6 @@ ROWS = {
     **{n: (*r, []) for n, r in BASE.items()},
     **{f"{n}+int32_bias": (*r, ["int32_bias"]) for n, r in BASE.items()},
 }
-
-
-class SameConv2d(nn.Conv2d):
-    """A convolution padded as TensorFlow's "same" in its own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def act(name: str) -> nn.Module:

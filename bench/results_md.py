@@ -444,6 +444,30 @@ def _trace_table(rows: dict[str, Any]) -> Lines:
     return table([*head, "first differing layer (inputs)"], trace)
 
 
+def onnx_synthetic(data: JSON) -> Lines:
+    """Synthetic CNNs: ORT's top-1 agreement, where codes first differ, and the one-code sensitivity."""
+    body = []
+    for key, r in data["rows"].items():
+        c, f = r["codes"], r["flips"]
+        margins = sorted(f["margins"])
+        body.append(
+            [
+                f"`{key}`",
+                str(r["inputs"]),
+                _pct(r["top1_agree_simulation"]),
+                _pct(r["top1_agree_emulation"]),
+                str(r["outputs_off_emulation"]),
+                str(c["inputs_with_a_differing_code"]),
+                f"{c['tie_distance_max']:.2g}" if c["inputs_with_a_differing_code"] else "–",
+                _pct(r["one_code"]["top1_kept"]),
+                f"{margins[len(margins) // 2]:.3g} / {r['logit_std']:.3g}" if margins else "–",
+            ]
+        )
+    head = ["row", "inputs", "ORT = simulation (%)", "ORT = emulation (%)", "outputs off emulation"]
+    head += ["inputs with a differing code", "largest tie distance (codes)", "one code moved: top-1 kept (%)"]
+    return table([*head, "flips: median margin / logit std"], body)
+
+
 def int32_bias(data: JSON) -> Lines:
     """The zoo with and without the int32_bias step: simulated and emulated (deployed) top-1."""
     body = []
@@ -451,7 +475,8 @@ def int32_bias(data: JSON) -> Lines:
         cells = [f"`{key}`", str(r["val_samples"])]
         for label in ("plain", "int32_bias"):
             v = r[label]
-            cells += [f"{v['simulated_top1']:.2f}", f"{v['emulated_top1']:.2f}"]
+            emu = v["emulated_top1"]
+            cells += [f"{v['simulated_top1']:.2f}", "–" if emu is None else f"{emu:.2f}"]
             cells.append(_pct(v["top1_agree_simulation_emulation"]))
         body.append(cells)
     head = ["task/plan", "samples", "simulated", "deployed (emulated)", "same top-1 (%)"]
@@ -585,6 +610,7 @@ BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "deploy_speed": deploy_speed,
     "onnx_unseen": onnx_unseen,
     "onnx_trained": onnx_trained,
+    "onnx_synthetic": onnx_synthetic,
     "int32_bias": int32_bias,
     "export_hf": export_hf,
     "claims": claims,

@@ -85,6 +85,20 @@ def test_embeddings_option_reaches_the_run_and_its_recipe(tmp_path):
     assert cli.main(["run", "--recipe", str(recipe), "--out", str(tmp_path / "f")]) == 2
 
 
+def test_target_option_reaches_the_run_and_its_recipe(tmp_path, capsys):
+    assert (
+        cli.main(["run", *ARGS[:2], "--candidates", "w8a8", "--target", "onnx", "--out", str(tmp_path / "t")])
+        == 0
+    )
+    assert json.loads((tmp_path / "t" / "recipe.json").read_text())["target"] == "onnx"
+    assert [r["step"] for r in json.loads((tmp_path / "t" / "metrics.json").read_text())["ptq"]] == [
+        "int32_bias"
+    ]
+    with pytest.raises(SystemExit):  # argparse refuses it, naming the choices
+        cli.main(["run", *ARGS, "--target", "tflite", "--out", str(tmp_path / "u")])
+    assert "--target: invalid choice: 'tflite'" in capsys.readouterr().err
+
+
 def test_bad_candidate_exits_2(tmp_path, capsys):
     code = cli.main(["run", "--task", "synthetic-mlp", "--candidates", "w4,w9", "--out", str(tmp_path / "y")])
     assert code == 2

@@ -12,41 +12,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mixq
+from bench.nets import conv_net, hardswish_net
 from mixq import export
 from mixq.export.integer import IntegerAdd, IntegerConv2d, IntegerLinear
-from test_architectures import SameConv2d, conv_net, image_batches
+from test_architectures import image_batches
 from test_emulate import _fused_outputs
-
-
-class HardSwishNet(nn.Module):
-    """A MobileNetV3-like net: "same" stem and depthwise convs, hard-swish, hard-sigmoid gating,
-    average pooling."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = SameConv2d(3, 8, 3, stride=2)
-        self.dw = SameConv2d(8, 8, 3, groups=8)
-        self.reduce = nn.Conv2d(8, 4, 1)
-        self.expand = nn.Conv2d(4, 8, 1)
-        self.project = nn.Conv2d(8, 16, 1)
-        self.fc = nn.Linear(16 * 4 * 4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.hardswish(self.stem(x))
-        x = F.hardswish(self.dw(x))
-        gate = F.hardsigmoid(self.expand(F.relu6(self.reduce(F.avg_pool2d(x, x.shape[-1])))))
-        x = F.relu6(self.project(x * gate))
-        return self.fc(torch.flatten(F.avg_pool2d(x, 2), 1))
-
-
-def hardswish_net() -> nn.Module:
-    torch.manual_seed(1)
-    return HardSwishNet().eval()
-
 
 NETS = {"relu6-dw-se-same": conv_net, "hardswish-avgpool-se": hardswish_net}
 
@@ -75,10 +48,17 @@ def code_mismatch(emu: nn.Module, outs: dict[str, np.ndarray], x: torch.Tensor) 
     return out
 
 
-@pytest.mark.parametrize(("name", "cand"), [("relu6-dw-se-same", "w7a8"), ("hardswish-avgpool-se", "w4a8")])
-def test_ort_equals_emulation_code_for_code_and_the_simulation_in_top1(name, cand, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "cand", "target"),
+    [
+        ("relu6-dw-se-same", "w7a8", None),
+        ("hardswish-avgpool-se", "w4a8", None),
+        ("relu6-dw-se-same", "w7a8", "onnx"),
+    ],
+)
+def test_ort_equals_emulation_code_for_code_and_the_simulation_in_top1(name, cand, target, tmp_path):
     task = mixq.Task(NETS[name](), image_batches(2, 1), image_batches(1, 2), name=name)
-    res = mixq.run(task, "uniform", [cand])
+    res = mixq.run(task, "uniform", [cand], target=target)  # onnx: the int32_bias step
     path = export.save(res, tmp_path / "m.onnx", format="onnx", task=task, int4_as_int8=True)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1000, 3, 16, 16, generator=g)

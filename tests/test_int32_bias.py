@@ -15,6 +15,7 @@ from mixq import export
 from mixq.export.integer import IntegerConv2d, IntegerLinear
 from mixq.export.modules import ActQuant
 from mixq.ptq import resolve
+from mixq.ptq.int32_bias import weight_scale
 from test_architectures import conv_net, image_batches
 
 
@@ -99,3 +100,90 @@ def test_it_must_be_the_last_plan_step():
     assert [s.name for s in resolve("bias_correction,int32_bias")] == ["bias_correction", "int32_bias"]
     with pytest.raises(ValueError, match="'int32_bias' must be the last one"):
         resolve(["int32_bias", "bias_correction"])
+
+
+class SharedBias(torch.nn.Module):
+    """Two layers sharing one bias tensor (with different input grids), and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (
+            torch.nn.Linear(16, 32),
+            torch.nn.Linear(32, 32),
+            torch.nn.Linear(32, 5),
+        )
+        self.fc2.bias = self.fc1.bias
+        with torch.no_grad():
+            self.fc1.bias.mul_(20)  # biases of many steps: rounding twice would move them visibly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def shared_bias_run(dtype: torch.dtype) -> tuple:
+    torch.manual_seed(0)
+    model = SharedBias().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(32, 16, generator=g).to(dtype), torch.randint(5, (32,), generator=g)) for _ in range(2)
+    ]
+    task = mixq.Task(model, data, data[:1], name="shared")
+    original = model.fc1.bias.detach().clone()
+    res = mixq.run(task, "uniform", ["w8a8"], ptq=["int32_bias"])
+    steps = {}
+    for n, s in mixq.sites(res.model).items():
+        steps[n] = s.input_quant.act_params().scale.double().reshape(()) * weight_scale(s).double()
+    return task, res, original, steps
+
+
+def test_a_shared_bias_is_rounded_from_its_original_values_for_each_layer():
+    _, res, original, steps = shared_bias_run(torch.float32)
+    qs = mixq.sites(res.model)
+    assert qs["fc1"].bias is not qs["fc2"].bias and not torch.equal(steps["fc1"], steps["fc2"])
+    for n in ("fc1", "fc2"):
+        b, step = qs[n].bias.detach().double(), steps[n]
+        k = torch.round(b / step)
+        assert torch.allclose(b, k * step, rtol=1e-6, atol=0)  # on the layer's own grid
+        # at most half a step from the original values (rounding a rounded bias again is not)
+        assert float(((b - original.double()) / step).abs().max()) <= 0.5 + 1e-4, n
+    assert res.metrics.ptq[-1]["off_grid"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_bias_gives_ort_the_nearest_grid_integer_and_is_named_off_grid(dtype):
+    task, res, original, steps = shared_bias_run(dtype)
+    rec = res.metrics.ptq[-1]
+    assert rec["layers"] == 3 and set(rec["off_grid"]) <= {"fc1", "fc2", "fc3"} and rec["off_grid"]
+    qs = mixq.sites(res.model)
+    ints = {n: m.bias_int for n, m in fused(export.emulate(res, task)).items()}
+    assert {"fc1", "fc2"} <= set(ints)
+    for n in ("fc1", "fc2"):
+        b0, step = original.double(), steps[n]
+        k = torch.round(b0 / step)  # the grid integer nearest the original bias (float64 oracle)
+        assert torch.equal(ints[n].double(), k), n  # what ONNX Runtime adds, from the exported bias
+        b = qs[n].bias.detach().double()
+        assert qs[n].bias.dtype == dtype
+        assert bool(((b - k * step).abs() <= (b0 - k * step).abs()).all())  # no farther than before
+
+
+def test_the_onnx_target_ends_the_steps_with_int32_bias():
+    from mixq.ptq import for_target
+
+    assert for_target(None, "onnx") == ["int32_bias"]
+    assert for_target("bias_correction", "onnx") == ["bias_correction", "int32_bias"]
+    assert for_target(["int32_bias"], "onnx") == ["int32_bias"] and for_target(["cle"], None) == ["cle"]
+    with pytest.raises(ValueError, match=r"unknown target 'tflite'; valid: onnx"):
+        for_target(None, "tflite")
+    task = mixq.Task(conv_net(), image_batches(2, 1), image_batches(1, 2), name="c")
+    with pytest.raises(ValueError, match=r"unknown target 'tensorrt'; valid: onnx"):
+        mixq.run(task, "uniform", ["w8a8"], target="tensorrt")
+    res = mixq.run(task, "uniform", ["w8a8"], target="onnx")
+    same = mixq.run(task, "uniform", ["w8a8"], ptq=["int32_bias"])
+    assert [r["step"] for r in res.metrics.ptq] == ["int32_bias"]
+    for n, s in mixq.sites(res.model).items():  # the model of the listed step, bias for bias
+        b = mixq.sites(same.model)[n].bias
+        assert (s.bias is None and b is None) or torch.equal(s.bias, b)
+    assert res.metrics.metric == same.metrics.metric
+    from mixq.options import Recipe
+
+    assert Recipe.from_dict({"task": "c", "target": "onnx"}).options.target == "onnx"

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixq
+from bench.nets import SameConv2d
 from mixq.methods import METHODS
 from mixq.nn import QCall, QConv1d, QLinear
 from mixq.plan import Plan, parse_candidate
 from mixq.quant import fake
 from mixq.tasks import cross_entropy, top1
-from test_architectures import SameConv2d
 
-SameConv = SameConv2d  # a conv whose own forward pads as TensorFlow's "same" (test_architectures.py)
+SameConv = SameConv2d  # a conv whose own forward pads as TensorFlow's "same" (bench/nets.py)
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def run(
         cfg=method_config(method, opts.method_args),
         specs=_candidates(candidates),
         budget=cost.check_budget(budget if budget is not None else {}),
-        steps=ptq_steps.resolve(opts.ptq, opts.ptq_args),
+        steps=ptq_steps.resolve(ptq_steps.for_target(opts.ptq, opts.target), opts.ptq_args),
         opts=opts,
     )
     if opts.out is None:

@@ -81,6 +81,7 @@ _RUN_OPTIONS: dict[str, tuple[str, Any]] = {
     "embeddings": ("embeddings", None),
     "exclude": ("exclude", None),
     "fold_bn": ("fold_bn", None),
+    "target": ("target", None),
 }
 _EMPTY_IS_GIVEN = ("seed", "ptq", "fold_bn")  # --seed 0, --ptq "" (no steps), --no-fold-bn are settings too
 
@@ -395,6 +396,12 @@ def _run_parser(sub: Any) -> None:
         "20000 iterations per layer take long on a CPU (--ptq-arg adaround.iters=2000)",
     )
     r.add_argument("--ptq-arg", action="append", help="STEP.KEY=VALUE, e.g. adaround.iters=2000")
+    r.add_argument(
+        "--target",
+        choices=tuple(ptq.TARGETS),
+        help="the runtime the plan is for: onnx ends the PTQ steps with int32_bias (ONNX Runtime's "
+        "int32 biases), so the simulated metric is the deployed one",
+    )
     r.add_argument(
         "--adds",
         help="quantize residual additions' operands with this candidate's input "

@@ -145,6 +145,9 @@ class RunOptions:
             at 32 bits in every budget. A pattern that matches no layer raises.
         overwrite: clear ``out`` when it holds another run (else such a directory is refused;
             one of the same configuration is resumed: see :mod:`mixq.rundir`).
+        target: the runtime the plan is deployed to: "onnx" (ONNX Runtime's integer kernels)
+            ends ``ptq`` with the ``int32_bias`` step unless it lists it, so that the simulated
+            metric is the deployed one (``mixq.ptq.TARGETS``); None (the default): no runtime.
     """
 
     method_args: dict[str, Any] | None = None
@@ -160,6 +163,7 @@ class RunOptions:
     embeddings: bool = False
     exclude: list[str] | None = None
     overwrite: bool = False
+    target: str | None = None
 
     @classmethod
     def build(cls, options: RunOptions | None = None, **changes: Any) -> RunOptions:
@@ -195,6 +199,7 @@ RECIPE_KEYS = (
     "fold_bn",
     "embeddings",
     "exclude",
+    "target",
 )
 _RUN_KEYS = ("task", "method", "candidates", "budget")
 

@@ -51,6 +51,26 @@ STEPS: dict[str, StepKind] = {
     "int32_bias": StepKind("plan", int32_bias.Config, int32_bias.int32_bias),
 }
 LAST = ("int32_bias",)  # steps that must come last (a later step would undo them)
+# the runtimes a plan can target, and the plan steps its simulation needs to compute what that
+# runtime computes (appended when the run does not list them)
+TARGETS: dict[str, tuple[str, ...]] = {"onnx": ("int32_bias",)}
+
+
+def for_target(ptq: list[str] | str | None, target: str | None) -> list[str]:
+    """The step names ``ptq`` with the steps of runtime ``target`` (:data:`TARGETS`) appended.
+
+    ``target="onnx"`` (ONNX Runtime's integer kernels) appends ``int32_bias`` unless ``ptq``
+    lists it: the simulated metric is then the deployed one (docs/export.md). None adds nothing.
+
+    >>> for_target("bias_correction", "onnx")
+    ['bias_correction', 'int32_bias']
+    """
+    names = [p for p in ptq.split(",") if p] if isinstance(ptq, str) else list(ptq or [])
+    if target is None:
+        return names
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)} (or None: no runtime)")
+    return names + [p for p in TARGETS[target] if p not in names]
 
 
 @dataclass(frozen=True)

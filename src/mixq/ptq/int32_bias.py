@@ -7,7 +7,10 @@ Integer-Arithmetic-Only Inference", CVPR 2018, §2.4: "the bias vector is quanti
 scale S_bias = S_1 S_2 and zero point 0"). mixq's fake-quantized layer adds the float bias ``b``.
 This plan step replaces it by ``round(b / (s_x s_w)) s_x s_w`` (per output channel, in float32,
 clamped to int32), so that the simulation adds the bias the deployed kernel adds; the exports
-write that bias, which the integer kernel's own rounding leaves unchanged.
+write that bias, which the integer kernel's own rounding leaves unchanged. A bias shared by two
+layers is rounded once per layer from its original values (never a rounded value rounded again).
+A float16/bfloat16 bias holds the nearest value of its dtype (see :func:`on_grid`): it is exact
+only in float32/float64, and the record names the layers where it is not (``off_grid``).
 
 Symbol map: ``S_1`` -> the input site's scale ``s_x`` (per tensor), ``S_2`` -> the weight's scale
 ``s_w`` (per tensor or output channel, from the weight's codes as the exports encode them).
@@ -61,18 +64,38 @@ def weight_scale(m: nn.Module) -> torch.Tensor:
     return enc.scale.float().reshape(-1)
 
 
+def on_grid(b: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bias on the grid ``k * step`` in ``b``'s dtype, and the integers ``k`` ONNX Runtime adds.
+
+    ``k = round(b / step)`` in float32, clamped to int32. A float32 (or float64) bias holds
+    ``k * step`` exactly (a float32 product, as the exports write it), and ORT's own rounding of it
+    gives back ``k``. A float16 or bfloat16 bias cannot in general hold ``k * step``: it holds the
+    value of its dtype nearest to it, which is no farther from ``k * step`` than ``b`` itself, so
+    ORT (which rounds the exported float32 value) still finds ``k``; but the simulation then adds a
+    value off the grid by up to half the dtype's spacing there (with ``|k|`` above about 2^8,
+    bfloat16's spacing exceeds the step and the bias stays as it was).
+    """
+    k = torch.clamp(torch.round(b.float() / step), *INT32)
+    return (k * step).to(b.dtype), k
+
+
 @torch.no_grad()
 def int32_bias(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int = 0) -> dict:
     """Put every eligible layer's bias on its int32 accumulator grid (in place; specs applied).
 
+    A bias shared by several layers is rounded from its original values for each of them; the
+    first keeps the shared tensor, each later one gets its own (their grids differ).
+
     Returns:
         A record: the layers changed, those left (no bias, or not integer per tensor/channel),
-        and the largest bias change in units of ``s_x s_w``.
+        the largest bias change in units of ``s_x s_w``, and the layers whose bias dtype (float16,
+        bfloat16) cannot hold the grid values exactly (``off_grid``).
     """
     del task, cfg, seed  # data-free and deterministic
     changed, left, largest = 0, 0, 0.0
-    seen: set[int] = set()
-    for m in sites(qmodel).values():
+    off_grid: list[str] = []
+    original: dict[int, torch.Tensor] = {}  # a bias's values before any layer moved it
+    for name, m in sites(qmodel).items():
         if getattr(m, "weight_only", False):
             continue
         wspec, aspec = m.weight_quant.spec, m.input_quant.spec
@@ -81,15 +104,16 @@ def int32_bias(qmodel: nn.Module, task: Task, cfg: Config = Config(), seed: int 
             continue
         sx = m.input_quant.act_params().scale.float().reshape(())  # the site's own, as exported
         step = (sx * weight_scale(m)).float()
-        b = m.bias.detach().float()
-        k = torch.clamp(torch.round(b / step), *INT32)
-        new = (k * step).to(m.bias.dtype)
-        largest = max(largest, float((b / step - k).abs().max()))
-        if id(m.bias) in seen:  # a bias shared with a layer already on its own grid: give it its own
+        shared = id(m.bias) in original
+        b = original.setdefault(id(m.bias), m.bias.detach().clone())
+        new, k = on_grid(b, step)
+        largest = max(largest, float((b.float() / step - k).abs().max()))
+        if not torch.equal(new.float(), (k * step).float()):
+            off_grid.append(name)
+        if shared:  # a bias shared with a layer already on its own grid: give it its own
             m.bias = nn.Parameter(new, requires_grad=m.bias.requires_grad)
             m.float_module.bias = m.bias
         else:
-            seen.add(id(m.bias))
             m.bias.copy_(new)
         changed += 1
-    return {"layers": changed, "left": left, "max_change_in_steps": largest}
+    return {"layers": changed, "left": left, "max_change_in_steps": largest, "off_grid": off_grid}
