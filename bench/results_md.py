@@ -602,6 +602,7 @@ BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "clado": clado,
     "ptq": ptq,
     "sparq": sparq,
+    "sparq_10k": sparq,
     "multipoint": multipoint,
     "ddq": ddq,
     "fliqs": fliqs,
