@@ -254,3 +254,52 @@ def test_caps_in_a_run_start_from_the_best_measured_plan(task, budget, method):
     assert res.metrics.within["avg_weight_bits"]
     with pytest.raises(ValueError, match="caps"):
         mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"caps": "yes"})
+
+
+def test_capped_start_passes_the_time_limit_and_counts_a_tied_tensor_once(ctx, monkeypatch):
+    """Every capped problem gets the method's time limit; a tied follower (here layer 1, following
+    layer 0) is no layer of its own: its cap row is zero, k runs to L - 1, every plan is tied."""
+    L = len(ctx.layers)
+    limits, problems = [], []
+    real_ilp = search.ilp
+
+    def spy(prob, time_limit=None, **kw):
+        limits.append(time_limit)
+        problems.append(prob)
+        return real_ilp(prob, time_limit=time_limit, **kw)
+
+    monkeypatch.setattr(refining.search, "ilp", spy)
+    monkeypatch.setattr(ctx, "tied_pairs", lambda: [(1, 0)])
+    rng = np.random.default_rng(5)
+    scores = torch.tensor(rng.uniform(0.0, 1.0, size=(L, len(ctx.candidates))))
+    prob = search.Problem(scores, {"weight_bits": ctx.costs["weight_bits"]}, ctx.limits)
+    start = list(real_ilp(prob).choices)
+    calls = []
+
+    def measure(choices):
+        calls.append(tuple(choices))
+        return float(sum(choices))
+
+    refining.capped_start(ctx, prob, start, measure, time_limit=7.5)
+    assert problems and limits == [7.5] * len(problems)
+    for p in problems:
+        cap = p.costs[refining.CAP_KEY]
+        assert float(cap[1].abs().sum()) == 0.0 and float(cap[0].sum()) > 0
+    per_group = len(problems) // len(refining.levels(ctx))
+    assert max(p.budgets[refining.CAP_KEY] for p in problems) == L - 1 == per_group - 1
+    assert calls and all(c[1] == c[0] for c in calls)
+
+
+def test_caps_in_a_run_use_the_methods_time_limit(task, budget, monkeypatch):
+    limits = []
+    real_ilp = search.ilp
+
+    def spy(prob, time_limit=None, **kw):
+        limits.append(time_limit)
+        return real_ilp(prob, time_limit=time_limit, **kw)
+
+    monkeypatch.setattr(refining.search, "ilp", spy)
+    mixq.run(
+        task, "sensitivity-ilp", CANDS, budget, method_args={"batches": 1, "caps": True, "time_limit": 9.0}
+    )
+    assert len(limits) > 2 and set(limits) == {9.0}

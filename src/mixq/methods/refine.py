@@ -25,10 +25,11 @@ candidate over many small layers whose scores add up to little, where the measur
 faster than the sum (fashion-resnet20 with ``w2, w4, w8`` at 3 bits: six W2 layers, predicted KL
 0.21, measured 0.71; four larger W2 layers, predicted 0.23, measured 0.55). The same problem is
 solved again with at most ``k`` layers at the cheapest candidate (the one of fewest weight bits
-summed over the layers), for every ``k`` from 0 to L, and likewise for the candidates up to each
-higher weight-bit level (at most ``k`` layers below the most precise candidates): an extra budget
-row, so the solver stays the exact one. Each distinct plan is measured on the calibration batches
-and the best becomes the start (the solver's own plan is one of them: never worse than it).
+summed over the layers), for every ``k`` from 0 to L (a tensor shared by tied layers counts once),
+and likewise for the candidates up to each higher weight-bit level (at most ``k`` layers below
+the most precise candidates): an extra budget row, so the solver stays the exact one. Each
+distinct plan is measured on the calibration batches and the best becomes the start (the solver's
+own plan is one of them: never worse than it).
 
 [DESIGN] The neighbourhood, its ranking by the search problem's prediction, first improvement and
 the capped starts are mixq's choices; the refinement is not part of the CLADO or HAWQ papers.
@@ -37,7 +38,7 @@ the capped starts are mixq's choices; the refinement is not part of the CLADO or
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -137,10 +138,17 @@ def levels(ctx: Context) -> list[list[int]]:
     return [[j for j in range(len(bits)) if float(bits[j]) <= v] for v in values]
 
 
-def capped_problem(prob: search.Problem, group: list[int], k: int) -> search.Problem:
-    """``prob`` with at most ``k`` layers at the candidates ``group`` (an extra budget row ``CAP_KEY``)."""
+def capped_problem(
+    prob: search.Problem, group: list[int], k: int, followers: Collection[int] = ()
+) -> search.Problem:
+    """``prob`` with at most ``k`` layers at the candidates ``group`` (an extra budget row ``CAP_KEY``).
+
+    ``followers`` (tied followers, :meth:`Context.tied_pairs`) are not counted: a tensor shared by
+    several layers is one layer at one precision, counted at its leader.
+    """
     count = torch.zeros_like(prob.scores, dtype=torch.float64)
     count[:, group] = 1.0
+    count[list(followers), :] = 0.0
     return search.Problem(
         scores=prob.scores,
         costs={**prob.costs, CAP_KEY: count},
@@ -155,6 +163,7 @@ def capped_start(
     choices: list[int],
     measure: Callable[[list[int]], float],
     solve: Callable[[search.Problem], list[int]] | None = None,
+    time_limit: float | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """The best measured of ``choices`` and the optima of ``prob`` with capped low-precision layers.
 
@@ -167,21 +176,24 @@ def capped_start(
         prob: the search problem (its optimum is ``choices``).
         choices: the solver's plan, per-layer candidate indices.
         measure: the calibration objective of a plan, lower is better.
-        solve: the exact solver of a problem (default: :func:`mixq.search.ilp`).
+        solve: the exact solver of a problem (default: :func:`mixq.search.ilp` with ``time_limit``).
+        time_limit: seconds for each capped problem of the default solver (the method's own
+            ``time_limit``; None: until proven optimal).
 
     Returns:
         The plan of lowest measured objective (ties: the one found first, the solver's plan first)
         and a record: per distinct plan, the caps that gave it (group index, k), its measured and
         predicted objective.
     """
-    solve = solve or (lambda p: list(search.ilp(p).choices))
+    solve = solve or (lambda p: list(search.ilp(p, time_limit=time_limit).choices))
     start = tuple(ctx.tie_choices(choices))
     plans: dict[tuple[int, ...], list[list[int]]] = {start: []}
     groups = levels(ctx)
+    followers = {f for f, _ in ctx.tied_pairs()}
     for g, group in enumerate(groups):
-        for k in range(len(ctx.layers) + 1):
+        for k in range(len(ctx.layers) - len(followers) + 1):  # caps count tensors, not tied layers
             try:
-                cand = tuple(ctx.tie_choices(solve(capped_problem(prob, group, k))))
+                cand = tuple(ctx.tie_choices(solve(capped_problem(prob, group, k, followers))))
             except search.InfeasibleBudgetError:
                 continue
             plans.setdefault(cand, []).append([g, k])

@@ -27,7 +27,7 @@ from typing import Any
 
 from mixq import search, sensitivity
 from mixq.methods import refine as refining
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.methods.common import Context, MethodOutput, check_choices, fisher_sensitivity
 from mixq.sensitivity.blockwise import find_blocks, is_causal_lm
 from mixq.tasks import Task
 
@@ -132,7 +132,9 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         loss = "kl" if resolve_objective(ctx.task, cfg.objective) == "kl" else "task"
         measure = refining.memoized(refining.calib_objective(ctx, loss))
         if cfg.caps:
-            choices, info["capped"] = refining.capped_start(ctx, problem, choices, measure)
+            choices, info["capped"] = refining.capped_start(
+                ctx, problem, choices, measure, time_limit=cfg.time_limit
+            )
         if cfg.refine:
             choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
     return choices, info
@@ -158,6 +160,10 @@ def _measure_and_solve(
             store=store,
             **options,
         )
+    return _solved(ctx, cfg, sens)
+
+
+def _solved(ctx: Context, cfg: Config, sens: sensitivity.Sensitivity) -> MethodOutput:
     choices, info = solve(ctx, sens, cfg)
     return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])
 
@@ -169,10 +175,9 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     if mode == "auto":  # the Fisher estimate where full forwards per score are out of reach: LMs
         lm = is_causal_lm(ctx.task)
         mode = "fisher" if lm and objective == "kl" and find_blocks(ctx.qmodel) else "off"
-    if mode == "fisher":
-        return _measure_and_solve(
-            ctx, cfg, sensitivity.blockwise, objective=mode, fisher_samples=cfg.fisher_samples
-        )
+    if mode == "fisher":  # the same measurement as CLADO's on a causal LM, without pairs
+        ctx.check_feasible()
+        return _solved(ctx, cfg, fisher_sensitivity(ctx, _batches(ctx, cfg), cfg.fisher_samples))
     if mode != "off":
         return _measure_and_solve(ctx, cfg, sensitivity.blockwise, objective=mode)
     return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)
