@@ -75,6 +75,10 @@ class Config:
             on the calibration batches (the same objective as ``refine``) and keep the best
             (`mixq.methods.refine.capped_start`): a sum of single scores misses how errors
             compound over many low-precision layers.
+        select: which measured plan (of ``caps`` and ``refine``) is kept: "objective" (the lowest
+            measured objective) or "top1" (the highest top-1 on the labelled calibration batches,
+            ties by the objective: `mixq.methods.refine.select_top1`); "top1" needs ``caps`` or
+            ``refine`` and class labels.
         trace: hawq's Hessian trace estimator: "hutchinson" (the task loss's Hessian,
             ``hutchinson_samples`` double-backward products per layer and batch), "fisher" (the
             output KL's Hessian, the Fisher information, ``fisher_samples`` backward passes per
@@ -93,6 +97,7 @@ class Config:
     blockwise: str = "auto"
     refine: int = 0
     caps: bool = False
+    select: str = "objective"
     trace: str = "auto"
     fisher_samples: int = 4
 
@@ -103,7 +108,10 @@ class Config:
             ("blockwise", self.blockwise, BLOCKWISE),
             ("hutchinson_mode", self.hutchinson_mode, ("block", "joint")),
             ("trace", self.trace, TRACES),
+            ("select", self.select, refining.SELECTS),
         )
+        if self.select == "top1" and not (self.caps or self.refine):
+            raise ValueError("select='top1' chooses among measured plans: it needs caps=True or refine > 0")
         if self.batches < 0 or self.hutchinson_samples < 1 or self.fisher_samples < 1:
             raise ValueError(
                 "batches must be >= 0, hutchinson_samples and fisher_samples >= 1; got "
@@ -137,6 +145,9 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
             )
         if cfg.refine:
             choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
+        if cfg.select == "top1":
+            logs = [r for k in ("capped", "refined") for r in info.get(k, {}).get("measured", [])]
+            choices, info["selected"] = refining.select_top1(ctx, logs)
     return choices, info
 
 
