@@ -284,6 +284,9 @@ def report(out: str, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
                 d, se = paired(ra, rb)
                 table.append({"task": task_name, "budget": budget, "a": a, "b": b, "diff": d, "se": se})
                 print(f"{task_name:20s} {budget:4g} {a:>20s} - {b:<16s} {d:+.2f} +- {se:.2f}")
+    if table:
+        note = "a - b in points on the same test images, with its paired standard error"
+        write(f"{out}_paired", {"note": note, "rows": table})
     return table
 
 
