@@ -214,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         "(zoo models; no tool runs; bench/peers/same_grid.py)",
     )
     p.add_argument(
+        "--search-args",
+        default="{}",
+        help="--same-grid: settings of mixq's search over its defaults, a JSON object, e.g. "
+        "'{\"select\": \"top1\"}' (results beside the default search's, in the row's same_grid_alt)",
+    )
+    p.add_argument(
         "--backfill",
         action="store_true",
         help="add the missing 'mixq search, own grid' to finished rows (no tool runs)",
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k for k in keys if not args.tasks or rows[k]["task"] in args.tasks.split(",")]
         keys = [k for k in keys if not args.budgets or f"{rows[k]['budget']:g}" in args.budgets.split(",")]
         session = new_session(["same-grid"])
-        same_grid.run(rows, keys, args.redo, lambda done: save(done, session))
+        search_args = {**same_grid.SEARCH[1], **json.loads(args.search_args)}
+        same_grid.run(rows, keys, args.redo, lambda done: save(done, session), search_args)
         return 0
     if args.backfill or args.backfill_ptq or args.backfill_methods:
         return backfill(

@@ -598,3 +598,40 @@ def test_same_grid_remeasure_pairs_the_peer_plan_and_the_search(tmp_path, monkey
     row[same_grid.FIELD] = got
     text = "\n".join(same_grid.render([row]))
     assert same_grid.verdict(row) in text and f"{got['diff']:+.2f}" in text
+
+
+def test_same_grid_other_search_settings_go_beside_the_default(tmp_path, monkeypatch):
+    """--search-args: a search with other settings is stored in row[ALT] (the default's row[FIELD] kept),
+    skipped when done, and rendered in its own table."""
+    from bench.peers import same_grid
+
+    monkeypatch.setattr(same_grid, "ROOT", tmp_path)
+    task = tasks.synthetic_mlp()
+    task.metric = same_grid.Top1Recorder()
+    task.fp_metric()
+    monkeypatch.setattr(same_grid, "full_task", lambda name: task)
+    layers = {
+        "0": {"weight": W(2), "act": None},
+        "2": {"weight": W(8), "act": None},
+        "4": {"weight": W(4), "act": None},
+    }
+    plan = translate.to_plan(layers, "same")
+    row = {
+        "task": task.name,
+        "tool": "t",
+        "budget": 4.0,
+        "plan_same": {n: translate.to_candidate(d, "same") for n, d in layers.items()},
+        "mixq_same": measure.evaluate(task, plan),
+        same_grid.FIELD: {"kept": True},
+    }
+    args = {**same_grid.SEARCH[1], "select": "top1"}
+    saved = []
+    same_grid.run({"k": row}, ["k"], False, saved.append, args)
+    got = row[same_grid.ALT][same_grid.alt_key(args)]
+    assert row[same_grid.FIELD] == {"kept": True} and len(saved) == 1
+    assert got["search"]["method_args"] == args and got["search"]["selected"]["select"] == "top1"
+    same_grid.run({"k": row}, ["k"], False, saved.append, args)
+    assert len(saved) == 1  # done already
+    row[same_grid.FIELD] = got
+    text = "\n".join(same_grid.render([row]))
+    assert same_grid.alt_key(args) in text and f"{got['diff']:+.2f} ± {got['paired_se']:.2f}" in text

@@ -254,3 +254,101 @@ def test_caps_in_a_run_start_from_the_best_measured_plan(task, budget, method):
     assert res.metrics.within["avg_weight_bits"]
     with pytest.raises(ValueError, match="caps"):
         mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"caps": "yes"})
+
+
+def test_capped_start_passes_the_time_limit_and_counts_a_tied_tensor_once(ctx, monkeypatch):
+    """Every capped problem gets the method's time limit; a tied follower (here layer 1, following
+    layer 0) is no layer of its own: its cap row is zero, k runs to L - 1, every plan is tied."""
+    L = len(ctx.layers)
+    limits, problems = [], []
+    real_ilp = search.ilp
+
+    def spy(prob, time_limit=None, **kw):
+        limits.append(time_limit)
+        problems.append(prob)
+        return real_ilp(prob, time_limit=time_limit, **kw)
+
+    monkeypatch.setattr(refining.search, "ilp", spy)
+    monkeypatch.setattr(ctx, "tied_pairs", lambda: [(1, 0)])
+    rng = np.random.default_rng(5)
+    scores = torch.tensor(rng.uniform(0.0, 1.0, size=(L, len(ctx.candidates))))
+    prob = search.Problem(scores, {"weight_bits": ctx.costs["weight_bits"]}, ctx.limits)
+    start = list(real_ilp(prob).choices)
+    calls = []
+
+    def measure(choices):
+        calls.append(tuple(choices))
+        return float(sum(choices))
+
+    refining.capped_start(ctx, prob, start, measure, time_limit=7.5)
+    assert problems and limits == [7.5] * len(problems)
+    for p in problems:
+        cap = p.costs[refining.CAP_KEY]
+        assert float(cap[1].abs().sum()) == 0.0 and float(cap[0].sum()) > 0
+    per_group = len(problems) // len(refining.levels(ctx))
+    assert max(p.budgets[refining.CAP_KEY] for p in problems) == L - 1 == per_group - 1
+    assert calls and all(c[1] == c[0] for c in calls)
+
+
+def test_caps_in_a_run_use_the_methods_time_limit(task, budget, monkeypatch):
+    limits = []
+    real_ilp = search.ilp
+
+    def spy(prob, time_limit=None, **kw):
+        limits.append(time_limit)
+        return real_ilp(prob, time_limit=time_limit, **kw)
+
+    monkeypatch.setattr(refining.search, "ilp", spy)
+    mixq.run(
+        task, "sensitivity-ilp", CANDS, budget, method_args={"batches": 1, "caps": True, "time_limit": 9.0}
+    )
+    assert len(limits) > 2 and set(limits) == {9.0}
+
+
+def calib_top1(task, plan):
+    """The oracle: top-1 (%) on the calibration batches with ``plan`` applied to a fresh wrapped model."""
+    q, _ = prepare(task, [as_layer_spec(c) for c in CANDS])
+    hit = n = 0
+    with torch.inference_mode(), applied(q, plan):
+        for x, y in task.calib:
+            hit += int((q(x).argmax(-1) == y).sum())
+            n += len(y)
+    return 100.0 * hit / n
+
+
+def test_select_top1_keeps_the_measured_plan_of_best_calibration_accuracy(task, budget):
+    args = {"batches": 1, "caps": True, "refine": 4}
+    res = mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={**args, "select": "top1"})
+    info = res.history[0]
+    measured = info["capped"]["measured"] + info["refined"]["measured"]
+    assert {tuple(m["choices"]) for m in measured} == {
+        tuple(m["choices"]) for m in info["selected"]["measured"]
+    }
+    layers = list(res.plan.layers)
+    acc = {}
+    for m in info["selected"]["measured"]:
+        plan = mixq.Plan({n: as_layer_spec(CANDS[j]) for n, j in zip(layers, m["choices"], strict=True)})
+        acc[tuple(m["choices"])] = calib_top1(task, plan)
+        assert m["top1"] == pytest.approx(acc[tuple(m["choices"])], abs=1e-9)
+    assert calib_top1(task, res.plan) == max(acc.values())
+    assert res.metrics.within["avg_weight_bits"]
+    with pytest.raises(ValueError, match="select"):
+        mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"select": "top1"})
+    with pytest.raises(ValueError, match="unknown select 'acc'; valid: objective, top1"):
+        mixq.run(task, "sensitivity-ilp", CANDS, budget, method_args={"caps": True, "select": "acc"})
+
+
+def test_select_top1_ranks_by_accuracy_then_loss(ctx, monkeypatch):
+    acc = {(0, 0, 0): 50.0, (1, 0, 0): 70.0, (0, 1, 0): 70.0, (0, 0, 1): 60.0}
+    monkeypatch.setattr(refining, "calib_top1", lambda c: lambda choices: acc[tuple(choices)])
+    records = [
+        {"choices": [0, 0, 0], "loss": 0.1},  # the lowest loss, the worst top-1
+        {"choices": [1, 0, 0], "loss": 0.5},
+        {"choices": [0, 1, 0], "loss": 0.3},  # ties on top-1 with the one above, lower loss
+        {"choices": [0, 0, 1], "loss": 0.2},
+        {"choices": [1, 0, 0], "loss": 0.5},  # measured twice: one entry
+    ]
+    assert len(ctx.layers) == 3
+    chosen, rec = refining.select_top1(ctx, records)
+    assert chosen == [0, 1, 0]
+    assert len(rec["measured"]) == 4 and rec["chosen"] == [0, 1, 0]

@@ -19,6 +19,7 @@ one row at a time (resumable: a row that has them with this very search is skipp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -92,12 +93,15 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return 100.0 * float(d.mean()), 100.0 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
 
 
-def search(task: Any, cands: list[str], size_bytes: float, cache: Any) -> tuple[Any, Path]:
-    """``SEARCH`` with ``cands`` under ``size_bytes`` on ``task``'s calibration images (its run's own
-    validation: the first ``SEARCH_VAL`` images; the plan is evaluated on all of them after)."""
+def search(
+    task: Any, cands: list[str], size_bytes: float, cache: Any, args: dict[str, Any] | None = None
+) -> tuple[Any, Path]:
+    """``SEARCH`` (its method with ``args``, default its own) with ``cands`` under ``size_bytes`` on
+    ``task``'s calibration images (its run's own validation: the first ``SEARCH_VAL`` images; the
+    plan is evaluated on all of them after)."""
     import mixq
 
-    method, args = SEARCH
+    method, args = SEARCH[0], SEARCH[1] if args is None else args
     x, y = task.val[0]
     small = dataclasses.replace(task, val=[(x[:SEARCH_VAL], y[:SEARCH_VAL])])
     out = ROOT / "runs" / "peers" / task.name / "same-grid-search"  # one store for every candidate set
@@ -117,23 +121,47 @@ def same_plan(row: dict[str, Any]) -> Any:
     return Plan({n: s for n, s in specs.items() if s.weight is not None or s.act is not None})
 
 
-def run(rows: dict[str, dict[str, Any]], keys: list[str], redo: bool, save: Any) -> None:
-    """Remeasure ``keys`` in order, saving each row as it finishes (``save({key: row})``)."""
+def alt_key(args: dict[str, Any]) -> str:
+    """The key in ``row[ALT]`` of a search with other ``args`` than ``SEARCH``'s."""
+    return json.dumps(args, sort_keys=True)
+
+
+ALT = "same_grid_alt"  # row[ALT][alt_key(args)]: the same cell with another search's settings
+
+
+def run(
+    rows: dict[str, dict[str, Any]],
+    keys: list[str],
+    redo: bool,
+    save: Any,
+    args: dict[str, Any] | None = None,
+) -> None:
+    """Remeasure ``keys`` in order, saving each row as it finishes (``save({key: row})``).
+
+    ``args``: the search's settings instead of ``SEARCH``'s; such results go to ``row[ALT]``, beside
+    the default search's ``row[FIELD]``.
+    """
     import mixq
 
+    args = SEARCH[1] if args is None else args
     task, cache = None, None
     for key in keys:
         r = rows[key]
-        if FIELD in r and r[FIELD]["search"]["method_args"] == SEARCH[1] and not redo:
+        alt = args != SEARCH[1]
+        done = r.get(ALT, {}).get(alt_key(args)) if alt else r.get(FIELD)
+        if done and done["search"]["method_args"] == args and not redo:
             log.info("%s: same grid done already", key)
             continue
         if task is None or task.name != r["task"]:
             task, cache = None, None  # one task in memory at a time
             task, cache = full_task(r["task"]), mixq.Cache()
         t0 = time.perf_counter()
-        r[FIELD] = remeasure(r, task, cache)
-        r[FIELD]["wall_seconds"] = time.perf_counter() - t0
-        d = r[FIELD]
+        d = remeasure(r, task, cache, args)
+        d["wall_seconds"] = time.perf_counter() - t0
+        if alt:
+            r.setdefault(ALT, {})[alt_key(args)] = d
+        else:
+            r[FIELD] = d
         log.info(
             "%s: same grid %.2f, search %.2f (%+.2f ± %.2f), %.0f s",
             key, d["same"]["metric"], d["search"]["metric"], d["diff"], d["paired_se"], d["wall_seconds"],
@@ -141,13 +169,16 @@ def run(rows: dict[str, dict[str, Any]], keys: list[str], redo: bool, save: Any)
         save({key: r})
 
 
-def remeasure(row: dict[str, Any], task: Any, cache: Any) -> dict[str, Any]:
-    """The row's same-grid plan and mixq's search, both on all of ``task``'s validation images."""
-    method, args = SEARCH
+def remeasure(
+    row: dict[str, Any], task: Any, cache: Any, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The row's same-grid plan and mixq's search (``args``: its settings, default ``SEARCH``'s), both
+    on all of ``task``'s validation images."""
+    method, args = SEARCH[0], SEARCH[1] if args is None else args
     same, c_same = evaluate_paired(task, same_plan(row), cache)
     cands = sorted(set(row["plan_same"].values()))
     t0 = time.perf_counter()
-    res, out = search(task, cands, row["mixq_same"]["size_bytes"], cache)
+    res, out = search(task, cands, row["mixq_same"]["size_bytes"], cache, args)
     wall = time.perf_counter() - t0
     found, c_found = evaluate_paired(task, res.plan, cache)
     diff, se = paired(c_same, c_found)
@@ -176,6 +207,7 @@ def remeasure(row: dict[str, Any], task: Any, cache: Any) -> dict[str, Any]:
             "capped_loss": min((m["loss"] for m in capped.get("measured", [])), default=None),
             "refined_loss": refined.get("chosen_loss"),
             "refine_measured": len(refined.get("measured", [])),
+            "selected": {k: v for k, v in (hist.get("selected") or {}).items() if k != "measured"},
             "run_dir": str(out.relative_to(ROOT)),
         },
         "diff": diff,
@@ -250,4 +282,22 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
             f"{d['diff']:+.2f} ± {d['paired_se']:.2f} | {caps} | {kl} | {m['search_seconds']:.0f} | "
             f"{verdict(r)} |"
         )
+    alts = [(r, k, d) for r in done for k, d in sorted((r.get(ALT) or {}).items())]
+    if alts:
+        out += [
+            "",
+            "The same cells with other settings of the search (`--search-args`; same peer plan, same "
+            "images):",
+            "",
+            "| tool | target B | search settings | same grid | mixq search (bits) | search − same "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r, k, d in sorted(alts, key=lambda t: (t[0]["tool"], t[0]["budget"], t[1])):
+            s, m = d["same"], d["search"]
+            out.append(
+                f"| {r['tool']} | {r['budget']:g} | `{k}` | {s['metric']:.2f} ± {s['se']:.2f} | "
+                f"{m['metric']:.2f} ± {m['se']:.2f} ({m['avg_weight_bits']:.3f}) | "
+                f"{d['diff']:+.2f} ± {d['paired_se']:.2f} | {verdict({FIELD: d})} |"
+            )
     return [*out, ""]

@@ -59,9 +59,8 @@ from torch import nn
 
 from mixq import search
 from mixq.methods import refine as refining
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.methods.common import Context, MethodOutput, check_choices, fisher_sensitivity
 from mixq.plan import as_layer_spec
-from mixq.sensitivity.blockwise import blockwise as blockwise_sensitivity
 from mixq.sensitivity.blockwise import find_blocks, is_causal_lm
 from mixq.sensitivity.pairs import pairwise
 from mixq.sensitivity.perturb import warn_few_batches
@@ -482,20 +481,7 @@ def _fisher_terms(
     ctx: Context, cfg: Config, batches: list[Any], with_pairs: bool
 ) -> tuple[Sensitivity, torch.Tensor | None, torch.Tensor | None]:
     pairs = ("block" if cfg.block_local else "all") if with_pairs else "none"
-    with ctx.store() as store:
-        sens = blockwise_sensitivity(
-            ctx.qmodel,
-            ctx.task,
-            ctx.layers,
-            ctx.candidates,
-            batches=batches,
-            store=store,
-            objective="fisher",
-            pairs=pairs,
-            fisher_samples=cfg.fisher_samples,
-            seed=ctx.seed,
-            min_batches=cfg.splits,
-        )
+    sens = fisher_sensitivity(ctx, batches, cfg.fisher_samples, pairs=pairs, min_batches=cfg.splits)
     sens.meta["loss"] = cfg.loss
     if sens.pairs_se is not None and bool(torch.isnan(sens.pairs_se).all()):  # one batch: no noise test
         return sens, None, None

@@ -13,6 +13,8 @@ from torch import nn
 
 from mixq import cost
 from mixq.plan import LayerSpec, Plan
+from mixq.sensitivity.blockwise import blockwise
+from mixq.sensitivity.table import Sensitivity
 from mixq.store import Store
 from mixq.tasks import Task
 from mixq.wrap import applied, tie_plan, tied_sites
@@ -104,6 +106,33 @@ class Context:
         for f, ld in self.tied_pairs() if pairs is None else pairs:
             out[f] = out[ld]
         return out
+
+
+def fisher_sensitivity(
+    ctx: Context,
+    batches: list[Any],
+    fisher_samples: int,
+    pairs: str = "none",
+    min_batches: int | None = None,
+) -> Sensitivity:
+    """The output KL's second-order (Fisher) terms measured block by block with the run's store and
+    seed (`mixq.sensitivity.blockwise`, objective "fisher"): sensitivity-ilp's block-wise "fisher"
+    scores and CLADO's single and pair terms on a causal LM (``pairs`` "all" or "block")."""
+    extra = {} if min_batches is None else {"min_batches": min_batches}
+    with ctx.store() as store:
+        return blockwise(
+            ctx.qmodel,
+            ctx.task,
+            ctx.layers,
+            ctx.candidates,
+            batches=batches,
+            store=store,
+            objective="fisher",
+            pairs=pairs,
+            fisher_samples=fisher_samples,
+            seed=ctx.seed,
+            **extra,
+        )
 
 
 @dataclass(frozen=True)

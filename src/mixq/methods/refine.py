@@ -25,10 +25,11 @@ candidate over many small layers whose scores add up to little, where the measur
 faster than the sum (fashion-resnet20 with ``w2, w4, w8`` at 3 bits: six W2 layers, predicted KL
 0.21, measured 0.71; four larger W2 layers, predicted 0.23, measured 0.55). The same problem is
 solved again with at most ``k`` layers at the cheapest candidate (the one of fewest weight bits
-summed over the layers), for every ``k`` from 0 to L, and likewise for the candidates up to each
-higher weight-bit level (at most ``k`` layers below the most precise candidates): an extra budget
-row, so the solver stays the exact one. Each distinct plan is measured on the calibration batches
-and the best becomes the start (the solver's own plan is one of them: never worse than it).
+summed over the layers), for every ``k`` from 0 to L (a tensor shared by tied layers counts once),
+and likewise for the candidates up to each higher weight-bit level (at most ``k`` layers below
+the most precise candidates): an extra budget row, so the solver stays the exact one. Each
+distinct plan is measured on the calibration batches and the best becomes the start (the solver's
+own plan is one of them: never worse than it).
 
 [DESIGN] The neighbourhood, its ranking by the search problem's prediction, first improvement and
 the capped starts are mixq's choices; the refinement is not part of the CLADO or HAWQ papers.
@@ -37,7 +38,7 @@ the capped starts are mixq's choices; the refinement is not part of the CLADO or
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -45,10 +46,11 @@ import torch.nn.functional as F
 
 from mixq import search
 from mixq.methods.common import Context
-from mixq.tasks import logits_of
+from mixq.tasks import has_class_labels, labels_of, logits_of
 from mixq.wrap import applied
 
 LOSSES = ("kl", "task")
+SELECTS = ("objective", "top1")
 IMPROVE_RTOL = 1e-9  # a neighbour replaces the current plan only when better by more than this
 
 
@@ -137,10 +139,17 @@ def levels(ctx: Context) -> list[list[int]]:
     return [[j for j in range(len(bits)) if float(bits[j]) <= v] for v in values]
 
 
-def capped_problem(prob: search.Problem, group: list[int], k: int) -> search.Problem:
-    """``prob`` with at most ``k`` layers at the candidates ``group`` (an extra budget row ``CAP_KEY``)."""
+def capped_problem(
+    prob: search.Problem, group: list[int], k: int, followers: Collection[int] = ()
+) -> search.Problem:
+    """``prob`` with at most ``k`` layers at the candidates ``group`` (an extra budget row ``CAP_KEY``).
+
+    ``followers`` (tied followers, :meth:`Context.tied_pairs`) are not counted: a tensor shared by
+    several layers is one layer at one precision, counted at its leader.
+    """
     count = torch.zeros_like(prob.scores, dtype=torch.float64)
     count[:, group] = 1.0
+    count[list(followers), :] = 0.0
     return search.Problem(
         scores=prob.scores,
         costs={**prob.costs, CAP_KEY: count},
@@ -155,6 +164,7 @@ def capped_start(
     choices: list[int],
     measure: Callable[[list[int]], float],
     solve: Callable[[search.Problem], list[int]] | None = None,
+    time_limit: float | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """The best measured of ``choices`` and the optima of ``prob`` with capped low-precision layers.
 
@@ -167,21 +177,24 @@ def capped_start(
         prob: the search problem (its optimum is ``choices``).
         choices: the solver's plan, per-layer candidate indices.
         measure: the calibration objective of a plan, lower is better.
-        solve: the exact solver of a problem (default: :func:`mixq.search.ilp`).
+        solve: the exact solver of a problem (default: :func:`mixq.search.ilp` with ``time_limit``).
+        time_limit: seconds for each capped problem of the default solver (the method's own
+            ``time_limit``; None: until proven optimal).
 
     Returns:
         The plan of lowest measured objective (ties: the one found first, the solver's plan first)
         and a record: per distinct plan, the caps that gave it (group index, k), its measured and
         predicted objective.
     """
-    solve = solve or (lambda p: list(search.ilp(p).choices))
+    solve = solve or (lambda p: list(search.ilp(p, time_limit=time_limit).choices))
     start = tuple(ctx.tie_choices(choices))
     plans: dict[tuple[int, ...], list[list[int]]] = {start: []}
     groups = levels(ctx)
+    followers = {f for f, _ in ctx.tied_pairs()}
     for g, group in enumerate(groups):
-        for k in range(len(ctx.layers) + 1):
+        for k in range(len(ctx.layers) - len(followers) + 1):  # caps count tensors, not tied layers
             try:
-                cand = tuple(ctx.tie_choices(solve(capped_problem(prob, group, k))))
+                cand = tuple(ctx.tie_choices(solve(capped_problem(prob, group, k, followers))))
             except search.InfeasibleBudgetError:
                 continue
             plans.setdefault(cand, []).append([g, k])
@@ -245,3 +258,41 @@ def refine(
         "improved": current != ctx.tie_choices(choices),
     }
     return current, record
+
+
+def calib_top1(ctx: Context) -> Callable[[list[int]], float]:
+    """Return ``f(choices)``: the plan's top-1 (%) on the labelled calibration batches."""
+    batches = list(ctx.task.calib)
+    if not batches or not all(has_class_labels(b) for b in batches):
+        raise ValueError("select='top1' needs calibration batches with integer class labels; use 'objective'")
+
+    def top1(choices: list[int]) -> float:
+        hit = total = 0
+        with applied(ctx.qmodel, ctx.plan_of(choices)), torch.inference_mode():
+            for b in batches:
+                y = labels_of(b)
+                hit += int((_rows(ctx.task.forward(ctx.qmodel, b)).argmax(-1) == y.reshape(-1)).sum())
+                total += int(y.numel())
+        return 100.0 * hit / total
+
+    return top1
+
+
+def select_top1(ctx: Context, records: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
+    """Among the measured plans of ``records`` (the capped starts' and the refinement's logs: dicts
+    with ``choices`` and ``loss``), the one of highest calibration top-1; ties: the lower loss, then
+    the first. Returns it and a record of every distinct plan's top-1 and loss.
+
+    [DESIGN] mixq's: where the measured objective (the KL to the float outputs) ranks close plans
+    unlike top-1, a labelled calibration accuracy is the other calibration-only judge. On 512 images
+    it resolves differences of a few points, not tenths.
+    """
+    top1 = calib_top1(ctx)
+    seen: dict[tuple[int, ...], dict[str, Any]] = {}
+    for r in records:
+        key = tuple(r["choices"])
+        if key not in seen:
+            seen[key] = {"choices": list(key), "loss": r["loss"], "top1": top1(list(key))}
+    log = list(seen.values())
+    best = max(log, key=lambda r: (r["top1"], -r["loss"]))  # max keeps the first of equal keys
+    return list(best["choices"]), {"select": "top1", "measured": log, "chosen": best["choices"]}

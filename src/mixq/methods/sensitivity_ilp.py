@@ -27,7 +27,7 @@ from typing import Any
 
 from mixq import search, sensitivity
 from mixq.methods import refine as refining
-from mixq.methods.common import Context, MethodOutput, check_choices
+from mixq.methods.common import Context, MethodOutput, check_choices, fisher_sensitivity
 from mixq.sensitivity.blockwise import find_blocks, is_causal_lm
 from mixq.tasks import Task
 
@@ -75,6 +75,10 @@ class Config:
             on the calibration batches (the same objective as ``refine``) and keep the best
             (`mixq.methods.refine.capped_start`): a sum of single scores misses how errors
             compound over many low-precision layers.
+        select: which measured plan (of ``caps`` and ``refine``) is kept: "objective" (the lowest
+            measured objective) or "top1" (the highest top-1 on the labelled calibration batches,
+            ties by the objective: `mixq.methods.refine.select_top1`); "top1" needs ``caps`` or
+            ``refine`` and class labels.
         trace: hawq's Hessian trace estimator: "hutchinson" (the task loss's Hessian,
             ``hutchinson_samples`` double-backward products per layer and batch), "fisher" (the
             output KL's Hessian, the Fisher information, ``fisher_samples`` backward passes per
@@ -93,6 +97,7 @@ class Config:
     blockwise: str = "auto"
     refine: int = 0
     caps: bool = False
+    select: str = "objective"
     trace: str = "auto"
     fisher_samples: int = 4
 
@@ -103,7 +108,10 @@ class Config:
             ("blockwise", self.blockwise, BLOCKWISE),
             ("hutchinson_mode", self.hutchinson_mode, ("block", "joint")),
             ("trace", self.trace, TRACES),
+            ("select", self.select, refining.SELECTS),
         )
+        if self.select == "top1" and not (self.caps or self.refine):
+            raise ValueError("select='top1' chooses among measured plans: it needs caps=True or refine > 0")
         if self.batches < 0 or self.hutchinson_samples < 1 or self.fisher_samples < 1:
             raise ValueError(
                 "batches must be >= 0, hutchinson_samples and fisher_samples >= 1; got "
@@ -132,9 +140,14 @@ def solve(ctx: Context, scores: sensitivity.Sensitivity, cfg: Config) -> tuple[l
         loss = "kl" if resolve_objective(ctx.task, cfg.objective) == "kl" else "task"
         measure = refining.memoized(refining.calib_objective(ctx, loss))
         if cfg.caps:
-            choices, info["capped"] = refining.capped_start(ctx, problem, choices, measure)
+            choices, info["capped"] = refining.capped_start(
+                ctx, problem, choices, measure, time_limit=cfg.time_limit
+            )
         if cfg.refine:
             choices, info["refined"] = refining.refine(ctx, problem, choices, cfg.refine, measure)
+        if cfg.select == "top1":
+            logs = [r for k in ("capped", "refined") for r in info.get(k, {}).get("measured", [])]
+            choices, info["selected"] = refining.select_top1(ctx, logs)
     return choices, info
 
 
@@ -158,6 +171,10 @@ def _measure_and_solve(
             store=store,
             **options,
         )
+    return _solved(ctx, cfg, sens)
+
+
+def _solved(ctx: Context, cfg: Config, sens: sensitivity.Sensitivity) -> MethodOutput:
     choices, info = solve(ctx, sens, cfg)
     return MethodOutput(plan=ctx.plan_of(choices), sensitivity=sens, history=[info])
 
@@ -169,10 +186,9 @@ def search_measured(ctx: Context, cfg: Config) -> MethodOutput:
     if mode == "auto":  # the Fisher estimate where full forwards per score are out of reach: LMs
         lm = is_causal_lm(ctx.task)
         mode = "fisher" if lm and objective == "kl" and find_blocks(ctx.qmodel) else "off"
-    if mode == "fisher":
-        return _measure_and_solve(
-            ctx, cfg, sensitivity.blockwise, objective=mode, fisher_samples=cfg.fisher_samples
-        )
+    if mode == "fisher":  # the same measurement as CLADO's on a causal LM, without pairs
+        ctx.check_feasible()
+        return _solved(ctx, cfg, fisher_sensitivity(ctx, _batches(ctx, cfg), cfg.fisher_samples))
     if mode != "off":
         return _measure_and_solve(ctx, cfg, sensitivity.blockwise, objective=mode)
     return _measure_and_solve(ctx, cfg, sensitivity.measured, executor=ctx.executor, objective=objective)
