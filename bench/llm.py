@@ -5,16 +5,19 @@ text, windows 8-11 validation, the first 4 other windows calibration. Rows, by n
 
 * ``fp``: the float model;
 * ``uniform/<setting>/<steps>``: every Linear layer (lm_head included; the tied embedding stays
-  a float copy, counted in ``size_bytes``) at one of w8g64, w4g128, w4g32, w3g32, each
-  symmetric and ``+asym``; steps ``rtn`` (round to nearest, min-max ranges), ``omse`` (clip by
-  the output MSE), ``gptq`` (PTQ step ``gptq``) and ``awq+gptq`` (``awq`` then ``gptq``);
+  a float copy, counted in ``size_bytes``) at one of w8g64, w4g128, w4g64, w4g32, w3g32, each
+  symmetric, ``+asym`` (an integer zero point) and ``+fzero`` (a float16 offset per group, the
+  asset's own Q4_1 grid at w4g32); steps ``rtn`` (round to nearest, min-max ranges), ``omse``
+  (clip by the output MSE), ``gptq`` (PTQ step ``gptq``), ``mse+gptq`` (each group's range by
+  the squared-error search, then ``gptq``) and ``awq+gptq`` (``awq`` then ``gptq``);
 * ``export/w4g32+asym/embeddings``: uniform w4g32+asym with the tied embedding quantized too,
   saved as a packed file and loaded again (its size, the tie, the outputs);
 * ``mixed/<method>/<bits>``: ``embeddings=True`` (lm_head and the embedding are one tied
   tensor, counted once), candidates w3g32+asym, w4g32+asym, w8g64 (and w3g32 so that 3.5 bits
   is feasible), searched by sensitivity-ilp, hawq and clado at 3.5, 4.0 and 4.25 average bits;
   ``mixed/sensitivity-ilp/<bits>/gptq`` the same plan search followed by GPTQ at each layer's
-  own bits.
+  own bits; ``mixed/sensitivity-ilp/<bits>/gptq/fzero``: the same with float-offset candidates
+  (``FZERO_CANDIDATES``).
 
 The hawq and clado rows of one method share their sensitivity: they run in one run directory per
 method under ``--runs`` (overwritten, its ``store.sqlite`` kept), so the first of them measures
@@ -46,11 +49,13 @@ from typing import Any
 from bench.common import RESULTS, provenance, write_rows
 
 NAME = "llm"
-SETTINGS = ("w8g64", "w4g128", "w4g32", "w3g32")
+SETTINGS = ("w8g64", "w4g128", "w4g64", "w4g32", "w3g32")
+ZERO_POINTS = ("", "+asym", "+fzero")
 STEPS: dict[str, dict[str, Any]] = {
     "rtn": {"ptq": [], "clip": ""},
     "omse": {"ptq": [], "clip": "+omse"},
     "gptq": {"ptq": ["gptq"], "clip": ""},
+    "mse+gptq": {"ptq": ["gptq"], "clip": "+mse"},
     "awq+gptq": {"ptq": ["awq", "gptq"], "clip": ""},
 }
 MIXED_CANDIDATES = ["w3g32", "w3g32+asym", "w4g32+asym", "w8g64"]
@@ -72,17 +77,21 @@ GPTQ_VARIANTS: dict[str, dict[str, Any]] = {
     "c32-act": {"calib": 32, "gptq": {"act_order": True}},
     "c32-damp0.1": {"calib": 32, "gptq": {"damp": 0.1}},
 }
-GPTQ_SETTINGS = ("w4g128", "w4g128+asym", "w4g64+asym", "w4g32+asym")
+GPTQ_SETTINGS = ("w4g128", "w4g128+asym", "w4g64+asym", "w4g32+asym", "w4g128+fzero")
 # Mixed candidates with group-128/64 asymmetric 4-bit grids beside the defaults (rows ``.../wide``).
 SENSITIVITY_WINDOWS = 8  # the mixed rows' sensitivity windows when GPTQ calibrates on more
 WIDE_CANDIDATES = ["w3g32+asym", "w4g128+asym", "w4g64+asym", "w4g32+asym", "w8g64"]
+# Float-offset candidates: w4g32+fzero is the block weights' own grid (5 bits with its offsets);
+# at 4.25 average bits (the tied embedding/lm_head is 21 % of the weights) 8 bits do not fit, so
+# the cheaper integer-zero w4g128+asym (4.16 bits) takes w8g64's place.
+FZERO_CANDIDATES = ["w3g32+fzero", "w4g128+asym", "w4g128+fzero", "w4g64+fzero", "w4g32+fzero"]
 
 
 def rows() -> dict[str, dict[str, Any]]:
     """Every row by name: what ``mixq.run`` gets (or ``fp``)."""
     out: dict[str, dict[str, Any]] = {"fp": {"kind": "fp"}}
     for s in SETTINGS:
-        for asym in ("", "+asym"):
+        for asym in ZERO_POINTS:
             for step, how in STEPS.items():
                 out[f"uniform/{s}{asym}/{step}"] = {
                     "kind": "run",
@@ -122,6 +131,7 @@ def rows() -> dict[str, dict[str, Any]]:
     for bits in MIXED_BITS:
         base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
         out[f"mixed/sensitivity-ilp/{bits}/gptq/wide"] = {**base, "candidates": WIDE_CANDIDATES}
+        out[f"mixed/sensitivity-ilp/{bits}/gptq/fzero"] = {**base, "candidates": FZERO_CANDIDATES}
         for variant in ("c32", "c64"):
             how = GPTQ_VARIANTS[variant]
             base = out[f"mixed/sensitivity-ilp/{bits}/gptq"]
@@ -198,7 +208,6 @@ def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, A
     )
     m = res.metrics
     if res.sensitivity is not None:
-        out["sensitivity_seconds"] = res.sensitivity.meta.get("seconds")
         out["sensitivity_kind"] = res.sensitivity.kind
         out["shared_store"] = shared.get("out")
     if row["kind"] == "export":  # the packed file: a tied tensor stored once, tied again on loading
@@ -208,20 +217,29 @@ def run_one(name: str, fp_metric: float | None, runs: str = RUNS) -> dict[str, A
             "perplexity": m.extra.get("perplexity"),
             "fp_perplexity": m.extra.get("fp_perplexity"),
             "metric": m.metric,
-            "avg_weight_bits": m.avg_weight_bits,
-            "size_bytes": m.size_bytes,
             "bops": m.bops,
-            "search_seconds": m.seconds,
-            "eval_seconds": m.eval_seconds,
-            "ptq": m.ptq,
+            **stage_record(res),
             "calib_windows": len(task.calib),
             "ptq_args": row.get("ptq_args"),
             "method_args": row.get("method_args"),
-            "plan_counts": _counts(res.plan),
             "float_layers": m.float_layers,
         }
     )
     return out
+
+
+def stage_record(res: Any) -> dict[str, Any]:
+    """A run's size and stage times: sensitivity, search (with it), PTQ records, evaluation, plan counts."""
+    m = res.metrics
+    return {
+        "avg_weight_bits": m.avg_weight_bits,
+        "size_bytes": m.size_bytes,
+        "sensitivity_seconds": res.sensitivity.meta.get("seconds") if res.sensitivity is not None else None,
+        "search_seconds": m.seconds,
+        "eval_seconds": m.eval_seconds,
+        "ptq": m.ptq,
+        "plan_counts": _counts(res.plan),
+    }
 
 
 def _export_check(res: Any, task: Any) -> dict[str, Any]:

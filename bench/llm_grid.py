@@ -10,16 +10,24 @@ embedding also on a symmetric 8-bit grid (``w / (max|w| / 127)`` integral, Q8_0)
 Reads the cached safetensors only (no model is built):
 
     python -m bench.llm_grid     # -> bench/results/llm_grid.json
+
+``--quantizers`` adds (key ``quantizers``) mixq's round-to-nearest weight quantizers on every
+2-D weight, read one tensor at a time: per setting, the relative squared error
+``||Q(w) - w||^2 / ||w||^2`` and the share of weights ``Q`` leaves unchanged; the summary
+counts the block weights each setting reproduces exactly (``+fzero``, the float zero point,
+is Q4_1's own grid at w4g32).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from typing import Any
 
 import torch
 
-from bench.common import provenance, write_rows
+from bench.common import RESULTS, provenance, write_rows
 
 NAME = "llm_grid"
 GROUPS = (32, 64, 128)
@@ -55,8 +63,65 @@ def describe(w: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+QUANTIZERS = ("w4g32+fzero", "w4g32+asym", "w4g32", "w4g64+fzero", "w4g128+fzero", "w4g128+asym", "w8g32")
+
+
+def quantizers() -> dict[str, Any]:
+    """mixq's RTN quantizers on the asset's weights, one tensor at a time."""
+    from safetensors import safe_open
+
+    from mixq import llm
+    from mixq.plan import parse_candidate
+    from mixq.quant import fake
+
+    t0 = time.perf_counter()
+    path, _ = llm.smollm2_files()
+    rows: dict[str, Any] = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+            w = f.get_tensor(k).float()
+            if w.dim() != 2:
+                continue
+            rows[k] = {}
+            for cand in QUANTIZERS:
+                wq = fake.quantize_weight(w, parse_candidate(cand).weight, cache=None)
+                d = (wq - w).double()
+                rows[k][cand] = {
+                    "rel_sq_error": float(d.pow(2).sum() / w.double().pow(2).sum()),
+                    "unchanged": float((d == 0).double().mean()),
+                }
+    blocks = [k for k in rows if ".layers." in k]
+    summary = {
+        cand: {
+            "block_weights_exact": sum(rows[k][cand]["unchanged"] == 1.0 for k in blocks),
+            "block_rel_sq_error_mean": sum(rows[k][cand]["rel_sq_error"] for k in blocks) / len(blocks),
+            "embedding_rel_sq_error": rows.get("model.embed_tokens.weight", rows.get("lm_head.weight", {}))
+            .get(cand, {})
+            .get("rel_sq_error"),
+        }
+        for cand in QUANTIZERS
+    }
+    return {
+        "summary": summary,
+        "block_weights": len(blocks),
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "command": "python -m bench.llm_grid --quantizers",
+    }
+
+
 def main() -> None:
     from safetensors.torch import load_file
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantizers", action="store_true", help="mixq's RTN quantizers on the weights")
+    if ap.parse_args().quantizers:
+        doc = json.loads((RESULTS / f"{NAME}.json").read_text())
+        doc["quantizers"] = quantizers()
+        doc["provenance"] = provenance()
+        write_rows(NAME, doc)
+        print(json.dumps(doc["quantizers"]["summary"], indent=1))
+        return
 
     from mixq import llm
 

@@ -28,7 +28,13 @@ of the process before the model was loaded (Python, torch, transformers).
     OMP_NUM_THREADS=2 python -m bench.llm_memory --label before   # on the commit before the fixes
 
 writes the label's row to bench/results/llm_memory.json (resumable: a label there is skipped
-unless ``--redo``).
+unless ``--redo``). Every stage gets the issue's bound beside its peak (``bound_mb``: the
+runtime + model + two blocks' activations + one layer's statistics; ``over_bound_mb``: its peak
+above it);
+
+    python -m bench.llm_memory --report
+
+writes those into the rows already there and prints the stages of every row side by side.
 """
 
 from __future__ import annotations
@@ -197,13 +203,50 @@ def measure_once() -> dict[str, Any]:
     return out
 
 
+def annotate(doc: dict[str, Any]) -> dict[str, Any]:
+    """Put the row's bound (with the runtime) and each stage's peak above it next to every stage."""
+    for rec in doc["rows"].values():
+        limit = rec["bound_with_runtime_mb"]
+        # VmHWM is reset as each stage begins: the process's peak is the largest stage peak
+        rec["stage_peak_mb"] = max(st["peak_mb"] for st in rec["stages"].values())
+        for st in rec["stages"].values():
+            st["bound_mb"] = limit
+            st["over_bound_mb"] = st["peak_mb"] - limit
+    return doc
+
+
+def report(doc: dict[str, Any]) -> None:
+    """Print every stage's peak per row, with the bound."""
+    labels = list(doc["rows"])
+    names = list(dict.fromkeys(n for rec in doc["rows"].values() for n in rec["stages"]))
+    print(f"{'stage':58s}" + "".join(f"{lb + ' peak MB':>18s}" for lb in labels))
+    for n in names:
+        cells = [doc["rows"][lb]["stages"].get(n) for lb in labels]
+        print(f"{n:58s}" + "".join(f"{c['peak_mb']:18.0f}" if c else f"{'-':>18s}" for c in cells))
+    for lb in labels:
+        rec = doc["rows"][lb]
+        print(
+            f"{lb}: peak {rec['stage_peak_mb']:.0f} MB, bound {rec['bound_with_runtime_mb']:.0f} MB "
+            f"(runtime {rec['runtime_mb']:.0f} + model {rec['model_mb']:.0f} + 2 x blocks "
+            f"{rec['block_activations_mb']:.1f} + layer {rec['layer_statistics_mb']:.1f}), "
+            f"perplexity {rec['perplexity']:.3f}, {rec['seconds']:.0f} s"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--label", required=True, help="the row's name in the results (e.g. before, after)")
+    ap.add_argument("--label", help="the row's name in the results (e.g. before, after)")
+    ap.add_argument("--report", action="store_true", help="annotate the rows with the bound; print them")
     ap.add_argument("--redo", action="store_true", help="measure a label already in the results again")
     args = ap.parse_args()
     path = RESULTS / f"{NAME}.json"
     doc = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    if args.report:
+        write_rows(NAME, annotate(doc))
+        report(doc)
+        return
+    if not args.label:
+        ap.error("--label is required (or --report)")
     if args.label in doc["rows"] and not args.redo:
         print(f"{args.label}: already in {path} (--redo to measure again)")
         return
@@ -215,7 +258,7 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     doc["rows"][args.label] = rec
     doc["provenance"] = provenance()
-    write_rows(NAME, doc)
+    write_rows(NAME, annotate(doc))
     print(json.dumps({k: v for k, v in rec.items() if k != "stages"}, indent=1))
     for name, st in rec["stages"].items():
         print(f"{name:50s} start {st['start_mb']:8.0f}  peak {st['peak_mb']:8.0f}  {st['seconds']:7.1f} s")

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from bench.common import RESULTS, provenance, write_rows
+from bench.llm import stage_record
 
 NAME = "llm_minilm"
 UNIFORM = ("w4g32", "w4g32+asym", "w4g128+asym", "w6", "w6+asym", "w6g128+asym")
@@ -79,21 +80,10 @@ def run_one(name: str, task: Any) -> dict[str, Any]:
         method_args=row.get("method_args", {}),
         **shared,
     )
-    m = res.metrics
-    counts: dict[str, int] = {}
-    for spec in res.plan.layers.values():
-        key = spec.name if hasattr(spec, "name") else str(spec)
-        counts[key] = counts.get(key, 0) + 1
     return {
         "row": name,
-        "mean_cosine": m.metric,
-        "avg_weight_bits": m.avg_weight_bits,
-        "size_bytes": m.size_bytes,
-        "search_seconds": m.seconds,
-        "eval_seconds": m.eval_seconds,
-        "ptq": m.ptq,
-        "sensitivity_seconds": res.sensitivity.meta.get("seconds") if res.sensitivity is not None else None,
-        "plan_counts": counts,
+        "mean_cosine": res.metrics.metric,
+        **stage_record(res),
         "budget": row["budget"],
         "candidates": row["candidates"],
     }

@@ -617,6 +617,7 @@ BLOCKS: dict[str, Callable[[JSON], Lines]] = {
     "claims": claims,
     "llm": llm,
     "llm_mixed": llm,
+    "llm_gptq": llm,
     "llm_minilm": llm,
 }
 

@@ -31,7 +31,7 @@ VARIANTS = (
     + [f"w{n}+asym" for n in INT_NAMES if n.startswith("int")]
     + [f"w{n}+tensor" for n in ("int4", "int8", "fp8_e4m3fn")]
     + [f"w{n}g8" for n in ("int2", "int3", "int4", "int6", "uint4", "fp4_e2m1", "fp8_e5m2")]
-    + ["w4g8+asym", "w3+asym+mse", "w4+p99.9", "wmxfp4_e2m1_b16"]
+    + ["w4g8+asym", "w3+asym+mse", "w4+p99.9", "wmxfp4_e2m1_b16", "w4g8+fzero", "w3+fzero+mse"]
 )
 ACT_VARIANTS = [
     "w4a8",
@@ -155,7 +155,9 @@ def test_safetensors_round_trip_is_bit_exact(cnn, cand: str, tmp_path) -> None:
         assert same_bits(loaded(x), res.model(x))
 
 
-@pytest.mark.parametrize("cand", ["w4a8", "w3+asym-a8", "w2g8+asym", "wfp6_e2m3-a8", "wmxfp4_e2m1"])
+@pytest.mark.parametrize(
+    "cand", ["w4a8", "w3+asym-a8", "w2g8+asym", "wfp6_e2m3-a8", "wmxfp4_e2m1", "w3g8+fzero", "w4+fzero-a8"]
+)
 def test_payload_size_equals_cost_model(cand: str, tmp_path) -> None:
     res = mixq.run("synthetic-mlp", candidates=[cand])
     path = export.save(res, tmp_path / "m.safetensors")
@@ -227,6 +229,7 @@ ONNX_CASES = {  # candidate -> element type of the weight initializer
     "wmxfp4_e2m1-a8": "FLOAT",
     "w4g8-a8": "FLOAT",
     "wfp6_e3m2-a8": "FLOAT",
+    "w4+fzero-a8": "FLOAT",  # a float zero point: no DequantizeLinear form, float32 weights
 }
 
 

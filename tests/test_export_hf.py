@@ -127,6 +127,7 @@ def test_a_quantized_tied_embedding_reloads_with_the_simulated_logits(cand, tmp_
         (["w4a8"], "input int8"),
         (["wfp8_e4m3fn"], "weight minifloat fp8_e4m3fn"),
         (["wmxfp4_e2m1"], "weight mx"),
+        (["w4g16+fzero"], r"weight w4g16\+fzero: a float zero point \(fzero\)"),
     ],
 )
 def test_formats_it_cannot_hold_are_refused_naming_the_layers(cands, said, tasks, tmp_path):

@@ -31,6 +31,17 @@ def tiny_llama(vocab: int = 300):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def llama_windows(vocab: int, seed: int, n: int, seq: int) -> tuple[torch.nn.Module, list, mixq.Task]:
+    """A tiny Llama, ``n`` random token windows of ``seq`` tokens and the causal-LM task on them."""
+    model = tiny_llama(vocab=vocab)
+    g = torch.Generator().manual_seed(seed)
+    wins = [{"input_ids": w, "labels": w} for w in torch.randint(0, vocab, (n, 1, seq), generator=g)]
+    task = mixq.Task(
+        model=model, calib=wins, val=wins[:1], forward=llm.logits, loss=llm.next_token_loss, outputs="logits"
+    )
+    return model, wins, task
+
+
 def whole_nll(logit: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Every position at once: the float64 logits of all positions, one cross-entropy."""
     pred = logit[:, :-1].reshape(-1, logit.shape[-1]).double()
@@ -155,12 +166,7 @@ def test_fisher_objective_keeps_no_float_logits_and_measures_the_head_as_before(
     from mixq.sensitivity.perturb import objective_data
     from mixq.store import Store, fingerprint_data
 
-    model = tiny_llama(vocab=200)
-    g = torch.Generator().manual_seed(7)
-    wins = [{"input_ids": w, "labels": w} for w in torch.randint(0, 200, (2, 1, 24), generator=g)]
-    task = mixq.Task(
-        model=model, calib=wins, val=wins[:1], forward=llm.logits, loss=llm.next_token_loss, outputs="logits"
-    )
+    model, wins, task = llama_windows(vocab=200, seed=7, n=2, seq=24)
     q = wrap(copy.deepcopy(model)).eval()
     cands = ["w3g8", "w4g8"]
     layers = ["model.layers.1.mlp.down_proj", "lm_head"]
@@ -191,12 +197,7 @@ def test_fisher_scores_one_batch_at_a_time_equal_the_all_batches_formula():
     from mixq.sensitivity.blockwise import _Run, blockwise, fisher_grads, hidden_of
     from mixq.wrap import applied
 
-    model = tiny_llama(vocab=120)
-    g = torch.Generator().manual_seed(11)
-    wins = [{"input_ids": w, "labels": w} for w in torch.randint(0, 120, (3, 1, 20), generator=g)]
-    task = mixq.Task(
-        model=model, calib=wins, val=wins[:1], forward=llm.logits, loss=llm.next_token_loss, outputs="logits"
-    )
+    model, wins, task = llama_windows(vocab=120, seed=11, n=3, seq=20)
     q = wrap(copy.deepcopy(model)).eval()
     cands = ["w3g8", "w4g8+asym"]
     layers = [

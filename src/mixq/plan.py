@@ -6,12 +6,14 @@ A candidate name is parsed here and nowhere else. Grammar (``N`` an integer)::
     wpart     := "w" FMT [ "g" N ] { "+" MOD }      weight spec
     apart     := "a" FMT { "+" MOD }                input-activation spec
     FMT       := N (= intN) | a format name (int4, uint8, fp8_e4m3fn, mxfp4_e2m1, ...)
-    MOD       := "sym" | "asym" | "minmax" | "mse" | "omse" | "pNN.N" (percentile) | "tensor"
+    MOD       := "sym" | "asym" | "fzero" | "minmax" | "mse" | "omse" | "pNN.N" (percentile) | "tensor"
                  | "channel"
 
 Examples: ``w4a8``, ``w2``, ``w4g128``, ``w2+asym+mse-a8``, ``wfp8_e4m3fn-afp8_e4m3fn``,
-``wmxfp4_e2m1``. Defaults: weights symmetric, per output channel, min/max range; activations
-asymmetric, per tensor, min/max range over the calibration data.
+``wmxfp4_e2m1``, ``w4g32+fzero`` (asymmetric with a float offset per group instead of an
+integer zero point: ``w^ = s q + m``, the GGUF Q4_1 grid). Defaults: weights symmetric, per
+output channel, min/max range; activations asymmetric, per tensor, min/max range over the
+calibration data.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mixq.kinds.base import kind_of, kind_of_format
 GRANULARITIES = ("tensor", "channel", "group", "block")
 CLIPS = ("minmax", "mse", "omse", "percentile")
 SCHEMA = 1
-MODIFIERS = "sym, asym, minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel"
+MODIFIERS = "sym, asym, fzero, minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel"
 FMT_RULE = (
     "a format is a bit count 2..8 or a format name such as int4, fp8_e4m3fn or mxfp4_e2m1 "
     "(an MX name may end in _b<block>)"
@@ -39,7 +41,7 @@ SEE_GRAMMAR = "(the candidate grammar: `mixq list`)"
 GRAMMAR = (
     "candidate := w<FMT>[g<N>][+MOD...][-][a<FMT>[+MOD...]]; FMT is a bit count (2..8, "
     f"meaning intN) or one of {', '.join(formats.FORMAT_NAMES)}; MOD is one of sym, asym, "
-    "minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel; an MX name may end in _b<block> "
+    "fzero, minmax, mse, omse, p<percentile> (e.g. p99.9), tensor, channel; an MX name may end in _b<block> "
     "(e.g. mxfp4_e2m1_b16). Examples: w4a8, w2, w4g128, "
     "w2+asym+mse-a8, wfp8_e4m3fn-afp8_e4m3fn, wmxfp4_e2m1; activations only: "
     f"{', '.join(formats.ACT_FORMAT_NAMES)} (e.g. w8-asparq4_5opt_v)"
@@ -65,6 +67,9 @@ class QSpec:
             asymmetric grid); None for ordinary
             quantization. Then granularity "channel" or "tensor" is the first point's scale and
             clip "minmax" (a = max|r|) or "mse" (least-squares a) how each point is searched.
+        float_zero: (integer weights, asymmetric only) the zero point is a float offset ``m``
+            stored like the scale (float16 per group, else float32): ``w^ = s q + m`` with
+            codes q in 0 .. 2^b - 1 (modifier ``+fzero``; docs/methods.md §6.1).
     """
 
     fmt: Format
@@ -74,6 +79,7 @@ class QSpec:
     clip: str = "minmax"
     percentile: float = 99.99
     points: tuple[int, ...] | None = None
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -82,6 +88,11 @@ class QSpec:
             raise ValueError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.float_zero and (self.symmetric or not isinstance(self.fmt, Int) or self.points is not None):
+            raise ValueError(
+                f"a float zero point (fzero) needs an asymmetric integer format without points, got "
+                f"{self.fmt} symmetric={self.symmetric} points={self.points}"
+            )
         kind_of(self).check(self)
 
     @property
@@ -100,6 +111,8 @@ class QSpec:
             d["percentile"] = self.percentile
         if self.points is not None:
             d["points"] = list(self.points)
+        if self.float_zero:
+            d["float_zero"] = True
         return d
 
     @classmethod
@@ -107,7 +120,16 @@ class QSpec:
         """Build from the JSON form, rejecting unknown keys."""
         if not isinstance(d, dict):
             raise ValueError(f"a quantization spec must be a JSON object, got {d!r}")
-        valid = {"fmt", "granularity", "group_size", "symmetric", "clip", "percentile", "points"}
+        valid = {
+            "fmt",
+            "granularity",
+            "group_size",
+            "symmetric",
+            "clip",
+            "percentile",
+            "points",
+            "float_zero",
+        }
         unknown = set(d) - valid
         if unknown:
             raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(valid)}")
@@ -121,6 +143,7 @@ class QSpec:
             "clip": (str,),
             "percentile": (int, float),
             "points": (list,),
+            "float_zero": (bool,),
         }
         for k, v in d.items():
             if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
@@ -133,6 +156,7 @@ class QSpec:
             clip=d.get("clip", "minmax"),
             percentile=float(d.get("percentile", 99.99)),
             points=tuple(d["points"]) if "points" in d else None,
+            float_zero=d.get("float_zero", False),
         )
 
 
@@ -173,6 +197,8 @@ class LayerSpec:
             raise ValueError(f"unknown layer-spec keys {sorted(unknown)}; valid: ['act', 'weight']")
         w, a = d.get("weight"), d.get("act")
         spec = cls(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
+        if spec.act is not None and spec.act.float_zero:
+            raise ValueError("a float zero point (float_zero) applies to weight specs only")
         if spec.weight is not None and kind_of(spec.weight).act_only:
             raise ValueError(f"{spec.weight.fmt} is an activation format; a weight spec cannot use it")
         return spec
@@ -194,7 +220,9 @@ def _part_name(prefix: str, spec: QSpec, defaults: dict[str, Any]) -> str:
     if spec.granularity == "group":
         s += f"g{spec.group_size}"
     mods = []
-    if kind_of_format(spec.fmt).zero_points and spec.symmetric != defaults["symmetric"]:
+    if spec.float_zero:
+        mods.append("fzero")
+    elif kind_of_format(spec.fmt).zero_points and spec.symmetric != defaults["symmetric"]:
         mods.append("sym" if spec.symmetric else "asym")
     if spec.granularity in ("tensor", "channel") and spec.granularity != defaults["granularity"]:
         mods.append(spec.granularity)
@@ -237,7 +265,7 @@ def _parse_fmt(token: str, text: str) -> Format:
 
 
 _MOD_SETS = {
-    **dict.fromkeys(("sym", "asym"), "symmetric"),
+    **dict.fromkeys(("sym", "asym", "fzero"), "symmetric"),
     **dict.fromkeys(("minmax", "mse", "omse"), "clip"),
     **dict.fromkeys(("tensor", "channel"), "granularity"),
 }
@@ -260,6 +288,8 @@ def _parse_part(fmt_token: str, group: str | None, mods: str, defaults: dict, te
             given[what] = mod
         if mod in ("sym", "asym"):
             kw["symmetric"] = mod == "sym"
+        elif mod == "fzero":
+            kw["symmetric"], kw["float_zero"] = False, True
         elif mod in ("minmax", "mse", "omse"):
             kw["clip"] = mod
         elif mod in ("tensor", "channel"):
@@ -296,6 +326,8 @@ def parse_candidate(text: str) -> LayerSpec:
             raise ValueError(f"candidate {text!r}: activations are quantized per tensor or per block")
         if a is not None and a.clip == "omse":
             raise ValueError(f"candidate {text!r}: omse ranges apply to weights only")
+        if a is not None and a.float_zero:
+            raise ValueError(f"candidate {text!r}: fzero (a float zero point) applies to weights only")
         if w is not None and kind_of(w).act_only:
             raise ValueError(f"candidate {text!r}: {w.fmt} is an activation format (use a{w.fmt})")
     except ValueError as e:

@@ -63,6 +63,11 @@ def decode_weight(enc: Encoded) -> torch.Tensor:
 def int_weight(enc: Encoded) -> torch.Tensor:
     """An integer weight's codes minus their zero points, as float64 (exact): ``w = int * scale``."""
     fmt = enc.spec.fmt
+    if enc.spec.float_zero:
+        raise ValueError(
+            f"weight {enc.spec.fmt} with a float zero point (fzero) has no integer form w = int * scale; "
+            "its layers run on float weights (valid there: symmetric or +asym integer weights)"
+        )
     q = code_to_int(enc.codes, fmt, enc.spec.symmetric).double()  # type: ignore[arg-type]
     if enc.zero is not None:
         q = q - enc.zero.double().reshape(-1, *[1] * (q.dim() - 1))

@@ -53,7 +53,7 @@ from mixq.export.deploy import LayerExport, collect
 from mixq.formats import Int
 from mixq.kinds import kind_of
 from mixq.nn import QCall, QLinear
-from mixq.plan import QSpec
+from mixq.plan import LayerSpec, QSpec
 from mixq.quant.codes import code_to_int
 from mixq.wrap import sites, tied_sites
 
@@ -87,6 +87,8 @@ def _problem(wspec: QSpec | None, aspec: QSpec | None, shape: tuple[int, ...]) -
         return "weight " + (
             "multipoint" if wspec.points is not None else f"{kind_of(wspec).name} {wspec.fmt}"
         )
+    if wspec.float_zero:  # compressed-tensors' zero points are integers
+        return f"weight {LayerSpec(wspec).name}: a float zero point (fzero)"
     if wspec.granularity not in STRATEGIES or not 1 <= wspec.fmt.bits <= 8:
         return f"weight {wspec.fmt} per {wspec.granularity}"
     if wspec.granularity == "group" and shape[-1] % wspec.group_size:

@@ -98,8 +98,8 @@ def exact_layer(lx: LayerExport) -> Exact | None:
         return None
     if not isinstance(w, Encoded) or not isinstance(w.spec.fmt, Int) or kind_of(w.spec).name != "integer":
         return None
-    if w.spec.granularity not in ("tensor", "channel") or w.spec.points is not None:
-        return None
+    if w.spec.granularity not in ("tensor", "channel") or w.spec.points is not None or w.spec.float_zero:
+        return None  # (a float zero point has no integer weights: float32 ones)
     assert lx.act_zero is not None
     zero = float(lx.act_zero.reshape(()))
     lo, hi = (v - zero for v in int_grid(act.fmt, act.symmetric))

@@ -27,7 +27,7 @@ def onnx_int_type(tp: Any, bits: int, signed: bool) -> int:
 
 
 class IntegerKind(ScaledKind):
-    """Integer elements: ``(q - z) * s``."""
+    """Integer elements: ``(q - z) * s``, or ``q * s + m`` with a float zero point (``+fzero``)."""
 
     name = "integer"
     formats = (Int,)
@@ -41,6 +41,22 @@ class IntegerKind(ScaledKind):
         qmin, qmax = fake.int_grid(spec.fmt, spec.symmetric)
         q = torch.clamp(torch.round(x) + zero[:, None], qmin, qmax)
         return int_to_code(q, spec.fmt, spec.symmetric)
+
+    def row_codes(
+        self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
+    ) -> torch.Tensor:
+        if not spec.float_zero:
+            return super().row_codes(x, scale, zero, spec)
+        assert isinstance(spec.fmt, Int)  # the codes of fake.quantize_rows: round((x - m) / s)
+        q = torch.clamp(torch.round((x - zero[:, None]) / scale[:, None]), 0, 2**spec.fmt.bits - 1)
+        return int_to_code(q, spec.fmt, False)
+
+    def dequantize(
+        self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, spec: QSpec
+    ) -> torch.Tensor:
+        if spec.float_zero:  # s q + m
+            return self.values(codes, spec) * scale + zero
+        return super().dequantize(codes, zero, scale, spec)
 
     def values(self, codes: torch.Tensor, spec: QSpec) -> torch.Tensor:
         assert isinstance(spec.fmt, Int)

@@ -3,7 +3,8 @@
 A weight is viewed as rows sharing one scale (per tensor, output channel or group, see
 :func:`mixq.quant.fake.to_rows`); an activation has one scale (and zero point) per tensor.
 Storage: a float32 scale per tensor or channel, a float16 scale per group, and with an
-asymmetric grid a zero point of the element's width per scale. The element codes (integers
+asymmetric grid a zero point of the element's width per scale (a float zero point, ``+fzero``:
+an offset stored like the scale). The element codes (integers
 or fp bit patterns) are the subclass's: :meth:`ScaledKind.to_codes`, :meth:`ScaledKind.values`.
 """
 
@@ -88,7 +89,8 @@ class ScaledKind(Kind):
     # -- cost
     def weight_bits(self, spec: QSpec, info: Any) -> float:
         """Elements, plus a float32 scale per tensor or channel or a float16 one per group,
-        plus a zero point of the element's width per scale when asymmetric."""
+        plus a zero point of the element's width per scale when asymmetric (a float zero point:
+        the scale's bits)."""
         elem = self.elem_bits(spec.fmt)
         if spec.granularity == "tensor":
             scales, scale_bits = 1, 32
@@ -97,7 +99,7 @@ class ScaledKind(Kind):
         else:
             assert spec.group_size is not None
             scales, scale_bits = info.out_channels * math.ceil(info.row_len / spec.group_size), 16
-        zero_bits = 0 if spec.symmetric else elem
+        zero_bits = scale_bits if spec.float_zero else 0 if spec.symmetric else elem
         return float(info.numel * elem + scales * (scale_bits + zero_bits))
 
     # -- simulation
@@ -121,13 +123,19 @@ class ScaledKind(Kind):
         return affine_mask(x, spec, params)
 
     # -- packed codes
+    def row_codes(
+        self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec
+    ) -> torch.Tensor:
+        """The codes of rows ``x`` [R, k] on the grid of ``scale`` and ``zero`` [R]."""
+        return self.to_codes(x / scale[:, None], zero, spec)
+
     def encode(
         self, w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None, wq: torch.Tensor | None
     ) -> Encoded:
         """Scales from ``w``; codes from ``wq`` when given (AdaRound: within an ulp of the grid)."""
         rows, scale, zero = row_params(w, spec, gram)
         src = rows.data if wq is None else fake.to_rows(wq.detach().float(), spec).data
-        codes = fake.from_rows(rows, self.to_codes(src / scale[:, None], zero, spec))
+        codes = fake.from_rows(rows, self.row_codes(src, scale, zero, spec))
         return Encoded(spec, tuple(w.shape), codes, scale, None if spec.symmetric else zero)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -148,7 +156,9 @@ class ScaledKind(Kind):
         out[f"{prefix}.scale"] = (
             enc.scale.to(torch.float16) if spec.granularity == "group" else enc.scale.float()
         )
-        if enc.zero is not None:
+        if enc.zero is not None and spec.float_zero:  # float offsets, stored as the scales are
+            out[f"{prefix}.zero"] = enc.zero.to(out[f"{prefix}.scale"].dtype)
+        elif enc.zero is not None:
             out[f"{prefix}.zero"] = pack_bits(enc.zero.to(torch.int64), spec.bits)
         return out
 
@@ -162,14 +172,20 @@ class ScaledKind(Kind):
             raise ValueError(f"{prefix}.scale has shape {tuple(raw.shape)}, expected {expected}")
         scale = raw.float()
         zero = None
-        if not spec.symmetric:
+        if spec.float_zero:
+            zero = take(f"{prefix}.zero").float()
+            if zero.shape != scale.shape:
+                raise ValueError(
+                    f"{prefix}.zero has shape {tuple(zero.shape)}, expected {tuple(scale.shape)}"
+                )
+        elif not spec.symmetric:
             zero = unpack_bits(take(f"{prefix}.zero"), spec.bits, scale.numel()).float()
         return Encoded(spec, tuple(shape), codes, scale, zero)
 
     # -- ONNX
     def onnx_weight(self, g: Any, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """Codes as DequantizeLinear inputs; group scales have no such form (None)."""
-        if enc.spec.granularity == "group":
+        if enc.spec.granularity == "group" or enc.spec.float_zero:  # float offsets: no such form
             return None
         dtype = self.onnx_weight_type(enc.spec, g)
         if dtype is None:

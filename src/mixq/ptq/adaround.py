@@ -125,11 +125,20 @@ class Grid:
     zero: torch.Tensor  # [R]
     qmin: int
     qmax: int
+    float_zero: bool = False  # ``zero`` is the float offset m of ``s q + m`` (+fzero)
+
+    def units(self) -> torch.Tensor:
+        """The rows in units of the scale: ``x / s`` (``(x - m) / s`` with a float zero point)."""
+        if self.float_zero:
+            return (self.rows.data - self.zero[:, None]) / self.scale[:, None]
+        return self.rows.data / self.scale[:, None]
 
     def weight(self, h: torch.Tensor) -> torch.Tensor:
         """Return the quantized weight with rounding offsets ``h`` [R, k] (0: floor, 1: ceil)."""
         s, z = self.scale[:, None], self.zero[:, None]
-        floor = torch.floor(self.rows.data / s)
+        floor = torch.floor(self.units())
+        if self.float_zero:
+            return fake.from_rows(self.rows, torch.clamp(floor + h, self.qmin, self.qmax) * s + z)
         q = torch.clamp(floor + h + z, self.qmin, self.qmax)
         return fake.from_rows(self.rows, (q - z) * s)
 
@@ -142,7 +151,7 @@ def grid_of(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) -> G
     error = fake.output_error(gram.float(), spec, w.shape[0]) if gram is not None else None
     scale, zero = fake.calibrate_rows(rows.data, spec, error)
     qmin, qmax = fake.int_grid(spec.fmt, spec.symmetric)
-    return Grid(rows, scale, zero, qmin, qmax)
+    return Grid(rows, scale, zero, qmin, qmax, spec.float_zero)
 
 
 def _layer_fn(m: nn.Module):
@@ -191,7 +200,7 @@ class FixedGrid(FixedRounding):
             return None
         rows = fake.to_rows(self.wq.float(), spec)
         kind = kind_of(spec)
-        codes = fake.from_rows(rows, kind.to_codes(rows.data / self.scale[:, None], self.zero, spec))
+        codes = fake.from_rows(rows, kind.row_codes(rows.data, self.scale, self.zero, spec))
         return Encoded(spec, tuple(w.shape), codes, self.scale, None if spec.symmetric else self.zero)
 
 
@@ -230,7 +239,7 @@ def learn_rounding(
     grid = grid_of(m.weight, spec, m.weight_quant.gram)
     with torch.no_grad():
         x_q = m.input_quant(x_hat)
-        frac = grid.rows.data / grid.scale[:, None]
+        frac = grid.units()
         frac = frac - torch.floor(frac)
     v = init_v(frac).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.lr)

@@ -117,12 +117,24 @@ class ColumnGrid:
     zero: torch.Tensor
     qmin: int
     qmax: int
+    float_zero: bool = False  # ``zero`` is the float offset m of ``s q + m`` (+fzero)
 
     def quantize(self, w: torch.Tensor, col: int) -> torch.Tensor:
         """Round column ``col`` [out] on the grid: the very operations of ``fake.quantize_rows``."""
-        s, z = self.scale[:, col], self.zero[:, col]
+        return self.round(w, self.scale[:, col], self.zero[:, col])
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``w`` rounded on the grid of scales ``s`` and zero points ``z`` (broadcast with ``w``)."""
+        if self.float_zero:
+            return torch.clamp(torch.round((w - z) / s), self.qmin, self.qmax) * s + z
         q = torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
         return (q - z) * s
+
+    def sub(self, rows: Any = slice(None), cols: Any = slice(None)) -> ColumnGrid:
+        """The grid of some rows and columns (views where the indices are slices)."""
+        return ColumnGrid(
+            self.scale[rows][:, cols], self.zero[rows][:, cols], self.qmin, self.qmax, self.float_zero
+        )
 
 
 def supported(spec: QSpec | None) -> bool:
@@ -140,7 +152,7 @@ def column_grid(w: torch.Tensor, spec: QSpec, gram: torch.Tensor | None = None) 
         return fake.from_rows(rows, v[:, None].expand_as(rows.data)).reshape(out, -1).contiguous()
 
     qmin, qmax = fake.int_grid(spec.fmt, spec.symmetric)
-    return ColumnGrid(spread(scale), spread(zero), qmin, qmax)
+    return ColumnGrid(spread(scale), spread(zero), qmin, qmax, spec.float_zero)
 
 
 def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -188,7 +200,7 @@ def quantize_matrix(
             raise ValueError("dynamic groups follow the column order: not with act_order")
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
-        grid = ColumnGrid(grid.scale[:, perm], grid.zero[:, perm], grid.qmin, grid.qmax)
+        grid = grid.sub(cols=perm)
     if regroup is not None:  # a group lies inside one lazy-update block: its columns are current
         block_size = max(regroup[0], block_size // regroup[0] * regroup[0])
     u = inverse_factor(h, damp).to(dtype)
@@ -281,7 +293,7 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     regroup = dynamic(spec, cfg)
     static = grid  # round-to-nearest's grid (the one GPTQ fills when its groups are dynamic)
     if regroup is not None:  # filled in group by group (the static grid gives round-to-nearest's error)
-        grid = ColumnGrid(grid.scale.clone(), grid.zero.clone(), grid.qmin, grid.qmax)
+        grid = ColumnGrid(grid.scale.clone(), grid.zero.clone(), grid.qmin, grid.qmax, grid.float_zero)
     flat = w.reshape(w.shape[0], -1).float()
     per = flat.shape[0] // h.shape[0]
     # A bfloat16/float16 weight reaches its site in float32 (mixq.nn.LOW_PRECISION): so is it keyed.
@@ -291,14 +303,12 @@ def quantize_site(site: nn.Module, h: torch.Tensor, cfg: Config) -> dict[str, fl
     for g in range(h.shape[0]):
         for r0 in range(g * per, (g + 1) * per, ROWS):
             rows = slice(r0, min(r0 + ROWS, (g + 1) * per))
-            sub = ColumnGrid(grid.scale[rows], grid.zero[rows], grid.qmin, grid.qmax)  # views
-            rtn = ColumnGrid(static.scale[rows], static.zero[rows], static.qmin, static.qmax)
+            sub, rtn = grid.sub(rows), static.sub(rows)  # views
             q = quantize_matrix(
                 flat[rows], h[g], sub, cfg.damp, cfg.block_size, cfg.act_order, regroup=regroup
             )
             wq[rows] = q
-            near = torch.clamp(torch.round(flat[rows] / rtn.scale) + rtn.zero, rtn.qmin, rtn.qmax)
-            near = (near - rtn.zero) * rtn.scale  # fake.quantize_rows' operations
+            near = rtn.round(flat[rows], rtn.scale, rtn.zero)  # fake.quantize_rows' operations
             err["rtn"] += output_error(flat[rows], near, h[g][None])
             err["gptq"] += output_error(flat[rows], q, h[g][None])
     if not torch.isfinite(wq).all():

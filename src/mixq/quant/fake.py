@@ -9,7 +9,13 @@ affine scheme (docs/methods.md §6.1):
 * asymmetric:         s = (hi - lo) / (2^b - 1),   z = clamp(round(-lo/s), 0, 2^b - 1),
                       q = clamp(round(x/s) + z, 0, 2^b - 1),  x^ = s (q - z)
 
-with [lo, hi] widened to contain 0. Floating-point element formats use s = max|x| / max_fmt and
+with [lo, hi] widened to contain 0. A float zero point (``+fzero``, the GGUF Q4_1 grid) keeps the
+range as it is and stores its low end as a float offset m (float16 per group, like the scale):
+
+* float zero point:   s = (hi - lo) / (2^b - 1),   m = lo,
+                      q = clamp(round((x - m) / s), 0, 2^b - 1),  x^ = s q + m
+
+Floating-point element formats use s = max|x| / max_fmt and
 round ``x/s`` to the format (ties to even, saturating). Rounding is half-to-even everywhere.
 Group scales are stored as float16 (as deployed), channel and tensor scales as float32.
 """
@@ -74,6 +80,8 @@ def int_grid(fmt: Int, symmetric: bool) -> tuple[int, int]:
 def scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the scale and zero point (float tensors, one per row) of the range [lo, hi]."""
     fmt = spec.fmt
+    if spec.float_zero:
+        return _float_zero_scale(lo, hi, spec)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if isinstance(fmt, Int) and not spec.symmetric:
@@ -94,10 +102,24 @@ def scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.T
     return scale, zero
 
 
+def _float_zero_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and float offset of the range [lo, hi] (not widened to contain 0)."""
+    assert isinstance(spec.fmt, Int)
+    scale = (hi - lo) / (2**spec.fmt.bits - 1)
+    offset = lo.clone()
+    if spec.granularity == "group":
+        scale = scale.to(torch.float16).to(torch.float32)
+        offset = offset.to(torch.float16).to(torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), offset
+
+
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Fake-quantize rows ``x`` [R, k] with per-row ``scale`` and ``zero`` [R] (no gradient)."""
     s, z = scale[:, None], zero[:, None]
     fmt = spec.fmt
+    if spec.float_zero:  # z is the float offset m
+        q = torch.clamp(torch.round((x - z) / s), 0, 2**spec.bits - 1)
+        return q * s + z
     if isinstance(fmt, Int):
         qmin, qmax = int_grid(fmt, spec.symmetric)
         q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
@@ -256,7 +278,9 @@ def quantize_weight(
 def clip_mask(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Return where ``x`` lies inside the representable range (the straight-through region)."""
     fmt = spec.fmt
-    if isinstance(fmt, Int):
+    if spec.float_zero:
+        lo, hi = zero, (2**spec.bits - 1) * scale + zero
+    elif isinstance(fmt, Int):
         qmin, qmax = int_grid(fmt, spec.symmetric)
         lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
     else:
