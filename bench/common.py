@@ -79,6 +79,16 @@ def write_rows(name: str, doc: dict[str, Any]) -> Path:
     return path
 
 
+def save_row(name: str, key: str, rec: dict[str, Any]) -> Path:
+    """Add one finished row to bench/results/NAME.json (read again first: another process may have
+    added rows) with fresh provenance, written whole (:func:`write_rows`)."""
+    path = RESULTS / f"{name}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    doc["rows"][key] = rec
+    doc["provenance"] = provenance()
+    return write_rows(name, doc)
+
+
 MEASURES = ("metric", "avg_weight_bits", "size_bytes", "bops", "seconds", "eval_seconds")
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import mixq
-from bench.common import RESULTS, provenance, write_rows
+from bench.common import RESULTS, save_row
 from bench.deploy import build_task
 
 NAME = "int32_bias"
@@ -105,10 +105,7 @@ def main() -> None:
             rec = {"task": t, "val_samples": samples, **row(task, PLANS[p], args.full)}
             rec["wall_seconds"] = time.perf_counter() - t0
             print(key, json.dumps(rec), flush=True)
-            doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-            doc["rows"][key] = rec
-            doc["provenance"] = provenance()
-            write_rows(NAME, doc)
+            save_row(NAME, key, rec)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 import mixq
-from bench.common import RESULTS, provenance, write_rows
+from bench.common import RESULTS, save_row
 from bench.nets import conv_net, hardswish_net
 from bench.onnx_trained import trace
 from bench.onnx_unseen import build, images
@@ -238,10 +238,7 @@ def main() -> None:
         rec["one_code"] = one_code(res.model, x)
         rec["wall_seconds"] = time.perf_counter() - t0
         print(key, json.dumps({k: v for k, v in rec.items() if k not in ("one_code", "flips")}), flush=True)
-        doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-        doc["rows"][key] = rec
-        doc["provenance"] = provenance()
-        write_rows(NAME, doc)
+        save_row(NAME, key, rec)
 
 
 if __name__ == "__main__":
